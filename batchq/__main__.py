@@ -1,0 +1,5 @@
+"""``python -m batchq``."""
+
+from batchq.cli import main
+
+main()

@@ -1,0 +1,297 @@
+"""The command line: flags become settings, errors become one line and an exit status.
+
+No module below this one imports click. Exit statuses: 0 every request
+succeeded; 1 finished with some in errors.jsonl; 2 bad usage, settings or
+input; 3 stopped by the endpoint (bad key, no quota, unreachable),
+resumable; 130 interrupted, resumable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import IO, Any, NoReturn
+
+import click
+import orjson
+
+from batchq.config import ENDPOINTS
+from batchq.errors import BatchqError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+class Failure(click.ClickException):
+    """A BatchqError, shown as one line with its own exit status."""
+
+    def __init__(self, error: BatchqError) -> None:
+        super().__init__(str(error))
+        self.exit_code = error.exit_code  # type: ignore[misc]
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"batchq: error: {self.message}", err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="batchq")
+def cli() -> None:
+    """Run a large JSONL file of LLM requests through any OpenAI-compatible endpoint.
+
+    Interrupted jobs continue where they stopped: run the same command again.
+    """
+
+
+def _param(ctx: click.Context, option: click.Parameter, values: tuple[str, ...]) -> dict[str, Any]:
+    params = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", ctx, option)
+        try:
+            params[key] = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            params[key] = raw  # a bare word is a string
+    return params
+
+
+@cli.command()
+@click.argument("target", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--job",
+    "job_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Job folder [default: jobs/<input stem>].",
+)
+@click.option(
+    "--base-url",
+    help="Endpoint base URL, ending in /v1 [default: $OPENAI_BASE_URL, "
+    "else https://api.openai.com/v1].",
+)
+@click.option(
+    "--api-key-env",
+    metavar="NAME",
+    help="Environment variable holding the API key [default: OPENAI_API_KEY].",
+)
+@click.option("--model", help="Model for requests that name none.")
+@click.option(
+    "--endpoint",
+    type=click.Choice(ENDPOINTS),
+    help="Endpoint of lines that name none [default: /v1/chat/completions].",
+)
+@click.option("--system", help="System prompt for chat requests that have none.")
+@click.option("--max-tokens", type=click.IntRange(min=1), help="Default max_tokens.")
+@click.option("--temperature", type=float, help="Default temperature.")
+@click.option(
+    "-p",
+    "--param",
+    "params",
+    multiple=True,
+    callback=_param,
+    metavar="KEY=VALUE",
+    help="Another default body parameter (VALUE is JSON, or a string). Repeatable.",
+)
+@click.option("--rpm", type=click.FloatRange(min=0), help="Requests per minute (0 = no limit).")
+@click.option("--tpm", type=click.FloatRange(min=0), help="Tokens per minute (0 = no limit).")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 10_000),
+    help="Requests in flight at once [default: 64].",
+)
+@click.option(
+    "--max-attempts",
+    type=click.IntRange(min=1),
+    help="Attempts per request on 5xx, timeouts, drops [default: 8].",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds for one attempt [default: 600].",
+)
+@click.option(
+    "--drain-timeout",
+    type=click.FloatRange(min=0),
+    help="Seconds in-flight requests get to finish after Ctrl-C [default: 5].",
+)
+@click.option("--output", help="Results file [default: results.jsonl in the job folder].")
+@click.option("--errors", help="Errors file [default: errors.jsonl in the job folder].")
+@click.option("--retry-failed", is_flag=True, help="Send the retryable failures again first.")
+@click.option("--force", is_flag=True, help="Allow changing model, endpoint, system or defaults.")
+@click.option(
+    "--fsync/--no-fsync",
+    default=True,
+    show_default=True,
+    help="Make the checkpoint survive power loss (off only for measurements).",
+)
+@click.option(
+    "--progress-every",
+    type=click.FloatRange(min=0.1),
+    help="Seconds between progress lines [default: 0.5 on a terminal, else 10].",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress line, only the summary.")
+def run(
+    target: Path,
+    job_dir: Path | None,
+    max_tokens: int | None,
+    temperature: float | None,
+    params: dict[str, Any],
+    retry_failed: bool,
+    force: bool,
+    fsync: bool,
+    progress_every: float | None,
+    quiet: bool,
+    **settings: Any,
+) -> None:
+    """Start, or continue, the job for TARGET (an input .jsonl file or a job folder)."""
+    from batchq.job import open_job
+    from batchq.progress import render_summary
+    from batchq.runner import RunOptions, run_job
+
+    defaults = {**params}
+    if max_tokens is not None:
+        defaults["max_tokens"] = max_tokens
+    if temperature is not None:
+        defaults["temperature"] = temperature
+    env_base_url = os.environ.get("OPENAI_BASE_URL")
+    try:
+        job, notes = open_job(
+            target,
+            job_dir=job_dir,
+            overrides=settings,
+            defaults=defaults,
+            default_base_url=env_base_url or None,
+            force=force,
+        )
+        for note in notes:
+            _notice(note)
+        if progress_every is None:
+            progress_every = 0.5 if sys.stderr.isatty() else 10.0
+        options = RunOptions(
+            api_key=os.environ.get(job.settings.api_key_env) or None,
+            retry_failed=retry_failed,
+            durable=fsync,
+            progress_every=None if quiet else progress_every,
+            on_notice=_notice,
+        )
+        stats = asyncio.run(run_job(job, options))
+    except BatchqError as exc:
+        raise Failure(exc) from None
+    resume = f"batchq run {job.dir}"
+    click.echo(
+        render_summary(stats, results=str(job.results), errors=str(job.errors), resume=resume),
+        err=True,
+    )
+    if stats.interrupted:
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(EXIT_FAILED if stats.failed_before + stats.failed else EXIT_OK)
+
+
+def _notice(message: str) -> None:
+    click.echo(f"batchq: {message}", err=True)
+
+
+@cli.command()
+@click.argument("job_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
+def status(job_dir: Path, as_json: bool) -> None:
+    """Show the progress of the job in JOB_DIR, running or not."""
+    from batchq.status import job_status, render_status
+
+    try:
+        figures = job_status(job_dir)
+    except BatchqError as exc:
+        raise Failure(exc) from None
+    if as_json:
+        click.echo(orjson.dumps(figures, option=orjson.OPT_INDENT_2).decode())
+    else:
+        click.echo(render_status(figures))
+
+
+@cli.command("mock-server")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default=True,
+    help="0 picks a free port.",
+)
+@click.option("--latency", type=click.FloatRange(min=0), default=0.0, help="Seconds per answer.")
+@click.option(
+    "--latency-jitter",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="Plus up to this many seconds at random.",
+)
+@click.option("--rate-500", type=click.FloatRange(0, 1), default=0.0, help="Fraction of 500s.")
+@click.option("--rate-503", type=click.FloatRange(0, 1), default=0.0, help="Fraction of 503s.")
+@click.option(
+    "--drop-rate",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    help="Fraction of connections closed without an answer.",
+)
+@click.option(
+    "--slow-body",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="Seconds over which each body is dribbled out.",
+)
+@click.option(
+    "--api-key",
+    "api_key_env",
+    metavar="NAME",
+    help="Require the key held by environment variable NAME.",
+)
+@click.option("--insufficient-quota", is_flag=True, help="Answer every request 429 quota.")
+@click.option("--rpm", type=click.IntRange(min=0), default=0, help="Server-side request limit.")
+@click.option("--tpm", type=click.IntRange(min=0), default=0, help="Server-side token limit.")
+@click.option("--seed", type=int, help="Seed of the random faults.")
+def mock_server(host: str, port: int, api_key_env: str | None, **faults: Any) -> None:
+    """Serve the built-in OpenAI-compatible endpoint, for dry runs and tests."""
+    from batchq.mockserver import MockOptions, serve_forever
+
+    api_key = os.environ.get(api_key_env) if api_key_env else None
+    if api_key_env and not api_key:
+        raise click.BadParameter(f"${api_key_env} is empty", param_hint="--api-key")
+    options = MockOptions(api_key=api_key, **faults)
+
+    def ready(url: str) -> None:
+        click.echo(f"batchq mock-server: listening on {url}", err=True)
+        click.echo(url)  # the first line of stdout, for scripts
+
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how one stops it
+        asyncio.run(serve_forever(options, host=host, port=port, ready=ready))
+
+
+@cli.command()
+@click.option(
+    "--source",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=Path("jobs/demo"),
+    show_default=True,
+    help="The demo job to copy.",
+)
+def demo(source: Path) -> None:
+    """Run the demo job against the built-in endpoint on a free port."""
+    from batchq.demo import run_demo
+
+    try:
+        code = run_demo(source, notice=_notice)
+    except BatchqError as exc:
+        raise Failure(exc) from None
+    sys.exit(code)
+
+
+def main() -> NoReturn:
+    """The console script: click, plus one line instead of a traceback for our own errors."""
+    try:
+        cli.main(prog_name="batchq")
+    except Exception:  # a bug in batchq: the traceback helps us, the line tells the user
+        traceback.print_exc()
+        click.echo("batchq: internal error: this is a bug in batchq; please report it", err=True)
+        sys.exit(70)
+    sys.exit(0)

@@ -1,0 +1,166 @@
+"""A job's settings: what they are, their defaults, and job.toml.
+
+Settings come from three places, later ones winning: the defaults below,
+the job's ``job.toml``, and the command line. ``job.toml`` is written on the
+first run and is meant to be edited by hand; it never holds an API key, only
+the *name* of the environment variable that does.
+
+Settings split in two: those that define what a request *is* (endpoint,
+model, system prompt, default parameters) and those that only say how fast
+or how patiently to send it. A resumed job may change the second kind
+freely; changing the first would mix two different jobs in one results
+file, so it needs ``--force``.
+
+All times are float seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from batchq.errors import ConfigError
+
+JSONObject = dict[str, Any]
+
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
+#: Settings that change what is sent; a resumed job keeps them unless forced.
+REQUEST_SETTINGS = ("endpoint", "model", "system", "defaults")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """Everything job.toml can hold; paths are as written there (relative to the job)."""
+
+    input: str
+    output: str = "results.jsonl"
+    errors: str = "errors.jsonl"
+    base_url: str = OPENAI_BASE_URL
+    api_key_env: str = "OPENAI_API_KEY"
+    endpoint: str = "/v1/chat/completions"
+    model: str | None = None
+    system: str | None = None
+    defaults: JSONObject = field(default_factory=dict)
+    concurrency: int = 64
+    rpm: float = 0.0
+    tpm: float = 0.0
+    max_attempts: int = 8
+    timeout: float = 600.0
+    connect_timeout: float = 30.0
+    drain_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.endpoint not in ENDPOINTS:
+            raise ConfigError(f"endpoint {self.endpoint!r} is not one of {', '.join(ENDPOINTS)}")
+        if not re.match(r"^https?://[^/\s]+", self.base_url):
+            raise ConfigError(
+                f"base_url {self.base_url!r} is not an http(s) URL "
+                "(e.g. https://api.openai.com/v1 or http://localhost:8000/v1)"
+            )
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
+            raise ConfigError(
+                f"api_key_env {self.api_key_env!r} must be an environment variable *name* "
+                "(batchq never stores the key itself)"
+            )
+        _check_range("concurrency", self.concurrency, 1, 10_000)
+        _check_range("max_attempts", self.max_attempts, 1, 1_000)
+        for name in ("rpm", "tpm"):
+            _check_range(name, getattr(self, name), 0, math.inf)
+        for name in ("timeout", "connect_timeout", "drain_timeout"):
+            _check_range(name, getattr(self, name), 0, math.inf, open_low=name != "drain_timeout")
+
+    @property
+    def request_key(self) -> dict[str, Any]:
+        """The settings that define what a request is."""
+        return {name: getattr(self, name) for name in REQUEST_SETTINGS}
+
+
+def _check_range(
+    name: str, value: float, low: float, high: float, *, open_low: bool = False
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{name} must be a number, not {value!r}")
+    if value < low or value > high or (open_low and value == low):
+        bound = f"> {low}" if open_low else f">= {low}"
+        raise ConfigError(
+            f"{name} must be {bound}" + ("" if high == math.inf else f" and <= {high}")
+        )
+
+
+SETTING_NAMES = frozenset(f.name for f in fields(Settings))
+
+
+def build_settings(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> Settings:
+    """Settings from job.toml values overlaid by command-line ones (``None`` = not given)."""
+    merged = dict(base)
+    merged.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(merged) - SETTING_NAMES)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) in job.toml: {', '.join(unknown)}")
+    if "input" not in merged:
+        raise ConfigError("job.toml has no 'input' setting (the path of the JSONL input)")
+    if not isinstance(merged.get("defaults", {}), dict):
+        raise ConfigError("'defaults' in job.toml must be a table, e.g. [defaults]")
+    for name in ("rpm", "tpm", "timeout", "connect_timeout", "drain_timeout"):
+        if isinstance(merged.get(name), int) and not isinstance(merged.get(name), bool):
+            merged[name] = float(merged[name])
+    try:
+        return Settings(**merged)
+    except TypeError as exc:  # a value of the wrong type in job.toml
+        raise ConfigError(f"job.toml: {exc}") from exc
+
+
+def read_job_toml(path: Path) -> dict[str, Any]:
+    """The settings stored in a job.toml, as plain values."""
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+
+
+def write_job_toml(path: Path, settings: Settings) -> None:
+    """Write ``settings`` as a commented job.toml, atomically."""
+    lines = [
+        "# batchq job settings. Edit freely; options given on the command line win.",
+        "# Paths are relative to this folder. The API key is read from the environment",
+        "# variable named by api_key_env and is never written here.",
+    ]
+    for f in fields(Settings):
+        value = getattr(settings, f.name)
+        if f.name != "defaults" and value is not None:
+            lines.append(f"{_toml_key(f.name)} = {_toml_value(value)}")
+    lines.append("")
+    lines.append("[defaults]  # request parameters a line's own body does not set")
+    lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in settings.defaults.items())
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key, ensure_ascii=False)
+
+
+def _toml_value(value: Any) -> str:
+    # JSON's string escapes are a subset of TOML's basic-string escapes.
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float | str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        items = ", ".join(f"{_toml_key(str(k))} = {_toml_value(v)}" for k, v in value.items())
+        return "{ " + items + " }" if items else "{}"
+    raise ConfigError(f"cannot store {value!r} in job.toml")

@@ -1,0 +1,137 @@
+"""The exceptions batchq raises, and which of them stop a job.
+
+::
+
+    BatchqError
+    ├── ConfigError(BatchqError, ValueError)   bad option, setting or job folder   -> exit 2
+    ├── InputError                             input file unusable as a whole      -> exit 2
+    ├── JournalError                           checkpoint unreadable or for another input -> exit 2
+    ├── JobLocked                              another process runs this job       -> exit 2
+    ├── FatalEndpointError                     bad key, no quota, endpoint gone    -> exit 3
+    └── RequestError                           one request failed; becomes an error line
+        ├── TransportError                     connect/read failure (retryable)
+        │   ├── EndpointUnreachable            could not connect at all
+        │   └── RequestTimeout(TransportError, TimeoutError)
+        └── HTTPStatusError                    .status, .body, .request_id, .headers
+            ├── RateLimited                    429, retryable, honours Retry-After
+            ├── ServerError                    5xx, retryable
+            └── RequestRejected                other 4xx, not retryable
+
+A ``RequestError`` that is left after retries is data: the worker writes an
+error line and goes on. Everything else is fatal and propagates, tearing the
+pipeline down; what was written so far stays durable and the job resumes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class BatchqError(Exception):
+    """Something batchq tells the user in one line."""
+
+    exit_code = 2
+
+
+class ConfigError(BatchqError, ValueError):
+    """An option, a setting in job.toml, or a job folder is not usable."""
+
+
+class InputError(BatchqError):
+    """The input file cannot be used at all (missing, unreadable, not JSONL)."""
+
+
+class JournalError(BatchqError):
+    """The job's checkpoint cannot be trusted, or belongs to a different input."""
+
+
+class JobLocked(BatchqError):
+    """Another batchq process is running this job right now."""
+
+
+class FatalEndpointError(BatchqError):
+    """The endpoint refuses every request (bad key, no quota, unreachable); fix it and rerun."""
+
+    exit_code = 3
+
+
+class RequestError(Exception):
+    """One request failed; after retries it becomes a line in errors.jsonl."""
+
+    code = "request_failed"
+    retryable = True
+
+
+class TransportError(RequestError):
+    """The connection failed or dropped before a full answer arrived."""
+
+    code = "connection_error"
+
+
+class EndpointUnreachable(TransportError):
+    """No connection to the endpoint could be made at all."""
+
+    code = "endpoint_unreachable"
+
+
+class RequestTimeout(TransportError, TimeoutError):
+    """No full answer arrived within the request timeout."""
+
+    code = "timeout"
+
+
+class HTTPStatusError(RequestError):
+    """The endpoint answered with a status other than 2xx."""
+
+    def __init__(
+        self,
+        status: int,
+        body: Any,
+        *,
+        request_id: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.request_id = request_id
+        self.headers = headers or {}
+        super().__init__(f"HTTP {status}: {error_message(body)}")
+
+    @property
+    def error_code(self) -> str | None:
+        """The ``error.code`` (or ``error.type``) of an OpenAI-style error body."""
+        error = self.body.get("error") if isinstance(self.body, dict) else None
+        if isinstance(error, dict):
+            code = error.get("code") or error.get("type")
+            return str(code) if code else None
+        return None
+
+    @property
+    def code(self) -> str:  # type: ignore[override]
+        return self.error_code or f"http_{self.status}"
+
+
+class RateLimited(HTTPStatusError):
+    """429: the endpoint wants us to slow down."""
+
+
+class ServerError(HTTPStatusError):
+    """5xx: the endpoint failed; trying again usually works."""
+
+
+class RequestRejected(HTTPStatusError):
+    """4xx other than 429: the request itself is wrong; sending it again won't help."""
+
+    retryable = False
+
+
+def error_message(body: Any) -> str:
+    """The human part of an error body: OpenAI's ``error.message``, else a short excerpt."""
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+        if isinstance(error, str):
+            return error
+    text = body if isinstance(body, str) else repr(body)
+    return text[:300]

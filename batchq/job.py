@@ -1,0 +1,248 @@
+"""A job folder: where it is, its settings, its pinned input, and its lock.
+
+A job lives in ``jobs/<input stem>/`` unless ``--job`` names another folder::
+
+    job.toml        settings, human-editable (config.py)
+    results.jsonl   one line per request that succeeded   } journal.py owns these
+    errors.jsonl    one line per request that failed      }
+    journal.bin     the checkpoint                        }
+    state.json      the input's fingerprint and line count
+    lock            held by the process running the job (fcntl.flock)
+
+**The input is pinned.** ``state.json`` records the size and SHA-256 of the
+input as it was read. A later run hashes that many bytes again: if they
+differ, the file was changed and the done-set would point at other lines,
+so the run refuses. Bytes beyond the pinned size are lines appended since,
+and become new requests.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import orjson
+
+from batchq.config import REQUEST_SETTINGS, Settings, build_settings, read_job_toml, write_job_toml
+from batchq.errors import ConfigError, InputError, JobLocked
+from batchq.journal import atomic_write
+from batchq.reader import check_jsonl
+
+JOB_TOML = "job.toml"
+STATE_JSON = "state.json"
+LOCK = "lock"
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A job folder and its settings, with every path resolved."""
+
+    dir: Path
+    settings: Settings
+    input: Path
+    results: Path
+    errors: Path
+
+
+def open_job(
+    target: Path,
+    *,
+    job_dir: Path | None,
+    overrides: Mapping[str, Any],
+    defaults: Mapping[str, Any],
+    default_base_url: str | None,
+    force: bool,
+) -> tuple[Job, list[str]]:
+    """The job that ``batchq run TARGET`` means, created if new; and notes for the user.
+
+    ``target`` is an input file or a job folder. ``overrides`` are settings
+    given on the command line (None = not given), ``defaults`` request
+    parameters given there. A new job gets a job.toml with every setting,
+    its base URL falling back to ``default_base_url``; an existing job keeps
+    what defines its requests unless ``force``.
+    """
+    if target.is_dir():
+        job_dir = job_dir or target
+        if not (job_dir / JOB_TOML).exists():
+            raise ConfigError(
+                f"{job_dir} has no {JOB_TOML}; start a job with: batchq run INPUT.jsonl"
+            )
+        input_override = None
+    else:
+        job_dir = job_dir or Path("jobs") / target.stem
+        input_override = target
+    toml = job_dir / JOB_TOML
+    stored = read_job_toml(toml) if toml.exists() else None
+    overrides = dict(overrides)
+    if defaults:
+        overrides["defaults"] = {**(stored or {}).get("defaults", {}), **defaults}
+    if stored is None and overrides.get("base_url") is None:
+        overrides["base_url"] = default_base_url
+    if input_override is not None:
+        overrides["input"] = _input_setting(input_override, job_dir)
+    if stored is None:
+        settings = build_settings({}, overrides)
+        job = _resolve(job_dir, settings)
+        check_jsonl(job.input)
+        _refuse_foreign_outputs(job)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        write_job_toml(toml, settings)
+        return job, [f"new job in {job_dir}"]
+    settings = build_settings(stored, overrides)
+    before = build_settings(stored, {})
+    job = _resolve(job_dir, settings)
+    if job.input.resolve() != _resolve(job_dir, before).input.resolve():
+        raise ConfigError(
+            f"job {job_dir} was made for {_resolve(job_dir, before).input}, not {job.input}; "
+            "name another folder with --job to start a separate job"
+        )
+    check_jsonl(job.input)
+    changed = [n for n in REQUEST_SETTINGS if getattr(settings, n) != getattr(before, n)]
+    if changed and not force:
+        raise ConfigError(
+            f"this would change {', '.join(changed)} of job {job_dir}, whose done requests "
+            "used the old values; pass --force to change them anyway, or --job NEWDIR"
+        )
+    if changed:
+        write_job_toml(toml, settings)
+        return job, [f"--force: changed {', '.join(changed)} for the remaining requests"]
+    return job, []
+
+
+def _input_setting(input_path: Path, job_dir: Path) -> str:
+    """The input as job.toml names it: relative to the job if both sit under the cwd."""
+    absolute = input_path.absolute()
+    if absolute.is_relative_to(Path.cwd()) and job_dir.absolute().is_relative_to(Path.cwd()):
+        return os.path.relpath(absolute, job_dir.absolute())
+    return str(absolute)
+
+
+def _resolve(job_dir: Path, settings: Settings) -> Job:
+    def path(p: str) -> Path:
+        # normpath, not resolve: the folder may not exist yet, and ".." must not need it
+        return Path(os.path.normpath(job_dir / Path(p).expanduser()))
+
+    return Job(
+        job_dir, settings, path(settings.input), path(settings.output), path(settings.errors)
+    )
+
+
+def _refuse_foreign_outputs(job: Job) -> None:
+    """A new job must not truncate files it did not write."""
+    for path in (job.results, job.errors):
+        if path.exists() and path.stat().st_size and not (job.dir / STATE_JSON).exists():
+            raise ConfigError(f"{path} already exists and is not batchq's; choose another path")
+
+
+def read_state(job_dir: Path) -> dict[str, Any]:
+    """The job's state.json, or {} for a job that has not started."""
+    try:
+        state = orjson.loads((job_dir / STATE_JSON).read_bytes())
+    except FileNotFoundError:
+        return {}
+    except (OSError, orjson.JSONDecodeError) as exc:
+        raise ConfigError(
+            f"{job_dir / STATE_JSON} is unreadable ({exc}); delete it to re-pin"
+        ) from exc
+    return state if isinstance(state, dict) else {}
+
+
+def write_state(job_dir: Path, state: Mapping[str, Any]) -> None:
+    atomic_write(job_dir / STATE_JSON, orjson.dumps(state, option=orjson.OPT_INDENT_2))
+
+
+def pin_input(job: Job) -> int:
+    """Check the input against its fingerprint, record the new one; return the size to read.
+
+    Raises InputError if bytes the job already read have changed since.
+    """
+    state = read_state(job.dir)
+    pinned_size = int(state.get("input_size", 0))
+    digest = hashlib.sha256()
+    try:
+        with job.input.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if pinned_size:
+                _hash(f, digest, pinned_size)
+                if size < pinned_size or digest.hexdigest() != state.get("input_sha256"):
+                    raise InputError(_changed(job))
+                if size > pinned_size and not _ends_line(f, pinned_size):
+                    raise InputError(_changed(job))  # the last line was extended, not appended to
+            _hash(f, digest, size - pinned_size)
+    except OSError as exc:
+        raise InputError(f"cannot read {job.input}: {exc.strerror}") from exc
+    if size != pinned_size or not state:
+        state = {**state, "input_size": size, "input_sha256": digest.hexdigest()}
+        state.pop("input_lines", None)  # unknown again until the feeder reaches the end
+        write_state(job.dir, state)
+    return size
+
+
+def _hash(f: BinaryIO, digest: Any, length: int) -> None:
+    while length > 0:
+        chunk = f.read(min(length, 1 << 20))
+        if not chunk:
+            return
+        digest.update(chunk)
+        length -= len(chunk)
+
+
+def _ends_line(f: BinaryIO, size: int) -> bool:
+    position = f.tell()
+    f.seek(size - 1)
+    last = f.read(1)
+    f.seek(position)
+    return last == b"\n"
+
+
+def _changed(job: Job) -> str:
+    return (
+        f"{job.input} has changed since job {job.dir} began (not just appended to), so its "
+        f"checkpoint no longer matches; to start afresh, delete {job.dir} or use --job NEWDIR"
+    )
+
+
+@contextmanager
+def job_lock(job_dir: Path) -> Iterator[None]:
+    """Hold the job's lock while the block runs; a second runner gets JobLocked.
+
+    ``flock`` is released by the kernel when its holder dies, so a lock left
+    by a killed run never blocks a resume.
+    """
+    fd = os.open(job_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise JobLocked(
+                f"job {job_dir} is already being run by process {pid}; "
+                "wait for it to finish or stop it first"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def running_pid(job_dir: Path) -> int | None:
+    """The pid of the process running the job, or None if none is."""
+    try:
+        fd = os.open(job_dir / LOCK, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        return int(text) if text.isdigit() else -1
+    finally:
+        os.close(fd)  # closing releases a shared lock we may have taken
+    return None

@@ -1,0 +1,312 @@
+"""The checkpoint: which input lines are done, and how a job resumes.
+
+The outputs, ``results.jsonl`` and ``errors.jsonl``, are only ever appended
+to. Beside them ``journal.bin`` holds a sequence of commit records, and one
+rule decides what is durable:
+
+    **A line is done once a complete journal record names it.**
+
+Each record also states how long both output files were when it was
+written, and both files were fsynced before it. On open, each output file
+is cut back to the length the last complete record states: a torn last
+line, or lines appended after the last commit, are removed, and their
+requests are sent again. Every input line therefore ends up in exactly one
+output line, whenever the process dies.
+
+Commits happen in batches (the runner calls ``commit`` every few hundred
+milliseconds), so fsync never sits on the per-request path.
+
+A record, little-endian::
+
+    results_len u64 | errors_len u64 | ok i64 | failed i64 |
+    prompt_tokens i64 | completion_tokens i64 | n u32 | n × line u32 | crc32 u32
+
+``ok``, ``failed`` and the token counts are increments, so a job's totals
+are sums over its records and nobody parses a response body to get them.
+The done-set is a bitmap over line numbers: a million-line job costs 125 kB.
+
+``--retry-failed`` rewrites ``errors.jsonl`` without its retryable lines and
+replaces the journal by one record that no longer names them. The two files
+change in one atomic step: both new versions are written beside the old
+ones, and renaming the new journal into place is the commit point; a crash
+after it is rolled forward, one before it rolled back (``recover``).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from batchq.errors import JournalError
+from batchq.records import Outcome
+
+JOURNAL_NAME = "journal.bin"
+_HEADER = struct.Struct("<QQqqqqI")
+_CRC = struct.Struct("<I")
+_LINE = "I"  # array typecode: 4-byte unsigned line numbers
+
+
+class DoneSet:
+    """A set of line numbers, one bit each."""
+
+    __slots__ = ("_bits",)
+
+    def __init__(self) -> None:
+        self._bits = bytearray()
+
+    def add_all(self, line_numbers: Iterable[int]) -> None:
+        bits = self._bits
+        for n in line_numbers:
+            index = n >> 3
+            if index >= len(bits):
+                bits.extend(bytes(index + 1 - len(bits) + len(bits) // 2))
+            bits[index] |= 1 << (n & 7)
+
+    def discard_all(self, line_numbers: Iterable[int]) -> None:
+        bits = self._bits
+        for n in line_numbers:
+            if n >> 3 < len(bits):
+                bits[n >> 3] &= ~(1 << (n & 7)) & 0xFF
+
+    def __contains__(self, n: object) -> bool:
+        if not isinstance(n, int):
+            return False
+        index = n >> 3
+        return index < len(self._bits) and bool(self._bits[index] >> (n & 7) & 1)
+
+    def __len__(self) -> int:
+        return int.from_bytes(self._bits, "little").bit_count()
+
+    def __iter__(self) -> Iterator[int]:
+        for index, byte in enumerate(self._bits):
+            if byte:
+                for bit in range(8):
+                    if byte >> bit & 1:
+                        yield index * 8 + bit
+
+
+@dataclass(slots=True)
+class Totals:
+    """What the committed records add up to."""
+
+    ok: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    results_len: int = 0
+    errors_len: int = 0
+
+
+def read_journal(path: Path) -> tuple[DoneSet, Totals, int]:
+    """The done-set and totals of every complete record, and the byte length they span.
+
+    Reading stops at the first incomplete or corrupt record: that is a commit
+    that never finished, and counts as not made.
+    """
+    done, totals = DoneSet(), Totals()
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return done, totals, 0
+    except OSError as exc:
+        raise JournalError(f"cannot read {path}: {exc.strerror}") from exc
+    pos = 0
+    while pos + _HEADER.size <= len(data):
+        results_len, errors_len, ok, failed, p_tok, c_tok, n = _HEADER.unpack_from(data, pos)
+        end = pos + _HEADER.size + 4 * n
+        if end + _CRC.size > len(data):
+            break
+        (crc,) = _CRC.unpack_from(data, end)
+        if crc != zlib.crc32(memoryview(data)[pos:end]):
+            break
+        lines = array(_LINE)
+        lines.frombytes(data[pos + _HEADER.size : end])
+        done.add_all(lines)
+        totals.ok += ok
+        totals.failed += failed
+        totals.prompt_tokens += p_tok
+        totals.completion_tokens += c_tok
+        totals.results_len, totals.errors_len = results_len, errors_len
+        pos = end + _CRC.size
+    return done, totals, pos
+
+
+def _record(totals: Totals, lines: array[int], delta: Totals) -> bytes:
+    header = _HEADER.pack(
+        totals.results_len,
+        totals.errors_len,
+        delta.ok,
+        delta.failed,
+        delta.prompt_tokens,
+        delta.completion_tokens,
+        len(lines),
+    )
+    body = header + lines.tobytes()
+    return body + _CRC.pack(zlib.crc32(body))
+
+
+class Journal:
+    """Owns the two output files and the journal of one job while it runs.
+
+    Only the writer task calls ``append``; ``commit`` makes everything
+    appended so far durable. Not thread-safe, not async: every call is short.
+    """
+
+    def __init__(self, job_dir: Path, results: Path, errors: Path, *, durable: bool = True) -> None:
+        self.path = job_dir / JOURNAL_NAME
+        self.durable = durable
+        recover(self.path, errors)
+        self.done, self.totals, valid_len = read_journal(self.path)
+        self._results = _open_at(results, self.totals.results_len)
+        self._errors = _open_at(errors, self.totals.errors_len)
+        self._journal = _open_at(self.path, valid_len)
+        self._pending = array(_LINE)
+        self._delta = Totals()
+
+    def append(self, outcomes: Sequence[Outcome]) -> None:
+        """Write the outcomes' lines (one write per file); durable only after ``commit``."""
+        ok = b"".join(o.line for o in outcomes if o.ok)
+        failed = b"".join(o.line for o in outcomes if not o.ok)
+        delta, totals = self._delta, self.totals
+        if ok:
+            _write_all(self._results, ok)
+            totals.results_len += len(ok)
+        if failed:
+            _write_all(self._errors, failed)
+            totals.errors_len += len(failed)
+        for o in outcomes:
+            self._pending.append(o.line_no)
+            if o.ok:
+                delta.ok += 1
+            else:
+                delta.failed += 1
+            delta.prompt_tokens += o.prompt_tokens
+            delta.completion_tokens += o.completion_tokens
+
+    def commit(self) -> None:
+        """Make every appended line durable: fsync the outputs, then write and fsync a record."""
+        if not self._pending:
+            return
+        if self.durable:
+            os.fsync(self._results)
+            os.fsync(self._errors)
+        # The record is written only after the lines it vouches for are on disk.
+        _write_all(self._journal, _record(self.totals, self._pending, self._delta))
+        if self.durable:
+            os.fsync(self._journal)
+        d, t = self._delta, self.totals
+        t.ok, t.failed = t.ok + d.ok, t.failed + d.failed
+        t.prompt_tokens += d.prompt_tokens
+        t.completion_tokens += d.completion_tokens
+        self.done.add_all(self._pending)
+        self._pending = array(_LINE)
+        self._delta = Totals()
+
+    def close(self) -> None:
+        """Commit what is left and close the files."""
+        try:
+            self.commit()
+        finally:
+            for fd in (self._results, self._errors, self._journal):
+                os.close(fd)
+
+
+def _open_at(path: Path, length: int) -> int:
+    """Open ``path`` for appending, cut back to ``length`` bytes: what was committed."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    size = os.fstat(fd).st_size
+    if size < length:
+        os.close(fd)
+        raise JournalError(
+            f"{path} is shorter ({size} bytes) than the checkpoint says ({length}): it was "
+            "changed outside batchq; delete the job folder to start afresh"
+        )
+    if size > length:
+        os.ftruncate(fd, length)  # a torn or uncommitted tail; its requests are sent again
+    return fd
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` by ``data`` so that a crash leaves either the old or the new file."""
+    tmp = path.with_name(path.name + ".new")
+    _write_synced(tmp, data)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def recover(journal: Path, errors: Path) -> None:
+    """Finish or undo a ``--retry-failed`` rewrite that a crash interrupted."""
+    journal_new = journal.with_name(journal.name + ".new")
+    errors_new = errors.with_name(errors.name + ".new")
+    if journal_new.exists():  # the commit point was not reached: roll back
+        journal_new.unlink()
+        errors_new.unlink(missing_ok=True)
+    elif errors_new.exists():  # the new journal is in place: roll forward
+        os.replace(errors_new, errors)
+        fsync_dir(errors.parent)
+
+
+def retry_failed(job_dir: Path, results: Path, errors: Path) -> int:
+    """Move the retryable failures of errors.jsonl back to pending; return how many.
+
+    Runs before a job opens its journal, under the job's lock.
+    """
+    path = job_dir / JOURNAL_NAME
+    recover(path, errors)
+    done, totals, _ = read_journal(path)
+    with errors.open("a+b") as f:
+        f.seek(0)
+        committed = f.read(totals.errors_len)
+    kept, retried = [], array(_LINE)
+    for line in committed.splitlines(keepends=True):
+        meta = orjson.loads(line).get("batchq") or {}
+        if meta.get("retryable"):
+            retried.append(int(meta["line"]))
+        else:
+            kept.append(line)
+    if not retried:
+        return 0
+    done.discard_all(retried)
+    new_errors = b"".join(kept)
+    totals.errors_len, totals.failed = len(new_errors), len(kept)
+    snapshot = Totals(ok=totals.ok, failed=len(kept), **_tokens(totals))
+    _write_synced(errors.with_name(errors.name + ".new"), new_errors)
+    _write_synced(path.with_name(path.name + ".new"), _record(totals, array(_LINE, done), snapshot))
+    os.replace(path.with_name(path.name + ".new"), path)  # the commit point
+    fsync_dir(job_dir)
+    recover(path, errors)
+    return len(retried)
+
+
+def _tokens(totals: Totals) -> dict[str, int]:
+    return {"prompt_tokens": totals.prompt_tokens, "completion_tokens": totals.completion_tokens}

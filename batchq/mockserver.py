@@ -1,0 +1,757 @@
+"""The built-in OpenAI-compatible endpoint (`batchq mock-server`), scriptable for tests.
+
+It answers `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/responses` and
+`/v1/models` with deterministic, OpenAI-shaped replies: the reply text is "Echo: " plus the
+first 100 characters of the prompt, and a token is four characters. Times are float seconds.
+
+One method, `_Mock._decide`, chooses every answer, in the order a real endpoint reaches it:
+
+    auth (401) -> quota (429) -> body (400) -> scripted faults -> RPM/TPM (429)
+    -> random faults (500, 503, drop) -> the reply
+
+`_Mock._send` then waits for the latency and sends it, or dribbles it out slowly.
+
+Scripted faults are directives inside the prompt, so a test writes the fault beside the
+request that meets it: `[[mock:fail=2]]` (the first 2 arrivals of this exact prompt get 503;
+`fail=2:500` for 500), `[[mock:drop=1]]` (close the connection with no answer),
+`[[mock:status=400]]` (always that status) and `[[mock:sleep=0.5]]` (answer late). Arrivals
+are counted only for prompts holding a directive, so memory stays bounded without `record`.
+
+Rate limits mimic OpenAI's: a sliding 60-second window of accepted requests and of their
+estimated tokens, plus a 1-second window allowing 1.2/60 of the minute's limit, because
+OpenAI also rejects bursts over short windows. `x-ratelimit-reset-*` give the time until the
+budget takes one more request (or token): "0s" while it would take one now, else the time
+until a window frees room. OpenAI's own value (the time until the budget is full again) can be
+longer; ours is exactly what a client waiting on it needs.
+
+Benchmarks push thousands of requests per second through this: fixed bodies are encoded
+once, there is no middleware or access log, and the windows are deques with running sums.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import itertools
+import math
+import random
+import re
+import struct
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+__all__ = ["MockOptions", "MockServer", "build_app", "format_duration", "serve_forever"]
+
+JSONObject = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MockOptions:
+    """All times in float seconds; rates are fractions 0..1 of requests."""
+
+    latency: float = 0.0  # fixed delay before every answer
+    latency_jitter: float = 0.0  # plus uniform(0, latency_jitter)
+    rate_500: float = 0.0  # fraction answered 500
+    rate_503: float = 0.0  # fraction answered 503
+    drop_rate: float = 0.0  # fraction whose connection is closed with no answer
+    slow_body: float = 0.0  # seconds over which the body is dribbled out in chunks
+    api_key: str | None = None  # if set, require "Authorization: Bearer <api_key>", else 401
+    insufficient_quota: bool = False  # every request answered 429 insufficient_quota
+    rpm: int = 0  # requests per minute (0 = no limit)
+    tpm: int = 0  # tokens per minute (0 = no limit)
+    seed: int | None = None  # for the random faults and jitter
+    record: bool = False  # keep per-prompt arrivals in stats(); off for benchmarks
+
+    def __post_init__(self) -> None:
+        for name in ("rate_500", "rate_503", "drop_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)!r}")
+        # One random draw picks among the three faults, so together they must fit in 1.
+        if self.rate_500 + self.rate_503 + self.drop_rate > 1.0 + 1e-9:
+            raise ValueError("rate_500 + rate_503 + drop_rate must not exceed 1")
+        for name in ("latency", "latency_jitter", "slow_body", "rpm", "tpm"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(
+                    f"{name} must be a non-negative number, got {getattr(self, name)!r}"
+                )
+
+
+def format_duration(seconds: float) -> str:
+    """Format seconds as OpenAI's rate-limit headers do: "20ms", "1s", "6m0s", "1m30.5s".
+
+    Rounded up to the millisecond, so a client that waits this long is never early.
+    """
+    ms = max(0, math.ceil(seconds * 1000 - 1e-6))
+    if ms < 1000:
+        return f"{ms}ms" if ms else "0s"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    text = f"{rest / 1000:.3f}".rstrip("0").rstrip(".") + "s"
+    text = f"{minutes}m{text}" if hours or minutes else text
+    return f"{hours}h{text}" if hours else text
+
+
+# --- Requests: prompt text, directives, validation ---------------------------------------
+
+
+class _BadRequest(Exception):
+    """The request cannot be served; answered 400."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True, slots=True)
+class _Script:
+    status: int = 0
+    fail: int = 0
+    fail_status: int = 503
+    drop: int = 0
+    sleep: float = 0.0
+
+
+_MARK = "[[mock:"
+_DIRECTIVE = re.compile(r"\[\[mock:(\w+)=([^\]]*)\]\]")
+
+
+def _number(text: str, low: float, high: float, kind: type[int] | type[float] = int) -> Any:
+    value = kind(text)
+    if not low <= value <= high:
+        raise ValueError(f"{text} is not between {low} and {high}")
+    return value
+
+
+def _parse_script(prompt: str) -> _Script:
+    fields: dict[str, Any] = {}
+    try:
+        for name, value in _DIRECTIVE.findall(prompt):
+            if name in ("status", "drop", "sleep"):
+                low, high = (400, 599) if name == "status" else (0, math.inf)
+                fields[name] = _number(value, low, high, float if name == "sleep" else int)
+            elif name == "fail":
+                count, _, status = value.partition(":")
+                fields["fail"] = _number(count, 0, math.inf)
+                fields["fail_status"] = _number(status or "503", 400, 599)
+            else:
+                raise ValueError(f"unknown directive {name!r}")
+    except ValueError as exc:
+        raise _BadRequest(f"Bad mock directive in prompt: {exc}.") from exc
+    return _Script(**fields)
+
+
+def _inputs(value: Any, param: str) -> list[str]:
+    """The texts of a string or a list (of strings or token arrays) prompt."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(item, int) for item in value):  # a single token array
+            return [orjson.dumps(value).decode()]
+        return [item if isinstance(item, str) else orjson.dumps(item).decode() for item in value]
+    raise _BadRequest(f"Invalid value for '{param}': expected a string or an array.", param)
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, list):  # parts: {"type": "text" | "input_text", "text": ...}
+        parts = (part.get("text") for part in content if isinstance(part, dict))
+        return "\n".join(text for text in parts if isinstance(text, str))
+    return content if isinstance(content, str) else ""  # None: a turn with tool calls only
+
+
+def _messages_text(value: Any, param: str) -> str:
+    if isinstance(value, str) and param == "input":  # /v1/responses takes a plain string too
+        return value
+    if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
+        raise _BadRequest(f"Invalid value for '{param}': expected an array of messages.", param)
+    return "\n".join(_content_text(message.get("content")) for message in value)
+
+
+def _max_tokens(body: JSONObject) -> int | None:
+    for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        value = body.get(key)
+        if value is not None:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise _BadRequest(f"Invalid '{key}': expected a non-negative integer.", key)
+            return value
+    return None
+
+
+def _tokens(text: str) -> int:
+    return max(1, (len(text) + 3) // 4)
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    body: JSONObject
+    model: str
+    prompt: str
+    max_tokens: int | None
+    script: _Script | None
+
+    @property
+    def budget(self) -> int:
+        """Tokens charged to TPM, estimated before answering as OpenAI does."""
+        return _tokens(self.prompt) + (16 if self.max_tokens is None else self.max_tokens)
+
+
+# --- Replies: (body, prompt tokens, completion tokens) -----------------------------------
+
+_Reply = tuple[JSONObject, int, int]
+
+
+def _completion(call: _Call) -> tuple[str, int, str]:
+    """The reply text, its tokens and finish reason, cut short by max tokens."""
+    text = "Echo: " + call.prompt[:100]
+    if call.max_tokens is not None and call.max_tokens < _tokens(text):
+        return text[: call.max_tokens * 4], call.max_tokens, "length"
+    return text, _tokens(text), "stop"
+
+
+def _envelope(id_: str, kind: str, call: _Call, choice: JSONObject, done: int) -> _Reply:
+    used = _tokens(call.prompt)
+    usage = {"prompt_tokens": used, "completion_tokens": done, "total_tokens": used + done}
+    body = {"id": id_, "object": kind, "created": int(time.time()), "model": call.model}
+    return {**body, "choices": [choice], "usage": usage}, used, done
+
+
+def _chat_reply(call: _Call, rid: str) -> _Reply:
+    text, done, finish = _completion(call)
+    message = {"role": "assistant", "content": text, "refusal": None}
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+    return _envelope(f"chatcmpl-{rid}", "chat.completion", call, choice, done)
+
+
+def _text_reply(call: _Call, rid: str) -> _Reply:
+    text, done, finish = _completion(call)
+    choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+    return _envelope(f"cmpl-{rid}", "text_completion", call, choice, done)
+
+
+def _embedding(text: str) -> list[float]:
+    digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
+    return [round(n / 32767.5 - 1.0, 6) for n in struct.unpack("<8H", digest)]
+
+
+def _embeddings_reply(call: _Call, rid: str) -> _Reply:
+    texts = _inputs(call.body["input"], "input")
+    data = [
+        {"object": "embedding", "index": i, "embedding": _embedding(t)} for i, t in enumerate(texts)
+    ]
+    used = _tokens(call.prompt)
+    usage = {"prompt_tokens": used, "total_tokens": used}
+    return {"object": "list", "data": data, "model": call.model, "usage": usage}, used, 0
+
+
+def _responses_reply(call: _Call, rid: str) -> _Reply:
+    text, done, finish = _completion(call)
+    content = [{"type": "output_text", "text": text, "annotations": []}]
+    message = {"type": "message", "id": f"msg_{rid}", "status": "completed", "role": "assistant"}
+    cut = finish == "length"
+    used = _tokens(call.prompt)
+    return (
+        {
+            "id": f"resp_{rid}",
+            "object": "response",
+            "created_at": int(time.time()),
+            "model": call.model,
+            "status": "incomplete" if cut else "completed",
+            "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
+            "output": [{**message, "content": content}],
+            "usage": {"input_tokens": used, "output_tokens": done, "total_tokens": used + done},
+        },
+        used,
+        done,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Endpoint:
+    param: str  # the body field that holds the prompt
+    prompt: Callable[[Any, str], str]
+    reply: Callable[[_Call, str], _Reply]
+
+    def parse(self, raw: bytes) -> _Call:
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise _BadRequest("We could not parse the JSON body of your request.") from exc
+        if not isinstance(body, dict):
+            raise _BadRequest("The request body must be a JSON object.")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise _BadRequest("Missing required parameter: 'model'.", "model")
+        if body.get(self.param) is None:
+            raise _BadRequest(f"Missing required parameter: '{self.param}'.", self.param)
+        prompt = self.prompt(body[self.param], self.param)
+        script = _parse_script(prompt) if _MARK in prompt else None
+        return _Call(body, model, prompt, _max_tokens(body), script)
+
+
+def _joined(value: Any, param: str) -> str:
+    return "\n".join(_inputs(value, param))
+
+
+_ENDPOINTS = {
+    "/v1/chat/completions": _Endpoint("messages", _messages_text, _chat_reply),
+    "/v1/completions": _Endpoint("prompt", _joined, _text_reply),
+    "/v1/embeddings": _Endpoint("input", _joined, _embeddings_reply),
+    "/v1/responses": _Endpoint("input", _messages_text, _responses_reply),
+}
+_MODEL_IDS = ("gpt-4o-mini", "gpt-4o", "text-embedding-3-small", "mock")
+_MODELS = orjson.dumps(
+    {
+        "object": "list",
+        "data": [{"id": m, "object": "model", "owned_by": "batchq"} for m in _MODEL_IDS],
+    }
+)
+
+
+# --- Error bodies ------------------------------------------------------------------------
+
+
+def _error_body(
+    message: str, kind: str, param: str | None = None, code: str | None = None
+) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}})
+
+
+_SCRIPTED = "(scripted by the mock endpoint)"
+_KNOWN_ERRORS: dict[int, tuple[str, str, str | None]] = {  # (message, type, code) as OpenAI's
+    401: ("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"),
+    403: (
+        "Country, region, or territory not supported",
+        "request_forbidden",
+        "unsupported_country_region_territory",
+    ),
+    429: (f"Rate limit reached {_SCRIPTED}.", "requests", "rate_limit_exceeded"),
+    500: (
+        "The server had an error while processing your request. Sorry about that!",
+        "server_error",
+        None,
+    ),
+    503: ("The engine is currently overloaded, please try again later.", "server_error", None),
+}
+_SCRIPTED_429_HEADERS = {"retry-after": "1", "retry-after-ms": "100"}
+_QUOTA = "You exceeded your current quota, please check your plan and billing details."
+_QUOTA_BODY = _error_body(_QUOTA, "insufficient_quota", code="insufficient_quota")
+
+
+@functools.cache
+def _status_body(status: int) -> bytes:
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    message, kind, code = _KNOWN_ERRORS.get(status, (f"Error {status} {_SCRIPTED}.", kind, None))
+    return _error_body(message, kind, code=code)
+
+
+# --- Rate limits -------------------------------------------------------------------------
+
+
+class _Window:
+    """Amounts accepted during the last `period` seconds, with their running sum."""
+
+    __slots__ = ("_events", "limit", "period", "used")
+
+    def __init__(self, limit: int, period: float) -> None:
+        self.limit, self.period, self.used = limit, period, 0
+        self._events: deque[tuple[float, int]] = deque()
+
+    def expire(self, now: float) -> None:
+        while self._events and self._events[0][0] <= now - self.period:
+            self.used -= self._events.popleft()[1]
+
+    def wait(self, amount: int, now: float) -> float:
+        """Seconds until `amount` fits (0: now); walks the deque only when it does not fit."""
+        # An empty window takes anything, or a request bigger than the 1-second share of
+        # the TPM could never pass; the minute window turns away truly oversized ones first.
+        left = self.used
+        if left == 0 or left + amount <= self.limit:
+            return 0.0
+        for stamp, size in self._events:
+            left -= size
+            if left == 0 or left + amount <= self.limit:
+                return stamp + self.period - now
+        raise AssertionError("unreachable: an emptied window takes anything")
+
+    def add(self, amount: int, now: float) -> None:
+        self._events.append((now, amount))
+        self.used += amount
+
+
+class _Limit:
+    """One budget (requests or tokens) per minute, smoothed over 1-second windows."""
+
+    __slots__ = ("limit", "minute", "name", "second", "unit")
+
+    def __init__(self, limit: int, unit: str, name: str) -> None:
+        self.limit, self.unit, self.name = limit, unit, name
+        self.minute = _Window(limit, 60.0)
+        self.second = _Window(math.ceil(limit / 60 * 1.2), 1.0)
+
+    def wait(self, amount: int, now: float) -> float:
+        self.minute.expire(now)
+        self.second.expire(now)
+        return max(self.minute.wait(amount, now), self.second.wait(amount, now))
+
+    def add(self, amount: int, now: float) -> None:
+        self.minute.add(amount, now)
+        self.second.add(amount, now)
+
+    def headers(self, now: float) -> dict[str, str]:
+        # reset: the time until this budget takes one more unit (0s: it does now), which
+        # is the wait a client needs; OpenAI's own value may be larger, never smaller.
+        return {
+            f"x-ratelimit-limit-{self.unit}": str(self.limit),
+            f"x-ratelimit-remaining-{self.unit}": str(max(0, self.limit - self.minute.used)),
+            f"x-ratelimit-reset-{self.unit}": format_duration(self.wait(1, now)),
+        }
+
+
+class _RateLimiter:
+    """Server-side RPM and TPM, rejecting as OpenAI does."""
+
+    def __init__(self, rpm: int, tpm: int) -> None:
+        self.requests = _Limit(rpm, "requests", "requests per min (RPM)") if rpm else None
+        self.tokens = _Limit(tpm, "tokens", "tokens per min (TPM)") if tpm else None
+
+    def admit(self, call: _Call, now: float) -> tuple[bytes, float | None] | None:
+        """Charge the call, or return a 429 body and the seconds to wait (None: forever)."""
+        tokens, org = call.budget, f"{call.model} in organization org-batchq-mock"
+        if self.tokens is not None and tokens > self.tokens.limit:
+            message = (
+                f"Request too large for {org} on {self.tokens.name}: Limit {self.tokens.limit}, "
+                f"Requested {tokens}. The input or output tokens must be reduced in order to "
+                "run successfully."
+            )
+            return _error_body(message, "tokens", code="rate_limit_exceeded"), None
+        charges = [(lim, n) for lim, n in ((self.requests, 1), (self.tokens, tokens)) if lim]
+        for limit, amount in charges:
+            if (wait := limit.wait(amount, now)) > 0:
+                message = (
+                    f"Rate limit reached for {org} on {limit.name}: Limit {limit.limit}, Used "
+                    f"{limit.minute.used}, Requested {amount}. Please try again in "
+                    f"{format_duration(wait)}. Visit https://platform.openai.com/account/rate-limits"
+                    " to learn more."
+                )
+                return _error_body(message, limit.unit, code="rate_limit_exceeded"), wait
+        for limit, amount in charges:
+            limit.add(amount, now)
+        return None
+
+    def headers(self, now: float) -> dict[str, str]:
+        limits = [limit for limit in (self.requests, self.tokens) if limit is not None]
+        return {key: value for limit in limits for key, value in limit.headers(now).items()}
+
+
+# --- Statistics --------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Stats:
+    """Counters since start or reset; `prompts` and `arrivals` are kept only when recording."""
+
+    record: bool
+    requests: int = 0
+    dropped: int = 0
+    rate_limited: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    first_at: float | None = None
+    last_at: float | None = None
+    by_status: Counter[int] = field(default_factory=Counter)
+    by_path: Counter[str] = field(default_factory=Counter)
+    prompts: Counter[str] = field(default_factory=Counter)
+    arrivals: list[tuple[float, str]] = field(default_factory=list)
+
+    def arrive(self, path: str, prompt: str | None) -> None:
+        self.last_at = now = time.time()
+        self.first_at = self.first_at or now
+        self.requests += 1
+        self.by_path[path] += 1
+        if self.record and prompt is not None:
+            self.prompts[prompt] += 1
+            self.arrivals.append((now, prompt))
+
+    def snapshot(self) -> JSONObject:
+        out: JSONObject = {
+            "requests": self.requests,
+            "by_status": {str(status): n for status, n in sorted(self.by_status.items())},
+            "by_path": dict(self.by_path),
+            "dropped": self.dropped,
+            "rate_limited": self.rate_limited,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "first_at": self.first_at,
+            "last_at": self.last_at,
+        }
+        if self.record:
+            out["prompts"] = dict(self.prompts)
+            out["arrivals"] = [[at, prompt] for at, prompt in self.arrivals]
+        return out
+
+
+# --- The application ---------------------------------------------------------------------
+
+_JSON = "application/json"
+_SLOW_CHUNKS = 4
+
+
+class _Mock:
+    """The endpoint's state and handlers; one per application."""
+
+    def __init__(self, options: MockOptions) -> None:
+        self.options = options
+        self.stats = _Stats(options.record)
+        self._rng = random.Random(options.seed)
+        self._ids = itertools.count(1)
+        self._auth = None if options.api_key is None else f"Bearer {options.api_key}"
+        self._limiter = (
+            _RateLimiter(options.rpm, options.tpm) if options.rpm or options.tpm else None
+        )
+        self._scripted: dict[str, int] = {}  # arrivals of each prompt that holds a directive
+
+    def reset(self) -> None:
+        self.stats = _Stats(self.options.record)
+        self._scripted.clear()
+        if self._limiter is not None:
+            self._limiter = _RateLimiter(self.options.rpm, self.options.tpm)
+
+    def _request_id(self) -> str:
+        return f"{next(self._ids):024x}"
+
+    def _authorized(self, request: web.Request) -> bool:
+        return self._auth is None or request.headers.get("Authorization") == self._auth
+
+    async def handle(self, request: web.Request, endpoint: _Endpoint) -> web.StreamResponse:
+        rid = self._request_id()
+        headers = {"x-request-id": f"req_{rid}"}
+        call: _Call | _BadRequest
+        try:
+            call = endpoint.parse(await request.read())
+        except _BadRequest as exc:
+            call = exc
+        self.stats.arrive(request.path, call.prompt if isinstance(call, _Call) else "")
+        status, body, sleep = self._decide(request, endpoint, call, rid, headers)
+        if self._limiter is not None:  # OpenAI sends these on every answer, 200s included
+            headers.update(self._limiter.headers(time.monotonic()))
+        return await self._send(request, status, body, headers, sleep)
+
+    def _decide(
+        self,
+        request: web.Request,
+        endpoint: _Endpoint,
+        call: _Call | _BadRequest,
+        rid: str,
+        headers: dict[str, str],
+    ) -> tuple[int, bytes | None, float]:
+        """Choose the answer: status, body (None: close the connection) and extra delay."""
+        if not self._authorized(request):
+            return 401, _status_body(401), 0.0  # the body never echoes the key received
+        if self.options.insufficient_quota:
+            return 429, _QUOTA_BODY, 0.0
+        if isinstance(call, _BadRequest):
+            return 400, _error_body(str(call), "invalid_request_error", call.param), 0.0
+        script = call.script or _Script()
+        if call.script is not None:
+            arrival = self._scripted[call.prompt] = self._scripted.get(call.prompt, 0) + 1
+            if arrival <= script.drop:
+                return 0, None, script.sleep
+            status = script.status or (script.fail_status if arrival <= script.fail else 0)
+            if status:
+                if status == 429:
+                    headers.update(_SCRIPTED_429_HEADERS)
+                return status, _status_body(status), script.sleep
+        if self._limiter is not None and (rejected := self._limiter.admit(call, time.monotonic())):
+            body, wait = rejected
+            self.stats.rate_limited += 1
+            if wait is not None:  # a request too large for the TPM gets no hint: never retry
+                headers["retry-after"] = str(max(1, math.ceil(wait)))
+                headers["retry-after-ms"] = str(max(1, math.ceil(wait * 1000)))
+            return 429, body, script.sleep
+        if fault := self._random_fault():
+            return fault, None if fault < 0 else _status_body(fault), script.sleep
+        reply, used, done = endpoint.reply(call, rid)
+        self.stats.prompt_tokens += used
+        self.stats.completion_tokens += done
+        return 200, orjson.dumps(reply), script.sleep
+
+    def _random_fault(self) -> int:
+        """-1 to drop, 500 or 503 for a random fault, else 0; one draw picks among them."""
+        opts = self.options
+        if not (opts.drop_rate or opts.rate_500 or opts.rate_503):
+            return 0
+        draw = self._rng.random()
+        if draw < opts.drop_rate:
+            return -1
+        if draw < opts.drop_rate + opts.rate_500:
+            return 500
+        return 503 if draw < opts.drop_rate + opts.rate_500 + opts.rate_503 else 0
+
+    async def _send(
+        self,
+        request: web.Request,
+        status: int,
+        body: bytes | None,
+        headers: dict[str, str],
+        sleep: float = 0.0,
+    ) -> web.StreamResponse:
+        opts = self.options
+        delay = opts.latency + sleep
+        if opts.latency_jitter:
+            delay += self._rng.uniform(0.0, opts.latency_jitter)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if body is None:
+            self.stats.dropped += 1
+            if request.transport is not None:
+                request.transport.close()
+            # aiohttp quietly fails to write this to the closed transport, so the client
+            # sees the connection closed with no answer (ServerDisconnectedError).
+            return web.Response()
+        self.stats.by_status[status] += 1
+        if not opts.slow_body:
+            return web.Response(body=body, status=status, headers=headers, content_type=_JSON)
+        response = web.StreamResponse(status=status, headers=headers)
+        response.content_type, response.content_length = _JSON, len(body)
+        await response.prepare(request)
+        step = -(-len(body) // _SLOW_CHUNKS)
+        for start in range(0, len(body), step):
+            await asyncio.sleep(opts.slow_body / _SLOW_CHUNKS)
+            await response.write(body[start : start + step])
+        await response.write_eof()
+        return response
+
+    async def models(self, request: web.Request) -> web.StreamResponse:
+        self.stats.arrive(request.path, None)
+        headers = {"x-request-id": f"req_{self._request_id()}"}
+        if not self._authorized(request):
+            return await self._send(request, 401, _status_body(401), headers)
+        return await self._send(request, 200, _MODELS, headers)
+
+    async def not_found(self, request: web.Request) -> web.StreamResponse:
+        self.stats.arrive(request.path, None)
+        headers = {"x-request-id": f"req_{self._request_id()}"}
+        message = f"Invalid URL ({request.method} {request.path})"
+        return await self._send(
+            request, 404, _error_body(message, "invalid_request_error"), headers
+        )
+
+    async def stats_view(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(body=orjson.dumps(self.stats.snapshot()), content_type=_JSON)
+
+    async def reset_view(self, request: web.Request) -> web.StreamResponse:
+        self.reset()
+        return web.Response(body=b'{"reset": true}', content_type=_JSON)
+
+
+_STATE = web.AppKey("batchq_mock", _Mock)
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _route(mock: _Mock, endpoint: _Endpoint) -> _Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await mock.handle(request, endpoint)
+
+    return handler
+
+
+def build_app(options: MockOptions) -> web.Application:
+    """Build the endpoint as an aiohttp application (`MockServer` runs one)."""
+    mock = _Mock(options)
+    app = web.Application(client_max_size=64 * 1024 * 1024)  # prompts can be long
+    app[_STATE] = mock
+    for path, endpoint in _ENDPOINTS.items():
+        app.router.add_post(path, _route(mock, endpoint))
+    app.router.add_get("/v1/models", mock.models)
+    app.router.add_get("/_mock/stats", mock.stats_view)
+    app.router.add_post("/_mock/reset", mock.reset_view)
+    # Added last, so it only gets what nothing else matched, a wrong method included.
+    app.router.add_route("*", "/{tail:.*}", mock.not_found)
+    return app
+
+
+class MockServer:
+    """Async context manager running the endpoint on host:port (port 0 = a free port).
+
+    Args:
+        options: the faults and limits to apply; by default every request succeeds at once.
+        host: the address to listen on.
+        port: the port to listen on; 0 picks a free one, which `url` then shows.
+    """
+
+    def __init__(
+        self, options: MockOptions | None = None, *, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
+        self.options = options if options is not None else MockOptions()
+        self._host, self._port = host, port
+        self._app = build_app(self.options)
+        self._runner: web.AppRunner | None = None
+        self._url: str | None = None
+
+    @property
+    def url(self) -> str:
+        """The base URL including /v1, e.g. "http://127.0.0.1:41234/v1"; set once started."""
+        if self._url is None:
+            raise RuntimeError("the mock server is not running; call start() first")
+        return self._url
+
+    async def start(self) -> None:
+        """Start listening; raises OSError if the port is taken."""
+        if self._runner is not None:
+            raise RuntimeError("the mock server is already running")
+        # handler_cancellation stops handlers whose client gave up (timeout tests), so
+        # closing does not wait for them; shutdown_timeout bounds the wait for the rest.
+        runner = web.AppRunner(
+            self._app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5
+        )
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self._host, self._port).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        host, port = runner.addresses[0][:2]
+        self._url = f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
+
+    async def aclose(self) -> None:
+        """Stop listening and close open connections; does nothing if not running."""
+        runner, self._runner, self._url = self._runner, None, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def __aenter__(self) -> MockServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def stats(self) -> dict[str, Any]:
+        """The counters since start or the last reset, as GET /_mock/stats returns them."""
+        return self._app[_STATE].stats.snapshot()
+
+    def reset(self) -> None:
+        """Zero all counters, directive arrival counts and rate-limit windows."""
+        self._app[_STATE].reset()
+
+
+async def serve_forever(
+    options: MockOptions, *, host: str, port: int, ready: Callable[[str], None]
+) -> None:
+    """Run the endpoint until cancelled, calling `ready(url)` once it listens."""
+    async with MockServer(options, host=host, port=port) as server:
+        ready(server.url)
+        await asyncio.Event().wait()

@@ -1,0 +1,236 @@
+"""JSONL input -> ``Request``: pure parsing, plus a thin async feeder.
+
+Two line forms are accepted:
+
+1. an OpenAI Batch API line, ``{"custom_id", "method", "url", "body"}``, where
+   ``method`` and ``url`` may be left out (Together and Mistral write
+   ``{"custom_id", "body"}``); a line's own ``url`` is honoured;
+2. a bare request body; its ``custom_id`` key, if any, is taken out, and the
+   id is otherwise ``line-<N>``.
+
+On the job's endpoint the job's ``model``, ``system`` prompt and default
+parameters fill in what a body lacks (the body's own values win). Lines
+addressed to another endpoint, say embeddings in a chat job, are sent as
+written: a chat model or ``max_tokens`` would only make them fail.
+
+A line that cannot become a request is not an exception but an ``Outcome``
+for errors.jsonl, so one bad line never stops a job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from batchq.config import ENDPOINTS, JSONObject, Settings
+from batchq.errors import InputError
+from batchq.records import Outcome, Request, error_line
+
+#: Completion tokens assumed for --tpm when neither the body nor the job sets a maximum.
+FALLBACK_COMPLETION_TOKENS = 256
+_MAX_TOKEN_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+_BATCH_KEYS = frozenset({"custom_id", "method", "url", "body"})
+
+
+class BadLine(ValueError):
+    """Why one input line is not a usable request."""
+
+    def __init__(self, code: str, message: str, custom_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.custom_id = custom_id
+
+
+@dataclass(frozen=True, slots=True)
+class RequestTemplate:
+    """What the job adds to every request on its own endpoint."""
+
+    endpoint: str
+    model: str | None
+    system: str | None
+    defaults: JSONObject
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RequestTemplate:
+        return cls(settings.endpoint, settings.model, settings.system, dict(settings.defaults))
+
+
+def parse_line(raw: bytes, line_no: int, template: RequestTemplate) -> Request | Outcome:
+    """One input line as a ``Request``, or as the error ``Outcome`` that says what is wrong."""
+    try:
+        return _parse(raw, line_no, template)
+    except BadLine as bad:
+        line = error_line(line_no, bad.custom_id, bad.code, f"input line {line_no}: {bad}")
+        return Outcome(line_no, False, line)
+
+
+def _parse(raw: bytes, line_no: int, template: RequestTemplate) -> Request:
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadLine("invalid_json", f"not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise BadLine("invalid_request", f"a JSON {type(obj).__name__}, not an object")
+    if isinstance(obj.get("body"), dict) and set(obj) <= _BATCH_KEYS:
+        custom_id = _custom_id(obj.get("custom_id"), line_no)
+        body = dict(obj["body"])
+        url = _batch_url(obj, custom_id, template.endpoint)
+    else:
+        body = obj
+        custom_id = _custom_id(body.pop("custom_id", None), line_no)
+        url = template.endpoint
+    if url == template.endpoint:
+        _fill_in(body, template)
+    _check_body(body, url, custom_id)
+    return Request(line_no, custom_id, url, orjson.dumps(body), estimate_tokens(body, url))
+
+
+def _custom_id(value: Any, line_no: int) -> str:
+    if value is None:
+        return f"line-{line_no}"
+    if isinstance(value, str | int) and not isinstance(value, bool):
+        return str(value)
+    raise BadLine("invalid_request", f"custom_id must be a string, not {orjson.dumps(value)!r}")
+
+
+def _batch_url(obj: JSONObject, custom_id: str, default: str) -> str:
+    method = obj.get("method", "POST")
+    if method != "POST":
+        raise BadLine("invalid_request", f"method must be POST, not {method!r}", custom_id)
+    url = obj.get("url")
+    if url is None:
+        return default
+    if isinstance(url, str) and not url.startswith("/v1/"):
+        url = "/v1" + url  # "/chat/completions" as some tools write it
+    if url not in ENDPOINTS:
+        supported = ", ".join(ENDPOINTS)
+        raise BadLine("invalid_request", f"url {url!r} is not one of {supported}", custom_id)
+    return str(url)
+
+
+def _fill_in(body: JSONObject, template: RequestTemplate) -> None:
+    endpoint = template.endpoint
+    if endpoint == "/v1/chat/completions":
+        if "messages" not in body and isinstance(body.get("prompt"), str):
+            body["messages"] = [{"role": "user", "content": body.pop("prompt")}]
+        messages = body.get("messages")
+        if template.system and isinstance(messages, list) and not _has_system(messages):
+            body["messages"] = [{"role": "system", "content": template.system}, *messages]
+    elif endpoint == "/v1/responses":
+        if "input" not in body and isinstance(body.get("prompt"), str):
+            body["input"] = body.pop("prompt")
+        if template.system and "instructions" not in body:
+            body["instructions"] = template.system
+    if template.model and "model" not in body:
+        body["model"] = template.model
+    for key, value in template.defaults.items():
+        body.setdefault(key, value)
+
+
+def _has_system(messages: list[Any]) -> bool:
+    return any(isinstance(m, dict) and m.get("role") in ("system", "developer") for m in messages)
+
+
+_REQUIRED = {
+    "/v1/chat/completions": "messages",
+    "/v1/completions": "prompt",
+    "/v1/embeddings": "input",
+    "/v1/responses": "input",
+}
+
+
+def _check_body(body: JSONObject, url: str, custom_id: str) -> None:
+    needed = _REQUIRED[url]
+    if needed not in body:
+        also = " (or a 'prompt' string)" if needed == "messages" else ""
+        raise BadLine("invalid_request", f"no {needed!r}{also} for {url}", custom_id)
+    if needed == "messages" and not (isinstance(body["messages"], list) and body["messages"]):
+        raise BadLine("invalid_request", "'messages' must be a non-empty list", custom_id)
+
+
+def estimate_tokens(body: JSONObject, url: str) -> int:
+    """Tokens the endpoint will count against TPM: prompt characters / 4 plus the completion cap.
+
+    OpenAI reserves a request's ``max_tokens`` when it arrives, whatever the
+    answer turns out to be, so the cap belongs in the estimate.
+    """
+    chars = _text_length(body.get("messages", body.get("prompt", body.get("input", ""))))
+    prompt = (chars + 3) // 4
+    if url == "/v1/embeddings":
+        return max(1, prompt)
+    for key in _MAX_TOKEN_KEYS:
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return max(1, prompt + value)
+    return max(1, prompt + FALLBACK_COMPLETION_TOKENS)
+
+
+def _text_length(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_text_length(v) for v in value)
+    if isinstance(value, dict):
+        return _text_length(value.get("content", value.get("text", "")))
+    return 0
+
+
+def check_jsonl(path: Path) -> None:
+    """Refuse, with one line, a file that is not JSONL at all (its first line is no JSON object)."""
+    try:
+        with path.open("rb") as f:
+            for raw in f:
+                if raw.strip():
+                    obj = orjson.loads(raw)
+                    if not isinstance(obj, dict):
+                        raise InputError(f"{path} is not JSONL: line 1 is not a JSON object")
+                    return
+    except orjson.JSONDecodeError as exc:
+        raise InputError(f"{path} is not JSONL: its first line is not valid JSON ({exc})") from exc
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+async def feed(
+    path: Path,
+    size: int,
+    is_done: Callable[[int], bool],
+    template: RequestTemplate,
+    send: Callable[[Request], Awaitable[None]],
+    reject: Callable[[Outcome], Awaitable[None]],
+    *,
+    on_progress: Callable[[int, int], None] = lambda requests, offset: None,
+) -> tuple[int, int]:
+    """Read the first ``size`` bytes of ``path`` line by line; hand on every line not yet done.
+
+    Returns the number of lines and of requests (non-blank lines) read, and
+    calls ``on_progress(requests, bytes_read)`` now and then. The file is
+    streamed, never loaded: memory stays flat however long the input is.
+    """
+    line_no = requests = offset = 0
+    with path.open("rb", buffering=1 << 20) as f:
+        for raw in f:
+            if offset >= size:
+                break
+            line = raw[: size - offset]
+            offset += len(raw)
+            line_no += 1
+            if not line.strip():
+                continue
+            requests += 1
+            if line_no % 1024 == 0:
+                on_progress(requests, offset)
+                await asyncio.sleep(0)  # skipping a long done prefix must not starve the loop
+            if is_done(line_no):
+                continue
+            parsed = parse_line(line, line_no, template)
+            if isinstance(parsed, Request):
+                await send(parsed)
+            else:
+                await reject(parsed)
+    return line_no, requests

@@ -1,0 +1,92 @@
+"""The values that flow through the pipeline, and their JSONL form.
+
+A ``Request`` is one input line made ready to send: its body is already
+serialised, so a retry costs no work. An ``Outcome`` is what comes back,
+already rendered as the output line the writer appends, so the writer does
+nothing but join bytes.
+
+Output lines follow the OpenAI Batch API output format::
+
+    {"id": ..., "custom_id": ..., "response": {"status_code", "request_id", "body"} | null,
+     "error": {"code", "message"} | null, "batchq": {"line", "attempts", ...}}
+
+Everything batchq adds sits under the one extra key ``batchq``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One request, ready to send."""
+
+    line_no: int  # 1-based line of the input file; the request's identity in the job
+    custom_id: str
+    url: str  # endpoint path, e.g. "/v1/chat/completions"
+    body: bytes  # JSON, serialised once
+    tokens: int  # estimated prompt + completion tokens, for --tpm
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The output line of one request and what the job counts about it."""
+
+    line_no: int
+    ok: bool
+    line: bytes  # the rendered JSONL line, newline included
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def result_line(
+    request: Request, status: int, request_id: str | None, body: Any, *, attempts: int
+) -> bytes:
+    """The results.jsonl line of a request the endpoint answered with 2xx."""
+    return orjson.dumps(
+        {
+            "id": f"batch_req_{request.line_no}",
+            "custom_id": request.custom_id,
+            "response": {"status_code": status, "request_id": request_id, "body": body},
+            "error": None,
+            "batchq": {"line": request.line_no, "attempts": attempts},
+        },
+        option=orjson.OPT_APPEND_NEWLINE,
+    )
+
+
+def error_line(
+    line_no: int,
+    custom_id: str | None,
+    code: str,
+    message: str,
+    *,
+    status: int | None = None,
+    request_id: str | None = None,
+    body: Any = None,
+    attempts: int = 0,
+    retryable: bool = False,
+) -> bytes:
+    """The errors.jsonl line of a request that failed for good, or of a bad input line.
+
+    ``retryable`` marks failures that ``--retry-failed`` sends again: 5xx,
+    timeouts, dropped connections, 429s. Rejected requests and bad input
+    lines are not retryable; sending them again would fail the same way.
+    """
+    response = None
+    if status is not None:
+        response = {"status_code": status, "request_id": request_id, "body": body}
+    return orjson.dumps(
+        {
+            "id": f"batch_req_{line_no}",
+            "custom_id": custom_id,
+            "response": response,
+            "error": {"code": code, "message": message},
+            "batchq": {"line": line_no, "attempts": attempts, "retryable": retryable},
+        },
+        option=orjson.OPT_APPEND_NEWLINE,
+    )

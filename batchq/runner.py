@@ -1,0 +1,333 @@
+"""The pipeline: a reader feeds a pool of workers, whose outcomes one writer appends.
+
+::
+
+    feed ──requests──▶ process × concurrency ──outcomes──▶ write_outcomes ──▶ Journal
+      │                                                       ▲
+      └──────────── bad input lines ──────────────────────────┘
+
+Both queues are bounded, so a fast reader never pulls a large file into
+memory. Every task belongs to a TaskGroup. Only the writer touches the
+output files; ``commit_every`` makes them durable a few times a second.
+
+Stopping is cancellation. The first SIGINT or SIGTERM stops the feeding,
+lets the requests in flight finish for up to ``drain_timeout`` seconds, then
+cancels what is left; a second signal cancels at once. Either way the
+writer's ``finally`` and ``Journal.close`` make everything received durable,
+and whatever was in flight is simply sent again on resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from batchq.errors import BatchqError, FatalEndpointError, RequestError
+from batchq.job import Job, job_lock, pin_input, read_state, write_state
+from batchq.journal import Journal, retry_failed
+from batchq.limiter import Pacer
+from batchq.progress import ProgressLine, Stats
+from batchq.reader import RequestTemplate, feed
+from batchq.records import Outcome, Request, error_line, result_line
+from batchq.retry import Fatal, GiveUp, RetryPolicy, decide, status_error
+from batchq.transport import AiohttpTransport, Transport
+
+COMMIT_INTERVAL = 0.2
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunOptions:
+    """How to run a job, beyond its settings."""
+
+    api_key: str | None = None
+    retry_failed: bool = False
+    durable: bool = True  # fsync the checkpoint; off only to measure what fsync costs
+    progress_every: float | None = None  # seconds between progress lines; None = quiet
+    on_notice: Callable[[str], None] = field(default=lambda message: None)
+
+
+async def run_job(job: Job, options: RunOptions) -> Stats:
+    """Run ``job`` until every request is done, a fatal answer, or a signal.
+
+    Raises FatalEndpointError (exit 3) when the endpoint refuses the job as
+    a whole; the other BatchqErrors (exit 2) before anything is sent.
+    """
+    with job_lock(job.dir):
+        size = pin_input(job)
+        if options.retry_failed:
+            moved = retry_failed(job.dir, job.results, job.errors)
+            options.on_notice(f"--retry-failed: {moved:,} retryable failures back to pending")
+        journal = Journal(job.dir, job.results, job.errors, durable=options.durable)
+        try:
+            state = read_state(job.dir)
+            stats = Stats(
+                ok_before=journal.totals.ok,
+                failed_before=journal.totals.failed,
+                total=state.get("input_requests"),
+            )
+            if stats.done:
+                of = f" of {stats.total:,}" if stats.total is not None else ""
+                options.on_notice(f"resuming: {stats.done:,}{of} done")
+            pipeline = Pipeline(job, journal, stats, size, options)
+            await pipeline.run()
+        finally:
+            journal.close()
+    return stats
+
+
+class Pipeline:
+    """One run's tasks and queues; ``stop`` is what a signal calls."""
+
+    def __init__(
+        self, job: Job, journal: Journal, stats: Stats, size: int, options: RunOptions
+    ) -> None:
+        settings = job.settings
+        self.job, self.journal, self.stats, self.size, self.options = (
+            job,
+            journal,
+            stats,
+            size,
+            options,
+        )
+        self.workers = settings.concurrency
+        self.requests: asyncio.Queue[Request | None] = asyncio.Queue(maxsize=2 * self.workers)
+        self.outcomes: asyncio.Queue[Outcome | None] = asyncio.Queue(maxsize=4 * self.workers)
+        self.pacer = Pacer(rpm=settings.rpm, tpm=settings.tpm)
+        self.policy = RetryPolicy(max_attempts=settings.max_attempts)
+        self.template = RequestTemplate.from_settings(settings)
+        self._feeder: asyncio.Task[None] | None = None
+        self._main: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stop)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._main = tg.create_task(self._run())
+        except BaseExceptionGroup as group:
+            raise _first_fatal(group) from None
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    def stop(self) -> None:
+        """First call: stop feeding and let in-flight requests drain. Second: stop now."""
+        if self._main is None:
+            return
+        if self.stats.interrupted:
+            self._main.cancel()
+            return
+        self.stats.interrupted = True
+        if self._feeder is not None:
+            self._feeder.cancel()
+        while not self.requests.empty():
+            self.requests.get_nowait()  # not started: they stay pending
+        for _ in range(self.workers):
+            self.requests.put_nowait(None)
+        drain = self.job.settings.drain_timeout
+        asyncio.get_running_loop().call_later(drain, self._main.cancel)
+        self.options.on_notice(
+            f"stopping: waiting up to {drain:g}s for {self.stats.in_flight} requests in flight "
+            "(Ctrl-C again to stop at once)"
+        )
+
+    async def _run(self) -> None:
+        s = self.job.settings
+        async with (
+            AiohttpTransport(
+                s.base_url,
+                self.options.api_key,
+                concurrency=s.concurrency,
+                timeout=s.timeout,
+                connect_timeout=s.connect_timeout,
+            ) as transport,
+            asyncio.TaskGroup() as tg,
+        ):
+            tg.create_task(self._write_outcomes())
+            ticker = tg.create_task(self._tick())
+            async with asyncio.TaskGroup() as producers:
+                self._feeder = producers.create_task(self._feed())
+                for _ in range(self.workers):
+                    producers.create_task(self._process(transport))
+            await self.outcomes.put(None)  # every producer is done; let the writer drain
+            ticker.cancel()
+
+    async def _feed(self) -> None:
+        async def reject(outcome: Outcome) -> None:
+            await self.outcomes.put(outcome)
+
+        _, requests = await feed(
+            self.job.input,
+            self.size,
+            self.journal.done.__contains__,
+            self.template,
+            self.requests.put,
+            reject,
+            on_progress=self._estimate_total,
+        )
+        self.stats.total = requests
+        write_state(self.job.dir, {**read_state(self.job.dir), "input_requests": requests})
+        for _ in range(self.workers):
+            await self.requests.put(None)
+
+    def _estimate_total(self, requests: int, offset: int) -> None:
+        if offset:
+            self.stats.total_estimate = requests * self.size / offset
+
+    async def _process(self, transport: Transport) -> None:
+        stats = self.stats
+        while (request := await self.requests.get()) is not None:
+            stats.in_flight += 1
+            try:
+                outcome = await self._call(transport, request)
+            finally:
+                stats.in_flight -= 1
+            await self.outcomes.put(outcome)
+
+    async def _call(self, transport: Transport, request: Request) -> Outcome:
+        """Send one request until it succeeds or fails for good."""
+        if self.pacer.never_fits(request.tokens):
+            message = f"needs ~{request.tokens:,} tokens, more than the whole --tpm budget"
+            return _failure(request, "request_too_large", message, attempts=0)
+        loop = asyncio.get_running_loop()
+        attempts = rate_limited = 0
+        while True:
+            await self.pacer.wait_turn(request.tokens)
+            attempts += 1
+            started = loop.time()
+            try:
+                response = await transport.send(request.url, request.body)
+                if 200 <= response.status < 300:
+                    self.stats.latency.add(loop.time() - started)
+                    return _success(request, response.status, response.body, attempts, response)
+                raise status_error(
+                    response.status, response.body, response.headers, response.request_id
+                )
+            except RequestError as exc:
+                decision = decide(exc, attempts, rate_limited, self.policy)
+                if isinstance(decision, Fatal):
+                    raise FatalEndpointError(decision.reason) from None
+                if isinstance(decision, GiveUp):
+                    return _failure_from(request, exc, attempts, decision.retryable)
+                self.stats.retries += 1
+                if decision.pause_all:
+                    rate_limited += 1
+                    self.stats.rate_limited += 1
+                    self.pacer.pause(decision.delay)
+                else:
+                    await asyncio.sleep(decision.delay)
+
+    async def _write_outcomes(self) -> None:
+        """The single owner of the output files: append outcomes in batches."""
+        batch: list[Outcome] = []
+        try:
+            while True:
+                item = await self.outcomes.get()
+                while item is not None:
+                    batch.append(item)
+                    if self.outcomes.empty():
+                        break
+                    item = self.outcomes.get_nowait()
+                self._append(batch)
+                batch = []
+                if item is None:
+                    return
+        finally:
+            # Cancelled: what already arrived is written too, rather than sent again.
+            while not self.outcomes.empty():
+                if (late := self.outcomes.get_nowait()) is not None:
+                    batch.append(late)
+            self._append(batch)
+
+    def _append(self, batch: list[Outcome]) -> None:
+        if not batch:
+            return
+        self.journal.append(batch)
+        stats = self.stats
+        for o in batch:
+            if o.ok:
+                stats.ok += 1
+            else:
+                stats.failed += 1
+            stats.prompt_tokens += o.prompt_tokens
+            stats.completion_tokens += o.completion_tokens
+
+    async def _tick(self) -> None:
+        """Commit the checkpoint a few times a second; print progress when it is due."""
+        every = self.options.progress_every
+        line = ProgressLine(self.stats) if every else None
+        loop = asyncio.get_running_loop()
+        next_progress = loop.time() + (every or 0)
+        try:
+            while True:
+                await asyncio.sleep(COMMIT_INTERVAL)
+                self.journal.commit()
+                if line is not None and every and loop.time() >= next_progress:
+                    line.show()
+                    next_progress += every
+        finally:
+            if line is not None:
+                line.clear()
+
+
+def _success(request: Request, status: int, raw: bytes, attempts: int, response: Any) -> Outcome:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        body = raw.decode("utf-8", "replace")
+    usage = body.get("usage") if isinstance(body, dict) else None
+    prompt = completion = 0
+    if isinstance(usage, dict):
+        prompt = _int(usage.get("prompt_tokens", usage.get("input_tokens")))
+        completion = _int(usage.get("completion_tokens", usage.get("output_tokens")))
+    line = result_line(request, status, response.request_id, body, attempts=attempts)
+    return Outcome(request.line_no, True, line, prompt, completion)
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _failure(request: Request, code: str, message: str, *, attempts: int) -> Outcome:
+    line = error_line(request.line_no, request.custom_id, code, message, attempts=attempts)
+    return Outcome(request.line_no, False, line)
+
+
+def _failure_from(request: Request, exc: RequestError, attempts: int, retryable: bool) -> Outcome:
+    status = getattr(exc, "status", None)
+    line = error_line(
+        request.line_no,
+        request.custom_id,
+        exc.code,
+        str(exc),
+        status=status,
+        request_id=getattr(exc, "request_id", None),
+        body=getattr(exc, "body", None),
+        attempts=attempts,
+        retryable=retryable,
+    )
+    return Outcome(request.line_no, False, line)
+
+
+def _first_fatal(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The exception to show for a failed pipeline: a BatchqError if any task raised one."""
+    leaves: list[BaseException] = []
+
+    def collect(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                collect(inner)
+        else:
+            leaves.append(exc)
+
+    collect(group)
+    for exc in leaves:
+        if isinstance(exc, BatchqError):
+            return exc
+    return leaves[0] if len(leaves) == 1 else group

@@ -1,0 +1,68 @@
+"""``batchq status``: a job's figures, read from disk without disturbing a running job.
+
+Everything is read, nothing written: the journal's complete records give
+the counts and tokens (a record being written right now is simply not
+counted yet), the lock tells whether a process is running the job.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from batchq.config import build_settings, read_job_toml
+from batchq.errors import ConfigError
+from batchq.job import JOB_TOML, _resolve, read_state, running_pid
+from batchq.journal import JOURNAL_NAME, read_journal
+
+
+def job_status(job_dir: Path) -> dict[str, Any]:
+    """The figures of the job in ``job_dir`` as one JSON-ready dict."""
+    if not (job_dir / JOB_TOML).exists():
+        raise ConfigError(f"{job_dir} has no {JOB_TOML}: not a batchq job folder")
+    job = _resolve(job_dir, build_settings(read_job_toml(job_dir / JOB_TOML), {}))
+    state = read_state(job_dir)
+    _, totals, _ = read_journal(job_dir / JOURNAL_NAME)
+    total = state.get("input_requests")
+    done = totals.ok + totals.failed
+    pid = running_pid(job_dir)
+    if pid is not None:
+        phase = "running"
+    elif total is not None and done >= total:
+        phase = "finished"
+    elif state:
+        phase = "interrupted"
+    else:
+        phase = "not started"
+    return {
+        "job": str(job_dir),
+        "input": str(job.input),
+        "state": phase,
+        "pid": pid,
+        "total": total,
+        "done": done,
+        "succeeded": totals.ok,
+        "failed": totals.failed,
+        "pending": None if total is None else max(0, total - done),
+        "prompt_tokens": totals.prompt_tokens,
+        "completion_tokens": totals.completion_tokens,
+        "results": str(job.results),
+        "errors": str(job.errors),
+    }
+
+
+def render_status(f: dict[str, Any]) -> str:
+    """The figures for a human."""
+    state = f["state"] + (f" (pid {f['pid']})" if f["pid"] else "")
+    total = "?" if f["total"] is None else f"{f['total']:,}"
+    pending = "?" if f["pending"] is None else f"{f['pending']:,}"
+    return "\n".join(
+        [
+            f"job {f['job']}: {state}",
+            f"  {f['done']:,} of {total} done: {f['succeeded']:,} succeeded, "
+            f"{f['failed']:,} failed, {pending} pending",
+            f"  tokens: {f['prompt_tokens']:,} prompt + {f['completion_tokens']:,} completion",
+            f"  results: {f['results']}",
+            f"  errors:  {f['errors']}",
+        ]
+    )
