@@ -1,0 +1,70 @@
+"""Running batchq the way a user does, and reading what it wrote."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+#: Variables a developer's shell may set that would make a test depend on it.
+_FOREIGN = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "BATCHQ_TEST_KEY")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _FOREIGN}
+    env.update(extra)
+    return env
+
+
+def batchq_cmd(*args: str | Path) -> list[str]:
+    return [sys.executable, "-m", "batchq", *map(str, args)]
+
+
+def batchq(
+    *args: str | Path, cwd: Path, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run ``batchq ARGS`` in a subprocess and wait for it."""
+    return subprocess.run(
+        batchq_cmd(*args),
+        cwd=cwd,
+        env=env or clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def write_jsonl(path: Path, objects: Iterable[Any]) -> Path:
+    path.write_bytes(b"".join(orjson.dumps(o) + b"\n" for o in objects))
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
+def outputs(job: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The lines of results.jsonl and errors.jsonl of a job folder."""
+    return read_jsonl(job / "results.jsonl"), read_jsonl(job / "errors.jsonl")
+
+
+def by_custom_id(lines: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    ids = [line["custom_id"] for line in lines]
+    assert len(ids) == len(set(ids)), "a custom_id appears twice"
+    return {line["custom_id"]: line for line in lines}
+
+
+def chat(prompt: str, custom_id: str | None = None, **body: Any) -> dict[str, Any]:
+    """A bare chat body (custom_id inside, as users write them)."""
+    line: dict[str, Any] = {"messages": [{"role": "user", "content": prompt}], **body}
+    if custom_id is not None:
+        line["custom_id"] = custom_id
+    return line
