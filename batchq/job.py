@@ -157,40 +157,63 @@ def write_state(job_dir: Path, state: Mapping[str, Any]) -> None:
     atomic_write(job_dir / STATE_JSON, orjson.dumps(state, option=orjson.OPT_INDENT_2))
 
 
-def pin_input(job: Job) -> int:
-    """Check the input against its fingerprint, record the new one; return the size to read.
+@dataclass(frozen=True, slots=True)
+class PinnedInput:
+    """How much of the input this run reads, and how many requests that is."""
 
-    Raises InputError if bytes the job already read have changed since.
+    size: int
+    requests: int  # non-blank lines
+
+
+def pin_input(job: Job) -> PinnedInput:
+    """Check the input against its fingerprint and record the new one.
+
+    The same pass counts the requests, so progress knows its total from the
+    start. Raises InputError if bytes the job already read have changed.
     """
     state = read_state(job.dir)
     pinned_size = int(state.get("input_size", 0))
-    digest = hashlib.sha256()
+    counter = _Fingerprint()
     try:
         with job.input.open("rb") as f:
             size = os.fstat(f.fileno()).st_size
             if pinned_size:
-                _hash(f, digest, pinned_size)
-                if size < pinned_size or digest.hexdigest() != state.get("input_sha256"):
+                counter.read(f, pinned_size)
+                if size < pinned_size or counter.digest.hexdigest() != state.get("input_sha256"):
                     raise InputError(_changed(job))
                 if size > pinned_size and not _ends_line(f, pinned_size):
                     raise InputError(_changed(job))  # the last line was extended, not appended to
-            _hash(f, digest, size - pinned_size)
+            counter.read(f, size - pinned_size)
     except OSError as exc:
         raise InputError(f"cannot read {job.input}: {exc.strerror}") from exc
-    if size != pinned_size or not state:
-        state = {**state, "input_size": size, "input_sha256": digest.hexdigest()}
-        state.pop("input_lines", None)  # unknown again until the feeder reaches the end
-        write_state(job.dir, state)
-    return size
+    requests = counter.finish()
+    if size != pinned_size or state.get("input_requests") != requests:
+        state = {**state, "input_size": size, "input_sha256": counter.digest.hexdigest()}
+        write_state(job.dir, {**state, "input_requests": requests})
+    return PinnedInput(size, requests)
 
 
-def _hash(f: BinaryIO, digest: Any, length: int) -> None:
-    while length > 0:
-        chunk = f.read(min(length, 1 << 20))
-        if not chunk:
-            return
-        digest.update(chunk)
-        length -= len(chunk)
+class _Fingerprint:
+    """SHA-256 of the bytes read, and a count of their non-blank lines, in one pass."""
+
+    def __init__(self) -> None:
+        self.digest = hashlib.sha256()
+        self.requests = 0
+        self._partial = b""
+
+    def read(self, f: BinaryIO, length: int) -> None:
+        while length > 0:
+            chunk = f.read(min(length, 1 << 20))
+            if not chunk:
+                return
+            self.digest.update(chunk)
+            length -= len(chunk)
+            lines = (self._partial + chunk).split(b"\n")
+            self._partial = lines.pop()
+            self.requests += sum(1 for line in lines if line.strip())
+
+    def finish(self) -> int:
+        return self.requests + (1 if self._partial.strip() else 0)
 
 
 def _ends_line(f: BinaryIO, size: int) -> bool:

@@ -50,8 +50,7 @@ class Stats:
     started: float = field(default_factory=time.monotonic)
     ok_before: int = 0
     failed_before: int = 0
-    total: int | None = None  # requests in the input, once known
-    total_estimate: float | None = None  # from the bytes read so far, until then
+    total: int | None = None  # requests in the input
     ok: int = 0
     failed: int = 0
     retries: int = 0
@@ -122,10 +121,8 @@ class ProgressLine:
         span = max(now - t0, 1e-9)
         rate = (s.ok + s.failed - done0) / span
         token_rate = (tokens - tokens0) / span
-        total = s.total if s.total is not None else s.total_estimate
-        of = f"{total:,.0f}" if total is not None else "?"
-        if s.total is None and total is not None:
-            of = "~" + of
+        total = s.total
+        of = f"{total:,}" if total is not None else "?"
         eta = ""
         if total is not None and rate > 0:
             eta = f" · ETA {_duration(max(0.0, total - s.done) / rate)}"

@@ -65,7 +65,8 @@ def parse_line(raw: bytes, line_no: int, template: RequestTemplate) -> Request |
     try:
         return _parse(raw, line_no, template)
     except BadLine as bad:
-        line = error_line(line_no, bad.custom_id, bad.code, f"input line {line_no}: {bad}")
+        custom_id = bad.custom_id or f"line-{line_no}"
+        line = error_line(line_no, custom_id, bad.code, f"input line {line_no}: {bad}")
         return Outcome(line_no, False, line)
 
 
@@ -203,16 +204,13 @@ async def feed(
     template: RequestTemplate,
     send: Callable[[Request], Awaitable[None]],
     reject: Callable[[Outcome], Awaitable[None]],
-    *,
-    on_progress: Callable[[int, int], None] = lambda requests, offset: None,
-) -> tuple[int, int]:
+) -> int:
     """Read the first ``size`` bytes of ``path`` line by line; hand on every line not yet done.
 
-    Returns the number of lines and of requests (non-blank lines) read, and
-    calls ``on_progress(requests, bytes_read)`` now and then. The file is
-    streamed, never loaded: memory stays flat however long the input is.
+    Returns the number of lines read. The file is streamed, never loaded:
+    memory stays flat however long the input is.
     """
-    line_no = requests = offset = 0
+    line_no = offset = 0
     with path.open("rb", buffering=1 << 20) as f:
         for raw in f:
             if offset >= size:
@@ -220,17 +218,13 @@ async def feed(
             line = raw[: size - offset]
             offset += len(raw)
             line_no += 1
-            if not line.strip():
-                continue
-            requests += 1
             if line_no % 1024 == 0:
-                on_progress(requests, offset)
                 await asyncio.sleep(0)  # skipping a long done prefix must not starve the loop
-            if is_done(line_no):
+            if is_done(line_no) or not line.strip():
                 continue
             parsed = parse_line(line, line_no, template)
             if isinstance(parsed, Request):
                 await send(parsed)
             else:
                 await reject(parsed)
-    return line_no, requests
+    return line_no

@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 
 from batchq.errors import BatchqError, FatalEndpointError, RequestError
-from batchq.job import Job, job_lock, pin_input, read_state, write_state
+from batchq.job import Job, job_lock, pin_input
 from batchq.journal import Journal, retry_failed
 from batchq.limiter import Pacer
 from batchq.progress import ProgressLine, Stats
@@ -58,22 +58,20 @@ async def run_job(job: Job, options: RunOptions) -> Stats:
     a whole; the other BatchqErrors (exit 2) before anything is sent.
     """
     with job_lock(job.dir):
-        size = pin_input(job)
+        pinned = pin_input(job)
         if options.retry_failed:
             moved = retry_failed(job.dir, job.results, job.errors)
             options.on_notice(f"--retry-failed: {moved:,} retryable failures back to pending")
         journal = Journal(job.dir, job.results, job.errors, durable=options.durable)
         try:
-            state = read_state(job.dir)
             stats = Stats(
                 ok_before=journal.totals.ok,
                 failed_before=journal.totals.failed,
-                total=state.get("input_requests"),
+                total=pinned.requests,
             )
             if stats.done:
-                of = f" of {stats.total:,}" if stats.total is not None else ""
-                options.on_notice(f"resuming: {stats.done:,}{of} done")
-            pipeline = Pipeline(job, journal, stats, size, options)
+                options.on_notice(f"resuming: {stats.done:,} of {stats.total:,} done")
+            pipeline = Pipeline(job, journal, stats, pinned.size, options)
             await pipeline.run()
         finally:
             journal.close()
@@ -162,23 +160,16 @@ class Pipeline:
         async def reject(outcome: Outcome) -> None:
             await self.outcomes.put(outcome)
 
-        _, requests = await feed(
+        await feed(
             self.job.input,
             self.size,
             self.journal.done.__contains__,
             self.template,
             self.requests.put,
             reject,
-            on_progress=self._estimate_total,
         )
-        self.stats.total = requests
-        write_state(self.job.dir, {**read_state(self.job.dir), "input_requests": requests})
         for _ in range(self.workers):
             await self.requests.put(None)
-
-    def _estimate_total(self, requests: int, offset: int) -> None:
-        if offset:
-            self.stats.total_estimate = requests * self.size / offset
 
     async def _process(self, transport: Transport) -> None:
         stats = self.stats

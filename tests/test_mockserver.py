@@ -48,7 +48,9 @@ async def post(session: aiohttp.ClientSession, url: str, body: Any, **kwargs: An
 # --- Replies -----------------------------------------------------------------------------
 
 
-async def test_chat_completion_reply_and_usage(mock_server: MockFactory, session: Any) -> None:
+async def test_chat_completion_reply_and_usage(
+    mock_server: MockFactory, session: aiohttp.ClientSession
+) -> None:
     mock = mock_server()
     status, body, headers = await post(
         session, f"{mock.url}/chat/completions", chat("Hello, world")
@@ -65,7 +67,7 @@ async def test_chat_completion_reply_and_usage(mock_server: MockFactory, session
 
 
 async def test_chat_prompt_joins_messages_and_text_parts(
-    mock_server: MockFactory, session: Any
+    mock_server: MockFactory, session: aiohttp.ClientSession
 ) -> None:
     mock = mock_server()
     parts = [
@@ -85,7 +87,7 @@ async def test_chat_prompt_joins_messages_and_text_parts(
     assert mock.stats()["prompts"] == {"sys\na\nb": 2}
 
 
-async def test_completions_reply(mock_server: MockFactory, session: Any) -> None:
+async def test_completions_reply(mock_server: MockFactory, session: aiohttp.ClientSession) -> None:
     mock = mock_server()
     status, body, _ = await post(
         session, f"{mock.url}/completions", {"model": "m", "prompt": ["ab", "cd"]}
@@ -98,7 +100,7 @@ async def test_completions_reply(mock_server: MockFactory, session: Any) -> None
 
 
 async def test_embeddings_are_deterministic_per_input(
-    mock_server: MockFactory, session: Any
+    mock_server: MockFactory, session: aiohttp.ClientSession
 ) -> None:
     mock = mock_server()
     url = f"{mock.url}/embeddings"
@@ -118,7 +120,9 @@ async def test_embeddings_are_deterministic_per_input(
 @pytest.mark.parametrize(
     "given", ["hi", [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]}]]
 )
-async def test_responses_reply(mock_server: MockFactory, session: Any, given: Any) -> None:
+async def test_responses_reply(
+    mock_server: MockFactory, session: aiohttp.ClientSession, given: Any
+) -> None:
     mock = mock_server()
     status, body, _ = await post(session, f"{mock.url}/responses", {"model": "r", "input": given})
     assert status == 200
@@ -140,7 +144,7 @@ async def test_responses_reply(mock_server: MockFactory, session: Any, given: An
     ],
 )
 async def test_max_tokens_cuts_the_reply_short(
-    mock_server: MockFactory, session: Any, path: str, request_body: Any
+    mock_server: MockFactory, session: aiohttp.ClientSession, path: str, request_body: Any
 ) -> None:
     mock = mock_server()
     _, body, _ = await post(session, mock.url + path, request_body)
@@ -154,7 +158,7 @@ async def test_max_tokens_cuts_the_reply_short(
     assert mock.stats()["completion_tokens"] == 2
 
 
-async def test_models(mock_server: MockFactory, session: Any) -> None:
+async def test_models(mock_server: MockFactory, session: aiohttp.ClientSession) -> None:
     mock = mock_server()
     async with session.get(f"{mock.url}/models") as response:
         body = await response.json()
@@ -184,7 +188,11 @@ async def test_models(mock_server: MockFactory, session: Any) -> None:
     ],
 )
 async def test_bad_request_is_400_with_openai_error(
-    mock_server: MockFactory, session: Any, path: str, request_body: Any, param: str | None
+    mock_server: MockFactory,
+    session: aiohttp.ClientSession,
+    path: str,
+    request_body: Any,
+    param: str | None,
 ) -> None:
     mock = mock_server()
     status, body, headers = await post(session, mock.url + path, request_body)
@@ -198,7 +206,7 @@ async def test_bad_request_is_400_with_openai_error(
 
 @pytest.mark.parametrize(("method", "path"), [("POST", "/nowhere"), ("GET", "/chat/completions")])
 async def test_unknown_route_is_404_with_openai_error(
-    mock_server: MockFactory, session: Any, method: str, path: str
+    mock_server: MockFactory, session: aiohttp.ClientSession, method: str, path: str
 ) -> None:
     mock = mock_server()
     async with session.request(method, mock.url + path) as response:
@@ -214,7 +222,7 @@ async def test_unknown_route_is_404_with_openai_error(
     ("directive", "code"), [("[[mock:fail=2]]", 503), ("[[mock:fail=2:500]]", 500)]
 )
 async def test_fail_directive_fails_first_arrivals_then_succeeds(
-    mock_server: MockFactory, session: Any, directive: str, code: int
+    mock_server: MockFactory, session: aiohttp.ClientSession, directive: str, code: int
 ) -> None:
     mock = mock_server()
     url = f"{mock.url}/chat/completions"
@@ -225,7 +233,9 @@ async def test_fail_directive_fails_first_arrivals_then_succeeds(
     assert (await post(session, url, chat(f"b {directive}")))[0] == code
 
 
-async def test_drop_directive_closes_the_connection(mock_server: MockFactory, session: Any) -> None:
+async def test_drop_directive_closes_the_connection(
+    mock_server: MockFactory, session: aiohttp.ClientSession
+) -> None:
     mock = mock_server()
     url = f"{mock.url}/chat/completions"
     with pytest.raises(aiohttp.ServerDisconnectedError):
@@ -247,7 +257,11 @@ async def test_drop_directive_closes_the_connection(mock_server: MockFactory, se
     ],
 )
 async def test_status_directive_always_answers_that_status(
-    mock_server: MockFactory, session: Any, code: int, error_type: str, error_code: str | None
+    mock_server: MockFactory,
+    session: aiohttp.ClientSession,
+    code: int,
+    error_type: str,
+    error_code: str | None,
 ) -> None:
     mock = mock_server()
     url = f"{mock.url}/chat/completions"
@@ -258,7 +272,9 @@ async def test_status_directive_always_answers_that_status(
     assert ("retry-after-ms" in answers[0][2]) == (code == 429)
 
 
-async def test_sleep_directive_delays_the_answer(mock_server: MockFactory, session: Any) -> None:
+async def test_sleep_directive_delays_the_answer(
+    mock_server: MockFactory, session: aiohttp.ClientSession
+) -> None:
     mock = mock_server()
     url = f"{mock.url}/chat/completions"
     with pytest.raises(TimeoutError):
@@ -271,7 +287,7 @@ async def test_sleep_directive_delays_the_answer(mock_server: MockFactory, sessi
 
 
 async def test_directives_are_counted_without_record(
-    mock_server: MockFactory, session: Any
+    mock_server: MockFactory, session: aiohttp.ClientSession
 ) -> None:
     mock = mock_server(record=False)
     url = f"{mock.url}/chat/completions"
@@ -284,7 +300,9 @@ async def test_directives_are_counted_without_record(
 # --- Faults set by options ---------------------------------------------------------------
 
 
-async def test_api_key_is_required_and_never_echoed(mock_server: MockFactory, session: Any) -> None:
+async def test_api_key_is_required_and_never_echoed(
+    mock_server: MockFactory, session: aiohttp.ClientSession
+) -> None:
     mock = mock_server(api_key="sk-right")
     url = f"{mock.url}/chat/completions"
     expected = {
@@ -303,7 +321,7 @@ async def test_api_key_is_required_and_never_echoed(mock_server: MockFactory, se
     assert status == 200
 
 
-async def test_insufficient_quota(mock_server: MockFactory, session: Any) -> None:
+async def test_insufficient_quota(mock_server: MockFactory, session: aiohttp.ClientSession) -> None:
     mock = mock_server(insufficient_quota=True)
     status, body, _ = await post(session, f"{mock.url}/chat/completions", chat("x"))
     assert status == 429
@@ -311,7 +329,9 @@ async def test_insufficient_quota(mock_server: MockFactory, session: Any) -> Non
     assert body["error"]["message"].startswith("You exceeded your current quota")
 
 
-async def test_random_faults_follow_rates_and_seed(mock_server: MockFactory, session: Any) -> None:
+async def test_random_faults_follow_rates_and_seed(
+    mock_server: MockFactory, session: aiohttp.ClientSession
+) -> None:
     async def statuses(mock: Any) -> list[int]:
         return [
             (await post(session, f"{mock.url}/embeddings", {"model": "m", "input": "x"}))[0]
@@ -324,16 +344,32 @@ async def test_random_faults_follow_rates_and_seed(mock_server: MockFactory, ses
     assert set(await statuses(mock_server(rate_503=1.0))) == {503}
 
 
-async def test_drop_rate_closes_connections(mock_server: MockFactory, session: Any) -> None:
+async def test_drop_rate_closes_connections(
+    mock_server: MockFactory, session: aiohttp.ClientSession
+) -> None:
     mock = mock_server(drop_rate=1.0)
     with pytest.raises(aiohttp.ServerDisconnectedError):
         await post(session, f"{mock.url}/chat/completions", chat("x"))
     assert mock.stats()["dropped"] == 1
 
 
+async def test_slow_body_dribbles_after_the_headers(
+    mock_server: MockFactory, session: aiohttp.ClientSession
+) -> None:
+    mock = mock_server(slow_body=0.2)
+    async with session.post(
+        f"{mock.url}/completions", json={"model": "m", "prompt": "p"}
+    ) as response:
+        headers_at = time.monotonic()
+        body = await response.json()
+        # 4 chunks, each after a quarter of slow_body; the headers come with the first.
+        assert time.monotonic() - headers_at >= 0.1
+    assert body["choices"][0]["text"] == "Echo: p"
+
+
 @pytest.mark.parametrize("option", ["latency", "slow_body"])
 async def test_latency_and_slow_body_delay_the_answer(
-    mock_server: MockFactory, session: Any, option: str
+    mock_server: MockFactory, session: aiohttp.ClientSession, option: str
 ) -> None:
     mock = mock_server(**{option: 0.2})
     started = time.monotonic()
@@ -346,7 +382,7 @@ async def test_latency_and_slow_body_delay_the_answer(
 
 
 async def test_rpm_limit_answers_429_with_openai_headers(
-    mock_server: MockFactory, session: Any
+    mock_server: MockFactory, session: aiohttp.ClientSession
 ) -> None:
     mock = mock_server(rpm=60)  # at most ceil(60 / 60 * 1.2) = 2 in any second
     url = f"{mock.url}/chat/completions"
@@ -368,7 +404,9 @@ async def test_rpm_limit_answers_429_with_openai_headers(
     assert mock.stats()["rate_limited"] == 1
 
 
-async def test_tpm_counts_prompt_and_max_tokens(mock_server: MockFactory, session: Any) -> None:
+async def test_tpm_counts_prompt_and_max_tokens(
+    mock_server: MockFactory, session: aiohttp.ClientSession
+) -> None:
     mock = mock_server(tpm=6000)
     url = f"{mock.url}/chat/completions"
     _, _, headers = await post(session, url, chat("x" * 40, max_tokens=10))  # 10 + 10
@@ -386,7 +424,8 @@ async def test_tpm_counts_prompt_and_max_tokens(mock_server: MockFactory, sessio
 
 
 def _call(tokens: int) -> _Call:
-    return _Call(body={}, model="m", prompt="x" * (4 * tokens - 16), max_tokens=None, script=None)
+    """A call charged `tokens` tokens: 1 for its prompt, the rest for max_tokens."""
+    return _Call(body={}, model="m", prompt="abcd", max_tokens=tokens - 1, script=None)
 
 
 def test_limiter_minute_window_slides() -> None:
@@ -407,6 +446,7 @@ def test_limiter_smooths_tokens_per_second() -> None:
     assert rejected is not None
     assert rejected[1] == pytest.approx(0.5)
     assert b'"type":"tokens"' in rejected[0]
+    assert limiter.admit(_call(2), 0.5) is None  # 10 + 2 still fit in the second
     assert limiter.admit(_call(10), 1.0) is None
     # A request over the 1-second share still passes once the second is empty.
     assert limiter.admit(_call(50), 2.0) is None
@@ -415,7 +455,9 @@ def test_limiter_smooths_tokens_per_second() -> None:
 # --- Stats -------------------------------------------------------------------------------
 
 
-async def test_stats_count_and_reset(mock_server: MockFactory, session: Any) -> None:
+async def test_stats_count_and_reset(
+    mock_server: MockFactory, session: aiohttp.ClientSession
+) -> None:
     mock = mock_server()
     url = mock.url
     before = time.time()
