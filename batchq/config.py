@@ -65,17 +65,18 @@ class Settings:
                 f"base_url {self.base_url!r} is not an http(s) URL "
                 "(e.g. https://api.openai.com/v1 or http://localhost:8000/v1)"
             )
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
+        if not _ENV_NAME.fullmatch(self.api_key_env) or _KEY_LIKE.match(self.api_key_env):
+            # Never echo the value: it may be the key itself, pasted in the wrong place.
             raise ConfigError(
-                f"api_key_env {self.api_key_env!r} must be an environment variable *name* "
-                "(batchq never stores the key itself)"
+                "api_key_env must be the *name* of an environment variable, such as "
+                "OPENAI_API_KEY, not the key itself (batchq never stores the key)"
             )
-        _check_range("concurrency", self.concurrency, 1, 10_000)
-        _check_range("max_attempts", self.max_attempts, 1, 1_000)
+        _check_range("concurrency", self.concurrency, 1, 10_000, integer=True)
+        _check_range("max_attempts", self.max_attempts, 1, 1_000, integer=True)
         for name in ("rpm", "tpm"):
-            _check_range(name, getattr(self, name), 0, math.inf)
+            _check_range(name, getattr(self, name), 0, 1e12)
         for name in ("timeout", "connect_timeout", "drain_timeout"):
-            _check_range(name, getattr(self, name), 0, math.inf, open_low=name != "drain_timeout")
+            _check_range(name, getattr(self, name), 0, 1e9, open_low=name != "drain_timeout")
 
     @property
     def request_key(self) -> dict[str, Any]:
@@ -83,16 +84,27 @@ class Settings:
         return {name: getattr(self, name) for name in REQUEST_SETTINGS}
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+#: What API keys start with (OpenAI, Groq, Hugging Face, xAI, ...), never an env var name.
+_KEY_LIKE = re.compile(r"(sk|gsk|hf|xai|pk|rk|key)[-_][A-Za-z0-9]{8}|AIza", re.IGNORECASE)
+
+
 def _check_range(
-    name: str, value: float, low: float, high: float, *, open_low: bool = False
+    name: str,
+    value: float,
+    low: float,
+    high: float,
+    *,
+    open_low: bool = False,
+    integer: bool = False,
 ) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{name} must be a number, not {value!r}")
-    if value < low or value > high or (open_low and value == low):
-        bound = f"> {low}" if open_low else f">= {low}"
-        raise ConfigError(
-            f"{name} must be {bound}" + ("" if high == math.inf else f" and <= {high}")
-        )
+    kind = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise ConfigError(f"{name} must be {'a whole' if integer else 'a'} number, not {value!r}")
+    # Written so that NaN, which compares false with everything, fails too.
+    if not (low <= value <= high) or (open_low and value == low):
+        bound = f"> {low:g}" if open_low else f">= {low:g}"
+        raise ConfigError(f"{name} must be {bound} and <= {high:g}, not {value!r}")
 
 
 SETTING_NAMES = frozenset(f.name for f in fields(Settings))
@@ -149,15 +161,23 @@ def write_job_toml(path: Path, settings: Settings) -> None:
 
 
 def _toml_key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key, ensure_ascii=False)
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_string(key)
+
+
+def _toml_string(text: str) -> str:
+    # JSON's escapes are a subset of TOML's; but JSON leaves DEL (U+007F) bare, TOML does not.
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def _toml_value(value: Any) -> str:
-    # JSON's string escapes are a subset of TOML's basic-string escapes.
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int | float | str):
-        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"cannot store {value!r} in job.toml: not a finite number")
+    if isinstance(value, int | float):
+        return json.dumps(value)
+    if isinstance(value, str):
+        return _toml_string(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):

@@ -76,7 +76,7 @@ class DoneSet:
                 bits[n >> 3] &= ~(1 << (n & 7)) & 0xFF
 
     def __contains__(self, n: object) -> bool:
-        if not isinstance(n, int):
+        if not isinstance(n, int) or n < 0:
             return False
         index = n >> 3
         return index < len(self._bits) and bool(self._bits[index] >> (n & 7) & 1)
@@ -163,10 +163,21 @@ class Journal:
         self.path = job_dir / JOURNAL_NAME
         self.durable = durable
         recover(self.path, errors)
+        _refuse_lost_journal(self.path, results, errors)
         self.done, self.totals, valid_len = read_journal(self.path)
-        self._results = _open_at(results, self.totals.results_len)
-        self._errors = _open_at(errors, self.totals.errors_len)
-        self._journal = _open_at(self.path, valid_len)
+        fds: list[int] = []
+        try:
+            for path, length in (
+                (results, self.totals.results_len),
+                (errors, self.totals.errors_len),
+                (self.path, valid_len),
+            ):
+                fds.append(_open_at(path, length))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        self._results, self._errors, self._journal = fds
         self._pending = array(_LINE)
         self._delta = Totals()
 
@@ -216,6 +227,23 @@ class Journal:
         finally:
             for fd in (self._results, self._errors, self._journal):
                 os.close(fd)
+
+
+def _refuse_lost_journal(journal: Path, results: Path, errors: Path) -> None:
+    """Outputs with no journal at all were not cut short by a crash: the journal was lost.
+
+    (A run creates the journal before it writes its first line, so a crash
+    leaves an empty journal, never none.) Cutting the outputs to nothing
+    would throw results away, so refuse instead.
+    """
+    if journal.exists():
+        return
+    for path in (results, errors):
+        if path.exists() and path.stat().st_size:
+            raise JournalError(
+                f"{path} has results but the checkpoint {journal} is missing; restore it, "
+                f"or move {path} away to start the job afresh"
+            )
 
 
 def _open_at(path: Path, length: int) -> int:
@@ -300,8 +328,10 @@ def retry_failed(job_dir: Path, results: Path, errors: Path) -> int:
     new_errors = b"".join(kept)
     totals.errors_len, totals.failed = len(new_errors), len(kept)
     snapshot = Totals(ok=totals.ok, failed=len(kept), **_tokens(totals))
-    _write_synced(errors.with_name(errors.name + ".new"), new_errors)
+    # The new journal is written first: while it exists beside the old one, recover()
+    # rolls back, so a crash while either new file is half-written changes nothing.
     _write_synced(path.with_name(path.name + ".new"), _record(totals, array(_LINE, done), snapshot))
+    _write_synced(errors.with_name(errors.name + ".new"), new_errors)
     os.replace(path.with_name(path.name + ".new"), path)  # the commit point
     fsync_dir(job_dir)
     recover(path, errors)

@@ -469,6 +469,7 @@ class _Stats:
     by_path: Counter[str] = field(default_factory=Counter)
     prompts: Counter[str] = field(default_factory=Counter)
     arrivals: list[tuple[float, str]] = field(default_factory=list)
+    waits: list[tuple[float, float]] = field(default_factory=list)  # 429s: when, for how long
 
     def arrive(self, path: str, prompt: str | None) -> None:
         self.last_at = now = time.time()
@@ -494,6 +495,7 @@ class _Stats:
         if self.record:
             out["prompts"] = dict(self.prompts)
             out["arrivals"] = [[at, prompt] for at, prompt in self.arrivals]
+            out["waits"] = [[at, seconds] for at, seconds in self.waits]
         return out
 
 
@@ -567,6 +569,9 @@ class _Mock:
             if status:
                 if status == 429:
                     headers.update(_SCRIPTED_429_HEADERS)
+                    if self.stats.record:
+                        told = int(_SCRIPTED_429_HEADERS["retry-after-ms"]) / 1000
+                        self.stats.waits.append((time.time(), told))
                 return status, _status_body(status), script.sleep
         if self._limiter is not None and (rejected := self._limiter.admit(call, time.monotonic())):
             body, wait = rejected
@@ -574,6 +579,8 @@ class _Mock:
             if wait is not None:  # a request too large for the TPM gets no hint: never retry
                 headers["retry-after"] = str(max(1, math.ceil(wait)))
                 headers["retry-after-ms"] = str(max(1, math.ceil(wait * 1000)))
+                if self.stats.record:
+                    self.stats.waits.append((time.time(), math.ceil(wait * 1000) / 1000))
             return 429, body, script.sleep
         if fault := self._random_fault():
             return fault, None if fault < 0 else _status_body(fault), script.sleep

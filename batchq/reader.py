@@ -35,6 +35,7 @@ from batchq.records import Outcome, Request, error_line
 FALLBACK_COMPLETION_TOKENS = 256
 _MAX_TOKEN_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 _BATCH_KEYS = frozenset({"custom_id", "method", "url", "body"})
+_BOM = b"\xef\xbb\xbf"
 
 
 class BadLine(ValueError):
@@ -65,7 +66,7 @@ def parse_line(raw: bytes, line_no: int, template: RequestTemplate) -> Request |
     try:
         return _parse(raw, line_no, template)
     except BadLine as bad:
-        custom_id = bad.custom_id or f"line-{line_no}"
+        custom_id = f"line-{line_no}" if bad.custom_id is None else bad.custom_id
         line = error_line(line_no, custom_id, bad.code, f"input line {line_no}: {bad}")
         return Outcome(line_no, False, line)
 
@@ -76,7 +77,7 @@ def _parse(raw: bytes, line_no: int, template: RequestTemplate) -> Request:
     except orjson.JSONDecodeError as exc:
         raise BadLine("invalid_json", f"not valid JSON ({exc})") from None
     if not isinstance(obj, dict):
-        raise BadLine("invalid_request", f"a JSON {type(obj).__name__}, not an object")
+        raise BadLine("invalid_request", f"a JSON {_JSON_TYPES[type(obj)]}, not an object")
     if isinstance(obj.get("body"), dict) and set(obj) <= _BATCH_KEYS:
         custom_id = _custom_id(obj.get("custom_id"), line_no)
         body = dict(obj["body"])
@@ -88,7 +89,15 @@ def _parse(raw: bytes, line_no: int, template: RequestTemplate) -> Request:
     if url == template.endpoint:
         _fill_in(body, template)
     _check_body(body, url, custom_id)
-    return Request(line_no, custom_id, url, orjson.dumps(body), estimate_tokens(body, url))
+    try:
+        encoded = orjson.dumps(body)
+    except orjson.JSONEncodeError as exc:  # e.g. nested deeper than orjson writes
+        raise BadLine("invalid_request", f"cannot be sent as JSON ({exc})", custom_id) from None
+    return Request(line_no, custom_id, url, encoded, estimate_tokens(body, url))
+
+
+_JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+_JSON_TYPES[type(None)] = "null"
 
 
 def _custom_id(value: Any, line_no: int) -> str:
@@ -120,7 +129,12 @@ def _fill_in(body: JSONObject, template: RequestTemplate) -> None:
         if "messages" not in body and isinstance(body.get("prompt"), str):
             body["messages"] = [{"role": "user", "content": body.pop("prompt")}]
         messages = body.get("messages")
-        if template.system and isinstance(messages, list) and not _has_system(messages):
+        if (
+            template.system
+            and isinstance(messages, list)
+            and messages
+            and not _has_system(messages)
+        ):
             body["messages"] = [{"role": "system", "content": template.system}, *messages]
     elif endpoint == "/v1/responses":
         if "input" not in body and isinstance(body.get("prompt"), str):
@@ -187,7 +201,7 @@ def check_jsonl(path: Path) -> None:
         with path.open("rb") as f:
             for raw in f:
                 if raw.strip():
-                    obj = orjson.loads(raw)
+                    obj = orjson.loads(raw.removeprefix(_BOM))
                     if not isinstance(obj, dict):
                         raise InputError(f"{path} is not JSONL: line 1 is not a JSON object")
                     return
@@ -218,6 +232,8 @@ async def feed(
             line = raw[: size - offset]
             offset += len(raw)
             line_no += 1
+            if line_no == 1:
+                line = line.removeprefix(_BOM)  # files saved by some Windows editors
             if line_no % 1024 == 0:
                 await asyncio.sleep(0)  # skipping a long done prefix must not starve the loop
             if is_done(line_no) or not line.strip():

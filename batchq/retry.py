@@ -20,6 +20,7 @@ All times are float seconds.
 from __future__ import annotations
 
 import email.utils
+import math
 import random
 import re
 import time
@@ -54,7 +55,7 @@ class RetryPolicy:
 
     def backoff(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
         """The wait before attempt ``attempt + 1``: full jitter over an exponential ceiling."""
-        return rng() * min(self.max_delay, self.base_delay * 2.0 ** (attempt - 1))
+        return rng() * min(self.max_delay, self.base_delay * 2.0 ** min(attempt - 1, 64))
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,9 +158,10 @@ def parse_duration(text: str) -> float | None:
     parts = _DURATION_PART.findall(text)
     if not parts or "".join(n + u for n, u in parts) != text:
         try:  # a bare number of seconds
-            return max(0.0, float(text))
+            seconds = float(text)
         except ValueError:
             return None
+        return max(0.0, seconds) if math.isfinite(seconds) else None
     return sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
 
 

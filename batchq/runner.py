@@ -30,7 +30,7 @@ import orjson
 from batchq.errors import BatchqError, FatalEndpointError, RequestError
 from batchq.job import Job, job_lock, pin_input
 from batchq.journal import Journal, retry_failed
-from batchq.limiter import Pacer
+from batchq.limiter import Kind, Pacer
 from batchq.progress import ProgressLine, Stats
 from batchq.reader import RequestTemplate, feed
 from batchq.records import Outcome, Request, error_line, result_line
@@ -95,7 +95,7 @@ class Pipeline:
         self.workers = settings.concurrency
         self.requests: asyncio.Queue[Request | None] = asyncio.Queue(maxsize=2 * self.workers)
         self.outcomes: asyncio.Queue[Outcome | None] = asyncio.Queue(maxsize=4 * self.workers)
-        self.pacer = Pacer(rpm=settings.rpm, tpm=settings.tpm)
+        self.pacer = Pacer(rpm=settings.rpm, tpm=settings.tpm, on_notice=options.on_notice)
         self.policy = RetryPolicy(max_attempts=settings.max_attempts)
         self.template = RequestTemplate.from_settings(settings)
         self._feeder: asyncio.Task[None] | None = None
@@ -189,11 +189,14 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         attempts = rate_limited = 0
         while True:
-            await self.pacer.wait_turn(request.tokens)
+            started = await self.pacer.wait_turn(request.tokens)
             attempts += 1
-            started = loop.time()
             try:
-                response = await transport.send(request.url, request.body)
+                try:
+                    response = await transport.send(request.url, request.body)
+                finally:
+                    self.pacer.answered()
+                self.pacer.observe(response.headers)
                 if 200 <= response.status < 300:
                     self.stats.latency.add(loop.time() - started)
                     return _success(request, response.status, response.body, attempts, response)
@@ -211,6 +214,7 @@ class Pipeline:
                     rate_limited += 1
                     self.stats.rate_limited += 1
                     self.pacer.pause(decision.delay)
+                    self.pacer.rate_limited(limit_kind(exc), started)
                 else:
                     await asyncio.sleep(decision.delay)
 
@@ -259,6 +263,7 @@ class Pipeline:
             while True:
                 await asyncio.sleep(COMMIT_INTERVAL)
                 self.journal.commit()
+                self.pacer.tick(COMMIT_INTERVAL)
                 if line is not None and every and loop.time() >= next_progress:
                     line.show()
                     next_progress += every
@@ -279,6 +284,19 @@ def _success(request: Request, status: int, raw: bytes, attempts: int, response:
         completion = _int(usage.get("completion_tokens", usage.get("output_tokens")))
     line = result_line(request, status, response.request_id, body, attempts=attempts)
     return Outcome(request.line_no, True, line, prompt, completion)
+
+
+def limit_kind(exc: RequestError) -> Kind | None:
+    """Which limit a 429 is about, from OpenAI's error body, or None if it doesn't say."""
+    text = str(exc).lower()
+    body = getattr(exc, "body", None)
+    error = body.get("error") if isinstance(body, dict) else None
+    kind = error.get("type") if isinstance(error, dict) else None
+    if kind == "tokens" or "tokens per min" in text:
+        return "tokens"
+    if kind == "requests" or "requests per min" in text:
+        return "requests"
+    return None
 
 
 def _int(value: Any) -> int:

@@ -260,7 +260,7 @@ def test_a_second_run_sends_nothing_again(tmp_path: Path, mock_server: MockFacto
         (["run", "."], "has no job.toml"),
         (["run", "in.jsonl", "--endpoint", "/v1/images"], "Invalid value for '--endpoint'"),
         (["run", "in.jsonl", "--base-url", "localhost:8000"], "not an http(s) URL"),
-        (["run", "in.jsonl", "--api-key-env", "sk-123"], "environment variable *name*"),
+        (["run", "in.jsonl", "--api-key-env", "sk-123"], "not the key itself"),
         (["run", "in.jsonl", "--concurrency", "0"], "--concurrency"),
         (["run", "in.jsonl", "-p", "novalue"], "not KEY=VALUE"),
     ],
