@@ -41,7 +41,7 @@ import struct
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any
 
@@ -657,6 +657,21 @@ class _Mock:
         self.reset()
         return web.Response(body=b'{"reset": true}', content_type=_JSON)
 
+    def set_limits(self, rpm: int, tpm: int) -> None:
+        """Enforce new limits from now on, as a shared account's would change."""
+        self.options = replace(self.options, rpm=rpm, tpm=tpm)
+        self._limiter = _RateLimiter(rpm, tpm) if rpm or tpm else None
+
+    async def limits_view(self, request: web.Request) -> web.StreamResponse:
+        try:
+            wanted = orjson.loads(await request.read())
+            self.set_limits(int(wanted.get("rpm", 0)), int(wanted.get("tpm", 0)))
+        except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+            body = _error_body('expected {"rpm": N, "tpm": N}', "invalid_request_error")
+            return web.Response(status=400, body=body, content_type=_JSON)
+        limits = {"rpm": self.options.rpm, "tpm": self.options.tpm}
+        return web.Response(body=orjson.dumps(limits), content_type=_JSON)
+
 
 _STATE = web.AppKey("batchq_mock", _Mock)
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -679,6 +694,7 @@ def build_app(options: MockOptions) -> web.Application:
     app.router.add_get("/v1/models", mock.models)
     app.router.add_get("/_mock/stats", mock.stats_view)
     app.router.add_post("/_mock/reset", mock.reset_view)
+    app.router.add_post("/_mock/limits", mock.limits_view)
     # Added last, so it only gets what nothing else matched, a wrong method included.
     app.router.add_route("*", "/{tail:.*}", mock.not_found)
     return app

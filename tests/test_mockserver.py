@@ -555,3 +555,19 @@ async def test_serve_forever_reports_url_and_stops_when_cancelled() -> None:
         with pytest.raises(aiohttp.ClientConnectionError):
             async with client.get(f"{base}/models"):
                 pass
+
+
+async def test_limits_can_change_while_serving(
+    mock_server: MockFactory, session: aiohttp.ClientSession
+) -> None:
+    mock = mock_server()
+    root = mock.url.removesuffix("/v1")
+    async with session.post(f"{root}/_mock/limits", data=b'{"rpm": 60}') as resp:
+        assert resp.status == 200 and await resp.json() == {"rpm": 60, "tpm": 0}
+    async with session.post(f"{mock.url}/chat/completions", json=chat("one")) as resp:
+        assert resp.status == 200
+        assert resp.headers["x-ratelimit-limit-requests"] == "60"
+    statuses = [(await post(session, f"{mock.url}/chat/completions", chat(p)))[0] for p in "ab"]
+    assert statuses == [200, 429]  # 60/min, smoothed: at most ceil(1.2) = 2 in a second
+    async with session.post(f"{root}/_mock/limits", data=b'{"rpm": "many"}') as resp:
+        assert resp.status == 400
