@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shlex
 import sys
 import traceback
 from pathlib import Path
@@ -132,6 +133,7 @@ def _param(ctx: click.Context, option: click.Parameter, values: tuple[str, ...])
     help="Seconds between progress lines [default: 0.5 on a terminal, else 10].",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress line, only the summary.")
+@click.option("--json-summary", is_flag=True, help="Also print the summary as JSON on stdout.")
 def run(
     target: Path,
     job_dir: Path | None,
@@ -143,11 +145,12 @@ def run(
     fsync: bool,
     progress_every: float | None,
     quiet: bool,
+    json_summary: bool,
     **settings: Any,
 ) -> None:
     """Start, or continue, the job for TARGET (an input .jsonl file or a job folder)."""
     from batchq.job import open_job
-    from batchq.progress import render_summary
+    from batchq.progress import render_summary, summary
     from batchq.runner import RunOptions, run_job
 
     defaults = {**params}
@@ -179,14 +182,19 @@ def run(
         stats = asyncio.run(run_job(job, options))
     except BatchqError as exc:
         raise Failure(exc) from None
-    resume = f"batchq run {job.dir}"
-    click.echo(
-        render_summary(stats, results=str(job.results), errors=str(job.errors), resume=resume),
-        err=True,
-    )
+    figures = summary(stats, results=str(job.results), errors=str(job.errors), resume=_resume())
+    click.echo(render_summary(figures), err=True)
+    if json_summary:
+        click.echo(orjson.dumps(figures).decode())
     if stats.interrupted:
         sys.exit(EXIT_INTERRUPTED)
     sys.exit(EXIT_FAILED if stats.failed_before + stats.failed else EXIT_OK)
+
+
+def _resume() -> str:
+    """The command that continues this job: the one that was run, as it was typed."""
+    args = [arg for arg in sys.argv[1:] if arg != "--retry-failed"]
+    return shlex.join(["batchq", *args])
 
 
 def _notice(message: str) -> None:

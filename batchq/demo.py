@@ -16,7 +16,7 @@ from pathlib import Path
 from batchq.config import build_settings, read_job_toml, write_job_toml
 from batchq.job import JOB_TOML, open_job
 from batchq.mockserver import MockOptions, MockServer
-from batchq.progress import Stats, render_summary
+from batchq.progress import Stats, render_summary, summary
 from batchq.runner import RunOptions, run_job
 
 DEMO_FAULTS = MockOptions(latency=0.05, latency_jitter=0.15, rate_503=0.03, drop_rate=0.01, seed=7)
@@ -29,15 +29,13 @@ def run_demo(source: Path, *, notice: Callable[[str], None]) -> int:
     job_dir = Path(tempfile.mkdtemp(prefix="batchq-demo-"))
     input_path = (source / settings.input).resolve()
     stats = asyncio.run(_run(job_dir, stored, input_path, notice))
-    resume = f"batchq run {job_dir}"
-    print(
-        render_summary(
-            stats,
-            results=str(job_dir / settings.output),
-            errors=str(job_dir / settings.errors),
-            resume=resume,
-        )
+    figures = summary(
+        stats,
+        results=str(job_dir / settings.output),
+        errors=str(job_dir / settings.errors),
+        resume=f"batchq run {job_dir}",
     )
+    print(render_summary(figures))
     if stats.interrupted:
         return 130
     return 1 if stats.failed_before + stats.failed else 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,10 +33,12 @@ import orjson
 from batchq.config import REQUEST_SETTINGS, Settings, build_settings, read_job_toml, write_job_toml
 from batchq.errors import ConfigError, InputError, JobLocked
 from batchq.journal import atomic_write
+from batchq.progress import Stats
 from batchq.reader import check_jsonl
 
 JOB_TOML = "job.toml"
 STATE_JSON = "state.json"
+PROGRESS_JSON = "progress.json"
 LOCK = "lock"
 
 
@@ -163,6 +166,31 @@ class PinnedInput:
 
     size: int
     requests: int  # non-blank lines
+
+
+def write_progress(job_dir: Path, stats: Stats) -> None:
+    """Leave the running job's live figures for ``batchq status`` (atomic, not fsynced:
+    they are a view, not state, and are rewritten every few seconds)."""
+    figures = {
+        "pid": os.getpid(),
+        "updated": time.time(),
+        "elapsed_s": round(stats.elapsed, 1),
+        "in_flight": stats.in_flight,
+        "retries": stats.retries,
+        "rate_limited": stats.rate_limited,
+        "pace": stats.pace,
+    }
+    tmp = job_dir / (PROGRESS_JSON + ".tmp")
+    tmp.write_bytes(orjson.dumps(figures))
+    os.replace(tmp, job_dir / PROGRESS_JSON)
+
+
+def read_progress(job_dir: Path) -> dict[str, Any]:
+    try:
+        figures = orjson.loads((job_dir / PROGRESS_JSON).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return {}
+    return figures if isinstance(figures, dict) else {}
 
 
 def pin_input(job: Job) -> PinnedInput:

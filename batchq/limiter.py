@@ -244,6 +244,15 @@ class Pacer:
         """A request larger than the whole per-minute token budget could never be sent."""
         return bool(self.tpm) and tokens > self.tpm
 
+    def slowed(self) -> str | None:
+        """The pace, e.g. "3,000 requests/min", while it is below the ceiling; else None."""
+        slow = [
+            f"{limit.pace.rate * 60:,.0f} {kind}/min"
+            for kind, limit in self.limits.items()
+            if limit is not None and limit.pace.rate < limit.ceiling * 0.999
+        ]
+        return ", ".join(slow) or None
+
     def rates(self) -> dict[Kind, float | None]:
         """The current pace of each kind, per minute (None: not paced)."""
         return {k: None if v is None else v.pace.rate * 60 for k, v in self.limits.items()}

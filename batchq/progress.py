@@ -1,9 +1,14 @@
-"""What a run counts, the progress line, and the summary.
+"""What a run counts, the live progress display, and the summary.
 
 The pipeline bumps plain integer counters in one ``Stats`` object; nothing
 per request is kept but one increment of a latency histogram, so memory
-stays flat however long the job. The progress line and the summary are
-rendered from those counters, on a timer, off the request path.
+stays flat however long the job. Everything shown is rendered from those
+counters by the runner's timer, a few times a second at most, never on the
+request path.
+
+On a terminal the display is a tqdm bar (tqdm: one small dependency, no
+others of its own, ~40 ms to import and only imported when stderr is a
+terminal). Elsewhere, a plain line every few seconds, for logs.
 """
 
 from __future__ import annotations
@@ -11,9 +16,9 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 _BUCKETS_PER_E = 20  # latency histogram resolution: buckets ~5% wide
 _MIN_LATENCY = 1e-4
@@ -54,11 +59,13 @@ class Stats:
     ok: int = 0
     failed: int = 0
     retries: int = 0
+    retry_causes: Counter[str] = field(default_factory=Counter)  # "429", "503", "timeout", ...
     rate_limited: int = 0
     in_flight: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    pace: str | None = None  # the current pace, while rate limits slow it down
     interrupted: bool = False
 
     @property
@@ -73,80 +80,101 @@ class Stats:
     def pending(self) -> int | None:
         return None if self.total is None else max(0, self.total - self.done)
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "total": self.total,
-            "done": self.done,
-            "succeeded": self.ok_before + self.ok,
-            "failed": self.failed_before + self.failed,
-            "pending": self.pending,
-            "this_run": {
-                "succeeded": self.ok,
-                "failed": self.failed,
-                "retries": self.retries,
-                "rate_limited": self.rate_limited,
-                "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens,
-                "elapsed_s": round(self.elapsed, 3),
-                "latency_s": {f"p{p}": _round(self.latency.percentile(p)) for p in (50, 95, 99)},
-            },
-            "interrupted": self.interrupted,
-        }
+    def retried(self, cause: str) -> None:
+        self.retries += 1
+        self.retry_causes[cause] += 1
 
 
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 4)
+class RateWindow:
+    """Requests and tokens a second over the last ``window`` seconds."""
 
-
-class ProgressLine:
-    """Renders the live line: redrawn in place on a terminal, a plain line elsewhere."""
-
-    def __init__(self, stats: Stats, stream: TextIO = sys.stderr, *, window: float = 10.0) -> None:
+    def __init__(self, stats: Stats, window: float = 10.0) -> None:
         self.stats = stats
-        self.stream = stream
-        self.live = stream.isatty()
-        self._samples: deque[tuple[float, int, int]] = deque()
-        self._window = window
+        self.window = window
+        self._samples: deque[tuple[float, int, int]] = deque([(stats.started, 0, 0)])
+
+    def rates(self) -> tuple[float, float]:
+        s = self.stats
+        now, done, tokens = time.monotonic(), s.ok + s.failed, s.prompt_tokens + s.completion_tokens
+        self._samples.append((now, done, tokens))
+        while len(self._samples) > 2 and now - self._samples[1][0] > self.window:
+            self._samples.popleft()
+        t0, done0, tokens0 = self._samples[0]
+        span = max(now - t0, 1e-9)
+        return (done - done0) / span, (tokens - tokens0) / span
+
+
+def _tail(s: Stats, token_rate: float) -> str:
+    """The figures after the count: tokens, retries, 429s, failures, a slowed pace."""
+    text = (
+        f"{token_rate:,.0f} tok/s · retries {s.retries:,} · 429s {s.rate_limited:,}"
+        f" · failed {s.failed_before + s.failed:,}"
+    )
+    return text + (f" · pace {s.pace}" if s.pace else "")
+
+
+class Progress(Protocol):
+    def show(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class PlainProgress:
+    """One plain line per call, for logs: ``batchq: 1,200/5,000 done · 98.1 req/s · ...``."""
+
+    def __init__(self, stats: Stats, stream: TextIO) -> None:
+        self.stats, self.stream, self.window = stats, stream, RateWindow(stats)
 
     def render(self) -> str:
         s = self.stats
-        now = time.monotonic()
-        tokens = s.prompt_tokens + s.completion_tokens
-        self._samples.append((now, s.ok + s.failed, tokens))
-        while len(self._samples) > 2 and now - self._samples[0][0] > self._window:
-            self._samples.popleft()
-        t0, done0, tokens0 = self._samples[0]
-        if len(self._samples) < 2:  # the first line: rates since the start
-            t0, done0, tokens0 = s.started, 0, 0
-        span = max(now - t0, 1e-9)
-        rate = (s.ok + s.failed - done0) / span
-        token_rate = (tokens - tokens0) / span
-        total = s.total
-        of = f"{total:,}" if total is not None else "?"
+        rate, token_rate = self.window.rates()
+        of = "?" if s.total is None else f"{s.total:,}"
         eta = ""
-        if total is not None and rate > 0:
-            eta = f" · ETA {_duration(max(0.0, total - s.done) / rate)}"
-        return (
-            f"{s.done:,}/{of} done · {rate:,.1f} req/s · {token_rate:,.0f} tok/s{eta}"
-            f" · retries {s.retries:,} · 429s {s.rate_limited:,}"
-            f" · failed {s.failed_before + s.failed:,}"
+        if s.pending is not None and rate > 0:
+            eta = f" · ETA {duration(s.pending / rate)}"
+        return f"{s.done:,}/{of} done · {rate:,.1f} req/s{eta} · {_tail(s, token_rate)}"
+
+    def show(self) -> None:
+        self.stream.write(f"batchq: {self.render()}\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        pass
+
+
+class TerminalProgress:
+    """A live tqdm bar redrawn in place: count, percentage, rate, ETA and the same figures."""
+
+    def __init__(self, stats: Stats, stream: TextIO) -> None:
+        from tqdm import tqdm  # only on a terminal: nothing else pays for the import
+
+        self.stats, self.window = stats, RateWindow(stats)
+        self._bar = tqdm(
+            total=stats.total,
+            initial=stats.done,
+            unit="req",
+            file=stream,
+            dynamic_ncols=True,
+            smoothing=0.1,
+            mininterval=0.2,
+            leave=False,
+            bar_format="{n_fmt}/{total_fmt} {bar} {percentage:3.0f}% · {rate_fmt} · ETA "
+            "{remaining} · {postfix}",
         )
 
     def show(self) -> None:
-        line = self.render()
-        if self.live:
-            self.stream.write(f"\r\x1b[2K{line}")
-        else:
-            self.stream.write(f"batchq: {line}\n")
-        self.stream.flush()
+        _, token_rate = self.window.rates()
+        self._bar.set_postfix_str(_tail(self.stats, token_rate), refresh=False)
+        self._bar.update(self.stats.done - self._bar.n)
 
-    def clear(self) -> None:
-        if self.live:
-            self.stream.write("\r\x1b[2K")
-            self.stream.flush()
+    def close(self) -> None:
+        self._bar.close()
 
 
-def _duration(seconds: float) -> str:
+def make_progress(stats: Stats, stream: TextIO = sys.stderr) -> Progress:
+    return TerminalProgress(stats, stream) if stream.isatty() else PlainProgress(stats, stream)
+
+
+def duration(seconds: float) -> str:
     seconds = round(seconds)
     if seconds < 60:
         return f"{seconds}s"
@@ -155,27 +183,64 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def render_summary(stats: Stats, *, results: str, errors: str, resume: str) -> str:
-    """The end-of-run report, for humans."""
+def summary(stats: Stats, *, results: str, errors: str, resume: str) -> dict[str, Any]:
+    """The end-of-run figures as one JSON-ready dict (``--json-summary``)."""
     s = stats
-    state = "interrupted" if s.interrupted else "finished"
-    pending = "?" if s.pending is None else f"{s.pending:,}"
+    failed = s.failed_before + s.failed
+    return {
+        "state": "interrupted" if s.interrupted else "finished",
+        "total": s.total,
+        "succeeded": s.ok_before + s.ok,
+        "failed": failed,
+        "pending": s.pending,
+        "this_run": {
+            "succeeded": s.ok,
+            "failed": s.failed,
+            "elapsed_s": round(s.elapsed, 3),
+            "requests_per_s": round((s.ok + s.failed) / max(s.elapsed, 1e-9), 2),
+            "prompt_tokens": s.prompt_tokens,
+            "completion_tokens": s.completion_tokens,
+            "total_tokens": s.prompt_tokens + s.completion_tokens,
+            "latency_s": {f"p{p}": _round(s.latency.percentile(p)) for p in (50, 95, 99)},
+            "retries": s.retries,
+            "retries_by_cause": dict(sorted(s.retry_causes.items())),
+            "rate_limited": s.rate_limited,
+        },
+        "results": results,
+        "errors": errors,
+        "resume": resume if s.interrupted or s.pending else None,
+        "retry_failed": f"{resume} --retry-failed" if failed else None,
+    }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def render_summary(figures: dict[str, Any]) -> str:
+    """The end-of-run report, for humans, from ``summary()``."""
+    f, run = figures, figures["this_run"]
+    pending = "?" if f["pending"] is None else f"{f['pending']:,}"
+    causes = ", ".join(f"{n:,} × {cause}" for cause, n in run["retries_by_cause"].items())
     lines = [
-        f"batchq: {state} in {_duration(s.elapsed)} — {s.done:,} done: "
-        f"{s.ok_before + s.ok:,} succeeded, {s.failed_before + s.failed:,} failed, "
-        f"{pending} pending",
-        f"  this run: {s.ok:,} succeeded, {s.failed:,} failed, {s.retries:,} retries "
-        f"({s.rate_limited:,} for 429), {(s.ok + s.failed) / max(s.elapsed, 1e-9):,.1f} req/s",
-        f"  tokens: {s.prompt_tokens:,} prompt + {s.completion_tokens:,} completion"
-        f" = {s.prompt_tokens + s.completion_tokens:,}",
+        f"batchq: {f['state']} in {duration(run['elapsed_s'])} — {f['succeeded']:,} succeeded, "
+        f"{f['failed']:,} failed, {pending} pending",
+        f"  this run: {run['succeeded']:,} succeeded, {run['failed']:,} failed, "
+        f"{run['requests_per_s']:,.1f} req/s; {run['retries']:,} retries"
+        + (f" ({causes})" if causes else ""),
+        f"  tokens: {run['prompt_tokens']:,} prompt + {run['completion_tokens']:,} completion"
+        f" = {run['total_tokens']:,}",
     ]
-    if s.latency.total:
-        p = [s.latency.percentile(q) or 0.0 for q in (50, 95, 99)]
-        lines.append(f"  latency: p50 {p[0]:.3f}s · p95 {p[1]:.3f}s · p99 {p[2]:.3f}s")
-    lines.append(f"  results: {results}")
-    lines.append(f"  errors:  {errors}")
-    if s.interrupted or (s.pending or 0) > 0:
-        lines.append(f"  to resume: {resume}")
-    if s.failed_before + s.failed:
-        lines.append(f"  to retry the retryable failures: {resume} --retry-failed")
+    latency = run["latency_s"]
+    if latency["p50"] is not None:
+        lines.append(
+            f"  latency: p50 {latency['p50']:.3f}s · p95 {latency['p95']:.3f}s"
+            f" · p99 {latency['p99']:.3f}s"
+        )
+    lines.append(f"  results: {f['results']}")
+    lines.append(f"  errors:  {f['errors']}")
+    if f["resume"]:
+        lines.append(f"  to resume: {f['resume']}")
+    if f["retry_failed"]:
+        lines.append(f"  to retry the retryable failures: {f['retry_failed']}")
     return "\n".join(lines)

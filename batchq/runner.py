@@ -8,7 +8,7 @@
 
 Both queues are bounded, so a fast reader never pulls a large file into
 memory. Every task belongs to a TaskGroup. Only the writer touches the
-output files; ``commit_every`` makes them durable a few times a second.
+output files; ``_tick`` makes them durable a few times a second.
 
 Stopping is cancellation. The first SIGINT or SIGTERM stops the feeding,
 lets the requests in flight finish for up to ``drain_timeout`` seconds, then
@@ -28,16 +28,17 @@ from typing import Any
 import orjson
 
 from batchq.errors import BatchqError, FatalEndpointError, RequestError
-from batchq.job import Job, job_lock, pin_input
+from batchq.job import Job, job_lock, pin_input, write_progress
 from batchq.journal import Journal, retry_failed
 from batchq.limiter import Kind, Pacer
-from batchq.progress import ProgressLine, Stats
+from batchq.progress import Stats, make_progress
 from batchq.reader import RequestTemplate, feed
 from batchq.records import Outcome, Request, error_line, result_line
 from batchq.retry import Fatal, GiveUp, RetryPolicy, decide, status_error
 from batchq.transport import AiohttpTransport, Transport
 
 COMMIT_INTERVAL = 0.2
+SNAPSHOT_INTERVAL = 2.0  # progress.json, for `batchq status` of a running job
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -209,7 +210,7 @@ class Pipeline:
                     raise FatalEndpointError(decision.reason) from None
                 if isinstance(decision, GiveUp):
                     return _failure_from(request, exc, attempts, decision.retryable)
-                self.stats.retries += 1
+                self.stats.retried(retry_cause(exc))
                 if decision.pause_all:
                     rate_limited += 1
                     self.stats.rate_limited += 1
@@ -254,22 +255,28 @@ class Pipeline:
             stats.completion_tokens += o.completion_tokens
 
     async def _tick(self) -> None:
-        """Commit the checkpoint a few times a second; print progress when it is due."""
+        """Commit the checkpoint a few times a second; show progress when it is due."""
         every = self.options.progress_every
-        line = ProgressLine(self.stats) if every else None
+        progress = make_progress(self.stats) if every else None
         loop = asyncio.get_running_loop()
         next_progress = loop.time() + (every or 0)
+        next_snapshot = loop.time()
         try:
             while True:
                 await asyncio.sleep(COMMIT_INTERVAL)
                 self.journal.commit()
                 self.pacer.tick(COMMIT_INTERVAL)
-                if line is not None and every and loop.time() >= next_progress:
-                    line.show()
-                    next_progress += every
+                now = loop.time()
+                if progress is not None and every and now >= next_progress:
+                    self.stats.pace = self.pacer.slowed()
+                    progress.show()
+                    next_progress = now + every
+                if now >= next_snapshot:
+                    write_progress(self.job.dir, self.stats)
+                    next_snapshot = now + SNAPSHOT_INTERVAL
         finally:
-            if line is not None:
-                line.clear()
+            if progress is not None:
+                progress.close()
 
 
 def _success(request: Request, status: int, raw: bytes, attempts: int, response: Any) -> Outcome:
@@ -284,6 +291,12 @@ def _success(request: Request, status: int, raw: bytes, attempts: int, response:
         completion = _int(usage.get("completion_tokens", usage.get("output_tokens")))
     line = result_line(request, status, response.request_id, body, attempts=attempts)
     return Outcome(request.line_no, True, line, prompt, completion)
+
+
+def retry_cause(exc: RequestError) -> str:
+    """How the summary counts a retry: the HTTP status, else the kind of failure."""
+    status = getattr(exc, "status", None)
+    return str(status) if status is not None else exc.code
 
 
 def limit_kind(exc: RequestError) -> Kind | None:

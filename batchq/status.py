@@ -12,8 +12,9 @@ from typing import Any
 
 from batchq.config import build_settings, read_job_toml
 from batchq.errors import ConfigError
-from batchq.job import JOB_TOML, _resolve, read_state, running_pid
+from batchq.job import JOB_TOML, _resolve, read_progress, read_state, running_pid
 from batchq.journal import JOURNAL_NAME, read_journal
+from batchq.progress import duration
 
 
 def job_status(job_dir: Path) -> dict[str, Any]:
@@ -34,6 +35,7 @@ def job_status(job_dir: Path) -> dict[str, Any]:
         phase = "interrupted"
     else:
         phase = "not started"
+    live = read_progress(job_dir) if pid is not None else {}
     return {
         "job": str(job_dir),
         "input": str(job.input),
@@ -46,6 +48,11 @@ def job_status(job_dir: Path) -> dict[str, Any]:
         "pending": None if total is None else max(0, total - done),
         "prompt_tokens": totals.prompt_tokens,
         "completion_tokens": totals.completion_tokens,
+        "in_flight": live.get("in_flight"),
+        "elapsed_s": live.get("elapsed_s"),
+        "retries": live.get("retries"),
+        "rate_limited": live.get("rate_limited"),
+        "pace": live.get("pace"),
         "results": str(job.results),
         "errors": str(job.errors),
     }
@@ -56,13 +63,18 @@ def render_status(f: dict[str, Any]) -> str:
     state = f["state"] + (f" (pid {f['pid']})" if f["pid"] else "")
     total = "?" if f["total"] is None else f"{f['total']:,}"
     pending = "?" if f["pending"] is None else f"{f['pending']:,}"
-    return "\n".join(
-        [
-            f"job {f['job']}: {state}",
-            f"  {f['done']:,} of {total} done: {f['succeeded']:,} succeeded, "
-            f"{f['failed']:,} failed, {pending} pending",
-            f"  tokens: {f['prompt_tokens']:,} prompt + {f['completion_tokens']:,} completion",
-            f"  results: {f['results']}",
-            f"  errors:  {f['errors']}",
-        ]
-    )
+    lines = [
+        f"job {f['job']}: {state}",
+        f"  {f['done']:,} of {total} done: {f['succeeded']:,} succeeded, "
+        f"{f['failed']:,} failed, {pending} pending",
+        f"  tokens: {f['prompt_tokens']:,} prompt + {f['completion_tokens']:,} completion",
+    ]
+    if f["elapsed_s"] is not None:
+        lines.append(
+            f"  running for {duration(f['elapsed_s'])}: {f['in_flight']} in flight, "
+            f"{f['retries']:,} retries, {f['rate_limited']:,} 429s"
+            + (f", pace {f['pace']}" if f["pace"] else "")
+        )
+    lines.append(f"  results: {f['results']}")
+    lines.append(f"  errors:  {f['errors']}")
+    return "\n".join(lines)

@@ -110,7 +110,7 @@ def test_a_signal_stops_gracefully_with_130_and_the_rerun_finishes(
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 130, stderr
-    assert "interrupted" in stderr and "to resume: batchq run jobs/in" in stderr
+    assert "interrupted" in stderr and "to resume: batchq run in.jsonl" in stderr
     done_before = len(read_jsonl(job / "results.jsonl"))
     assert 0 < done_before < len(ids)
 
