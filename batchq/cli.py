@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import os
 import shlex
+import signal
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
@@ -59,6 +61,47 @@ def _param(ctx: click.Context, option: click.Parameter, values: tuple[str, ...])
     return params
 
 
+_REQUEST_OPTIONS = [
+    click.option("--model", help="Model for requests that name none."),
+    click.option(
+        "--endpoint",
+        type=click.Choice(ENDPOINTS),
+        help="Endpoint of lines that name none [default: /v1/chat/completions].",
+    ),
+    click.option("--system", help="System prompt for chat requests that have none."),
+    click.option("--max-tokens", type=click.IntRange(min=1), help="Default max_tokens."),
+    click.option("--temperature", type=float, help="Default temperature."),
+    click.option(
+        "-p",
+        "--param",
+        "params",
+        multiple=True,
+        callback=_param,
+        metavar="KEY=VALUE",
+        help="Another default body parameter (VALUE is JSON, or a string). Repeatable.",
+    ),
+]
+
+
+def request_options(command: Callable[..., None]) -> Callable[..., None]:
+    """The options that shape what a request is, shared by ``run`` and ``validate``."""
+    for option in reversed(_REQUEST_OPTIONS):
+        command = option(command)
+    return command
+
+
+def _defaults(
+    params: dict[str, Any], max_tokens: int | None, temperature: float | None
+) -> dict[str, Any]:
+    """The default body parameters the request options give."""
+    defaults = dict(params)
+    if max_tokens is not None:
+        defaults["max_tokens"] = max_tokens
+    if temperature is not None:
+        defaults["temperature"] = temperature
+    return defaults
+
+
 @cli.command()
 @click.argument("target", type=click.Path(exists=True, path_type=Path))
 @click.option(
@@ -77,24 +120,7 @@ def _param(ctx: click.Context, option: click.Parameter, values: tuple[str, ...])
     metavar="NAME",
     help="Environment variable holding the API key [default: OPENAI_API_KEY].",
 )
-@click.option("--model", help="Model for requests that name none.")
-@click.option(
-    "--endpoint",
-    type=click.Choice(ENDPOINTS),
-    help="Endpoint of lines that name none [default: /v1/chat/completions].",
-)
-@click.option("--system", help="System prompt for chat requests that have none.")
-@click.option("--max-tokens", type=click.IntRange(min=1), help="Default max_tokens.")
-@click.option("--temperature", type=float, help="Default temperature.")
-@click.option(
-    "-p",
-    "--param",
-    "params",
-    multiple=True,
-    callback=_param,
-    metavar="KEY=VALUE",
-    help="Another default body parameter (VALUE is JSON, or a string). Repeatable.",
-)
+@request_options
 @click.option("--rpm", type=click.FloatRange(min=0), help="Requests per minute (0 = no limit).")
 @click.option("--tpm", type=click.FloatRange(min=0), help="Tokens per minute (0 = no limit).")
 @click.option(
@@ -153,11 +179,7 @@ def run(
     from batchq.progress import render_summary, summary
     from batchq.runner import RunOptions, run_job
 
-    defaults = {**params}
-    if max_tokens is not None:
-        defaults["max_tokens"] = max_tokens
-    if temperature is not None:
-        defaults["temperature"] = temperature
+    defaults = _defaults(params, max_tokens, temperature)
     env_base_url = os.environ.get("OPENAI_BASE_URL")
     try:
         job, notes = open_job(
@@ -182,6 +204,9 @@ def run(
         stats = asyncio.run(run_job(job, options))
     except BatchqError as exc:
         raise Failure(exc) from None
+    except KeyboardInterrupt:  # a signal before the pipeline took over its handling
+        _notice(f"interrupted while starting; to resume: {_resume()}")
+        sys.exit(EXIT_INTERRUPTED)
     figures = summary(stats, results=str(job.results), errors=str(job.errors), resume=_resume())
     click.echo(render_summary(figures), err=True)
     if json_summary:
@@ -216,6 +241,65 @@ def status(job_dir: Path, as_json: bool) -> None:
         click.echo(orjson.dumps(figures, option=orjson.OPT_INDENT_2).decode())
     else:
         click.echo(render_status(figures))
+
+
+@cli.command()
+@click.argument("target", type=click.Path(exists=True, path_type=Path))
+@request_options
+@click.option(
+    "--price-in",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="Price of a million prompt tokens, for a cost estimate.",
+)
+@click.option(
+    "--price-out",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="Price of a million completion tokens.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def validate(
+    target: Path,
+    max_tokens: int | None,
+    temperature: float | None,
+    params: dict[str, Any],
+    price_in: float,
+    price_out: float,
+    as_json: bool,
+    **settings: Any,
+) -> None:
+    """Check TARGET (an input .jsonl or a job folder) as a run would, sending nothing.
+
+    Exit status 0 if every line is a usable request, 1 if some are not.
+    """
+    from batchq.config import build_settings, read_job_toml
+    from batchq.job import JOB_TOML
+    from batchq.reader import RequestTemplate
+    from batchq.validate import render_report
+    from batchq.validate import validate as check
+
+    try:
+        stored: dict[str, Any] = {"input": str(target)}
+        if target.is_dir():
+            stored = read_job_toml(target / JOB_TOML)
+        given = _defaults(params, max_tokens, temperature)
+        overrides = {**settings, "defaults": {**stored.get("defaults", {}), **given}}
+        job_settings = build_settings(stored, overrides)
+        path = target / job_settings.input if target.is_dir() else target
+        report = check(
+            path,
+            RequestTemplate.from_settings(job_settings),
+            price_in=price_in,
+            price_out=price_out,
+        )
+    except BatchqError as exc:
+        raise Failure(exc) from None
+    if as_json:
+        click.echo(orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2).decode())
+    else:
+        click.echo(render_report(report))
+    sys.exit(EXIT_OK if report.bad == 0 else EXIT_FAILED)
 
 
 @cli.command("mock-server")
@@ -294,8 +378,15 @@ def demo(source: Path) -> None:
     sys.exit(code)
 
 
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> NoReturn:
     """The console script: click, plus one line instead of a traceback for our own errors."""
+    # SIGTERM means what Ctrl-C means, from the very start: the pipeline handles both
+    # itself once it runs; until then both raise KeyboardInterrupt.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         cli.main(prog_name="batchq")
     except Exception:  # a bug in batchq: the traceback helps us, the line tells the user

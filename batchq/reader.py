@@ -169,20 +169,30 @@ def _check_body(body: JSONObject, url: str, custom_id: str) -> None:
 
 
 def estimate_tokens(body: JSONObject, url: str) -> int:
-    """Tokens the endpoint will count against TPM: prompt characters / 4 plus the completion cap.
+    """Tokens the endpoint will count against TPM: the prompt's plus the completion cap.
 
     OpenAI reserves a request's ``max_tokens`` when it arrives, whatever the
     answer turns out to be, so the cap belongs in the estimate.
     """
-    chars = _text_length(body.get("messages", body.get("prompt", body.get("input", ""))))
-    prompt = (chars + 3) // 4
+    cap = completion_cap(body, url)
+    return max(1, prompt_tokens(body) + (FALLBACK_COMPLETION_TOKENS if cap is None else cap))
+
+
+def prompt_tokens(body: JSONObject) -> int:
+    """The prompt's tokens, estimated as characters / 4 (no tokenizer download needed)."""
+    prompt = body.get("messages", body.get("prompt", body.get("input", "")))
+    return (_text_length(prompt) + 3) // 4
+
+
+def completion_cap(body: JSONObject, url: str) -> int | None:
+    """The most completion tokens a request may use; 0 for embeddings, None if unset."""
     if url == "/v1/embeddings":
-        return max(1, prompt)
+        return 0
     for key in _MAX_TOKEN_KEYS:
         value = body.get(key)
         if isinstance(value, int) and not isinstance(value, bool):
-            return max(1, prompt + value)
-    return max(1, prompt + FALLBACK_COMPLETION_TOKENS)
+            return value
+    return None
 
 
 def _text_length(value: Any) -> int:

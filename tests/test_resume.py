@@ -21,7 +21,16 @@ from pathlib import Path
 import orjson
 import pytest
 from conftest import MockFactory
-from support import batchq, batchq_cmd, chat, clean_env, outputs, read_jsonl, write_jsonl
+from support import (
+    batchq,
+    batchq_cmd,
+    chat,
+    clean_env,
+    outputs,
+    read_jsonl,
+    wait_for,
+    write_jsonl,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -36,14 +45,6 @@ def assert_exactly_once(job: Path, custom_ids: list[str]) -> None:
     missing = set(custom_ids) - set(seen)
     assert not missing, f"missing: {sorted(missing)[:10]}"
     assert set(seen) == set(custom_ids)
-
-
-def wait_for(condition: object, timeout: float = 30.0) -> None:
-    """Poll ``condition()`` until true: synchronise on state, never on a fixed sleep."""
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
 
 
 def start(*args: str | Path, cwd: Path) -> subprocess.Popen[str]:
