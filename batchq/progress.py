@@ -14,6 +14,7 @@ terminal). Elsewhere, a plain line every few seconds, for logs.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections import Counter, deque
@@ -148,17 +149,23 @@ class TerminalProgress:
         from tqdm import tqdm  # only on a terminal: nothing else pays for the import
 
         self.stats, self.window = stats, RateWindow(stats)
+        try:
+            columns = os.get_terminal_size(stream.fileno()).columns
+        except (OSError, ValueError):
+            columns = 0
         self._bar = tqdm(
             total=stats.total,
             initial=stats.done,
             unit="req",
             file=stream,
-            dynamic_ncols=True,
+            # A terminal that reports no width (some CI consoles, `script`) would get nothing.
+            dynamic_ncols=bool(columns),
+            ncols=None if columns else 120,
             smoothing=0.1,
             mininterval=0.2,
             leave=False,
-            bar_format="{n_fmt}/{total_fmt} {bar} {percentage:3.0f}% · {rate_fmt} · ETA "
-            "{remaining} · {postfix}",
+            bar_format="{n_fmt}/{total_fmt} {bar} {percentage:3.0f}% · {rate_fmt} · ETA {remaining}"
+            "{postfix}",  # tqdm puts ", " before the postfix
         )
 
     def show(self) -> None:
