@@ -23,11 +23,14 @@ def slow_job(tmp_path: Path, n: int = 60) -> None:
     write_jsonl(tmp_path / "in.jsonl", [chat(f"progress {i}", custom_id=f"p{i}") for i in range(n)])
 
 
-def test_progress_on_a_terminal_is_a_live_bar(tmp_path: Path, mock_server: MockFactory) -> None:
+@pytest.mark.parametrize("columns", [160, 0])  # 0: a terminal that reports no width
+def test_progress_on_a_terminal_is_a_live_bar(
+    tmp_path: Path, mock_server: MockFactory, columns: int
+) -> None:
     server = mock_server(latency=0.1)
     slow_job(tmp_path)
     master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
     args = ["run", "in.jsonl", "--base-url", server.url, "--model", "m", "--concurrency", "4"]
     proc = subprocess.Popen(
         batchq_cmd(*args), cwd=tmp_path, env=clean_env(), stdin=slave, stdout=slave, stderr=slave
@@ -46,7 +49,7 @@ def test_progress_on_a_terminal_is_a_live_bar(tmp_path: Path, mock_server: MockF
     assert proc.wait(timeout=30) == 0
     text = screen.decode(errors="replace")
     assert "\r" in text  # redrawn in place
-    assert "/60" in text and "req/s" in text and "tok/s" in text
+    assert "/60 " in text and "%" in text and "req/s" in text and "tok/s" in text
     assert "finished" in text  # and the summary after it
 
 
