@@ -1,7 +1,7 @@
 """Pacing: requests per minute, tokens per minute, and what the endpoint says about them.
 
 **Smooth, not bursty.** Each limit is a ``Pace``: a generic-cell-rate
-scheduler that gives every acquisition its own slot, ``amount / rate``
+scheduler that books every acquisition its own slot, ``amount / rate``
 seconds after the previous one, and lets a caller run at most
 ``BURST_SECONDS`` ahead. So a 6,000 RPM job sends 100 requests in every
 second, starting with the first, not 6,000 in the first instant; a request
@@ -11,20 +11,26 @@ These are the three things a leaky bucket such as aiolimiter's cannot do
 (it starts empty, refuses an ``acquire`` above its capacity, and fixes its
 rate at construction), which is why batchq paces with this one instead.
 
-**Adaptive.** The configured ``--rpm``/``--tpm`` are ceilings. Below them:
+**Adaptive.** A limit's ceiling is the lower of the configured
+``--rpm``/``--tpm`` and what the endpoint states in ``x-ratelimit-limit-*``
+(which may go down and up again, as a shared account's does), less a 2%
+margin, because a sliding one-minute window that is paced exactly at its
+limit rejects whatever jitter pushes over it. Below the ceiling:
 
 - a 429 pauses the whole pool for as long as the endpoint asks and halves
   the pace of the limit it names (multiplicative decrease; one cut per
   episode, since the requests already in flight will get their 429s too);
 - the pace then climbs back by a twentieth of the ceiling a second
   (additive increase), never above it;
-- ``x-ratelimit-limit-*`` lower than the ceiling lowers the ceiling;
-  ``x-ratelimit-remaining-*`` at zero pauses until ``x-ratelimit-reset-*``.
+- ``x-ratelimit-remaining-*`` at zero pauses until ``x-ratelimit-reset-*``.
+
+Every change of pace or pause voids the slots booked so far and wakes the
+workers sleeping on them, so a new pace takes effect at once instead of
+after the old bookings have gone out.
 
 **Probe first.** The very first request goes alone and the pool opens when
-its answer is in, so the endpoint's ``x-ratelimit-limit-*`` are known before
-64 requests go out at a pace the endpoint would refuse. It costs one round
-trip, once per run.
+its answer is in, so the endpoint's limits are known before 64 requests go
+out at a pace the endpoint would refuse. It costs one round trip per run.
 
 With no ``--rpm``/``--tpm`` and an endpoint that sends no rate-limit headers
 (vLLM, Ollama, llama.cpp) nothing else here runs: ``wait_turn`` costs a few
@@ -44,6 +50,7 @@ Kind = Literal["requests", "tokens"]
 KINDS: tuple[Kind, Kind] = ("requests", "tokens")
 
 BURST_SECONDS = 0.05  # how far ahead of its pace a limit may run
+MARGIN = 0.98  # of a limit: pace this far under it
 DECREASE = 0.5  # a 429 multiplies the pace by this
 INCREASE_PER_SECOND = 0.05  # of the ceiling, after a cut
 MIN_RATE_SHARE = 0.01  # of the ceiling: a cut never goes below this
@@ -52,50 +59,60 @@ MIN_RATE_SHARE = 0.01  # of the ceiling: a cut never goes below this
 class Pace:
     """Spaces acquisitions out to ``rate`` units a second (generic cell rate algorithm)."""
 
-    __slots__ = ("_due", "rate")
+    __slots__ = ("_due", "_used_until", "rate")
 
     def __init__(self, rate: float) -> None:
         self.rate = rate
         self._due = -math.inf  # when the next unit is due (the "theoretical arrival time")
+        self._used_until = -math.inf  # the end of the last slot that was used
 
     def reserve(self, amount: float, now: float) -> float:
-        """Book ``amount`` units; return how many seconds to wait before using them."""
+        """Book ``amount`` units; return the booked start (use it from ``start - burst``)."""
         start = max(self._due, now)
         self._due = start + amount / self.rate
-        return max(0.0, start - BURST_SECONDS - now)
+        return start
 
-    def restart(self, at: float) -> None:
-        """Forget every booking: the next unit is due at ``at``."""
-        self._due = at
+    def used(self, start: float, amount: float) -> None:
+        """A booking was used: a replan must not give its slot away again."""
+        self._used_until = max(self._used_until, start + amount / self.rate)
 
-    def set_rate(self, rate: float, now: float) -> None:
-        """Change the rate; what is already booked ahead is rescaled to it."""
-        if self._due > now:
-            self._due = now + (self._due - now) * self.rate / rate
-        self.rate = rate
+    def replan(self, at: float) -> None:
+        """Void every booking not yet used: the next unit is due at ``at`` at the earliest."""
+        self._due = max(at, self._used_until)
 
 
 class Limit:
-    """One kind of limit: its ceiling (units a second) and the pace currently kept below it."""
+    """One kind of limit: its ceiling (units a second) and the pace kept below it."""
 
-    def __init__(self, ceiling: float) -> None:
-        self.ceiling = ceiling
-        self.pace = Pace(ceiling)
+    def __init__(self, configured: float = math.inf, stated: float = math.inf) -> None:
+        self.configured = configured  # --rpm / --tpm, a second
+        self.stated = stated  # the endpoint's x-ratelimit-limit-*, a second
+        self.pace = Pace(self.ceiling)
         self.cut_at = -math.inf  # when the pace was last cut for a 429
 
+    @property
+    def ceiling(self) -> float:
+        return min(self.configured, self.stated) * MARGIN
+
     def cut(self, now: float) -> None:
-        self.pace.set_rate(max(self.pace.rate * DECREASE, self.ceiling * MIN_RATE_SHARE), now)
+        self.pace.rate = max(self.pace.rate * DECREASE, self.ceiling * MIN_RATE_SHARE)
         self.cut_at = now
 
-    def recover(self, seconds: float, now: float) -> None:
-        if self.pace.rate < self.ceiling:
-            step = self.ceiling * INCREASE_PER_SECOND * seconds
-            self.pace.set_rate(min(self.ceiling, self.pace.rate + step), now)
+    def recover(self, seconds: float) -> bool:
+        """Climb back towards the ceiling; True if the pace changed."""
+        if self.pace.rate >= self.ceiling:
+            return False
+        self.pace.rate = min(
+            self.ceiling, self.pace.rate + self.ceiling * INCREASE_PER_SECOND * seconds
+        )
+        return True
 
-    def lower_ceiling(self, ceiling: float, now: float) -> None:
-        self.ceiling = ceiling
-        if self.pace.rate > ceiling:
-            self.pace.set_rate(ceiling, now)
+    def state(self, stated: float) -> None:
+        """The endpoint states its limit: follow it down at once, and up too."""
+        was = self.ceiling
+        self.stated = stated
+        if self.pace.rate > self.ceiling or self.pace.rate >= was * 0.999:
+            self.pace.rate = self.ceiling  # a pace at its old ceiling follows the new one
 
 
 class Pacer:
@@ -111,12 +128,13 @@ class Pacer:
     ) -> None:
         self.tpm = tpm
         self.limits: dict[Kind, Limit | None] = {
-            "requests": Limit(rpm / 60) if rpm else None,
-            "tokens": Limit(tpm / 60) if tpm else None,
+            "requests": Limit(configured=rpm / 60) if rpm else None,
+            "tokens": Limit(configured=tpm / 60) if tpm else None,
         }
         self._clock = clock
         self._not_before = -math.inf
-        self._epoch = 0  # bumped by every pause: bookings made before it are void
+        self._epoch = 0  # bumped by every replan: bookings made before it are void
+        self._sleepers: set[asyncio.Future[None]] = set()
         self._probe: asyncio.Event | None = asyncio.Event()  # set once the first answer is in
         self._probing = False
         self._on_notice = on_notice
@@ -133,17 +151,51 @@ class Pacer:
         while True:
             now = self._now()
             if self._not_before > now:
-                await asyncio.sleep(self._not_before - now)
+                await self._sleep(self._not_before - now)
                 continue
             epoch = self._epoch
-            wait = self._reserve(tokens, now)
+            bookings = self._reserve(tokens, now)
+            wait = 0.0
+            for _, start, _ in bookings:
+                wait = max(wait, start - BURST_SECONDS - now)
             if wait > 0:
-                await asyncio.sleep(wait)
+                await self._sleep(wait)
                 if epoch != self._epoch:
-                    continue  # a pause began while we slept: book again in the new schedule
+                    continue  # the plan changed while we slept: book again
+            for pace, start, amount in bookings:
+                pace.used(start, amount)
             self._sent["requests"] += 1
             self._sent["tokens"] += tokens
             return now + wait
+
+    def _reserve(self, tokens: int, now: float) -> list[tuple[Pace, float, float]]:
+        bookings: list[tuple[Pace, float, float]] = []
+        for kind, limit in self.limits.items():
+            if limit is not None:
+                amount = 1 if kind == "requests" else tokens
+                bookings.append((limit.pace, limit.pace.reserve(amount, now), amount))
+        return bookings
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less if a replan wakes every sleeper."""
+        loop = asyncio.get_running_loop()
+        waker = loop.create_future()
+        timer = loop.call_later(seconds, _wake, waker)
+        self._sleepers.add(waker)
+        try:
+            await waker
+        finally:
+            timer.cancel()
+            self._sleepers.discard(waker)
+
+    def _replan(self, at: float) -> None:
+        """Void the bookings not yet used, from ``at`` on, and wake their sleepers to book again."""
+        self._epoch += 1
+        for limit in self.limits.values():
+            if limit is not None:
+                limit.pace.replan(at)
+        for waker in self._sleepers:
+            _wake(waker)
 
     async def _wait_for_probe(self) -> None:
         """The first request goes alone; the rest wait for its answer and the limits it states."""
@@ -159,30 +211,17 @@ class Pacer:
             self._probe.set()
             self._probe = None
 
-    def _reserve(self, tokens: int, now: float) -> float:
-        wait = 0.0
-        requests, token_limit = self.limits["requests"], self.limits["tokens"]
-        if requests is not None:
-            wait = requests.pace.reserve(1, now)
-        if token_limit is not None:
-            wait = max(wait, token_limit.pace.reserve(tokens, now))
-        return wait
-
     def pause(self, seconds: float) -> None:
         """Send nothing for ``seconds`` from now; then start the pace afresh, without a burst."""
         until = self._now() + seconds
-        if until <= self._not_before:
-            return
-        self._not_before = until
-        self._epoch += 1
-        for limit in self.limits.values():
-            if limit is not None:
-                limit.pace.restart(until)
+        if until > self._not_before:
+            self._not_before = until
+            self._replan(until)
 
     def rate_limited(self, kind: Kind | None, sent_at: float) -> None:
         """A request sent at ``sent_at`` got a 429 for ``kind`` (None: not said): slow down.
 
-        With no ceiling for that kind, the recent rate becomes the ceiling to cut.
+        With no limit known for that kind, the recent rate is taken as its limit.
         """
         now = self._now()
         for k in (kind,) if kind else KINDS:
@@ -190,20 +229,24 @@ class Pacer:
             if limit is None:
                 if not self.observed[k]:
                     continue
-                limit = self.limits[k] = Limit(self.observed[k])
+                limit = self.limits[k] = Limit(stated=self.observed[k] / MARGIN)
             if sent_at > limit.cut_at:  # later 429s of the same episode don't cut again
                 limit.cut(now)
+                self._replan(max(now, self._not_before))
 
     def tick(self, seconds: float) -> None:
         """Called every ``seconds`` on a timer: measure the recent rates, let the pace climb."""
-        now = self._now()
+        changed = False
         for kind in KINDS:
             rate = self._sent[kind] / seconds
             self.observed[kind] += 0.2 * (rate - self.observed[kind])
             self._sent[kind] = 0
             limit = self.limits[kind]
             if limit is not None:
-                limit.recover(seconds, now)
+                changed |= limit.recover(seconds)
+        if changed:
+            now = self._now()
+            self._replan(max(now, self._not_before))
 
     def observe(self, headers: Mapping[str, str]) -> None:
         """Heed the ``x-ratelimit-*`` headers of an answer, when it has any."""
@@ -212,40 +255,41 @@ class Pacer:
             and "x-ratelimit-limit-tokens" not in headers
         ):
             return
-        now = self._now()
         for kind in KINDS:
-            self._observe_limit(kind, headers.get(f"x-ratelimit-limit-{kind}"), now)
+            self._observe_limit(kind, headers.get(f"x-ratelimit-limit-{kind}"))
             if headers.get(f"x-ratelimit-remaining-{kind}") == "0":
                 reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}", ""))
                 if reset:
                     self.pause(reset)
 
-    def _observe_limit(self, kind: Kind, value: str | None, now: float) -> None:
+    def _observe_limit(self, kind: Kind, value: str | None) -> None:
         try:
             per_minute = float(value) if value is not None else 0.0
         except ValueError:
             return
-        if per_minute <= 0:
+        if not (0 < per_minute < math.inf):
             return
         limit = self.limits[kind]
-        if limit is not None and limit.ceiling * 60 <= per_minute * 1.0001:
-            return
+        if limit is not None and limit.stated == per_minute / 60:
+            return  # the common case: nothing new
         if limit is None:
-            self.limits[kind] = Limit(per_minute / 60)
-        else:
-            limit.lower_ceiling(per_minute / 60, now)
-        flag = "--rpm" if kind == "requests" else "--tpm"
-        self._on_notice(
-            f"the endpoint allows {per_minute:,.0f} {kind}/min: pacing to that "
-            f"(lower than {flag}, or {flag} not set)"
-        )
+            limit = self.limits[kind] = Limit()
+        lower = per_minute / 60 < limit.configured
+        limit.state(per_minute / 60)
+        self._replan(max(self._now(), self._not_before))
+        if lower:
+            flag = "--rpm" if kind == "requests" else "--tpm"
+            self._on_notice(
+                f"the endpoint allows {per_minute:,.0f} {kind}/min: pacing to that"
+                + ("" if limit.configured == math.inf else f" (below {flag})")
+            )
 
     def never_fits(self, tokens: int) -> bool:
         """A request larger than the whole per-minute token budget could never be sent."""
         return bool(self.tpm) and tokens > self.tpm
 
     def slowed(self) -> str | None:
-        """The pace, e.g. "3,000 requests/min", while it is below the ceiling; else None."""
+        """The pace, e.g. "3,000 requests/min", while a 429 holds it below the ceiling."""
         slow = [
             f"{limit.pace.rate * 60:,.0f} {kind}/min"
             for kind, limit in self.limits.items()
@@ -256,3 +300,8 @@ class Pacer:
     def rates(self) -> dict[Kind, float | None]:
         """The current pace of each kind, per minute (None: not paced)."""
         return {k: None if v is None else v.pace.rate * 60 for k, v in self.limits.items()}
+
+
+def _wake(waker: asyncio.Future[None]) -> None:
+    if not waker.done():
+        waker.set_result(None)
