@@ -23,5 +23,11 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/pytest -q
 
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py
+
+bench-full: $(STAMP)
+	$(BIN)/python benchmarks/run.py --full
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -21,6 +21,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import re
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -221,8 +222,13 @@ def pin_input(job: Job) -> PinnedInput:
     return PinnedInput(size, requests)
 
 
+_BLANK_LINE = re.compile(rb"^[ \t\r\x0b\x0c]*\n", re.MULTILINE)  # what bytes.strip() empties
+
+
 class _Fingerprint:
     """SHA-256 of the bytes read, and a count of their non-blank lines, in one pass."""
+
+    chunk_size = 1 << 20
 
     def __init__(self) -> None:
         self.digest = hashlib.sha256()
@@ -231,14 +237,16 @@ class _Fingerprint:
 
     def read(self, f: BinaryIO, length: int) -> None:
         while length > 0:
-            chunk = f.read(min(length, 1 << 20))
+            chunk = f.read(min(length, self.chunk_size))
             if not chunk:
                 return
             self.digest.update(chunk)
             length -= len(chunk)
-            lines = (self._partial + chunk).split(b"\n")
-            self._partial = lines.pop()
-            self.requests += sum(1 for line in lines if line.strip())
+            data = self._partial + chunk
+            end = data.rfind(b"\n") + 1  # whole lines only; the rest waits for the next chunk
+            self._partial = data[end:]
+            whole = data[:end]
+            self.requests += whole.count(b"\n") - len(_BLANK_LINE.findall(whole))
 
     def finish(self) -> int:
         return self.requests + (1 if self._partial.strip() else 0)

@@ -13,8 +13,9 @@ line, or lines appended after the last commit, are removed, and their
 requests are sent again. Every input line therefore ends up in exactly one
 output line, whenever the process dies.
 
-Commits happen in batches (the runner calls ``commit`` every few hundred
-milliseconds), so fsync never sits on the per-request path.
+Commits happen in batches (the runner commits every few hundred
+milliseconds), and their fsyncs run in a worker thread: fsync never sits on
+the per-request path, nor blocks the event loop.
 
 A record, little-endian::
 
@@ -34,8 +35,10 @@ after it is rolled forward, one before it rolled back (``recover``).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import struct
+import threading
 import zlib
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
@@ -155,8 +158,8 @@ def _record(totals: Totals, lines: array[int], delta: Totals) -> bytes:
 class Journal:
     """Owns the two output files and the journal of one job while it runs.
 
-    Only the writer task calls ``append``; ``commit`` makes everything
-    appended so far durable. Not thread-safe, not async: every call is short.
+    Only the writer task calls ``append``; ``commit`` (or, during a run,
+    ``commit_in_thread``) makes everything appended so far durable.
     """
 
     def __init__(self, job_dir: Path, results: Path, errors: Path, *, durable: bool = True) -> None:
@@ -180,6 +183,7 @@ class Journal:
         self._results, self._errors, self._journal = fds
         self._pending = array(_LINE)
         self._delta = Totals()
+        self._lock = threading.Lock()  # one commit at a time, records in order
 
     def append(self, outcomes: Sequence[Outcome]) -> None:
         """Write the outcomes' lines (one write per file); durable only after ``commit``."""
@@ -203,15 +207,37 @@ class Journal:
 
     def commit(self) -> None:
         """Make every appended line durable: fsync the outputs, then write and fsync a record."""
+        self._lock.acquire()
+        record = self._take()
+        if record is None:
+            self._lock.release()
+        else:
+            self._make_durable(record)
+
+    async def commit_in_thread(self) -> None:
+        """``commit``, with the fsyncs in a worker thread so the event loop keeps sending.
+
+        The lock is taken here and released by the thread when the record is
+        on disk, so commits stay in order even if this coroutine is cancelled
+        meanwhile; ``close`` waits for it.
+        """
         if not self._pending:
             return
-        if self.durable:
-            os.fsync(self._results)
-            os.fsync(self._errors)
-        # The record is written only after the lines it vouches for are on disk.
-        _write_all(self._journal, _record(self.totals, self._pending, self._delta))
-        if self.durable:
-            os.fsync(self._journal)
+        if not self.durable:
+            self.commit()
+            return
+        self._lock.acquire()  # free: the only other taker is close(), after the run
+        record = self._take()
+        assert record is not None
+        loop = asyncio.get_running_loop()
+        # shield: a cancelled wait must not cancel the job before it ran and released the lock
+        await asyncio.shield(loop.run_in_executor(None, self._make_durable, record))
+
+    def _take(self) -> bytes | None:
+        """The record of what was appended since the last one, which now counts as committed."""
+        if not self._pending:
+            return None
+        record = _record(self.totals, self._pending, self._delta)
         d, t = self._delta, self.totals
         t.ok, t.failed = t.ok + d.ok, t.failed + d.failed
         t.prompt_tokens += d.prompt_tokens
@@ -219,6 +245,20 @@ class Journal:
         self.done.add_all(self._pending)
         self._pending = array(_LINE)
         self._delta = Totals()
+        return record
+
+    def _make_durable(self, record: bytes) -> None:
+        """Called holding the lock, which it releases."""
+        try:
+            if self.durable:
+                os.fsync(self._results)
+                os.fsync(self._errors)
+            # The record is written only after the lines it vouches for are on disk.
+            _write_all(self._journal, record)
+            if self.durable:
+                os.fsync(self._journal)
+        finally:
+            self._lock.release()
 
     def close(self) -> None:
         """Commit what is left and close the files."""

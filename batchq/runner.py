@@ -264,7 +264,7 @@ class Pipeline:
         try:
             while True:
                 await asyncio.sleep(COMMIT_INTERVAL)
-                self.journal.commit()
+                await self.journal.commit_in_thread()
                 self.pacer.tick(COMMIT_INTERVAL)
                 now = loop.time()
                 if progress is not None and every and now >= next_progress:
@@ -289,7 +289,7 @@ def _success(request: Request, status: int, raw: bytes, attempts: int, response:
     if isinstance(usage, dict):
         prompt = _int(usage.get("prompt_tokens", usage.get("input_tokens")))
         completion = _int(usage.get("completion_tokens", usage.get("output_tokens")))
-    line = result_line(request, status, response.request_id, body, attempts=attempts)
+    line = result_line(request, status, response.request_id, raw, body, attempts=attempts)
     return Outcome(request.line_no, True, line, prompt, completion)
 
 

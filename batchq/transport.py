@@ -26,7 +26,7 @@ from batchq.config import ENDPOINTS
 from batchq.errors import EndpointUnreachable, RequestTimeout, TransportError
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Response:
     """An answer from the endpoint, any status."""
 

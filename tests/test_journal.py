@@ -6,6 +6,7 @@ never closing or committing. Other crash states are built by hand, byte for byte
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -37,7 +38,7 @@ def ok(n: int) -> Outcome:
         "choices": [{"index": 0, "message": {"role": "assistant", "content": f"answer {n}"}}],
         "usage": {"prompt_tokens": n, "completion_tokens": 2 * n, "total_tokens": 3 * n},
     }
-    line = result_line(request, 200, f"req_{n}", body, attempts=1)
+    line = result_line(request, 200, f"req_{n}", orjson.dumps(body), body, attempts=1)
     return Outcome(n, True, line, prompt_tokens=n, completion_tokens=2 * n)
 
 
@@ -609,3 +610,27 @@ def test_a_crash_before_the_new_journal_is_renamed_rolls_back(
         new_file(job.errors, data)
     reopen_and_check(job, EVERYTHING)
     assert job.leftovers() == []
+
+
+# --- commits off the event loop --------------------------------------------------------
+
+
+async def test_a_commit_in_a_thread_is_durable_and_in_order(tmp_path: Path) -> None:
+    results, errors = tmp_path / "results.jsonl", tmp_path / "errors.jsonl"
+    journal = Journal(tmp_path, results, errors)
+    journal.append([ok(1), failed(2, retryable=True)])
+    await journal.commit_in_thread()
+    journal.append([ok(3)])
+    # A commit whose waiter is cancelled still lands, and close() waits for it first.
+    commit = asyncio.ensure_future(journal.commit_in_thread())
+    await asyncio.sleep(0)
+    commit.cancel()
+    journal.append([ok(4)])
+    journal.close()
+    done, totals, _ = read_journal(tmp_path / JOURNAL_NAME)
+    assert sorted(done) == [1, 2, 3, 4]
+    assert (totals.ok, totals.failed) == (3, 1)
+    assert totals.results_len == results.stat().st_size
+    reopened = Journal(tmp_path, results, errors)
+    assert sorted(reopened.done) == [1, 2, 3, 4]
+    reopened.close()
