@@ -35,7 +35,7 @@ from batchq.progress import Stats, make_progress
 from batchq.reader import RequestTemplate, feed
 from batchq.records import Outcome, Request, error_line, result_line
 from batchq.retry import Fatal, GiveUp, RetryPolicy, decide, status_error
-from batchq.transport import AiohttpTransport, Transport
+from batchq.transport import AiohttpTransport, Response, Transport
 
 COMMIT_INTERVAL = 0.2
 SNAPSHOT_INTERVAL = 2.0  # progress.json, for `batchq status` of a running job
@@ -86,13 +86,11 @@ class Pipeline:
         self, job: Job, journal: Journal, stats: Stats, size: int, options: RunOptions
     ) -> None:
         settings = job.settings
-        self.job, self.journal, self.stats, self.size, self.options = (
-            job,
-            journal,
-            stats,
-            size,
-            options,
-        )
+        self.job = job
+        self.journal = journal
+        self.stats = stats
+        self.size = size  # of the input: bytes appended after the run began wait for the next
+        self.options = options
         self.workers = settings.concurrency
         self.requests: asyncio.Queue[Request | None] = asyncio.Queue(maxsize=2 * self.workers)
         self.outcomes: asyncio.Queue[Outcome | None] = asyncio.Queue(maxsize=4 * self.workers)
@@ -200,7 +198,7 @@ class Pipeline:
                 self.pacer.observe(response.headers)
                 if 200 <= response.status < 300:
                     self.stats.latency.add(loop.time() - started)
-                    return _success(request, response.status, response.body, attempts, response)
+                    return _success(request, response, attempts)
                 raise status_error(
                     response.status, response.body, response.headers, response.request_id
                 )
@@ -279,17 +277,19 @@ class Pipeline:
                 progress.close()
 
 
-def _success(request: Request, status: int, raw: bytes, attempts: int, response: Any) -> Outcome:
+def _success(request: Request, response: Response, attempts: int) -> Outcome:
+    raw = response.body
+    body: Any
     try:
         body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
+    except orjson.JSONDecodeError:  # a 2xx that is not JSON: kept, as text
         body = raw.decode("utf-8", "replace")
     usage = body.get("usage") if isinstance(body, dict) else None
     prompt = completion = 0
     if isinstance(usage, dict):
         prompt = _int(usage.get("prompt_tokens", usage.get("input_tokens")))
         completion = _int(usage.get("completion_tokens", usage.get("output_tokens")))
-    line = result_line(request, status, response.request_id, raw, body, attempts=attempts)
+    line = result_line(request, response.status, response.request_id, raw, body, attempts=attempts)
     return Outcome(request.line_no, True, line, prompt, completion)
 
 
