@@ -107,6 +107,12 @@ def open_job(
             "name another folder with --job to start a separate job"
         )
     check_jsonl(job.input)
+    moved = [n for n in ("output", "errors") if getattr(settings, n) != getattr(before, n)]
+    if moved:
+        raise ConfigError(
+            f"job {job_dir} already writes its {' and '.join(moved)} where job.toml says; "
+            "to move them, move the files and edit job.toml"
+        )
     changed = [n for n in REQUEST_SETTINGS if getattr(settings, n) != getattr(before, n)]
     if changed and not force:
         raise ConfigError(

@@ -273,3 +273,18 @@ def test_usage_mistakes_exit_2_without_traceback(
     assert done.returncode == 2
     assert message in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_outputs_cannot_move_in_the_middle_of_a_job(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server()
+    write_jsonl(tmp_path / "in.jsonl", [chat("q")])
+    args = ["run", "in.jsonl", "--base-url", server.url, "--model", "m"]
+    first = batchq(*args, "--output", "elsewhere.jsonl", cwd=tmp_path)
+    assert first.returncode == 0
+    assert (tmp_path / "jobs" / "in" / "elsewhere.jsonl").exists()
+    moved = batchq(*args, "--output", "other.jsonl", cwd=tmp_path)
+    assert moved.returncode == 2 and "move the files and edit job.toml" in moved.stderr
+    again = batchq(*args, cwd=tmp_path)  # job.toml remembers where the outputs are
+    assert again.returncode == 0 and "resuming: 1 of 1 done" in again.stderr
