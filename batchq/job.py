@@ -175,6 +175,12 @@ class PinnedInput:
     requests: int  # non-blank lines
 
 
+def add_elapsed(job_dir: Path, seconds: float) -> None:
+    """Add a run's duration to the job's total, for ``batchq status``."""
+    state = read_state(job_dir)
+    write_state(job_dir, {**state, "elapsed_s": round(state.get("elapsed_s", 0.0) + seconds, 1)})
+
+
 def write_progress(job_dir: Path, stats: Stats) -> None:
     """Leave the running job's live figures for ``batchq status`` (atomic, not fsynced:
     they are a view, not state, and are rewritten every few seconds)."""

@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 
 from batchq.errors import BatchqError, FatalEndpointError, RequestError
-from batchq.job import Job, job_lock, pin_input, write_progress
+from batchq.job import Job, add_elapsed, job_lock, pin_input, write_progress
 from batchq.journal import Journal, retry_failed
 from batchq.limiter import Kind, Pacer
 from batchq.progress import Stats, make_progress
@@ -76,6 +76,7 @@ async def run_job(job: Job, options: RunOptions) -> Stats:
             await pipeline.run()
         finally:
             journal.close()
+            add_elapsed(job.dir, stats.elapsed)
     return stats
 
 

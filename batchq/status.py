@@ -49,7 +49,7 @@ def job_status(job_dir: Path) -> dict[str, Any]:
         "prompt_tokens": totals.prompt_tokens,
         "completion_tokens": totals.completion_tokens,
         "in_flight": live.get("in_flight"),
-        "elapsed_s": live.get("elapsed_s"),
+        "elapsed_s": live.get("elapsed_s", state.get("elapsed_s")),
         "retries": live.get("retries"),
         "rate_limited": live.get("rate_limited"),
         "pace": live.get("pace"),
@@ -69,12 +69,14 @@ def render_status(f: dict[str, Any]) -> str:
         f"{f['failed']:,} failed, {pending} pending",
         f"  tokens: {f['prompt_tokens']:,} prompt + {f['completion_tokens']:,} completion",
     ]
-    if f["elapsed_s"] is not None:
+    if f["state"] == "running" and f["in_flight"] is not None:
         lines.append(
             f"  running for {duration(f['elapsed_s'])}: {f['in_flight']} in flight, "
             f"{f['retries']:,} retries, {f['rate_limited']:,} 429s"
             + (f", pace {f['pace']}" if f["pace"] else "")
         )
+    elif f["elapsed_s"] is not None:
+        lines.append(f"  time spent running: {duration(f['elapsed_s'])}")
     lines.append(f"  results: {f['results']}")
     lines.append(f"  errors:  {f['errors']}")
     return "\n".join(lines)

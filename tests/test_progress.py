@@ -119,9 +119,13 @@ def test_status_of_a_finished_and_an_interrupted_job(
     assert figures["done"] + figures["pending"] == figures["total"] == 400
     assert figures["done"] == len(outputs(tmp_path / "jobs" / "in")[0])
 
+    elapsed_before = figures["elapsed_s"]
+    assert elapsed_before > 0
     assert batchq(*args, "--concurrency", "64", cwd=tmp_path).returncode == 0
     text = batchq("status", "jobs/in", cwd=tmp_path).stdout
     assert "finished" in text and "400 of 400 done: 400 succeeded, 0 failed, 0 pending" in text
+    figures = orjson.loads(batchq("status", "jobs/in", "--json", cwd=tmp_path).stdout)
+    assert figures["elapsed_s"] > elapsed_before  # the time of both runs
 
 
 def test_validate_counts_bad_lines_duplicates_and_tokens(
