@@ -219,11 +219,15 @@ def pin_input(job: Job) -> PinnedInput:
         with job.input.open("rb") as f:
             size = os.fstat(f.fileno()).st_size
             if pinned_size:
-                counter.read(f, pinned_size)
+                known = state.get("input_requests")
+                # The pinned bytes were counted when they were pinned: hash them only.
+                counter.read(f, pinned_size, count=not isinstance(known, int))
                 if size < pinned_size or counter.digest.hexdigest() != state.get("input_sha256"):
                     raise InputError(_changed(job))
                 if size > pinned_size and not _ends_line(f, pinned_size):
                     raise InputError(_changed(job))  # the last line was extended, not appended to
+                if isinstance(known, int):
+                    counter.requests = known
             counter.read(f, size - pinned_size)
     except OSError as exc:
         raise InputError(f"cannot read {job.input}: {exc.strerror}") from exc
@@ -234,7 +238,9 @@ def pin_input(job: Job) -> PinnedInput:
     return PinnedInput(size, requests)
 
 
-_BLANK_LINE = re.compile(rb"^[ \t\r\x0b\x0c]*\n", re.MULTILINE)  # what bytes.strip() empties
+# A newline that starts a line bytes.strip() would empty. Led by a literal, so
+# the regex engine jumps from newline to newline instead of trying every byte.
+_BEFORE_BLANK_LINE = re.compile(rb"\n(?=[ \t\r\x0b\x0c]*\n)")
 
 
 class _Fingerprint:
@@ -247,18 +253,23 @@ class _Fingerprint:
         self.requests = 0
         self._partial = b""
 
-    def read(self, f: BinaryIO, length: int) -> None:
+    def read(self, f: BinaryIO, length: int, *, count: bool = True) -> None:
         while length > 0:
             chunk = f.read(min(length, self.chunk_size))
             if not chunk:
                 return
             self.digest.update(chunk)
             length -= len(chunk)
-            data = self._partial + chunk
-            end = data.rfind(b"\n") + 1  # whole lines only; the rest waits for the next chunk
-            self._partial = data[end:]
-            whole = data[:end]
-            self.requests += whole.count(b"\n") - len(_BLANK_LINE.findall(whole))
+            if count:
+                self._count(chunk)
+
+    def _count(self, chunk: bytes) -> None:
+        data = self._partial + chunk
+        end = data.rfind(b"\n") + 1  # whole lines only; the rest waits for the next chunk
+        self._partial = data[end:]
+        whole = data[:end]
+        blank = len(_BEFORE_BLANK_LINE.findall(b"\n" + whole))  # "\n": the first line starts one
+        self.requests += whole.count(b"\n") - blank
 
     def finish(self) -> int:
         return self.requests + (1 if self._partial.strip() else 0)

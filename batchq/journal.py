@@ -87,6 +87,11 @@ class DoneSet:
     def __len__(self) -> int:
         return int.from_bytes(self._bits, "little").bit_count()
 
+    def run_from(self, start: int) -> int:
+        """How many numbers in a row, from ``start`` on, are in the set."""
+        ones = int.from_bytes(self._bits, "little") >> start
+        return (ones ^ (ones + 1)).bit_length() - 1  # the trailing 1-bits, counted
+
     def __iter__(self) -> Iterator[int]:
         for index, byte in enumerate(self._bits):
             if byte:

@@ -167,6 +167,7 @@ class Pipeline:
             self.template,
             self.requests.put,
             reject,
+            done_prefix=self.journal.done.run_from(1),
         )
         for _ in range(self.workers):
             await self.requests.put(None)

@@ -216,6 +216,10 @@ def test_done_set_behaves_like_a_set(ops: list[tuple[bool, list[int]]], probes: 
     assert len(done) == len(oracle)
     for n in [*probes, *oracle]:
         assert (n in done) == (n in oracle)
+        run = 0
+        while n + run in oracle:
+            run += 1
+        assert done.run_from(n) == run
 
 
 def test_done_set_takes_any_iterable_and_ignores_non_integers() -> None:

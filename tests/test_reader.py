@@ -4,6 +4,7 @@ dump arbitrary records with orjson, read them back."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from batchq.config import ENDPOINTS
 from batchq.reader import (
     FALLBACK_COMPLETION_TOKENS,
     RequestTemplate,
+    _skip_lines,
     check_jsonl,
     estimate_tokens,
     feed,
@@ -468,6 +470,44 @@ async def test_feed_skips_a_long_done_prefix(tmp_path: Path) -> None:
     )
     assert lines == 2050
     assert [r.line_no for r in sink.sent] == [2049, 2050]
+
+
+@pytest.mark.parametrize("done_prefix", [1, 3, 4])
+async def test_feed_steps_over_a_done_prefix_as_if_it_read_it(
+    tmp_path: Path, done_prefix: int
+) -> None:
+    path = tmp_path / "in.jsonl"
+    ends = write_lines(path, LINES)
+    sink = Sink()
+    lines = await feed(
+        path,
+        ends[-1],
+        lambda n: n <= done_prefix,
+        TEMPLATE,
+        sink.send,
+        sink.reject,
+        done_prefix=done_prefix,
+    )
+    assert lines == 7
+    handed_on = [r.line_no for r in sink.sent] + [o.line_no for o in sink.rejected]
+    assert sorted(handed_on) == [n for n in (1, 4, 5, 6, 7) if n > done_prefix]
+
+
+@given(
+    data=st.lists(st.sampled_from([b"\n", b"{}", b"ab", b" "]), max_size=40).map(b"".join),
+    count=st.integers(0, 50),
+    size_cut=st.integers(0, 10),
+    block_size=st.integers(1, 8),
+)
+def test_skip_lines_stops_after_the_last_whole_line_it_may_skip(
+    data: bytes, count: int, size_cut: int, block_size: int
+) -> None:
+    size = max(0, len(data) - size_cut)
+    line_ends = [i + 1 for i, byte in enumerate(data[:size]) if byte == ord("\n")][:count]
+    f = io.BytesIO(data)
+    skipped, offset = _skip_lines(f, count, size, block_size)
+    assert (skipped, offset) == (len(line_ends), line_ends[-1] if line_ends else 0)
+    assert f.tell() == offset
 
 
 # --- properties ----------------------------------------------------------------------

@@ -199,11 +199,13 @@ def test_a_changed_input_is_refused_and_an_appended_one_continues(
     assert batchq(*args, cwd=tmp_path).returncode == 0
 
     with path.open("ab") as f:
-        f.write(orjson.dumps(chat("new", custom_id="new")) + b"\n")
+        f.write(b"\n \t\n" + orjson.dumps(chat("new", custom_id="new")) + b"\n")
     server.reset()
     appended = batchq(*args, cwd=tmp_path)
     assert appended.returncode == 0
     assert server.stats()["prompts"] == {"new": 1}
+    figures = orjson.loads(batchq("status", "jobs/in", "--json", cwd=tmp_path).stdout)
+    assert (figures["total"], figures["pending"]) == (11, 0)  # blank lines are no requests
 
     path.write_bytes(path.read_bytes().replace(b'"q3"', b'"q9"'))
     changed = batchq(*args, cwd=tmp_path)
