@@ -40,7 +40,7 @@ import re
 import struct
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any
@@ -277,6 +277,7 @@ class _Endpoint:
     param: str  # the body field that holds the prompt
     prompt: Callable[[Any, str], str]
     reply: Callable[[_Call, str], _Reply]
+    renamed: Mapping[str, str] = field(default_factory=dict)  # refused, as OpenAI refuses them
 
     def parse(self, raw: bytes) -> _Call:
         try:
@@ -290,6 +291,10 @@ class _Endpoint:
             raise _BadRequest("Missing required parameter: 'model'.", "model")
         if body.get(self.param) is None:
             raise _BadRequest(f"Missing required parameter: '{self.param}'.", self.param)
+        for name, new_name in self.renamed.items():
+            if name in body:
+                message = f"Unsupported parameter: '{name}'. This endpoint calls it '{new_name}'."
+                raise _BadRequest(message, name)
         prompt = self.prompt(body[self.param], self.param)
         script = _parse_script(prompt) if _MARK in prompt else None
         return _Call(body, model, prompt, _max_tokens(body), script)
@@ -303,7 +308,9 @@ _ENDPOINTS = {
     "/v1/chat/completions": _Endpoint("messages", _messages_text, _chat_reply),
     "/v1/completions": _Endpoint("prompt", _joined, _text_reply),
     "/v1/embeddings": _Endpoint("input", _joined, _embeddings_reply),
-    "/v1/responses": _Endpoint("input", _messages_text, _responses_reply),
+    "/v1/responses": _Endpoint(
+        "input", _messages_text, _responses_reply, {"max_tokens": "max_output_tokens"}
+    ),
 }
 _MODEL_IDS = ("gpt-4o-mini", "gpt-4o", "text-embedding-3-small", "mock")
 _MODELS = orjson.dumps(

@@ -58,7 +58,11 @@ class RequestTemplate:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RequestTemplate:
-        return cls(settings.endpoint, settings.model, settings.system, dict(settings.defaults))
+        defaults = dict(settings.defaults)
+        if settings.endpoint == "/v1/responses" and "max_tokens" in defaults:
+            # --max-tokens means the same there, under the name the Responses API accepts.
+            defaults.setdefault("max_output_tokens", defaults.pop("max_tokens"))
+        return cls(settings.endpoint, settings.model, settings.system, defaults)
 
 
 def parse_line(raw: bytes, line_no: int, template: RequestTemplate) -> Request | Outcome:

@@ -185,6 +185,7 @@ async def test_models(mock_server: MockFactory, session: aiohttp.ClientSession) 
         ("/chat/completions", chat("x", max_tokens="10"), "max_tokens"),
         ("/chat/completions", chat("[[mock:fail=lots]]"), None),
         ("/chat/completions", chat("[[mock:explode=1]]"), None),
+        ("/responses", {"model": "m", "input": "x", "max_tokens": 5}, "max_tokens"),
     ],
 )
 async def test_bad_request_is_400_with_openai_error(

@@ -224,6 +224,20 @@ def test_every_endpoint(
     assert server.stats()["by_path"] == {endpoint: 1}
 
 
+def test_max_tokens_reaches_the_responses_endpoint_under_its_name_there(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server()  # refuses max_tokens on /v1/responses, as OpenAI does
+    write_jsonl(tmp_path / "in.jsonl", [{"input": "a prompt long enough to be cut " * 4}])
+    args = ["--base-url", server.url, "--endpoint", "/v1/responses", "--model", "m"]
+    done = batchq("run", "in.jsonl", *args, "--max-tokens", "3", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    (result,) = outputs(tmp_path / "jobs" / "in")[0]
+    body = result["response"]["body"]
+    assert body["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert body["usage"]["output_tokens"] == 3
+
+
 def test_one_file_may_mix_endpoints(tmp_path: Path, mock_server: MockFactory) -> None:
     server = mock_server()
     write_jsonl(
