@@ -8,7 +8,12 @@ the quiet run:
 
 - ``-q``: no display at all;
 - ``--progress-every 0.5``: a plain line every half second, as in a log;
-- the live tqdm bar, on a pseudo-terminal made by ``script(1)``.
+- ``-q`` on a pseudo-terminal made by ``script(1)``: what ``script`` itself costs;
+- the live tqdm bar on such a terminal, whose fair baseline is the line above.
+
+On a shared machine those ratios move by ±10% from run to run, more than the
+display can cost, so it also times what the display does, in-process: one
+redraw of each kind, and the share of a core that is at its redraw rate.
 
 Usage: ``python benchmarks/progress.py [--lines N] [--runs N]``.
 """
@@ -16,11 +21,13 @@ Usage: ``python benchmarks/progress.py [--lines N] [--runs N]``.
 from __future__ import annotations
 
 import argparse
+import io
 import shlex
 import shutil
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,6 +60,7 @@ def main() -> int:
                 "--progress-every",
                 "0.5",
             ],
+            "-q on a terminal (script)": lambda job: _on_terminal([*_run(path, job, url), "-q"]),
             "live bar on a terminal": lambda job: _on_terminal(_run(path, job, url)),
         }
         rates: dict[str, list[float]] = {name: [] for name in variants}
@@ -76,7 +84,33 @@ def main() -> int:
     ]
     print(f"{args.lines:,} lines against nginx, --concurrency 64, median (min–max) of {args.runs}")
     print(harness.table(["display", "req/s", "ratio to -q"], rows))
+    print("\nOne redraw, timed in-process (median of 20)")
+    print(harness.table(["display", "µs per redraw", "redraws / s", "share of a core"], redraws()))
     return 0
+
+
+def redraws(samples: int = 20) -> list[list[str]]:
+    """What one ``show()`` of each display costs, each one a real redraw."""
+    from batchq.progress import PlainProgress, Progress, Stats, TerminalProgress
+
+    kinds: list[tuple[str, Callable[[Stats], Progress], float]] = [
+        ("plain line (in a log: every 10 s)", lambda s: PlainProgress(s, io.StringIO()), 0.1),
+        ("live bar (on a terminal: every 0.5 s)", lambda s: TerminalProgress(s, io.StringIO()), 2),
+    ]
+    rows = []
+    for name, make, per_second in kinds:
+        stats = Stats(total=1_000_000)
+        display, took = make(stats), []
+        for _ in range(samples):
+            time.sleep(0.25)  # past tqdm's mininterval (0.2 s), so that every show() redraws
+            stats.ok += 5_000
+            start = time.perf_counter()
+            display.show()
+            took.append(time.perf_counter() - start)
+        display.close()
+        cost = statistics.median(took)
+        rows.append([name, f"{cost * 1e6:,.0f}", f"{per_second:g}", f"{cost * per_second:.4%}"])
+    return rows
 
 
 def _run(path: Path, job: Path, url: str) -> list[str]:

@@ -24,7 +24,8 @@ What it measures, and why:
   the endpoint is slow, as real ones are;
 * **checkpoint overhead**: ``--fsync`` against ``--no-fsync``, i.e. what
   power-loss safety costs;
-* **start-up**: ``batchq --help`` and the import chain behind it;
+* **start-up**: ``batchq --help``, the time from ``batchq run`` of a new job
+  to its first request at the endpoint, and the import chain behind them;
 * **resume** (full): a 1M-line job 90% done; time from process start to the
   first new request at the endpoint, and that run's peak RSS.
 
@@ -65,6 +66,7 @@ LATENCY = 0.2
 LATENCY_CONCURRENCY = 256
 LATENCY_LINES = 12_800  # 50 waves of 256 at 200 ms: 10 s at the ideal 1,280 req/s
 RESUME_LINES, RESUME_DONE = 1_000_000, 900_000
+FIRST_REQUEST_LINES = 1_000
 NO_FSYNC = "batchq --no-fsync"
 UVLOOP_BATCHQ = (
     "import sys, uvloop; uvloop.install(); sys.argv[0] = 'batchq'; "
@@ -92,6 +94,7 @@ TARGETS = (  # the issue's targets, in the order the tables list them
     "RSS growth 20k → 1M lines",
     "latency-bound throughput (lines / wall)",
     "`batchq --help`",
+    "first request of a new job",
     "resume: first new request",
     "resume: peak RSS",
     "checkpoint overhead (--fsync)",
@@ -383,9 +386,9 @@ def latency_bound(bench: Bench, report: Report, tmp: Path, *, with_bare: bool) -
     )
 
 
-def start_up(report: Report, tmp: Path) -> None:
-    """``batchq --help`` wall time, and which imports it spends it on."""
-    say("start-up: batchq --help ×10, python -X importtime")
+def start_up(bench: Bench, report: Report, tmp: Path) -> None:
+    """``batchq --help`` wall time, a new job's first request, and the imports behind them."""
+    say("start-up: batchq --help ×10, a new job's first request ×10, python -X importtime")
 
     def wall(*cmd: str | Path) -> float:
         return harness.measure(cmd, timeout=30, log=tmp / "start-up.log", cwd=tmp).wall
@@ -393,8 +396,14 @@ def start_up(report: Report, tmp: Path) -> None:
     wall(BATCHQ, "--help")  # warm the caches first
     help_time = Spread.of([wall(BATCHQ, "--help") for _ in range(10)])
     bare_python = Spread.of([wall(sys.executable, "-c", "pass") for _ in range(5)])
+    first = Spread.of(first_requests(bench, tmp, FIRST_REQUEST_LINES, runs=10))
     rows = [
         ["`batchq --help` (median of 10)", help_time.show(".3f")],
+        [
+            f"`batchq run`, new {FIRST_REQUEST_LINES:,}-line job: process start → first "
+            "request at the endpoint (median of 10)",
+            first.show(".3f"),
+        ],
         ["`python -c pass` (median of 5), for scale", bare_python.show(".3f")],
     ]
     report.section("Start-up (seconds)", table(["command", "wall s"], rows))
@@ -408,6 +417,19 @@ def start_up(report: Report, tmp: Path) -> None:
     )
     seconds = help_time.median
     report.target("`batchq --help`", "≤ 0.3 s", f"{seconds:.3f} s", seconds <= 0.3)
+    seconds = first.median
+    report.target("first request of a new job", "≤ 0.3 s", f"{seconds:.3f} s", seconds <= 0.3)
+
+
+def first_requests(bench: Bench, tmp: Path, lines: int, *, runs: int) -> list[float]:
+    """Seconds from ``batchq run``'s fork to the first request at a mock server, per run."""
+    path, found = bench.input(lines), []
+    with harness.mock_server(BATCHQ, tmp) as url:
+        for _ in range(runs):
+            harness.mock_call(url, "/_mock/reset", post=True)
+            run = bench.batchq(path, url, lines=lines)
+            found.append(harness.mock_call(url, "/_mock/stats")["first_at"] - run.started_at)
+    return found
 
 
 def importtime(top: int = 12) -> list[tuple[str, int, int]]:
@@ -563,7 +585,7 @@ def run_suite(args: argparse.Namespace, tmp: Path) -> Report:
         if variant.resume:
             resume(bench, report, tmp, url)
     latency_bound(bench, report, tmp, with_bare=variant.latency_bare)
-    start_up(report, tmp)
+    start_up(bench, report, tmp)
     worst = min(f["batchq"].rate.median / f["bare aiohttp"].rate.median for f in found.values())
     report.target("throughput, batchq / bare (worst size)", "≥ 80%", f"{worst:.0%}", worst >= 0.8)
     memory_targets(report, found)
