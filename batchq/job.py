@@ -221,12 +221,12 @@ def pin_input(job: Job) -> PinnedInput:
             if pinned_size:
                 known = state.get("input_requests")
                 # The pinned bytes were counted when they were pinned: hash them only.
-                counter.read(f, pinned_size, count=not isinstance(known, int))
+                counter.read(f, pinned_size, count=type(known) is not int)
                 if size < pinned_size or counter.digest.hexdigest() != state.get("input_sha256"):
                     raise InputError(_changed(job))
                 if size > pinned_size and not _ends_line(f, pinned_size):
                     raise InputError(_changed(job))  # the last line was extended, not appended to
-                if isinstance(known, int):
+                if type(known) is int:
                     counter.requests = known
             counter.read(f, size - pinned_size)
     except OSError as exc:
@@ -238,20 +238,25 @@ def pin_input(job: Job) -> PinnedInput:
     return PinnedInput(size, requests)
 
 
-# A newline that starts a line bytes.strip() would empty. Led by a literal, so
-# the regex engine jumps from newline to newline instead of trying every byte.
+# A newline, then a line bytes.strip() would empty, ended within the same chunk.
+# Led by a literal, so the regex engine jumps from newline to newline.
 _BEFORE_BLANK_LINE = re.compile(rb"\n(?=[ \t\r\x0b\x0c]*\n)")
 
 
 class _Fingerprint:
-    """SHA-256 of the bytes read, and a count of their non-blank lines, in one pass."""
+    """SHA-256 of the bytes read, and a count of their non-blank lines, in one pass.
+
+    Chunks are counted where they lie, never joined or copied: only the first
+    line of a chunk (which began in an earlier one) and its unfinished last
+    line need looking at on their own.
+    """
 
     chunk_size = 1 << 20
 
     def __init__(self) -> None:
         self.digest = hashlib.sha256()
         self.requests = 0
-        self._partial = b""
+        self._blank_so_far = True  # the line being read holds only whitespace so far
 
     def read(self, f: BinaryIO, length: int, *, count: bool = True) -> None:
         while length > 0:
@@ -264,15 +269,17 @@ class _Fingerprint:
                 self._count(chunk)
 
     def _count(self, chunk: bytes) -> None:
-        data = self._partial + chunk
-        end = data.rfind(b"\n") + 1  # whole lines only; the rest waits for the next chunk
-        self._partial = data[end:]
-        whole = data[:end]
-        blank = len(_BEFORE_BLANK_LINE.findall(b"\n" + whole))  # "\n": the first line starts one
-        self.requests += whole.count(b"\n") - blank
+        first_end = chunk.find(b"\n")
+        if first_end < 0:
+            self._blank_so_far = self._blank_so_far and not chunk.strip()
+            return
+        first_blank = self._blank_so_far and not chunk[:first_end].strip()
+        blank = first_blank + len(_BEFORE_BLANK_LINE.findall(chunk))
+        self.requests += chunk.count(b"\n") - blank
+        self._blank_so_far = not chunk[chunk.rfind(b"\n") + 1 :].strip()
 
     def finish(self) -> int:
-        return self.requests + (1 if self._partial.strip() else 0)
+        return self.requests + (0 if self._blank_so_far else 1)
 
 
 def _ends_line(f: BinaryIO, size: int) -> bool:
