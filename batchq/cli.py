@@ -39,6 +39,23 @@ class Failure(click.ClickException):
         click.echo(f"batchq: error: {self.message}", err=True)
 
 
+class Concurrency(click.ParamType):  # type: ignore[type-arg]
+    """``auto`` or a whole number from 1 to 10,000."""
+
+    name = "auto|N"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value == "auto" or isinstance(value, int):
+            return value
+        try:
+            number = int(value)
+        except ValueError:
+            self.fail(f"{value!r} is not auto or a whole number", param, ctx)
+        if not 1 <= number <= 10_000:
+            self.fail(f"{number} is not between 1 and 10,000", param, ctx)
+        return number
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="batchq")
 def cli() -> None:
@@ -125,8 +142,20 @@ def _defaults(
 @click.option("--tpm", type=click.FloatRange(min=0), help="Tokens per minute (0 = no limit).")
 @click.option(
     "--concurrency",
+    type=Concurrency(),
+    help="Requests in flight at once: auto (sized to the pace, or to the endpoint's "
+    "capacity) or a fixed number [default: auto].",
+)
+@click.option(
+    "--max-concurrency",
     type=click.IntRange(1, 10_000),
-    help="Requests in flight at once [default: 64].",
+    help="The most requests in flight that auto may reach [default: 1024].",
+)
+@click.option(
+    "--hedge/--no-hedge",
+    default=None,
+    help="Once nothing is left to send, send a second copy of requests slower than the "
+    "p95 latency; the first answer wins [default: off].",
 )
 @click.option(
     "--max-attempts",

@@ -49,7 +49,9 @@ class Settings:
     model: str | None = None
     system: str | None = None
     defaults: JSONObject = field(default_factory=dict)
-    concurrency: int = 64
+    concurrency: int | str = "auto"  # "auto": sized to the pace or the endpoint's capacity
+    max_concurrency: int = 1024  # the ceiling of an "auto" pool
+    hedge: bool = False  # duplicate stragglers once nothing is left to send
     rpm: float = 0.0
     tpm: float = 0.0
     max_attempts: int = 8
@@ -71,7 +73,15 @@ class Settings:
                 "api_key_env must be the *name* of an environment variable, such as "
                 "OPENAI_API_KEY, not the key itself (batchq never stores the key)"
             )
-        _check_range("concurrency", self.concurrency, 1, 10_000, integer=True)
+        if isinstance(self.concurrency, str) and self.concurrency != "auto":
+            raise ConfigError(
+                f'concurrency must be "auto" or a whole number, not {self.concurrency!r}'
+            )
+        if not isinstance(self.concurrency, str):
+            _check_range("concurrency", self.concurrency, 1, 10_000, integer=True)
+        _check_range("max_concurrency", self.max_concurrency, 1, 10_000, integer=True)
+        if not isinstance(self.hedge, bool):
+            raise ConfigError(f"hedge must be true or false, not {self.hedge!r}")
         _check_range("max_attempts", self.max_attempts, 1, 1_000, integer=True)
         for name in ("rpm", "tpm"):
             _check_range(name, getattr(self, name), 0, 1e12)

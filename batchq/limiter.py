@@ -28,9 +28,11 @@ Every change of pace or pause voids the slots booked so far and wakes the
 workers sleeping on them, so a new pace takes effect at once instead of
 after the old bookings have gone out.
 
-**Probe first.** The very first request goes alone and the pool opens when
-its answer is in, so the endpoint's limits are known before 64 requests go
-out at a pace the endpoint would refuse. It costs one round trip per run.
+**Probe first, briefly.** The very first request goes alone and the pool
+opens when its answer is in, so the endpoint's limits are known before many
+requests go out at a pace the endpoint would refuse; but never later than
+``PROBE_SECONDS`` after it went, so a model that thinks for a minute does
+not leave the run idle for that minute.
 
 With no ``--rpm``/``--tpm`` and an endpoint that sends no rate-limit headers
 (vLLM, Ollama, llama.cpp) nothing else here runs: ``wait_turn`` costs a few
@@ -40,6 +42,7 @@ comparisons. All times are float seconds on the event loop's clock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections.abc import Callable, Mapping
 from typing import Literal
@@ -54,6 +57,7 @@ MARGIN = 0.98  # of a limit: pace this far under it
 DECREASE = 0.5  # a 429 multiplies the pace by this
 INCREASE_PER_SECOND = 0.05  # of the ceiling, after a cut
 MIN_RATE_SHARE = 0.01  # of the ceiling: a cut never goes below this
+PROBE_SECONDS = 1.0  # the longest the first request goes alone
 
 
 class Pace:
@@ -139,6 +143,7 @@ class Pacer:
         self._probing = False
         self._on_notice = on_notice
         self._sent = {"requests": 0, "tokens": 0}  # since the last tick
+        self._sent_total = {"requests": 0, "tokens": 0}
         self.observed: dict[Kind, float] = {"requests": 0.0, "tokens": 0.0}  # recent, a second
 
     def _now(self) -> float:
@@ -201,7 +206,10 @@ class Pacer:
         """The first request goes alone; the rest wait for its answer and the limits it states."""
         assert self._probe is not None
         if self._probing:
-            await self._probe.wait()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(PROBE_SECONDS):  # not wait_for: on 3.11 it can
+                    await self._probe.wait()  # swallow a cancellation that races the event
+            self.answered()
         else:
             self._probing = True
 
@@ -240,6 +248,7 @@ class Pacer:
         for kind in KINDS:
             rate = self._sent[kind] / seconds
             self.observed[kind] += 0.2 * (rate - self.observed[kind])
+            self._sent_total[kind] += self._sent[kind]
             self._sent[kind] = 0
             limit = self.limits[kind]
             if limit is not None:
@@ -296,6 +305,20 @@ class Pacer:
             if limit is not None and limit.pace.rate < limit.ceiling * 0.999
         ]
         return ", ".join(slow) or None
+
+    def request_rate(self) -> float | None:
+        """Requests a second the pace allows now (None: not paced).
+
+        A token limit counts as requests of the mean size sent so far.
+        """
+        rates = []
+        if (requests := self.limits["requests"]) is not None:
+            rates.append(requests.pace.rate)
+        if (tokens := self.limits["tokens"]) is not None:
+            sent = self._sent_total["requests"] + self._sent["requests"]
+            sent_tokens = self._sent_total["tokens"] + self._sent["tokens"]
+            rates.append(tokens.pace.rate * sent / sent_tokens if sent_tokens else math.inf)
+        return min(rates) if rates else None
 
     def rates(self) -> dict[Kind, float | None]:
         """The current pace of each kind, per minute (None: not paced)."""

@@ -65,6 +65,11 @@ class Stats:
     retry_causes: Counter[str] = field(default_factory=Counter)  # "429", "503", "timeout", ...
     rate_limited: int = 0
     in_flight: int = 0
+    peak_in_flight: int = 0
+    allowance: int = 0  # requests the pool may have in flight now
+    binding: str | None = None  # what holds sending back: "pace", "endpoint capacity", ...
+    hedges: int = 0  # second copies sent (--hedge)
+    hedge_tokens: int = 0  # their estimated tokens
     prompt_tokens: int = 0
     completion_tokens: int = 0
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
@@ -108,11 +113,15 @@ class RateWindow:
 
 
 def _tail(s: Stats, token_rate: float) -> str:
-    """The figures after the count: tokens, retries, 429s, failures, a slowed pace."""
+    """The figures after the count: tokens, concurrency, retries, 429s, failures, a slowed pace."""
     text = (
-        f"{token_rate:,.0f} tok/s · retries {s.retries:,} · 429s {s.rate_limited:,}"
+        f"{token_rate:,.0f} tok/s · in flight {s.in_flight:,}/{s.allowance:,}"
+        + (f" ({s.binding})" if s.binding else "")
+        + f" · retries {s.retries:,} · 429s {s.rate_limited:,}"
         f" · failed {s.failed_before + s.failed:,}"
     )
+    if s.hedges:
+        text += f" · hedges {s.hedges:,}"
     return text + (f" · pace {s.pace}" if s.pace else "")
 
 
@@ -214,6 +223,8 @@ def summary(stats: Stats, *, results: str, errors: str, resume: str) -> dict[str
             "retries": s.retries,
             "retries_by_cause": dict(sorted(s.retry_causes.items())),
             "rate_limited": s.rate_limited,
+            "concurrency": {"peak_in_flight": s.peak_in_flight, "allowance": s.allowance},
+            "hedges": {"sent": s.hedges, "estimated_tokens": s.hedge_tokens},
         },
         "results": results,
         "errors": errors,
@@ -246,6 +257,10 @@ def render_summary(figures: dict[str, Any]) -> str:
             f"  latency: p50 {latency['p50']:.3f}s · p95 {latency['p95']:.3f}s"
             f" · p99 {latency['p99']:.3f}s"
         )
+    lines.append(f"  concurrency: at most {run['concurrency']['peak_in_flight']:,} in flight")
+    if run["hedges"]["sent"]:
+        hedges = run["hedges"]
+        lines[-1] += f"; {hedges['sent']:,} hedges (~{hedges['estimated_tokens']:,} tokens extra)"
     lines.append(f"  results: {f['results']}")
     lines.append(f"  errors:  {f['errors']}")
     if f["resume"]:

@@ -53,6 +53,7 @@ def result_line(
     body: Any,
     *,
     attempts: int,
+    hedged: bool = False,
 ) -> bytes:
     """The results.jsonl line of a request the endpoint answered with 2xx.
 
@@ -61,6 +62,9 @@ def result_line(
     are valid JSON: they were decoded), which saves encoding every answer
     again; otherwise the decoded body is re-encoded onto one line.
     """
+    extra: dict[str, Any] = {"line": request.line_no, "attempts": attempts}
+    if hedged:  # a second copy was sent; the first answer is this one
+        extra["hedged"] = True
     if isinstance(body, dict | list) and b"\n" not in raw_body and b"\r" not in raw_body:
         head = orjson.dumps(
             {
@@ -69,9 +73,7 @@ def result_line(
                 "response": {"status_code": status, "request_id": request_id},
             }
         )
-        tail = orjson.dumps(
-            {"error": None, "batchq": {"line": request.line_no, "attempts": attempts}}
-        )
+        tail = orjson.dumps({"error": None, "batchq": extra})
         # head ends in "}}": reopen "response" to add its body, then the rest of the line.
         return b"".join((head[:-2], b',"body":', raw_body, b"},", tail[1:], b"\n"))
     return orjson.dumps(
@@ -80,7 +82,7 @@ def result_line(
             "custom_id": request.custom_id,
             "response": {"status_code": status, "request_id": request_id, "body": body},
             "error": None,
-            "batchq": {"line": request.line_no, "attempts": attempts},
+            "batchq": extra,
         },
         option=orjson.OPT_APPEND_NEWLINE,
     )

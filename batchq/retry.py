@@ -5,8 +5,8 @@ Plain functions and one frozen policy, no I/O: the worker loop in
 
 - 5xx, 408, 409, timeouts and dropped connections: exponential backoff with
   full jitter, ``random() * min(max_delay, base_delay * 2 ** (attempt - 1))``,
-  up to ``max_attempts`` attempts in all; a ``Retry-After`` the endpoint sent
-  replaces the computed wait.
+  up to ``max_attempts`` attempts in all; a longer ``Retry-After`` the
+  endpoint sent lengthens the wait.
 - 429: wait what the endpoint asks (``Retry-After``, ``retry-after-ms``,
   ``x-ratelimit-reset-*``), pausing the whole pool. 429s have their own,
   much larger bound, ``max_rate_limited``: being told to slow down is not a
@@ -104,8 +104,12 @@ def decide(exc: RequestError, attempts: int, rate_limited: int, policy: RetryPol
                 f"the endpoint cannot be reached ({exc}); check --base-url and the network"
             )
         return GiveUp(retryable=True)
-    wait = retry_after(headers)
-    return Retry(policy.backoff(attempts - rate_limited) if wait is None else wait)
+    # An overloaded server gets ever longer waits: a Retry-After may lengthen the
+    # backoff, never shorten it, and the x-ratelimit-reset-* headers that ride on
+    # every answer are about the rate limit, not about this failure.
+    backoff = policy.backoff(attempts - rate_limited)
+    wait = retry_after(headers, resets=False)
+    return Retry(backoff if wait is None else max(backoff, wait))
 
 
 def fatal_reason(exc: RequestError) -> str | None:
@@ -165,8 +169,13 @@ def parse_duration(text: str) -> float | None:
     return sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
 
 
-def retry_after(headers: Mapping[str, str], now: Callable[[], float] = time.time) -> float | None:
-    """How long the endpoint asked us to wait, from the first header that says, or None."""
+def retry_after(
+    headers: Mapping[str, str], now: Callable[[], float] = time.time, *, resets: bool = True
+) -> float | None:
+    """How long the endpoint asked us to wait, from the first header that says, or None.
+
+    ``resets``: also read the ``x-ratelimit-reset-*`` headers (for a 429).
+    """
     ms = headers.get("retry-after-ms")
     if ms is not None:
         try:
@@ -182,7 +191,7 @@ def retry_after(headers: Mapping[str, str], now: Callable[[], float] = time.time
             return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - now())
         except (TypeError, ValueError):
             pass
-    return _reset_time(headers)
+    return _reset_time(headers) if resets else None
 
 
 def _reset_time(headers: Mapping[str, str]) -> float | None:

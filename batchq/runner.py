@@ -23,11 +23,19 @@ import asyncio
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import orjson
 
-from batchq.errors import BatchqError, FatalEndpointError, RequestError
+from batchq.concurrency import Pool
+from batchq.errors import (
+    BatchqError,
+    FatalEndpointError,
+    RequestError,
+    TransportError,
+)
+from batchq.hedge import Answer, Hedger, answer
 from batchq.job import Job, add_elapsed, job_lock, pin_input, write_progress
 from batchq.journal import Journal, retry_failed
 from batchq.limiter import Kind, Pacer
@@ -92,10 +100,18 @@ class Pipeline:
         self.stats = stats
         self.size = size  # of the input: bytes appended after the run began wait for the next
         self.options = options
-        self.workers = settings.concurrency
+        self.pool = Pool(settings.concurrency, settings.max_concurrency)
+        if self.pool.ceiling < self.pool.wanted:
+            options.on_notice(
+                f"{self.pool.wanted:,} requests in flight would need more open files than this "
+                f"process may have (ulimit -n): at most {self.pool.ceiling:,}"
+            )
+        self.workers = self.pool.ceiling  # the gate, not the number of workers, sets the pace
         self.requests: asyncio.Queue[Request | None] = asyncio.Queue(maxsize=2 * self.workers)
         self.outcomes: asyncio.Queue[Outcome | None] = asyncio.Queue(maxsize=4 * self.workers)
         self.pacer = Pacer(rpm=settings.rpm, tpm=settings.tpm, on_notice=options.on_notice)
+        self.hedger = Hedger(stats.pending or 0) if settings.hedge else None
+        self.exhausted = False  # every request has been taken by a worker
         self.policy = RetryPolicy(max_attempts=settings.max_attempts)
         self.template = RequestTemplate.from_settings(settings)
         self._feeder: asyncio.Task[None] | None = None
@@ -131,7 +147,7 @@ class Pipeline:
         drain = self.job.settings.drain_timeout
         asyncio.get_running_loop().call_later(drain, self._main.cancel)
         self.options.on_notice(
-            f"stopping: waiting up to {drain:g}s for {self.stats.in_flight} requests in flight "
+            f"stopping: waiting up to {drain:g}s for {self.pool.in_flight} requests in flight "
             "(Ctrl-C again to stop at once)"
         )
 
@@ -141,7 +157,7 @@ class Pipeline:
             AiohttpTransport(
                 s.base_url,
                 self.options.api_key,
-                concurrency=s.concurrency,
+                concurrency=self.workers,
                 timeout=s.timeout,
                 connect_timeout=s.connect_timeout,
             ) as transport,
@@ -173,51 +189,65 @@ class Pipeline:
             await self.requests.put(None)
 
     async def _process(self, transport: Transport) -> None:
-        stats = self.stats
         while (request := await self.requests.get()) is not None:
-            stats.in_flight += 1
-            try:
-                outcome = await self._call(transport, request)
-            finally:
-                stats.in_flight -= 1
-            await self.outcomes.put(outcome)
+            await self.outcomes.put(await self._call(transport, request))
+        self.exhausted = True  # the queue is FIFO: every request was taken before its sentinel
 
     async def _call(self, transport: Transport, request: Request) -> Outcome:
         """Send one request until it succeeds or fails for good."""
         if self.pacer.never_fits(request.tokens):
             message = f"needs ~{request.tokens:,} tokens, more than the whole --tpm budget"
             return _failure(request, "request_too_large", message, attempts=0)
-        loop = asyncio.get_running_loop()
         attempts = rate_limited = 0
         while True:
-            started = await self.pacer.wait_turn(request.tokens)
             attempts += 1
+            started, result, hedged = await self._attempt(transport, request)
+            if isinstance(result, Response):
+                if 200 <= result.status < 300:
+                    return _success(request, result, attempts, hedged)
+                result = status_error(result.status, result.body, result.headers, result.request_id)
+            decision = decide(result, attempts, rate_limited, self.policy)
+            if isinstance(decision, Fatal):
+                raise FatalEndpointError(decision.reason) from None
+            if isinstance(decision, GiveUp):
+                return _failure_from(request, result, attempts, decision.retryable)
+            self.stats.retried(retry_cause(result))
+            if decision.pause_all:
+                rate_limited += 1
+                self.stats.rate_limited += 1
+                self.pacer.pause(decision.delay)
+                self.pacer.rate_limited(limit_kind(result), started)
+            else:
+                await asyncio.sleep(decision.delay)  # off the pool: the slot serves another
+
+    async def _attempt(self, transport: Transport, request: Request) -> tuple[float, Answer, bool]:
+        """One attempt within the pool's allowance and the pace: when it went, the answer,
+        and whether a second copy was sent."""
+        pool, loop = self.pool, asyncio.get_running_loop()
+        await pool.gate.acquire()
+        try:
+            started = await self.pacer.wait_turn(request.tokens)
+            pool.sent(started)
+            result: Answer | None = None  # None: cancelled before an answer
+            hedged = False
             try:
-                try:
-                    response = await transport.send(request.url, request.body)
-                finally:
-                    self.pacer.answered()
-                self.pacer.observe(response.headers)
-                if 200 <= response.status < 300:
-                    self.stats.latency.add(loop.time() - started)
-                    return _success(request, response, attempts)
-                raise status_error(
-                    response.status, response.body, response.headers, response.request_id
-                )
-            except RequestError as exc:
-                decision = decide(exc, attempts, rate_limited, self.policy)
-                if isinstance(decision, Fatal):
-                    raise FatalEndpointError(decision.reason) from None
-                if isinstance(decision, GiveUp):
-                    return _failure_from(request, exc, attempts, decision.retryable)
-                self.stats.retried(retry_cause(exc))
-                if decision.pause_all:
-                    rate_limited += 1
-                    self.stats.rate_limited += 1
-                    self.pacer.pause(decision.delay)
-                    self.pacer.rate_limited(limit_kind(exc), started)
+                if self.hedger is None:
+                    result = await answer(transport, request)
                 else:
-                    await asyncio.sleep(decision.delay)
+                    turn = partial(self.pacer.wait_turn, request.tokens)
+                    result, hedged = await self.hedger.send(transport, request, started, turn)
+            finally:
+                self.pacer.answered()
+                ok = isinstance(result, Response) and 200 <= result.status < 300
+                pool.answered(started, loop.time(), ok=ok, overload=_overload(result))
+        finally:
+            pool.gate.release()
+        assert result is not None
+        if isinstance(result, Response):
+            self.pacer.observe(result.headers)
+            if ok:
+                self.stats.latency.add(loop.time() - started)
+        return started, result, hedged
 
     async def _write_outcomes(self) -> None:
         """The single owner of the output files: append outcomes in batches."""
@@ -254,6 +284,18 @@ class Pipeline:
             stats.prompt_tokens += o.prompt_tokens
             stats.completion_tokens += o.completion_tokens
 
+    def _steer(self, now: float) -> None:
+        """Size the pool to what was observed; choose stragglers to hedge."""
+        rate = self.pacer.request_rate()
+        self.pool.resize(rate, now)
+        stats, pool = self.stats, self.pool
+        stats.in_flight, stats.peak_in_flight = pool.in_flight, pool.peak
+        stats.allowance, stats.binding = pool.gate.limit, pool.binding(rate is not None)
+        if self.hedger is not None:
+            if self.exhausted and not pool.gate.waiting:
+                self.hedger.choose(now, stats.latency.percentile(95), stats.latency.total)
+            stats.hedges, stats.hedge_tokens = self.hedger.sent, self.hedger.tokens
+
     async def _tick(self) -> None:
         """Commit the checkpoint a few times a second; show progress when it is due."""
         every = self.options.progress_every
@@ -267,6 +309,7 @@ class Pipeline:
                 await self.journal.commit_in_thread()
                 self.pacer.tick(COMMIT_INTERVAL)
                 now = loop.time()
+                self._steer(now)
                 if progress is not None and every and now >= next_progress:
                     self.stats.pace = self.pacer.slowed()
                     progress.show()
@@ -279,7 +322,7 @@ class Pipeline:
                 progress.close()
 
 
-def _success(request: Request, response: Response, attempts: int) -> Outcome:
+def _success(request: Request, response: Response, attempts: int, hedged: bool) -> Outcome:
     raw = response.body
     body: Any
     try:
@@ -291,8 +334,17 @@ def _success(request: Request, response: Response, attempts: int) -> Outcome:
     if isinstance(usage, dict):
         prompt = _int(usage.get("prompt_tokens", usage.get("input_tokens")))
         completion = _int(usage.get("completion_tokens", usage.get("output_tokens")))
-    line = result_line(request, response.status, response.request_id, raw, body, attempts=attempts)
+    line = result_line(
+        request, response.status, response.request_id, raw, body, attempts=attempts, hedged=hedged
+    )
     return Outcome(request.line_no, True, line, prompt, completion)
+
+
+def _overload(result: Answer | None) -> bool:
+    """An answer that says the endpoint has more than it can take."""
+    if isinstance(result, Response):
+        return result.status in (429, 503)
+    return isinstance(result, TransportError)  # timeouts and dropped connections too
 
 
 def retry_cause(exc: RequestError) -> str:

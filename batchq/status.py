@@ -49,6 +49,10 @@ def job_status(job_dir: Path) -> dict[str, Any]:
         "prompt_tokens": totals.prompt_tokens,
         "completion_tokens": totals.completion_tokens,
         "in_flight": live.get("in_flight"),
+        "allowance": live.get("allowance"),
+        "peak_in_flight": live.get("peak_in_flight"),
+        "binding": live.get("binding"),
+        "hedges": live.get("hedges"),
         "elapsed_s": live.get("elapsed_s", state.get("elapsed_s")),
         "retries": live.get("retries"),
         "rate_limited": live.get("rate_limited"),
@@ -71,7 +75,8 @@ def render_status(f: dict[str, Any]) -> str:
     ]
     if f["state"] == "running" and f["in_flight"] is not None:
         lines.append(
-            f"  running for {duration(f['elapsed_s'])}: {f['in_flight']} in flight, "
+            f"  running for {duration(f['elapsed_s'])}: {f['in_flight']}/{f['allowance']} "
+            f"in flight ({f['binding']}), "
             f"{f['retries']:,} retries, {f['rate_limited']:,} 429s"
             + (f", pace {f['pace']}" if f["pace"] else "")
         )
