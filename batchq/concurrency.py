@@ -14,24 +14,31 @@ the first request went, so a slow model opens the pool as it waits instead
 of idling.
 
 **Without a pace** (vLLM, Ollama, llama.cpp, TGI: no limits stated anywhere)
-``AdaptiveLimit`` finds the endpoint's knee from the latency it sees, in the
-manner of TCP Vegas and Netflix's Gradient2 limit, with TCP's discipline of
-judging a change only by requests sent after it:
+``AdaptiveLimit`` finds the endpoint's knee by probing its throughput, after
+BBR's idea of probing the bottleneck: throughput grows in proportion to the
+requests in flight until the endpoint is full; past that, more in flight is
+only a longer queue. So it measures the answers a second each limit brings,
+over windows of at least a second and four median latencies, and
 
-- the *base* latency is the lowest median seen over a window, found while
-  the pool is still small (it starts at ``INITIAL``);
-- a window of answers whose median stays within ``TOLERANCE`` × base, while
-  the pool was full, grows the limit: doubling per window until the first
-  sign of a queue (slow start), then by its square root;
-- a median above that shrinks the limit in proportion, limit × target/median
-  (never below half), so it settles where the endpoint's queue is short;
-- overload answers (503, 429, timeouts, dropped connections) in more than a
-  few percent of a window cut it by a quarter.
+- doubles the limit from ``INITIAL`` while throughput keeps up (slow start);
+- goes back to the best limit as soon as a larger one does not earn half
+  its proportional gain: the endpoint is full, and the rest would queue;
+- then, every few windows, tries a quarter more (kept only if it earns its
+  gain) or a fifth less (kept if it loses almost nothing), so the limit
+  follows a capacity that changes and sheds a queue it has built;
+- cuts by a quarter when overload answers (503, 429, timeouts, dropped
+  connections) are more than a few percent of a window.
 
-Windows are medians of many answers, so one slow answer moves nothing, and
-each change waits for answers to requests sent after it, so the limit cannot
-be cut twice for one queue. Everything here but ``Gate`` is a pure function
-of the observations and the clock it is handed: float seconds.
+Latency-based designs (TCP Vegas; Netflix's Vegas and Gradient2 limits;
+Envoy's adaptive concurrency filter) compare each window's latency with a
+minimum. An LLM's latency varies tenfold with the length of its answer, and
+a minimum taken over noisy windows drifts low until a healthy endpoint looks
+congested and the pool collapses; measured throughput is what a user wants
+and, counted over many answers, it is steady. Windows are long, so one slow
+answer moves nothing, and each judges answers to requests sent under the
+limit it measures (it waits one p90 latency first). Everything here but
+``Gate`` is a pure function of the observations and the clock it is
+handed: float seconds.
 """
 
 from __future__ import annotations
@@ -41,9 +48,13 @@ import math
 import resource
 from collections import deque
 
-INITIAL = 8  # the unpaced pool's first allowance: small enough to see the unloaded latency
+INITIAL = 4  # the unpaced pool's first allowance: small enough to see the unloaded latency
 FLOOR = 2
-TOLERANCE = 1.7  # a median this many times the base latency means the endpoint is queueing
+WINDOW = 1.0  # the shortest measurement of a limit's throughput
+WINDOW_LATENCIES = 4  # and at least this many median latencies
+KEEP = 0.98  # of the best throughput: a smaller pool that keeps this much is kept
+MIN_ANSWERS = 32
+PROBE_EVERY = 4  # measurements of the best limit between two probes of another
 HEADROOM = 1.5  # over Little's law, so that the pace binds
 PACED_PERCENTILE = 90
 PACED_MIN = 16
@@ -120,54 +131,87 @@ def paced_allowance(rate: float, latency: float, ceiling: int) -> int:
 
 
 class AdaptiveLimit:
-    """The unpaced pool's limit, found from answers (see the module docstring)."""
+    """The unpaced pool's limit, found by probing the endpoint's throughput.
+
+    A step: set a limit, let one high-percentile latency pass so that the
+    answers come from requests sent under it, then count answers over a
+    window of at least a second, two median latencies and ``MIN_ANSWERS``.
+    That gives the throughput at that limit; the step's verdict compares it
+    with the best limit's. See the module docstring for the rules.
+    """
 
     def __init__(self, ceiling: int, initial: int = INITIAL) -> None:
         self.ceiling = ceiling
         self.limit = min(initial, ceiling)
-        self.base: float | None = None  # the lowest window median: the unloaded latency
+        self.best: tuple[int, float] | None = None  # (limit, its answers a second)
         self.slow_start = True
-        self._since = -math.inf  # judge only requests sent after the last change
-        self._latencies: list[float] = []
+        self.steps = 0
+        self._latency = RecentLatency(256)
+        self._step(-math.inf)
+
+    def _step(self, now: float) -> None:
+        """Begin measuring the current limit."""
+        warmup = self._latency.percentile(90) or 0.0
+        median = self._latency.percentile(50) or 0.0
+        self._from = now + warmup
+        self._until = self._from + max(WINDOW, WINDOW_LATENCIES * median)
+        self._first = self._last = 0.0  # when the window's first and last answers came
+        self._answers = 0
         self._overloads = 0
-        self._peak = 0  # most in flight since the window began
+        self._peak = 0  # the most in flight during the window
 
-    def sent(self, in_flight: int) -> None:
-        """A request went out; ``in_flight`` counts it."""
-        self._peak = max(self._peak, in_flight)
+    def sent(self, in_flight: int, now: float) -> None:
+        """A request went out at ``now``; ``in_flight`` counts it."""
+        if self._from == -math.inf:  # the first request: the first measurement begins
+            self._from, self._until = now, now + WINDOW
+        if now >= self._from:
+            self._peak = max(self._peak, in_flight)
 
-    def answered(self, sent_at: float, latency: float, *, overload: bool, now: float) -> None:
-        """An attempt sent at ``sent_at`` ended after ``latency``; ``overload``: 503/429/timeout."""
-        if sent_at < self._since:
-            return
+    def answered(self, latency: float, *, overload: bool, now: float) -> None:
+        """An attempt ended at ``now`` after ``latency``; ``overload``: 503, 429, a timeout."""
         if overload:
-            self._overloads += 1
-        else:
-            self._latencies.append(latency)
-        if len(self._latencies) + self._overloads >= max(8, min(64, self.limit // 2)):
+            self._overloads += now >= self._from
+            return
+        self._latency.add(latency)
+        if now < self._from:
+            return
+        if not self._answers:
+            self._first = now
+        self._answers += 1
+        self._last = now
+        if now >= self._until and self._answers >= MIN_ANSWERS:
             self._decide(now)
 
     def _decide(self, now: float) -> None:
-        samples = len(self._latencies) + self._overloads
-        limit = self.limit
-        if self._overloads >= 3 and self._overloads > OVERLOAD_SHARE * samples:
-            limit = math.floor(limit * 0.75)
-            self.slow_start = False
-        elif self._latencies:
-            ordered = sorted(self._latencies)
-            median = ordered[len(ordered) // 2]
-            self.base = median if self.base is None else min(self.base, median)
-            target = TOLERANCE * self.base
-            if median > target:
-                limit = math.floor(limit * max(0.5, target / median))
+        # Between the first and the last answer: a window's edges would cut batches
+        # of answers (a GPU server's come together) into a noisy count.
+        rate = (self._answers - 1) / max(self._last - self._first, 1e-9)
+        limit, best = self.limit, self.best
+        answers = self._answers + self._overloads
+        if self._overloads >= 3 and self._overloads > OVERLOAD_SHARE * answers:
+            limit, self.best, self.slow_start = math.floor(limit * 0.75), None, False
+        elif self._peak < 0.9 * limit:
+            pass  # the pool was not full (the input ran dry, or the tail): nothing learnt
+        elif best is None:
+            self.best = (limit, rate)
+            limit *= 2
+        elif best[0] == limit:
+            self.best = (limit, (best[1] + rate) / 2)  # the best limit, measured again
+            self.steps += 1
+            if self.steps % PROBE_EVERY == 0:
+                limit = math.ceil(limit * (1.25 if self.steps // PROBE_EVERY % 2 else 0.8))
+        else:
+            # Throughput grows in proportion to the pool until the endpoint is full; past
+            # that, more in flight is only a longer queue. A larger pool must earn half
+            # the proportional gain; a smaller one is kept if it loses almost nothing.
+            if rate >= best[1] * (1 + (limit / best[0] - 1) / 2 if limit > best[0] else KEEP):
+                self.best = (limit, rate)
+                limit = limit * 2 if self.slow_start else limit
+            else:
                 self.slow_start = False
-            elif self._peak >= 0.9 * limit:  # the pool was full: it is what binds
-                limit += limit if self.slow_start else max(1, math.isqrt(limit))
+                limit = best[0]
         self.limit = max(FLOOR, min(self.ceiling, limit))
-        self._since = now
-        self._latencies.clear()
-        self._overloads = 0
-        self._peak = 0
+        self._step(now)
 
 
 def descriptor_ceiling(wanted: int) -> int:
@@ -208,7 +252,7 @@ class Pool:
     def sent(self, now: float) -> None:
         self.in_flight += 1
         self.peak = max(self.peak, self.in_flight)
-        self.adaptive.sent(self.in_flight)
+        self.adaptive.sent(self.in_flight, now)
         if self._first_sent is None:
             self._first_sent = now
 
@@ -217,7 +261,7 @@ class Pool:
         if ok:
             self.recent.add(now - sent_at)
         if ok or overload:
-            self.adaptive.answered(sent_at, now - sent_at, overload=overload, now=now)
+            self.adaptive.answered(now - sent_at, overload=overload, now=now)
 
     def resize(self, rate: float | None, now: float) -> None:
         """Set the allowance: Little's law under a pace of ``rate`` a second, else adaptive."""

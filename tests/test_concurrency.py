@@ -1,0 +1,291 @@
+"""The pool's allowance: the gate, Little's law, and the adaptive limit on simulated endpoints.
+
+The controllers are pure functions of what they are told and of the clock
+they are handed, so they are tested against endpoints simulated in virtual
+time: no sleeps, and minutes of traffic in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import math
+import random
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from batchq.concurrency import (
+    FD_RESERVE,
+    INITIAL,
+    AdaptiveLimit,
+    Gate,
+    Pool,
+    paced_allowance,
+)
+
+# --- Gate ----------------------------------------------------------------------------------
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_the_gate_admits_up_to_its_limit_in_arrival_order() -> None:
+    gate, order = Gate(2), []
+
+    async def holder(name: int) -> None:
+        await gate.acquire()
+        order.append(name)
+
+    tasks = [asyncio.create_task(holder(i)) for i in range(5)]
+    await settle()
+    assert order == [0, 1] and gate.waiting == 3
+    gate.release()
+    await settle()
+    assert order == [0, 1, 2]
+    gate.set_limit(4)  # growing wakes the next in line at once
+    await settle()
+    assert order == [0, 1, 2, 3, 4] and gate.used == 4
+    await asyncio.gather(*tasks)
+
+
+async def test_a_shrunk_gate_admits_no_one_until_enough_have_left() -> None:
+    gate = Gate(3)
+    for _ in range(3):
+        await gate.acquire()
+    gate.set_limit(1)
+    waiter = asyncio.create_task(gate.acquire())
+    gate.release()
+    gate.release()
+    await settle()
+    assert not waiter.done()  # 1 in use, limit 1
+    gate.release()
+    await settle()
+    assert waiter.done() and gate.used == 1
+
+
+async def test_a_cancelled_waiter_passes_its_place_on() -> None:
+    gate = Gate(1)
+    await gate.acquire()
+    first, second = asyncio.create_task(gate.acquire()), asyncio.create_task(gate.acquire())
+    await settle()
+    gate.release()  # wakes `first`...
+    first.cancel()  # ...which is cancelled before it runs
+    await settle()
+    assert second.done() and gate.used == 1
+
+
+# --- Little's law under a pace ---------------------------------------------------------------
+
+
+def test_paced_allowance_is_rate_times_latency_with_headroom_within_bounds() -> None:
+    assert paced_allowance(100.0, 2.0, 1024) == 300  # 100/s × 2 s × 1.5
+    assert paced_allowance(1.0, 0.1, 1024) == 16  # never below a small floor
+    assert paced_allowance(1000.0, 10.0, 1024) == 1024  # never above the ceiling
+    assert paced_allowance(1000.0, 10.0, 8) == 8
+
+
+def test_under_a_pace_the_pool_opens_while_the_first_answers_are_awaited() -> None:
+    pool = Pool("auto", 1024)
+    pool.sent(100.0)
+    pool.resize(rate=50.0, now=100.2)
+    opened = pool.gate.limit
+    pool.resize(rate=50.0, now=110.0)  # 10 s and no answer: the latency is at least that
+    assert opened < pool.gate.limit == 750
+
+
+def test_under_a_pace_the_allowance_follows_the_measured_latency() -> None:
+    pool = Pool("auto", 1024)
+    for i in range(200):
+        pool.sent(float(i))
+        pool.answered(float(i), i + 0.5 + (i % 10) * 0.1, ok=True, overload=False)
+    pool.resize(rate=100.0, now=200.0)
+    assert pool.gate.limit == math.ceil(100 * 1.4 * 1.5)  # p90 of 0.5..1.4 s
+
+
+def test_a_fixed_concurrency_is_never_resized() -> None:
+    pool = Pool(12, 1024)
+    pool.resize(rate=None, now=0.0)
+    pool.resize(rate=1000.0, now=5.0)
+    assert pool.gate.limit == 12
+
+
+# --- The adaptive limit against simulated endpoints -----------------------------------------
+
+
+@dataclass
+class SlotServer:
+    """A GPU-like endpoint: ``slots`` served at once, the rest queue FIFO; each request
+    takes ``base`` seconds, up to 1.5× that when every slot is busy (batching)."""
+
+    slots: int
+    base: float = 0.2
+    busy: int = 0
+    queue: list[float] = field(default_factory=list)
+
+    def service(self) -> float:
+        return self.base * (1 + 0.5 * (self.busy - 1) / self.slots)
+
+    @property
+    def capacity(self) -> float:
+        return self.slots / (self.base * 1.5)
+
+
+@dataclass
+class Run:
+    limits: list[tuple[float, int]]  # (time, limit) after every answer
+    answers: list[tuple[float, float]]  # (time answered, latency)
+
+    def throughput(self, since: float) -> float:
+        times = [t for t, _ in self.answers if t >= since]
+        return len(times) / (times[-1] - since)
+
+    def p50(self, since: float) -> float:
+        latencies = sorted(lat for t, lat in self.answers if t >= since)
+        return latencies[len(latencies) // 2]
+
+
+def simulate_slots(server: SlotServer, limit: AdaptiveLimit, seconds: float) -> Run:
+    """A client that keeps ``limit.limit`` requests in flight, against ``server``."""
+    now, in_flight = 0.0, 0
+    events: list[tuple[float, float]] = []  # (answered at, sent at)
+    run = Run([], [])
+
+    def start(sent_at: float) -> None:
+        server.busy += 1
+        heapq.heappush(events, (now + server.service(), sent_at))
+
+    def send() -> None:
+        nonlocal in_flight
+        while in_flight < limit.limit:
+            in_flight += 1
+            limit.sent(in_flight, now)
+            if server.busy < server.slots:
+                start(now)
+            else:
+                server.queue.append(now)
+
+    send()
+    while now < seconds:
+        now, sent_at = heapq.heappop(events)
+        server.busy -= 1
+        if server.queue:
+            start(server.queue.pop(0))
+        in_flight -= 1
+        limit.answered(now - sent_at, overload=False, now=now)
+        run.answers.append((now, now - sent_at))
+        run.limits.append((now, limit.limit))
+        send()
+    return run
+
+
+@pytest.mark.parametrize("slots", [4, 16, 64, 256])
+def test_the_adaptive_limit_reaches_a_slot_servers_capacity_without_a_long_queue(
+    slots: int,
+) -> None:
+    server = SlotServer(slots)
+    run = simulate_slots(server, AdaptiveLimit(ceiling=1024), seconds=60)
+    assert run.throughput(since=20) >= 0.9 * server.capacity
+    assert run.p50(since=20) <= 2 * server.base  # the queue stays short
+    steady = [limit for t, limit in run.limits if t >= 20]
+    assert min(steady) >= 0.5 * max(steady)  # no oscillation that halves the pool
+
+
+def test_the_adaptive_limit_leaves_slow_start_within_a_few_round_trips() -> None:
+    run = simulate_slots(SlotServer(256), AdaptiveLimit(ceiling=1024), seconds=60)
+    reached = next(t for t, limit in run.limits if limit >= 256)
+    assert reached < 15  # 4 → 256: six doublings, each measured for a second or two
+
+
+def lognormal_latencies(p50: float, p99: float, seed: int = 1) -> Callable[[], float]:
+    rng, sigma = random.Random(seed), math.log(p99 / p50) / 2.326
+    return lambda: rng.lognormvariate(math.log(p50), sigma)
+
+
+def simulate_unbounded(
+    limit: AdaptiveLimit, latency: Callable[[], float], seconds: float
+) -> list[int]:
+    """An endpoint with no capacity limit: each request takes ``latency()``."""
+    now, in_flight, events, limits = 0.0, 0, [], []
+    while now < seconds:
+        while in_flight < limit.limit:
+            in_flight += 1
+            limit.sent(in_flight, now)
+            heapq.heappush(events, (now + latency(), now))
+        now, sent_at = heapq.heappop(events)
+        in_flight -= 1
+        limit.answered(now - sent_at, overload=False, now=now)
+        limits.append(limit.limit)
+    return limits
+
+
+def test_with_heavy_tailed_latency_and_no_capacity_limit_the_pool_grows_to_its_ceiling() -> None:
+    limits = simulate_unbounded(AdaptiveLimit(ceiling=512), lognormal_latencies(0.8, 10), 120)
+    assert limits[-1] == 512
+
+
+def test_one_slow_answer_moves_nothing() -> None:
+    limit = AdaptiveLimit(ceiling=1024)
+    limit.sent(8, 0.0)
+    for i in range(40):
+        limit.answered(0.2, overload=False, now=0.05 * i)
+    before = limit.limit  # the first measurement: doubled
+    limit.answered(600.0, overload=False, now=2.0)  # a ten-minute straggler
+    assert limit.limit == before == 2 * INITIAL
+
+
+def measure(limit: AdaptiveLimit, rate: float, *, every: int = 0) -> None:
+    """Answers at ``rate`` a second with the pool full, until the limit's next verdict;
+    every ``every``-th of them an overload."""
+    before, now = limit.limit, max(limit._until, 0.0) + 10  # past the current warm-up
+    for i in range(int(rate * 60)):
+        now += 1 / rate
+        limit.sent(limit.limit, now)
+        limit.answered(0.1, overload=bool(every) and i % every == 0, now=now)
+        if limit.limit != before:
+            return
+
+
+def test_overload_answers_cut_the_limit_but_a_rare_one_does_not() -> None:
+    limit = AdaptiveLimit(ceiling=1024)
+    limit.limit = 200
+    measure(limit, 100, every=100)  # one 503 in 100
+    assert limit.limit == 400
+    measure(limit, 100, every=4)  # a quarter are 503s
+    assert limit.limit == 300
+
+
+def test_a_limit_that_brings_no_more_throughput_is_given_back() -> None:
+    limit = AdaptiveLimit(ceiling=1024)
+    measure(limit, 100)
+    assert limit.limit == 2 * INITIAL and limit.slow_start
+    measure(limit, 105)  # twice the pool, 5% more answers: the endpoint is full
+    assert limit.limit == INITIAL and not limit.slow_start
+
+
+# --- Open files ------------------------------------------------------------------------------
+
+
+def test_the_pool_never_outgrows_the_open_file_limit() -> None:
+    code = (
+        "import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200));"
+        "from batchq.concurrency import Pool; p = Pool('auto', 1024);"
+        "print(p.ceiling, resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(200 - FD_RESERVE), "200"]
+
+
+def test_the_soft_open_file_limit_is_raised_toward_the_hard_one() -> None:
+    code = (
+        "import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (200, 4096));"
+        "from batchq.concurrency import Pool; p = Pool(1000, 1024);"
+        "print(p.ceiling, resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1000", str(1000 + FD_RESERVE)]
