@@ -347,6 +347,31 @@ def validate(
     default=0.0,
     help="Plus up to this many seconds at random.",
 )
+@click.option(
+    "--latency-p50",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="Plus a lognormal draw of this median, in seconds.",
+)
+@click.option(
+    "--latency-p99",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="The lognormal draw's 99th percentile (needs --latency-p50).",
+)
+@click.option(
+    "--slots",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Serve at most this many at once, like a GPU; the rest queue (0: no limit).",
+)
+@click.option(
+    "--slot-load-factor",
+    type=click.FloatRange(min=0),
+    default=0.5,
+    show_default=True,
+    help="A full batch of slots serves each request this much slower (0.5: 1.5x).",
+)
 @click.option("--rate-500", type=click.FloatRange(0, 1), default=0.0, help="Fraction of 500s.")
 @click.option("--rate-503", type=click.FloatRange(0, 1), default=0.0, help="Fraction of 503s.")
 @click.option(
@@ -370,7 +395,13 @@ def validate(
 @click.option("--insufficient-quota", is_flag=True, help="Answer every request 429 quota.")
 @click.option("--rpm", type=click.IntRange(min=0), default=0, help="Server-side request limit.")
 @click.option("--tpm", type=click.IntRange(min=0), default=0, help="Server-side token limit.")
-@click.option("--seed", type=int, help="Seed of the random faults.")
+@click.option(
+    "--rate-limit-headers/--no-rate-limit-headers",
+    default=True,
+    show_default=True,
+    help="Send x-ratelimit-* headers; without them, limits show only as 429s (like vLLM).",
+)
+@click.option("--seed", type=int, help="Seed of the random faults and latencies.")
 def mock_server(host: str, port: int, api_key_env: str | None, **faults: Any) -> None:
     """Serve the built-in OpenAI-compatible endpoint, for dry runs and tests."""
     from batchq.mockserver import MockOptions, serve_forever
@@ -378,7 +409,10 @@ def mock_server(host: str, port: int, api_key_env: str | None, **faults: Any) ->
     api_key = os.environ.get(api_key_env) if api_key_env else None
     if api_key_env and not api_key:
         raise click.BadParameter(f"${api_key_env} is empty", param_hint="--api-key")
-    options = MockOptions(api_key=api_key, **faults)
+    try:
+        options = MockOptions(api_key=api_key, **faults)
+    except ValueError as exc:  # flags that click checks one by one, but not together
+        raise click.UsageError(str(exc)) from exc
 
     def ready(url: str) -> None:
         click.echo(f"batchq mock-server: listening on {url}", err=True)

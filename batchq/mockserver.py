@@ -11,6 +11,15 @@ One method, `_Mock._decide`, chooses every answer, in the order a real endpoint 
 
 `_Mock._send` then waits for the latency and sends it, or dribbles it out slowly.
 
+Latency shapes of real endpoints: `latency` (fixed) plus `latency_jitter` (uniform) plus a
+lognormal draw of median `latency_p50` and 99th percentile `latency_p99` (a heavy tail, as
+hosted APIs have). With `slots=K` the endpoint behaves like a GPU serving a batch: at most
+K requests are served at once, the rest queue FIFO, and each one's delay is stretched by
+`1 + slot_load_factor * (busy - 1) / K`, so a full batch is slower per request but still
+serves more per second than a small one. The stats report what the server saw: requests
+in it at most (`max_in_flight`), served at most (`max_serving`), and the median time in it
+and in its queue of a uniform sample of its 200 answers.
+
 Scripted faults are directives inside the prompt, so a test writes the fault beside the
 request that meets it: `[[mock:fail=2]]` (the first 2 arrivals of this exact prompt get 503;
 `fail=2:500` for 500), `[[mock:drop=1]]` (close the connection with no answer),
@@ -37,6 +46,7 @@ import itertools
 import math
 import random
 import re
+import statistics
 import struct
 import time
 from collections import Counter, deque
@@ -67,7 +77,12 @@ class MockOptions:
     insufficient_quota: bool = False  # every request answered 429 insufficient_quota
     rpm: int = 0  # requests per minute (0 = no limit)
     tpm: int = 0  # tokens per minute (0 = no limit)
-    seed: int | None = None  # for the random faults and jitter
+    latency_p50: float = 0.0  # plus a lognormal draw of this median (0 = none) ...
+    latency_p99: float = 0.0  # ... and this 99th percentile (0 = the median: no spread)
+    slots: int = 0  # at most this many served at once, the rest queue FIFO (0 = no limit)
+    slot_load_factor: float = 0.5  # a full batch serves each request 1 + this times slower
+    rate_limit_headers: bool = True  # send x-ratelimit-* (vLLM-like servers do not)
+    seed: int | None = None  # for the random faults, jitter and lognormal draws
     record: bool = False  # keep per-prompt arrivals in stats(); off for benchmarks
 
     def __post_init__(self) -> None:
@@ -77,11 +92,29 @@ class MockOptions:
         # One random draw picks among the three faults, so together they must fit in 1.
         if self.rate_500 + self.rate_503 + self.drop_rate > 1.0 + 1e-9:
             raise ValueError("rate_500 + rate_503 + drop_rate must not exceed 1")
-        for name in ("latency", "latency_jitter", "slow_body", "rpm", "tpm"):
+        numbers = ("latency", "latency_jitter", "latency_p50", "latency_p99", "slow_body")
+        for name in (*numbers, "slot_load_factor", "slots", "rpm", "tpm"):
             if not 0 <= getattr(self, name) < math.inf:
                 raise ValueError(
                     f"{name} must be a non-negative number, got {getattr(self, name)!r}"
                 )
+        if self.latency_p99 and not self.latency_p99 >= self.latency_p50 > 0:
+            raise ValueError(
+                "latency_p99 needs 0 < latency_p50 <= latency_p99, got"
+                f" latency_p50={self.latency_p50!r}, latency_p99={self.latency_p99!r}"
+            )
+
+    @property
+    def lognormal(self) -> tuple[float, float] | None:
+        """(mu, sigma) of the lognormal latency, or None without one."""
+        if not self.latency_p50:
+            return None
+        p99 = self.latency_p99 or self.latency_p50
+        return math.log(self.latency_p50), math.log(p99 / self.latency_p50) / _Z99
+
+
+# The 99th percentile of a normal distribution, in standard deviations above its median.
+_Z99 = statistics.NormalDist().inv_cdf(0.99)
 
 
 def format_duration(seconds: float) -> str:
@@ -460,11 +493,43 @@ class _RateLimiter:
 # --- Statistics --------------------------------------------------------------------------
 
 
+class _Reservoir:
+    """A uniform sample of at most `size` values of a stream (Vitter's algorithm R).
+
+    A whole run's median in constant memory; the last N values would tell only its end.
+    """
+
+    __slots__ = ("_random", "count", "size", "values")
+
+    def __init__(self, size: int = 1024) -> None:
+        self.size, self.count, self.values = size, 0, list[float]()
+        self._random = random.Random().random  # its own, so the seeded faults stay as seeded
+
+    def add(self, value: float) -> None:
+        self.count += 1
+        if self.count <= self.size:
+            self.values.append(value)
+        elif (slot := int(self._random() * self.count)) < self.size:
+            self.values[slot] = value
+
+    def median(self) -> float | None:
+        return statistics.median(self.values) if self.values else None
+
+
 @dataclass(slots=True)
 class _Stats:
-    """Counters since start or reset; `prompts` and `arrivals` are kept only when recording."""
+    """Counters since start or reset; `prompts` and `arrivals` are kept only when recording.
+
+    `in_flight` counts the completion requests inside the server now, queued or served;
+    a reset carries it over, as those requests are still there.
+    """
 
     record: bool
+    in_flight: int = 0
+    max_in_flight: int = 0
+    max_serving: int = 0  # with slots; without, every request in the server is served
+    latency: _Reservoir = field(default_factory=_Reservoir)  # arrival to answer, 200s only
+    queue_wait: _Reservoir = field(default_factory=_Reservoir)  # arrival to a slot, 200s
     requests: int = 0
     dropped: int = 0
     rate_limited: int = 0
@@ -487,8 +552,18 @@ class _Stats:
             self.prompts[prompt] += 1
             self.arrivals.append((now, prompt))
 
-    def snapshot(self) -> JSONObject:
+    def enter(self) -> None:
+        self.in_flight += 1
+        if self.in_flight > self.max_in_flight:
+            self.max_in_flight = self.in_flight
+
+    def snapshot(self, slots: int) -> JSONObject:
         out: JSONObject = {
+            "in_flight": self.in_flight,
+            "max_in_flight": self.max_in_flight,
+            "max_serving": self.max_serving if slots else self.max_in_flight,
+            "latency_p50": self.latency.median(),
+            "queue_wait_p50": self.queue_wait.median() if slots else 0.0,
             "requests": self.requests,
             "by_status": {str(status): n for status, n in sorted(self.by_status.items())},
             "by_path": dict(self.by_path),
@@ -519,18 +594,32 @@ class _Mock:
         self.options = options
         self.stats = _Stats(options.record)
         self._rng = random.Random(options.seed)
+        self._lognormal = options.lognormal
         self._ids = itertools.count(1)
         self._auth = None if options.api_key is None else f"Bearer {options.api_key}"
         self._limiter = (
             _RateLimiter(options.rpm, options.tpm) if options.rpm or options.tpm else None
         )
         self._scripted: dict[str, int] = {}  # arrivals of each prompt that holds a directive
+        # Bound to the event loop on first use, so the app can be built outside one.
+        self._slots = asyncio.Semaphore(options.slots) if options.slots else None
+        self._serving = 0  # slots busy now
+        self._slowdown = options.slot_load_factor / options.slots if options.slots else 0.0
 
     def reset(self) -> None:
-        self.stats = _Stats(self.options.record)
+        in_flight = self.stats.in_flight
+        self.stats = _Stats(
+            self.options.record,
+            in_flight=in_flight,
+            max_in_flight=in_flight,
+            max_serving=self._serving,
+        )
         self._scripted.clear()
         if self._limiter is not None:
             self._limiter = _RateLimiter(self.options.rpm, self.options.tpm)
+
+    def snapshot(self) -> JSONObject:
+        return self.stats.snapshot(self.options.slots)
 
     def _request_id(self) -> str:
         return f"{next(self._ids):024x}"
@@ -539,18 +628,58 @@ class _Mock:
         return self._auth is None or request.headers.get("Authorization") == self._auth
 
     async def handle(self, request: web.Request, endpoint: _Endpoint) -> web.StreamResponse:
-        rid = self._request_id()
-        headers = {"x-request-id": f"req_{rid}"}
-        call: _Call | _BadRequest
+        arrived = time.monotonic()
+        self.stats.enter()
         try:
-            call = endpoint.parse(await request.read())
-        except _BadRequest as exc:
-            call = exc
-        self.stats.arrive(request.path, call.prompt if isinstance(call, _Call) else "")
-        status, body, sleep = self._decide(request, endpoint, call, rid, headers)
-        if self._limiter is not None:  # OpenAI sends these on every answer, 200s included
-            headers.update(self._limiter.headers(time.monotonic()))
-        return await self._send(request, status, body, headers, sleep)
+            rid = self._request_id()
+            headers = {"x-request-id": f"req_{rid}"}
+            call: _Call | _BadRequest
+            try:
+                call = endpoint.parse(await request.read())
+            except _BadRequest as exc:
+                call = exc
+            self.stats.arrive(request.path, call.prompt if isinstance(call, _Call) else "")
+            status, body, sleep = self._decide(request, endpoint, call, rid, headers)
+            if self._limiter is not None and self.options.rate_limit_headers:
+                headers.update(self._limiter.headers(time.monotonic()))  # OpenAI: on every answer
+            delay = self._delay(sleep)
+            if self._slots is not None:
+                queued = await self._serve(self._slots, delay)
+                delay = 0.0
+                if status == 200:
+                    self.stats.queue_wait.add(queued)
+            response = await self._send(request, status, body, headers, delay)
+            if status == 200:
+                self.stats.latency.add(time.monotonic() - arrived)
+            return response
+        finally:
+            self.stats.in_flight -= 1  # a reset carries the count over, so this is the one
+
+    def _delay(self, sleep: float) -> float:
+        """The time this answer takes to compute: fixed, scripted, jitter and lognormal."""
+        opts = self.options
+        delay = opts.latency + sleep
+        if opts.latency_jitter:
+            delay += self._rng.uniform(0.0, opts.latency_jitter)
+        if self._lognormal is not None:
+            delay += self._rng.lognormvariate(*self._lognormal)
+        return delay
+
+    async def _serve(self, slots: asyncio.Semaphore, delay: float) -> float:
+        """Wait for a free slot, hold it while computing; return the seconds queued."""
+        queued = time.monotonic()
+        async with slots:  # FIFO: waiters are woken in arrival order
+            started = time.monotonic()
+            self._serving += 1
+            self.stats.max_serving = max(self.stats.max_serving, self._serving)
+            try:
+                # A batching GPU: each request in the batch slows the others a little,
+                # yet K together still finish more per second than one alone.
+                if delay > 0:
+                    await asyncio.sleep(delay * (1.0 + self._slowdown * (self._serving - 1)))
+            finally:
+                self._serving -= 1
+        return started - queued
 
     def _decide(
         self,
@@ -614,12 +743,9 @@ class _Mock:
         status: int,
         body: bytes | None,
         headers: dict[str, str],
-        sleep: float = 0.0,
+        delay: float,
     ) -> web.StreamResponse:
         opts = self.options
-        delay = opts.latency + sleep
-        if opts.latency_jitter:
-            delay += self._rng.uniform(0.0, opts.latency_jitter)
         if delay > 0:
             await asyncio.sleep(delay)
         if body is None:
@@ -646,19 +772,18 @@ class _Mock:
         self.stats.arrive(request.path, None)
         headers = {"x-request-id": f"req_{self._request_id()}"}
         if not self._authorized(request):
-            return await self._send(request, 401, _status_body(401), headers)
-        return await self._send(request, 200, _MODELS, headers)
+            return await self._send(request, 401, _status_body(401), headers, self._delay(0.0))
+        return await self._send(request, 200, _MODELS, headers, self._delay(0.0))
 
     async def not_found(self, request: web.Request) -> web.StreamResponse:
         self.stats.arrive(request.path, None)
         headers = {"x-request-id": f"req_{self._request_id()}"}
         message = f"Invalid URL ({request.method} {request.path})"
-        return await self._send(
-            request, 404, _error_body(message, "invalid_request_error"), headers
-        )
+        body = _error_body(message, "invalid_request_error")
+        return await self._send(request, 404, body, headers, self._delay(0.0))
 
     async def stats_view(self, request: web.Request) -> web.StreamResponse:
-        return web.Response(body=orjson.dumps(self.stats.snapshot()), content_type=_JSON)
+        return web.Response(body=orjson.dumps(self.snapshot()), content_type=_JSON)
 
     async def reset_view(self, request: web.Request) -> web.StreamResponse:
         self.reset()
@@ -771,7 +896,7 @@ class MockServer:
 
     def stats(self) -> dict[str, Any]:
         """The counters since start or the last reset, as GET /_mock/stats returns them."""
-        return self._app[_STATE].stats.snapshot()
+        return self._app[_STATE].snapshot()
 
     def reset(self) -> None:
         """Zero all counters, directive arrival counts and rate-limit windows."""

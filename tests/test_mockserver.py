@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import statistics
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -12,12 +13,18 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from click.testing import CliRunner
 from multidict import CIMultiDictProxy
+from support import wait_for
 
+from batchq import mockserver
+from batchq.cli import cli
 from batchq.mockserver import (
+    _STATE,
     MockOptions,
     MockServer,
     _Call,
+    _Mock,
     _RateLimiter,
     format_duration,
     serve_forever,
@@ -424,6 +431,17 @@ async def test_tpm_counts_prompt_and_max_tokens(
     assert "retry-after" not in headers  # waiting would not help
 
 
+async def test_rate_limit_headers_can_be_left_out(
+    mock_server: MockFactory, session: aiohttp.ClientSession
+) -> None:
+    mock = mock_server(rpm=60, rate_limit_headers=False)  # vLLM-like: 429s, no budget
+    url = f"{mock.url}/chat/completions"
+    answers = [await post(session, url, chat("x")) for _ in range(3)]
+    assert [status for status, _, _ in answers] == [200, 200, 429]
+    assert not [key for _, _, h in answers for key in h if key.startswith("x-ratelimit")]
+    assert 0 < int(answers[2][2]["retry-after-ms"]) <= 1000  # the wait is still told
+
+
 def _call(tokens: int) -> _Call:
     """A call charged `tokens` tokens: 1 for its prompt, the rest for max_tokens."""
     return _Call(body={}, model="m", prompt="abcd", max_tokens=tokens - 1, script=None)
@@ -451,6 +469,104 @@ def test_limiter_smooths_tokens_per_second() -> None:
     assert limiter.admit(_call(10), 1.0) is None
     # A request over the 1-second share still passes once the second is empty.
     assert limiter.admit(_call(50), 2.0) is None
+
+
+# --- Latency shapes and slots ----------------------------------------------------------
+
+
+def test_lognormal_latency_has_the_median_and_p99_asked_for() -> None:
+    options = MockOptions(latency=0.1, latency_p50=0.8, latency_p99=10.0, seed=5)
+    mock = _Mock(options)
+    draws = sorted(mock._delay(0.0) - 0.1 for _ in range(20_000))
+    # Sampling error at n = 20,000: ~1% on the median, ~3% on the 99th percentile.
+    assert statistics.median(draws) == pytest.approx(0.8, rel=0.05)
+    assert draws[int(0.99 * len(draws))] == pytest.approx(10.0, rel=0.15)
+    first, second = _Mock(options), _Mock(options)
+    assert [first._delay(0.0) for _ in range(5)] == [second._delay(0.0) for _ in range(5)]
+
+
+async def test_lognormal_latency_delays_each_answer_by_its_draw(
+    mock_server: MockFactory, session: aiohttp.ClientSession
+) -> None:
+    options = {"latency_p50": 0.005, "latency_p99": 0.05, "seed": 11}
+    mock = mock_server(**options)
+    for _ in range(21):  # one at a time, so the server's draws come in this order
+        assert (await post(session, f"{mock.url}/chat/completions", chat("x")))[0] == 200
+    # Each answer spent at least its own draw in the server, so the medians compare too.
+    twin = _Mock(MockOptions(**options))
+    drawn = statistics.median(twin._delay(0.0) for _ in range(21))
+    assert mock.stats()["latency_p50"] >= drawn
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait for the server's state in a thread, while this loop's requests go on."""
+    await asyncio.to_thread(wait_for, condition)
+
+
+async def test_slots_serve_at_most_k_and_queue_the_rest(
+    mock_server: MockFactory, session: aiohttp.ClientSession
+) -> None:
+    mock = mock_server(slots=2, latency=60.0)  # nothing is answered while we look
+    url = f"{mock.url}/chat/completions"
+    requests = [asyncio.create_task(post(session, url, chat(f"{n}"))) for n in range(6)]
+    await until(lambda: mock.stats()["in_flight"] == 6)
+    stats = mock.stats()
+    assert (stats["max_in_flight"], stats["max_serving"]) == (6, 2)
+    mock.reset()  # the requests are still inside: a reset keeps counting them
+    assert {k: mock.stats()[k] for k in ("in_flight", "max_in_flight", "max_serving")} == {
+        "in_flight": 6,
+        "max_in_flight": 6,
+        "max_serving": 2,
+    }
+    for request in requests:
+        request.cancel()
+    await asyncio.gather(*requests, return_exceptions=True)
+    await until(lambda: mock.stats()["in_flight"] == 0)  # a client gone leaves its slot
+
+
+async def test_slots_queue_first_in_first_out(
+    mock_server: MockFactory, session: aiohttp.ClientSession
+) -> None:
+    mock = mock_server(slots=1, latency=0.05)
+    url = f"{mock.url}/chat/completions"
+    answered: list[str] = []
+
+    async def ask(prompt: str) -> None:
+        assert (await post(session, url, chat(prompt)))[0] == 200
+        answered.append(prompt)
+
+    async with asyncio.TaskGroup() as group:
+        for arrived, prompt in enumerate("abcd", start=1):
+            group.create_task(ask(prompt))
+            await until(lambda n=arrived: mock.stats()["requests"] == n)  # then the next
+    assert answered == list("abcd")
+    stats = mock.stats()
+    assert (stats["in_flight"], stats["max_in_flight"], stats["max_serving"]) == (0, 4, 1)
+    assert 0 < stats["queue_wait_p50"] < stats["latency_p50"]
+
+
+async def test_a_fuller_batch_serves_each_request_slower() -> None:
+    options = MockOptions(slots=4, slot_load_factor=1.0, latency=0.05)
+    async with MockServer(options) as server, aiohttp.ClientSession() as client:
+        url = f"{server.url}/chat/completions"
+        await asyncio.gather(*(post(client, url, chat(f"{n}")) for n in range(4)))
+        busy = server.stats()["max_serving"]
+        times = server._app[_STATE].stats.latency.values
+    # The request that found `busy` slots taken was stretched by 1 + 1.0 * (busy - 1) / 4.
+    assert max(times) >= 0.05 * (1 + (busy - 1) / 4)
+
+
+async def test_without_slots_every_request_in_the_server_is_served(
+    mock_server: MockFactory, session: aiohttp.ClientSession
+) -> None:
+    mock = mock_server(latency=0.01)
+    url = f"{mock.url}/chat/completions"
+    await asyncio.gather(*(post(session, url, chat(f"{n}")) for n in range(3)))
+    stats = mock.stats()
+    assert stats["max_serving"] == stats["max_in_flight"] >= 1
+    assert stats["queue_wait_p50"] == 0.0
+    assert stats["latency_p50"] >= 0.01
+    assert stats["in_flight"] == 0
 
 
 # --- Stats -------------------------------------------------------------------------------
@@ -503,6 +619,9 @@ async def test_stats_count_and_reset(
         ({"latency": -1.0}, "latency must be a non-negative number"),
         ({"slow_body": math.nan}, "slow_body must be a non-negative number"),
         ({"rpm": -5}, "rpm must be a non-negative number"),
+        ({"slots": -1}, "slots must be a non-negative number"),
+        ({"latency_p99": 2.0}, "latency_p99 needs 0 < latency_p50 <= latency_p99"),
+        ({"latency_p50": 2.0, "latency_p99": 1.0}, "latency_p50=2.0, latency_p99=1.0"),
     ],
 )
 def test_options_are_validated(options: dict[str, Any], match: str) -> None:
@@ -572,3 +691,27 @@ async def test_limits_can_change_while_serving(
     assert statuses == [200, 429]  # 60/min, smoothed: at most ceil(1.2) = 2 in a second
     async with session.post(f"{root}/_mock/limits", data=b'{"rpm": "many"}') as resp:
         assert resp.status == 400
+
+
+def test_mock_server_flags_become_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    served: list[MockOptions] = []
+
+    async def serve(options: MockOptions, *, host: str, port: int, ready: Any) -> None:
+        served.append(options)
+
+    monkeypatch.setattr(mockserver, "serve_forever", serve)
+    flags = "--latency-p50 0.8 --latency-p99 10 --slots 16 --slot-load-factor 0.25"
+    result = CliRunner().invoke(cli, ["mock-server", *flags.split(), "--no-rate-limit-headers"])
+    assert result.exit_code == 0, result.output
+    assert served == [
+        MockOptions(
+            latency_p50=0.8,
+            latency_p99=10.0,
+            slots=16,
+            slot_load_factor=0.25,
+            rate_limit_headers=False,
+        )
+    ]
+    result = CliRunner().invoke(cli, ["mock-server", "--latency-p50", "2", "--latency-p99", "1"])
+    assert result.exit_code == 2  # a usage error, not a traceback
+    assert "latency_p99 needs 0 < latency_p50 <= latency_p99" in result.output
