@@ -20,12 +20,16 @@ requests in flight until the endpoint is full; past that, more in flight is
 only a longer queue. So it measures the answers a second each limit brings,
 over windows of at least a second and four median latencies, and
 
-- doubles the limit from ``INITIAL`` while throughput keeps up (slow start);
-- goes back to the best limit as soon as a larger one does not earn half
-  its proportional gain: the endpoint is full, and the rest would queue;
-- then, every few windows, tries a quarter more (kept only if it earns its
-  gain) or a fifth less (kept if it loses almost nothing), so the limit
-  follows a capacity that changes and sheds a queue it has built;
+- quadruples the limit from ``INITIAL`` while throughput keeps up (slow
+  start: four short windows take it to 1,024);
+- when it stops keeping up, the endpoint is full: the limit goes to the
+  pool that Little's law says fills it, the throughput seen times the
+  lowest latency seen, with headroom (a batching server answers a full
+  batch more slowly);
+- then, every few windows, tries a fifth less (kept if it loses almost
+  nothing: it sheds a queue) or a quarter more (kept only if it earns half
+  its proportional gain), going on in a direction while it pays, so the
+  limit follows a capacity that changes;
 - cuts by a quarter when overload answers (503, 429, timeouts, dropped
   connections) are more than a few percent of a window.
 
@@ -48,13 +52,16 @@ import math
 import resource
 from collections import deque
 
-INITIAL = 4  # the unpaced pool's first allowance: small enough to see the unloaded latency
+INITIAL = 4  # the unpaced pool's first allowance
+GROWTH = 4  # per window in slow start: 4 → 1,024 in four windows
 FLOOR = 2
 WINDOW = 1.0  # the shortest measurement of a limit's throughput
 WINDOW_LATENCIES = 4  # and at least this many median latencies
 KEEP = 0.98  # of the best throughput: a smaller pool that keeps this much is kept
+SHRINK, GROW = 0.8, 1.25  # a probe's step
 MIN_ANSWERS = 32
-PROBE_EVERY = 4  # measurements of the best limit between two probes of another
+PROBE_EVERY = 3  # measurements of the best limit between two probes of another
+SLOW_START_GAIN = 1.5  # four times the pool must bring this much more throughput
 HEADROOM = 1.5  # over Little's law, so that the pace binds
 PACED_PERCENTILE = 90
 PACED_MIN = 16
@@ -145,16 +152,23 @@ class AdaptiveLimit:
         self.limit = min(initial, ceiling)
         self.best: tuple[int, float] | None = None  # (limit, its answers a second)
         self.slow_start = True
+        self.base = math.inf  # the lowest median latency seen: the endpoint unloaded
         self.steps = 0
+        self.windows = 0  # measurements judged
+        self._probe = 1.0  # the factor of the last probe
         self._latency = RecentLatency(256)
         self._step(-math.inf)
 
     def _step(self, now: float) -> None:
         """Begin measuring the current limit."""
-        warmup = self._latency.percentile(90) or 0.0
+        p90 = self._latency.percentile(90) or 0.0
         median = self._latency.percentile(50) or 0.0
-        self._from = now + warmup
-        self._until = self._from + max(WINDOW, WINDOW_LATENCIES * median)
+        if self.slow_start:  # a coarse measure will do: only a fourfold gain is sought
+            self._from = now + p90
+            self._until = self._from + max(WINDOW / 2, 2 * median)
+        else:  # after a cut, the endpoint's queue drains first: its answers come fast
+            self._from = now + 2 * p90
+            self._until = self._from + max(WINDOW, WINDOW_LATENCIES * median)
         self._first = self._last = 0.0  # when the window's first and last answers came
         self._answers = 0
         self._overloads = 0
@@ -186,6 +200,8 @@ class AdaptiveLimit:
         # Between the first and the last answer: a window's edges would cut batches
         # of answers (a GPU server's come together) into a noisy count.
         rate = (self._answers - 1) / max(self._last - self._first, 1e-9)
+        median = self._latency.percentile(50) or 0.0
+        self.base = min(self.base, median)
         limit, best = self.limit, self.best
         answers = self._answers + self._overloads
         if self._overloads >= 3 and self._overloads > OVERLOAD_SHARE * answers:
@@ -194,24 +210,36 @@ class AdaptiveLimit:
             pass  # the pool was not full (the input ran dry, or the tail): nothing learnt
         elif best is None:
             self.best = (limit, rate)
-            limit *= 2
+            limit = limit * GROWTH if self.slow_start else limit
+        elif self.slow_start:
+            if rate >= SLOW_START_GAIN * best[1]:
+                self.best = (limit, rate)
+                limit *= GROWTH
+            else:  # full: the knee lies between the best limit and this one
+                limit = self._knee(max(rate, best[1]), best[0], limit)
+                self.best, self.slow_start = None, False
         elif best[0] == limit:
             self.best = (limit, (best[1] + rate) / 2)  # the best limit, measured again
             self.steps += 1
-            if self.steps % PROBE_EVERY == 0:
-                limit = math.ceil(limit * (1.25 if self.steps // PROBE_EVERY % 2 else 0.8))
+            if self.steps % PROBE_EVERY == 0:  # less first: it sheds a queue
+                self._probe = SHRINK if self.steps // PROBE_EVERY % 2 else GROW
+                limit = math.ceil(limit * self._probe)
+        elif rate >= best[1] * (1 + (limit / best[0] - 1) / 2 if limit > best[0] else KEEP):
+            # A larger pool must earn half its proportional gain, or it is only a
+            # longer queue; a smaller one is kept if it loses almost nothing. Either
+            # way the next step goes on in the same direction.
+            self.best = (limit, rate)
+            limit = math.ceil(limit * self._probe)
         else:
-            # Throughput grows in proportion to the pool until the endpoint is full; past
-            # that, more in flight is only a longer queue. A larger pool must earn half
-            # the proportional gain; a smaller one is kept if it loses almost nothing.
-            if rate >= best[1] * (1 + (limit / best[0] - 1) / 2 if limit > best[0] else KEEP):
-                self.best = (limit, rate)
-                limit = limit * 2 if self.slow_start else limit
-            else:
-                self.slow_start = False
-                limit = best[0]
+            limit = best[0]
         self.limit = max(FLOOR, min(self.ceiling, limit))
+        self.windows += 1
         self._step(now)
+
+    def _knee(self, capacity: float, low: int, high: int) -> int:
+        """Little's law at the unloaded latency: the pool that fills an endpoint serving
+        ``capacity`` a second, with headroom for a batch's slower answers."""
+        return max(low, min(high, math.ceil(capacity * self.base * HEADROOM)))
 
 
 def descriptor_ceiling(wanted: int) -> int:

@@ -20,6 +20,8 @@ import pytest
 
 from batchq.concurrency import (
     FD_RESERVE,
+    GROWTH,
+    HEADROOM,
     INITIAL,
     AdaptiveLimit,
     Gate,
@@ -184,7 +186,7 @@ def simulate_slots(server: SlotServer, limit: AdaptiveLimit, seconds: float) -> 
     return run
 
 
-@pytest.mark.parametrize("slots", [4, 16, 64, 256])
+@pytest.mark.parametrize("slots", [4, 16, 64, 100, 256])
 def test_the_adaptive_limit_reaches_a_slot_servers_capacity_without_a_long_queue(
     slots: int,
 ) -> None:
@@ -226,7 +228,9 @@ def simulate_unbounded(
 
 def test_with_heavy_tailed_latency_and_no_capacity_limit_the_pool_grows_to_its_ceiling() -> None:
     limits = simulate_unbounded(AdaptiveLimit(ceiling=512), lognormal_latencies(0.8, 10), 120)
-    assert limits[-1] == 512
+    later = limits[len(limits) // 2 :]
+    assert sorted(later)[len(later) // 2] == 512  # most of the time,
+    assert min(later) >= 0.8 * 512  # and otherwise probing a little less
 
 
 def test_one_slow_answer_moves_nothing() -> None:
@@ -236,18 +240,18 @@ def test_one_slow_answer_moves_nothing() -> None:
         limit.answered(0.2, overload=False, now=0.05 * i)
     before = limit.limit  # the first measurement: doubled
     limit.answered(600.0, overload=False, now=2.0)  # a ten-minute straggler
-    assert limit.limit == before == 2 * INITIAL
+    assert limit.limit == before == GROWTH * INITIAL
 
 
 def measure(limit: AdaptiveLimit, rate: float, *, every: int = 0) -> None:
     """Answers at ``rate`` a second with the pool full, until the limit's next verdict;
     every ``every``-th of them an overload."""
-    before, now = limit.limit, max(limit._until, 0.0) + 10  # past the current warm-up
+    windows, now = limit.windows, max(limit._until, 0.0) + 10  # past the current warm-up
     for i in range(int(rate * 60)):
         now += 1 / rate
         limit.sent(limit.limit, now)
         limit.answered(0.1, overload=bool(every) and i % every == 0, now=now)
-        if limit.limit != before:
+        if limit.windows > windows:
             return
 
 
@@ -255,17 +259,26 @@ def test_overload_answers_cut_the_limit_but_a_rare_one_does_not() -> None:
     limit = AdaptiveLimit(ceiling=1024)
     limit.limit = 200
     measure(limit, 100, every=100)  # one 503 in 100
-    assert limit.limit == 400
+    assert limit.limit == 800
     measure(limit, 100, every=4)  # a quarter are 503s
-    assert limit.limit == 300
+    assert limit.limit == 600
 
 
-def test_a_limit_that_brings_no_more_throughput_is_given_back() -> None:
+def test_a_limit_that_brings_no_more_throughput_ends_slow_start_at_the_knee() -> None:
     limit = AdaptiveLimit(ceiling=1024)
     measure(limit, 100)
-    assert limit.limit == 2 * INITIAL and limit.slow_start
-    measure(limit, 105)  # twice the pool, 5% more answers: the endpoint is full
-    assert limit.limit == INITIAL and not limit.slow_start
+    assert limit.limit == GROWTH * INITIAL and limit.slow_start
+    measure(limit, 105)  # four times the pool, 5% more answers: the endpoint is full
+    assert not limit.slow_start
+    assert limit.limit == math.ceil(105 * 0.1 * HEADROOM)  # Little's law, unloaded latency
+
+
+def test_probes_shed_a_queue_that_costs_no_throughput() -> None:
+    limit = AdaptiveLimit(ceiling=1024)
+    limit.limit, limit.slow_start = 100, False
+    for _ in range(30):
+        measure(limit, 50)  # 50 answers a second at any size: all above 20 is queue
+    assert limit.limit < 50
 
 
 # --- Open files ------------------------------------------------------------------------------
