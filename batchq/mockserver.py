@@ -23,7 +23,8 @@ and in its queue of a uniform sample of its 200 answers.
 Scripted faults are directives inside the prompt, so a test writes the fault beside the
 request that meets it: `[[mock:fail=2]]` (the first 2 arrivals of this exact prompt get 503;
 `fail=2:500` for 500), `[[mock:drop=1]]` (close the connection with no answer),
-`[[mock:status=400]]` (always that status) and `[[mock:sleep=0.5]]` (answer late). Arrivals
+`[[mock:status=400]]` (always that status) and `[[mock:sleep=0.5]]` (answer late;
+`sleep=30:1`: only the first arrival, as a straggler whose second copy is quick). Arrivals
 are counted only for prompts holding a directive, so memory stays bounded without `record`.
 
 Rate limits mimic OpenAI's: a sliding 60-second window of accepted requests and of their
@@ -150,6 +151,7 @@ class _Script:
     fail_status: int = 503
     drop: int = 0
     sleep: float = 0.0
+    sleepers: int = 0  # how many arrivals sleep (0 = every one)
 
 
 _MARK = "[[mock:"
@@ -167,9 +169,13 @@ def _parse_script(prompt: str) -> _Script:
     fields: dict[str, Any] = {}
     try:
         for name, value in _DIRECTIVE.findall(prompt):
-            if name in ("status", "drop", "sleep"):
+            if name in ("status", "drop"):
                 low, high = (400, 599) if name == "status" else (0, math.inf)
-                fields[name] = _number(value, low, high, float if name == "sleep" else int)
+                fields[name] = _number(value, low, high)
+            elif name == "sleep":
+                seconds, _, count = value.partition(":")
+                fields["sleep"] = _number(seconds, 0, math.inf, float)
+                fields["sleepers"] = _number(count or "0", 0, math.inf)
             elif name == "fail":
                 count, _, status = value.partition(":")
                 fields["fail"] = _number(count, 0, math.inf)
@@ -697,10 +703,13 @@ class _Mock:
         if isinstance(call, _BadRequest):
             return 400, _error_body(str(call), "invalid_request_error", call.param), 0.0
         script = call.script or _Script()
+        sleep = script.sleep
         if call.script is not None:
             arrival = self._scripted[call.prompt] = self._scripted.get(call.prompt, 0) + 1
+            if script.sleepers and arrival > script.sleepers:
+                sleep = 0.0
             if arrival <= script.drop:
-                return 0, None, script.sleep
+                return 0, None, sleep
             status = script.status or (script.fail_status if arrival <= script.fail else 0)
             if status:
                 if status == 429:
@@ -708,7 +717,7 @@ class _Mock:
                     if self.stats.record:
                         told = int(_SCRIPTED_429_HEADERS["retry-after-ms"]) / 1000
                         self.stats.waits.append((time.time(), told))
-                return status, _status_body(status), script.sleep
+                return status, _status_body(status), sleep
         if self._limiter is not None and (rejected := self._limiter.admit(call, time.monotonic())):
             body, wait = rejected
             self.stats.rate_limited += 1
@@ -717,13 +726,13 @@ class _Mock:
                 headers["retry-after-ms"] = str(max(1, math.ceil(wait * 1000)))
                 if self.stats.record:
                     self.stats.waits.append((time.time(), math.ceil(wait * 1000) / 1000))
-            return 429, body, script.sleep
+            return 429, body, sleep
         if fault := self._random_fault():
-            return fault, None if fault < 0 else _status_body(fault), script.sleep
+            return fault, None if fault < 0 else _status_body(fault), sleep
         reply, used, done = endpoint.reply(call, rid)
         self.stats.prompt_tokens += used
         self.stats.completion_tokens += done
-        return 200, orjson.dumps(reply), script.sleep
+        return 200, orjson.dumps(reply), sleep
 
     def _random_fault(self) -> int:
         """-1 to drop, 500 or 503 for a random fault, else 0; one draw picks among them."""

@@ -171,6 +171,7 @@ class Pipeline:
                     producers.create_task(self._process(transport))
             await self.outcomes.put(None)  # every producer is done; let the writer drain
             ticker.cancel()
+            self._report(paced=self.pacer.request_rate() is not None)
 
     async def _feed(self) -> None:
         async def reject(outcome: Outcome) -> None:
@@ -288,12 +289,17 @@ class Pipeline:
         """Size the pool to what was observed; choose stragglers to hedge."""
         rate = self.pacer.request_rate()
         self.pool.resize(rate, now)
+        if self.hedger is not None and self.exhausted and not self.pool.gate.waiting:
+            latency = self.stats.latency
+            self.hedger.choose(now, latency.percentile(95), latency.total)
+        self._report(paced=rate is not None)
+
+    def _report(self, *, paced: bool) -> None:
+        """Copy the pool's and the hedges' figures where progress and the summary read them."""
         stats, pool = self.stats, self.pool
         stats.in_flight, stats.peak_in_flight = pool.in_flight, pool.peak
-        stats.allowance, stats.binding = pool.gate.limit, pool.binding(rate is not None)
+        stats.allowance, stats.binding = pool.gate.limit, pool.binding(paced)
         if self.hedger is not None:
-            if self.exhausted and not pool.gate.waiting:
-                self.hedger.choose(now, stats.latency.percentile(95), stats.latency.total)
             stats.hedges, stats.hedge_tokens = self.hedger.sent, self.hedger.tokens
 
     async def _tick(self) -> None:

@@ -1,0 +1,159 @@
+"""Reaching the endpoint's capacity with no tuning, checked from the endpoint's side.
+
+Each test runs `batchq run` with no --concurrency flag against the built-in
+endpoint in one of its shapes (slots, slow answers, stragglers) and asserts
+what the server saw: how many requests it held at once, what arrived when
+relative to what it had answered, how many copies of a request it got.
+Never how fast anything was.
+"""
+
+from __future__ import annotations
+
+import resource
+import signal
+import subprocess
+from pathlib import Path
+
+import orjson
+import pytest
+from conftest import MockFactory
+from support import (
+    batchq,
+    batchq_cmd,
+    by_custom_id,
+    chat,
+    clean_env,
+    outputs,
+    wait_for,
+    write_jsonl,
+)
+from test_resume import assert_exactly_once
+
+pytestmark = pytest.mark.slow
+
+
+def run(tmp_path: Path, url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    base = ["run", "in.jsonl", "--base-url", url, "--model", "m", "-q", "--json-summary"]
+    return batchq(*base, *args, cwd=tmp_path)
+
+
+def summary(done: subprocess.CompletedProcess[str]) -> dict[str, object]:
+    figures = orjson.loads(done.stdout)
+    assert isinstance(figures, dict)
+    return figures
+
+
+def test_auto_fills_a_slot_server_without_flooding_its_queue(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server(slots=8, latency=0.05, record=False)
+    write_jsonl(tmp_path / "in.jsonl", [chat(f"q{i}") for i in range(1500)])
+    done = run(tmp_path, server.url)
+    assert done.returncode == 0, done.stderr
+    seen = server.stats()
+    assert seen["max_serving"] == 8  # every slot was used
+    assert seen["max_in_flight"] <= 64  # slow start overshoots at most fourfold, once
+    assert summary(done)["this_run"]["concurrency"]["peak_in_flight"] == seen["max_in_flight"]  # type: ignore[index]
+
+
+def test_under_a_pace_the_pool_opens_to_rate_times_latency(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    # 200 requests a second, each taking a second: the pace binds only with ~200 in flight,
+    # far more than the 64 workers batchq used to have.
+    server = mock_server(latency=1.0, record=False)
+    write_jsonl(tmp_path / "in.jsonl", [chat(f"q{i}") for i in range(1000)])
+    done = run(tmp_path, server.url, "--rpm", "12000")
+    assert done.returncode == 0, done.stderr
+    assert server.stats()["max_in_flight"] >= 150
+
+
+def test_a_slow_first_answer_does_not_hold_the_pool_back(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server(latency=3.0)
+    write_jsonl(tmp_path / "in.jsonl", [chat(f"q{i}") for i in range(4)])
+    done = run(tmp_path, server.url)
+    assert done.returncode == 0, done.stderr
+    arrivals = sorted(at for at, _ in server.stats()["arrivals"])
+    assert len(arrivals) == 4
+    assert arrivals[-1] - arrivals[0] < 3.0  # all four went before the first answer came
+
+
+def test_hedge_sends_a_straggler_twice_and_writes_it_once(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server(latency=0.01)
+    lines = [chat(f"q{i}", custom_id=f"c{i}") for i in range(99)]
+    lines.append(chat("late [[mock:sleep=60:1]]", custom_id="late"))  # only its first copy
+    write_jsonl(tmp_path / "in.jsonl", lines)
+    done = run(tmp_path, server.url, "--hedge")
+    assert done.returncode == 0, done.stderr
+    results, errors = outputs(tmp_path / "jobs" / "in")
+    assert errors == []
+    lines_by_id = by_custom_id(results)  # asserts no custom_id twice
+    assert len(lines_by_id) == 100
+    assert lines_by_id["late"]["batchq"]["hedged"] is True
+    assert sum(1 for r in results if r["batchq"].get("hedged")) == 1
+    assert server.stats()["prompts"]["late [[mock:sleep=60:1]]"] == 2
+    hedges = summary(done)["this_run"]["hedges"]  # type: ignore[index]
+    assert hedges["sent"] == 1 and hedges["estimated_tokens"] > 0  # type: ignore[index]
+
+
+def test_without_hedge_a_request_is_sent_once(tmp_path: Path, mock_server: MockFactory) -> None:
+    server = mock_server(latency=0.01)
+    lines = [chat(f"q{i}") for i in range(59)] + [chat("late [[mock:sleep=1:1]]")]
+    write_jsonl(tmp_path / "in.jsonl", lines)
+    done = run(tmp_path, server.url)
+    assert done.returncode == 0, done.stderr
+    assert server.stats()["prompts"]["late [[mock:sleep=1:1]]"] == 1
+
+
+def test_kill_during_hedged_tail_then_resume_writes_each_line_once(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server(latency=0.01)
+    ids = [f"c{i}" for i in range(200)]
+    lines = [chat(f"q{i}", custom_id=cid) for i, cid in enumerate(ids[:-2])]
+    stragglers = ["slow a [[mock:sleep=60:2]]", "slow b [[mock:sleep=60:2]]"]
+    lines += [chat(p, custom_id=cid) for p, cid in zip(stragglers, ids[-2:], strict=True)]
+    write_jsonl(tmp_path / "in.jsonl", lines)
+    args = ["run", "in.jsonl", "--base-url", server.url, "--model", "m", "-q", "--hedge"]
+    proc = subprocess.Popen(
+        batchq_cmd(*args), cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, text=True
+    )
+    # Both stragglers and their second copies are out, and sleeping: the tail.
+    wait_for(lambda: all(server.stats()["prompts"].get(p) == 2 for p in stragglers))
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    job = tmp_path / "jobs" / "in"
+    results, _ = outputs(job)
+    assert len(results) == 198  # everything but the two stragglers was written
+    resumed = batchq(*args, cwd=tmp_path)  # their third arrivals are quick
+    assert resumed.returncode == 0, resumed.stderr
+    assert_exactly_once(job, ids)
+
+
+def test_a_pool_larger_than_the_open_file_limit_allows_is_cut_to_fit(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server(record=False)
+    write_jsonl(tmp_path / "in.jsonl", [chat(f"q{i}") for i in range(300)])
+    args = ["run", "in.jsonl", "--base-url", server.url, "--model", "m", "-q"]
+
+    def few_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    done = subprocess.run(
+        [*batchq_cmd(*args), "--concurrency", "3000"],
+        cwd=tmp_path,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=few_files,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "ulimit -n" in done.stderr and "at most 192" in done.stderr
+    assert len(outputs(tmp_path / "jobs" / "in")[0]) == 300
