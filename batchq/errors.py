@@ -12,6 +12,10 @@
         ├── TransportError                     connect/read failure (retryable)
         │   ├── EndpointUnreachable            could not connect at all
         │   └── RequestTimeout(TransportError, TimeoutError)
+        ├── InvalidResponse                    a 2xx that is not a JSON object (retryable)
+        ├── UnusableAnswer                     not sent again this run; --retry-failed may
+        │   ├── Redirected                     301/302/303, or a redirect to another host
+        │   └── ResponseTooLarge               more than --max-response-bytes
         └── HTTPStatusError                    .status, .body, .request_id, .headers
             ├── RateLimited                    429, retryable, honours Retry-After
             ├── ServerError                    5xx, retryable
@@ -78,6 +82,36 @@ class RequestTimeout(TransportError, TimeoutError):
     """No full answer arrived within the request timeout."""
 
     code = "timeout"
+
+
+class InvalidResponse(RequestError):
+    """A 2xx whose body is not a JSON object: a login page, a proxy's text, a cut-off answer."""
+
+    code = "invalid_response"
+
+
+class UnusableAnswer(RequestError):
+    """An answer that the job's settings rule out; sending the request again now would end
+    the same way, but after a change of setting (--base-url, --max-response-bytes)
+    ``--retry-failed`` sends it again."""
+
+    def __init__(self, message: str, *, status: int, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.request_id = request_id
+
+
+class Redirected(UnusableAnswer):
+    """A redirect batchq does not follow: one that would turn the POST into a GET, or send
+    the API key to another host."""
+
+    code = "redirected"
+
+
+class ResponseTooLarge(UnusableAnswer):
+    """An answer larger than --max-response-bytes (counted after decompression)."""
+
+    code = "response_too_large"
 
 
 class HTTPStatusError(RequestError):

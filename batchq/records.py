@@ -117,3 +117,44 @@ def error_line(
         },
         option=orjson.OPT_APPEND_NEWLINE,
     )
+
+
+#: What an API key is replaced with wherever it would be written.
+KEY_REMOVED = "[api key removed]"
+#: Shorter "keys" are placeholders for local servers ("EMPTY", "ollama"), not secrets,
+#: and would match ordinary words in the answers.
+MIN_SCRUBBED_KEY = 8
+
+
+class KeyScrubber:
+    """Takes the API key out of output lines, even when an endpoint echoes it back.
+
+    A line without the key costs one scan for it (and one for ``\\u``, since JSON
+    escapes could spell the key in other bytes). A line with it is decoded and the
+    key replaced in every string, so the line stays valid JSON whatever the key is.
+    """
+
+    __slots__ = ("_key", "_needle")
+
+    def __init__(self, key: str) -> None:
+        self._key = key
+        self._needle = key.encode()
+
+    def scrub(self, line: bytes) -> bytes:
+        if self._needle not in line and b"\\u" not in line:
+            return line
+        return orjson.dumps(self._clean(orjson.loads(line)), option=orjson.OPT_APPEND_NEWLINE)
+
+    def _clean(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return value.replace(self._key, KEY_REMOVED)
+        if isinstance(value, list):
+            return [self._clean(v) for v in value]
+        if isinstance(value, dict):
+            return {self._clean(k): self._clean(v) for k, v in value.items()}
+        return value
+
+
+def key_scrubber(key: str | None) -> KeyScrubber | None:
+    """A scrubber for ``key``, or None when there is no key worth hiding."""
+    return KeyScrubber(key) if key and len(key) >= MIN_SCRUBBED_KEY else None

@@ -27,13 +27,14 @@ from typing import Any
 
 import orjson
 
-from batchq.errors import BatchqError, FatalEndpointError, RequestError
+from batchq.config import show
+from batchq.errors import BatchqError, FatalEndpointError, InvalidResponse, RequestError
 from batchq.job import Job, add_elapsed, job_lock, pin_input, write_progress
 from batchq.journal import Journal, retry_failed
 from batchq.limiter import Kind, Pacer
 from batchq.progress import Stats, make_progress
 from batchq.reader import RequestTemplate, feed
-from batchq.records import Outcome, Request, error_line, result_line
+from batchq.records import Outcome, Request, error_line, key_scrubber, result_line
 from batchq.retry import Fatal, GiveUp, RetryPolicy, decide, status_error
 from batchq.transport import AiohttpTransport, Response, Transport
 
@@ -95,8 +96,14 @@ class Pipeline:
         self.workers = settings.concurrency
         self.requests: asyncio.Queue[Request | None] = asyncio.Queue(maxsize=2 * self.workers)
         self.outcomes: asyncio.Queue[Outcome | None] = asyncio.Queue(maxsize=4 * self.workers)
-        self.pacer = Pacer(rpm=settings.rpm, tpm=settings.tpm, on_notice=options.on_notice)
-        self.policy = RetryPolicy(max_attempts=settings.max_attempts)
+        self.pacer = Pacer(
+            rpm=settings.rpm,
+            tpm=settings.tpm,
+            on_notice=options.on_notice,
+            max_pause=settings.max_wait,
+        )
+        self.policy = RetryPolicy(max_attempts=settings.max_attempts, max_wait=settings.max_wait)
+        self.scrubber = key_scrubber(options.api_key)
         self.template = RequestTemplate.from_settings(settings)
         self._feeder: asyncio.Task[None] | None = None
         self._main: asyncio.Task[None] | None = None
@@ -144,6 +151,7 @@ class Pipeline:
                 concurrency=s.concurrency,
                 timeout=s.timeout,
                 connect_timeout=s.connect_timeout,
+                max_response_bytes=s.max_response_bytes,
             ) as transport,
             asyncio.TaskGroup() as tg,
         ):
@@ -199,8 +207,9 @@ class Pipeline:
                     self.pacer.answered()
                 self.pacer.observe(response.headers)
                 if 200 <= response.status < 300:
+                    outcome = _success(request, response, attempts)
                     self.stats.latency.add(loop.time() - started)
-                    return _success(request, response, attempts)
+                    return outcome
                 raise status_error(
                     response.status, response.body, response.headers, response.request_id
                 )
@@ -244,6 +253,9 @@ class Pipeline:
     def _append(self, batch: list[Outcome]) -> None:
         if not batch:
             return
+        if self.scrubber is not None:  # the one place every output line passes
+            for o in batch:
+                o.line = self.scrubber.scrub(o.line)
         self.journal.append(batch)
         stats = self.stats
         for o in batch:
@@ -280,19 +292,31 @@ class Pipeline:
 
 
 def _success(request: Request, response: Response, attempts: int) -> Outcome:
+    """The result line of a 2xx; InvalidResponse if its body is not a JSON object."""
     raw = response.body
-    body: Any
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:  # a 2xx that is not JSON: kept, as text
-        body = raw.decode("utf-8", "replace")
-    usage = body.get("usage") if isinstance(body, dict) else None
+    body = _json_object(response)
+    usage = body.get("usage")
     prompt = completion = 0
     if isinstance(usage, dict):
         prompt = _int(usage.get("prompt_tokens", usage.get("input_tokens")))
         completion = _int(usage.get("completion_tokens", usage.get("output_tokens")))
     line = result_line(request, response.status, response.request_id, raw, body, attempts=attempts)
     return Outcome(request.line_no, True, line, prompt, completion)
+
+
+def _json_object(response: Response) -> dict[str, Any]:
+    # A login page, a proxy's notice or a cut-off answer is not a result: it is retried,
+    # and in errors.jsonl it stays retryable.
+    try:
+        body = orjson.loads(response.body)
+    except orjson.JSONDecodeError:
+        body = None
+    if isinstance(body, dict):
+        return body
+    kind = response.headers.get("Content-Type", "no Content-Type")[:80]
+    head = response.body[:60].decode("utf-8", "replace")
+    start = f"it starts {show(head)}" if head else "its body is empty"
+    raise InvalidResponse(f"HTTP {response.status} ({kind}) is not a JSON object: {start}")
 
 
 def retry_cause(exc: RequestError) -> str:

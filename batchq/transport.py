@@ -9,6 +9,14 @@ connecting is ``TransportError``, no full answer in time ``RequestTimeout``.
 The base URL is taken as the OpenAI SDKs take it, ending in ``/v1`` (or
 DashScope's ``.../compatible-mode/v1``); an endpoint path such as
 ``/v1/chat/completions`` is appended without its ``/v1``.
+
+An answer is trusted only as far as it makes sense. Redirects are followed
+by hand: 307 and 308 (which keep the method and body) to the same host, at
+most a few times; a 301, 302 or 303 would turn the POST into a GET without a
+body, and a redirect to another host would hand it the API key, so those
+fail, naming where they pointed. A body is read in chunks and abandoned past
+``max_response_bytes``, counted after decompression, which aiohttp does in
+bounded steps: memory stays bounded whatever the endpoint sends.
 """
 
 from __future__ import annotations
@@ -23,7 +31,16 @@ import aiohttp
 from yarl import URL
 
 from batchq.config import ENDPOINTS
-from batchq.errors import EndpointUnreachable, RequestTimeout, TransportError
+from batchq.errors import (
+    EndpointUnreachable,
+    Redirected,
+    RequestTimeout,
+    ResponseTooLarge,
+    TransportError,
+)
+
+MAX_REDIRECTS = 5
+CHUNK = 1 << 16
 
 
 @dataclass(slots=True)
@@ -53,6 +70,7 @@ class AiohttpTransport:
         concurrency: int,
         timeout: float,
         connect_timeout: float,
+        max_response_bytes: int = 32 * 1024 * 1024,
     ) -> None:
         base = base_url.rstrip("/")
         # Built once: per request there is nothing left to parse or format.
@@ -64,6 +82,7 @@ class AiohttpTransport:
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._concurrency = concurrency
+        self._max_bytes = max_response_bytes
         self._timeout = aiohttp.ClientTimeout(total=timeout, connect=connect_timeout)
         self._session: aiohttp.ClientSession | None = None
 
@@ -89,10 +108,28 @@ class AiohttpTransport:
 
     async def send(self, path: str, body: bytes) -> Response:
         assert self._session is not None, "use AiohttpTransport as an async context manager"
+        url = self._urls[path]
         try:
-            async with self._session.post(self._urls[path], data=body) as resp:
-                data = await resp.read()
-                return Response(resp.status, resp.headers, data, resp.headers.get("x-request-id"))
+            for _ in range(MAX_REDIRECTS + 1):
+                async with self._session.post(url, data=body, allow_redirects=False) as resp:
+                    request_id = resp.headers.get("x-request-id")
+                    if resp.status in (307, 308):
+                        url = _follow(url, resp, request_id)
+                        continue
+                    if resp.status in (301, 302, 303):
+                        where = resp.headers.get("Location", "nowhere")
+                        raise Redirected(
+                            f"HTTP {resp.status}: the endpoint redirects to {where[:200]}, which "
+                            "would turn the POST into a GET; set --base-url to where it points",
+                            status=resp.status,
+                            request_id=request_id,
+                        )
+                    data = await self._read(resp, request_id)
+                    return Response(resp.status, resp.headers, data, request_id)
+            raise Redirected(
+                f"more than {MAX_REDIRECTS} redirects in a row, the last to {url}",
+                status=resp.status,
+            )
         except aiohttp.ConnectionTimeoutError as exc:
             raise EndpointUnreachable(f"no connection within the connect timeout ({exc})") from exc
         except TimeoutError as exc:
@@ -101,3 +138,43 @@ class AiohttpTransport:
             raise EndpointUnreachable(f"cannot connect to {exc.host}:{exc.port}") from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise TransportError(f"connection failed: {type(exc).__name__}: {exc}") from exc
+
+    async def _read(self, resp: aiohttp.ClientResponse, request_id: str | None) -> bytes:
+        """The whole body, or ResponseTooLarge as soon as it passes the bound."""
+        chunks = []
+        size = 0
+        async for chunk in resp.content.iter_chunked(CHUNK):
+            size += len(chunk)
+            if size > self._max_bytes:
+                resp.close()  # drop the connection rather than read the rest
+                raise ResponseTooLarge(
+                    f"HTTP {resp.status}: the answer is larger than --max-response-bytes "
+                    f"({self._max_bytes:,} bytes after decompression); not kept",
+                    status=resp.status,
+                    request_id=request_id,
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def _follow(url: URL, resp: aiohttp.ClientResponse, request_id: str | None) -> URL:
+    """Where a 307/308 points, if batchq may send the request and its key there."""
+    location = resp.headers.get("Location")
+    try:
+        target = url.join(URL(location)) if location else None
+    except ValueError:  # not a URL at all
+        target = None
+    if (
+        target is None
+        or target.host != url.host
+        or target.scheme not in ("http", "https")
+        or (url.scheme, target.scheme) == ("https", "http")  # never downgrade
+    ):
+        raise Redirected(
+            f"HTTP {resp.status}: the endpoint redirects to {str(location)[:200]}; batchq sends "
+            "requests and the API key only to the --base-url host; set --base-url to it if "
+            "you trust it",
+            status=resp.status,
+            request_id=request_id,
+        )
+    return target

@@ -82,8 +82,8 @@ def test_parse_duration_garbage_is_none(text: str) -> None:
     assert parse_duration(text) is None
 
 
-def test_negative_bare_seconds_are_no_wait() -> None:
-    assert parse_duration("-5") == 0.0
+def test_negative_bare_seconds_are_no_header() -> None:
+    assert parse_duration("-5") is None
 
 
 @pytest.mark.parametrize("text", ["inf", "Infinity", "1e999", "nan"])
@@ -155,7 +155,15 @@ def at_now() -> float:
         ({"retry-after-ms": "1500"}, 1.5),
         ({"retry-after-ms": "1500", "retry-after": "20"}, 1.5),
         ({"retry-after-ms": "soon", "retry-after": "2"}, 2.0),
-        ({"retry-after-ms": "-40"}, 0.0),
+        ({"retry-after-ms": "-40"}, None),
+        ({"retry-after-ms": "-40", "retry-after": "3"}, 3.0),
+        ({"retry-after-ms": "nan", "retry-after": "-5"}, None),
+        ({"retry-after-ms": "inf"}, None),
+        ({"retry-after-ms": "1e400"}, None),
+        ({"retry-after-ms": "NaN", "x-ratelimit-reset-requests": "2s"}, 2.0),
+        ({"retry-after": "-5", "x-ratelimit-reset-tokens": "-1"}, None),
+        ({"retry-after": "999999"}, 999999.0),
+        ({"retry-after": "1" + "0" * 400 + "h"}, None),
         ({"retry-after": "20"}, 20.0),
         ({"retry-after": "0.25"}, 0.25),
         ({"retry-after": "1m30s"}, 90.0),
