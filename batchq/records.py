@@ -121,6 +121,7 @@ def error_line(
 
 #: What an API key is replaced with wherever it would be written.
 KEY_REMOVED = "[api key removed]"
+_REMOVED = KEY_REMOVED.encode()
 #: Shorter "keys" are placeholders for local servers ("EMPTY", "ollama"), not secrets,
 #: and would match ordinary words in the answers.
 MIN_SCRUBBED_KEY = 8
@@ -134,11 +135,18 @@ class KeyScrubber:
     key replaced in every string, so the line stays valid JSON whatever the key is.
     """
 
-    __slots__ = ("_key", "_needle")
+    __slots__ = ("_needle", "key")
 
     def __init__(self, key: str) -> None:
-        self._key = key
+        self.key = key
         self._needle = key.encode()
+
+    def text(self, text: str) -> str:
+        return text.replace(self.key, KEY_REMOVED)
+
+    def raw(self, data: bytes) -> bytes:
+        """``data`` with every plain occurrence of the key replaced (one scan when none)."""
+        return data.replace(self._needle, _REMOVED) if self._needle in data else data
 
     def scrub(self, line: bytes) -> bytes:
         if self._needle not in line and b"\\u" not in line:
@@ -147,7 +155,7 @@ class KeyScrubber:
 
     def _clean(self, value: Any) -> Any:
         if isinstance(value, str):
-            return value.replace(self._key, KEY_REMOVED)
+            return value.replace(self.key, KEY_REMOVED)
         if isinstance(value, list):
             return [self._clean(v) for v in value]
         if isinstance(value, dict):

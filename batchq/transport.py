@@ -28,6 +28,7 @@ from types import TracebackType
 from typing import Protocol
 
 import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from batchq.config import ENDPOINTS
@@ -38,6 +39,7 @@ from batchq.errors import (
     ResponseTooLarge,
     TransportError,
 )
+from batchq.records import key_scrubber
 
 MAX_REDIRECTS = 5
 CHUNK = 1 << 16
@@ -81,6 +83,9 @@ class AiohttpTransport:
         }
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
+        # What an endpoint echoes of the key is removed as it arrives, before any excerpt of
+        # an answer could cut the key in two and leave half of it unrecognisable.
+        self._scrubber = key_scrubber(api_key)
         self._concurrency = concurrency
         self._max_bytes = max_response_bytes
         self._timeout = aiohttp.ClientTimeout(total=timeout, connect=connect_timeout)
@@ -112,12 +117,13 @@ class AiohttpTransport:
         try:
             for _ in range(MAX_REDIRECTS + 1):
                 async with self._session.post(url, data=body, allow_redirects=False) as resp:
-                    request_id = resp.headers.get("x-request-id")
+                    headers = self._clean_headers(resp.headers)
+                    request_id = headers.get("x-request-id")
                     if resp.status in (307, 308):
-                        url = _follow(url, resp, request_id)
+                        url = _follow(url, resp.status, headers.get("Location"), request_id)
                         continue
                     if resp.status in (301, 302, 303):
-                        where = resp.headers.get("Location", "nowhere")
+                        where = headers.get("Location", "nowhere")
                         raise Redirected(
                             f"HTTP {resp.status}: the endpoint redirects to {where[:200]}, which "
                             "would turn the POST into a GET; set --base-url to where it points",
@@ -125,7 +131,9 @@ class AiohttpTransport:
                             request_id=request_id,
                         )
                     data = await self._read(resp, request_id)
-                    return Response(resp.status, resp.headers, data, request_id)
+                    if self._scrubber is not None:
+                        data = self._scrubber.raw(data)
+                    return Response(resp.status, headers, data, request_id)
             raise Redirected(
                 f"more than {MAX_REDIRECTS} redirects in a row, the last to {url}",
                 status=resp.status,
@@ -138,6 +146,12 @@ class AiohttpTransport:
             raise EndpointUnreachable(f"cannot connect to {exc.host}:{exc.port}") from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise TransportError(f"connection failed: {type(exc).__name__}: {exc}") from exc
+
+    def _clean_headers(self, headers: CIMultiDictProxy[str]) -> Mapping[str, str]:
+        scrubber = self._scrubber
+        if scrubber is None or not any(scrubber.key in value for value in headers.values()):
+            return headers
+        return CIMultiDict((name, scrubber.text(value)) for name, value in headers.items())
 
     async def _read(self, resp: aiohttp.ClientResponse, request_id: str | None) -> bytes:
         """The whole body, or ResponseTooLarge as soon as it passes the bound."""
@@ -157,9 +171,8 @@ class AiohttpTransport:
         return b"".join(chunks)
 
 
-def _follow(url: URL, resp: aiohttp.ClientResponse, request_id: str | None) -> URL:
+def _follow(url: URL, status: int, location: str | None, request_id: str | None) -> URL:
     """Where a 307/308 points, if batchq may send the request and its key there."""
-    location = resp.headers.get("Location")
     try:
         target = url.join(URL(location)) if location else None
     except ValueError:  # not a URL at all
@@ -171,10 +184,10 @@ def _follow(url: URL, resp: aiohttp.ClientResponse, request_id: str | None) -> U
         or (url.scheme, target.scheme) == ("https", "http")  # never downgrade
     ):
         raise Redirected(
-            f"HTTP {resp.status}: the endpoint redirects to {str(location)[:200]}; batchq sends "
+            f"HTTP {status}: the endpoint redirects to {str(location)[:200]}; batchq sends "
             "requests and the API key only to the --base-url host; set --base-url to it if "
             "you trust it",
-            status=resp.status,
+            status=status,
             request_id=request_id,
         )
     return target

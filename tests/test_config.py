@@ -44,7 +44,7 @@ from batchq.errors import ConfigError
         ({"tpm": -0.5}, ["tpm", ">= 0"]),
         ({"rpm": "60"}, ["rpm", "number", '"60"']),
         ({"model": 5}, ["model in job.toml must be a string, not 5"]),
-        ({"model": ["gpt"]}, ["model in job.toml must be a string, not [\"gpt\"]"]),
+        ({"model": ["gpt"]}, ['model in job.toml must be a string, not ["gpt"]']),
         ({"system": {"a": 1}}, ["system in job.toml must be a string"]),
         ({"errors": 3}, ["errors in job.toml must be a string, not 3"]),
         ({"base_url": b"http://x"}, ["base_url in job.toml must be a string"]),
