@@ -72,8 +72,8 @@ def prompt_of(body: bytes) -> str:
     return content
 
 
-def completion(text: str, **extra: Any) -> web.Response:
-    """A well-formed chat completion whose reply is ``text``."""
+def completion(text: str, headers: dict[str, str] | None = None, **extra: Any) -> web.Response:
+    """A well-formed chat completion whose reply is ``text``, ``extra`` added to the body."""
     reply = {
         "id": "chatcmpl-1",
         "object": "chat.completion",
@@ -81,7 +81,7 @@ def completion(text: str, **extra: Any) -> web.Response:
         "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
         **extra,
     }
-    return web.Response(body=orjson.dumps(reply), content_type="application/json")
+    return web.Response(body=orjson.dumps(reply), content_type="application/json", headers=headers)
 
 
 async def echo(request: web.Request, body: bytes) -> web.StreamResponse:

@@ -382,7 +382,7 @@ async def echo_the_key(request: web.Request, body: bytes) -> web.StreamResponse:
     way = prompt_of(body)
     headers = {"x-request-id": f"req-{key}"}
     if way == "ok":
-        return completion(f"you sent {auth}", headers=auth)
+        return completion(f"you sent {auth}", headers={"x-request-id": key}, echoed=auth)
     if way == "escaped":
         text = b'{"choices": [{"message": {"content": "' + escaped.encode() + b'"}}]}'
         return web.Response(body=text, content_type="application/json", headers=headers)
@@ -414,7 +414,8 @@ def test_a_key_the_endpoint_echoes_is_written_nowhere(tmp_path: Path, hostile: H
     assert KEY not in everything_written(tmp_path, done, shown)
     ok, failed = agrees(tmp_path, ids)
     assert set(ok) == {"ok", "escaped"}
-    assert ok["ok"]["response"]["body"]["headers"] == f"Bearer {MARKER}"
+    assert ok["ok"]["response"]["body"]["echoed"] == f"Bearer {MARKER}"
+    assert ok["ok"]["response"]["request_id"] == MARKER
     assert ok["escaped"]["response"]["body"]["choices"][0]["message"]["content"] == MARKER
     assert ok["escaped"]["response"]["request_id"] == f"req-{MARKER}"
     broken = failed["broken"]
@@ -538,3 +539,24 @@ def test_binary_input_is_not_utf8_text(tmp_path: Path) -> None:
     done = run(tmp_path, "http://127.0.0.1:9/v1")
     assert done.returncode == 2
     assert "not UTF-8 text" in error_line(done) and "surrogates" not in done.stderr
+
+
+def test_an_absurd_reset_on_a_success_pauses_at_most_max_wait(
+    tmp_path: Path, hostile: Hostile
+) -> None:
+    # remaining 0 on a 200 pauses the pool until the reset; 999h of it would look hung.
+    ids = two_lines(tmp_path, "one", "two", "three")
+
+    async def exhausted(request: web.Request, body: bytes) -> web.StreamResponse:
+        headers = {
+            "x-ratelimit-limit-requests": "60000",
+            "x-ratelimit-remaining-requests": "0",
+            "x-ratelimit-reset-requests": "999h",
+        }
+        return completion("Echo: " + prompt_of(body), headers=headers)
+
+    server = hostile(exhausted)
+    done = run(tmp_path, server.url, "--max-wait", "0.2")
+    assert done.returncode == 0, done.stderr
+    assert len(server.seen) == len(ids)
+    assert set(agrees(tmp_path, ids)[0]) == set(ids)
