@@ -155,20 +155,26 @@ class AiohttpTransport:
 
     async def _read(self, resp: aiohttp.ClientResponse, request_id: str | None) -> bytes:
         """The whole body, or ResponseTooLarge as soon as it passes the bound."""
+        declared = resp.content_length if "Content-Encoding" not in resp.headers else None
+        if declared is not None and declared > self._max_bytes:
+            raise self._too_large(resp, request_id)  # said so up front: read none of it
         chunks = []
         size = 0
         async for chunk in resp.content.iter_chunked(CHUNK):
             size += len(chunk)
             if size > self._max_bytes:
-                resp.close()  # drop the connection rather than read the rest
-                raise ResponseTooLarge(
-                    f"HTTP {resp.status}: the answer is larger than --max-response-bytes "
-                    f"({self._max_bytes:,} bytes after decompression); not kept",
-                    status=resp.status,
-                    request_id=request_id,
-                )
+                raise self._too_large(resp, request_id)
             chunks.append(chunk)
         return b"".join(chunks)
+
+    def _too_large(self, resp: aiohttp.ClientResponse, request_id: str | None) -> Exception:
+        resp.close()  # drop the connection rather than read the rest
+        return ResponseTooLarge(
+            f"HTTP {resp.status}: the answer is larger than --max-response-bytes "
+            f"({self._max_bytes:,} bytes after decompression); not kept",
+            status=resp.status,
+            request_id=request_id,
+        )
 
 
 def _follow(url: URL, status: int, location: str | None, request_id: str | None) -> URL:
@@ -184,9 +190,9 @@ def _follow(url: URL, status: int, location: str | None, request_id: str | None)
         or (url.scheme, target.scheme) == ("https", "http")  # never downgrade
     ):
         raise Redirected(
-            f"HTTP {status}: the endpoint redirects to {str(location)[:200]}; batchq sends "
-            "requests and the API key only to the --base-url host; set --base-url to it if "
-            "you trust it",
+            f"HTTP {status}: the endpoint redirects to {(location or 'nowhere')[:200]}; "
+            "batchq sends requests and the API key only to the --base-url host; set "
+            "--base-url to it if you trust it",
             status=status,
             request_id=request_id,
         )

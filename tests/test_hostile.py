@@ -232,13 +232,20 @@ def redirect(status: int, location: Callable[[web.Request], str]) -> Callable[..
     return handler
 
 
+def redirected(
+    tmp_path: Path, hostile: Hostile, status: int, location: Callable[[web.Request], str]
+) -> tuple[subprocess.CompletedProcess[str], HostileServer]:
+    """A run whose every request is redirected with ``status`` to ``location``."""
+    server = hostile(redirect(status, location))
+    return run(tmp_path, server.url, "--api-key-env", "K", K=KEY), server
+
+
 @pytest.mark.parametrize("status", [301, 302, 303])
 def test_a_redirect_that_would_turn_post_into_get_fails_naming_the_location(
     tmp_path: Path, hostile: Hostile, status: int
 ) -> None:
     ids = two_lines(tmp_path)
-    server = hostile(redirect(status, lambda r: "/moved/chat/completions"))
-    done = run(tmp_path, server.url, "--api-key-env", "K", K=KEY)
+    done, server = redirected(tmp_path, hostile, status, lambda r: "/moved/chat/completions")
     assert done.returncode == 1, done.stderr
     assert [s.method for s in server.seen] == ["POST", "POST"]  # nothing followed
     ok, failed = agrees(tmp_path, ids)
@@ -256,15 +263,14 @@ def test_307_and_308_are_followed_with_method_body_and_key(
     tmp_path: Path, hostile: Hostile, status: int
 ) -> None:
     ids = two_lines(tmp_path)
-    server = hostile(redirect(status, lambda r: "/v2/chat/completions"))
-    done = run(tmp_path, server.url, "--api-key-env", "K", K=KEY)
+    done, server = redirected(tmp_path, hostile, status, lambda r: "/v2/chat/completions")
     assert done.returncode == 0, done.stderr
     ok, _ = agrees(tmp_path, ids)
     for prompt, line in ok.items():
         reply = line["response"]["body"]["choices"][0]["message"]["content"]
         assert reply == f"POST {prompt}"
-    first, second = server.seen[0], server.seen[1]
-    assert (first.path, second.path) == ("/v1/chat/completions", "/v2/chat/completions")
+    paths = sorted(s.path for s in server.seen)
+    assert paths == ["/v1/chat/completions"] * 2 + ["/v2/chat/completions"] * 2
     assert {s.authorization for s in server.seen} == {f"Bearer {KEY}"}
     moved = [s for s in server.seen if s.path.startswith("/v2")]
     assert sorted(s.body for s in moved) == sorted(s.body for s in server.seen if s not in moved)
@@ -275,7 +281,7 @@ def test_307_and_308_are_followed_with_method_body_and_key(
     [
         (lambda r: f"http://localhost:{r.url.port}/v2/chat/completions", "localhost"),
         (lambda r: "/v1/chat/completions", "more than 5 redirects"),
-        (lambda r: "", "redirects to"),
+        (lambda r: "", "redirects to nowhere"),
     ],
     ids=["another-host", "loop", "no-location"],
 )
@@ -283,8 +289,7 @@ def test_307_elsewhere_in_circles_or_nowhere_fails(
     tmp_path: Path, hostile: Hostile, location: Callable[[web.Request], str], said: str
 ) -> None:
     ids = two_lines(tmp_path, "one")
-    server = hostile(redirect(307, location))
-    done = run(tmp_path, server.url, "--api-key-env", "K", K=KEY)
+    done, server = redirected(tmp_path, hostile, 307, location)
     assert done.returncode == 1, done.stderr
     assert all(s.path.startswith("/v1/") for s in server.seen)  # the key went nowhere else
     _, failed = agrees(tmp_path, ids)
@@ -354,7 +359,7 @@ def test_answers_over_max_response_bytes_fail_and_memory_stays_bounded(
         assert "larger than --max-response-bytes (33,554,432 bytes" in line["error"]["message"]
         assert line["batchq"]["retryable"] is True
     # 8 answers of 64 MiB to 256 MiB at once, yet batchq's peak is far below even one.
-    assert children_peak_rss_mib() < 200
+    assert children_peak_rss_mib() < 300
     assert (job_of(tmp_path) / "errors.jsonl").stat().st_size < 10_000
 
 
