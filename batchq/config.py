@@ -202,7 +202,7 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"cannot store {value!r} in job.toml: not a finite number")
+        raise ConfigError(f"cannot store {value} in job.toml: not a finite number")
     if isinstance(value, int | float):
         return json.dumps(value)
     if isinstance(value, str):
@@ -212,4 +212,4 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, dict):
         items = ", ".join(f"{_toml_key(str(k))} = {_toml_value(v)}" for k, v in value.items())
         return "{ " + items + " }" if items else "{}"
-    raise ConfigError(f"cannot store {value!r} in job.toml")
+    raise ConfigError(f"cannot store {show(value)} in job.toml")

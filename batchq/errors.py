@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 
 class BatchqError(Exception):
     """Something batchq tells the user in one line."""
@@ -167,5 +169,6 @@ def error_message(body: Any) -> str:
             return str(error["message"])
         if isinstance(error, str):
             return error
-    text = body if isinstance(body, str) else repr(body)
+    # JSON as the endpoint sent it, not a Python repr of what it was parsed into.
+    text = body if isinstance(body, str) else orjson.dumps(body, default=str).decode()
     return text[:300]

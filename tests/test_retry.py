@@ -516,3 +516,8 @@ def test_a_non_json_2xx_is_retried_like_a_5xx() -> None:
     exc = InvalidResponse("HTTP 200 (text/html) is not a JSON object")
     assert isinstance(decide(exc, 1, 0, POLICY), Retry)
     assert decide(exc, POLICY.max_attempts, 0, POLICY) == GiveUp(retryable=True)
+
+
+def test_an_error_body_in_another_shape_is_quoted_as_json_not_python() -> None:
+    exc = status_error(500, b'{"detail": "model \'x\' is not loaded", "ok": false}', {}, None)
+    assert str(exc) == 'HTTP 500: {"detail":"model \'x\' is not loaded","ok":false}'
