@@ -166,9 +166,12 @@ def error_message(body: Any) -> str:
     if isinstance(body, dict):
         error = body.get("error")
         if isinstance(error, dict) and error.get("message"):
-            return str(error["message"])
-        if isinstance(error, str):
+            body = error["message"]
+        elif isinstance(error, str):
             return error
-    # JSON as the endpoint sent it, not a Python repr of what it was parsed into.
-    text = body if isinstance(body, str) else orjson.dumps(body, default=str).decode()
-    return text[:300]
+    if isinstance(body, str):
+        return body[:300]
+    try:  # JSON as the endpoint sent it, not a Python repr of what it was parsed into
+        return orjson.dumps(body, default=str)[:300].decode("utf-8", "replace")
+    except orjson.JSONEncodeError:
+        return "an error body nested too deeply to show"

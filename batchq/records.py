@@ -57,11 +57,15 @@ def result_line(
     """The results.jsonl line of a request the endpoint answered with 2xx.
 
     ``raw_body`` is the answer as received and ``body`` the same decoded. The
-    raw bytes are spliced in as they are when they hold no line break (they
-    are valid JSON: they were decoded), which saves encoding every answer
-    again; otherwise the decoded body is re-encoded onto one line.
+    raw bytes are spliced in (they are valid JSON: they were decoded), which
+    saves encoding every answer again, and also keeps an answer nested deeper
+    than orjson writes. A line break in valid JSON can only be whitespace
+    between tokens, so a pretty-printed answer is put on one line by turning
+    its line breaks into spaces.
     """
-    if isinstance(body, dict | list) and b"\n" not in raw_body and b"\r" not in raw_body:
+    if isinstance(body, dict | list):
+        if b"\n" in raw_body or b"\r" in raw_body:
+            raw_body = raw_body.translate(_LINE_BREAKS_TO_SPACES)
         head = orjson.dumps(
             {
                 "id": f"batch_req_{request.line_no}",
@@ -86,6 +90,9 @@ def result_line(
     )
 
 
+_LINE_BREAKS_TO_SPACES = bytes.maketrans(b"\r\n", b"  ")
+
+
 def error_line(
     line_no: int,
     custom_id: str | None,
@@ -107,16 +114,28 @@ def error_line(
     response = None
     if status is not None:
         response = {"status_code": status, "request_id": request_id, "body": body}
-    return orjson.dumps(
-        {
-            "id": f"batch_req_{line_no}",
-            "custom_id": custom_id,
-            "response": response,
-            "error": {"code": code, "message": message},
-            "batchq": {"line": line_no, "attempts": attempts, "retryable": retryable},
-        },
-        option=orjson.OPT_APPEND_NEWLINE,
-    )
+    line = {
+        "id": f"batch_req_{line_no}",
+        "custom_id": custom_id,
+        "response": response,
+        "error": {"code": code, "message": message},
+        "batchq": {"line": line_no, "attempts": attempts, "retryable": retryable},
+    }
+    try:
+        return orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
+    except orjson.JSONEncodeError:  # a body nested deeper than orjson writes
+        body = "(not kept: nested too deeply)"
+        return error_line(
+            line_no,
+            custom_id,
+            code,
+            message,
+            status=status,
+            request_id=request_id,
+            body=body,
+            attempts=attempts,
+            retryable=retryable,
+        )
 
 
 #: What an API key is replaced with wherever it would be written.
@@ -151,7 +170,10 @@ class KeyScrubber:
     def scrub(self, line: bytes) -> bytes:
         if self._needle not in line and b"\\u" not in line:
             return line
-        return orjson.dumps(self._clean(orjson.loads(line)), option=orjson.OPT_APPEND_NEWLINE)
+        try:
+            return orjson.dumps(self._clean(orjson.loads(line)), option=orjson.OPT_APPEND_NEWLINE)
+        except orjson.JSONEncodeError:  # nested deeper than orjson writes: the plain key only
+            return self.raw(line)
 
     def _clean(self, value: Any) -> Any:
         if isinstance(value, str):

@@ -565,3 +565,43 @@ def test_an_absurd_reset_on_a_success_pauses_at_most_max_wait(
     assert done.returncode == 0, done.stderr
     assert len(server.seen) == len(ids)
     assert set(agrees(tmp_path, ids)[0]) == set(ids)
+
+
+# --- 7. odd answers: each line once, and `status` agrees --------------------------------------
+
+
+def nested(depth: int, inner: Any) -> Any:
+    for _ in range(depth):
+        inner = {"a": inner}
+    return inner
+
+
+async def odd(request: web.Request, body: bytes) -> web.StreamResponse:
+    """Answers that are valid, but not as batchq usually sees them."""
+    key = request.headers.get("Authorization", "").removeprefix("Bearer ")
+    way = prompt_of(body)
+    if way == "deep-ok":  # deeper than orjson writes, and pretty-printed over many lines
+        deep = orjson.dumps(nested(200, key), option=orjson.OPT_INDENT_2)
+        text = b'{"choices": [],\r\n "deep": ' + deep.replace(b'"a": {', b'"a":\n{') + b"}"
+        return web.Response(body=text, content_type="application/json")
+    if way == "deep-error":
+        text = b'{"error": ' + b'{"a": ' * 300 + orjson.dumps(key) + b"}" * 301
+        return web.Response(status=500, body=text, content_type="application/json")
+    if way == "big-number":
+        return web.Response(body=b'{"n": 123456789012345678901234567890, "choices": []}')
+    return completion("Echo \u2028 " + way)
+
+
+def test_odd_answers_each_give_one_line_and_status_agrees(tmp_path: Path, hostile: Hostile) -> None:
+    ids = two_lines(tmp_path, "deep-ok", "deep-error", "big-number", "plain")
+    server = hostile(odd)
+    done = run(tmp_path, server.url, "--max-attempts", "1", "--api-key-env", "K", K=KEY)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    ok, failed = agrees(tmp_path, ids)
+    assert set(ok) == {"deep-ok", "big-number", "plain"} and set(failed) == {"deep-error"}
+    deep = ok["deep-ok"]["response"]["body"]["deep"]
+    assert nested(200, MARKER) == deep
+    assert failed["deep-error"]["response"]["body"] == "(not kept: nested too deeply)"
+    assert failed["deep-error"]["batchq"]["retryable"] is True
+    assert KEY not in everything_written(tmp_path, done)
