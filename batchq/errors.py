@@ -165,6 +165,8 @@ def error_message(body: Any) -> str:
     """The human part of an error body: OpenAI's ``error.message``, else a short excerpt."""
     if isinstance(body, dict):
         error = body.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])
         if isinstance(error, dict) and error.get("message"):
             body = error["message"]
         elif isinstance(error, str):
