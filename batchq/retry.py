@@ -49,6 +49,7 @@ from batchq.progress import duration
 #: 4xx statuses that are worth sending again (the OpenAI SDKs retry these too).
 RETRYABLE_4XX = frozenset({408, 409})
 FATAL_CODES = frozenset({"insufficient_quota"})
+YEAR = 365.25 * 86400
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -141,9 +142,6 @@ def wait_too_long(
         f"the endpoint asked to wait {_long(wait)} ({status}, {asked}), longer than "
         f"--max-wait ({duration(max_wait)}); nothing pending is lost: {when}"
     )
-
-
-YEAR = 365.25 * 86400
 
 
 def _long(seconds: float) -> str:
