@@ -21,6 +21,7 @@ bounded steps: memory stays bounded whatever the endpoint sends.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -43,6 +44,10 @@ from batchq.records import key_scrubber
 
 MAX_REDIRECTS = 5
 CHUNK = 1 << 16
+#: Answers up to this size are read side by side; a larger one first takes one of
+#: BIG_READERS permits, so that memory does not grow as --concurrency × --max-response-bytes.
+SMALL_ANSWER = 1 << 20
+BIG_READERS = 2
 
 
 @dataclass(slots=True)
@@ -88,6 +93,7 @@ class AiohttpTransport:
         self._scrubber = key_scrubber(api_key)
         self._concurrency = concurrency
         self._max_bytes = max_response_bytes
+        self._big_readers = asyncio.Semaphore(BIG_READERS)
         self._timeout = aiohttp.ClientTimeout(total=timeout, connect=connect_timeout)
         self._session: aiohttp.ClientSession | None = None
 
@@ -160,12 +166,21 @@ class AiohttpTransport:
             raise self._too_large(resp, request_id)  # said so up front: read none of it
         chunks = []
         size = 0
-        async for chunk in resp.content.iter_chunked(CHUNK):
-            size += len(chunk)
-            if size > self._max_bytes:
-                raise self._too_large(resp, request_id)
-            chunks.append(chunk)
-        return b"".join(chunks)
+        big = False
+        try:
+            async for chunk in resp.content.iter_chunked(CHUNK):
+                size += len(chunk)
+                if size > self._max_bytes:
+                    raise self._too_large(resp, request_id)
+                if size > SMALL_ANSWER and not big:
+                    # Meanwhile the socket is not read: the endpoint waits, not our memory.
+                    await self._big_readers.acquire()
+                    big = True
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            if big:
+                self._big_readers.release()
 
     def _too_large(self, resp: aiohttp.ClientResponse, request_id: str | None) -> Exception:
         resp.close()  # drop the connection rather than read the rest
