@@ -182,7 +182,7 @@ class AiohttpTransport:
             if big:
                 self._big_readers.release()
 
-    def _too_large(self, resp: aiohttp.ClientResponse, request_id: str | None) -> Exception:
+    def _too_large(self, resp: aiohttp.ClientResponse, request_id: str | None) -> ResponseTooLarge:
         resp.close()  # drop the connection rather than read the rest
         return ResponseTooLarge(
             f"HTTP {resp.status}: the answer is larger than --max-response-bytes "
