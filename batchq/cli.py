@@ -2,8 +2,8 @@
 
 No module below this one imports click. Exit statuses: 0 every request
 succeeded; 1 finished with some in errors.jsonl; 2 bad usage, settings or
-input; 3 stopped by the endpoint (bad key, no quota, unreachable),
-resumable; 130 interrupted, resumable.
+input; 3 stopped by the endpoint (bad key, no quota, unreachable, a wait
+longer than --max-wait), resumable; 130 interrupted, resumable.
 """
 
 from __future__ import annotations
@@ -76,6 +76,12 @@ def _param(ctx: click.Context, option: click.Parameter, values: tuple[str, ...])
         except orjson.JSONDecodeError:
             params[key] = raw  # a bare word is a string
     return params
+
+
+def _from_cwd(ctx: click.Context, option: click.Parameter, value: str | None) -> str | None:
+    # As users expect of a path typed on the command line; job.toml keeps it absolute,
+    # since its own relative paths are relative to the job folder.
+    return None if value is None else str(Path(value).expanduser().absolute())
 
 
 _REQUEST_OPTIONS = [
@@ -172,8 +178,28 @@ def _defaults(
     type=click.FloatRange(min=0),
     help="Seconds in-flight requests get to finish after Ctrl-C [default: 5].",
 )
-@click.option("--output", help="Results file [default: results.jsonl in the job folder].")
-@click.option("--errors", help="Errors file [default: errors.jsonl in the job folder].")
+@click.option(
+    "--max-wait",
+    type=click.FloatRange(min=0),
+    help="Longest wait, in seconds, an endpoint may ask for (Retry-After and the like); "
+    "a longer one stops the job (exit 3) [default: 900].",
+)
+@click.option(
+    "--max-response-bytes",
+    type=click.IntRange(min=1),
+    help="Largest answer kept, after decompression; a larger one is a failed request "
+    "[default: 33554432, i.e. 32 MiB].",
+)
+@click.option(
+    "--output",
+    callback=_from_cwd,
+    help="Results file, relative to the current folder [default: results.jsonl in the job folder].",
+)
+@click.option(
+    "--errors",
+    callback=_from_cwd,
+    help="Errors file, relative to the current folder [default: errors.jsonl in the job folder].",
+)
 @click.option("--retry-failed", is_flag=True, help="Send the retryable failures again first.")
 @click.option("--force", is_flag=True, help="Allow changing model, endpoint, system or defaults.")
 @click.option(

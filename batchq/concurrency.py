@@ -306,7 +306,9 @@ class Pool:
 
     def binding(self, paced: bool) -> str:
         """What holds the sending back now: the pool, the pace, or the endpoint's capacity."""
-        if self.gate.waiting:
+        # Slots are held by requests waiting for their turn in the pace too: the pool
+        # binds only when every slot is out at the endpoint and more wait for one.
+        if self.gate.waiting and self.in_flight >= self.gate.limit:
             if self.fixed:
                 return "--concurrency"
             if self.gate.limit >= self.ceiling:

@@ -58,16 +58,24 @@ class Settings:
     timeout: float = 600.0
     connect_timeout: float = 30.0
     drain_timeout: float = 5.0
+    max_wait: float = 900.0  # the longest wait an endpoint may ask for; longer stops the job
+    max_response_bytes: int = 32 * 1024 * 1024  # of one answer, after decompression
 
     def __post_init__(self) -> None:
+        for name in _STRINGS:
+            value = getattr(self, name)
+            if not (isinstance(value, str) or (value is None and name in ("model", "system"))):
+                raise ConfigError(f"{name} in job.toml must be a string, not {show(value)}")
         if self.endpoint not in ENDPOINTS:
-            raise ConfigError(f"endpoint {self.endpoint!r} is not one of {', '.join(ENDPOINTS)}")
+            raise ConfigError(
+                f"endpoint {show(self.endpoint)} is not one of {', '.join(ENDPOINTS)}"
+            )
         if not re.match(r"^https?://[^/\s]+", self.base_url):
             raise ConfigError(
-                f"base_url {self.base_url!r} is not an http(s) URL "
+                f"base_url {show(self.base_url)} is not an http(s) URL "
                 "(e.g. https://api.openai.com/v1 or http://localhost:8000/v1)"
             )
-        if not _ENV_NAME.fullmatch(self.api_key_env) or _KEY_LIKE.match(self.api_key_env):
+        if not _ENV_NAME.fullmatch(self.api_key_env) or _key_like(self.api_key_env):
             # Never echo the value: it may be the key itself, pasted in the wrong place.
             raise ConfigError(
                 "api_key_env must be the *name* of an environment variable, such as "
@@ -87,6 +95,8 @@ class Settings:
             _check_range(name, getattr(self, name), 0, 1e12)
         for name in ("timeout", "connect_timeout", "drain_timeout"):
             _check_range(name, getattr(self, name), 0, 1e9, open_low=name != "drain_timeout")
+        _check_range("max_wait", self.max_wait, 0, 1e9)
+        _check_range("max_response_bytes", self.max_response_bytes, 1, 1 << 40, integer=True)
 
     @property
     def request_key(self) -> dict[str, Any]:
@@ -94,9 +104,26 @@ class Settings:
         return {name: getattr(self, name) for name in REQUEST_SETTINGS}
 
 
+_STRINGS = ("input", "output", "errors", "base_url", "api_key_env", "endpoint", "model", "system")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 #: What API keys start with (OpenAI, Groq, Hugging Face, xAI, ...), never an env var name.
 _KEY_LIKE = re.compile(r"(sk|gsk|hf|xai|pk|rk|key)[-_][A-Za-z0-9]{8}|AIza", re.IGNORECASE)
+#: Random-looking: long hex (many providers' keys are 32-64 hex digits), or a long run of
+#: letters and digits with no underscore, which variable names use between words.
+_RANDOM = re.compile(r"[0-9A-Fa-f]{24,}|(?=.*\d)[A-Za-z0-9]{20,}")
+
+
+def _key_like(name: str) -> bool:
+    return bool(_KEY_LIKE.match(name) or _RANDOM.fullmatch(name))
+
+
+def show(value: Any) -> str:
+    """A value from the user's data as JSON, shortened: no Python reprs in messages."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, default=str)
+    except ValueError:  # e.g. a nested structure too deep
+        text = str(type(value).__name__)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _check_range(
@@ -110,11 +137,13 @@ def _check_range(
 ) -> None:
     kind = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind):
-        raise ConfigError(f"{name} must be {'a whole' if integer else 'a'} number, not {value!r}")
+        raise ConfigError(
+            f"{name} must be {'a whole' if integer else 'a'} number, not {show(value)}"
+        )
     # Written so that NaN, which compares false with everything, fails too.
     if not (low <= value <= high) or (open_low and value == low):
         bound = f"> {low:g}" if open_low else f">= {low:g}"
-        raise ConfigError(f"{name} must be {bound} and <= {high:g}, not {value!r}")
+        raise ConfigError(f"{name} must be {bound} and <= {high:g}, not {value:g}")
 
 
 SETTING_NAMES = frozenset(f.name for f in fields(Settings))
@@ -131,7 +160,7 @@ def build_settings(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> Set
         raise ConfigError("job.toml has no 'input' setting (the path of the JSONL input)")
     if not isinstance(merged.get("defaults", {}), dict):
         raise ConfigError("'defaults' in job.toml must be a table, e.g. [defaults]")
-    for name in ("rpm", "tpm", "timeout", "connect_timeout", "drain_timeout"):
+    for name in ("rpm", "tpm", "timeout", "connect_timeout", "drain_timeout", "max_wait"):
         if isinstance(merged.get(name), int) and not isinstance(merged.get(name), bool):
             merged[name] = float(merged[name])
     try:
@@ -183,7 +212,7 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"cannot store {value!r} in job.toml: not a finite number")
+        raise ConfigError(f"cannot store {value} in job.toml: not a finite number")
     if isinstance(value, int | float):
         return json.dumps(value)
     if isinstance(value, str):
@@ -193,4 +222,4 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, dict):
         items = ", ".join(f"{_toml_key(str(k))} = {_toml_value(v)}" for k, v in value.items())
         return "{ " + items + " }" if items else "{}"
-    raise ConfigError(f"cannot store {value!r} in job.toml")
+    raise ConfigError(f"cannot store {show(value)} in job.toml")

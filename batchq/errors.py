@@ -12,6 +12,10 @@
         ├── TransportError                     connect/read failure (retryable)
         │   ├── EndpointUnreachable            could not connect at all
         │   └── RequestTimeout(TransportError, TimeoutError)
+        ├── InvalidResponse                    a 2xx that is not a JSON object (retryable)
+        ├── UnusableAnswer                     not sent again this run; --retry-failed may
+        │   ├── Redirected                     301/302/303, or a redirect to another host
+        │   └── ResponseTooLarge               more than --max-response-bytes
         └── HTTPStatusError                    .status, .body, .request_id, .headers
             ├── RateLimited                    429, retryable, honours Retry-After
             ├── ServerError                    5xx, retryable
@@ -25,6 +29,8 @@ pipeline down; what was written so far stays durable and the job resumes.
 from __future__ import annotations
 
 from typing import Any
+
+import orjson
 
 
 class BatchqError(Exception):
@@ -80,6 +86,36 @@ class RequestTimeout(TransportError, TimeoutError):
     code = "timeout"
 
 
+class InvalidResponse(RequestError):
+    """A 2xx whose body is not a JSON object: a login page, a proxy's text, a cut-off answer."""
+
+    code = "invalid_response"
+
+
+class UnusableAnswer(RequestError):
+    """An answer that the job's settings rule out; sending the request again now would end
+    the same way, but after a change of setting (--base-url, --max-response-bytes)
+    ``--retry-failed`` sends it again."""
+
+    def __init__(self, message: str, *, status: int, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.request_id = request_id
+
+
+class Redirected(UnusableAnswer):
+    """A redirect batchq does not follow: one that would turn the POST into a GET, or send
+    the API key to another host."""
+
+    code = "redirected"
+
+
+class ResponseTooLarge(UnusableAnswer):
+    """An answer larger than --max-response-bytes (counted after decompression)."""
+
+    code = "response_too_large"
+
+
 class HTTPStatusError(RequestError):
     """The endpoint answered with a status other than 2xx."""
 
@@ -129,9 +165,15 @@ def error_message(body: Any) -> str:
     """The human part of an error body: OpenAI's ``error.message``, else a short excerpt."""
     if isinstance(body, dict):
         error = body.get("error")
-        if isinstance(error, dict) and error.get("message"):
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
             return str(error["message"])
-        if isinstance(error, str):
+        if isinstance(error, dict) and error.get("message"):
+            body = error["message"]
+        elif isinstance(error, str):
             return error
-    text = body if isinstance(body, str) else repr(body)
-    return text[:300]
+    if isinstance(body, str):
+        return body[:300]
+    try:  # JSON as the endpoint sent it, not a Python repr of what it was parsed into
+        return orjson.dumps(body, default=str)[:300].decode("utf-8", "replace")
+    except orjson.JSONEncodeError:
+        return "an error body nested too deeply to show"

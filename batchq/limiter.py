@@ -129,8 +129,10 @@ class Pacer:
         tpm: float = 0.0,
         clock: Callable[[], float] | None = None,
         on_notice: Callable[[str], None] = lambda message: None,
+        max_pause: float = math.inf,
     ) -> None:
         self.tpm = tpm
+        self.max_pause = max_pause  # --max-wait: an endpoint's word is trusted only so far
         self.limits: dict[Kind, Limit | None] = {
             "requests": Limit(configured=rpm / 60) if rpm else None,
             "tokens": Limit(configured=tpm / 60) if tpm else None,
@@ -269,7 +271,9 @@ class Pacer:
             if headers.get(f"x-ratelimit-remaining-{kind}") == "0":
                 reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}", ""))
                 if reset:
-                    self.pause(reset)
+                    # Capped, not fatal: the answer itself succeeded, and if the limit is
+                    # still exhausted after the cap, the 429 that follows stops the job.
+                    self.pause(min(reset, self.max_pause))
 
     def _observe_limit(self, kind: Kind, value: str | None) -> None:
         try:

@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 
 import orjson
 
-from batchq.config import ENDPOINTS, JSONObject, Settings
+from batchq.config import ENDPOINTS, JSONObject, Settings, show
 from batchq.errors import InputError
 from batchq.records import Outcome, Request, error_line
 
@@ -79,7 +79,7 @@ def _parse(raw: bytes, line_no: int, template: RequestTemplate) -> Request:
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise BadLine("invalid_json", f"not valid JSON ({exc})") from None
+        raise BadLine("invalid_json", _why(exc)) from None
     if not isinstance(obj, dict):
         raise BadLine("invalid_request", f"a JSON {_JSON_TYPES[type(obj)]}, not an object")
     if isinstance(obj.get("body"), dict) and set(obj) <= _BATCH_KEYS:
@@ -109,22 +109,25 @@ def _custom_id(value: Any, line_no: int) -> str:
         return f"line-{line_no}"
     if isinstance(value, str | int) and not isinstance(value, bool):
         return str(value)
-    raise BadLine("invalid_request", f"custom_id must be a string, not {orjson.dumps(value)!r}")
+    raise BadLine(
+        "invalid_request", f"custom_id must be a string or a whole number, not {show(value)}"
+    )
 
 
 def _batch_url(obj: JSONObject, custom_id: str, default: str) -> str:
     method = obj.get("method", "POST")
     if method != "POST":
-        raise BadLine("invalid_request", f"method must be POST, not {method!r}", custom_id)
+        raise BadLine("invalid_request", f"method must be POST, not {show(method)}", custom_id)
     url = obj.get("url")
     if url is None:
         return default
-    if isinstance(url, str) and not url.startswith("/v1/"):
-        url = "/v1" + url  # "/chat/completions" as some tools write it
-    if url not in ENDPOINTS:
+    path = url
+    if isinstance(url, str) and url.startswith("/") and not url.startswith("/v1/"):
+        path = "/v1" + url  # "/chat/completions" as some tools write it
+    if path not in ENDPOINTS:
         supported = ", ".join(ENDPOINTS)
-        raise BadLine("invalid_request", f"url {url!r} is not one of {supported}", custom_id)
-    return str(url)
+        raise BadLine("invalid_request", f"url {show(url)} is not one of {supported}", custom_id)
+    return str(path)
 
 
 def _fill_in(body: JSONObject, template: RequestTemplate) -> None:
@@ -167,7 +170,7 @@ def _check_body(body: JSONObject, url: str, custom_id: str) -> None:
     needed = _REQUIRED[url]
     if needed not in body:
         also = " (or a 'prompt' string)" if needed == "messages" else ""
-        raise BadLine("invalid_request", f"no {needed!r}{also} for {url}", custom_id)
+        raise BadLine("invalid_request", f"no '{needed}'{also} for {url}", custom_id)
     if needed == "messages" and not (isinstance(body["messages"], list) and body["messages"]):
         raise BadLine("invalid_request", "'messages' must be a non-empty list", custom_id)
 
@@ -209,10 +212,27 @@ def _text_length(value: Any) -> int:
     return 0
 
 
+#: How compressed files begin; orjson's reading of them ("surrogates not allowed") tells nobody.
+_COMPRESSED = {
+    b"\x1f\x8b": "gzip",
+    b"PK\x03\x04": "zip",
+    b"BZh": "bzip2",
+    b"\x28\xb5\x2f\xfd": "zstd",
+}
+_COMPRESSED[b"\xfd7zXZ"] = "xz"
+
+
 def check_jsonl(path: Path) -> None:
     """Refuse, with one line, a file that is not JSONL at all (its first line is no JSON object)."""
     try:
         with path.open("rb") as f:
+            head = f.read(8)
+            for magic, kind in _COMPRESSED.items():
+                if head.startswith(magic):
+                    raise InputError(
+                        f"{path} is {kind}-compressed, not JSONL text; unpack it first"
+                    )
+            f.seek(0)
             for raw in f:
                 if raw.strip():
                     obj = orjson.loads(raw.removeprefix(_BOM))
@@ -220,9 +240,16 @@ def check_jsonl(path: Path) -> None:
                         raise InputError(f"{path} is not JSONL: line 1 is not a JSON object")
                     return
     except orjson.JSONDecodeError as exc:
-        raise InputError(f"{path} is not JSONL: its first line is not valid JSON ({exc})") from exc
+        raise InputError(f"{path} is not JSONL: its first line is {_why(exc)}") from exc
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def _why(exc: orjson.JSONDecodeError) -> str:
+    """What is wrong with a line, in words: orjson reports bad UTF-8 as "surrogates"."""
+    if "utf-8" in str(exc).lower() or "surrogate" in str(exc).lower():
+        return "not UTF-8 text (is the file binary, or in another encoding?)"
+    return f"not valid JSON ({exc})"
 
 
 async def feed(

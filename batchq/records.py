@@ -58,14 +58,18 @@ def result_line(
     """The results.jsonl line of a request the endpoint answered with 2xx.
 
     ``raw_body`` is the answer as received and ``body`` the same decoded. The
-    raw bytes are spliced in as they are when they hold no line break (they
-    are valid JSON: they were decoded), which saves encoding every answer
-    again; otherwise the decoded body is re-encoded onto one line.
+    raw bytes are spliced in (they are valid JSON: they were decoded), which
+    saves encoding every answer again, and also keeps an answer nested deeper
+    than orjson writes. A line break in valid JSON can only be whitespace
+    between tokens, so a pretty-printed answer is put on one line by turning
+    its line breaks into spaces.
     """
     extra: dict[str, Any] = {"line": request.line_no, "attempts": attempts}
     if hedged:  # a second copy was sent; the first answer is this one
         extra["hedged"] = True
-    if isinstance(body, dict | list) and b"\n" not in raw_body and b"\r" not in raw_body:
+    if isinstance(body, dict | list):
+        if b"\n" in raw_body or b"\r" in raw_body:
+            raw_body = raw_body.translate(_LINE_BREAKS_TO_SPACES)
         head = orjson.dumps(
             {
                 "id": f"batch_req_{request.line_no}",
@@ -86,6 +90,9 @@ def result_line(
         },
         option=orjson.OPT_APPEND_NEWLINE,
     )
+
+
+_LINE_BREAKS_TO_SPACES = bytes.maketrans(b"\r\n", b"  ")
 
 
 def error_line(
@@ -109,13 +116,77 @@ def error_line(
     response = None
     if status is not None:
         response = {"status_code": status, "request_id": request_id, "body": body}
-    return orjson.dumps(
-        {
-            "id": f"batch_req_{line_no}",
-            "custom_id": custom_id,
-            "response": response,
-            "error": {"code": code, "message": message},
-            "batchq": {"line": line_no, "attempts": attempts, "retryable": retryable},
-        },
-        option=orjson.OPT_APPEND_NEWLINE,
-    )
+    line = {
+        "id": f"batch_req_{line_no}",
+        "custom_id": custom_id,
+        "response": response,
+        "error": {"code": code, "message": message},
+        "batchq": {"line": line_no, "attempts": attempts, "retryable": retryable},
+    }
+    try:
+        return orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
+    except orjson.JSONEncodeError:  # a body nested deeper than orjson writes
+        body = "(not kept: nested too deeply)"
+        return error_line(
+            line_no,
+            custom_id,
+            code,
+            message,
+            status=status,
+            request_id=request_id,
+            body=body,
+            attempts=attempts,
+            retryable=retryable,
+        )
+
+
+#: What an API key is replaced with wherever it would be written.
+KEY_REMOVED = "[api key removed]"
+_REMOVED = KEY_REMOVED.encode()
+#: Shorter "keys" are placeholders for local servers ("EMPTY", "ollama"), not secrets,
+#: and would match ordinary words in the answers.
+MIN_SCRUBBED_KEY = 8
+
+
+class KeyScrubber:
+    """Takes the API key out of output lines, even when an endpoint echoes it back.
+
+    A line without the key costs one scan for it (and one for ``\\u``, since JSON
+    escapes could spell the key in other bytes). A line with it is decoded and the
+    key replaced in every string, so the line stays valid JSON whatever the key is.
+    """
+
+    __slots__ = ("_needle", "key")
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self._needle = key.encode()
+
+    def text(self, text: str) -> str:
+        return text.replace(self.key, KEY_REMOVED)
+
+    def raw(self, data: bytes) -> bytes:
+        """``data`` with every plain occurrence of the key replaced (one scan when none)."""
+        return data.replace(self._needle, _REMOVED) if self._needle in data else data
+
+    def scrub(self, line: bytes) -> bytes:
+        if self._needle not in line and b"\\u" not in line:
+            return line
+        try:
+            return orjson.dumps(self._clean(orjson.loads(line)), option=orjson.OPT_APPEND_NEWLINE)
+        except orjson.JSONEncodeError:  # nested deeper than orjson writes: the plain key only
+            return self.raw(line)
+
+    def _clean(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return value.replace(self.key, KEY_REMOVED)
+        if isinstance(value, list):
+            return [self._clean(v) for v in value]
+        if isinstance(value, dict):
+            return {self._clean(k): self._clean(v) for k, v in value.items()}
+        return value
+
+
+def key_scrubber(key: str | None) -> KeyScrubber | None:
+    """A scrubber for ``key``, or None when there is no key worth hiding."""
+    return KeyScrubber(key) if key and len(key) >= MIN_SCRUBBED_KEY else None

@@ -13,6 +13,11 @@ Plain functions and one frozen policy, no I/O: the worker loop in
   sign that the request is broken.
 - Other 4xx: never retried. 401, 403 and ``insufficient_quota`` are fatal
   for the whole job. ``x-should-retry: false`` is obeyed.
+- A redirect batchq does not follow, or an answer over ``--max-response-bytes``:
+  not retried this run, but marked retryable, since a changed setting fixes it.
+- A wait the endpoint asks for is trusted only up to ``max_wait``: a longer
+  one stops the job (it would look hung for hours), and a negative, infinite
+  or unreadable one is no header at all.
 
 All times are float seconds.
 """
@@ -37,11 +42,14 @@ from batchq.errors import (
     RequestError,
     RequestRejected,
     ServerError,
+    UnusableAnswer,
 )
+from batchq.progress import duration
 
 #: 4xx statuses that are worth sending again (the OpenAI SDKs retry these too).
 RETRYABLE_4XX = frozenset({408, 409})
 FATAL_CODES = frozenset({"insufficient_quota"})
+YEAR = 365.25 * 86400
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -52,6 +60,7 @@ class RetryPolicy:
     max_rate_limited: int = 1000
     base_delay: float = 0.5
     max_delay: float = 60.0
+    max_wait: float = 900.0  # the longest wait an endpoint may ask for; longer stops the job
 
     def backoff(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
         """The wait before attempt ``attempt + 1``: full jitter over an exponential ceiling."""
@@ -91,10 +100,14 @@ def decide(exc: RequestError, attempts: int, rate_limited: int, policy: RetryPol
     headers = exc.headers if isinstance(exc, HTTPStatusError) else {}
     if headers.get("x-should-retry", "").lower() == "false":
         return GiveUp(retryable=exc.retryable)
+    if isinstance(exc, UnusableAnswer):
+        return GiveUp(retryable=True)
     if isinstance(exc, RateLimited):
         if _too_large(exc) or rate_limited >= policy.max_rate_limited:
             return GiveUp(retryable=not _too_large(exc))
         wait = retry_after(headers)
+        if wait is not None and wait > policy.max_wait:
+            return Fatal(wait_too_long(exc, wait, policy.max_wait))
         return Retry(policy.backoff(rate_limited) if wait is None else wait, pause_all=True)
     if isinstance(exc, RequestRejected) and exc.status not in RETRYABLE_4XX:
         return GiveUp(retryable=False)
@@ -109,7 +122,38 @@ def decide(exc: RequestError, attempts: int, rate_limited: int, policy: RetryPol
     # every answer are about the rate limit, not about this failure.
     backoff = policy.backoff(attempts - rate_limited)
     wait = retry_after(headers, resets=False)
+    if wait is not None and wait > policy.max_wait:
+        return Fatal(wait_too_long(exc, wait, policy.max_wait))
     return Retry(backoff if wait is None else max(backoff, wait))
+
+
+def wait_too_long(
+    exc: RequestError, wait: float, max_wait: float, now: Callable[[], float] = time.time
+) -> str:
+    """The one line that stops a job whose endpoint asked for a wait over ``max_wait``."""
+    headers = exc.headers if isinstance(exc, HTTPStatusError) else {}
+    # Only the values that are waits: any other header text could be anything, even the key.
+    asked = ", ".join(
+        f"{name}: {value[:40]}" for name, value in headers.items() if _is_wait(name, value)
+    )
+    status = f"HTTP {exc.status}" if isinstance(exc, HTTPStatusError) else "the endpoint"
+    if wait < 10 * YEAR:
+        back = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(now() + wait))
+        when = f"run the same command again after {back}, or now with a larger --max-wait"
+    else:
+        when = "check --base-url; the same command continues the job"
+    return (
+        f"the endpoint asked to wait {_long(wait)} ({status}, {asked}), longer than "
+        f"--max-wait ({duration(max_wait)}); nothing pending is lost: {when}"
+    )
+
+
+def _long(seconds: float) -> str:
+    if seconds < 2 * 86400:
+        return duration(seconds)
+    if seconds < 10 * YEAR:
+        return f"{seconds / 86400:,.1f} days"
+    return f"{seconds / YEAR:,.3g} years"
 
 
 def fatal_reason(exc: RequestError) -> str | None:
@@ -157,16 +201,29 @@ def parse_duration(text: str) -> float | None:
     """Seconds in OpenAI's reset format (``"1s"``, ``"6m0s"``, ``"20ms"``, ``"1m30.5s"``), or None.
 
     ``ms`` is tried before ``m``: ``20ms`` is twenty milliseconds, not minutes.
+    A bare number is seconds. Anything else, and a negative or non-finite
+    value (``-5``, ``nan``, ``1e400``, 400 digits of hours), is None: no header.
     """
     text = text.strip()
     parts = _DURATION_PART.findall(text)
     if not parts or "".join(n + u for n, u in parts) != text:
-        try:  # a bare number of seconds
-            seconds = float(text)
-        except ValueError:
-            return None
-        return max(0.0, seconds) if math.isfinite(seconds) else None
-    return sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+        return _seconds(text)
+    return _finite(sum(float(n) * _UNIT_SECONDS[u] for n, u in parts))
+
+
+def _seconds(text: str | None, scale: float = 1.0) -> float | None:
+    """A bare number times ``scale``, if it is one, finite and not negative."""
+    if text is None:
+        return None
+    try:
+        return _finite(float(text) * scale)
+    except ValueError:
+        return None
+
+
+def _finite(seconds: float) -> float | None:
+    # Written so that NaN, which compares false with everything, is None too.
+    return seconds + 0.0 if 0.0 <= seconds < math.inf else None
 
 
 def retry_after(
@@ -174,24 +231,36 @@ def retry_after(
 ) -> float | None:
     """How long the endpoint asked us to wait, from the first header that says, or None.
 
+    An unusable value is skipped as if the header were absent, so the next one may say.
     ``resets``: also read the ``x-ratelimit-reset-*`` headers (for a 429).
     """
-    ms = headers.get("retry-after-ms")
+    ms = _seconds(headers.get("retry-after-ms"), 0.001)
     if ms is not None:
-        try:
-            return max(0.0, float(ms) / 1000)
-        except ValueError:
-            pass
+        return ms
     value = headers.get("retry-after")
     if value is not None:
         seconds = parse_duration(value)
+        if seconds is None:
+            seconds = _http_date(value, now)
         if seconds is not None:
             return seconds
-        try:
-            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - now())
-        except (TypeError, ValueError):
-            pass
     return _reset_time(headers) if resets else None
+
+
+def _is_wait(header: str, value: str) -> bool:
+    if header == "retry-after-ms":
+        return _seconds(value) is not None
+    if header == "retry-after":
+        return parse_duration(value) is not None or _http_date(value, time.time) is not None
+    return header.startswith("x-ratelimit-reset-") and parse_duration(value) is not None
+
+
+def _http_date(value: str, now: Callable[[], float]) -> float | None:
+    """Seconds until an HTTP date; a date in the past (clock skew) means now."""
+    try:
+        return _finite(max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - now()))
+    except (TypeError, ValueError, OverflowError, IndexError):
+        return None
 
 
 def _reset_time(headers: Mapping[str, str]) -> float | None:

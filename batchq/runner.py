@@ -29,9 +29,11 @@ from typing import Any
 import orjson
 
 from batchq.concurrency import Pool
+from batchq.config import show
 from batchq.errors import (
     BatchqError,
     FatalEndpointError,
+    InvalidResponse,
     RequestError,
     TransportError,
 )
@@ -41,7 +43,7 @@ from batchq.journal import Journal, retry_failed
 from batchq.limiter import Kind, Pacer
 from batchq.progress import Stats, make_progress
 from batchq.reader import RequestTemplate, feed
-from batchq.records import Outcome, Request, error_line, result_line
+from batchq.records import Outcome, Request, error_line, key_scrubber, result_line
 from batchq.retry import Fatal, GiveUp, RetryPolicy, decide, status_error
 from batchq.transport import AiohttpTransport, Response, Transport
 
@@ -109,10 +111,16 @@ class Pipeline:
         self.workers = self.pool.ceiling  # the gate, not the number of workers, sets the pace
         self.requests: asyncio.Queue[Request | None] = asyncio.Queue(maxsize=2 * self.workers)
         self.outcomes: asyncio.Queue[Outcome | None] = asyncio.Queue(maxsize=4 * self.workers)
-        self.pacer = Pacer(rpm=settings.rpm, tpm=settings.tpm, on_notice=options.on_notice)
+        self.pacer = Pacer(
+            rpm=settings.rpm,
+            tpm=settings.tpm,
+            on_notice=options.on_notice,
+            max_pause=settings.max_wait,
+        )
         self.hedger = Hedger(stats.pending or 0) if settings.hedge else None
         self.exhausted = False  # every request has been taken by a worker
-        self.policy = RetryPolicy(max_attempts=settings.max_attempts)
+        self.policy = RetryPolicy(max_attempts=settings.max_attempts, max_wait=settings.max_wait)
+        self.scrubber = key_scrubber(options.api_key)
         self.template = RequestTemplate.from_settings(settings)
         self._feeder: asyncio.Task[None] | None = None
         self._main: asyncio.Task[None] | None = None
@@ -160,6 +168,7 @@ class Pipeline:
                 concurrency=self.workers,
                 timeout=s.timeout,
                 connect_timeout=s.connect_timeout,
+                max_response_bytes=s.max_response_bytes,
             ) as transport,
             asyncio.TaskGroup() as tg,
         ):
@@ -203,9 +212,12 @@ class Pipeline:
         while True:
             attempts += 1
             started, result, hedged = await self._attempt(transport, request)
-            if isinstance(result, Response):
-                if 200 <= result.status < 300:
+            if isinstance(result, Response) and 200 <= result.status < 300:
+                try:
                     return _success(request, result, attempts, hedged)
+                except InvalidResponse as exc:
+                    result = exc
+            elif isinstance(result, Response):
                 result = status_error(result.status, result.body, result.headers, result.request_id)
             decision = decide(result, attempts, rate_limited, self.policy)
             if isinstance(decision, Fatal):
@@ -275,6 +287,9 @@ class Pipeline:
     def _append(self, batch: list[Outcome]) -> None:
         if not batch:
             return
+        if self.scrubber is not None:  # the one place every output line passes
+            for o in batch:
+                o.line = self.scrubber.scrub(o.line)
         self.journal.append(batch)
         stats = self.stats
         for o in batch:
@@ -329,13 +344,10 @@ class Pipeline:
 
 
 def _success(request: Request, response: Response, attempts: int, hedged: bool) -> Outcome:
+    """The result line of a 2xx; InvalidResponse if its body is not a JSON object."""
     raw = response.body
-    body: Any
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:  # a 2xx that is not JSON: kept, as text
-        body = raw.decode("utf-8", "replace")
-    usage = body.get("usage") if isinstance(body, dict) else None
+    body = _json_object(response)
+    usage = body.get("usage")
     prompt = completion = 0
     if isinstance(usage, dict):
         prompt = _int(usage.get("prompt_tokens", usage.get("input_tokens")))
@@ -351,6 +363,21 @@ def _overload(result: Answer | None) -> bool:
     if isinstance(result, Response):
         return result.status in (429, 503)
     return isinstance(result, TransportError)  # timeouts and dropped connections too
+
+
+def _json_object(response: Response) -> dict[str, Any]:
+    # A login page, a proxy's notice or a cut-off answer is not a result: it is retried,
+    # and in errors.jsonl it stays retryable.
+    try:
+        body = orjson.loads(response.body)
+    except orjson.JSONDecodeError:
+        body = None
+    if isinstance(body, dict):
+        return body
+    kind = response.headers.get("Content-Type", "no Content-Type")[:80]
+    head = response.body[:60].decode("utf-8", "replace")
+    start = f"it starts {show(head)}" if head else "its body is empty"
+    raise InvalidResponse(f"HTTP {response.status} ({kind}) is not a JSON object: {start}")
 
 
 def retry_cause(exc: RequestError) -> str:

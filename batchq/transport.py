@@ -9,10 +9,19 @@ connecting is ``TransportError``, no full answer in time ``RequestTimeout``.
 The base URL is taken as the OpenAI SDKs take it, ending in ``/v1`` (or
 DashScope's ``.../compatible-mode/v1``); an endpoint path such as
 ``/v1/chat/completions`` is appended without its ``/v1``.
+
+An answer is trusted only as far as it makes sense. Redirects are followed
+by hand: 307 and 308 (which keep the method and body) to the same host, at
+most a few times; a 301, 302 or 303 would turn the POST into a GET without a
+body, and a redirect to another host would hand it the API key, so those
+fail, naming where they pointed. A body is read in chunks and abandoned past
+``max_response_bytes``, counted after decompression, which aiohttp does in
+bounded steps: memory stays bounded whatever the endpoint sends.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -20,10 +29,25 @@ from types import TracebackType
 from typing import Protocol
 
 import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from batchq.config import ENDPOINTS
-from batchq.errors import EndpointUnreachable, RequestTimeout, TransportError
+from batchq.errors import (
+    EndpointUnreachable,
+    Redirected,
+    RequestTimeout,
+    ResponseTooLarge,
+    TransportError,
+)
+from batchq.records import key_scrubber
+
+MAX_REDIRECTS = 5
+CHUNK = 1 << 16
+#: Answers up to this size are read side by side; a larger one first takes one of
+#: BIG_READERS permits, so that memory does not grow as --concurrency × --max-response-bytes.
+SMALL_ANSWER = 1 << 20
+BIG_READERS = 2
 
 
 @dataclass(slots=True)
@@ -53,6 +77,7 @@ class AiohttpTransport:
         concurrency: int,
         timeout: float,
         connect_timeout: float,
+        max_response_bytes: int = 32 * 1024 * 1024,
     ) -> None:
         base = base_url.rstrip("/")
         # Built once: per request there is nothing left to parse or format.
@@ -63,7 +88,12 @@ class AiohttpTransport:
         }
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
+        # What an endpoint echoes of the key is removed as it arrives, before any excerpt of
+        # an answer could cut the key in two and leave half of it unrecognisable.
+        self._scrubber = key_scrubber(api_key)
         self._concurrency = concurrency
+        self._max_bytes = max_response_bytes
+        self._big_readers = asyncio.Semaphore(BIG_READERS)
         self._timeout = aiohttp.ClientTimeout(total=timeout, connect=connect_timeout)
         self._session: aiohttp.ClientSession | None = None
 
@@ -89,10 +119,31 @@ class AiohttpTransport:
 
     async def send(self, path: str, body: bytes) -> Response:
         assert self._session is not None, "use AiohttpTransport as an async context manager"
+        url = self._urls[path]
         try:
-            async with self._session.post(self._urls[path], data=body) as resp:
-                data = await resp.read()
-                return Response(resp.status, resp.headers, data, resp.headers.get("x-request-id"))
+            for _ in range(MAX_REDIRECTS + 1):
+                async with self._session.post(url, data=body, allow_redirects=False) as resp:
+                    headers = self._clean_headers(resp.headers)
+                    request_id = headers.get("x-request-id")
+                    if resp.status in (307, 308):
+                        url = _follow(url, resp.status, headers.get("Location"), request_id)
+                        continue
+                    if resp.status in (301, 302, 303):
+                        where = headers.get("Location", "nowhere")
+                        raise Redirected(
+                            f"HTTP {resp.status}: the endpoint redirects to {where[:200]}, which "
+                            "would turn the POST into a GET; set --base-url to where it points",
+                            status=resp.status,
+                            request_id=request_id,
+                        )
+                    data = await self._read(resp, request_id)
+                    if self._scrubber is not None:
+                        data = self._scrubber.raw(data)
+                    return Response(resp.status, headers, data, request_id)
+            raise Redirected(
+                f"more than {MAX_REDIRECTS} redirects in a row, the last to {url}",
+                status=resp.status,
+            )
         except aiohttp.ConnectionTimeoutError as exc:
             raise EndpointUnreachable(f"no connection within the connect timeout ({exc})") from exc
         except TimeoutError as exc:
@@ -101,3 +152,63 @@ class AiohttpTransport:
             raise EndpointUnreachable(f"cannot connect to {exc.host}:{exc.port}") from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise TransportError(f"connection failed: {type(exc).__name__}: {exc}") from exc
+
+    def _clean_headers(self, headers: CIMultiDictProxy[str]) -> Mapping[str, str]:
+        scrubber = self._scrubber
+        if scrubber is None or not any(scrubber.key in value for value in headers.values()):
+            return headers
+        return CIMultiDict((name, scrubber.text(value)) for name, value in headers.items())
+
+    async def _read(self, resp: aiohttp.ClientResponse, request_id: str | None) -> bytes:
+        """The whole body, or ResponseTooLarge as soon as it passes the bound."""
+        declared = resp.content_length if "Content-Encoding" not in resp.headers else None
+        if declared is not None and declared > self._max_bytes:
+            raise self._too_large(resp, request_id)  # said so up front: read none of it
+        chunks = []
+        size = 0
+        big = False
+        try:
+            async for chunk in resp.content.iter_chunked(CHUNK):
+                size += len(chunk)
+                if size > self._max_bytes:
+                    raise self._too_large(resp, request_id)
+                if size > SMALL_ANSWER and not big:
+                    # Meanwhile the socket is not read: the endpoint waits, not our memory.
+                    await self._big_readers.acquire()
+                    big = True
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            if big:
+                self._big_readers.release()
+
+    def _too_large(self, resp: aiohttp.ClientResponse, request_id: str | None) -> ResponseTooLarge:
+        resp.close()  # drop the connection rather than read the rest
+        return ResponseTooLarge(
+            f"HTTP {resp.status}: the answer is larger than --max-response-bytes "
+            f"({self._max_bytes:,} bytes after decompression); not kept",
+            status=resp.status,
+            request_id=request_id,
+        )
+
+
+def _follow(url: URL, status: int, location: str | None, request_id: str | None) -> URL:
+    """Where a 307/308 points, if batchq may send the request and its key there."""
+    try:
+        target = url.join(URL(location)) if location else None
+    except ValueError:  # not a URL at all
+        target = None
+    if (
+        target is None
+        or target.host != url.host
+        or target.scheme not in ("http", "https")
+        or (url.scheme, target.scheme) == ("https", "http")  # never downgrade
+    ):
+        raise Redirected(
+            f"HTTP {status}: the endpoint redirects to {(location or 'nowhere')[:200]}; "
+            "batchq sends requests and the API key only to the --base-url host; set "
+            "--base-url to it if you trust it",
+            status=status,
+            request_id=request_id,
+        )
+    return target

@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from batchq.config import show
 from batchq.errors import InputError
 from batchq.reader import RequestTemplate, check_jsonl, completion_cap, parse_line, prompt_tokens
 from batchq.records import Request
@@ -140,7 +141,7 @@ def render_report(report: Report) -> str:
         lines.append(f"  ... and {r.bad - len(r.bad_lines):,} more bad lines")
     if r.duplicates:
         lines.append(f"  duplicate custom_ids: {r.duplicates:,}")
-        lines += [f"    {cid!r} on lines {a} and {b}" for cid, a, b in r.duplicate_ids]
+        lines += [f"    {show(cid)} on lines {a} and {b}" for cid, a, b in r.duplicate_ids]
     lines.append("  endpoints: " + _counts(r.endpoints))
     lines.append("  models: " + _counts(r.models))
     lines.append(

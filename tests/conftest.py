@@ -9,6 +9,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import pytest
+from hostile import Handler, HostileServer
 
 from batchq.mockserver import MockOptions, MockServer
 
@@ -81,6 +82,19 @@ def mock_server() -> Iterator[MockFactory]:
         def start(**options: Any) -> RunningMock:
             options.setdefault("record", True)
             server = RunningMock(MockOptions(**options))
+            servers.callback(server.close)
+            return server
+
+        yield start
+
+
+@pytest.fixture
+def hostile() -> Iterator[Callable[[Handler], HostileServer]]:
+    """Start misbehaving endpoints: `hostile(handler) -> HostileServer`, stopped at the end."""
+    with contextlib.ExitStack() as servers:
+
+        def start(handler: Handler) -> HostileServer:
+            server = HostileServer(handler)
             servers.callback(server.close)
             return server
 

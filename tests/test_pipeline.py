@@ -297,7 +297,7 @@ def test_outputs_cannot_move_in_the_middle_of_a_job(
     args = ["run", "in.jsonl", "--base-url", server.url, "--model", "m"]
     first = batchq(*args, "--output", "elsewhere.jsonl", cwd=tmp_path)
     assert first.returncode == 0
-    assert (tmp_path / "jobs" / "in" / "elsewhere.jsonl").exists()
+    assert (tmp_path / "elsewhere.jsonl").exists()  # relative to the current folder
     moved = batchq(*args, "--output", "other.jsonl", cwd=tmp_path)
     assert moved.returncode == 2 and "move the files and edit job.toml" in moved.stderr
     again = batchq(*args, cwd=tmp_path)  # job.toml remembers where the outputs are

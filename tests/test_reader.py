@@ -237,7 +237,7 @@ def test_responses_job_turns_prompt_into_input_and_system_into_instructions() ->
     [
         (b"{not json", "invalid_json", "not valid JSON", "line-7"),
         (b'{"messages": [', "invalid_json", "not valid JSON", "line-7"),
-        (b"\xff\xfe{}", "invalid_json", "not valid JSON", "line-7"),
+        (b"\xff\xfe{}", "invalid_json", "not UTF-8 text", "line-7"),
         (b"[1, 2]", "invalid_request", "not an object", "line-7"),
         (b'"just text"', "invalid_request", "not an object", "line-7"),
         (b"42", "invalid_request", "not an object", "line-7"),

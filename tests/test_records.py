@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from batchq.records import Request, error_line, result_line
+from batchq.records import KEY_REMOVED, KeyScrubber, Request, error_line, key_scrubber, result_line
 
 REQUEST = Request(7, "req-7", "/v1/chat/completions", b"{}", 10)
 
@@ -63,3 +63,40 @@ def test_an_error_line_says_what_happened() -> None:
         "error": {"code": "server_error", "message": "HTTP 503: busy"},
         "batchq": {"line": 7, "attempts": 8, "retryable": True},
     }
+
+
+# --- KeyScrubber: the API key out of every output line ------------------------------------
+
+KEY = "sk-test-0123456789abcdef"
+
+
+def test_a_line_without_the_key_is_passed_through_untouched() -> None:
+    line = b'{"custom_id":"a","response":{"body":{"text":"sk-test but not the key"}}}\n'
+    assert KeyScrubber(KEY).scrub(line) is line
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        f"Bearer {KEY}",
+        {"echo": KEY, KEY: [KEY, 1, None]},
+        ["x", {"deep": [f"..{KEY}..{KEY}"]}],
+    ],
+)
+def test_the_key_is_replaced_everywhere_and_the_line_stays_json(value: object) -> None:
+    line = orjson.dumps({"custom_id": "a", "body": value}, option=orjson.OPT_APPEND_NEWLINE)
+    clean = KeyScrubber(KEY).scrub(line)
+    assert KEY.encode() not in clean and clean.endswith(b"\n")
+    assert KEY_REMOVED in orjson.dumps(orjson.loads(clean)).decode()
+
+
+def test_a_key_spelled_in_json_escapes_is_found() -> None:
+    escaped = "".join(f"\\u{ord(c):04x}" for c in KEY).encode()
+    line = b'{"body":{"text":"' + escaped + b'"}}\n'
+    assert orjson.loads(KeyScrubber(KEY).scrub(line)) == {"body": {"text": KEY_REMOVED}}
+
+
+@pytest.mark.parametrize("key", [None, "", "EMPTY", "ollama", "1234567"])
+def test_placeholder_keys_are_not_scrubbed(key: str | None) -> None:
+    # "ollama" would otherwise vanish from model names in every answer.
+    assert key_scrubber(key) is None

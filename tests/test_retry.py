@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import email.utils
 import math
+import random
 from datetime import UTC, datetime, timedelta
 
 import orjson
@@ -15,9 +16,13 @@ from hypothesis import strategies as st
 from batchq.errors import (
     EndpointUnreachable,
     HTTPStatusError,
+    InvalidResponse,
     RateLimited,
+    Redirected,
+    RequestError,
     RequestRejected,
     RequestTimeout,
+    ResponseTooLarge,
     ServerError,
     TransportError,
 )
@@ -82,8 +87,8 @@ def test_parse_duration_garbage_is_none(text: str) -> None:
     assert parse_duration(text) is None
 
 
-def test_negative_bare_seconds_are_no_wait() -> None:
-    assert parse_duration("-5") == 0.0
+def test_negative_bare_seconds_are_no_header() -> None:
+    assert parse_duration("-5") is None
 
 
 @pytest.mark.parametrize("text", ["inf", "Infinity", "1e999", "nan"])
@@ -155,7 +160,15 @@ def at_now() -> float:
         ({"retry-after-ms": "1500"}, 1.5),
         ({"retry-after-ms": "1500", "retry-after": "20"}, 1.5),
         ({"retry-after-ms": "soon", "retry-after": "2"}, 2.0),
-        ({"retry-after-ms": "-40"}, 0.0),
+        ({"retry-after-ms": "-40"}, None),
+        ({"retry-after-ms": "-40", "retry-after": "3"}, 3.0),
+        ({"retry-after-ms": "nan", "retry-after": "-5"}, None),
+        ({"retry-after-ms": "inf"}, None),
+        ({"retry-after-ms": "1e400"}, None),
+        ({"retry-after-ms": "NaN", "x-ratelimit-reset-requests": "2s"}, 2.0),
+        ({"retry-after": "-5", "x-ratelimit-reset-tokens": "-1"}, None),
+        ({"retry-after": "999999"}, 999999.0),
+        ({"retry-after": "1" + "0" * 400 + "h"}, None),
         ({"retry-after": "20"}, 20.0),
         ({"retry-after": "0.25"}, 0.25),
         ({"retry-after": "1m30s"}, 90.0),
@@ -387,3 +400,124 @@ def test_x_should_retry_false_is_obeyed(status: int, retryable: bool, value: str
 def test_x_should_retry_true_changes_nothing_for_a_5xx() -> None:
     exc = http_error(500, headers={"x-should-retry": "true", "retry-after": "4"})
     assert decide(exc, 1, 0, POLICY) == Retry(4.0)
+
+
+# --- what an endpoint may not make batchq do (issue 13) ----------------------------------
+
+WAIT_HEADERS = [
+    "retry-after-ms",
+    "retry-after",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-reset-tokens",
+]
+NONSENSE = [
+    "-5",
+    "-0.5",
+    "nan",
+    "NaN",
+    "inf",
+    "-inf",
+    "Infinity",
+    "1e400",
+    "-1e400",
+    "-3s",
+    "soon",
+    "",
+]
+numbers = st.from_regex(
+    r"-?[0-9]{0,400}(\.[0-9]{0,20})?(e[+-]?[0-9]{1,4})?(ms|s|m|h)?", fullmatch=True
+)
+dates = st.datetimes(timezones=st.just(UTC)).map(lambda d: email.utils.format_datetime(d, True))
+header_values = st.text() | numbers | dates | st.sampled_from(NONSENSE)
+
+
+@settings(max_examples=500, deadline=None)
+@given(headers=st.dictionaries(st.sampled_from(WAIT_HEADERS), header_values))
+@example(headers={"retry-after-ms": "1e400"})
+@example(headers={"retry-after": "Fri, 31 Dec 9999 23:59:59 GMT"})
+@example(headers={"retry-after": "Mon, 01 Jan 0001 00:00:00 GMT"})
+@example(headers={"x-ratelimit-reset-tokens": "9" * 400 + "h"})
+def test_any_wait_headers_give_a_finite_non_negative_wait_or_none(headers: dict[str, str]) -> None:
+    wait = retry_after(headers)
+    assert wait is None or (type(wait) is float and 0.0 <= wait < math.inf), (headers, wait)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    name=st.sampled_from(WAIT_HEADERS[:2]),
+    bad=st.sampled_from(NONSENSE),
+    rest=st.dictionaries(st.sampled_from(WAIT_HEADERS[2:]), header_values),
+)
+def test_a_nonsense_wait_is_as_if_the_header_were_absent(
+    name: str, bad: str, rest: dict[str, str]
+) -> None:
+    assert retry_after({name: bad, **rest}) == retry_after(rest)
+
+
+@pytest.mark.parametrize("headers", [{"retry-after": "-5"}, {"retry-after-ms": "nan"}])
+@pytest.mark.parametrize("status", [429, 503])
+def test_a_nonsense_wait_gets_the_backoff_of_no_header(
+    headers: dict[str, str], status: int
+) -> None:
+    random.seed(13)
+    with_header = decide(http_error(status, headers=headers), 1, 0, POLICY)
+    random.seed(13)
+    without = decide(http_error(status), 1, 0, POLICY)
+    assert with_header == without
+    assert isinstance(with_header, Retry) and with_header.delay > 0
+
+
+IN_AN_HOUR = email.utils.format_datetime(datetime.now(UTC) + timedelta(hours=1), True)
+
+
+@pytest.mark.parametrize(
+    ("status", "headers"),
+    [
+        *[(s, {"retry-after": "901"}) for s in (429, 503)],
+        *[(s, {"retry-after-ms": "901000"}) for s in (429, 503)],
+        *[(s, {"retry-after": IN_AN_HOUR}) for s in (429, 503)],
+        # For a 5xx, x-ratelimit-reset-* is about to stop replacing the backoff: 429 only.
+        (429, {"x-ratelimit-reset-requests": "16m"}),
+    ],
+)
+def test_a_wait_over_max_wait_is_fatal(status: int, headers: dict[str, str]) -> None:
+    decision = decide(http_error(status, headers=headers), 1, 0, RetryPolicy(max_wait=900))
+    assert isinstance(decision, Fatal)
+    assert "longer than --max-wait (15m00s)" in decision.reason
+    name, value = next(iter(headers.items()))
+    assert f"HTTP {status}, {name}: {value}" in decision.reason
+
+
+def test_a_wait_of_exactly_max_wait_is_waited() -> None:
+    exc = http_error(429, headers={"retry-after": "900"})
+    assert decide(exc, 1, 0, RetryPolicy(max_wait=900)) == Retry(900.0, pause_all=True)
+
+
+def test_the_fatal_line_shows_only_headers_that_are_waits() -> None:
+    headers = {"retry-after-ms": "99999999", "retry-after": "Bearer sk-secret", "x-other": "1"}
+    decision = decide(http_error(429, headers=headers), 1, 0, POLICY)
+    assert isinstance(decision, Fatal)
+    assert "retry-after-ms: 99999999" in decision.reason
+    assert "sk-secret" not in decision.reason and "x-other" not in decision.reason
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        Redirected("moved", status=301),
+        ResponseTooLarge("big", status=200),
+    ],
+)
+def test_unusable_answers_are_given_up_at_once_but_stay_retryable(exc: RequestError) -> None:
+    assert decide(exc, 1, 0, POLICY) == GiveUp(retryable=True)
+
+
+def test_a_non_json_2xx_is_retried_like_a_5xx() -> None:
+    exc = InvalidResponse("HTTP 200 (text/html) is not a JSON object")
+    assert isinstance(decide(exc, 1, 0, POLICY), Retry)
+    assert decide(exc, POLICY.max_attempts, 0, POLICY) == GiveUp(retryable=True)
+
+
+def test_an_error_body_in_another_shape_is_quoted_as_json_not_python() -> None:
+    exc = status_error(500, b'{"detail": "model \'x\' is not loaded", "ok": false}', {}, None)
+    assert str(exc) == 'HTTP 500: {"detail":"model \'x\' is not loaded","ok":false}'
