@@ -164,7 +164,7 @@ class AdaptiveLimit:
         p90 = self._latency.percentile(90) or 0.0
         median = self._latency.percentile(50) or 0.0
         if self.slow_start:  # a coarse measure will do: only a fourfold gain is sought
-            self._from = now + p90
+            self._from = now + median
             self._until = self._from + max(WINDOW / 2, 2 * median)
         else:  # after a cut, the endpoint's queue drains first: its answers come fast
             self._from = now + 2 * p90
