@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import itertools
+import re
 import shlex
 import shutil
 import statistics
@@ -134,7 +135,7 @@ class Bench:
             try:
                 run = harness.measure(cmd, timeout=timeout, log=log, cwd=self.tmp)
             except BenchError as exc:
-                if "no such option" in str(exc).lower():
+                if _unknown_flag(str(exc), flags):
                     return None
                 raise
             stats = harness.mock_call(url, "/_mock/stats")
@@ -170,6 +171,12 @@ class Bench:
                 self.notes.append(f"{note}: {str(exc)[-300:]!r}; mock log: {tail!r}")
                 say(f"{note}: {exc}")
         raise AssertionError("unreachable")
+
+
+def _unknown_flag(error: str, flags: Sequence[str]) -> bool:
+    """Whether click refused one of ``flags`` (a bad ``--batchq-args`` still fails the run)."""
+    # Click says "No such option: --x" or, since 8.2, "No such option '--x'".
+    return any(re.search(rf"No such option:? '?{re.escape(flag)}\b", error) for flag in flags)
 
 
 def _json_summary(log: Path) -> dict[str, Any]:
