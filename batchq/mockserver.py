@@ -637,29 +637,34 @@ class _Mock:
         arrived = time.monotonic()
         self.stats.enter()
         try:
-            rid = self._request_id()
-            headers = {"x-request-id": f"req_{rid}"}
-            call: _Call | _BadRequest
-            try:
-                call = endpoint.parse(await request.read())
-            except _BadRequest as exc:
-                call = exc
-            self.stats.arrive(request.path, call.prompt if isinstance(call, _Call) else "")
-            status, body, sleep = self._decide(request, endpoint, call, rid, headers)
-            if self._limiter is not None and self.options.rate_limit_headers:
-                headers.update(self._limiter.headers(time.monotonic()))  # OpenAI: on every answer
-            delay = self._delay(sleep)
-            if self._slots is not None:
-                queued = await self._serve(self._slots, delay)
-                delay = 0.0
-                if status == 200:
-                    self.stats.queue_wait.add(queued)
-            response = await self._send(request, status, body, headers, delay)
-            if status == 200:
-                self.stats.latency.add(time.monotonic() - arrived)
-            return response
+            return await self._answer(request, endpoint, arrived)
         finally:
             self.stats.in_flight -= 1  # a reset carries the count over, so this is the one
+
+    async def _answer(
+        self, request: web.Request, endpoint: _Endpoint, arrived: float
+    ) -> web.StreamResponse:
+        rid = self._request_id()
+        headers = {"x-request-id": f"req_{rid}"}
+        call: _Call | _BadRequest
+        try:
+            call = endpoint.parse(await request.read())
+        except _BadRequest as exc:
+            call = exc
+        self.stats.arrive(request.path, call.prompt if isinstance(call, _Call) else "")
+        status, body, sleep = self._decide(request, endpoint, call, rid, headers)
+        if self._limiter is not None and self.options.rate_limit_headers:
+            headers.update(self._limiter.headers(time.monotonic()))  # OpenAI: on every answer
+        delay = self._delay(sleep)
+        if self._slots is not None:
+            queued = await self._serve(self._slots, delay)
+            delay = 0.0  # served
+            if status == 200:
+                self.stats.queue_wait.add(queued)
+        response = await self._send(request, status, body, headers, delay)
+        if status == 200:
+            self.stats.latency.add(time.monotonic() - arrived)
+        return response
 
     def _delay(self, sleep: float) -> float:
         """The time this answer takes to compute: fixed, scripted, jitter and lognormal."""

@@ -270,9 +270,15 @@ def nginx(tmp: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def mock_server(batchq: Path, tmp: Path, *, latency: float = 0.0) -> Iterator[str]:
-    """``batchq mock-server`` in its own process; yields its base URL (ending in /v1)."""
-    cmd = [batchq, "mock-server", "--port", "0", "--latency", str(latency)]
+def mock_server(
+    batchq: Path, tmp: Path, *, latency: float = 0.0, options: Sequence[str] = ()
+) -> Iterator[str]:
+    """``batchq mock-server`` in its own process; yields its base URL (ending in /v1).
+
+    ``options`` are more flags of ``mock-server`` (``--slots``, ``--rpm``, ...).
+    """
+    cmd: list[str | Path] = [batchq, "mock-server", "--port", "0", "--latency", str(latency)]
+    cmd += options
     proc = _spawn(cmd, tmp / f"mock-{latency:g}.log", stdout=subprocess.PIPE)
     try:
         assert proc.stdout is not None

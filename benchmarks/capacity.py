@@ -1,0 +1,378 @@
+"""Does batchq reach an endpoint's capacity with no concurrency flag? (issue 11)
+
+Three endpoint shapes, each served by ``batchq mock-server`` in its own process, a fresh one
+per run so that its ``/_mock/stats`` tell that run alone; ``batchq run`` is a child process
+too, and nothing in a case sets ``--concurrency`` except the sweeps it is compared with:
+
+1. **Makespan under a pace.** N chat requests at ``--rpm 10000`` (the mock enforces the same
+   limit and sends OpenAI's headers), latency lognormal with p50 0.8 s and p99 10 s, 1% 500s
+   and 1% 503s. Makespan is batchq's wall time; the floor is N / limit: N / 10,000 × 60 s.
+   Run again with ``--hedge``; a batchq without that flag (exit 2, "No such option") gets an
+   n/a row. Goals: ≤ 1.25× the floor, ≤ 1.10× with ``--hedge``.
+2. **A GPU server with 256 slots**, 0.2 s base latency and no rate-limit headers (vLLM's
+   shape): batchq's default against a sweep of fixed ``--concurrency`` values, in req/s
+   (lines / wall time). Goal: the default ≥ 90% of the best fixed value.
+3. **The same with 16 slots**: the default's req/s against the sweep's best, and the
+   server-side median time in the server (queue + service, from the mock's stats) over the
+   unloaded latency, which a run of 20 requests at ``--concurrency 1`` measures first.
+   Goal: ≥ 90% of the best, with the median ≤ 2× the unloaded latency.
+
+Quick (the default) runs 3,000 / 4,000 / 400 lines once per configuration, for a smoke run
+of a few minutes; ``--full`` runs 20,000 / 20,000 / 2,000 lines three times. Figures are
+medians of ``--repeat`` runs (the configurations alternate, so drift on the machine hits
+all alike). The tables are printed and appended to ``benchmarks/CAPACITY.md``
+under the commit measured, newest last.
+
+    python benchmarks/capacity.py [--full] [--repeat N] [--cases 1,2,3] [--batchq-args ARGS]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import itertools
+import re
+import shlex
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import harness
+import orjson
+from harness import BenchError, table
+
+HERE = Path(__file__).resolve().parent
+BATCHQ = Path(sys.executable).parent / "batchq"
+REPORT = HERE / "CAPACITY.md"
+
+RPM = 10_000
+ISSUE_LINES = 20_000  # the makespan goals are for this many requests
+PACED = ("--latency-p50", "0.8", "--latency-p99", "10", "--rate-500", "0.01", "--rate-503", "0.01")
+BASE_LATENCY = 0.2
+GPU = ("--latency", str(BASE_LATENCY), "--no-rate-limit-headers")  # what vLLM looks like
+SWEEP_256 = (64, 128, 256, 384, 512)
+SWEEP_16 = (8, 16, 24, 32, 64)
+UNLOADED_LINES = 20
+SEED = 11  # of the mock's faults and latencies: every run draws the same sequence
+ATTEMPTS = 3  # of a run that fails
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Mode:
+    name: str
+    makespan_lines: int
+    slots_256_lines: int  # ~6 s at the ~850 req/s that 256 slots serve
+    slots_16_lines: int  # ~7 s at the ~54 req/s that 16 slots serve
+    repeat: int
+
+
+QUICK = Mode("quick", 3_000, 4_000, 400, 1)
+FULL = Mode("full", 20_000, 20_000, 2_000, 3)
+
+
+def say(message: str) -> None:
+    print(f"[capacity] {message}", file=sys.stderr, flush=True)
+
+
+# --- one run -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Outcome:
+    """One ``batchq run`` and what the endpoint saw."""
+
+    lines: int
+    run: harness.Run
+    summary: dict[str, Any]  # batchq's --json-summary
+    stats: dict[str, Any]  # the mock's /_mock/stats once batchq had exited
+
+    @property
+    def rate(self) -> float:
+        return self.lines / self.run.wall
+
+
+# A configuration: its label and batchq's flags; the mock's flags come with the case.
+Config = tuple[str, tuple[str, ...]]
+DEFAULT: Config = ("default (no --concurrency)", ())
+
+
+def fixed(n: int) -> Config:
+    return f"--concurrency {n}", ("--concurrency", str(n))
+
+
+class Bench:
+    """The temp dir, the inputs made so far, and how to run batchq once against a mock."""
+
+    def __init__(self, tmp: Path, mode: Mode, extra: Sequence[str]) -> None:
+        self.tmp, self.mode, self.extra = tmp, mode, tuple(extra)
+        self.notes: list[str] = []  # runs that failed and were run again
+        self._inputs: dict[int, Path] = {}
+        self._ids = itertools.count(1)
+
+    def input(self, lines: int) -> Path:
+        if lines not in self._inputs:
+            self._inputs[lines] = path = self.tmp / f"input-{lines}.jsonl"
+            harness.write_input(path, lines)
+        return self._inputs[lines]
+
+    def run(self, lines: int, mock: Sequence[str], flags: Sequence[str]) -> Outcome | None:
+        """``batchq run`` of ``lines`` lines against a fresh mock with ``mock`` flags.
+
+        None when this batchq lacks one of ``flags`` (a flag of a later version).
+        """
+        job = self.tmp / f"job-{next(self._ids)}"
+        log = job.with_suffix(".log")
+        timeout = 120 + lines / RPM * 60 * 20  # 20× the slowest expected is a hang
+        with harness.mock_server(BATCHQ, self.tmp, options=[*mock, "--seed", str(SEED)]) as url:
+            cmd: list[str | Path] = [BATCHQ, "run", self.input(lines), "--job", job]
+            cmd += ["--base-url", url, "--model", "m", "-q", "--json-summary", *flags, *self.extra]
+            try:
+                run = harness.measure(cmd, timeout=timeout, log=log, cwd=self.tmp)
+            except BenchError as exc:
+                if _unknown_flag(str(exc), flags):
+                    return None
+                raise
+            stats = harness.mock_call(url, "/_mock/stats")
+        shutil.rmtree(job)
+        summary = _json_summary(log)
+        if summary["succeeded"] != lines:
+            raise BenchError(f"batchq succeeded on {summary['succeeded']:,} of {lines:,} lines")
+        return Outcome(lines, run, summary, stats)
+
+    def runs(
+        self, lines: int, mock: Sequence[str], configs: Sequence[Config]
+    ) -> dict[str, list[Outcome]]:
+        """Each configuration ``repeat`` times, round-robin; a skipped one maps to []."""
+        found: dict[str, list[Outcome]] = {label: [] for label, _ in configs}
+        for n in range(1, self.mode.repeat + 1):
+            for label, flags in configs:
+                say(f"{lines:,} lines, {label} (run {n} of {self.mode.repeat})")
+                if (outcome := self.attempt(lines, mock, flags)) is not None:
+                    found[label].append(outcome)
+        return found
+
+    def attempt(self, lines: int, mock: Sequence[str], flags: Sequence[str]) -> Outcome | None:
+        """`run`, again when it fails: on a shared machine a mock can be killed from outside."""
+        for n in range(1, ATTEMPTS + 1):
+            try:
+                return self.run(lines, mock, flags)
+            except BenchError as exc:
+                if n == ATTEMPTS:
+                    raise
+                mock_log = self.tmp / "mock-0.log"  # where harness.mock_server logs
+                tail = mock_log.read_text(errors="replace")[-500:] if mock_log.exists() else ""
+                note = f"{lines:,} lines, {shlex.join(flags)}: attempt {n} failed, run again"
+                self.notes.append(f"{note}: {str(exc)[-300:]!r}; mock log: {tail!r}")
+                say(f"{note}: {exc}")
+        raise AssertionError("unreachable")
+
+
+def _unknown_flag(error: str, flags: Sequence[str]) -> bool:
+    """Whether click refused one of ``flags`` (a bad ``--batchq-args`` still fails the run)."""
+    # Click says "No such option: --x" or, since 8.2, "No such option '--x'".
+    return any(re.search(rf"No such option:? '?{re.escape(flag)}\b", error) for flag in flags)
+
+
+def _json_summary(log: Path) -> dict[str, Any]:
+    """The --json-summary line: `harness.measure` sends stdout to the log with stderr."""
+    lines = log.read_bytes().splitlines()
+    found = next((line for line in reversed(lines) if line.startswith(b"{")), None)
+    if found is None:
+        raise BenchError(f"no JSON summary in {log}")
+    summary: dict[str, Any] = orjson.loads(found)
+    return summary
+
+
+def median(outcomes: Sequence[Outcome], figure: Callable[[Outcome], float]) -> float:
+    return statistics.median(figure(o) for o in outcomes)
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+# --- the cases -----------------------------------------------------------------------------
+
+
+def makespan(bench: Bench) -> str:
+    lines = bench.mode.makespan_lines
+    floor = lines / RPM * 60
+    mock = ("--rpm", str(RPM), *PACED)
+    pace = ("--rpm", str(RPM))
+    configs = [("default", pace), ("--hedge", (*pace, "--hedge"))]
+    found = bench.runs(lines, mock, configs)
+    rows = []
+    for (label, _), goal in zip(configs, (1.25, 1.10), strict=True):
+        if not (outcomes := found[label]):
+            rows.append([label, "n/a: this batchq has no such flag", *[""] * 7])
+            continue
+        wall = median(outcomes, lambda o: o.run.wall)
+        requests = median(outcomes, lambda o: o.stats["requests"])
+        retries = median(outcomes, lambda o: o.summary["this_run"]["retries"])
+        rows.append(
+            [
+                label,
+                f"{wall:,.1f}",
+                f"{wall / floor:.2f}×",
+                f"{requests / lines:.3f}",
+                f"{retries:,.0f}",
+                f"{(requests - lines - retries) / lines:.1%}",  # hedges, if any
+                f"{median(outcomes, lambda o: o.stats['rate_limited']):,.0f}",
+                f"{median(outcomes, lambda o: o.stats['max_in_flight']):,.0f}",
+                _goal(wall / floor, goal, lines),
+            ]
+        )
+    headers = ["batchq --rpm 10000", "makespan s", "× floor", "requests / line", "retries"]
+    headers += ["other extra requests", "429s", "max in flight", "goal"]
+    title = (
+        f"### 1. Makespan: {lines:,} requests at {RPM:,} RPM (floor {floor:,.0f} s), latency "
+        "lognormal p50 0.8 s / p99 10 s, 1% 500s, 1% 503s"
+    )
+    return f"{title}\n\n{table(headers, rows)}"
+
+
+def _goal(ratio: float, goal: float, lines: int) -> str:
+    # The tail after the last send (~10 s or more: the lognormal's slowest draws, and the
+    # retries of 5xx) weighs on a short run's makespan far more than on the issue's 20,000.
+    if lines < ISSUE_LINES:
+        return f"≤ {goal:.2f}× at {ISSUE_LINES:,} lines"
+    return f"≤ {goal:.2f}×: {verdict(ratio <= goal)}"
+
+
+def sweep(bench: Bench, slots: int, lines: int, values: Sequence[int]) -> dict[str, list[Outcome]]:
+    mock = ("--slots", str(slots), *GPU)
+    return bench.runs(lines, mock, [DEFAULT, *map(fixed, values)])
+
+
+def best_fixed(found: dict[str, list[Outcome]]) -> float:
+    return max(median(o, lambda x: x.rate) for label, o in found.items() if label != DEFAULT[0])
+
+
+def slots_256(bench: Bench) -> str:
+    lines = bench.mode.slots_256_lines
+    found = sweep(bench, 256, lines, SWEEP_256)
+    best = best_fixed(found)
+    rows = [
+        [
+            label,
+            f"{median(outcomes, lambda o: o.rate):,.0f}",
+            f"{median(outcomes, lambda o: o.rate) / best:.0%}",
+            f"{median(outcomes, lambda o: o.stats['latency_p50']):.3f}",
+            f"{median(outcomes, lambda o: o.stats['max_in_flight']):,.0f}",
+            f"{median(outcomes, lambda o: o.stats['max_serving']):,.0f}",
+        ]
+        for label, outcomes in found.items()
+    ]
+    ratio = median(found[DEFAULT[0]], lambda o: o.rate) / best
+    headers = ["batchq", "req/s", "of best fixed", "server p50 s", "max in flight", "max serving"]
+    return (
+        f"### 2. GPU-like server, 256 slots, {BASE_LATENCY:g} s base latency, no rate-limit "
+        f"headers ({lines:,} requests)\n\n{table(headers, rows)}\n\n"
+        f"Default / best fixed: **{ratio:.0%}** (goal ≥ 90%: {verdict(ratio >= 0.9)})."
+    )
+
+
+def slots_16(bench: Bench) -> str:
+    lines = bench.mode.slots_16_lines
+    mock = ("--slots", "16", *GPU)
+    say("16 slots: the unloaded latency, one request at a time")
+    probe = bench.attempt(UNLOADED_LINES, mock, ("--concurrency", "1"))
+    assert probe is not None  # --concurrency exists in every batchq
+    unloaded = float(probe.stats["latency_p50"])
+    found = sweep(bench, 16, lines, SWEEP_16)
+    best = best_fixed(found)
+    rows = []
+    for label, outcomes in found.items():
+        p50 = median(outcomes, lambda o: o.stats["latency_p50"])
+        rows.append(
+            [
+                label,
+                f"{median(outcomes, lambda o: o.rate):,.1f}",
+                f"{median(outcomes, lambda o: o.rate) / best:.0%}",
+                f"{p50:.3f}",
+                f"{p50 / unloaded:.1f}×",
+                f"{median(outcomes, lambda o: o.stats['max_in_flight']):,.0f}",
+            ]
+        )
+    default = found[DEFAULT[0]]
+    ratio = median(default, lambda o: o.rate) / best
+    inflation = median(default, lambda o: o.stats["latency_p50"]) / unloaded
+    ok = ratio >= 0.9 and inflation <= 2
+    headers = ["batchq", "req/s", "of best fixed", "server p50 s", "× unloaded", "max in flight"]
+    return (
+        f"### 3. GPU-like server, 16 slots, {BASE_LATENCY:g} s base latency, no rate-limit "
+        f"headers ({lines:,} requests; unloaded server p50 {unloaded:.3f} s)\n\n"
+        f"{table(headers, rows)}\n\n"
+        f"Default: **{ratio:.0%}** of the best fixed, server p50 **{inflation:.1f}×** the "
+        f"unloaded latency (goal ≥ 90% and ≤ 2×: {verdict(ok)})."
+    )
+
+
+CASES = {"1": makespan, "2": slots_256, "3": slots_16}
+
+
+# --- main ----------------------------------------------------------------------------------
+
+
+def report(bench: Bench, sections: Sequence[str], argv: Sequence[str], took: float) -> str:
+    mode = bench.mode
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    command = shlex.join(["python", "benchmarks/capacity.py", *argv])
+    head = (
+        f"## Capacity ({mode.name}) — batchq {harness.revision(HERE.parent)} — {now}\n\n"
+        f"- machine: {harness.machine()}\n- command: `{command}` ({took:.0f} s); "
+        f"medians of {mode.repeat} run{'s' if mode.repeat > 1 else ''}; req/s and makespan "
+        "are lines / wall time of the batchq process"
+    )
+    parts = [head, *sections]
+    if bench.notes:
+        parts.append("Runs run again:\n\n" + "\n".join(f"- {note}" for note in bench.notes))
+    return "\n\n".join(parts) + "\n"
+
+
+def append_report(text: str) -> None:
+    if not REPORT.exists():
+        REPORT.write_text(
+            "# Capacity benchmark\n\nWritten by `benchmarks/capacity.py` (issue 11); "
+            "newest last.\n\n"
+        )
+    with REPORT.open("a") as f:
+        f.write(text + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--full", action="store_true", help="the issue's sizes, 3 runs each")
+    parser.add_argument("--repeat", type=int, help="runs per configuration (median reported)")
+    parser.add_argument("--cases", default="1,2,3", help="which cases, e.g. 2,3")
+    parser.add_argument("--batchq-args", default="", help="more flags for every batchq run")
+    args = parser.parse_args(argv)
+    mode = FULL if args.full else QUICK
+    if args.repeat:
+        mode = dataclasses.replace(mode, repeat=args.repeat)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="batchq-capacity-") as name:
+        bench = Bench(Path(name), mode, shlex.split(args.batchq_args))
+        sections = []
+        try:
+            for case in args.cases.split(","):
+                sections.append(CASES[case.strip()](bench))
+                print(sections[-1] + "\n", flush=True)
+        except BenchError as exc:
+            print(f"capacity: {exc}", file=sys.stderr)
+            return 1
+    text = report(bench, sections, argv, time.monotonic() - started)
+    append_report(text)
+    say(f"appended to {REPORT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
