@@ -1,10 +1,16 @@
 """batchq: run a large JSONL file of LLM requests through any OpenAI-compatible endpoint.
 
-The command line is the main interface (``batchq --help``). The pieces it is
-built from are importable for programs that drive batchq themselves.
+From the command line (``batchq --help``), or from Python on the same engine::
+
+    results = batchq.run(["Name a colour."], model="gpt-4o-mini", job="jobs/colours")
+
+``run``, ``arun`` and ``stream`` are documented in ``batchq.api``; every
+exception they raise is a ``BatchqError``.
 """
 
+from importlib import import_module
 from importlib.metadata import version
+from typing import TYPE_CHECKING, Any
 
 from batchq.config import Settings
 from batchq.errors import (
@@ -16,14 +22,43 @@ from batchq.errors import (
     JournalError,
 )
 
+if TYPE_CHECKING:
+    from batchq.api import arun, open_job, run, stream
+    from batchq.results import Error, Result
+
+# Loaded when first used, so that `batchq --help` and `import batchq` stay quick.
+_LAZY = {
+    "run": "batchq.api",
+    "arun": "batchq.api",
+    "stream": "batchq.api",
+    "open_job": "batchq.api",
+    "Result": "batchq.results",
+    "Error": "batchq.results",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'batchq' has no attribute {name!r}")
+    value = getattr(import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
 __version__ = version("batchq")
 __all__ = [
     "BatchqError",
     "ConfigError",
+    "Error",
     "FatalEndpointError",
     "InputError",
     "JobLocked",
     "JournalError",
+    "Result",
     "Settings",
     "__version__",
+    "arun",
+    "open_job",
+    "run",
+    "stream",
 ]

@@ -15,7 +15,7 @@ import shlex
 import signal
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
@@ -255,6 +255,7 @@ def run(
             durable=fsync,
             progress_every=None if quiet else progress_every,
             on_notice=_notice,
+            handle_signals=True,
         )
         stats = asyncio.run(run_job(job, options))
     except BatchqError as exc:
@@ -296,6 +297,66 @@ def status(job_dir: Path, as_json: bool) -> None:
         click.echo(orjson.dumps(figures, option=orjson.OPT_INDENT_2).decode())
     else:
         click.echo(render_status(figures))
+
+
+@cli.command()
+@click.argument("job_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write here instead of to stdout.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["jsonl", "csv"]),
+    help="[default: csv if --output ends in .csv, else jsonl]",
+)
+@click.option(
+    "--fields",
+    help="CSV columns, comma-separated [default: custom_id,text,prompt_tokens,"
+    "completion_tokens,error]; also line, ok, status_code, attempts, error_code.",
+)
+def export(job_dir: Path, output: Path | None, fmt: str | None, fields: str | None) -> None:
+    """Every done request of the job in JOB_DIR once, in input order: results and
+    errors merged, as JSONL (the output lines) or CSV."""
+    from batchq.api import open_job
+    from batchq.results import CSV_FIELDS, DEFAULT_CSV_FIELDS, write_csv, write_jsonl
+
+    fmt = fmt or ("csv" if output is not None and output.suffix == ".csv" else "jsonl")
+    columns = tuple(f.strip() for f in fields.split(",")) if fields else DEFAULT_CSV_FIELDS
+    unknown = [c for c in columns if c not in CSV_FIELDS]
+    if unknown:
+        raise click.BadParameter(
+            f"unknown field(s) {', '.join(unknown)}; choose from {', '.join(CSV_FIELDS)}",
+            param_hint="--fields",
+        )
+    try:
+        index = open_job(job_dir).index()
+        if fmt == "csv":
+            with _opened(output, "w") as text:
+                written = write_csv(index, text, columns)
+        else:
+            with _opened(output, "wb") as raw:
+                written = write_jsonl(index, raw)
+    except BatchqError as exc:
+        raise Failure(exc) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {output}: {exc.strerror}") from None
+    _notice(f"exported {written:,} requests in input order")
+
+
+@contextlib.contextmanager
+def _opened(path: Path | None, mode: str) -> Iterator[Any]:
+    """``path`` opened for writing, or stdout (text or binary as ``mode`` says)."""
+    binary = "b" in mode
+    if path is None:
+        yield sys.stdout.buffer if binary else sys.stdout
+        return
+    encoding, newline = (None, None) if binary else ("utf-8", "")
+    with path.open(mode, encoding=encoding, newline=newline) as f:
+        yield f
 
 
 @cli.command()

@@ -52,4 +52,5 @@ async def _run(
             job_dir, job_dir=None, overrides={}, defaults={}, default_base_url=None, force=False
         )
         notice(f"demo job in {job_dir}")
-        return await run_job(job, RunOptions(progress_every=1.0, on_notice=notice))
+        options = RunOptions(progress_every=1.0, on_notice=notice, handle_signals=True)
+        return await run_job(job, options)

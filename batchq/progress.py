@@ -156,8 +156,12 @@ class PlainProgress:
 class TerminalProgress:
     """A live tqdm bar redrawn in place: count, percentage, rate, ETA and the same figures."""
 
-    def __init__(self, stats: Stats, stream: TextIO) -> None:
-        from tqdm import tqdm  # only on a terminal: nothing else pays for the import
+    def __init__(self, stats: Stats, stream: TextIO, *, notebook: bool = False) -> None:
+        # Only on a terminal or in a notebook: nothing else pays for the import.
+        if notebook:
+            from tqdm.auto import tqdm
+        else:
+            from tqdm import tqdm  # type: ignore[assignment]
 
         self.stats, self.window = stats, RateWindow(stats)
         try:
@@ -189,6 +193,10 @@ class TerminalProgress:
 
 
 def make_progress(stats: Stats, stream: TextIO = sys.stderr) -> Progress:
+    """A bar on a terminal or in a notebook (which draws its own widget: tqdm.auto);
+    plain lines elsewhere, for logs."""
+    if "ipykernel" in sys.modules and not stream.isatty():
+        return TerminalProgress(stats, stream, notebook=True)
     return TerminalProgress(stats, stream) if stream.isatty() else PlainProgress(stats, stream)
 
 

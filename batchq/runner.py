@@ -20,8 +20,9 @@ and whatever was in flight is simply sent again on resume.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -60,6 +61,9 @@ class RunOptions:
     durable: bool = True  # fsync the checkpoint; off only to measure what fsync costs
     progress_every: float | None = None  # seconds between progress lines; None = quiet
     on_notice: Callable[[str], None] = field(default=lambda message: None)
+    handle_signals: bool = False  # SIGINT/SIGTERM drain the pool: for the command line
+    transport: Transport | None = None  # None: aiohttp, to the job's base URL
+    on_outcomes: Callable[[list[bytes]], Awaitable[None]] | None = None  # lines written
 
 
 async def run_job(job: Job, options: RunOptions) -> Stats:
@@ -127,7 +131,8 @@ class Pipeline:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        signals = (signal.SIGINT, signal.SIGTERM) if self.options.handle_signals else ()
+        for sig in signals:
             loop.add_signal_handler(sig, self.stop)
         try:
             async with asyncio.TaskGroup() as tg:
@@ -135,7 +140,7 @@ class Pipeline:
         except BaseExceptionGroup as group:
             raise _first_fatal(group) from None
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in signals:
                 loop.remove_signal_handler(sig)
 
     def stop(self) -> None:
@@ -160,18 +165,24 @@ class Pipeline:
         )
 
     async def _run(self) -> None:
-        s = self.job.settings
-        async with (
-            AiohttpTransport(
-                s.base_url,
-                self.options.api_key,
-                concurrency=self.workers,
-                timeout=s.timeout,
-                connect_timeout=s.connect_timeout,
-                max_response_bytes=s.max_response_bytes,
-            ) as transport,
-            asyncio.TaskGroup() as tg,
-        ):
+        async with contextlib.AsyncExitStack() as stack:
+            transport = self.options.transport
+            if transport is None:
+                s = self.job.settings
+                transport = await stack.enter_async_context(
+                    AiohttpTransport(
+                        s.base_url,
+                        self.options.api_key,
+                        concurrency=self.workers,
+                        timeout=s.timeout,
+                        connect_timeout=s.connect_timeout,
+                        max_response_bytes=s.max_response_bytes,
+                    )
+                )
+            await self._pipeline(transport)
+
+    async def _pipeline(self, transport: Transport) -> None:
+        async with asyncio.TaskGroup() as tg:
             tg.create_task(self._write_outcomes())
             ticker = tg.create_task(self._tick())
             async with asyncio.TaskGroup() as producers:
@@ -274,6 +285,8 @@ class Pipeline:
                         break
                     item = self.outcomes.get_nowait()
                 self._append(batch)
+                if self.options.on_outcomes is not None:
+                    await self.options.on_outcomes([o.line for o in batch])
                 batch = []
                 if item is None:
                     return

@@ -1,0 +1,350 @@
+"""batchq from Python: the engine of ``batchq run``, for scripts and notebooks.
+
+::
+
+    import batchq
+
+    results = batchq.run(
+        ["Name a colour.", "Name a fruit."],
+        model="qwen-max",
+        base_url="https://dashscope.aliyuncs.com/compatible-mode/v1",
+        api_key_env="DASHSCOPE_API_KEY",
+        job="jobs/colours",  # checkpointed: run the cell again after a crash
+    )
+    for r in results:
+        print(r.custom_id, r.ok, r.text)
+
+``run`` is synchronous and returns one ``Result`` per request, in input
+order; ``arun`` is the same for async code; ``stream`` yields results as
+they complete. Options carry the command line's names (``model``,
+``base_url``, ``rpm``, ``concurrency``, ``max_tokens``, ...). A request that
+fails is a Result with ``ok == False``; only bad settings and conditions that
+stop a job raise, from the ``BatchqError`` tree (``exit_code`` 2 or 3, as the
+command line would exit), never ``SystemExit``.
+
+With ``job=DIR`` the requests are written to ``DIR/input.jsonl`` and the run
+is checkpointed there exactly as ``batchq run`` does: the same call after a
+crash, a Ctrl-C or a kernel restart sends only what is missing and returns
+every result. Without it the job lives in a temporary folder, removed
+afterwards. The API key is taken from ``api_key=`` or the environment and
+is written nowhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+import tempfile
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+
+import orjson
+
+from batchq import job as jobs
+from batchq.config import SETTING_NAMES
+from batchq.errors import ConfigError, InputError
+from batchq.job import Job
+from batchq.progress import Stats
+from batchq.results import OutputIndex, Result
+
+if TYPE_CHECKING:  # aiohttp and the engine load on the first run, not on `import batchq`
+    from batchq.transport import Transport
+
+T = TypeVar("T")
+Requests = Iterable[str | dict[str, Any]] | str | os.PathLike[str]
+
+INPUT = "input.jsonl"
+_REQUEST_DEFAULTS = ("max_tokens", "temperature")
+_STRING_BODY = {"/v1/embeddings": "input", "/v1/responses": "input"}
+
+
+def run(requests: Requests, **options: Any) -> list[Result]:
+    """Run every request through the endpoint; one Result per request, in input order.
+
+    Callable from plain code, from a thread, and from a Jupyter cell (where an
+    event loop already runs in the calling thread: the engine then runs on a
+    thread of its own). Ctrl-C stops the run, resumable with ``job=``.
+
+    Args:
+        requests: strings (one user message each), request bodies (dicts), or
+            Batch API lines (dicts with ``custom_id`` and ``body``); or the
+            path of a JSONL file. Items without a ``custom_id`` get
+            ``line-<N>``, N counting from 1.
+        **options: the command line's options by name (``model``,
+            ``base_url``, ``api_key_env``, ``endpoint``, ``system``,
+            ``max_tokens``, ``temperature``, ``params``, ``rpm``, ``tpm``,
+            ``concurrency``, ``max_attempts``, ``timeout``, ``hedge``,
+            ``retry_failed``, ``force``, ...), plus ``job`` (a folder),
+            ``api_key`` (the key itself), ``progress`` (default True) and
+            ``transport`` (an object with ``async send(path, body)``).
+
+    Raises:
+        BatchqError: ``ConfigError``, ``InputError``, ``JobLocked``,
+            ``JournalError`` for what the command line exits 2 for;
+            ``FatalEndpointError`` and the machine's failures for exit 3.
+    """
+    return _run_sync(lambda: arun(requests, **options))
+
+
+async def arun(requests: Requests, **options: Any) -> list[Result]:
+    """``run`` for async code: the same arguments, awaited on the caller's loop."""
+    async with _Prepared(requests, options) as prepared:
+        await prepared.run()
+        return list(prepared.index().results())
+
+
+class stream:  # a function by its use: ``async with batchq.stream(...) as results``
+    """Results as they complete, for pipelines that cannot hold a list::
+
+        async with batchq.stream(requests, model="m") as results:
+            async for r in results:
+                ...
+
+    The engine runs in a task this context owns, not inside the generator
+    (yielding from inside a TaskGroup is the trap PEP 789 describes): leaving
+    the block early stops the run, resumable with ``job=``, and an error of
+    the run is raised from the ``async for``.
+    """
+
+    def __init__(self, requests: Requests, **options: Any) -> None:
+        self._prepared = _Prepared(requests, options)
+        self._queue: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=1024)
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> AsyncIterator[Result]:
+        await self._prepared.__aenter__()
+        self._prepared.on_outcomes = self._deliver
+        self._task = asyncio.ensure_future(self._run())
+        return self._results()
+
+    async def _run(self) -> None:
+        try:
+            await self._prepared.run()
+        finally:
+            await self._queue.put(None)
+
+    async def _deliver(self, lines: list[bytes]) -> None:
+        for line in lines:
+            await self._queue.put(Result.from_output(orjson.loads(line)))
+
+    async def _results(self) -> AsyncIterator[Result]:
+        while (result := await self._queue.get()) is not None:
+            yield result
+        assert self._task is not None
+        await self._task  # raises what stopped the run, if anything did
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if self._task is not None and not self._task.done():
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+        finally:
+            await self._prepared.__aexit__(exc_type, exc, tb)
+
+
+def open_job(path: str | os.PathLike[str]) -> JobResults:
+    """A job folder's results, read in input order: ``batchq.open_job(DIR).results()``."""
+    return JobResults(Path(path))
+
+
+class JobResults:
+    """A job folder, for reading what its runs have written."""
+
+    def __init__(self, path: Path) -> None:
+        from batchq.status import job_status
+
+        figures = job_status(path)  # raises ConfigError if it is not a job folder
+        self.path = path
+        self._files = Path(figures["results"]), Path(figures["errors"])
+
+    def index(self) -> OutputIndex:
+        return OutputIndex(self.path, *self._files)
+
+    def results(self) -> Iterator[Result]:
+        """Every done request's Result, in input order."""
+        return self.index().results()
+
+
+# --- Preparing a run -------------------------------------------------------------------
+
+
+class _Prepared:
+    """The job a call means: its folder (made temporary without ``job=``), input and options."""
+
+    def __init__(self, requests: Requests, options: dict[str, Any]) -> None:
+        self.requests = requests
+        self.options = dict(options)
+        self.on_outcomes: Callable[[list[bytes]], Awaitable[None]] | None = None
+        self._temporary: tempfile.TemporaryDirectory[str] | None = None
+        self.job: Job | None = None
+
+    async def __aenter__(self) -> _Prepared:
+        folder = self.options.pop("job", None)
+        if folder is None:
+            self._temporary = tempfile.TemporaryDirectory(prefix="batchq-")
+            folder = self._temporary.name
+        self.dir = Path(folder)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._temporary is not None:
+            self._temporary.cleanup()
+
+    async def run(self) -> Stats:
+        from batchq.runner import RunOptions, run_job
+
+        options = self.options
+        api_key = options.pop("api_key", None)
+        progress = options.pop("progress", True)
+        transport: Transport | None = options.pop("transport", None)
+        retry_failed = bool(options.pop("retry_failed", False))
+        force = bool(options.pop("force", False))
+        defaults = dict(options.pop("params", None) or {})
+        defaults.update({k: options.pop(k) for k in _REQUEST_DEFAULTS if k in options})
+        unknown = sorted(set(options) - SETTING_NAMES)
+        if unknown or "input" in options:
+            raise ConfigError(f"unknown option(s): {', '.join(unknown or ['input'])}")
+        target = await asyncio.to_thread(self._input, options.get("endpoint"))
+        job, _ = await asyncio.to_thread(
+            jobs.open_job,
+            target,
+            job_dir=self.dir,
+            overrides=options,
+            defaults=defaults,
+            default_base_url=os.environ.get("OPENAI_BASE_URL") or None,
+            force=force,
+        )
+        self.job = job
+        if api_key is None:
+            api_key = os.environ.get(job.settings.api_key_env) or None
+        run_options = RunOptions(
+            api_key=api_key,
+            retry_failed=retry_failed,
+            progress_every=(0.5 if sys.stderr.isatty() or "ipykernel" in sys.modules else 10.0)
+            if progress
+            else None,
+            transport=transport,
+            on_outcomes=self.on_outcomes,
+        )
+        stats = await run_job(job, run_options)
+        if stats.interrupted:
+            raise KeyboardInterrupt  # a signal stopped it; the job resumes from here
+        return stats
+
+    def index(self) -> OutputIndex:
+        assert self.job is not None
+        return OutputIndex(self.job.dir, self.job.results, self.job.errors)
+
+    def _input(self, endpoint: str | None) -> Path:
+        """The input file: the path given, or the requests written to the job's input."""
+        if isinstance(self.requests, str | os.PathLike):
+            return Path(self.requests).absolute()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        return write_input(self.dir / INPUT, self.requests, endpoint)
+
+
+def write_input(path: Path, requests: Iterable[str | dict[str, Any]], endpoint: str | None) -> Path:
+    """Write ``requests`` as JSONL at ``path``, unless the same (or fewer) are there already.
+
+    Calling the same cell again writes the same bytes, which the job's pinned
+    fingerprint recognises; requests added at the end are new requests. Other
+    requests would make the job's checkpoint point at the wrong lines, so
+    they are refused before anything is touched.
+    """
+    key = _STRING_BODY.get(endpoint or "", "prompt")
+    tmp = path.with_name(path.name + ".new")
+    with tmp.open("wb") as f:
+        for item in requests:
+            body: object = {key: item} if isinstance(item, str) else item
+            if not isinstance(body, dict):
+                tmp.unlink()
+                raise InputError(f"a request must be a string or a dict, not {type(body).__name__}")
+            f.write(orjson.dumps(body, option=orjson.OPT_APPEND_NEWLINE))
+        f.flush()
+        os.fsync(f.fileno())
+    if path.exists() and not _extends(tmp, path):
+        tmp.unlink()
+        raise InputError(
+            f"these requests are not the ones job {path.parent} was made for (nor those "
+            "with more at the end); pass another job= folder to start a separate job"
+        )
+    os.replace(tmp, path)
+    return path
+
+
+def _extends(new: Path, old: Path) -> bool:
+    """Whether ``new`` holds ``old``'s bytes, then perhaps more."""
+    size = old.stat().st_size
+    if new.stat().st_size < size:
+        return False
+    with new.open("rb") as a, old.open("rb") as b:
+        while size > 0:
+            chunk = b.read(min(size, 1 << 20))
+            if not chunk or a.read(len(chunk)) != chunk:
+                return False
+            size -= len(chunk)
+    return True
+
+
+def _run_sync(make: Callable[[], Awaitable[T]]) -> T:
+    """Run a coroutine to the end from synchronous code, whatever loop the thread has."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(_coroutine(make))
+    return _OwnThread(make).result()
+
+
+async def _coroutine(make: Callable[[], Awaitable[T]]) -> T:
+    return await make()
+
+
+class _OwnThread(Generic[T]):
+    """A coroutine on an event loop of its own thread; Ctrl-C in the caller cancels it."""
+
+    def __init__(self, make: Callable[[], Awaitable[T]]) -> None:
+        self._make = make
+        self._loop = asyncio.new_event_loop()
+        self._task: asyncio.Task[Any] | None = None
+        self._outcome: tuple[bool, Any] = (False, None)
+        self._thread = threading.Thread(target=self._main, name="batchq", daemon=True)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._task = self._loop.create_task(_coroutine(self._make))
+            self._outcome = (True, self._loop.run_until_complete(self._task))
+        except BaseException as exc:  # handed to the caller's thread, raised there
+            self._outcome = (False, exc)
+        finally:
+            self._loop.close()
+
+    def result(self) -> T:
+        self._thread.start()
+        try:
+            self._thread.join()
+        except KeyboardInterrupt:  # the notebook's interrupt: stop the run, then say so
+            if self._task is not None:
+                self._loop.call_soon_threadsafe(self._task.cancel)
+            self._thread.join()
+            raise
+        ok, value = self._outcome
+        if not ok:
+            raise value
+        return cast(T, value)

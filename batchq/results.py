@@ -1,0 +1,223 @@
+"""A job's outputs in input order: ``batchq.Result``, ``batchq export``, and the Python API's lists.
+
+``results.jsonl`` and ``errors.jsonl`` are written in completion order. To
+give every input line back in the order of the input, ``OutputIndex`` scans
+both files once and keeps, per input line, where its output line starts (8
+bytes a line: 80 MB for ten million, and never the records themselves);
+reading in order is then one seek per line. Only what the journal has
+committed is read: a line written after the last commit is not done yet.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from array import array
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from batchq.journal import JOURNAL_NAME, read_journal
+
+JSONObject = dict[str, Any]
+
+#: Fields ``batchq export --format csv`` can write, and its default choice.
+CSV_FIELDS = (
+    "line",
+    "custom_id",
+    "ok",
+    "status_code",
+    "text",
+    "prompt_tokens",
+    "completion_tokens",
+    "attempts",
+    "error",
+    "error_code",
+)
+DEFAULT_CSV_FIELDS = ("custom_id", "text", "prompt_tokens", "completion_tokens", "error")
+
+_MARK = b'"batchq":{"line":'  # what every output line ends with, before its line number
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """Why a request failed: batchq's or the endpoint's code, and a sentence."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """The outcome of one request (one input line), as the job's output line says it.
+
+    ``body`` is the endpoint's JSON answer (None where it gave none); ``text``
+    the generated text of a chat, completions or responses answer, and
+    ``embedding`` the vector of an embeddings answer.
+    """
+
+    line: int
+    custom_id: str | None
+    ok: bool
+    status_code: int | None
+    body: JSONObject | None
+    error: Error | None
+    attempts: int
+
+    @classmethod
+    def from_output(cls, output: JSONObject) -> Result:
+        """A Result from a parsed results.jsonl or errors.jsonl line."""
+        response = output.get("response") or {}
+        error = output.get("error")
+        extra = output.get("batchq") or {}
+        body = response.get("body")
+        return cls(
+            line=int(extra.get("line", 0)),
+            custom_id=output.get("custom_id"),
+            ok=error is None,
+            status_code=response.get("status_code"),
+            body=body if isinstance(body, dict) else None,
+            error=None if error is None else Error(str(error["code"]), str(error["message"])),
+            attempts=int(extra.get("attempts", 0)),
+        )
+
+    @property
+    def usage(self) -> JSONObject | None:
+        usage = self.body.get("usage") if self.body else None
+        return usage if isinstance(usage, dict) else None
+
+    @property
+    def prompt_tokens(self) -> int | None:
+        return _count(self.usage, "prompt_tokens", "input_tokens")
+
+    @property
+    def completion_tokens(self) -> int | None:
+        return _count(self.usage, "completion_tokens", "output_tokens")
+
+    @property
+    def text(self) -> str | None:
+        """The generated text: chat, completions and responses answers; else None."""
+        body = self.body or {}
+        choices = body.get("choices")
+        if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+            choice = choices[0]
+            message = choice.get("message")
+            if isinstance(message, dict):
+                content = message.get("content")
+                return content if isinstance(content, str) else None
+            text = choice.get("text")
+            return text if isinstance(text, str) else None
+        if isinstance(body.get("output_text"), str):
+            return str(body["output_text"])
+        parts = [
+            part.get("text")
+            for item in body.get("output") or []
+            if isinstance(item, dict) and item.get("type") == "message"
+            for part in item.get("content") or []
+            if isinstance(part, dict) and part.get("type") == "output_text"
+        ]
+        texts = [p for p in parts if isinstance(p, str)]
+        return "".join(texts) if texts else None
+
+    @property
+    def embedding(self) -> list[float] | None:
+        data = (self.body or {}).get("data")
+        if isinstance(data, list) and data and isinstance(data[0], dict):
+            vector = data[0].get("embedding")
+            return vector if isinstance(vector, list) else None
+        return None
+
+
+def _count(usage: JSONObject | None, *keys: str) -> int | None:
+    for key in keys:
+        value = (usage or {}).get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+class OutputIndex:
+    """Where each input line's output line is: in which file, at which byte."""
+
+    def __init__(self, job_dir: Path, results: Path, errors: Path) -> None:
+        _, totals, _ = read_journal(job_dir / JOURNAL_NAME)
+        self.files = (results, errors)
+        self._lengths = (totals.results_len, totals.errors_len)
+        # offset + 1 in results.jsonl, or -(offset + 1) in errors.jsonl; 0: not done
+        self._where = array("q")
+        for which, (path, length) in enumerate(zip(self.files, self._lengths, strict=True)):
+            self._scan(path, length, -1 if which else 1)
+
+    def _scan(self, path: Path, length: int, sign: int) -> None:
+        offset = 0
+        with _open(path) as f:
+            for raw in f:
+                if offset + len(raw) > length:
+                    break  # past the last commit
+                mark = raw.rfind(_MARK)
+                if mark >= 0:
+                    digits = raw[mark + len(_MARK) :].split(b",", 1)[0].split(b"}", 1)[0]
+                    line = int(digits)
+                    if line >= len(self._where):
+                        self._where.extend([0] * (line + 1 - len(self._where)))
+                    self._where[line] = sign * (offset + 1)
+                offset += len(raw)
+
+    def lines(self, upto: int | None = None) -> Iterator[tuple[int, bytes | None]]:
+        """(line number, its output line or None if not done), lines 1 to ``upto``."""
+        last = len(self._where) - 1 if upto is None else upto
+        with _open(self.files[0]) as results, _open(self.files[1]) as errors:
+            for line in range(1, last + 1):
+                where = self._where[line] if line < len(self._where) else 0
+                if not where:
+                    yield line, None
+                    continue
+                f = results if where > 0 else errors
+                f.seek(abs(where) - 1)
+                yield line, f.readline()
+
+    def results(self) -> Iterator[Result]:
+        """Every done line's Result, in input order."""
+        for _, raw in self.lines():
+            if raw is not None:
+                yield Result.from_output(orjson.loads(raw))
+
+
+def _open(path: Path) -> IO[bytes]:
+    try:
+        return path.open("rb")
+    except FileNotFoundError:
+        return io.BytesIO()
+
+
+def write_jsonl(index: OutputIndex, out: IO[bytes]) -> int:
+    """Every done line's output line, in input order; how many were written."""
+    written = 0
+    for _, raw in index.lines():
+        if raw is not None:
+            out.write(raw)
+            written += 1
+    return written
+
+
+def write_csv(index: OutputIndex, out: IO[str], fields: Sequence[str]) -> int:
+    """One CSV row per done line, in input order, with ``fields``; how many were written."""
+    writer = csv.writer(out)
+    writer.writerow(fields)
+    written = 0
+    for result in index.results():
+        writer.writerow([_field(result, name) for name in fields])
+        written += 1
+    return written
+
+
+def _field(result: Result, name: str) -> object:
+    if name == "error":
+        return "" if result.error is None else result.error.message
+    if name == "error_code":
+        return "" if result.error is None else result.error.code
+    value = getattr(result, name)
+    return "" if value is None else value

@@ -1,0 +1,211 @@
+"""batchq from Python: the same engine as the command line, checked as a script would use it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from conftest import MockFactory
+from support import batchq, chat, clean_env, read_jsonl, wait_for, write_jsonl
+
+import batchq as bq
+from batchq.transport import Response
+
+KEY = "sk-test-0123456789abcdefghij"
+
+
+def options(url: str, **more: Any) -> dict[str, Any]:
+    return {"base_url": url, "model": "m", "progress": False, **more}
+
+
+def test_run_returns_one_result_per_request_in_input_order(mock_server: MockFactory) -> None:
+    server = mock_server(latency_jitter=0.02, seed=3)  # answers come back out of order
+    requests: list[Any] = [f"question {i}" for i in range(40)]
+    requests[5] = {"custom_id": "mine", "body": {"messages": [{"role": "user", "content": "x"}]}}
+    requests[7] = chat("[[mock:status=400]]")
+    results = bq.run(requests, **options(server.url))
+    assert [r.line for r in results] == list(range(1, 41))
+    assert results[0].custom_id == "line-1" and results[0].text == "Echo: question 0"
+    assert results[5].custom_id == "mine" and results[5].ok
+    bad = results[7]
+    assert not bad.ok and bad.status_code == 400 and bad.error is not None
+    assert bad.text is None
+    assert results[1].usage is not None and results[1].prompt_tokens == 3
+    assert server.stats()["requests"] == 40
+
+
+async def test_run_works_inside_a_running_event_loop_as_in_a_notebook(
+    mock_server: MockFactory,
+) -> None:
+    server = mock_server()
+    results = bq.run(["a", "b"], **options(server.url))  # a loop runs in this thread
+    assert [r.text for r in results] == ["Echo: a", "Echo: b"]
+
+
+def test_run_works_from_a_thread(mock_server: MockFactory) -> None:
+    server = mock_server()
+    got: list[bq.Result] = []
+    thread = threading.Thread(target=lambda: got.extend(bq.run(["a"], **options(server.url))))
+    thread.start()
+    thread.join()
+    assert [r.text for r in got] == ["Echo: a"]
+
+
+async def test_arun_and_stream(mock_server: MockFactory) -> None:
+    server = mock_server()
+    results = await bq.arun(["a", "b", "c"], **options(server.url))
+    assert [r.text for r in results] == ["Echo: a", "Echo: b", "Echo: c"]
+    seen = []
+    async with bq.stream([f"s{i}" for i in range(20)], **options(server.url)) as stream:
+        async for result in stream:
+            seen.append(result.custom_id)
+    assert sorted(seen) == sorted(f"line-{i}" for i in range(1, 21))
+
+
+async def test_leaving_a_stream_early_stops_the_run(
+    mock_server: MockFactory, tmp_path: Path
+) -> None:
+    server = mock_server(latency=0.05)
+    job = tmp_path / "job"
+    requests = [f"s{i}" for i in range(500)]
+    async with bq.stream(requests, job=job, concurrency=4, **options(server.url)) as stream:
+        async for _ in stream:
+            break
+    sent = server.stats()["requests"]
+    assert sent < 500
+    results = await bq.arun(requests, job=job, **options(server.url))  # the rest, only
+    assert len(results) == 500
+    assert server.stats()["requests"] - sent <= 500 - 1
+
+
+def test_failures_raise_batchq_errors_not_system_exit(mock_server: MockFactory) -> None:
+    server = mock_server(api_key=KEY)
+    with pytest.raises(bq.FatalEndpointError, match="401"):
+        bq.run(["a"], **options(server.url))  # no key
+    with pytest.raises(bq.ConfigError, match="rpm"):
+        bq.run(["a"], rpm=-1, **options(server.url))
+    with pytest.raises(bq.ConfigError, match="unknown option"):
+        bq.run(["a"], modle="m", **options(server.url))
+    assert bq.run(["a"], api_key=KEY, **options(server.url))[0].ok
+
+
+def test_the_key_given_as_api_key_is_written_nowhere(
+    mock_server: MockFactory, tmp_path: Path
+) -> None:
+    server = mock_server(api_key=KEY)
+    job = tmp_path / "job"
+    results = bq.run(["a", "[[mock:status=400]]"], job=job, api_key=KEY, **options(server.url))
+    assert results[0].ok
+    for path in job.rglob("*"):
+        if path.is_file():
+            assert KEY.encode() not in path.read_bytes(), path
+
+
+def test_a_transport_can_be_handed_to_the_engine(tmp_path: Path) -> None:
+    class Echo:
+        def __init__(self) -> None:
+            self.paths: list[str] = []
+
+        async def send(self, path: str, body: bytes) -> Response:
+            self.paths.append(path)
+            reply = {"choices": [{"message": {"content": orjson.loads(body)["model"]}}]}
+            return Response(200, {}, orjson.dumps(reply), None)
+
+    transport = Echo()
+    results = bq.run(["a", "b"], model="echo-me", transport=transport, progress=False)
+    assert [r.text for r in results] == ["echo-me", "echo-me"]
+    assert transport.paths == ["/v1/chat/completions"] * 2
+
+
+SCRIPT = """
+import sys, batchq
+results = batchq.run([f"q{i}" for i in range(300)], job=sys.argv[1], base_url=sys.argv[2],
+                     model="m", concurrency=4, progress=False)
+in_order = [r.line for r in results] == list(range(1, 301))
+print(len(results), len({r.custom_id for r in results}), in_order)
+"""
+
+
+def test_a_killed_script_reruns_to_every_result_exactly_once_in_order(
+    mock_server: MockFactory, tmp_path: Path
+) -> None:
+    server = mock_server(latency=0.01)
+    job = tmp_path / "job"
+    args = [sys.executable, "-c", SCRIPT, str(job), server.url]
+    proc = subprocess.Popen(args, env=clean_env(), stdout=subprocess.PIPE, text=True)
+    results = job / "results.jsonl"
+    wait_for(lambda: results.exists() and results.stat().st_size > 2000)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = subprocess.run(args, env=clean_env(), capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["300", "300", "True"]
+    ids = [line["custom_id"] for line in read_jsonl(results)]
+    assert sorted(ids) == sorted(f"line-{i}" for i in range(1, 301))  # once each
+    assert server.stats()["requests"] < 300 + 300  # the rerun sent only what was missing
+
+
+def test_the_command_line_and_the_api_write_the_same_files(
+    mock_server: MockFactory, tmp_path: Path
+) -> None:
+    server = mock_server()
+    requests = [chat(f"q{i}") for i in range(30)] + [chat("[[mock:status=400]]")]
+    bq.run(requests, job=tmp_path / "api", concurrency=1, **options(server.url))
+    write_jsonl(tmp_path / "api" / "copy.jsonl", requests)
+    cli = batchq(
+        "run", tmp_path / "api" / "input.jsonl", "--job", tmp_path / "cli", "--base-url",
+        server.url, "--model", "m", "--concurrency", "1", "-q", cwd=tmp_path,
+    )  # fmt: skip
+    assert cli.returncode == 1, cli.stderr
+
+    def lines(job: str, name: str) -> list[Any]:
+        rows = read_jsonl(tmp_path / job / name)
+        for row in rows:  # ids and times are the server's, not ours
+            if row["response"]:
+                row["response"].pop("request_id")
+                if isinstance(row["response"]["body"], dict):
+                    row["response"]["body"].pop("id", None)
+                    row["response"]["body"].pop("created", None)
+        return sorted(rows, key=lambda r: r["batchq"]["line"])
+
+    for name in ("results.jsonl", "errors.jsonl"):
+        assert lines("api", name) == lines("cli", name)
+
+
+def test_export_gives_every_line_once_in_input_order(
+    mock_server: MockFactory, tmp_path: Path
+) -> None:
+    server = mock_server(latency_jitter=0.01, seed=5)
+    requests = [chat(f"q{i}", custom_id=f"c{i}") for i in range(50)]
+    requests[3] = chat("[[mock:status=400]]", custom_id="c3")
+    write_jsonl(tmp_path / "in.jsonl", requests)
+    run = batchq("run", "in.jsonl", "--base-url", server.url, "--model", "m", "-q", cwd=tmp_path)
+    assert run.returncode == 1
+    out = batchq("export", "jobs/in", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    rows = [orjson.loads(line) for line in out.stdout.splitlines()]
+    assert [r["custom_id"] for r in rows] == [f"c{i}" for i in range(50)]
+    assert rows[3]["error"]["code"]
+    csv = batchq(
+        "export",
+        "jobs/in",
+        "-o",
+        "out.csv",
+        "--fields",
+        "line,custom_id,text,error_code",
+        cwd=tmp_path,
+    )
+    assert csv.returncode == 0, csv.stderr
+    text = (tmp_path / "out.csv").read_text().splitlines()
+    assert text[0] == "line,custom_id,text,error_code"
+    assert text[1] == "1,c0,Echo: q0,"
+    assert text[4].startswith("4,c3,,")
+    assert [r.custom_id for r in bq.open_job(tmp_path / "jobs" / "in").results()] == [
+        f"c{i}" for i in range(50)
+    ]
