@@ -204,7 +204,7 @@ def run(
         stats = asyncio.run(run_job(job, options))
     except BatchqError as exc:
         raise Failure(exc) from None
-    except KeyboardInterrupt:  # a signal before the pipeline took over its handling
+    except Interrupted:  # a signal before the pipeline took over its handling
         _notice(f"interrupted while starting; to resume: {_resume()}")
         sys.exit(EXIT_INTERRUPTED)
     figures = summary(stats, results=str(job.results), errors=str(job.errors), resume=_resume())
@@ -355,7 +355,7 @@ def mock_server(host: str, port: int, api_key_env: str | None, **faults: Any) ->
         click.echo(f"batchq mock-server: listening on {url}", err=True)
         click.echo(url)  # the first line of stdout, for scripts
 
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how one stops it
+    with contextlib.suppress(Interrupted):  # Ctrl-C is how one stops it
         asyncio.run(serve_forever(options, host=host, port=port, ready=ready))
 
 
@@ -378,17 +378,33 @@ def demo(source: Path) -> None:
     sys.exit(code)
 
 
-def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM before the pipeline handles them itself.
+
+    Not a KeyboardInterrupt: click turns that into "Aborted!" and exit 1, which
+    means "finished with failures".
+    """
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted
 
 
 def main() -> NoReturn:
     """The console script: click, plus one line instead of a traceback for our own errors."""
     # SIGTERM means what Ctrl-C means, from the very start: the pipeline handles both
-    # itself once it runs; until then both raise KeyboardInterrupt.
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    # itself once it runs; until then both stop batchq with exit 130.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
     try:
         cli.main(prog_name="batchq")
+    except Interrupted:
+        _notice("interrupted")
+        sys.exit(EXIT_INTERRUPTED)
+    except OSError as exc:  # the machine's failure that no module below named: still one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        _notice(f"error: {where}{exc.strerror or exc}; fix that and run the same command again")
+        sys.exit(EXIT_FATAL)
     except Exception:  # a bug in batchq: the traceback helps us, the line tells the user
         traceback.print_exc()
         click.echo("batchq: internal error: this is a bug in batchq; please report it", err=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from batchq.durable import atomic_write
 from batchq.errors import ConfigError
 
 JSONObject = dict[str, Any]
@@ -58,6 +58,10 @@ class Settings:
     drain_timeout: float = 5.0
 
     def __post_init__(self) -> None:
+        for name in _TEXT:
+            value = getattr(self, name)
+            if not (isinstance(value, str) or (value is None and name in _OPTIONAL_TEXT)):
+                raise ConfigError(f"{name} must be a string, not {value!r}")
         if self.endpoint not in ENDPOINTS:
             raise ConfigError(f"endpoint {self.endpoint!r} is not one of {', '.join(ENDPOINTS)}")
         if not re.match(r"^https?://[^/\s]+", self.base_url):
@@ -84,6 +88,8 @@ class Settings:
         return {name: getattr(self, name) for name in REQUEST_SETTINGS}
 
 
+_TEXT = ("input", "output", "errors", "base_url", "api_key_env", "endpoint", "model", "system")
+_OPTIONAL_TEXT = ("model", "system")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 #: What API keys start with (OpenAI, Groq, Hugging Face, xAI, ...), never an env var name.
 _KEY_LIKE = re.compile(r"(sk|gsk|hf|xai|pk|rk|key)[-_][A-Za-z0-9]{8}|AIza", re.IGNORECASE)
@@ -155,9 +161,9 @@ def write_job_toml(path: Path, settings: Settings) -> None:
     lines.append("")
     lines.append("[defaults]  # request parameters a line's own body does not set")
     lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in settings.defaults.items())
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    # fsynced, then renamed, then the folder fsynced: a power cut must never leave an empty
+    # job.toml, which no later run could resume from.
+    atomic_write(path, ("\n".join(lines) + "\n").encode())
 
 
 def _toml_key(key: str) -> str:

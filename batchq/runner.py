@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from batchq.errors import BatchqError, FatalEndpointError, RequestError
-from batchq.job import Job, add_elapsed, job_lock, pin_input, write_progress
+from batchq.job import Job, add_elapsed, job_lock, pin_input, save_settings, write_progress
 from batchq.journal import Journal, retry_failed
 from batchq.limiter import Kind, Pacer
 from batchq.progress import Stats, make_progress
@@ -59,25 +60,49 @@ async def run_job(job: Job, options: RunOptions) -> Stats:
     a whole; the other BatchqErrors (exit 2) before anything is sent.
     """
     with job_lock(job.dir):
+        save_settings(job)
         pinned = pin_input(job)
         if options.retry_failed:
             moved = retry_failed(job.dir, job.results, job.errors)
             options.on_notice(f"--retry-failed: {moved:,} retryable failures back to pending")
         journal = Journal(job.dir, job.results, job.errors, durable=options.durable)
-        try:
-            stats = Stats(
-                ok_before=journal.totals.ok,
-                failed_before=journal.totals.failed,
-                total=pinned.requests,
-            )
-            if stats.done:
-                options.on_notice(f"resuming: {stats.done:,} of {stats.total:,} done")
-            pipeline = Pipeline(job, journal, stats, pinned.size, options)
-            await pipeline.run()
-        finally:
-            journal.close()
-            add_elapsed(job.dir, stats.elapsed)
+        stats = Stats(
+            ok_before=journal.totals.ok,
+            failed_before=journal.totals.failed,
+            total=pinned.requests,
+        )
+        with _signals_noted(stats):
+            try:
+                if stats.done:
+                    options.on_notice(f"resuming: {stats.done:,} of {stats.total:,} done")
+                pipeline = Pipeline(job, journal, stats, pinned.size, options)
+                await pipeline.run()
+            finally:
+                journal.close()
+                add_elapsed(job.dir, stats.elapsed)
     return stats
+
+
+@contextmanager
+def _signals_noted(stats: Stats) -> Iterator[None]:
+    """Outside the pipeline's own handling, a signal is noted (exit 130), not raised.
+
+    The pipeline's handlers sit on top of these while it runs; around it the
+    journal opens and makes its last commit, which a signal must not cut short.
+    """
+
+    def note(signum: int, frame: object) -> None:
+        stats.interrupted = True
+
+    previous = {sig: signal.signal(sig, note) for sig in _SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Pipeline:
@@ -103,16 +128,21 @@ class Pipeline:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        previous = {sig: signal.getsignal(sig) or signal.SIG_DFL for sig in _SIGNALS}
+        for sig in _SIGNALS:
             loop.add_signal_handler(sig, self.stop)
         try:
+            if self.stats.interrupted:
+                return  # signalled while the job was opening: send nothing
             async with asyncio.TaskGroup() as tg:
                 self._main = tg.create_task(self._run())
         except BaseExceptionGroup as group:
             raise _first_fatal(group) from None
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig, handler in previous.items():
                 loop.remove_signal_handler(sig)
+                # which left SIGTERM at its default: a signal during the final commit killed us
+                signal.signal(sig, handler)
 
     def stop(self) -> None:
         """First call: stop feeding and let in-flight requests drain. Second: stop now."""
@@ -230,12 +260,13 @@ class Pipeline:
                     if self.outcomes.empty():
                         break
                     item = self.outcomes.get_nowait()
-                self._append(batch)
-                batch = []
+                batch, appending = [], batch
+                self._append(appending)  # not again in the finally, if it fails
                 if item is None:
                     return
         finally:
-            # Cancelled: what already arrived is written too, rather than sent again.
+            # Cancelled: what already arrived is written too, rather than sent again
+            # (unless the disk failed: then the journal takes nothing more).
             while not self.outcomes.empty():
                 if (late := self.outcomes.get_nowait()) is not None:
                     batch.append(late)
