@@ -28,16 +28,17 @@ from batchq.cli import cli
 
 pytestmark = pytest.mark.slow
 
-#: Seven requests that succeed (two of them slowly, so that the checkpoint is committed
-#: while others are written), one the endpoint rejects, one retryable failure (503 with
-#: --max-attempts 1), one line that is not JSON, one blank line.
+#: One retryable failure (503 with --max-attempts 1), seven requests that succeed (two of
+#: them slowly, so that the checkpoint is committed while others are written), one the
+#: endpoint rejects (late: the retryable failure is not the last line of errors.jsonl),
+#: one line that is not JSON, one blank line.
 LINES = [
+    chat("[[mock:fail=1]] flaky", "req-503"),
     *(chat(f"question {i}", f"req-{i}") for i in range(5)),
     *(chat(f"[[mock:sleep=0.03]] question {i}", f"req-{i}") for i in range(5, 7)),
-    chat("[[mock:status=400]] rejected", "req-400"),
-    chat("[[mock:fail=1]] flaky", "req-503"),
+    chat("[[mock:sleep=0.04]] [[mock:status=400]] rejected", "req-400"),
 ]
-CUSTOM_IDS = [f"req-{i}" for i in range(7)] + ["req-400", "req-503", "line-10"]
+CUSTOM_IDS = ["req-503", *(f"req-{i}" for i in range(7)), "req-400", "line-10"]
 
 
 def make_input(folder: Path) -> Path:
