@@ -38,7 +38,7 @@ from batchq.config import REQUEST_SETTINGS, Settings, build_settings, read_job_t
 from batchq.errors import ConfigError, InputError, JobLocked, StorageError
 from batchq.journal import JOURNAL_NAME
 from batchq.progress import Stats
-from batchq.reader import check_jsonl
+from batchq.reader import check_jsonl, without_bom
 
 JOB_TOML = "job.toml"
 STATE_JSON = "state.json"
@@ -316,7 +316,7 @@ def pin_input(job: Job) -> PinnedInput:
                 counter.read(f, pinned_size, count=type(known) is not int)
                 if size < pinned_size or counter.digest.hexdigest() != state.get("input_sha256"):
                     raise InputError(_changed(job))
-                if size > pinned_size and not _ends_line(f, pinned_size):
+                if size > pinned_size and not _line_break_at(f, pinned_size):
                     raise InputError(_changed(job))  # the last line was extended, not appended to
                 if type(known) is int:
                     counter.requests = known
@@ -352,13 +352,14 @@ class _Fingerprint:
 
     def read(self, f: BinaryIO, length: int, *, count: bool = True) -> None:
         while length > 0:
+            at_start = f.tell() == 0
             chunk = f.read(min(length, self.chunk_size))
             if not chunk:
                 return
             self.digest.update(chunk)
             length -= len(chunk)
             if count:
-                self._count(chunk)
+                self._count(without_bom(chunk, 1) if at_start else chunk)
 
     def _count(self, chunk: bytes) -> None:
         first_end = chunk.find(b"\n")
@@ -374,12 +375,13 @@ class _Fingerprint:
         return self.requests + (0 if self._blank_so_far else 1)
 
 
-def _ends_line(f: BinaryIO, size: int) -> bool:
+def _line_break_at(f: BinaryIO, size: int) -> bool:
+    """Whether the first ``size`` bytes end a line, or the bytes after them begin by ending it."""
     position = f.tell()
     f.seek(size - 1)
-    last = f.read(1)
+    around = f.read(2)
     f.seek(position)
-    return last == b"\n"
+    return b"\n" in around
 
 
 def _changed(job: Job) -> str:

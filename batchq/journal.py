@@ -181,6 +181,7 @@ class Journal:
         recover(self.path, errors)
         _refuse_lost_journal(self.path, results, errors)
         self.done, self.totals, valid_len = read_journal(self.path)
+        self.notes: list[str] = []  # what opening cut away, for the user
         paths = (results, errors, self.path)
         new = not all(path.exists() for path in paths)
         files: list[durable_io.File] = []
@@ -188,7 +189,7 @@ class Journal:
             for path, length in zip(
                 paths, (self.totals.results_len, self.totals.errors_len, valid_len), strict=True
             ):
-                files.append(_open_at(path, length))
+                files.append(_open_at(path, length, self.notes))
             if new:
                 # The files' names are durable before any line is written to them: a crash
                 # must never leave outputs with lines beside no journal at all.
@@ -270,6 +271,8 @@ class Journal:
                 raise self.failed
             if taken is None:
                 return
+            for f in (self._results, self._errors):
+                _still_there(f)
             if self.durable:
                 durable_io.fsync(self._results)
                 durable_io.fsync(self._errors)
@@ -306,6 +309,21 @@ class _Commit:
     delta: Totals
 
 
+def _still_there(f: durable_io.File) -> None:
+    """Refuse to commit lines to a file that was deleted or replaced while the job ran."""
+    try:
+        same = os.path.samestat(os.stat(f.path), os.fstat(f.fd))
+    except FileNotFoundError:
+        same = False
+    if not same:
+        raise StorageError(
+            f"{f.path} was deleted or replaced while the job ran, and the lines it held with "
+            "it; put it back and run the same command, or move the job folder away to start "
+            "afresh",
+            path=f.path,
+        )
+
+
 def _refuse_lost_journal(journal: Path, results: Path, errors: Path) -> None:
     """Outputs with no journal at all were not cut short by a crash: the journal was lost.
 
@@ -323,8 +341,12 @@ def _refuse_lost_journal(journal: Path, results: Path, errors: Path) -> None:
             )
 
 
-def _open_at(path: Path, length: int) -> durable_io.File:
-    """Open ``path`` for appending, cut back to ``length`` bytes: what was committed."""
+def _open_at(path: Path, length: int, notes: list[str]) -> durable_io.File:
+    """Open ``path`` for appending, cut back to ``length`` bytes: what was committed.
+
+    What is cut is said in ``notes``: a crash leaves a fraction of a second's lines
+    behind the last commit, damage to the journal may leave many more.
+    """
     f = durable_io.open_file(path)
     size = os.fstat(f.fd).st_size
     if size < length:

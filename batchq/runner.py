@@ -66,6 +66,8 @@ async def run_job(job: Job, options: RunOptions) -> Stats:
             moved = retry_failed(job.dir, job.results, job.errors)
             options.on_notice(f"--retry-failed: {moved:,} retryable failures back to pending")
         journal = Journal(job.dir, job.results, job.errors, durable=options.durable)
+        for note in journal.notes:
+            options.on_notice(note)
         stats = Stats(
             ok_before=journal.totals.ok,
             failed_before=journal.totals.failed,
