@@ -356,15 +356,29 @@ def _open_at(path: Path, length: int, notes: list[str]) -> durable_io.File:
             f"cut or replaced outside batchq; put the complete file back, or move the job "
             f"folder away to start afresh (every request is then sent again)"
         )
-    if size > length:
+    if size > length:  # a torn or uncommitted tail, or what damage to the journal disowns
         try:
-            durable_io.truncate(
-                f, length
-            )  # a torn or uncommitted tail; its requests are sent again
+            lines = _count_lines(f.fd, length, size)
+            durable_io.truncate(f, length)
         except BaseException:
             durable_io.close(f)
             raise
+        what = "" if path.name == JOURNAL_NAME else f" ({lines:,} lines, sent again now)"
+        notes.append(
+            f"cut {size - length:,} bytes{what} from {path}: written after the last commit"
+        )
     return f
+
+
+def _count_lines(fd: int, start: int, end: int) -> int:
+    count = 0
+    while start < end:
+        block = os.pread(fd, min(1 << 20, end - start), start)
+        if not block:
+            break
+        count += block.count(b"\n")
+        start += len(block)
+    return count
 
 
 def recover(journal: Path, errors: Path) -> None:
