@@ -2,12 +2,12 @@
 
 Every change batchq makes to a job's durable files goes through
 ``batchq.durable``. These tests count the calls of a clean run, then run the
-same job again failing the 1st call, then the 2nd, ... with ENOSPC or EIO,
-in process (``batchq.durable.inject``) against the built-in endpoint on a
-real socket. Each faulted run must stop with one line naming the path and
-the cause, and exit 3 (or finish, if the failed call was one the run can do
-without); the same command, with the fault gone, must then finish the job
-with every input line exactly once.
+same job again failing the 1st call, then the 2nd, ..., in process
+(``batchq.durable.inject``) against the built-in endpoint on a real socket,
+with two of ENOSPC, EIO, EROFS and EMFILE at each call. Each faulted run
+must stop with one line naming the path and the cause, and exit 3 (or
+finish, if the failed call was one the run can do without); the same
+command, with the fault gone, must then finish the job exactly once.
 """
 
 from __future__ import annotations
@@ -39,6 +39,10 @@ LINES = [
     chat("[[mock:sleep=0.04]] [[mock:status=400]] rejected", "req-400"),
 ]
 CUSTOM_IDS = ["req-503", *(f"req-{i}" for i in range(7)), "req-400", "line-10"]
+
+
+#: Full disk, I/O error, read-only folder, too many open files: two of them at every call.
+CODES = (errno.ENOSPC, errno.EIO, errno.EROFS, errno.EMFILE)
 
 
 def make_input(folder: Path) -> Path:
@@ -114,7 +118,7 @@ def sweep(
     stopped = 0
     # A few more than counted: a run whose commits fall differently may make more calls.
     for n in range(1, calls + 5):
-        for code in (errno.ENOSPC, errno.EIO) if n % 2 else (errno.EIO,):
+        for code in (CODES[n % len(CODES)], CODES[(n + 1) % len(CODES)]):
             job = tmp_path / f"job-{n}-{code}"
             prepare(job)
             faults = Faults(n, code)
