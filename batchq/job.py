@@ -407,8 +407,11 @@ def job_lock(job_dir: Path) -> Iterator[None]:
                 f"job {job_dir} is already being run by process {pid}; "
                 "wait for it to finish or stop it first"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        with contextlib.suppress(
+            OSError
+        ):  # the pid only informs; a full disk must not stop us here
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
         durable.close(lock)

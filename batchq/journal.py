@@ -250,8 +250,12 @@ class Journal:
         self._lock.acquire()  # free: the only other taker is close(), after the run
         taken = self._take()
         loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(None, self._make_durable, taken)
+        # A failure is also kept in self.failed, which close() raises: seen even if this
+        # wait was cancelled, and not logged again as "exception never retrieved".
+        future.add_done_callback(_retrieve)
         # shield: a cancelled wait must not cancel the job before it ran and released the lock
-        await asyncio.shield(loop.run_in_executor(None, self._make_durable, taken))
+        await asyncio.shield(future)
 
     def _take(self) -> _Commit | None:
         """What was appended since the last record; it counts as done once that is on disk."""
@@ -298,6 +302,11 @@ class Journal:
         finally:
             for f in (self._results, self._errors, self._journal):
                 durable_io.close(f)
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,9 @@
 """The edges where the machine or the user meets a job: one line and the right exit status.
 
 Each test runs ``batchq`` as a user does, in a subprocess against the built-in
-endpoint. Signals at the edges of a run are sent by the run itself, from
-``batchq.durable.inject``, at the moment the test names: no timing involved.
+endpoint. Signals and a disk filling up at the edges of a run come from the run itself,
+through ``batchq.durable.inject``, at the moment the test names: no timing
+involved.
 """
 
 from __future__ import annotations
@@ -160,26 +161,63 @@ def test_an_input_that_is_not_a_regular_file_is_refused(
 
 # --- signals at the edges of a run --------------------------------------------------------
 
-#: batchq's own command line, sending itself SIGTERM at the Nth call ``op`` on file ``name``.
-SIGNAL_AT = """
-import os, signal, sys
+#: batchq's own command line; at the Nth call ``op`` on file ``name`` it sends itself SIGTERM
+#: ("sigterm") or its disk fills up ("full": ENOSPC for every later call that needs space).
+HOOKED = """
+import errno, os, signal, sys
 from batchq import durable
 from batchq.cli import main
 
-op, name, nth = sys.argv[1], sys.argv[2], int(sys.argv[3])
-calls = 0
+action, op, name, nth = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+calls, full = 0, False
 
 def inject(called, path):
-    global calls
+    global calls, full
     if called == op and path.name == name:
         calls += 1
-        if calls == nth:
+        if calls == nth and action == "sigterm":
             os.kill(os.getpid(), signal.SIGTERM)
+        full = full or (calls == nth and action == "full")
+    if full and called in ("open", "write", "fsync", "mkdir", "fsync_dir"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 durable.inject = inject
-sys.argv = ["batchq", *sys.argv[4:]]
+sys.argv = ["batchq", *sys.argv[5:]]
 main()
 """
+
+
+def hooked(
+    cwd: Path, action: str, op: str, name: str, nth: int, command: list[str]
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", HOOKED, action, op, name, str(nth), *command],
+        cwd=cwd,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("nth", [1, 4, 12])
+def test_a_disk_that_fills_up_mid_run_is_one_line_and_the_resume_exactly_once(
+    tmp_path: Path, mock_server: MockFactory, nth: int
+) -> None:
+    # The issue's reproduction, without the tmpfs: 16 in flight, half of them 503s.
+    server = mock_server(rate_503=0.5, latency=0.002, seed=nth)
+    ids = [f"f-{i}" for i in range(300)]
+    write_jsonl(tmp_path / "in.jsonl", [chat(cid, custom_id=cid) for cid in ids])
+    command = ["run", "in.jsonl", "--job", "job", "--base-url", server.url, "--model", "m", "-q"]
+    command += ["--max-attempts", "1", "--concurrency", "16"]
+    full = hooked(tmp_path, "full", "write", "results.jsonl", nth, command)
+    line = one_error_line(full, 3)
+    assert "No space left on device" in line
+    assert full.stderr.splitlines() == ["batchq: new job in job", line]  # nothing else
+    resumed = batchq(*command, cwd=tmp_path)
+    assert resumed.returncode == 1, resumed.stderr  # the 503s are failures, retryable
+    assert_exactly_once(tmp_path / "job", ids)
 
 
 @pytest.mark.parametrize(
@@ -197,15 +235,7 @@ def test_sigterm_at_any_moment_is_130_and_resumable(
     server = mock_server()
     write_jsonl(tmp_path / "in.jsonl", [chat(cid, custom_id=cid) for cid in IDS])
     command = ["run", "in.jsonl", "--job", "job", "--base-url", server.url, "--model", "m", "-q"]
-    stopped = subprocess.run(
-        [sys.executable, "-c", SIGNAL_AT, op, name, str(nth), *command],
-        cwd=tmp_path,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    stopped = hooked(tmp_path, "sigterm", op, name, nth, command)
     assert stopped.returncode == 130, (moment, stopped.stderr)
     assert "Traceback" not in stopped.stderr and "Aborted" not in stopped.stderr
     assert "interrupted" in stopped.stderr

@@ -4,7 +4,8 @@ Every change batchq makes to a job's durable files goes through
 ``batchq.durable``. These tests count the calls of a clean run, then run the
 same job again failing the 1st call, then the 2nd, ..., in process
 (``batchq.durable.inject``) against the built-in endpoint on a real socket,
-with two of ENOSPC, EIO, EROFS and EMFILE at each call. Each faulted run
+once with one of ENOSPC, EIO, EROFS and EMFILE, once as a disk that fills up
+there (ENOSPC for every later call that may need space). Each faulted run
 must stop with one line naming the path and the cause, and exit 3 (or
 finish, if the failed call was one the run can do without); the same
 command, with the fault gone, must then finish the job exactly once.
@@ -41,7 +42,7 @@ LINES = [
 CUSTOM_IDS = ["req-503", *(f"req-{i}" for i in range(7)), "req-400", "line-10"]
 
 
-#: Full disk, I/O error, read-only folder, too many open files: two of them at every call.
+#: Full disk, I/O error, read-only folder, too many open files: in turn.
 CODES = (errno.ENOSPC, errno.EIO, errno.EROFS, errno.EMFILE)
 
 
@@ -53,18 +54,24 @@ def make_input(folder: Path) -> Path:
 
 
 class Faults:
-    """``durable.inject`` that counts the calls and fails the ``fail_at``-th, once."""
+    """``durable.inject`` that counts the calls and fails the ``fail_at``-th, once; or, if
+    ``full``, every call from it on that needs space, as a disk that has filled up."""
 
-    def __init__(self, fail_at: int = 0, code: int = errno.ENOSPC) -> None:
-        self.fail_at, self.code = fail_at, code
+    def __init__(self, fail_at: int = 0, code: int = errno.ENOSPC, *, full: bool = False) -> None:
+        self.fail_at, self.code, self.full = fail_at, code, full
         self.calls: list[tuple[str, Path]] = []
         self.failed: tuple[str, Path] | None = None
 
     def __call__(self, op: str, path: Path) -> None:
         self.calls.append((op, path))
-        if len(self.calls) == self.fail_at:
-            self.failed = (op, path)
+        n = len(self.calls)
+        if n == self.fail_at or (self.full and n > self.fail_at and op in SPACE):
+            self.failed = self.failed or (op, path)
             raise OSError(self.code, os.strerror(self.code), str(path))
+
+
+#: The calls that a full disk fails: those that may need a new block.
+SPACE = ("open", "write", "fsync", "mkdir", "fsync_dir")
 
 
 @pytest.fixture
@@ -93,7 +100,9 @@ def assert_stopped_cleanly(result: Result, faults: Faults) -> None:
     assert result.exit_code == 3, (op, path, result.output)
     errors = [line for line in result.output.splitlines() if line.startswith("batchq: error")]
     assert len(errors) == 1, result.output
-    assert str(path) in errors[0] and os.strerror(faults.code) in errors[0], errors[0]
+    # A full disk fails the writer and the committing thread alike: either may tell.
+    named = str(path.parent if faults.full else path)
+    assert named in errors[0] and os.strerror(faults.code) in errors[0], errors[0]
 
 
 def sweep(
@@ -118,10 +127,10 @@ def sweep(
     stopped = 0
     # A few more than counted: a run whose commits fall differently may make more calls.
     for n in range(1, calls + 5):
-        for code in (CODES[n % len(CODES)], CODES[(n + 1) % len(CODES)]):
-            job = tmp_path / f"job-{n}-{code}"
+        for code, full in ((CODES[n % len(CODES)], False), (errno.ENOSPC, True)):
+            job = tmp_path / f"job-{n}-{code}-{full}"
             prepare(job)
-            faults = Faults(n, code)
+            faults = Faults(n, code, full=full)
             injecting(faults)
             result = run(*common, "--job", job)
             if faults.failed is None:
