@@ -60,8 +60,8 @@ async def run_job(job: Job, options: RunOptions) -> Stats:
     a whole; the other BatchqErrors (exit 2) before anything is sent.
     """
     with job_lock(job.dir):
-        save_settings(job)
         pinned = pin_input(job)
+        save_settings(job)  # only now: a run refused for any reason changes nothing
         if options.retry_failed:
             moved = retry_failed(job.dir, job.results, job.errors)
             options.on_notice(f"--retry-failed: {moved:,} retryable failures back to pending")
@@ -87,10 +87,10 @@ async def run_job(job: Job, options: RunOptions) -> Stats:
 
 @contextmanager
 def _signals_noted(stats: Stats) -> Iterator[None]:
-    """Outside the pipeline's own handling, a signal is noted (exit 130), not raised.
+    """Once the journal is open, a signal is noted (exit 130), never raised.
 
-    The pipeline's handlers sit on top of these while it runs; around it the
-    journal opens and makes its last commit, which a signal must not cut short.
+    The pipeline's own handlers sit on top of these while it runs; before it
+    starts nothing is sent, and after it the last commit must not be cut short.
     """
 
     def note(signum: int, frame: object) -> None:
