@@ -153,28 +153,30 @@ def test_a_fault_at_any_call_of_a_new_job_stops_cleanly_and_resumes_exactly_once
     print(f"{calls} calls of a new job, each failed in turn")
 
 
-def test_a_fault_at_any_call_of_retry_failed_stops_cleanly_and_resumes_exactly_once(
-    mock_server: MockFactory, tmp_path: Path, injecting: Callable[[Faults | None], None]
+@pytest.mark.parametrize("before", ["a finished job", "a job stopped halfway"])
+def test_a_fault_at_any_call_of_a_resume_stops_cleanly_and_resumes_exactly_once(
+    mock_server: MockFactory,
+    tmp_path: Path,
+    injecting: Callable[[Faults | None], None],
+    before: str,
 ) -> None:
+    """--retry-failed of a finished job; or the resume of one stopped with lines on disk that
+    no commit names, which it cuts away."""
     server = mock_server()
     input_path = make_input(tmp_path)
-    finished = tmp_path / "finished"
-    first = run(
-        input_path,
-        "--base-url",
-        server.url,
-        "--model",
-        "m",
-        "-q",
-        "--job",
-        finished,
-        "--max-attempts",
-        "1",
-    )
-    assert first.exit_code == 1
+    earlier = tmp_path / "earlier"
+    command = [input_path, "--base-url", server.url, "--model", "m", "-q", "--max-attempts", "1"]
+    if before == "a job stopped halfway":
+        injecting(Faults(20, errno.EIO))  # around the first commit
+        assert run(*command, "--job", earlier).exit_code == 3
+        injecting(None)
+        args: tuple[str, ...] = ()
+    else:
+        assert run(*command, "--job", earlier).exit_code == 1
+        args = ("--retry-failed",)
 
-    def copy_finished(job: Path) -> None:
-        shutil.copytree(finished, job)
+    def copy_earlier(job: Path) -> None:
+        shutil.copytree(earlier, job)
 
-    calls = sweep(server, tmp_path, injecting, copy_finished, "--retry-failed")
-    print(f"{calls} calls of a --retry-failed run, each failed in turn")
+    calls = sweep(server, tmp_path, injecting, copy_earlier, *args)
+    print(f"{calls} calls of a resume of {before}, each failed in turn")
