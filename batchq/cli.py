@@ -204,8 +204,8 @@ def run(
         stats = asyncio.run(run_job(job, options))
     except BatchqError as exc:
         raise Failure(exc) from None
-    except Interrupted:  # a signal before the pipeline took over its handling
-        _notice(f"interrupted while starting; to resume: {_resume()}")
+    except Interrupted:  # a signal while the pipeline was not handling them
+        _notice(f"interrupted; to resume: {_resume()}")
         sys.exit(EXIT_INTERRUPTED)
     figures = summary(stats, results=str(job.results), errors=str(job.errors), resume=_resume())
     click.echo(render_summary(figures), err=True)
@@ -378,16 +378,17 @@ def demo(source: Path) -> None:
     sys.exit(code)
 
 
-class Interrupted(BaseException):
-    """SIGINT or SIGTERM before the pipeline handles them itself.
+class Interrupted(SystemExit):
+    """SIGINT or SIGTERM while the pipeline does not handle them itself: exit 130.
 
-    Not a KeyboardInterrupt: click turns that into "Aborted!" and exit 1, which
-    means "finished with failures".
+    Not a KeyboardInterrupt, which click turns into "Aborted!" and exit 1 ("finished
+    with failures"); a SystemExit, which asyncio re-raises from any callback where it
+    would log and swallow other exceptions.
     """
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    raise Interrupted
+    raise Interrupted(EXIT_INTERRUPTED)
 
 
 def main() -> NoReturn:

@@ -161,8 +161,9 @@ def test_an_input_that_is_not_a_regular_file_is_refused(
 
 # --- signals at the edges of a run --------------------------------------------------------
 
-#: batchq's own command line; at the Nth call ``op`` on file ``name`` it sends itself SIGTERM
-#: ("sigterm") or its disk fills up ("full": ENOSPC for every later call that needs space).
+#: batchq's own command line; at the Nth call ``op`` on file ``name`` it sends itself a signal
+#: ("SIGTERM", "SIGINT") or its disk fills up ("full": ENOSPC for every later call that needs
+#: space).
 HOOKED = """
 import errno, os, signal, sys
 from batchq import durable
@@ -175,8 +176,8 @@ def inject(called, path):
     global calls, full
     if called == op and path.name == name:
         calls += 1
-        if calls == nth and action == "sigterm":
-            os.kill(os.getpid(), signal.SIGTERM)
+        if calls == nth and action in ("SIGTERM", "SIGINT"):
+            os.kill(os.getpid(), getattr(signal, action))
         full = full or (calls == nth and action == "full")
     if full and called in ("open", "write", "fsync", "mkdir", "fsync_dir"):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
@@ -221,21 +222,22 @@ def test_a_disk_that_fills_up_mid_run_is_one_line_and_the_resume_exactly_once(
 
 
 @pytest.mark.parametrize(
-    ("moment", "op", "name", "nth"),
+    ("moment", "op", "name", "nth", "sig"),
     [
-        ("creating the job folder", "mkdir", "job", 1),
-        ("taking the job's lock", "open", "lock", 1),
-        ("the last commit", "fsync", "journal.bin", 1),
-        ("saving the elapsed time, after the last commit", "open", "state.json.new", 2),
+        ("creating the job folder", "mkdir", "job", 1, "SIGTERM"),
+        ("creating the job folder", "mkdir", "job", 1, "SIGINT"),
+        ("taking the job's lock", "open", "lock", 1, "SIGTERM"),
+        ("the last commit", "fsync", "journal.bin", 1, "SIGTERM"),
+        ("saving the elapsed time, after the last commit", "open", "state.json.new", 2, "SIGTERM"),
     ],
 )
-def test_sigterm_at_any_moment_is_130_and_resumable(
-    tmp_path: Path, mock_server: MockFactory, moment: str, op: str, name: str, nth: int
+def test_a_signal_at_any_moment_is_130_and_resumable(
+    tmp_path: Path, mock_server: MockFactory, moment: str, op: str, name: str, nth: int, sig: str
 ) -> None:
     server = mock_server()
     write_jsonl(tmp_path / "in.jsonl", [chat(cid, custom_id=cid) for cid in IDS])
     command = ["run", "in.jsonl", "--job", "job", "--base-url", server.url, "--model", "m", "-q"]
-    stopped = hooked(tmp_path, "sigterm", op, name, nth, command)
+    stopped = hooked(tmp_path, sig, op, name, nth, command)
     assert stopped.returncode == 130, (moment, stopped.stderr)
     assert "Traceback" not in stopped.stderr and "Aborted" not in stopped.stderr
     assert "interrupted" in stopped.stderr
