@@ -2,8 +2,9 @@
 
 No module below this one imports click. Exit statuses: 0 every request
 succeeded; 1 finished with some in errors.jsonl; 2 bad usage, settings or
-input; 3 stopped by the endpoint (bad key, no quota, unreachable),
-resumable; 130 interrupted, resumable.
+input; 3 stopped by the endpoint (bad key, no quota, unreachable) or the
+machine (full disk, I/O error, permission), resumable; 130 interrupted,
+resumable; 70 a bug in batchq.
 """
 
 from __future__ import annotations
