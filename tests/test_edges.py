@@ -202,9 +202,11 @@ def hooked(
     )
 
 
-@pytest.mark.parametrize("nth", [1, 4, 12])
+@pytest.mark.parametrize(
+    ("name", "nth"), [("results.jsonl", 1), ("results.jsonl", 2), ("journal.bin", 1)]
+)
 def test_a_disk_that_fills_up_mid_run_is_one_line_and_the_resume_exactly_once(
-    tmp_path: Path, mock_server: MockFactory, nth: int
+    tmp_path: Path, mock_server: MockFactory, name: str, nth: int
 ) -> None:
     # The reproduction, without the tmpfs: 16 in flight, half of them 503s.
     server = mock_server(rate_503=0.5, latency=0.002, seed=nth)
@@ -212,7 +214,7 @@ def test_a_disk_that_fills_up_mid_run_is_one_line_and_the_resume_exactly_once(
     write_jsonl(tmp_path / "in.jsonl", [chat(cid, custom_id=cid) for cid in ids])
     command = ["run", "in.jsonl", "--job", "job", "--base-url", server.url, "--model", "m", "-q"]
     command += ["--max-attempts", "1", "--concurrency", "16"]
-    full = hooked(tmp_path, "full", "write", "results.jsonl", nth, command)
+    full = hooked(tmp_path, "full", "write", name, nth, command)
     line = one_error_line(full, 3)
     assert "No space left on device" in line
     assert full.stderr.splitlines() == ["batchq: new job in job", line]  # nothing else
