@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-full bench-capacity clean
+.PHONY: demo test test-floor lint bench bench-full bench-capacity clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,24 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/pytest -q
 
+# The lowest versions pyproject.toml allows ("x>=1.2" becomes "x==1.2"), in a venv of their
+# own, against the tests that touch each dependency: a floor that is declared is a floor
+# that is tested. .ci/run runs it after `make test`.
+FLOOR := .venv-floor
+FLOOR_PINS = $(shell sed -n 's/^ *"\(aiohttp\|orjson\|click\|tqdm\|pytest\|pytest-asyncio\|hypothesis\)>=\([0-9.]*\)",*$$/\1==\2/p' pyproject.toml)
+
+$(FLOOR)/.installed: pyproject.toml
+	rm -rf $(FLOOR)
+	$(PYTHON) -m venv $(FLOOR)
+	$(FLOOR)/bin/pip install --quiet $(FLOOR_PINS)
+	$(FLOOR)/bin/pip install --quiet --no-deps -e .
+	touch $@
+
+test-floor: $(FLOOR)/.installed
+	$(FLOOR)/bin/pip list 2>/dev/null | grep -iE '^(aiohttp|orjson|click|tqdm) '
+	$(FLOOR)/bin/pytest -q -p no:cacheprovider tests/test_pipeline.py tests/test_faults.py \
+		tests/test_mockserver.py tests/test_config.py tests/test_progress.py
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 
@@ -34,4 +52,4 @@ bench-capacity: $(STAMP)
 	$(BIN)/python benchmarks/capacity.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(FLOOR) .pytest_cache .mypy_cache .ruff_cache

@@ -3,7 +3,8 @@
 No module below this one imports click. Exit statuses: 0 every request
 succeeded; 1 finished with some in errors.jsonl; 2 bad usage, settings or
 input; 3 stopped by the endpoint (bad key, no quota, unreachable, a wait
-longer than --max-wait), resumable; 130 interrupted, resumable.
+longer than --max-wait) or the machine (full disk, I/O error, permission),
+resumable; 130 interrupted, resumable; 70 a bug in batchq.
 """
 
 from __future__ import annotations
@@ -260,8 +261,8 @@ def run(
         stats = asyncio.run(run_job(job, options))
     except BatchqError as exc:
         raise Failure(exc) from None
-    except KeyboardInterrupt:  # a signal before the pipeline took over its handling
-        _notice(f"interrupted while starting; to resume: {_resume()}")
+    except Interrupted:  # a signal while the pipeline was not handling them
+        _notice(f"interrupted; to resume: {_resume()}")
         sys.exit(EXIT_INTERRUPTED)
     figures = summary(stats, results=str(job.results), errors=str(job.errors), resume=_resume())
     click.echo(render_summary(figures), err=True)
@@ -505,7 +506,7 @@ def mock_server(host: str, port: int, api_key_env: str | None, **faults: Any) ->
         click.echo(f"batchq mock-server: listening on {url}", err=True)
         click.echo(url)  # the first line of stdout, for scripts
 
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how one stops it
+    with contextlib.suppress(Interrupted):  # Ctrl-C is how one stops it
         asyncio.run(serve_forever(options, host=host, port=port, ready=ready))
 
 
@@ -528,17 +529,34 @@ def demo(source: Path) -> None:
     sys.exit(code)
 
 
-def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+class Interrupted(SystemExit):
+    """SIGINT or SIGTERM while the pipeline does not handle them itself: exit 130.
+
+    Not a KeyboardInterrupt, which click turns into "Aborted!" and exit 1 ("finished
+    with failures"); a SystemExit, which asyncio re-raises from any callback where it
+    would log and swallow other exceptions.
+    """
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted(EXIT_INTERRUPTED)
 
 
 def main() -> NoReturn:
     """The console script: click, plus one line instead of a traceback for our own errors."""
     # SIGTERM means what Ctrl-C means, from the very start: the pipeline handles both
-    # itself once it runs; until then both raise KeyboardInterrupt.
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    # itself once it runs; until then both stop batchq with exit 130.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
     try:
         cli.main(prog_name="batchq")
+    except Interrupted:
+        _notice("interrupted")
+        sys.exit(EXIT_INTERRUPTED)
+    except OSError as exc:  # the machine's failure that no module below named: still one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        _notice(f"error: {where}{exc.strerror or exc}; fix that and run the same command again")
+        sys.exit(EXIT_FATAL)
     except Exception:  # a bug in batchq: the traceback helps us, the line tells the user
         traceback.print_exc()
         click.echo("batchq: internal error: this is a bug in batchq; please report it", err=True)

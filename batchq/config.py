@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from batchq.durable import atomic_write
 from batchq.errors import ConfigError
 
 JSONObject = dict[str, Any]
@@ -62,9 +62,9 @@ class Settings:
     max_response_bytes: int = 32 * 1024 * 1024  # of one answer, after decompression
 
     def __post_init__(self) -> None:
-        for name in _STRINGS:
+        for name in _TEXT:
             value = getattr(self, name)
-            if not (isinstance(value, str) or (value is None and name in ("model", "system"))):
+            if not (isinstance(value, str) or (value is None and name in _OPTIONAL_TEXT)):
                 raise ConfigError(f"{name} in job.toml must be a string, not {show(value)}")
         if self.endpoint not in ENDPOINTS:
             raise ConfigError(
@@ -104,7 +104,8 @@ class Settings:
         return {name: getattr(self, name) for name in REQUEST_SETTINGS}
 
 
-_STRINGS = ("input", "output", "errors", "base_url", "api_key_env", "endpoint", "model", "system")
+_TEXT = ("input", "output", "errors", "base_url", "api_key_env", "endpoint", "model", "system")
+_OPTIONAL_TEXT = ("model", "system")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 #: What API keys start with (OpenAI, Groq, Hugging Face, xAI, ...), never an env var name.
 _KEY_LIKE = re.compile(r"(sk|gsk|hf|xai|pk|rk|key)[-_][A-Za-z0-9]{8}|AIza", re.IGNORECASE)
@@ -194,9 +195,9 @@ def write_job_toml(path: Path, settings: Settings) -> None:
     lines.append("")
     lines.append("[defaults]  # request parameters a line's own body does not set")
     lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in settings.defaults.items())
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    # fsynced, then renamed, then the folder fsynced: a power cut must never leave an empty
+    # job.toml, which no later run could resume from.
+    atomic_write(path, ("\n".join(lines) + "\n").encode())
 
 
 def _toml_key(key: str) -> str:

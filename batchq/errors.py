@@ -8,6 +8,7 @@
     ├── JournalError                           checkpoint unreadable or for another input -> exit 2
     ├── JobLocked                              another process runs this job       -> exit 2
     ├── FatalEndpointError                     bad key, no quota, endpoint gone    -> exit 3
+    ├── StorageError                           full disk, I/O error, permission    -> exit 3
     └── RequestError                           one request failed; becomes an error line
         ├── TransportError                     connect/read failure (retryable)
         │   ├── EndpointUnreachable            could not connect at all
@@ -28,6 +29,7 @@ pipeline down; what was written so far stays durable and the job resumes.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -59,6 +61,30 @@ class FatalEndpointError(BatchqError):
     """The endpoint refuses every request (bad key, no quota, unreachable); fix it and rerun."""
 
     exit_code = 3
+
+
+class StorageError(BatchqError):
+    """The machine refused a write (full disk, I/O error, permission); fix it and rerun."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, *, path: Path, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.errno = errno
+
+    @classmethod
+    def from_os(cls, op: str, path: Path, exc: OSError) -> StorageError:
+        cause = exc.strerror or str(exc)
+        return cls(
+            f"cannot {_VERBS.get(op, op)} {path}: {cause}; "
+            "nothing done was lost: fix that, then run the same command to continue",
+            path=path,
+            errno=exc.errno,
+        )
+
+
+_VERBS = {"fsync": "write", "fsync_dir": "write to folder", "mkdir": "create folder"}
 
 
 class RequestError(Exception):

@@ -18,12 +18,14 @@ and become new requests.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
 import re
+import stat
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +33,12 @@ from typing import Any, BinaryIO
 
 import orjson
 
+from batchq import durable
 from batchq.config import REQUEST_SETTINGS, Settings, build_settings, read_job_toml, write_job_toml
-from batchq.errors import ConfigError, InputError, JobLocked
-from batchq.journal import atomic_write
+from batchq.errors import ConfigError, InputError, JobLocked, StorageError
+from batchq.journal import JOURNAL_NAME
 from batchq.progress import Stats
-from batchq.reader import check_jsonl
+from batchq.reader import check_jsonl, without_bom
 
 JOB_TOML = "job.toml"
 STATE_JSON = "state.json"
@@ -45,13 +48,19 @@ LOCK = "lock"
 
 @dataclass(frozen=True, slots=True)
 class Job:
-    """A job folder and its settings, with every path resolved."""
+    """A job folder and its settings, with every path resolved.
+
+    ``save`` says that job.toml is to be (re)written with ``settings``: the
+    run does that once it holds the job's lock, so a run that is refused
+    changes nothing.
+    """
 
     dir: Path
     settings: Settings
     input: Path
     results: Path
     errors: Path
+    save: bool = False
 
 
 def open_job(
@@ -92,11 +101,11 @@ def open_job(
         overrides["input"] = _input_setting(input_override, job_dir)
     if stored is None:
         settings = build_settings({}, overrides)
-        job = _resolve(job_dir, settings)
-        check_jsonl(job.input)
+        job = _resolve(job_dir, settings, save=True)
+        _check_input(job.input)
+        _check_outputs(job)
         _refuse_foreign_outputs(job)
-        job_dir.mkdir(parents=True, exist_ok=True)
-        write_job_toml(toml, settings)
+        durable.make_dirs(job_dir)
         return job, [f"new job in {job_dir}"]
     settings = build_settings(stored, overrides)
     before = build_settings(stored, {})
@@ -106,7 +115,8 @@ def open_job(
             f"job {job_dir} was made for {_resolve(job_dir, before).input}, not {job.input}; "
             "name another folder with --job to start a separate job"
         )
-    check_jsonl(job.input)
+    _check_input(job.input)
+    _check_outputs(job)
     moved = [n for n in ("output", "errors") if getattr(settings, n) != getattr(before, n)]
     if moved:
         raise ConfigError(
@@ -120,7 +130,7 @@ def open_job(
             "used the old values; pass --force to change them anyway, or --job NEWDIR"
         )
     if changed:
-        write_job_toml(toml, settings)
+        job = _resolve(job_dir, settings, save=True)
         return job, [f"--force: changed {', '.join(changed)} for the remaining requests"]
     return job, []
 
@@ -133,14 +143,63 @@ def _input_setting(input_path: Path, job_dir: Path) -> str:
     return str(absolute)
 
 
-def _resolve(job_dir: Path, settings: Settings) -> Job:
+def _resolve(job_dir: Path, settings: Settings, *, save: bool = False) -> Job:
     def path(p: str) -> Path:
         # normpath, not resolve: the folder may not exist yet, and ".." must not need it
         return Path(os.path.normpath(job_dir / Path(p).expanduser()))
 
     return Job(
-        job_dir, settings, path(settings.input), path(settings.output), path(settings.errors)
+        job_dir,
+        settings,
+        path(settings.input),
+        path(settings.output),
+        path(settings.errors),
+        save,
     )
+
+
+def save_settings(job: Job) -> None:
+    """Write job.toml if the job was created or changed; call it holding the job's lock."""
+    if job.save:
+        write_job_toml(job.dir / JOB_TOML, job.settings)
+
+
+def _check_input(path: Path) -> None:
+    """Refuse an input that is not a regular file: a pipe or FIFO can be read only once."""
+    try:
+        regular = stat.S_ISREG(path.stat().st_mode)
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}") from exc
+    if not regular:
+        raise InputError(
+            f"{path} is not a regular file (a pipe, FIFO or device can be read only once, "
+            "but a job reads its input on every run); save it to a file first, e.g. "
+            "`cat > requests.jsonl`, and run that"
+        )
+    check_jsonl(path)
+
+
+#: The files of a job folder that an output must not be.
+_OWN_FILES = (JOB_TOML, STATE_JSON, PROGRESS_JSON, LOCK, JOURNAL_NAME)
+
+
+def _check_outputs(job: Job) -> None:
+    """Refuse outputs that share a file with each other, the input or the job's own files,
+    or whose folder is missing: found on the first run, not by a resume cutting a file short."""
+    results, errors = (Path(os.path.abspath(p)) for p in (job.results, job.errors))
+    taken = {Path(os.path.abspath(job.input)): "the input"}
+    for name in _OWN_FILES:
+        taken[Path(os.path.abspath(job.dir / name))] = f"the job's own {name}"
+    for name, path in (("output", results), ("errors", errors)):
+        clash = taken.get(path)
+        if clash or path.name.endswith(".new"):  # the name of a rewrite in progress
+            raise ConfigError(f"{name} {path} would overwrite {clash or 'a file batchq writes'}")
+        taken[path] = "the results file"
+        folder = path.parent
+        if folder != Path(os.path.abspath(job.dir)) and not folder.is_dir():
+            raise ConfigError(f"{name} {path}: folder {folder} does not exist; create it first")
+        if path.exists() and not path.is_file():
+            raise ConfigError(f"{name} {path} is not a regular file")
 
 
 def _refuse_foreign_outputs(job: Job) -> None:
@@ -160,11 +219,38 @@ def read_state(job_dir: Path) -> dict[str, Any]:
         raise ConfigError(
             f"{job_dir / STATE_JSON} is unreadable ({exc}); delete it to re-pin"
         ) from exc
-    return state if isinstance(state, dict) else {}
+    if not isinstance(state, dict) or any(
+        key in state and not _STATE_TYPES[key](state[key]) for key in _STATE_TYPES
+    ):
+        raise ConfigError(
+            f"{job_dir / STATE_JSON} was changed outside batchq and is damaged; delete it "
+            "to pin the input afresh (only if the input itself has not changed)"
+        )
+    return state
+
+
+def _count(value: object) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _text(value: object) -> bool:
+    return isinstance(value, str)
+
+
+def _seconds(value: object) -> bool:
+    return type(value) in (int, float)
+
+
+_STATE_TYPES: dict[str, Callable[[object], bool]] = {
+    "input_size": _count,
+    "input_requests": _count,
+    "input_sha256": _text,
+    "elapsed_s": _seconds,
+}
 
 
 def write_state(job_dir: Path, state: Mapping[str, Any]) -> None:
-    atomic_write(job_dir / STATE_JSON, orjson.dumps(state, option=orjson.OPT_INDENT_2))
+    durable.atomic_write(job_dir / STATE_JSON, orjson.dumps(state, option=orjson.OPT_INDENT_2))
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,14 +262,19 @@ class PinnedInput:
 
 
 def add_elapsed(job_dir: Path, seconds: float) -> None:
-    """Add a run's duration to the job's total, for ``batchq status``."""
+    """Add a run's duration to the job's total, for ``batchq status``.
+
+    A figure, not state: a full disk here must not turn a finished run into a failed one.
+    """
     state = read_state(job_dir)
-    write_state(job_dir, {**state, "elapsed_s": round(state.get("elapsed_s", 0.0) + seconds, 1)})
+    with contextlib.suppress(StorageError):
+        elapsed = round(state.get("elapsed_s", 0.0) + seconds, 1)
+        write_state(job_dir, {**state, "elapsed_s": elapsed})
 
 
 def write_progress(job_dir: Path, stats: Stats) -> None:
-    """Leave the running job's live figures for ``batchq status`` (atomic, not fsynced:
-    they are a view, not state, and are rewritten every few seconds)."""
+    """Leave the running job's live figures for ``batchq status``: best effort, atomic and
+    not fsynced, for they are a view, not state, and are rewritten every few seconds."""
     figures = {
         "pid": os.getpid(),
         "updated": time.time(),
@@ -198,8 +289,9 @@ def write_progress(job_dir: Path, stats: Stats) -> None:
         "pace": stats.pace,
     }
     tmp = job_dir / (PROGRESS_JSON + ".tmp")
-    tmp.write_bytes(orjson.dumps(figures))
-    os.replace(tmp, job_dir / PROGRESS_JSON)
+    with contextlib.suppress(OSError):  # a full disk stops the run at its next commit
+        tmp.write_bytes(orjson.dumps(figures))
+        os.replace(tmp, job_dir / PROGRESS_JSON)
 
 
 def read_progress(job_dir: Path) -> dict[str, Any]:
@@ -217,7 +309,7 @@ def pin_input(job: Job) -> PinnedInput:
     start. Raises InputError if bytes the job already read have changed.
     """
     state = read_state(job.dir)
-    pinned_size = int(state.get("input_size", 0))
+    pinned_size = state.get("input_size", 0)
     counter = _Fingerprint()
     try:
         with job.input.open("rb") as f:
@@ -228,7 +320,7 @@ def pin_input(job: Job) -> PinnedInput:
                 counter.read(f, pinned_size, count=type(known) is not int)
                 if size < pinned_size or counter.digest.hexdigest() != state.get("input_sha256"):
                     raise InputError(_changed(job))
-                if size > pinned_size and not _ends_line(f, pinned_size):
+                if size > pinned_size and not _line_break_at(f, pinned_size):
                     raise InputError(_changed(job))  # the last line was extended, not appended to
                 if type(known) is int:
                     counter.requests = known
@@ -264,13 +356,14 @@ class _Fingerprint:
 
     def read(self, f: BinaryIO, length: int, *, count: bool = True) -> None:
         while length > 0:
+            at_start = f.tell() == 0
             chunk = f.read(min(length, self.chunk_size))
             if not chunk:
                 return
             self.digest.update(chunk)
             length -= len(chunk)
             if count:
-                self._count(chunk)
+                self._count(without_bom(chunk, 1) if at_start else chunk)
 
     def _count(self, chunk: bytes) -> None:
         first_end = chunk.find(b"\n")
@@ -286,12 +379,13 @@ class _Fingerprint:
         return self.requests + (0 if self._blank_so_far else 1)
 
 
-def _ends_line(f: BinaryIO, size: int) -> bool:
+def _line_break_at(f: BinaryIO, size: int) -> bool:
+    """Whether the first ``size`` bytes end a line, or the bytes after them begin by ending it."""
     position = f.tell()
     f.seek(size - 1)
-    last = f.read(1)
+    around = f.read(2)
     f.seek(position)
-    return last == b"\n"
+    return b"\n" in around
 
 
 def _changed(job: Job) -> str:
@@ -308,21 +402,39 @@ def job_lock(job_dir: Path) -> Iterator[None]:
     ``flock`` is released by the kernel when its holder dies, so a lock left
     by a killed run never blocks a resume.
     """
-    fd = os.open(job_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    lock = durable.open_file(job_dir / LOCK)
+    fd = lock.fd
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _flock_exclusive(fd):
             pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             raise JobLocked(
                 f"job {job_dir} is already being run by process {pid}; "
                 "wait for it to finish or stop it first"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        with contextlib.suppress(
+            OSError
+        ):  # the pid only informs; a full disk must not stop us here
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
-        os.close(fd)
+        durable.close(lock)
+
+
+def _flock_exclusive(fd: int, tries: int = 50) -> bool:
+    """Take the lock if no run holds it.
+
+    ``batchq status`` holds a shared lock for the instant it takes to test
+    it, so a lock that is busy is tried again for a little while before it
+    counts as another run's: a status must never make a starting run fail.
+    """
+    for _ in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            time.sleep(0.01)
+    return False
 
 
 def running_pid(job_dir: Path) -> int | None:

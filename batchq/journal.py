@@ -44,10 +44,12 @@ from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 
-from batchq.errors import JournalError
+from batchq import durable as durable_io
+from batchq.errors import JournalError, StorageError
 from batchq.records import Outcome
 
 JOURNAL_NAME = "journal.bin"
@@ -165,42 +167,60 @@ class Journal:
 
     Only the writer task calls ``append``; ``commit`` (or, during a run,
     ``commit_in_thread``) makes everything appended so far durable.
+
+    The first failed write or fsync (a full disk, an I/O error) breaks the
+    journal for the rest of the run: nothing more is appended or committed,
+    so no record can vouch for bytes that did not reach the disk. What was
+    committed stays done; the rest is cut off and sent again on resume.
     """
 
     def __init__(self, job_dir: Path, results: Path, errors: Path, *, durable: bool = True) -> None:
         self.path = job_dir / JOURNAL_NAME
         self.durable = durable
+        self.failed: StorageError | None = None
         recover(self.path, errors)
         _refuse_lost_journal(self.path, results, errors)
         self.done, self.totals, valid_len = read_journal(self.path)
-        fds: list[int] = []
+        self.notes: list[str] = []  # what opening cut away, for the user
+        paths = (results, errors, self.path)
+        new = not all(path.exists() for path in paths)
+        files: list[durable_io.File] = []
         try:
-            for path, length in (
-                (results, self.totals.results_len),
-                (errors, self.totals.errors_len),
-                (self.path, valid_len),
+            for path, length in zip(
+                paths, (self.totals.results_len, self.totals.errors_len, valid_len), strict=True
             ):
-                fds.append(_open_at(path, length))
+                files.append(_open_at(path, length, self.notes))
+            if new:
+                # The files' names are durable before any line is written to them: a crash
+                # must never leave outputs with lines beside no journal at all.
+                for folder in dict.fromkeys(path.parent for path in paths):
+                    durable_io.fsync_dir(folder)
         except BaseException:
-            for fd in fds:
-                os.close(fd)
+            for f in files:
+                durable_io.close(f)
             raise
-        self._results, self._errors, self._journal = fds
+        self._results, self._errors, self._journal = files
         self._pending = array(_LINE)
         self._delta = Totals()
         self._lock = threading.Lock()  # one commit at a time, records in order
 
     def append(self, outcomes: Sequence[Outcome]) -> None:
         """Write the outcomes' lines (one write per file); durable only after ``commit``."""
+        if self.failed is not None:
+            raise self.failed
         ok = b"".join(o.line for o in outcomes if o.ok)
         failed = b"".join(o.line for o in outcomes if not o.ok)
+        try:
+            if ok:
+                durable_io.write(self._results, ok)
+            if failed:
+                durable_io.write(self._errors, failed)
+        except StorageError as exc:
+            self.failed = exc  # lengths stay as they were: no record covers these bytes
+            raise
         delta, totals = self._delta, self.totals
-        if ok:
-            _write_all(self._results, ok)
-            totals.results_len += len(ok)
-        if failed:
-            _write_all(self._errors, failed)
-            totals.errors_len += len(failed)
+        totals.results_len += len(ok)
+        totals.errors_len += len(failed)
         for o in outcomes:
             self._pending.append(o.line_no)
             if o.ok:
@@ -213,11 +233,7 @@ class Journal:
     def commit(self) -> None:
         """Make every appended line durable: fsync the outputs, then write and fsync a record."""
         self._lock.acquire()
-        record = self._take()
-        if record is None:
-            self._lock.release()
-        else:
-            self._make_durable(record)
+        self._make_durable(self._take())
 
     async def commit_in_thread(self) -> None:
         """``commit``, with the fsyncs in a worker thread so the event loop keeps sending.
@@ -232,54 +248,97 @@ class Journal:
             self.commit()
             return
         self._lock.acquire()  # free: the only other taker is close(), after the run
-        record = self._take()
-        assert record is not None
+        taken = self._take()
         loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(None, self._make_durable, taken)
+        # A failure is also kept in self.failed, which close() raises: seen even if this
+        # wait was cancelled, and not logged again as "exception never retrieved".
+        future.add_done_callback(_retrieve)
         # shield: a cancelled wait must not cancel the job before it ran and released the lock
-        await asyncio.shield(loop.run_in_executor(None, self._make_durable, record))
+        await asyncio.shield(future)
 
-    def _take(self) -> bytes | None:
-        """The record of what was appended since the last one, which now counts as committed."""
-        if not self._pending:
+    def _take(self) -> _Commit | None:
+        """What was appended since the last record; it counts as done once that is on disk."""
+        if not self._pending or self.failed is not None:
             return None
-        record = _record(self.totals, self._pending, self._delta)
-        d, t = self._delta, self.totals
-        t.ok, t.failed = t.ok + d.ok, t.failed + d.failed
-        t.prompt_tokens += d.prompt_tokens
-        t.completion_tokens += d.completion_tokens
-        self.done.add_all(self._pending)
+        taken = _Commit(
+            _record(self.totals, self._pending, self._delta), self._pending, self._delta
+        )
         self._pending = array(_LINE)
         self._delta = Totals()
-        return record
+        return taken
 
-    def _make_durable(self, record: bytes) -> None:
+    def _make_durable(self, taken: _Commit | None) -> None:
         """Called holding the lock, which it releases."""
         try:
+            if self.failed is not None:
+                raise self.failed
+            if taken is None:
+                return
+            for f in (self._results, self._errors):
+                _still_there(f)
             if self.durable:
-                os.fsync(self._results)
-                os.fsync(self._errors)
+                durable_io.fsync(self._results)
+                durable_io.fsync(self._errors)
             # The record is written only after the lines it vouches for are on disk.
-            _write_all(self._journal, record)
+            durable_io.write(self._journal, taken.record)
             if self.durable:
-                os.fsync(self._journal)
+                durable_io.fsync(self._journal)
+            self.done.add_all(taken.lines)
+            t, d = self.totals, taken.delta
+            t.ok, t.failed = t.ok + d.ok, t.failed + d.failed
+            t.prompt_tokens += d.prompt_tokens
+            t.completion_tokens += d.completion_tokens
+        except StorageError as exc:
+            self.failed = exc  # not done: a record may or may not be on disk, none follows
+            raise
         finally:
             self._lock.release()
 
     def close(self) -> None:
-        """Commit what is left and close the files."""
+        """Commit what is left and close the files; raises the run's storage failure, if any."""
         try:
             self.commit()
         finally:
-            for fd in (self._results, self._errors, self._journal):
-                os.close(fd)
+            for f in (self._results, self._errors, self._journal):
+                durable_io.close(f)
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+@dataclass(frozen=True, slots=True)
+class _Commit:
+    """A record to write, and what it makes done once it is on disk."""
+
+    record: bytes
+    lines: array[int]
+    delta: Totals
+
+
+def _still_there(f: durable_io.File) -> None:
+    """Refuse to commit lines to a file that was deleted or replaced while the job ran."""
+    try:
+        same = os.path.samestat(os.stat(f.path), os.fstat(f.fd))
+    except FileNotFoundError:
+        same = False
+    if not same:
+        raise StorageError(
+            f"{f.path} was deleted or replaced while the job ran, and the lines it held with "
+            "it; put it back and run the same command, or move the job folder away to start "
+            "afresh",
+            path=f.path,
+        )
 
 
 def _refuse_lost_journal(journal: Path, results: Path, errors: Path) -> None:
     """Outputs with no journal at all were not cut short by a crash: the journal was lost.
 
-    (A run creates the journal before it writes its first line, so a crash
-    leaves an empty journal, never none.) Cutting the outputs to nothing
-    would throw results away, so refuse instead.
+    (A run creates the journal, and makes its name durable, before it writes
+    its first line, so a crash leaves an empty journal, never none.) Cutting
+    the outputs to nothing would throw results away, so refuse instead.
     """
     if journal.exists():
         return
@@ -291,62 +350,62 @@ def _refuse_lost_journal(journal: Path, results: Path, errors: Path) -> None:
             )
 
 
-def _open_at(path: Path, length: int) -> int:
-    """Open ``path`` for appending, cut back to ``length`` bytes: what was committed."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-    size = os.fstat(fd).st_size
+def _open_at(path: Path, length: int, notes: list[str]) -> durable_io.File:
+    """Open ``path`` for appending, cut back to ``length`` bytes: what was committed.
+
+    What is cut is said in ``notes``: a crash leaves a fraction of a second's lines
+    behind the last commit, damage to the journal may leave many more.
+    """
+    f = durable_io.open_file(path)
+    size = os.fstat(f.fd).st_size
     if size < length:
-        os.close(fd)
+        durable_io.close(f)
         raise JournalError(
             f"{path} is shorter ({size} bytes) than the checkpoint says ({length}): it was "
-            "changed outside batchq; delete the job folder to start afresh"
+            f"cut or replaced outside batchq; put the complete file back, or move the job "
+            f"folder away to start afresh (every request is then sent again)"
         )
-    if size > length:
-        os.ftruncate(fd, length)  # a torn or uncommitted tail; its requests are sent again
-    return fd
+    if size > length:  # a torn or uncommitted tail, or what damage to the journal disowns
+        try:
+            lines = _count_lines(f.fd, length, size)
+            durable_io.truncate(f, length)
+        except BaseException:
+            durable_io.close(f)
+            raise
+        what = "" if path.name == JOURNAL_NAME else f" ({lines:,} lines, sent again now)"
+        notes.append(
+            f"cut {size - length:,} bytes{what} from {path}: written after the last commit"
+        )
+    return f
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` by ``data`` so that a crash leaves either the old or the new file."""
-    tmp = path.with_name(path.name + ".new")
-    _write_synced(tmp, data)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        _write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _count_lines(fd: int, start: int, end: int) -> int:
+    count = 0
+    while start < end:
+        block = os.pread(fd, min(1 << 20, end - start), start)
+        if not block:
+            break
+        count += block.count(b"\n")
+        start += len(block)
+    return count
 
 
 def recover(journal: Path, errors: Path) -> None:
-    """Finish or undo a ``--retry-failed`` rewrite that a crash interrupted."""
+    """Finish or undo a ``--retry-failed`` rewrite that a crash interrupted.
+
+    While ``journal.bin.new`` exists the rewrite is undone, so it is removed
+    last, after ``errors.jsonl.new``: a crash in between undoes it again.
+    """
     journal_new = journal.with_name(journal.name + ".new")
     errors_new = errors.with_name(errors.name + ".new")
     if journal_new.exists():  # the commit point was not reached: roll back
-        journal_new.unlink()
-        errors_new.unlink(missing_ok=True)
+        durable_io.unlink(errors_new)
+        durable_io.fsync_dir(errors.parent)
+        durable_io.unlink(journal_new)
+        durable_io.fsync_dir(journal.parent)
     elif errors_new.exists():  # the new journal is in place: roll forward
-        os.replace(errors_new, errors)
-        fsync_dir(errors.parent)
+        durable_io.replace(errors_new, errors)
+        durable_io.fsync_dir(errors.parent)
 
 
 def retry_failed(job_dir: Path, results: Path, errors: Path) -> int:
@@ -357,12 +416,10 @@ def retry_failed(job_dir: Path, results: Path, errors: Path) -> int:
     path = job_dir / JOURNAL_NAME
     recover(path, errors)
     done, totals, _ = read_journal(path)
-    with errors.open("a+b") as f:
-        f.seek(0)
-        committed = f.read(totals.errors_len)
+    committed = _read_committed(errors, totals.errors_len)
     kept, retried = [], array(_LINE)
     for line in committed.splitlines(keepends=True):
-        meta = orjson.loads(line).get("batchq") or {}
+        meta = _meta(errors, line)
         if meta.get("retryable"):
             retried.append(int(meta["line"]))
         else:
@@ -373,14 +430,47 @@ def retry_failed(job_dir: Path, results: Path, errors: Path) -> int:
     new_errors = b"".join(kept)
     totals.errors_len, totals.failed = len(new_errors), len(kept)
     snapshot = Totals(ok=totals.ok, failed=len(kept), **_tokens(totals))
-    # The new journal is written first: while it exists beside the old one, recover()
-    # rolls back, so a crash while either new file is half-written changes nothing.
-    _write_synced(path.with_name(path.name + ".new"), _record(totals, array(_LINE, done), snapshot))
-    _write_synced(errors.with_name(errors.name + ".new"), new_errors)
-    os.replace(path.with_name(path.name + ".new"), path)  # the commit point
-    fsync_dir(job_dir)
+    journal_new = path.with_name(path.name + ".new")
+    # The new journal is written, and its name made durable, first: while it exists
+    # recover() rolls back, so a crash while errors.jsonl.new is half-written changes
+    # nothing. errors.jsonl.new is durable before the rename that commits both.
+    durable_io.write_synced(journal_new, _record(totals, array(_LINE, done), snapshot))
+    durable_io.fsync_dir(job_dir)
+    durable_io.write_synced(errors.with_name(errors.name + ".new"), new_errors)
+    durable_io.fsync_dir(errors.parent)
+    durable_io.replace(journal_new, path)  # the commit point
+    durable_io.fsync_dir(job_dir)
     recover(path, errors)
     return len(retried)
+
+
+def _read_committed(errors: Path, length: int) -> bytes:
+    try:
+        with errors.open("rb") as f:
+            committed = f.read(length)
+    except FileNotFoundError:
+        committed = b""
+    except OSError as exc:
+        raise StorageError.from_os("read", errors, exc) from exc
+    if len(committed) < length:
+        raise JournalError(
+            f"{errors} is shorter ({len(committed)} bytes) than the checkpoint says ({length}): "
+            "it was cut or replaced outside batchq; put the complete file back first"
+        )
+    return committed
+
+
+def _meta(errors: Path, line: bytes) -> dict[str, Any]:
+    """The ``batchq`` part of a committed error line."""
+    try:
+        meta = orjson.loads(line).get("batchq") or {}
+        int(meta.get("line", 0))
+    except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+        raise JournalError(
+            f"{errors} holds a line that batchq did not write ({line[:80]!r}); "
+            "put the file back as batchq wrote it"
+        ) from None
+    return meta
 
 
 def _tokens(totals: Totals) -> dict[str, int]:

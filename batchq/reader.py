@@ -222,6 +222,11 @@ _COMPRESSED = {
 _COMPRESSED[b"\xfd7zXZ"] = "xz"
 
 
+def without_bom(raw: bytes, line_no: int) -> bytes:
+    """Line ``line_no`` of an input without the UTF-8 BOM some Windows editors begin files with."""
+    return raw.removeprefix(_BOM) if line_no == 1 else raw
+
+
 def check_jsonl(path: Path) -> None:
     """Refuse, with one line, a file that is not JSONL at all (its first line is no JSON object)."""
     try:
@@ -233,9 +238,10 @@ def check_jsonl(path: Path) -> None:
                         f"{path} is {kind}-compressed, not JSONL text; unpack it first"
                     )
             f.seek(0)
-            for raw in f:
-                if raw.strip():
-                    obj = orjson.loads(raw.removeprefix(_BOM))
+            for line_no, raw in enumerate(f, start=1):
+                line = without_bom(raw, line_no)
+                if line.strip():
+                    obj = orjson.loads(line)
                     if not isinstance(obj, dict):
                         raise InputError(f"{path} is not JSONL: line 1 is not a JSON object")
                     return
@@ -277,8 +283,7 @@ async def feed(
             line = raw[: size - offset]
             offset += len(raw)
             line_no += 1
-            if line_no == 1:
-                line = line.removeprefix(_BOM)  # files saved by some Windows editors
+            line = without_bom(line, line_no)
             if line_no % 1024 == 0:
                 await asyncio.sleep(0)  # skipping a long done prefix must not starve the loop
             if is_done(line_no) or not line.strip():

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -39,7 +39,15 @@ from batchq.errors import (
     TransportError,
 )
 from batchq.hedge import Answer, Hedger, answer
-from batchq.job import Job, add_elapsed, job_lock, pin_input, write_progress
+from batchq.job import (
+    Job,
+    PinnedInput,
+    add_elapsed,
+    job_lock,
+    pin_input,
+    save_settings,
+    write_progress,
+)
 from batchq.journal import Journal, retry_failed
 from batchq.limiter import Kind, Pacer
 from batchq.progress import Stats, make_progress
@@ -73,25 +81,76 @@ async def run_job(job: Job, options: RunOptions) -> Stats:
     a whole; the other BatchqErrors (exit 2) before anything is sent.
     """
     with job_lock(job.dir):
-        pinned = pin_input(job)
-        if options.retry_failed:
-            moved = retry_failed(job.dir, job.results, job.errors)
-            options.on_notice(f"--retry-failed: {moved:,} retryable failures back to pending")
-        journal = Journal(job.dir, job.results, job.errors, durable=options.durable)
-        try:
-            stats = Stats(
-                ok_before=journal.totals.ok,
-                failed_before=journal.totals.failed,
-                total=pinned.requests,
-            )
-            if stats.done:
-                options.on_notice(f"resuming: {stats.done:,} of {stats.total:,} done")
-            pipeline = Pipeline(job, journal, stats, pinned.size, options)
-            await pipeline.run()
-        finally:
-            journal.close()
-            add_elapsed(job.dir, stats.elapsed)
+        # Hashing the input and the fsyncs of opening and closing run off the event
+        # loop's thread, so that a loop the engine shares is never stalled by them.
+        pinned, journal = await asyncio.to_thread(_open, job, options)
+        for note in journal.notes:
+            options.on_notice(note)
+        stats = Stats(
+            ok_before=journal.totals.ok,
+            failed_before=journal.totals.failed,
+            total=pinned.requests,
+        )
+        with _signals_noted(stats, options.handle_signals):
+            try:
+                if stats.done:
+                    options.on_notice(f"resuming: {stats.done:,} of {stats.total:,} done")
+                pipeline = Pipeline(job, journal, stats, pinned.size, options)
+                await pipeline.run()
+            finally:
+                await _to_thread_to_the_end(_close, job, journal, stats)
     return stats
+
+
+def _open(job: Job, options: RunOptions) -> tuple[PinnedInput, Journal]:
+    pinned = pin_input(job)
+    save_settings(job)  # only now: a run refused for any reason changes nothing
+    if options.retry_failed:
+        moved = retry_failed(job.dir, job.results, job.errors)
+        options.on_notice(f"--retry-failed: {moved:,} retryable failures back to pending")
+    return pinned, Journal(job.dir, job.results, job.errors, durable=options.durable)
+
+
+def _close(job: Job, journal: Journal, stats: Stats) -> None:
+    try:
+        journal.close()
+    finally:
+        add_elapsed(job.dir, stats.elapsed)
+
+
+async def _to_thread_to_the_end(fn: Callable[..., None], *args: Any) -> None:
+    """``fn(*args)`` on a thread, waited for even if the caller is cancelled meanwhile:
+    the job's lock must not be let go while its journal is still being closed."""
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        task.result()
+        raise
+
+
+@contextlib.contextmanager
+def _signals_noted(stats: Stats, enabled: bool) -> Iterator[None]:
+    """Once the journal is open, a signal is noted (exit 130), never raised.
+
+    The pipeline's own handlers sit on top of these while it runs; before it
+    starts nothing is sent, and after it the last commit must not be cut short.
+    Only for the command line: a library leaves signals to its application.
+    """
+
+    def note(signum: int, frame: object) -> None:
+        stats.interrupted = True
+
+    previous = {sig: signal.signal(sig, note) for sig in _SIGNALS if enabled}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Pipeline:
@@ -131,17 +190,22 @@ class Pipeline:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        signals = (signal.SIGINT, signal.SIGTERM) if self.options.handle_signals else ()
+        signals = _SIGNALS if self.options.handle_signals else ()
+        previous = {sig: signal.getsignal(sig) or signal.SIG_DFL for sig in signals}
         for sig in signals:
             loop.add_signal_handler(sig, self.stop)
         try:
+            if self.stats.interrupted:
+                return  # signalled while the job was opening: send nothing
             async with asyncio.TaskGroup() as tg:
                 self._main = tg.create_task(self._run())
         except BaseExceptionGroup as group:
             raise _first_fatal(group) from None
         finally:
-            for sig in signals:
+            for sig, handler in previous.items():
                 loop.remove_signal_handler(sig)
+                # which left SIGTERM at its default: a signal during the final commit killed us
+                signal.signal(sig, handler)
 
     def stop(self) -> None:
         """First call: stop feeding and let in-flight requests drain. Second: stop now."""
@@ -284,14 +348,15 @@ class Pipeline:
                     if self.outcomes.empty():
                         break
                     item = self.outcomes.get_nowait()
-                self._append(batch)
+                batch, appending = [], batch
+                self._append(appending)  # not again in the finally, if it fails
                 if self.options.on_outcomes is not None:
-                    await self.options.on_outcomes([o.line for o in batch])
-                batch = []
+                    await self.options.on_outcomes([o.line for o in appending])
                 if item is None:
                     return
         finally:
-            # Cancelled: what already arrived is written too, rather than sent again.
+            # Cancelled: what already arrived is written too, rather than sent again
+            # (unless the disk failed: then the journal takes nothing more).
             while not self.outcomes.empty():
                 if (late := self.outcomes.get_nowait()) is not None:
                     batch.append(late)

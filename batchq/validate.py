@@ -21,7 +21,14 @@ import orjson
 
 from batchq.config import show
 from batchq.errors import InputError
-from batchq.reader import RequestTemplate, check_jsonl, completion_cap, parse_line, prompt_tokens
+from batchq.reader import (
+    RequestTemplate,
+    check_jsonl,
+    completion_cap,
+    parse_line,
+    prompt_tokens,
+    without_bom,
+)
 from batchq.records import Request
 
 EXAMPLES = 10  # bad lines and duplicates listed by line number
@@ -87,8 +94,9 @@ def validate(
     first_line_of: dict[str, int] = {}
     try:
         with path.open("rb") as f:
-            for line_no, raw in enumerate(f, start=1):
+            for line_no, read in enumerate(f, start=1):
                 report.lines = line_no
+                raw = without_bom(read, line_no)
                 if not raw.strip():
                     report.blank += 1
                     continue

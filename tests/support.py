@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -77,3 +78,15 @@ def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.01)
+
+
+def assert_exactly_once(job: Path, custom_ids: list[str]) -> None:
+    """Every custom_id once across results.jsonl and errors.jsonl; every line whole JSON."""
+    lines = (job / "results.jsonl").read_bytes() + (job / "errors.jsonl").read_bytes()
+    assert lines == b"" or lines.endswith(b"\n")
+    seen = Counter(orjson.loads(line)["custom_id"] for line in lines.splitlines())
+    duplicates = {cid: n for cid, n in seen.items() if n > 1}
+    assert not duplicates, f"written twice: {sorted(duplicates)[:10]}"
+    missing = set(custom_ids) - set(seen)
+    assert not missing, f"missing: {sorted(missing)[:10]}"
+    assert set(seen) == set(custom_ids)

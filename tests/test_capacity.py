@@ -18,6 +18,7 @@ import orjson
 import pytest
 from conftest import MockFactory
 from support import (
+    assert_exactly_once,
     batchq,
     batchq_cmd,
     by_custom_id,
@@ -27,7 +28,6 @@ from support import (
     wait_for,
     write_jsonl,
 )
-from test_resume import assert_exactly_once
 
 pytestmark = pytest.mark.slow
 

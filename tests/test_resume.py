@@ -15,13 +15,13 @@ import signal
 import struct
 import subprocess
 import time
-from collections import Counter
 from pathlib import Path
 
 import orjson
 import pytest
 from conftest import MockFactory
 from support import (
+    assert_exactly_once,
     batchq,
     batchq_cmd,
     chat,
@@ -33,18 +33,6 @@ from support import (
 )
 
 pytestmark = pytest.mark.slow
-
-
-def assert_exactly_once(job: Path, custom_ids: list[str]) -> None:
-    """Every custom_id once across results.jsonl and errors.jsonl; every line whole JSON."""
-    lines = (job / "results.jsonl").read_bytes() + (job / "errors.jsonl").read_bytes()
-    assert lines == b"" or lines.endswith(b"\n")
-    seen = Counter(orjson.loads(line)["custom_id"] for line in lines.splitlines())
-    duplicates = {cid: n for cid, n in seen.items() if n > 1}
-    assert not duplicates, f"written twice: {sorted(duplicates)[:10]}"
-    missing = set(custom_ids) - set(seen)
-    assert not missing, f"missing: {sorted(missing)[:10]}"
-    assert set(seen) == set(custom_ids)
 
 
 def start(*args: str | Path, cwd: Path) -> subprocess.Popen[str]:
