@@ -18,7 +18,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check batchq tests benchmarks
 	$(BIN)/ruff format --check batchq tests benchmarks
-	$(BIN)/mypy batchq
+	$(BIN)/mypy batchq tests/typing
 
 test: lint
 	$(BIN)/pytest -q

@@ -20,6 +20,7 @@ from batchq.errors import (
     InputError,
     JobLocked,
     JournalError,
+    StorageError,
 )
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ __all__ = [
     "JournalError",
     "Result",
     "Settings",
+    "StorageError",
     "__version__",
     "arun",
     "open_job",

@@ -20,8 +20,9 @@ requests in flight until the endpoint is full; past that, more in flight is
 only a longer queue. So it measures the answers a second each limit brings,
 over windows of at least a second and four median latencies, and
 
-- quadruples the limit from ``INITIAL`` while throughput keeps up (slow
-  start: four short windows take it to 1,024);
+- quadruples the limit from ``INITIAL`` while throughput keeps up and the
+  median latency stays within twice the lowest seen (slow start: four
+  short windows take it to 1,024);
 - when it stops keeping up, the endpoint is full: the limit goes to the
   pool that Little's law says fills it, the throughput seen times the
   lowest latency seen, with headroom (a batching server answers a full
@@ -62,6 +63,7 @@ SHRINK, GROW = 0.8, 1.25  # a probe's step
 MIN_ANSWERS = 32
 PROBE_EVERY = 3  # measurements of the best limit between two probes of another
 SLOW_START_GAIN = 1.5  # four times the pool must bring this much more throughput
+QUEUEING = 2.0  # and keep the median latency within this many times the lowest seen
 HEADROOM = 1.5  # over Little's law, so that the pace binds
 PACED_PERCENTILE = 90
 PACED_MIN = 16
@@ -212,11 +214,14 @@ class AdaptiveLimit:
             self.best = (limit, rate)
             limit = limit * GROWTH if self.slow_start else limit
         elif self.slow_start:
-            if rate >= SLOW_START_GAIN * best[1]:
+            # A gain counts only if the answers did not slow down with it: a queue that
+            # had room at the endpoint's door would pass for throughput for a while.
+            if rate >= SLOW_START_GAIN * best[1] and median <= QUEUEING * self.base:
                 self.best = (limit, rate)
+                self.slow_start = limit < self.ceiling
                 limit *= GROWTH
-            else:  # full: the knee lies between the best limit and this one
-                limit = self._knee(max(rate, best[1]), best[0], limit)
+            else:  # full: the knee lies below this limit
+                limit = self._knee(max(rate, best[1]), limit)
                 self.best, self.slow_start = None, False
         elif best[0] == limit:
             self.best = (limit, (best[1] + rate) / 2)  # the best limit, measured again
@@ -236,10 +241,10 @@ class AdaptiveLimit:
         self.windows += 1
         self._step(now)
 
-    def _knee(self, capacity: float, low: int, high: int) -> int:
+    def _knee(self, capacity: float, high: int) -> int:
         """Little's law at the unloaded latency: the pool that fills an endpoint serving
         ``capacity`` a second, with headroom for a batch's slower answers."""
-        return max(low, min(high, math.ceil(capacity * self.base * HEADROOM)))
+        return min(high, math.ceil(capacity * self.base * HEADROOM))
 
 
 def descriptor_ceiling(wanted: int) -> int:
