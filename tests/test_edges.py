@@ -88,9 +88,9 @@ def test_status_never_makes_a_starting_run_fail(tmp_path: Path, mock_server: Moc
     ("args", "says"),
     [
         (["--output", "same.jsonl", "--errors", "same.jsonl"], "would overwrite the results"),
-        (["--output", "job.toml"], "the job's own job.toml"),
-        (["--errors", "journal.bin"], "the job's own journal.bin"),
-        (["--output", "../in.jsonl"], "the input"),
+        (["--output", "job/job.toml"], "the job's own job.toml"),  # from the cwd, as given
+        (["--errors", "job/journal.bin"], "the job's own journal.bin"),
+        (["--output", "in.jsonl"], "the input"),
         (["--output", "missing/results.jsonl"], "does not exist"),
     ],
 )
@@ -109,7 +109,7 @@ def test_outputs_that_clash_are_refused_up_front(
 @pytest.mark.parametrize(
     ("file", "text", "says"),
     [
-        ("job.toml", 'input = 5\nmodel = "m"\n', "input must be a string"),
+        ("job.toml", 'input = 5\nmodel = "m"\n', "input in job.toml must be a string"),
         ("state.json", '{"input_size": "abc"}', "state.json was changed outside batchq"),
     ],
 )
