@@ -64,7 +64,7 @@ MIN_ANSWERS = 32
 PROBE_EVERY = 3  # measurements of the best limit between two probes of another
 SLOW_START_GAIN = 1.5  # four times the pool must bring this much more throughput
 QUEUEING = 2.0  # and keep the median latency within this many times the lowest seen
-HEADROOM = 1.5  # over Little's law, so that the pace binds
+HEADROOM = 1.5  # over Little's law: the pace binds, a batching endpoint fills
 PACED_PERCENTILE = 90
 PACED_MIN = 16
 OVERLOAD_SHARE = 0.05
@@ -142,11 +142,13 @@ def paced_allowance(rate: float, latency: float, ceiling: int) -> int:
 class AdaptiveLimit:
     """The unpaced pool's limit, found by probing the endpoint's throughput.
 
-    A step: set a limit, let one high-percentile latency pass so that the
-    answers come from requests sent under it, then count answers over a
-    window of at least a second, two median latencies and ``MIN_ANSWERS``.
-    That gives the throughput at that limit; the step's verdict compares it
-    with the best limit's. See the module docstring for the rules.
+    A step: set a limit, let the answers to requests sent before it pass (a
+    median latency in slow start; two p90s after, when a smaller limit must
+    also let the endpoint's queue drain), then count answers over a window of
+    at least ``MIN_ANSWERS``, a second and four median latencies (half a
+    second and two in slow start). That is the throughput at that limit; the
+    step's verdict compares it with the best limit's. The rules are in the
+    module docstring.
     """
 
     def __init__(self, ceiling: int, initial: int = INITIAL) -> None:

@@ -275,18 +275,21 @@ class Pipeline:
 
     async def _process(self, transport: Transport) -> None:
         while (request := await self.requests.get()) is not None:
-            await self.outcomes.put(await self._call(transport, request))
+            if (outcome := await self._call(transport, request)) is not None:
+                await self.outcomes.put(outcome)
         self.exhausted = True  # the queue is FIFO: every request was taken before its sentinel
 
-    async def _call(self, transport: Transport, request: Request) -> Outcome:
-        """Send one request until it succeeds or fails for good."""
+    async def _call(self, transport: Transport, request: Request) -> Outcome | None:
+        """Send one request until it succeeds or fails for good (None: stopped first)."""
         if self.pacer.never_fits(request.tokens):
             message = f"needs ~{request.tokens:,} tokens, more than the whole --tpm budget"
             return _failure(request, "request_too_large", message, attempts=0)
         attempts = rate_limited = 0
         while True:
             attempts += 1
-            started, result, hedged = await self._attempt(transport, request)
+            if (attempt := await self._attempt(transport, request)) is None:
+                return None  # stopping: the request stays pending, for the next run
+            started, result, hedged = attempt
             if isinstance(result, Response) and 200 <= result.status < 300:
                 try:
                     return _success(request, result, attempts, hedged)
@@ -308,13 +311,17 @@ class Pipeline:
             else:
                 await asyncio.sleep(decision.delay)  # off the pool: the slot serves another
 
-    async def _attempt(self, transport: Transport, request: Request) -> tuple[float, Answer, bool]:
+    async def _attempt(
+        self, transport: Transport, request: Request
+    ) -> tuple[float, Answer, bool] | None:
         """One attempt within the pool's allowance and the pace: when it went, the answer,
         and whether a second copy was sent."""
         pool, loop = self.pool, asyncio.get_running_loop()
         await pool.gate.acquire()
         try:
             started = await self.pacer.wait_turn(request.tokens)
+            if self.stats.interrupted:  # it waited for its turn while the run was stopped
+                return None
             pool.sent(started)
             result: Answer | None = None  # None: cancelled before an answer
             hedged = False

@@ -157,3 +157,22 @@ def test_a_pool_larger_than_the_open_file_limit_allows_is_cut_to_fit(
     assert done.returncode == 0, done.stderr
     assert "ulimit -n" in done.stderr and "at most 192" in done.stderr
     assert len(outputs(tmp_path / "jobs" / "in")[0]) == 300
+
+
+def test_a_stopped_run_sends_nothing_that_was_still_waiting_for_a_slot(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    # The auto pool starts at 4 in flight while its other workers hold requests, waiting
+    # for a slot: after Ctrl-C those stay pending instead of going out as slots free up.
+    server = mock_server(latency=2.0, record=False)  # the probe's answer comes after the 4 go
+    write_jsonl(tmp_path / "in.jsonl", [chat(f"q{i}") for i in range(100)])
+    args = ["run", "in.jsonl", "--base-url", server.url, "--model", "m", "-q"]
+    proc = subprocess.Popen(
+        batchq_cmd(*args), cwd=tmp_path, env=clean_env(), stderr=subprocess.PIPE, text=True
+    )
+    wait_for(lambda: server.stats()["in_flight"] == 4)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stderr
+    assert server.stats()["requests"] == 4
+    assert len(outputs(tmp_path / "jobs" / "in")[0]) == 4
