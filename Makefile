@@ -39,7 +39,7 @@ $(FLOOR)/.installed: pyproject.toml
 test-floor: $(FLOOR)/.installed
 	$(FLOOR)/bin/pip list 2>/dev/null | grep -iE '^(aiohttp|orjson|click|tqdm) '
 	$(FLOOR)/bin/pytest -q -p no:cacheprovider tests/test_pipeline.py tests/test_faults.py \
-		tests/test_mockserver.py tests/test_config.py tests/test_progress.py
+		tests/test_mockserver.py tests/test_config.py tests/test_progress.py tests/test_api.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
