@@ -313,9 +313,10 @@ class Pool:
 
     def binding(self, paced: bool) -> str:
         """What holds the sending back now: the pool, the pace, or the endpoint's capacity."""
-        # Slots are held by requests waiting for their turn in the pace too: the pool
-        # binds only when every slot is out at the endpoint and more wait for one.
-        if self.gate.waiting and self.in_flight >= self.gate.limit:
+        # Slots are held by requests waiting for their turn in the pace too (and for a
+        # moment by those between two attempts): the pool binds when nearly every slot
+        # is out at the endpoint.
+        if self.in_flight >= 0.9 * self.gate.limit:
             if self.fixed:
                 return "--concurrency"
             if self.gate.limit >= self.ceiling:
