@@ -20,9 +20,9 @@ requests in flight until the endpoint is full; past that, more in flight is
 only a longer queue. So it measures the answers a second each limit brings,
 over windows of at least a second and four median latencies, and
 
-- quadruples the limit from ``INITIAL`` while throughput keeps up and the
-  median latency stays within twice the lowest seen (slow start: four
-  short windows take it to 1,024);
+- multiplies the limit by eight from ``INITIAL`` while throughput keeps up
+  and the median latency stays within twice the lowest seen (slow start:
+  three short windows take it to 1,024);
 - when it stops keeping up, the endpoint is full: the limit goes to the
   pool that Little's law says fills it, the throughput seen times the
   lowest latency seen, with headroom (a batching server answers a full
@@ -54,7 +54,7 @@ import resource
 from collections import deque
 
 INITIAL = 4  # the unpaced pool's first allowance
-GROWTH = 4  # per window in slow start: 4 → 1,024 in four windows
+GROWTH = 8  # per window in slow start: 4 → 1,024 in three windows
 FLOOR = 2
 WINDOW = 1.0  # the shortest measurement of a limit's throughput
 WINDOW_LATENCIES = 4  # and at least this many median latencies
@@ -62,7 +62,7 @@ KEEP = 0.98  # of the best throughput: a smaller pool that keeps this much is ke
 SHRINK, GROW = 0.8, 1.25  # a probe's step
 MIN_ANSWERS = 32
 PROBE_EVERY = 3  # measurements of the best limit between two probes of another
-SLOW_START_GAIN = 1.5  # four times the pool must bring this much more throughput
+SLOW_START_GAIN = 1.5  # eight times the pool must bring this much more throughput
 QUEUEING = 2.0  # and keep the median latency within this many times the lowest seen
 HEADROOM = 1.5  # over Little's law: the pace binds, a batching endpoint fills
 PACED_PERCENTILE = 90
@@ -167,14 +167,14 @@ class AdaptiveLimit:
         """Begin measuring the current limit."""
         p90 = self._latency.percentile(90) or 0.0
         median = self._latency.percentile(50) or 0.0
-        if self.slow_start:  # a coarse measure will do: only a fourfold gain is sought
+        if self.slow_start:  # a coarse measure will do: only a gain of half is sought
             self._from = now + median
             self._until = self._from + max(WINDOW / 2, 2 * median)
         else:  # after a cut, the endpoint's queue drains first: its answers come fast
             self._from = now + 2 * p90
             self._until = self._from + max(WINDOW, WINDOW_LATENCIES * median)
         self._first = self._last = 0.0  # when the window's first and last answers came
-        self._answers = 0
+        self._window: list[float] = []  # the window's latencies
         self._overloads = 0
         self._peak = 0  # the most in flight during the window
 
@@ -193,21 +193,22 @@ class AdaptiveLimit:
         self._latency.add(latency)
         if now < self._from:
             return
-        if not self._answers:
+        if not self._window:
             self._first = now
-        self._answers += 1
+        self._window.append(latency)
         self._last = now
-        if now >= self._until and self._answers >= MIN_ANSWERS:
+        if now >= self._until and len(self._window) >= MIN_ANSWERS:
             self._decide(now)
 
     def _decide(self, now: float) -> None:
         # Between the first and the last answer: a window's edges would cut batches
         # of answers (a GPU server's come together) into a noisy count.
-        rate = (self._answers - 1) / max(self._last - self._first, 1e-9)
-        median = self._latency.percentile(50) or 0.0
+        answers = len(self._window)
+        rate = (answers - 1) / max(self._last - self._first, 1e-9)
+        median = sorted(self._window)[answers // 2]
         self.base = min(self.base, median)
         limit, best = self.limit, self.best
-        answers = self._answers + self._overloads
+        answers += self._overloads
         if self._overloads >= 3 and self._overloads > OVERLOAD_SHARE * answers:
             limit, self.best, self.slow_start = math.floor(limit * 0.75), None, False
         elif self._peak < 0.9 * limit:
