@@ -39,6 +39,7 @@ import argparse
 import csv
 import dataclasses
 import datetime as dt
+import os
 import random
 import shlex
 import subprocess
@@ -99,7 +100,7 @@ assert all(r.ok and r.text for r in results), "a request failed"
 
 # The same call under tracemalloc; prints the figures as one JSON line.
 API_MEMORY = """\
-import gc, json, sys, tracemalloc, batchq
+import gc, json, sys, time, tracemalloc, batchq
 import batchq.runner, batchq.transport  # the engine loads on the first run: not the list
 path, job, url, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 tracemalloc.start()
@@ -112,7 +113,12 @@ assert len(results) == n and all(r.ok for r in results)
 del results
 gc.collect()
 freed = after - tracemalloc.get_traced_memory()[0]
-print(json.dumps({"retained": after - before, "freed": freed}), flush=True)
+tracemalloc.stop()
+start = time.perf_counter()  # what the list costs to build: the same again, untraced
+again = list(batchq.open_job(job).results())
+rebuild = time.perf_counter() - start
+assert len(again) == n
+print(json.dumps({"retained": after - before, "freed": freed, "rebuild": rebuild}), flush=True)
 """
 
 
@@ -150,6 +156,7 @@ class Round:
     memory: harness.Run  # the API under tracemalloc
     retained: int  # bytes traced after batchq.run minus before
     freed: int  # bytes that `del results` released
+    rebuild: float  # seconds list(batchq.open_job(DIR).results()) takes after the run
 
 
 def api_round(bench: Bench, source: Path, url: str, lines: int, n: int) -> Round:
@@ -176,7 +183,9 @@ def api_round(bench: Bench, source: Path, url: str, lines: int, n: int) -> Round
         (api_run, _), cli_run = api(API_RUN, "api"), cli()
     memory, log = api(API_MEMORY, "api-memory")
     figures = last_json(log)
-    return Round(cli_run, api_run, memory, figures["retained"], figures["freed"])
+    return Round(
+        cli_run, api_run, memory, figures["retained"], figures["freed"], figures["rebuild"]
+    )
 
 
 def api_section(bench: Bench, source: Path, url: str, lines: int, runs: int) -> str:
@@ -205,6 +214,8 @@ def api_section(bench: Bench, source: Path, url: str, lines: int, runs: int) -> 
     )
     ratio = spread(lambda r: r.cli.wall / r.api.wall)  # req/s API / req/s CLI, per round
     rss = spread(lambda r: r.api.rss_mib - r.cli.rss_mib)
+    gap = spread(lambda r: r.api.wall - r.cli.wall)
+    rebuild = spread(lambda r: r.rebuild)
     memory = table(
         ["list of results (under tracemalloc)", f"{lines:,} results", "per result"],
         [
@@ -230,7 +241,11 @@ def api_section(bench: Bench, source: Path, url: str, lines: int, runs: int) -> 
         f"(no latency)\n\n{speed}\n\n"
         f"API / CLI req/s: **{ratio.show('.2f')}** (goal ≥ {RATIO_GOAL}: "
         f"{verdict(ratio.median >= RATIO_GOAL)}). Peak RSS, API child minus command line: "
-        f"{rss.show('+.0f')} MiB, the list of results included.\n\n"
+        f"{rss.show('+.0f')} MiB, the list of results included. Wall time, API minus "
+        f"command line: {gap.show('+.2f')} s; building the list of results, timed as "
+        f"`list(batchq.open_job(DIR).results())` after a run (the same code: an index of "
+        f"both output files, then every line parsed): {rebuild.show('.2f')} s, "
+        f"{rebuild.median / lines * 1e6:.1f} µs per result.\n\n"
         f"{memory}"
     )
 
@@ -420,12 +435,15 @@ def export_section(bench: Bench, source: Path, url: str, lines: int, runs: int) 
 # --- main ----------------------------------------------------------------------------------
 
 
-def report(mode: Mode, runs: int, sections: Sequence[str], argv: Sequence[str], took: float) -> str:
+def report(
+    mode: Mode, runs: int, sections: Sequence[str], argv: Sequence[str], took: float, load: float
+) -> str:
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     command = shlex.join(["python", "benchmarks/api.py", *argv])
     head = (
         f"## Python API ({mode.name}) — batchq {harness.revision(HERE.parent)} — {now}\n\n"
-        f"- machine: {harness.machine()}\n- command: `{command}` ({took:.0f} s); "
+        f"- machine: {harness.machine()}; load average {load:.2f} when it began (other "
+        f"processes share the machine)\n- command: `{command}` ({took:.0f} s); "
         f"medians of {runs} run{'s' if runs > 1 else ''} (min–max); wall time, CPU and peak "
         "RSS are the child process's, start-up included"
     )
@@ -448,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="rounds (median reported)")
     args = parser.parse_args(argv)
     mode = QUICK if args.quick else FULL
-    started = time.monotonic()
+    started, load = time.monotonic(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="batchq-api-") as name:
         bench = Bench(Path(name))
         source = bench.tmp / f"input-{mode.export_lines}.jsonl"
@@ -466,7 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BenchError as exc:
             print(f"api: {exc}", file=sys.stderr)
             return 1
-    text = report(mode, args.runs, sections, argv, time.monotonic() - started)
+    text = report(mode, args.runs, sections, argv, time.monotonic() - started, load)
     print(text.split("\n\n###", 1)[0], flush=True)  # the sections were printed as they came
     if not args.quick:
         append_report(text)
