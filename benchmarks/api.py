@@ -213,6 +213,7 @@ def api_section(bench: Bench, source: Path, url: str, lines: int, runs: int) -> 
         [row(cli, lambda r: r.cli), row(api, lambda r: r.api)],
     )
     ratio = spread(lambda r: r.cli.wall / r.api.wall)  # req/s API / req/s CLI, per round
+    by_cpu = spread(lambda r: r.cli.cpu / r.api.cpu)  # steadier on a shared machine
     rss = spread(lambda r: r.api.rss_mib - r.cli.rss_mib)
     gap = spread(lambda r: r.api.wall - r.cli.wall)
     rebuild = spread(lambda r: r.rebuild)
@@ -240,7 +241,9 @@ def api_section(bench: Bench, source: Path, url: str, lines: int, runs: int) -> 
         f"### 1. `batchq.run` against `batchq run`: {lines:,} requests, built-in endpoint "
         f"(no latency)\n\n{speed}\n\n"
         f"API / CLI req/s: **{ratio.show('.2f')}** (goal ≥ {RATIO_GOAL}: "
-        f"{verdict(ratio.median >= RATIO_GOAL)}). Peak RSS, API child minus command line: "
+        f"{verdict(ratio.median >= RATIO_GOAL)}); in requests per CPU second, which other "
+        f"processes on the machine disturb less: {by_cpu.show('.2f')}. Peak RSS, API child "
+        "minus command line: "
         f"{rss.show('+.0f')} MiB, the list of results included. Wall time, API minus "
         f"command line: {gap.show('+.2f')} s; building the list of results, timed as "
         f"`list(batchq.open_job(DIR).results())` after a run (the same code: an index of "
