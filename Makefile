@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-floor lint bench bench-full bench-capacity clean
+.PHONY: demo test test-floor lint bench bench-full bench-capacity bench-api clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,11 @@ bench-full: $(STAMP)
 # Issue 11's figures (a few minutes); ARGS=--full for the issue's sizes, 3 runs each.
 bench-capacity: $(STAMP)
 	$(BIN)/python benchmarks/capacity.py $(ARGS)
+
+# Issue 14's figures: batchq.run against batchq run, and batchq export of a 1,000,000-line
+# job (~2 minutes; appended to benchmarks/API.md). ARGS=--quick for a smoke run that prints.
+bench-api: $(STAMP)
+	$(BIN)/python benchmarks/api.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(FLOOR) .pytest_cache .mypy_cache .ruff_cache
