@@ -25,8 +25,8 @@ over windows of at least a second and four median latencies, and
   three short windows take it to 1,024);
 - when it stops keeping up, the endpoint is full: the limit goes to the
   pool that Little's law says fills it, the throughput seen times the
-  lowest latency seen, with headroom (a batching server answers a full
-  batch more slowly);
+  lowest mean latency seen, with headroom (a batching server answers a
+  full batch more slowly);
 - then, every few windows, tries a fifth less (kept if it loses almost
   nothing: it sheds a queue) or a quarter more (kept only if it earns half
   its proportional gain), going on in a direction while it pays, so the
@@ -60,8 +60,8 @@ WINDOW = 1.0  # the shortest measurement of a limit's throughput
 WINDOW_LATENCIES = 4  # and at least this many median latencies
 KEEP = 0.98  # of the best throughput: a smaller pool that keeps this much is kept
 SHRINK, GROW = 0.8, 1.25  # a probe's step
-MIN_ANSWERS = 32
-PROBE_EVERY = 3  # measurements of the best limit between two probes of another
+MIN_ANSWERS = 16
+PROBE_EVERY = 4  # measurements of the best limit between two probes of another
 SLOW_START_GAIN = 1.5  # eight times the pool must bring this much more throughput
 QUEUEING = 2.0  # and keep the median latency within this many times the lowest seen
 HEADROOM = 1.5  # over Little's law: the pace binds, a batching endpoint fills
@@ -157,6 +157,7 @@ class AdaptiveLimit:
         self.best: tuple[int, float] | None = None  # (limit, its answers a second)
         self.slow_start = True
         self.base = math.inf  # the lowest median latency seen: the endpoint unloaded
+        self.base_mean = math.inf  # and the lowest mean, for Little's law (heavy tails)
         self.steps = 0
         self.windows = 0  # measurements judged
         self._probe = 1.0  # the factor of the last probe
@@ -207,6 +208,7 @@ class AdaptiveLimit:
         rate = (answers - 1) / max(self._last - self._first, 1e-9)
         median = sorted(self._window)[answers // 2]
         self.base = min(self.base, median)
+        self.base_mean = min(self.base_mean, sum(self._window) / answers)
         limit, best = self.limit, self.best
         answers += self._overloads
         if self._overloads >= 3 and self._overloads > OVERLOAD_SHARE * answers:
@@ -221,7 +223,7 @@ class AdaptiveLimit:
             # had room at the endpoint's door would pass for throughput for a while.
             if rate >= SLOW_START_GAIN * best[1] and median <= QUEUEING * self.base:
                 self.best = (limit, rate)
-                self.slow_start = limit < self.ceiling
+                self.slow_start = limit < self.ceiling  # at the ceiling, and no queue: done
                 limit *= GROWTH
             else:  # full: the knee lies below this limit
                 limit = self._knee(max(rate, best[1]), limit)
@@ -247,7 +249,7 @@ class AdaptiveLimit:
     def _knee(self, capacity: float, high: int) -> int:
         """Little's law at the unloaded latency: the pool that fills an endpoint serving
         ``capacity`` a second, with headroom for a batch's slower answers."""
-        return min(high, math.ceil(capacity * self.base * HEADROOM))
+        return min(high, math.ceil(capacity * self.base_mean * HEADROOM))
 
 
 def descriptor_ceiling(wanted: int) -> int:
