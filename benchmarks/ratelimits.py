@@ -13,7 +13,8 @@ share), answers 429 with ``retry-after``, and sends ``x-ratelimit-*`` headers.
    last arrival, per minute, as a share of the limit (target ≥ 95%), and the 429s it sent as a
    share of all requests it received (target ≤ 0.5%). The CPU each process used is shown, so
    a machine limit (60,000 RPM is 1,000 req/s through two Python processes on 2 cores) is
-   visible as one. A limit under-used at concurrency 64 is run again at 256.
+   visible as one. Runs use the default, `--concurrency auto`; a limit it under-uses is run
+   again at a fixed 256.
 2. **Recovery.** Mock and batchq at 6,000 RPM with a ~60 s input; after 10 s the mock's limit
    drops to 600 (``POST /_mock/limits``), after 10 more seconds it is 6,000 again. Accepted
    requests and 429s are sampled every 0.5 s; reported are the 429s during the drop and the
@@ -56,8 +57,8 @@ REPORT = ROOT / "benchmarks" / "RATELIMITS.md"
 
 RPM_LIMITS = (600, 6_000, 60_000)
 TPM_LIMIT = 600_000
-CONCURRENCY = 64
-CONCURRENCY_HIGH = 256  # the second try at a limit that misses at CONCURRENCY
+CONCURRENCY = "auto"  # the default: sized to the pace
+CONCURRENCY_HIGH = "256"  # the second try at a limit that misses at CONCURRENCY
 MIN_UTILISATION = 95.0  # % of the limit
 MAX_429_SHARE = 0.5  # % of requests received
 RECOVERY_RPM, DROPPED_RPM = 6_000, 600
@@ -273,7 +274,7 @@ class Watched:
         return int(self.stats["by_status"].get("200", 0))
 
 
-def batchq_cmd(data: Path, job: Path, url: str, *, rpm: int, tpm: int, conc: int) -> list[str]:
+def batchq_cmd(data: Path, job: Path, url: str, *, rpm: int, tpm: int, conc: str) -> list[str]:
     cmd = [str(batchq_exe()), "run", str(data), "--job", str(job), "--base-url", url]
     cmd += ["--model", "m", "-q", "--concurrency", str(conc)]
     if rpm:
@@ -381,7 +382,7 @@ def terminate(proc: subprocess.Popen[bytes]) -> tuple[int, float]:
 class Matched:
     kind: str  # "RPM" or "TPM"
     limit: int
-    concurrency: int
+    concurrency: str
     lines: int
     achieved: float  # per minute, in the limit's unit
     requests: int  # received by the endpoint, 429s included
@@ -405,7 +406,7 @@ class Matched:
         )
 
 
-def run_rpm_case(tmp: Path, rpm: int, seconds: float, conc: int) -> Matched:
+def run_rpm_case(tmp: Path, rpm: int, seconds: float, conc: str) -> Matched:
     case = Path(tempfile.mkdtemp(prefix=f"rpm-{rpm}-c{conc}-", dir=tmp))
     lines = max(20, round(rpm / 60 * seconds))
     data = case / "input.jsonl"
@@ -421,7 +422,7 @@ def run_rpm_case(tmp: Path, rpm: int, seconds: float, conc: int) -> Matched:
     )
 
 
-def run_tpm_case(tmp: Path, tpm: int, seconds: float, conc: int) -> Matched:
+def run_tpm_case(tmp: Path, tpm: int, seconds: float, conc: str) -> Matched:
     case = Path(tempfile.mkdtemp(prefix=f"tpm-{tpm}-", dir=tmp))
     data = case / "input.jsonl"
     charges = write_tpm_input(data, round(tpm / 60 * seconds))
@@ -504,7 +505,7 @@ class Recovery:
         return out
 
 
-def run_recovery(tmp: Path, d: Durations, conc: int) -> Recovery:
+def run_recovery(tmp: Path, d: Durations, conc: str) -> Recovery:
     case = Path(tempfile.mkdtemp(prefix="recovery-", dir=tmp))
     lines = round(RECOVERY_RPM / 60 * d.recovery_input)
     data = case / "input.jsonl"
