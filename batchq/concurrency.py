@@ -207,8 +207,9 @@ class AdaptiveLimit:
         answers = len(self._window)
         rate = (answers - 1) / max(self._last - self._first, 1e-9)
         median = sorted(self._window)[answers // 2]
+        mean = sum(self._window) / answers
         self.base = min(self.base, median)
-        self.base_mean = min(self.base_mean, sum(self._window) / answers)
+        self.base_mean = min(self.base_mean, mean)
         limit, best = self.limit, self.best
         answers += self._overloads
         if self._overloads >= 3 and self._overloads > OVERLOAD_SHARE * answers:
@@ -219,9 +220,14 @@ class AdaptiveLimit:
             self.best = (limit, rate)
             limit = limit * GROWTH if self.slow_start else limit
         elif self.slow_start:
-            # A gain counts only if the answers did not slow down with it: a queue that
-            # had room at the endpoint's door would pass for throughput for a while.
-            if rate >= SLOW_START_GAIN * best[1] and median <= QUEUEING * self.base:
+            # A gain counts only if the answers did not slow down with it, and if Little's
+            # law accounts for the pool (rate × latency ≈ in flight): requests still out
+            # far longer than those answered are a queue building up, not throughput.
+            if (
+                rate >= SLOW_START_GAIN * best[1]
+                and median <= QUEUEING * self.base
+                and rate * mean >= limit / QUEUEING
+            ):
                 self.best = (limit, rate)
                 self.slow_start = limit < self.ceiling  # at the ceiling, and no queue: done
                 limit *= GROWTH
