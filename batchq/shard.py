@@ -24,7 +24,6 @@ start at the same instant on the same folder, as a scheduler starts them.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -181,7 +180,3 @@ def refuse_other_count(job_dir: Path, state: Mapping[str, object], shard: Shard 
             f"checkpoints cover other parts of the input; run it with --shard I/{count}, "
             f"or start afresh with --job NEWDIR (or delete {job_dir})"
         )
-
-
-def exists(path: Path) -> bool:
-    return os.path.exists(path)
