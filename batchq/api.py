@@ -166,10 +166,17 @@ class JobResults:
 
         figures = job_status(path)  # raises ConfigError if it is not a job folder
         self.path = path
-        self._files = Path(figures["results"]), Path(figures["errors"])
+        shards = figures.get("shards")
+        if shards:  # every shard's outputs, merged into the input's order
+            self._parts = [
+                (Path(p["results"]).parent, Path(p["results"]), Path(p["errors"])) for p in shards
+            ]
+        else:
+            self._parts = [(path, Path(figures["results"]), Path(figures["errors"]))]
 
     def index(self) -> OutputIndex:
-        return OutputIndex(self.path, *self._files)
+        first, *more = self._parts
+        return OutputIndex(*first, more=more)
 
     def results(self) -> Iterator[Result]:
         """Every done request's Result, in input order."""

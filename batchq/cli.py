@@ -204,6 +204,13 @@ def _defaults(
 @click.option("--retry-failed", is_flag=True, help="Send the retryable failures again first.")
 @click.option("--force", is_flag=True, help="Allow changing model, endpoint, system or defaults.")
 @click.option(
+    "--shard",
+    "shard_spec",
+    metavar="I/N|auto",
+    help="Run part I of N of the input (I from 0), in JOB/shard-I-of-N/; auto: from "
+    "JOB_COMPLETION_INDEX and $BATCHQ_SHARDS, or SLURM_ARRAY_TASK_ID and _COUNT.",
+)
+@click.option(
     "--fsync/--no-fsync",
     default=True,
     show_default=True,
@@ -224,6 +231,7 @@ def run(
     params: dict[str, Any],
     retry_failed: bool,
     force: bool,
+    shard_spec: str | None,
     fsync: bool,
     progress_every: float | None,
     quiet: bool,
@@ -231,9 +239,10 @@ def run(
     **settings: Any,
 ) -> None:
     """Start, or continue, the job for TARGET (an input .jsonl file or a job folder)."""
-    from batchq.job import open_job
+    from batchq.job import open_job, with_shard
     from batchq.progress import render_summary, summary
     from batchq.runner import RunOptions, run_job
+    from batchq.shard import parse_shard
 
     defaults = _defaults(params, max_tokens, temperature)
     env_base_url = os.environ.get("OPENAI_BASE_URL")
@@ -246,6 +255,8 @@ def run(
             default_base_url=env_base_url or None,
             force=force,
         )
+        if shard_spec is not None:
+            job = with_shard(job, parse_shard(shard_spec, os.environ))
         for note in notes:
             _notice(note)
         if progress_every is None:

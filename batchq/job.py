@@ -8,6 +8,8 @@ A job lives in ``jobs/<input stem>/`` unless ``--job`` names another folder::
     journal.bin     the checkpoint                        }
     state.json      the input's fingerprint and line count
     lock            held by the process running the job (fcntl.flock)
+    setup.lock      held for a moment while a run pins the input and settles job.toml
+    shard-I-of-N/   a shard's own lock, journal, outputs and progress (shard.py)
 
 **The input is pinned.** ``state.json`` records the size and SHA-256 of the
 input as it was read. A later run hashes that many bytes again: if they
@@ -27,7 +29,7 @@ import stat
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -39,11 +41,20 @@ from batchq.errors import ConfigError, InputError, JobLocked, StorageError
 from batchq.journal import JOURNAL_NAME
 from batchq.progress import Stats
 from batchq.reader import check_jsonl, without_bom
+from batchq.shard import (
+    Shard,
+    Span,
+    boundaries,
+    count_newlines,
+    file_line_start,
+    refuse_other_count,
+)
 
 JOB_TOML = "job.toml"
 STATE_JSON = "state.json"
 PROGRESS_JSON = "progress.json"
 LOCK = "lock"
+SETUP_LOCK = "setup.lock"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +63,8 @@ class Job:
 
     ``save`` says that job.toml is to be (re)written with ``settings``: the
     run does that once it holds the job's lock, so a run that is refused
-    changes nothing.
+    changes nothing. ``created``: job.toml did not exist when the job was
+    opened. ``shard``: the part of the input this run takes (None: all of it).
     """
 
     dir: Path
@@ -61,6 +73,28 @@ class Job:
     results: Path
     errors: Path
     save: bool = False
+    created: bool = False
+    shard: Shard | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        """Where this run's lock, journal and progress are: the shard's folder, or the job's."""
+        return self.dir if self.shard is None else self.dir / self.shard.folder
+
+
+def with_shard(job: Job, shard: Shard) -> Job:
+    """``job`` as shard ``shard`` runs it: its outputs in the shard's folder."""
+    if (job.settings.output, job.settings.errors) != _OUTPUTS:
+        raise ConfigError(
+            "--output and --errors do not go with --shard: each shard writes its own "
+            "results.jsonl and errors.jsonl in JOB/shard-I-of-N/; `batchq export JOB -o FILE` "
+            "merges them in input order"
+        )
+    folder = job.dir / shard.folder
+    return replace(job, shard=shard, results=folder / _OUTPUTS[0], errors=folder / _OUTPUTS[1])
+
+
+_OUTPUTS = ("results.jsonl", "errors.jsonl")  # config.Settings' defaults
 
 
 def open_job(
@@ -106,7 +140,7 @@ def open_job(
         _check_outputs(job)
         _refuse_foreign_outputs(job)
         durable.make_dirs(job_dir)
-        return job, [f"new job in {job_dir}"]
+        return replace(job, created=True), [f"new job in {job_dir}"]
     settings = build_settings(stored, overrides)
     before = build_settings(stored, {})
     job = _resolve(job_dir, settings)
@@ -164,6 +198,82 @@ def save_settings(job: Job) -> None:
         write_job_toml(job.dir / JOB_TOML, job.settings)
 
 
+def prepare(job: Job) -> tuple[PinnedInput, Span]:
+    """Pin the input, settle job.toml, and find the part of the input this run takes.
+
+    All of it under the job's setup lock, so that runs started at the same
+    instant on one folder (a scheduler's shards) neither race on job.toml and
+    state.json nor disagree about them. A sharded job's count is fixed by its
+    first shard; ConfigError (exit 2) for another count, for a sharded job run
+    whole, or for a whole job started before as shards.
+    """
+    with setup_lock(job.dir):
+        job = _settle_created(job)
+        pinned = pin_input(job)
+        state = read_state(job.dir)
+        refuse_other_count(job.dir, state, job.shard)
+        if job.shard is None:
+            span = Span(0, pinned.size, 1, pinned.requests)
+        else:
+            if "shards" not in state:
+                if (job.dir / JOURNAL_NAME).exists() or running_pid(job.dir) is not None:
+                    raise ConfigError(
+                        f"job {job.dir} was started as one process, not as shards; finish it "
+                        "that way (without --shard), or start afresh with --job NEWDIR"
+                    )
+                state = {**state, "shards": job.shard.count, "shard_size": pinned.size}
+                write_state(job.dir, state)
+            span = _shard_span(job, job.shard, state["shard_size"], pinned.size)
+            durable.make_dirs(job.run_dir)
+        save_settings(job)  # only now: a run refused for any reason changes nothing
+    return pinned, span
+
+
+def _settle_created(job: Job) -> Job:
+    """A job this run created may have been created meanwhile by another run: keep that one's
+    job.toml if it means the same requests, refuse if not."""
+    toml = job.dir / JOB_TOML
+    if not (job.created and toml.exists()):
+        return job
+    theirs = build_settings(read_job_toml(toml), {})
+    changed = [n for n in REQUEST_SETTINGS if getattr(theirs, n) != getattr(job.settings, n)]
+    if changed or theirs.input != job.settings.input:
+        raise ConfigError(
+            f"job {job.dir} was created at the same moment by another run, with another "
+            f"{', '.join(changed) or 'input'}; give every shard the same options"
+        )
+    return replace(job, save=False)
+
+
+def _shard_span(job: Job, shard: Shard, shard_size: int, size: int) -> Span:
+    """Shard's bytes, cut from the input as it was when the job was sharded: lines appended
+    since then belong to the last shard."""
+    try:
+        with job.input.open("rb") as f:
+            starts = boundaries(shard_size, shard.count, file_line_start(f, shard_size))
+            start = starts[shard.index]
+            end = starts[shard.index + 1] if shard.index + 1 < shard.count else size
+            first_line = count_newlines(f, start) + 1
+            f.seek(start)
+            counter = _Fingerprint()
+            counter.read(f, end - start)
+    except OSError as exc:
+        raise InputError(f"cannot read {job.input}: {exc.strerror}") from exc
+    return Span(start, end, first_line, counter.finish())
+
+
+@contextmanager
+def setup_lock(job_dir: Path) -> Iterator[None]:
+    """Hold the job's setup lock, waiting for it: only runs starting take it, for a moment."""
+    durable.make_dirs(job_dir)
+    lock = durable.open_file(job_dir / SETUP_LOCK)
+    try:
+        fcntl.flock(lock.fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        durable.close(lock)
+
+
 def _check_input(path: Path) -> None:
     """Refuse an input that is not a regular file: a pipe or FIFO can be read only once."""
     try:
@@ -180,7 +290,7 @@ def _check_input(path: Path) -> None:
 
 
 #: The files of a job folder that an output must not be.
-_OWN_FILES = (JOB_TOML, STATE_JSON, PROGRESS_JSON, LOCK, JOURNAL_NAME)
+_OWN_FILES = (JOB_TOML, STATE_JSON, PROGRESS_JSON, LOCK, SETUP_LOCK, JOURNAL_NAME)
 
 
 def _check_outputs(job: Job) -> None:
@@ -246,6 +356,8 @@ _STATE_TYPES: dict[str, Callable[[object], bool]] = {
     "input_requests": _count,
     "input_sha256": _text,
     "elapsed_s": _seconds,
+    "shards": _count,
+    "shard_size": _count,
 }
 
 

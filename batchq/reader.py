@@ -267,16 +267,20 @@ async def feed(
     reject: Callable[[Outcome], Awaitable[None]],
     *,
     done_prefix: int = 0,
+    start: int = 0,
+    first_line: int = 1,
 ) -> int:
-    """Read the first ``size`` bytes of ``path`` line by line; hand on every line not yet done.
+    """Read bytes ``start`` to ``size`` of ``path`` line by line; hand on every line not yet done.
 
-    Returns the number of lines read. The file is streamed, never loaded:
-    memory stays flat however long the input is. The first ``done_prefix``
-    lines, all done, are stepped over without being looked at one by one: a
-    resumed job starts sending at once.
+    ``start`` is where line ``first_line`` begins (a shard's part of the
+    input). Returns the number of the last line read. The file is streamed,
+    never loaded: memory stays flat however long the input is. The first
+    ``done_prefix`` lines, all done, are stepped over without being looked at
+    one by one: a resumed job starts sending at once.
     """
     with path.open("rb", buffering=1 << 20) as f:
-        line_no, offset = _skip_lines(f, done_prefix, size)
+        skipped, offset = _skip_lines(f, done_prefix, size, start=start)
+        line_no = first_line - 1 + skipped
         for raw in f:
             if offset >= size:
                 break
@@ -296,12 +300,16 @@ async def feed(
     return line_no
 
 
-def _skip_lines(f: BinaryIO, count: int, size: int, block_size: int = 1 << 20) -> tuple[int, int]:
-    """Step over up to ``count`` whole lines in the first ``size`` bytes, by counting newlines.
+def _skip_lines(
+    f: BinaryIO, count: int, size: int, block_size: int = 1 << 20, *, start: int = 0
+) -> tuple[int, int]:
+    """Step over up to ``count`` whole lines in bytes ``start`` to ``size``, by counting newlines.
 
     Returns how many lines were stepped over and the offset after them, where ``f`` now is.
     """
-    skipped = offset = block_start = 0
+    skipped = 0
+    offset = block_start = start
+    f.seek(start)
     while skipped < count and block_start < size:
         block = f.read(min(block_size, size - block_start))
         if not block:

@@ -40,6 +40,11 @@ CSV_FIELDS = (
 DEFAULT_CSV_FIELDS = ("custom_id", "text", "prompt_tokens", "completion_tokens", "error")
 
 _MARK = b'"batchq":{"line":'  # what every output line ends with, before its line number
+_FILE_SHIFT = 48  # an output file of up to 256 TiB; 32,768 files, two a shard
+_OFFSET_MASK = (1 << _FILE_SHIFT) - 1
+
+#: A folder holding a journal, and the results and errors files it commits.
+Part = tuple[Path, Path, Path]
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,18 +145,25 @@ def _count(usage: JSONObject | None, *keys: str) -> int | None:
 
 
 class OutputIndex:
-    """Where each input line's output line is: in which file, at which byte."""
+    """Where each input line's output line is: in which file, at which byte.
 
-    def __init__(self, job_dir: Path, results: Path, errors: Path) -> None:
-        _, totals, _ = read_journal(job_dir / JOURNAL_NAME)
-        self.files = (results, errors)
-        self._lengths = (totals.results_len, totals.errors_len)
-        # offset + 1 in results.jsonl, or -(offset + 1) in errors.jsonl; 0: not done
+    A sharded job's index covers every shard: ``parts`` names each
+    process's folder (holding its journal) with its two output files.
+    """
+
+    def __init__(
+        self, job_dir: Path, results: Path, errors: Path, *, more: Sequence[Part] = ()
+    ) -> None:
+        self.files: list[Path] = []
+        # (offset + 1) | file << _FILE_SHIFT, the file an index into self.files; 0: not done
         self._where = array("q")
-        for which, (path, length) in enumerate(zip(self.files, self._lengths, strict=True)):
-            self._scan(path, length, -1 if which else 1)
+        for run_dir, *outputs in ((job_dir, results, errors), *more):
+            _, totals, _ = read_journal(run_dir / JOURNAL_NAME)
+            for path, length in zip(outputs, (totals.results_len, totals.errors_len), strict=True):
+                self.files.append(path)
+                self._scan(path, length, len(self.files) - 1)
 
-    def _scan(self, path: Path, length: int, sign: int) -> None:
+    def _scan(self, path: Path, length: int, which: int) -> None:
         offset = 0
         with _open(path) as f:
             for raw in f:
@@ -163,21 +175,28 @@ class OutputIndex:
                     line = int(digits)
                     if line >= len(self._where):
                         self._where.extend([0] * (line + 1 - len(self._where)))
-                    self._where[line] = sign * (offset + 1)
+                    self._where[line] = (offset + 1) | which << _FILE_SHIFT
                 offset += len(raw)
 
     def lines(self, upto: int | None = None) -> Iterator[tuple[int, bytes | None]]:
         """(line number, its output line or None if not done), lines 1 to ``upto``."""
         last = len(self._where) - 1 if upto is None else upto
-        with _open(self.files[0]) as results, _open(self.files[1]) as errors:
+        opened: dict[int, IO[bytes]] = {}
+        try:
             for line in range(1, last + 1):
                 where = self._where[line] if line < len(self._where) else 0
                 if not where:
                     yield line, None
                     continue
-                f = results if where > 0 else errors
-                f.seek(abs(where) - 1)
+                which = where >> _FILE_SHIFT
+                f = opened.get(which)
+                if f is None:
+                    f = opened[which] = _open(self.files[which])
+                f.seek((where & _OFFSET_MASK) - 1)
                 yield line, f.readline()
+        finally:
+            for f in opened.values():
+                f.close()
 
     def results(self) -> Iterator[Result]:
         """Every done line's Result, in input order."""

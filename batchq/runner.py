@@ -41,12 +41,12 @@ from batchq.errors import (
 from batchq.hedge import Answer, Hedger, answer
 from batchq.job import (
     Job,
-    PinnedInput,
     add_elapsed,
     job_lock,
-    pin_input,
-    save_settings,
+    prepare,
+    read_state,
     write_progress,
+    write_state,
 )
 from batchq.journal import Journal, retry_failed
 from batchq.limiter import Kind, Pacer
@@ -54,6 +54,7 @@ from batchq.progress import Stats, make_progress
 from batchq.reader import RequestTemplate, feed
 from batchq.records import Outcome, Request, error_line, key_scrubber, result_line
 from batchq.retry import Fatal, GiveUp, RetryPolicy, decide, status_error
+from batchq.shard import Span
 from batchq.transport import AiohttpTransport, Response, Transport
 
 COMMIT_INTERVAL = 0.2
@@ -80,42 +81,55 @@ async def run_job(job: Job, options: RunOptions) -> Stats:
     Raises FatalEndpointError (exit 3) when the endpoint refuses the job as
     a whole; the other BatchqErrors (exit 2) before anything is sent.
     """
-    with job_lock(job.dir):
+    prepared: Span | None = None
+    if job.shard is not None:
+        # A shard's folder exists once the count is settled, so its lock comes second.
+        prepared = await asyncio.to_thread(_prepare, job)
+    with job_lock(job.run_dir):
         # Hashing the input and the fsyncs of opening and closing run off the event
         # loop's thread, so that a loop the engine shares is never stalled by them.
-        pinned, journal = await asyncio.to_thread(_open, job, options)
+        span, journal = await asyncio.to_thread(_open, job, options, prepared)
         for note in journal.notes:
             options.on_notice(note)
         stats = Stats(
             ok_before=journal.totals.ok,
             failed_before=journal.totals.failed,
-            total=pinned.requests,
+            total=span.requests,
         )
         with _signals_noted(stats, options.handle_signals):
             try:
                 if stats.done:
                     options.on_notice(f"resuming: {stats.done:,} of {stats.total:,} done")
-                pipeline = Pipeline(job, journal, stats, pinned.size, options)
+                pipeline = Pipeline(job, journal, stats, span, options)
                 await pipeline.run()
             finally:
                 await _to_thread_to_the_end(_close, job, journal, stats)
     return stats
 
 
-def _open(job: Job, options: RunOptions) -> tuple[PinnedInput, Journal]:
-    pinned = pin_input(job)
-    save_settings(job)  # only now: a run refused for any reason changes nothing
+def _prepare(job: Job) -> Span:
+    return prepare(job)[1]
+
+
+def _open(job: Job, options: RunOptions, span: Span | None) -> tuple[Span, Journal]:
+    if span is None:
+        span = _prepare(job)
+    else:  # for `batchq status`: the shard's own part of the input
+        figures = {"start": span.start, "end": span.end, "first_line": span.first_line}
+        state = read_state(job.run_dir)
+        if {k: state.get(k) for k in figures} != figures or state.get("requests") != span.requests:
+            write_state(job.run_dir, {**state, **figures, "requests": span.requests})
     if options.retry_failed:
-        moved = retry_failed(job.dir, job.results, job.errors)
+        moved = retry_failed(job.run_dir, job.results, job.errors)
         options.on_notice(f"--retry-failed: {moved:,} retryable failures back to pending")
-    return pinned, Journal(job.dir, job.results, job.errors, durable=options.durable)
+    return span, Journal(job.run_dir, job.results, job.errors, durable=options.durable)
 
 
 def _close(job: Job, journal: Journal, stats: Stats) -> None:
     try:
         journal.close()
     finally:
-        add_elapsed(job.dir, stats.elapsed)
+        add_elapsed(job.run_dir, stats.elapsed)
 
 
 async def _to_thread_to_the_end(fn: Callable[..., None], *args: Any) -> None:
@@ -157,13 +171,13 @@ class Pipeline:
     """One run's tasks and queues; ``stop`` is what a signal calls."""
 
     def __init__(
-        self, job: Job, journal: Journal, stats: Stats, size: int, options: RunOptions
+        self, job: Job, journal: Journal, stats: Stats, span: Span, options: RunOptions
     ) -> None:
         settings = job.settings
         self.job = job
         self.journal = journal
         self.stats = stats
-        self.size = size  # of the input: bytes appended after the run began wait for the next
+        self.span = span  # of the input: bytes appended after the run began wait for the next
         self.options = options
         self.pool = Pool(settings.concurrency, settings.max_concurrency)
         if self.pool.ceiling < self.pool.wanted:
@@ -263,12 +277,14 @@ class Pipeline:
 
         await feed(
             self.job.input,
-            self.size,
+            self.span.end,
             self.journal.done.__contains__,
             self.template,
             self.requests.put,
             reject,
-            done_prefix=self.journal.done.run_from(1),
+            done_prefix=self.journal.done.run_from(self.span.first_line),
+            start=self.span.start,
+            first_line=self.span.first_line,
         )
         for _ in range(self.workers):
             await self.requests.put(None)
@@ -421,7 +437,7 @@ class Pipeline:
                     progress.show()
                     next_progress = now + every
                 if now >= next_snapshot:
-                    write_progress(self.job.dir, self.stats)
+                    write_progress(self.job.run_dir, self.stats)
                     next_snapshot = now + SNAPSHOT_INTERVAL
         finally:
             if progress is not None:

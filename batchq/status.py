@@ -2,7 +2,8 @@
 
 Everything is read, nothing written: the journal's complete records give
 the counts and tokens (a record being written right now is simply not
-counted yet), the lock tells whether a process is running the job.
+counted yet), the lock tells whether a process is running the job. A
+sharded job's figures are its shards' summed, and each shard is listed.
 """
 
 from __future__ import annotations
@@ -15,30 +16,89 @@ from batchq.errors import ConfigError
 from batchq.job import JOB_TOML, _resolve, read_progress, read_state, running_pid
 from batchq.journal import JOURNAL_NAME, read_journal
 from batchq.progress import duration
+from batchq.shard import shard_folders
+
+#: Figures of a running process, from its progress.json; summed over running shards.
+_LIVE_SUMS = ("in_flight", "allowance", "peak_in_flight", "hedges", "retries", "rate_limited")
 
 
 def job_status(job_dir: Path) -> dict[str, Any]:
-    """The figures of the job in ``job_dir`` as one JSON-ready dict."""
+    """The figures of the job in ``job_dir`` as one JSON-ready dict.
+
+    A sharded job has ``shards``: one dict per shard (``shard``, ``state``,
+    ``pid``, ``total``, ``done``, ``succeeded``, ``failed``, ``pending``,
+    ``results``, ``errors``); its figures are their sums.
+    """
     if not (job_dir / JOB_TOML).exists():
         raise ConfigError(f"{job_dir} has no {JOB_TOML}: not a batchq job folder")
     job = _resolve(job_dir, build_settings(read_job_toml(job_dir / JOB_TOML), {}))
     state = read_state(job_dir)
-    _, totals, _ = read_journal(job_dir / JOURNAL_NAME)
     total = state.get("input_requests")
+    count = state.get("shards")
+    if count is None:
+        part = _part(job_dir, job.results, job.errors, total, started=bool(state))
+        return {"job": str(job_dir), "input": str(job.input), **part}
+    parts = []
+    for index, folder in enumerate(shard_folders(job_dir, count)):
+        shard_state = read_state(folder) if folder.is_dir() else {}
+        part = _part(
+            folder,
+            folder / "results.jsonl",
+            folder / "errors.jsonl",
+            shard_state.get("requests"),
+            started=bool(shard_state),
+        )
+        parts.append({"shard": f"{index}/{count}", **part})
+    done = sum(p["done"] for p in parts)
+    running = [p for p in parts if p["pid"] is not None]
+    if running:
+        phase = "running"
+    elif total is not None and done >= total:
+        phase = "finished"
+    elif any(p["state"] != "not started" for p in parts):
+        phase = "interrupted"
+    else:
+        phase = "not started"
+    figures = {
+        "job": str(job_dir),
+        "input": str(job.input),
+        "state": phase,
+        "pid": None,
+        "total": total,
+        "done": done,
+        "pending": None if total is None else max(0, total - done),
+    }
+    for name in ("succeeded", "failed", "prompt_tokens", "completion_tokens"):
+        figures[name] = sum(p[name] for p in parts)
+    for name in _LIVE_SUMS:
+        figures[name] = sum(p[name] or 0 for p in running) if running else None
+    figures["binding"] = None
+    figures["pace"] = None
+    elapsed = [p["elapsed_s"] for p in parts if p["elapsed_s"] is not None]
+    figures["elapsed_s"] = max(elapsed) if elapsed else None  # the shards run side by side
+    figures["results"] = str(job_dir / "shard-*" / "results.jsonl")
+    figures["errors"] = str(job_dir / "shard-*" / "errors.jsonl")
+    figures["shards"] = parts
+    return figures
+
+
+def _part(
+    run_dir: Path, results: Path, errors: Path, total: int | None, *, started: bool
+) -> dict[str, Any]:
+    """The figures of one process's folder: the job's, or a shard's."""
+    _, totals, _ = read_journal(run_dir / JOURNAL_NAME)
     done = totals.ok + totals.failed
-    pid = running_pid(job_dir)
+    pid = running_pid(run_dir)
     if pid is not None:
         phase = "running"
     elif total is not None and done >= total:
         phase = "finished"
-    elif state:
+    elif started:
         phase = "interrupted"
     else:
         phase = "not started"
-    live = read_progress(job_dir) if pid is not None else {}
+    live = read_progress(run_dir) if pid is not None else {}
     return {
-        "job": str(job_dir),
-        "input": str(job.input),
         "state": phase,
         "pid": pid,
         "total": total,
@@ -53,12 +113,12 @@ def job_status(job_dir: Path) -> dict[str, Any]:
         "peak_in_flight": live.get("peak_in_flight"),
         "binding": live.get("binding"),
         "hedges": live.get("hedges"),
-        "elapsed_s": live.get("elapsed_s", state.get("elapsed_s")),
+        "elapsed_s": live.get("elapsed_s", read_state(run_dir).get("elapsed_s")),
         "retries": live.get("retries"),
         "rate_limited": live.get("rate_limited"),
         "pace": live.get("pace"),
-        "results": str(job.results),
-        "errors": str(job.errors),
+        "results": str(results),
+        "errors": str(errors),
     }
 
 
@@ -76,12 +136,19 @@ def render_status(f: dict[str, Any]) -> str:
     if f["state"] == "running" and f["in_flight"] is not None:
         lines.append(
             f"  running for {duration(f['elapsed_s'])}: {f['in_flight']}/{f['allowance']} "
-            f"in flight ({f['binding']}), "
+            f"in flight" + (f" ({f['binding']})" if f["binding"] else "") + ", "
             f"{f['retries']:,} retries, {f['rate_limited']:,} 429s"
             + (f", pace {f['pace']}" if f["pace"] else "")
         )
     elif f["elapsed_s"] is not None:
         lines.append(f"  time spent running: {duration(f['elapsed_s'])}")
+    for part in f.get("shards", ()):
+        shard_total = "?" if part["total"] is None else f"{part['total']:,}"
+        pid = f" (pid {part['pid']})" if part["pid"] else ""
+        lines.append(
+            f"  shard {part['shard']}: {part['state']}{pid}, {part['done']:,} of "
+            f"{shard_total} done ({part['failed']:,} failed)"
+        )
     lines.append(f"  results: {f['results']}")
     lines.append(f"  errors:  {f['errors']}")
     return "\n".join(lines)
