@@ -224,11 +224,12 @@ class SharedLimits:
         key: str,
         *,
         on_notice: Callable[[str], None] = lambda message: None,
-        block_seconds: float = BLOCK_SECONDS,
+        block_seconds: float | None = None,
     ) -> None:
         self.url = url
         self.key = key
-        self.block_seconds = block_seconds
+        # None: the module's BLOCK_SECONDS when connected (a benchmark may set it to 0)
+        self.block_seconds = BLOCK_SECONDS if block_seconds is None else block_seconds
         self.lost = False
         self.processes = 1  # live processes last seen, this one included
         self.epoch: int | None = None
@@ -239,7 +240,9 @@ class SharedLimits:
         self._me = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._redis: Any = None
         self._scripts: dict[str, Any] = {}
-        self._slow: asyncio.Queue[list[Any]] = asyncio.Queue()
+        self._slow: deque[list[Any]] = deque()
+        self._stopped = False
+        self._waker: asyncio.Future[None] | None = None
 
     async def __aenter__(self) -> SharedLimits:
         await self.open()
@@ -299,24 +302,49 @@ class SharedLimits:
         Sent by ``run``, in order, without making the caller wait.
         """
         if not self.lost:
-            self._slow.put_nowait([kind or "", age, ceiling or 1.0, max(pause, 0.0), KEY_TTL_MS])
+            self._slow.append([kind or "", age, ceiling or 1.0, max(pause, 0.0), KEY_TTL_MS])
+            self._wake()
 
     async def run(self) -> None:
-        """Send the slow-downs, and keep this process counted, until cancelled or lost."""
+        """Send the slow-downs, and keep this process counted, until ``stop`` or lost.
+
+        Not ``asyncio.timeout`` around a queue: on 3.11 a cancellation that races the timer
+        can come out as a TimeoutError, and the job would never end.
+        """
         loop = asyncio.get_running_loop()
         beat = loop.time() + HEARTBEAT_SECONDS
-        while not self.lost:
-            try:
-                async with asyncio.timeout(max(0.0, beat - loop.time())):
-                    args = await self._slow.get()
-                await self._call("slow", [self._state], args)
-            except TimeoutError:
-                beat = loop.time() + HEARTBEAT_SECONDS
-                count = await self._call(
-                    "heartbeat", [self._members], [self._me, HEARTBEAT_TTL, KEY_TTL_MS]
-                )
-                if count is not None:
-                    self.processes = max(1, int(count))
+        while not (self.lost or self._stopped):
+            if self._slow:
+                await self._call("slow", [self._state], self._slow.popleft())
+                continue
+            if loop.time() < beat:
+                await self._doze(beat - loop.time())
+                continue
+            beat = loop.time() + HEARTBEAT_SECONDS
+            count = await self._call(
+                "heartbeat", [self._members], [self._me, HEARTBEAT_TTL, KEY_TTL_MS]
+            )
+            if count is not None:
+                self.processes = max(1, int(count))
+
+    def stop(self) -> None:
+        """End ``run`` (the slow-downs still queued are dropped: the job is over)."""
+        self._stopped = True
+        self._wake()
+
+    async def _doze(self, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._waker = waker = loop.create_future()
+        timer = loop.call_later(seconds, self._wake)
+        try:
+            await waker
+        finally:
+            timer.cancel()
+            self._waker = None
+
+    def _wake(self) -> None:
+        if self._waker is not None and not self._waker.done():
+            self._waker.set_result(None)
 
     async def _call(self, name: str, keys: list[str], args: list[Any]) -> Any:
         from redis.exceptions import RedisError

@@ -269,8 +269,8 @@ class Pipeline:
                     producers.create_task(self._process(transport))
             await self.outcomes.put(None)  # every producer is done; let the writer drain
             ticker.cancel()
-            if sharer is not None:
-                sharer.cancel()
+            if sharer is not None and shared is not None:
+                shared.stop()
             self._report(paced=self.pacer.request_rate() is not None)
 
     async def _feed(self) -> None:
