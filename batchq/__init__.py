@@ -20,6 +20,7 @@ from batchq.errors import (
     InputError,
     JobLocked,
     JournalError,
+    LimitsStoreError,
     StorageError,
 )
 
@@ -55,6 +56,7 @@ __all__ = [
     "InputError",
     "JobLocked",
     "JournalError",
+    "LimitsStoreError",
     "Result",
     "Settings",
     "StorageError",

@@ -148,6 +148,18 @@ def _defaults(
 @click.option("--rpm", type=click.FloatRange(min=0), help="Requests per minute (0 = no limit).")
 @click.option("--tpm", type=click.FloatRange(min=0), help="Tokens per minute (0 = no limit).")
 @click.option(
+    "--limits-store",
+    metavar="URL",
+    envvar="BATCHQ_LIMITS_STORE",
+    help="Share --rpm/--tpm, pauses and the endpoint's limits with every process naming "
+    "this Redis, e.g. redis://127.0.0.1:6379/0 [env: BATCHQ_LIMITS_STORE].",
+)
+@click.option(
+    "--limits-key",
+    metavar="KEY",
+    help="The account's name in the store [default: the base URL and a hash of the API key].",
+)
+@click.option(
     "--concurrency",
     type=Concurrency(),
     help="Requests in flight at once: auto (sized to the pace, or to the endpoint's "

@@ -60,6 +60,8 @@ class Settings:
     drain_timeout: float = 5.0
     max_wait: float = 900.0  # the longest wait an endpoint may ask for; longer stops the job
     max_response_bytes: int = 32 * 1024 * 1024  # of one answer, after decompression
+    limits_store: str | None = None  # redis://HOST:PORT/DB shared by the processes of one account
+    limits_key: str | None = None  # None: the base URL and a hash of the API key
 
     def __post_init__(self) -> None:
         for name in _TEXT:
@@ -75,6 +77,15 @@ class Settings:
                 f"base_url {show(self.base_url)} is not an http(s) URL "
                 "(e.g. https://api.openai.com/v1 or http://localhost:8000/v1)"
             )
+        if self.limits_store is not None and not re.match(
+            r"^(redis|rediss|unix)://", self.limits_store
+        ):
+            raise ConfigError(
+                "limits_store must be a Redis URL such as redis://127.0.0.1:6379/0, "
+                f"not {show(self.limits_store.split('@')[-1])}"
+            )
+        if self.limits_key is not None and not self.limits_key.strip():
+            raise ConfigError("limits_key must not be empty")
         if not _ENV_NAME.fullmatch(self.api_key_env) or _key_like(self.api_key_env):
             # Never echo the value: it may be the key itself, pasted in the wrong place.
             raise ConfigError(
@@ -104,8 +115,11 @@ class Settings:
         return {name: getattr(self, name) for name in REQUEST_SETTINGS}
 
 
-_TEXT = ("input", "output", "errors", "base_url", "api_key_env", "endpoint", "model", "system")
-_OPTIONAL_TEXT = ("model", "system")
+_TEXT = (
+    *("input", "output", "errors", "base_url", "api_key_env", "endpoint", "model", "system"),
+    *("limits_store", "limits_key"),
+)
+_OPTIONAL_TEXT = ("model", "system", "limits_store", "limits_key")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 #: What API keys start with (OpenAI, Groq, Hugging Face, xAI, ...), never an env var name.
 _KEY_LIKE = re.compile(r"(sk|gsk|hf|xai|pk|rk|key)[-_][A-Za-z0-9]{8}|AIza", re.IGNORECASE)

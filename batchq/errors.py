@@ -7,6 +7,7 @@
     ├── InputError                             input file unusable as a whole      -> exit 2
     ├── JournalError                           checkpoint unreadable or for another input -> exit 2
     ├── JobLocked                              another process runs this job       -> exit 2
+    ├── LimitsStoreError                       --limits-store unreachable at start -> exit 2
     ├── FatalEndpointError                     bad key, no quota, endpoint gone    -> exit 3
     ├── StorageError                           full disk, I/O error, permission    -> exit 3
     └── RequestError                           one request failed; becomes an error line
@@ -55,6 +56,10 @@ class JournalError(BatchqError):
 
 class JobLocked(BatchqError):
     """Another batchq process is running this job right now."""
+
+
+class LimitsStoreError(BatchqError):
+    """The shared limits store (--limits-store) cannot be reached when the job starts."""
 
 
 class FatalEndpointError(BatchqError):

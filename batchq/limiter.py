@@ -45,9 +45,12 @@ import asyncio
 import contextlib
 import math
 from collections.abc import Callable, Mapping
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from batchq.retry import parse_duration
+
+if TYPE_CHECKING:  # pragma: no cover
+    from batchq.limits_store import SharedLimits
 
 Kind = Literal["requests", "tokens"]
 KINDS: tuple[Kind, Kind] = ("requests", "tokens")
@@ -76,6 +79,10 @@ class Pace:
         self._due = start + amount / self.rate
         return start
 
+    def held(self, now: float) -> float:
+        """Units bookable without asking anyone: all of them."""
+        return math.inf
+
     def used(self, start: float, amount: float) -> None:
         """A booking was used: a replan must not give its slot away again."""
         self._used_until = max(self._used_until, start + amount / self.rate)
@@ -85,18 +92,30 @@ class Pace:
         self._due = max(at, self._used_until)
 
 
+class Booker(Protocol):
+    """What a limit books its slots from: a local ``Pace``, or the store's ``Ledger``."""
+
+    rate: float
+
+    def reserve(self, amount: float, now: float) -> float | None: ...
+    def held(self, now: float) -> float: ...
+    def used(self, start: float, amount: float) -> None: ...
+    def replan(self, at: float) -> None: ...
+
+
 class Limit:
     """One kind of limit: its ceiling (units a second) and the pace kept below it."""
 
     def __init__(self, configured: float = math.inf, stated: float = math.inf) -> None:
         self.configured = configured  # --rpm / --tpm, a second
         self.stated = stated  # the endpoint's x-ratelimit-limit-*, a second
-        self.pace = Pace(self.ceiling)
+        self.share = 1  # the processes this one shares the limit with, store lost
+        self.pace: Booker = Pace(self.ceiling)
         self.cut_at = -math.inf  # when the pace was last cut for a 429
 
     @property
     def ceiling(self) -> float:
-        return min(self.configured, self.stated) * MARGIN
+        return min(self.configured, self.stated) * MARGIN / self.share
 
     def cut(self, now: float) -> None:
         self.pace.rate = max(self.pace.rate * DECREASE, self.ceiling * MIN_RATE_SHARE)
@@ -130,8 +149,10 @@ class Pacer:
         clock: Callable[[], float] | None = None,
         on_notice: Callable[[str], None] = lambda message: None,
         max_pause: float = math.inf,
+        shared: SharedLimits | None = None,
     ) -> None:
         self.tpm = tpm
+        self.shared: SharedLimits | None = None  # None: this process alone, or store lost
         self.max_pause = max_pause  # --max-wait: an endpoint's word is trusted only so far
         self.limits: dict[Kind, Limit | None] = {
             "requests": Limit(configured=rpm / 60) if rpm else None,
@@ -147,6 +168,16 @@ class Pacer:
         self._sent = {"requests": 0, "tokens": 0}  # since the last tick
         self._sent_total = {"requests": 0, "tokens": 0}
         self.observed: dict[Kind, float] = {"requests": 0.0, "tokens": 0.0}  # recent, a second
+        self._refilled: asyncio.Event | None = None  # set when the store's answer is in
+        if shared is not None:
+            self.share(shared)
+
+    def share(self, shared: SharedLimits) -> None:
+        """Pace with every process using ``shared`` (a connected store), before the first turn."""
+        self.shared = shared
+        for limit in self.limits.values():
+            if limit is not None:
+                self._book_from_store(limit)
 
     def _now(self) -> float:
         return self._clock() if self._clock else asyncio.get_running_loop().time()
@@ -162,6 +193,9 @@ class Pacer:
                 continue
             epoch = self._epoch
             bookings = self._reserve(tokens, now)
+            if bookings is None:  # the store must grant this process more first
+                await self._refill(tokens)
+                continue
             wait = 0.0
             for _, start, _ in bookings:
                 wait = max(wait, start - BURST_SECONDS - now)
@@ -175,13 +209,78 @@ class Pacer:
             self._sent["tokens"] += tokens
             return now + wait
 
-    def _reserve(self, tokens: int, now: float) -> list[tuple[Pace, float, float]]:
-        bookings: list[tuple[Pace, float, float]] = []
+    def _reserve(self, tokens: int, now: float) -> list[tuple[Booker, float, float]] | None:
+        if self.shared is not None:
+            if self.shared.lost:
+                self._go_alone()
+            elif not all(
+                limit.pace.held(now) >= self._amount(kind, tokens) - 1e-9
+                for kind, limit in self.limits.items()
+                if limit is not None
+            ):
+                return None  # take nothing until every kind has enough
+        bookings: list[tuple[Booker, float, float]] = []
         for kind, limit in self.limits.items():
             if limit is not None:
-                amount = 1 if kind == "requests" else tokens
-                bookings.append((limit.pace, limit.pace.reserve(amount, now), amount))
+                amount = self._amount(kind, tokens)
+                start = limit.pace.reserve(amount, now)
+                assert start is not None
+                bookings.append((limit.pace, start, amount))
         return bookings
+
+    @staticmethod
+    def _amount(kind: Kind, tokens: int) -> float:
+        return 1 if kind == "requests" else tokens
+
+    def _book_from_store(self, limit: Limit) -> None:
+        if self.shared is not None:
+            from batchq.limits_store import Ledger
+
+            limit.pace = Ledger(limit.pace.rate)
+
+    async def _refill(self, tokens: int) -> None:
+        """Book a block from the store for each kind short of units; one worker asks for all."""
+        if self._refilled is not None:
+            await self._refilled.wait()
+            return
+        self._refilled = done = asyncio.Event()
+        try:
+            from batchq.limits_store import Ledger
+
+            shared = self.shared
+            for kind, limit in self.limits.items():
+                if limit is None or shared is None:
+                    continue
+                ledger = limit.pace
+                assert isinstance(ledger, Ledger)
+                short = self._amount(kind, tokens) - ledger.held(self._now())
+                if short <= 1e-9:
+                    continue
+                amount = max(short, ledger.rate * shared.block_seconds)
+                if kind == "requests":
+                    amount = math.ceil(amount - 1e-9)
+                grant = await shared.grant(kind, amount, limit.ceiling)
+                if grant is None:
+                    return  # lost: the next _reserve goes on alone
+                now = self._now()
+                if grant.epoch != shared.epoch:
+                    if shared.epoch is not None:  # a pause or a cut elsewhere voided ours
+                        self._replan(now)
+                    shared.epoch = grant.epoch
+                ledger.grant(now + grant.delay, amount, grant.rate)
+        finally:
+            self._refilled = None
+            done.set()
+
+    def _go_alone(self) -> None:
+        """The store is lost: pace locally at this process's share of each limit."""
+        assert self.shared is not None
+        share, self.shared = self.shared.processes, None
+        for limit in self.limits.values():
+            if limit is not None:
+                rate = limit.pace.rate
+                limit.share = share
+                limit.pace = Pace(min(rate, limit.ceiling))
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep ``seconds``, or less if a replan wakes every sleeper."""
@@ -222,11 +321,16 @@ class Pacer:
             self._probe = None
 
     def pause(self, seconds: float) -> None:
-        """Send nothing for ``seconds`` from now; then start the pace afresh, without a burst."""
+        """Send nothing for ``seconds`` from now; then start the pace afresh, without a burst.
+
+        With a store, every process sharing it pauses too.
+        """
         until = self._now() + seconds
         if until > self._not_before:
             self._not_before = until
             self._replan(until)
+            if self.shared is not None:
+                self.shared.slow_down(seconds)
 
     def rate_limited(self, kind: Kind | None, sent_at: float) -> None:
         """A request sent at ``sent_at`` got a 429 for ``kind`` (None: not said): slow down.
@@ -240,9 +344,13 @@ class Pacer:
                 if not self.observed[k]:
                     continue
                 limit = self.limits[k] = Limit(stated=self.observed[k] / MARGIN)
+                self._book_from_store(limit)
             if sent_at > limit.cut_at:  # later 429s of the same episode don't cut again
                 limit.cut(now)
                 self._replan(max(now, self._not_before))
+                if self.shared is not None:  # the store keeps its own episodes
+                    pause = max(0.0, self._not_before - now)
+                    self.shared.slow_down(pause, k, age=now - sent_at, ceiling=limit.ceiling)
 
     def tick(self, seconds: float) -> None:
         """Called every ``seconds`` on a timer: measure the recent rates, let the pace climb."""
@@ -253,7 +361,7 @@ class Pacer:
             self._sent_total[kind] += self._sent[kind]
             self._sent[kind] = 0
             limit = self.limits[kind]
-            if limit is not None:
+            if limit is not None and self.shared is None:  # a store climbs by itself
                 changed |= limit.recover(seconds)
         if changed:
             now = self._now()
@@ -287,6 +395,7 @@ class Pacer:
             return  # the common case: nothing new
         if limit is None:
             limit = self.limits[kind] = Limit()
+            self._book_from_store(limit)
         lower = per_minute / 60 < limit.configured
         limit.state(per_minute / 60)
         self._replan(max(self._now(), self._not_before))

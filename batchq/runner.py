@@ -25,7 +25,7 @@ import signal
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -56,6 +56,9 @@ from batchq.records import Outcome, Request, error_line, key_scrubber, result_li
 from batchq.retry import Fatal, GiveUp, RetryPolicy, decide, status_error
 from batchq.shard import Span
 from batchq.transport import AiohttpTransport, Response, Transport
+
+if TYPE_CHECKING:  # pragma: no cover
+    from batchq.limits_store import SharedLimits
 
 COMMIT_INTERVAL = 0.2
 SNAPSHOT_INTERVAL = 2.0  # progress.json, for `batchq status` of a running job
@@ -257,18 +260,31 @@ class Pipeline:
                         max_response_bytes=s.max_response_bytes,
                     )
                 )
+            if (store := self.job.settings.limits_store) is not None:
+                self.pacer.share(await stack.enter_async_context(self._store(store)))
             await self._pipeline(transport)
+
+    def _store(self, url: str) -> SharedLimits:
+        from batchq.limits_store import SharedLimits, default_key
+
+        s = self.job.settings
+        key = s.limits_key or default_key(s.base_url, self.options.api_key)
+        return SharedLimits(url, key, on_notice=self.options.on_notice)
 
     async def _pipeline(self, transport: Transport) -> None:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._write_outcomes())
             ticker = tg.create_task(self._tick())
+            shared = self.pacer.shared
+            sharer = tg.create_task(shared.run()) if shared is not None else None
             async with asyncio.TaskGroup() as producers:
                 self._feeder = producers.create_task(self._feed())
                 for _ in range(self.workers):
                     producers.create_task(self._process(transport))
             await self.outcomes.put(None)  # every producer is done; let the writer drain
             ticker.cancel()
+            if sharer is not None and shared is not None:
+                shared.stop()
             self._report(paced=self.pacer.request_rate() is not None)
 
     async def _feed(self) -> None:

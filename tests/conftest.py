@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
@@ -99,3 +105,92 @@ def hostile() -> Iterator[Callable[[Handler], HostileServer]]:
             return server
 
         yield start
+
+
+class RedisServer:
+    """A real ``redis-server`` on 127.0.0.1 and a free port, in memory only."""
+
+    def __init__(self) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port: int = probe.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._dir = tempfile.mkdtemp(prefix="batchq-redis-")
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self._dir,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as conn,
+            ):
+                conn.sendall(b"PING\r\n")
+                if conn.recv(16).startswith(b"+PONG"):
+                    return
+            assert self.process.poll() is None, "redis-server exited at start"
+            assert time.monotonic() < deadline, "redis-server did not answer PING"
+            time.sleep(0.02)
+
+    def command(self, *args: str) -> bytes:
+        """One command in RESP, its raw answer (enough for FLUSHALL and KEYS)."""
+        parts = [f"*{len(args)}\r\n".encode()]
+        for arg in args:
+            parts.append(f"${len(arg.encode())}\r\n{arg}\r\n".encode())
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as conn:
+            conn.sendall(b"".join(parts))
+            time.sleep(0.05)
+            return conn.recv(1 << 16)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def close(self) -> None:
+        self.kill()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_session() -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        reason = (
+            "REDIS TESTS SKIPPED: redis-server is not installed "
+            "(make redis-server installs it as root; apt-get install redis-server)"
+        )
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason.replace("SKIPPED", "CANNOT RUN ON CI"), pytrace=False)
+        pytest.skip(reason)
+    server = RedisServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def redis_server(redis_session: RedisServer) -> RedisServer:
+    """The session's Redis, running and empty (a test may have killed it)."""
+    if redis_session.process is None or redis_session.process.poll() is not None:
+        redis_session.start()
+    redis_session.command("FLUSHALL")
+    return redis_session

@@ -1,0 +1,205 @@
+"""Shared limits (--limits-store): the ledger on its own, then real batchq processes
+sharing a real Redis against one built-in endpoint. Never a mocked Redis."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import MockFactory, RedisServer
+from support import (
+    assert_exactly_once,
+    batchq,
+    batchq_cmd,
+    chat,
+    clean_env,
+    outputs,
+    wait_for,
+    write_jsonl,
+)
+
+from batchq.config import Settings
+from batchq.errors import ConfigError
+from batchq.limits_store import Ledger, default_key, redact
+
+
+def busiest_second(times: list[float]) -> int:
+    times = sorted(times)
+    return max(sum(1 for t in times[i:] if t < start + 1.0) for i, start in enumerate(times))
+
+
+# --- The ledger: pure, no I/O ------------------------------------------------------------
+
+
+def test_ledger_spaces_a_block_at_its_rate() -> None:
+    ledger = Ledger(10.0)
+    ledger.grant(100.0, 5, 10.0)
+    starts = [ledger.reserve(1, 100.0) for _ in range(5)]
+    assert starts == pytest.approx([100.0, 100.1, 100.2, 100.3, 100.4])
+    assert ledger.reserve(1, 100.0) is None  # empty: the store must grant more
+
+
+def test_ledger_drops_units_whose_time_passed() -> None:
+    ledger = Ledger(10.0)
+    ledger.grant(100.0, 5, 10.0)
+    assert ledger.held(100.25) == pytest.approx(2.5)
+    assert ledger.reserve(1, 100.25) == pytest.approx(100.25)  # no burst of the missed ones
+    assert ledger.held(101.0) == 0
+
+
+def test_ledger_request_across_blocks_starts_with_the_later_block() -> None:
+    ledger = Ledger(100.0)
+    ledger.grant(0.0, 50, 100.0)
+    ledger.grant(2.0, 100, 100.0)
+    assert ledger.reserve(40, 0.0) == 0.0
+    assert ledger.reserve(30, 0.0) == 2.0  # 10 units of the first block, 20 of the second
+    assert ledger.held(0.0) == pytest.approx(80)
+
+
+def test_ledger_replan_voids_what_it_holds() -> None:
+    ledger = Ledger(10.0)
+    ledger.grant(0.0, 5, 10.0)
+    ledger.replan(0.0)
+    assert ledger.reserve(1, 0.0) is None
+
+
+def test_default_key_never_holds_the_api_key() -> None:
+    key = default_key("https://api.example.com/v1/", "sk-secret-1234567890")
+    assert "sk-secret" not in key and key.startswith("https://api.example.com/v1#")
+    assert key == default_key("https://api.example.com/v1", "sk-secret-1234567890")
+    assert key != default_key("https://api.example.com/v1", "sk-other-1234567890")
+    assert redact("redis://user:pw@host:6379/0") == "redis://host:6379/0"
+
+
+def test_limits_store_must_be_a_redis_url() -> None:
+    with pytest.raises(ConfigError, match="Redis URL"):
+        Settings(input="in.jsonl", limits_store="http://127.0.0.1:6379")
+    assert Settings(input="x", limits_store="redis://h:1/0").limits_store == "redis://h:1/0"
+
+
+# --- Real processes, real Redis ----------------------------------------------------------
+
+
+def _inputs(tmp_path: Path, parts: int, lines: int) -> list[list[str]]:
+    ids = []
+    for p in range(parts):
+        part = [f"p{p}-{i}" for i in range(lines)]
+        write_jsonl(tmp_path / f"part{p}.jsonl", [chat(f"q {c}", c) for c in part])
+        ids.append(part)
+    return ids
+
+
+def _start(tmp_path: Path, part: int, url: str, *args: str, **env: str) -> subprocess.Popen[str]:
+    cmd = batchq_cmd(f"part{part}.jsonl", "--base-url", url, "--model", "m", "-q", *args)
+    cmd.insert(3, "run")
+    return subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env=clean_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("headers", [True, False], ids=["headers", "no-headers"])
+def test_three_processes_share_one_accounts_rpm(
+    tmp_path: Path, mock_server: MockFactory, redis_server: RedisServer, headers: bool
+) -> None:
+    server = mock_server(rpm=6000, rate_limit_headers=headers)
+    ids = _inputs(tmp_path, 3, 150)
+    runs = [
+        # each is given the account's whole limit; the store makes them share it
+        _start(tmp_path, p, server.url, "--rpm", "6000", "--limits-store", redis_server.url)
+        for p in range(3)
+    ]
+    for p, process in enumerate(runs):
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 0, stderr
+        assert_exactly_once(tmp_path / "jobs" / f"part{p}", ids[p])
+    stats = server.stats()
+    assert stats["rate_limited"] <= 2, stats["by_status"]
+    times = [at for at, _ in stats["arrivals"]]
+    assert busiest_second(times) <= 110  # the account's 100/s, not three times that
+    assert (len(times) - 1) / (max(times) - min(times)) >= 80  # and most of it is used
+
+
+@pytest.mark.slow
+def test_a_429_pauses_every_process_and_the_store_cuts_their_shared_pace(
+    tmp_path: Path, mock_server: MockFactory, redis_server: RedisServer
+) -> None:
+    # The endpoint allows 3,000/min; the processes are told 6,000 and the endpoint sends no
+    # headers: they can only learn from 429s, and each 429 slows all of them.
+    server = mock_server(rpm=3000, rate_limit_headers=False)
+    ids = _inputs(tmp_path, 2, 120)
+    runs = [
+        _start(tmp_path, p, server.url, "--rpm", "6000", "--limits-store", redis_server.url)
+        for p in range(2)
+    ]
+    for p, process in enumerate(runs):
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 0, stderr
+        assert_exactly_once(tmp_path / "jobs" / f"part{p}", ids[p])
+    assert server.stats()["rate_limited"] <= 20  # a few at the start, not a storm
+
+
+@pytest.mark.slow
+def test_limits_key_separates_accounts_and_env_names_the_store(
+    tmp_path: Path, mock_server: MockFactory, redis_server: RedisServer
+) -> None:
+    server = mock_server()
+    _inputs(tmp_path, 1, 20)
+    done = batchq(
+        "run", "part0.jsonl", "--base-url", server.url, "--model", "m", "-q",
+        "--rpm", "60000", "--limits-key", "team-a",
+        cwd=tmp_path,
+        env=clean_env(BATCHQ_LIMITS_STORE=redis_server.url, OPENAI_API_KEY="sk-zz-12345678"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    keys = redis_server.command("KEYS", "*")
+    assert b"batchq:limits:{team-a}" in keys
+    assert b"sk-zz" not in keys
+
+
+def test_redis_down_at_start_is_one_line_and_exit_2(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server()
+    _inputs(tmp_path, 1, 5)
+    done = batchq(
+        "run", "part0.jsonl", "--base-url", server.url, "--model", "m", "-q",
+        "--rpm", "6000", "--limits-store", "redis://:hunter2@127.0.0.1:1/0",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith(
+        "batchq: error: cannot reach the limits store redis://127.0.0.1:1/0"
+    )
+    assert len([line for line in lines if "error" in line]) == 1
+    assert "hunter2" not in done.stderr and "Traceback" not in done.stderr
+    assert server.stats()["requests"] == 0
+
+
+@pytest.mark.slow
+def test_redis_killed_mid_run_says_so_once_and_finishes_exactly_once(
+    tmp_path: Path, mock_server: MockFactory, redis_server: RedisServer
+) -> None:
+    server = mock_server(rpm=6000)
+    ids = _inputs(tmp_path, 1, 400)
+    process = _start(tmp_path, 0, server.url, "--rpm", "6000", "--limits-store", redis_server.url)
+    wait_for(lambda: server.stats()["requests"] >= 100)
+    redis_server.kill()
+    began = time.monotonic()
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    assert stderr.count("lost the limits store") == 1, stderr
+    assert "1/1 of the limits" in stderr
+    assert_exactly_once(tmp_path / "jobs" / "part0", ids[0])
+    results, errors = outputs(tmp_path / "jobs" / "part0")
+    assert len(results) == 400 and not errors
+    assert server.stats()["rate_limited"] <= 2
+    assert time.monotonic() - began < 30
