@@ -302,3 +302,29 @@ def test_creating_a_job_is_safe_when_every_shard_starts_at_once(tmp_path: Path) 
     assert sum(s[3] for s in ordered) == 100
     assert read_state(tmp_path / "job")["shards"] == 8
     assert (tmp_path / "job" / "job.toml").exists()
+
+
+def test_shard_auto_reads_the_schedulers_index_and_status_shows_what_is_left(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server()
+    ids = _input(tmp_path, 50)
+    args = ["run", "in.jsonl", "--job", "job", "--base-url", server.url, "--model", "m"]
+    k8s = clean_env(JOB_COMPLETION_INDEX="0", BATCHQ_SHARDS="2")
+    first = batchq(*args, "--shard", "auto", cwd=tmp_path, env=k8s)
+    assert first.returncode == 0, first.stderr
+    figures = orjson.loads(batchq("status", "job", "--json", cwd=tmp_path).stdout)
+    assert figures["state"] == "interrupted" and figures["pending"] == 50 - figures["done"]
+    assert [p["state"] for p in figures["shards"]] == ["finished", "not started"]
+
+    slurm = clean_env(SLURM_ARRAY_TASK_ID="1", SLURM_ARRAY_TASK_COUNT="2")
+    second = batchq(*args, "--shard", "auto", cwd=tmp_path, env=slurm)
+    assert second.returncode == 0, second.stderr
+    assert_exactly_once_across_shards(tmp_path / "job", ids)
+
+    new = ["run", "in.jsonl", "--job", "other", "--base-url", server.url, "--model", "m"]
+    moved = batchq(*new, "--shard", "0/2", "--output", "out.jsonl", cwd=tmp_path)
+    assert moved.returncode == 2 and "do not go with --shard" in moved.stderr
+    assert not (tmp_path / "other" / "job.toml").exists()
+    nothing = batchq(*args, "--shard", "auto", cwd=tmp_path)
+    assert nothing.returncode == 2 and "JOB_COMPLETION_INDEX" in nothing.stderr
