@@ -239,11 +239,18 @@ class Pacer:
             limit.pace = Ledger(limit.pace.rate)
 
     async def _refill(self, tokens: int) -> None:
-        """Book a block from the store for each kind short of units; one worker asks for all."""
-        if self._refilled is not None:
+        """Book a block from the store for each kind short of units; one worker asks for all.
+
+        With blocks of nothing (``block_seconds`` 0, to measure one script call per
+        acquisition) every worker asks for itself, side by side.
+        """
+        single = self.shared is None or self.shared.block_seconds > 0
+        if single and self._refilled is not None:
             await self._refilled.wait()
             return
-        self._refilled = done = asyncio.Event()
+        done = asyncio.Event()
+        if single:
+            self._refilled = done
         try:
             from batchq.limits_store import Ledger
 
@@ -269,7 +276,8 @@ class Pacer:
                     shared.epoch = grant.epoch
                 ledger.grant(now + grant.delay, amount, grant.rate)
         finally:
-            self._refilled = None
+            if single:
+                self._refilled = None
             done.set()
 
     def _go_alone(self) -> None:

@@ -53,6 +53,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from batchq.limiter import Kind
 
 BLOCK_SECONDS = 0.05  # of a process's pace, booked per round trip to the store
+GRACE_SECONDS = 0.02  # a unit this late is still used: the time from the grant to the worker
 HEARTBEAT_SECONDS = 1.0
 HEARTBEAT_TTL = 3.0  # a process not heard from for this long no longer counts
 KEY_TTL_MS = 120_000  # every key expires this long after its last use
@@ -159,7 +160,9 @@ class Ledger:
 
     Each block is a stretch of the shared timeline, its units due one after
     another at its own rate. Units whose time passed unused are dropped, as a
-    local GCRA drops them, so a late worker never bursts.
+    local GCRA drops them, so a late worker never bursts; but only once
+    ``GRACE_SECONDS`` late, or at a high rate a unit would pass between the
+    store's answer and the worker it was booked for.
     """
 
     __slots__ = ("_blocks", "rate")
@@ -202,7 +205,7 @@ class Ledger:
     def _drop_passed(self, now: float) -> None:
         while self._blocks:
             start, amount, rate, used = self._blocks[0]
-            passed = (now - start) * rate
+            passed = (now - GRACE_SECONDS - start) * rate
             if passed >= amount:
                 self._blocks.popleft()
                 continue

@@ -130,6 +130,7 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=500, help="per process (4 processes)")
     parser.add_argument("--nginx-lines", type=int, default=20_000)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--part", choices=("all", "four", "overhead"), default="all")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="batchq-shared-") as name:
         tmp = Path(name)
@@ -138,7 +139,7 @@ def main() -> None:
             print(f"{args.lines:,} requests each, {4 * args.lines / (RPM / 60):.0f} s floor\n")
             print("| endpoint | store | utilisation | 429s | wall s | failed runs |")
             print("|---|---|---:|---:|---:|---:|")
-            for headers in (True, False):
+            for headers in (True, False) if args.part != "overhead" else ():
                 for shared in (store, None):
                     case = tmp / f"case-{headers}-{bool(shared)}"
                     case.mkdir()
@@ -149,7 +150,7 @@ def main() -> None:
                         f"{f['429']:.2%} | {f['wall']:.1f} | {f['failed']:.0f} |",
                         flush=True,
                     )
-            rates = overhead(tmp, args.nginx_lines, args.runs, store)
+            rates = overhead(tmp, args.nginx_lines, args.runs, store) if args.part != "four" else {}
             if rates:
                 base = rates["no store"]
                 print(f"\n## One process against nginx, {args.nginx_lines:,} lines, paced")

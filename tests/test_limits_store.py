@@ -22,7 +22,7 @@ from support import (
 
 from batchq.config import Settings
 from batchq.errors import ConfigError
-from batchq.limits_store import Ledger, default_key, redact
+from batchq.limits_store import GRACE_SECONDS, Ledger, default_key, redact
 
 
 def busiest_second(times: list[float]) -> int:
@@ -44,9 +44,16 @@ def test_ledger_spaces_a_block_at_its_rate() -> None:
 def test_ledger_drops_units_whose_time_passed() -> None:
     ledger = Ledger(10.0)
     ledger.grant(100.0, 5, 10.0)
-    assert ledger.held(100.25) == pytest.approx(2.5)
-    assert ledger.reserve(1, 100.25) == pytest.approx(100.25)  # no burst of the missed ones
+    late = 100.25 + GRACE_SECONDS
+    assert ledger.held(late) == pytest.approx(2.5)
+    assert ledger.reserve(1, late) == pytest.approx(late)  # no burst of the missed ones
     assert ledger.held(101.0) == 0
+
+
+def test_ledger_keeps_a_unit_the_worker_is_about_to_take() -> None:
+    ledger = Ledger(1e6)  # at a million a second, a unit "passes" in a microsecond
+    ledger.grant(100.0, 1, 1e6)
+    assert ledger.reserve(1, 100.001) == pytest.approx(100.001)
 
 
 def test_ledger_request_across_blocks_starts_with_the_later_block() -> None:
