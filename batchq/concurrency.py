@@ -20,9 +20,10 @@ requests in flight until the endpoint is full; past that, more in flight is
 only a longer queue. So it measures the answers a second each limit brings,
 over windows of at least a second and four median latencies, and
 
-- multiplies the limit by eight from ``INITIAL`` while throughput keeps up
-  and the median latency stays within twice the lowest seen (slow start:
-  three short windows take it to 1,024);
+- quadruples the limit from ``INITIAL`` while throughput keeps up, the
+  median latency stays within twice the lowest seen and Little's law
+  accounts for the pool (slow start: four short windows take it to 1,024;
+  a step of eight would cross a small server's knee unseen);
 - when it stops keeping up, the endpoint is full: the limit goes to the
   pool that Little's law says fills it, the throughput seen times the
   lowest mean latency seen, with headroom (a batching server answers a
@@ -54,7 +55,7 @@ import resource
 from collections import deque
 
 INITIAL = 4  # the unpaced pool's first allowance
-GROWTH = 8  # per window in slow start: 4 → 1,024 in three windows
+GROWTH = 4  # per window in slow start: 4 → 1,024 in four windows
 FLOOR = 2
 WINDOW = 1.0  # the shortest measurement of a limit's throughput
 WINDOW_LATENCIES = 4  # and at least this many median latencies
@@ -62,7 +63,7 @@ KEEP = 0.98  # of the best throughput: a smaller pool that keeps this much is ke
 SHRINK, GROW = 0.8, 1.25  # a probe's step
 MIN_ANSWERS = 16
 PROBE_EVERY = 4  # measurements of the best limit between two probes of another
-SLOW_START_GAIN = 1.5  # eight times the pool must bring this much more throughput
+SLOW_START_GAIN = 1.5  # four times the pool must bring this much more throughput
 QUEUEING = 2.0  # and keep the median latency within this many times the lowest seen
 HEADROOM = 1.5  # over Little's law: the pace binds, a batching endpoint fills
 PACED_PERCENTILE = 90

@@ -527,7 +527,7 @@ async def test_slots_serve_at_most_k_and_queue_the_rest(
 async def test_slots_queue_first_in_first_out(
     mock_server: MockFactory, session: aiohttp.ClientSession
 ) -> None:
-    mock = mock_server(slots=1, latency=0.05)
+    mock = mock_server(slots=1, latency=0.5)  # long enough for all four to be in, loaded
     url = f"{mock.url}/chat/completions"
     answered: list[str] = []
 
