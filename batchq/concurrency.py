@@ -42,9 +42,11 @@ a minimum taken over noisy windows drifts low until a healthy endpoint looks
 congested and the pool collapses; measured throughput is what a user wants
 and, counted over many answers, it is steady. Windows are long, so one slow
 answer moves nothing, and each judges answers to requests sent under the
-limit it measures (it waits one p90 latency first). Everything here but
-``Gate`` is a pure function of the observations and the clock it is
-handed: float seconds.
+limit it measures (it lets the answers to earlier ones pass first; and a
+step's gain counts only if Little's law, rate × latency, accounts for the
+pool: a queue still building up at the endpoint is not throughput).
+Everything here but ``Gate`` is a pure function of the observations and
+the clock it is handed: float seconds.
 """
 
 from __future__ import annotations
