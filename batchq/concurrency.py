@@ -93,7 +93,7 @@ class Gate:
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self.release()  # woken and cancelled at once: pass the place on
-            else:
+            elif waiter in self._waiters:  # (_wake drops cancelled waiters itself)
                 self._waiters.remove(waiter)
             raise
 

@@ -351,8 +351,10 @@ class Pipeline:
         pool, loop = self.pool, asyncio.get_running_loop()
         await pool.gate.acquire()
         try:
+            if self.stats.interrupted:  # stopped while it waited for a slot
+                return None
             started = await self.pacer.wait_turn(request.tokens)
-            if self.stats.interrupted:  # it waited for its turn while the run was stopped
+            if self.stats.interrupted:  # or for its turn in the pace
                 return None
             pool.sent(started)
             result: Answer | None = None  # None: cancelled before an answer

@@ -176,3 +176,25 @@ def test_a_stopped_run_sends_nothing_that_was_still_waiting_for_a_slot(
     assert proc.returncode == 130, stderr
     assert server.stats()["requests"] == 4
     assert len(outputs(tmp_path / "jobs" / "in")[0]) == 4
+
+
+def test_a_signal_while_requests_wait_for_a_slot_exits_130(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    # Under a pace most workers wait at the gate or for their turn; when the drain time is
+    # up they are all cancelled at once, which once ended in exit 70.
+    server = mock_server(rpm=6000, record=False)
+    write_jsonl(tmp_path / "in.jsonl", [chat(f"q{i}") for i in range(1000)])
+    args = ["run", "in.jsonl", "--base-url", server.url, "--model", "m", "-q"]
+    args += ["--rpm", "6000", "--drain-timeout", "0"]
+    proc = subprocess.Popen(
+        batchq_cmd(*args), cwd=tmp_path, env=clean_env(), stderr=subprocess.PIPE, text=True
+    )
+    wait_for(lambda: server.stats()["requests"] >= 100)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stderr
+    assert "internal error" not in stderr
+    resumed = batchq(*args[:-2], cwd=tmp_path, timeout=120)  # the rest, once each
+    assert resumed.returncode == 0, resumed.stderr
+    assert_exactly_once(tmp_path / "jobs" / "in", [f"line-{i}" for i in range(1, 1001)])

@@ -82,6 +82,20 @@ async def test_a_cancelled_waiter_passes_its_place_on() -> None:
     assert second.done() and gate.used == 1
 
 
+async def test_cancelling_every_waiter_leaves_the_gate_consistent() -> None:
+    gate = Gate(1)
+    await gate.acquire()
+    waiters = [asyncio.create_task(gate.acquire()) for _ in range(5)]
+    await settle()
+    waiters[0].cancel()
+    gate.release()  # wakes past the cancelled one
+    for task in waiters[1:]:
+        task.cancel()  # one of them was just given the place
+    results = await asyncio.gather(*waiters, return_exceptions=True)
+    assert all(isinstance(r, asyncio.CancelledError) for r in results)
+    assert gate.used == 0 and gate.waiting == 0
+
+
 # --- Little's law under a pace ---------------------------------------------------------------
 
 
