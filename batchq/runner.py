@@ -343,6 +343,9 @@ class Pipeline:
             else:
                 await asyncio.sleep(decision.delay)  # off the pool: the slot serves another
 
+    def _stopping(self) -> bool:
+        return self.stats.interrupted
+
     async def _attempt(
         self, transport: Transport, request: Request
     ) -> tuple[float, Answer, bool] | None:
@@ -351,10 +354,10 @@ class Pipeline:
         pool, loop = self.pool, asyncio.get_running_loop()
         await pool.gate.acquire()
         try:
-            if self.stats.interrupted:  # stopped while it waited for a slot
+            if self._stopping():  # stopped while it waited for a slot
                 return None
             started = await self.pacer.wait_turn(request.tokens)
-            if self.stats.interrupted:  # or for its turn in the pace
+            if self._stopping():  # or for its turn in the pace
                 return None
             pool.sent(started)
             result: Answer | None = None  # None: cancelled before an answer
