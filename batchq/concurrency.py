@@ -299,12 +299,16 @@ class Pool:
     def sent(self, now: float) -> None:
         self.in_flight += 1
         self.peak = max(self.peak, self.in_flight)
+        if self.fixed:  # nothing to learn: keep the request path as short as it was
+            return
         self.adaptive.sent(self.in_flight, now)
         if self._first_sent is None:
             self._first_sent = now
 
     def answered(self, sent_at: float, now: float, *, ok: bool, overload: bool) -> None:
         self.in_flight -= 1
+        if self.fixed:
+            return
         if ok:
             self.recent.add(now - sent_at)
         if ok or overload:

@@ -42,6 +42,18 @@ def batchq(
     )
 
 
+def start(*args: str | Path, cwd: Path) -> subprocess.Popen[str]:
+    """Start ``batchq ARGS`` in a subprocess, its output captured, without waiting."""
+    return subprocess.Popen(
+        batchq_cmd(*args),
+        cwd=cwd,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def write_jsonl(path: Path, objects: Iterable[Any]) -> Path:
     path.write_bytes(b"".join(orjson.dumps(o) + b"\n" for o in objects))
     return path

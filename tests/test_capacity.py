@@ -25,6 +25,7 @@ from support import (
     chat,
     clean_env,
     outputs,
+    start,
     wait_for,
     write_jsonl,
 )
@@ -119,9 +120,7 @@ def test_kill_during_hedged_tail_then_resume_writes_each_line_once(
     lines += [chat(p, custom_id=cid) for p, cid in zip(stragglers, ids[-2:], strict=True)]
     write_jsonl(tmp_path / "in.jsonl", lines)
     args = ["run", "in.jsonl", "--base-url", server.url, "--model", "m", "-q", "--hedge"]
-    proc = subprocess.Popen(
-        batchq_cmd(*args), cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, text=True
-    )
+    proc = start(*args, cwd=tmp_path)
     # Both stragglers and their second copies are out, and sleeping: the tail.
     wait_for(lambda: all(server.stats()["prompts"].get(p) == 2 for p in stragglers))
     proc.send_signal(signal.SIGKILL)
@@ -167,9 +166,7 @@ def test_a_stopped_run_sends_nothing_that_was_still_waiting_for_a_slot(
     server = mock_server(latency=2.0, record=False)  # the probe's answer comes after the 4 go
     write_jsonl(tmp_path / "in.jsonl", [chat(f"q{i}") for i in range(100)])
     args = ["run", "in.jsonl", "--base-url", server.url, "--model", "m", "-q"]
-    proc = subprocess.Popen(
-        batchq_cmd(*args), cwd=tmp_path, env=clean_env(), stderr=subprocess.PIPE, text=True
-    )
+    proc = start(*args, cwd=tmp_path)
     wait_for(lambda: server.stats()["in_flight"] == 4)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=30)
@@ -187,9 +184,7 @@ def test_a_signal_while_requests_wait_for_a_slot_exits_130(
     write_jsonl(tmp_path / "in.jsonl", [chat(f"q{i}") for i in range(1000)])
     args = ["run", "in.jsonl", "--base-url", server.url, "--model", "m", "-q"]
     args += ["--rpm", "6000", "--drain-timeout", "0"]
-    proc = subprocess.Popen(
-        batchq_cmd(*args), cwd=tmp_path, env=clean_env(), stderr=subprocess.PIPE, text=True
-    )
+    proc = start(*args, cwd=tmp_path)
     wait_for(lambda: server.stats()["requests"] >= 100)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=30)

@@ -13,7 +13,6 @@ import os
 import random
 import signal
 import struct
-import subprocess
 import time
 from pathlib import Path
 
@@ -23,27 +22,15 @@ from conftest import MockFactory
 from support import (
     assert_exactly_once,
     batchq,
-    batchq_cmd,
     chat,
-    clean_env,
     outputs,
     read_jsonl,
+    start,
     wait_for,
     write_jsonl,
 )
 
 pytestmark = pytest.mark.slow
-
-
-def start(*args: str | Path, cwd: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        batchq_cmd(*args),
-        cwd=cwd,
-        env=clean_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def results_exist(job: Path) -> bool:
