@@ -28,6 +28,11 @@ crash, a Ctrl-C or a kernel restart sends only what is missing and returns
 every result. Without it the job lives in a temporary folder, removed
 afterwards. The API key is taken from ``api_key=`` or the environment and
 is written nowhere.
+
+With ``shard="I/N"`` (or ``(I, N)``, or ``"auto"`` under a scheduler) the
+call runs part I of N of the job, as ``batchq run --shard`` does, and returns
+that part's results; N calls may start at once on one ``job=`` folder, each
+in its own process, and ``batchq.open_job(DIR).results()`` gives them all.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import os
 import sys
 import tempfile
 import threading
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
@@ -45,12 +51,14 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import orjson
 
+from batchq import durable
 from batchq import job as jobs
 from batchq.config import SETTING_NAMES
-from batchq.errors import ConfigError, InputError
+from batchq.errors import ConfigError, InputError, StorageError
 from batchq.job import Job
 from batchq.progress import Stats
 from batchq.results import OutputIndex, Result
+from batchq.shard import Shard, parse_shard
 
 if TYPE_CHECKING:  # aiohttp and the engine load on the first run, not on `import batchq`
     from batchq.transport import Transport
@@ -79,9 +87,11 @@ def run(requests: Requests, **options: Any) -> list[Result]:
             ``base_url``, ``api_key_env``, ``endpoint``, ``system``,
             ``max_tokens``, ``temperature``, ``params``, ``rpm``, ``tpm``,
             ``concurrency``, ``max_attempts``, ``timeout``, ``hedge``,
-            ``retry_failed``, ``force``, ...), plus ``job`` (a folder),
-            ``api_key`` (the key itself), ``progress`` (default True) and
-            ``transport`` (an object with ``async send(path, body)``).
+            ``retry_failed``, ``force``, ``limits_store``, ...), plus ``job``
+            (a folder), ``shard`` (``"I/N"``, ``(I, N)`` or ``"auto"``: this
+            part of the job, whose results are returned), ``api_key`` (the
+            key itself), ``progress`` (default True) and ``transport`` (an
+            object with ``async send(path, body)``).
 
     Raises:
         BatchqError: ``ConfigError``, ``InputError``, ``JobLocked``,
@@ -222,6 +232,7 @@ class _Prepared:
         transport: Transport | None = options.pop("transport", None)
         retry_failed = bool(options.pop("retry_failed", False))
         force = bool(options.pop("force", False))
+        shard = options.pop("shard", None)
         defaults = dict(options.pop("params", None) or {})
         defaults.update({k: options.pop(k) for k in _REQUEST_DEFAULTS if k in options})
         unknown = sorted(set(options) - SETTING_NAMES)
@@ -237,6 +248,8 @@ class _Prepared:
             default_base_url=os.environ.get("OPENAI_BASE_URL") or None,
             force=force,
         )
+        if shard is not None:
+            job = jobs.with_shard(job, _shard(shard))
         self.job = job
         if api_key is None:
             api_key = os.environ.get(job.settings.api_key_env) or None
@@ -256,7 +269,7 @@ class _Prepared:
 
     def index(self) -> OutputIndex:
         assert self.job is not None
-        return OutputIndex(self.job.dir, self.job.results, self.job.errors)
+        return OutputIndex(self.job.run_dir, self.job.results, self.job.errors)
 
     def _input(self, endpoint: str | None) -> Path:
         """The input file: the path given, or the requests written to the job's input."""
@@ -266,32 +279,53 @@ class _Prepared:
         return write_input(self.dir / INPUT, self.requests, endpoint)
 
 
+def _shard(spec: object) -> Shard:
+    """``shard=`` as the command line's ``--shard`` takes it, or a pair ``(I, N)``."""
+    if isinstance(spec, str):
+        return parse_shard(spec, os.environ)
+    if isinstance(spec, tuple) and len(spec) == 2 and all(type(n) is int for n in spec):
+        return Shard(*spec)
+    raise ConfigError(f'shard= takes "I/N", (I, N) or "auto", not {spec!r}')
+
+
 def write_input(path: Path, requests: Iterable[str | dict[str, Any]], endpoint: str | None) -> Path:
     """Write ``requests`` as JSONL at ``path``, unless the same (or fewer) are there already.
 
     Calling the same cell again writes the same bytes, which the job's pinned
     fingerprint recognises; requests added at the end are new requests. Other
     requests would make the job's checkpoint point at the wrong lines, so
-    they are refused before anything is touched.
+    they are refused before anything is touched. Shards of one job write at
+    once: each through a file of its own, and the same requests leave the
+    file in place, so no shard ever reads another's half-written input.
     """
     key = _STRING_BODY.get(endpoint or "", "prompt")
-    tmp = path.with_name(path.name + ".new")
-    with tmp.open("wb") as f:
-        for item in requests:
-            body: object = {key: item} if isinstance(item, str) else item
-            if not isinstance(body, dict):
-                tmp.unlink()
-                raise InputError(f"a request must be a string or a dict, not {type(body).__name__}")
-            f.write(orjson.dumps(body, option=orjson.OPT_APPEND_NEWLINE))
-        f.flush()
-        os.fsync(f.fileno())
-    if path.exists() and not _extends(tmp, path):
-        tmp.unlink()
-        raise InputError(
-            f"these requests are not the ones job {path.parent} was made for (nor those "
-            "with more at the end); pass another job= folder to start a separate job"
-        )
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.new")
+    try:
+        with tmp.open("wb") as f:
+            for item in requests:
+                body: object = {key: item} if isinstance(item, str) else item
+                if not isinstance(body, dict):
+                    raise InputError(
+                        f"a request must be a string or a dict, not {type(body).__name__}"
+                    )
+                f.write(orjson.dumps(body, option=orjson.OPT_APPEND_NEWLINE))
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            if not _extends(tmp, path):
+                raise InputError(
+                    f"these requests are not the ones job {path.parent} was made for (nor "
+                    "those with more at the end); pass another job= folder to start a "
+                    "separate job"
+                )
+            if tmp.stat().st_size == path.stat().st_size:
+                return path  # the same requests: nothing to replace
+        os.replace(tmp, path)
+        durable.fsync_dir(path.parent)
+    except OSError as exc:
+        raise StorageError.from_os("write", path, exc) from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

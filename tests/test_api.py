@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -209,3 +210,27 @@ def test_export_gives_every_line_once_in_input_order(
     assert [r.custom_id for r in bq.open_job(tmp_path / "jobs" / "in").results()] == [
         f"c{i}" for i in range(50)
     ]
+
+
+async def test_shards_started_at_once_each_return_their_part_and_the_job_holds_all(
+    mock_server: MockFactory, tmp_path: Path
+) -> None:
+    server = mock_server(latency_jitter=0.01, seed=9)
+    job = tmp_path / "job"
+    requests = [f"q{i}" for i in range(60)]
+    parts = await asyncio.gather(  # both write the job's input, and pin it, at once
+        *(
+            bq.arun(requests, job=job, shard=shard, **options(server.url))
+            for shard in ("0/3", (1, 3), "2/3")
+        )
+    )
+    lines = [[r.line for r in part] for part in parts]
+    assert all(lines) and [n for part in lines for n in part] == list(range(1, 61))
+    assert [r.text for r in bq.open_job(job).results()] == [f"Echo: q{i}" for i in range(60)]
+    assert server.stats()["requests"] == 60
+    again = bq.run(requests, job=job, shard="1/3", **options(server.url))
+    assert [r.line for r in again] == lines[1] and server.stats()["requests"] == 60
+    with pytest.raises(bq.ConfigError, match="started as 3 shards, not 2"):
+        bq.run(requests, job=job, shard=(0, 2), **options(server.url))
+    with pytest.raises(bq.ConfigError, match=r'takes "I/N", \(I, N\) or "auto"'):
+        bq.run(requests, job=job, shard=[0, 3], **options(server.url))
