@@ -153,6 +153,7 @@ class Pacer:
     ) -> None:
         self.tpm = tpm
         self.shared: SharedLimits | None = None  # None: this process alone, or store lost
+        self._away_from: SharedLimits | None = None  # the store while it is lost
         self.max_pause = max_pause  # --max-wait: an endpoint's word is trusted only so far
         self.limits: dict[Kind, Limit | None] = {
             "requests": Limit(configured=rpm / 60) if rpm else None,
@@ -210,6 +211,8 @@ class Pacer:
             return now + wait
 
     def _reserve(self, tokens: int, now: float) -> list[tuple[Booker, float, float]] | None:
+        if self._away_from is not None and not self._away_from.lost:
+            self._rejoin()
         if self.shared is not None:
             if self.shared.lost:
                 self._go_alone()
@@ -283,12 +286,22 @@ class Pacer:
     def _go_alone(self) -> None:
         """The store is lost: pace locally at this process's share of each limit."""
         assert self.shared is not None
-        share, self.shared = self.shared.processes, None
+        self._away_from, self.shared = self.shared, None
         for limit in self.limits.values():
             if limit is not None:
                 rate = limit.pace.rate
-                limit.share = share
+                limit.share = self._away_from.processes
                 limit.pace = Pace(min(rate, limit.ceiling))
+
+    def _rejoin(self) -> None:
+        """The store is back: book from it again, at the whole limit it shares."""
+        assert self._away_from is not None
+        shared, self._away_from = self._away_from, None
+        for limit in self.limits.values():
+            if limit is not None:
+                limit.share = 1
+        self.share(shared)
+        self._replan(self._now())  # slots booked alone are void: their sleepers book again
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep ``seconds``, or less if a replan wakes every sleeper."""

@@ -26,8 +26,10 @@ keys expire ``KEY_TTL`` seconds after their last use.
 
 **Losing the store.** A process that cannot reach Redis mid-job says so
 once and goes on alone with the limit divided by the number of processes it
-last saw (``share``), never with the whole limit; it does not go back to the
-store during that run.
+last saw (``share``), never with the whole limit. It tries the store again
+every ``RECONNECT_SECONDS`` and, once it answers, says so and books from it
+again: a restarted Redis (empty, without persistence) starts the shared pace
+afresh, without a burst, as a first process does.
 
 The ``redis`` package is imported only when a store is named, so runs
 without one start as fast as before.
@@ -58,6 +60,7 @@ HEARTBEAT_SECONDS = 1.0
 HEARTBEAT_TTL = 3.0  # a process not heard from for this long no longer counts
 KEY_TTL_MS = 120_000  # every key expires this long after its last use
 TIMEOUT = 2.0  # seconds for one command: longer, and the store counts as lost
+RECONNECT_SECONDS = 3.0  # while lost, how often the store is tried again
 INCREASE_PER_SECOND = 0.05  # of the ceiling, after a cut (as limiter.INCREASE_PER_SECOND)
 DECREASE = 0.5
 MIN_RATE_SHARE = 0.01
@@ -309,14 +312,20 @@ class SharedLimits:
             self._wake()
 
     async def run(self) -> None:
-        """Send the slow-downs, and keep this process counted, until ``stop`` or lost.
+        """Send the slow-downs and keep this process counted until ``stop``; while the
+        store is lost, try it again now and then.
 
         Not ``asyncio.timeout`` around a queue: on 3.11 a cancellation that races the timer
         can come out as a TimeoutError, and the job would never end.
         """
         loop = asyncio.get_running_loop()
         beat = loop.time() + HEARTBEAT_SECONDS
-        while not (self.lost or self._stopped):
+        while not self._stopped:
+            if self.lost:
+                await self._doze(RECONNECT_SECONDS)
+                if not self._stopped:
+                    await self._reconnect()
+                continue
             if self._slow:
                 await self._call("slow", [self._state], self._slow.popleft())
                 continue
@@ -362,11 +371,26 @@ class SharedLimits:
         if self.lost:
             return
         self.lost = True
+        self._slow.clear()  # pauses asked before the loss would be stale when it is back
         self._on_notice(
             f"lost the limits store {redact(self.url)} ({_reason(exc)}): going on alone at "
             f"1/{self.processes} of the limits, the share of the {self.processes} "
-            "process(es) last seen"
+            f"process(es) last seen, and trying it again every {RECONNECT_SECONDS:g} s"
         )
+
+    async def _reconnect(self) -> None:
+        """Try the lost store once (the client connects afresh); on an answer, share again."""
+        from redis.exceptions import RedisError
+
+        try:
+            count = await self._scripts["heartbeat"](
+                keys=[self._members], args=[self._me, HEARTBEAT_TTL, KEY_TTL_MS]
+            )
+        except (RedisError, OSError):
+            return
+        self.processes = max(1, int(count))
+        self.lost = False
+        self._on_notice(f"the limits store {redact(self.url)} is back: sharing the limits again")
 
 
 def _reason(exc: BaseException) -> str:

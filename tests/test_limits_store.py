@@ -210,3 +210,27 @@ def test_redis_killed_mid_run_says_so_once_and_finishes_exactly_once(
     assert len(results) == 400 and not errors
     assert server.stats()["rate_limited"] <= 2
     assert time.monotonic() - began < 30
+
+
+@pytest.mark.slow
+def test_a_store_that_comes_back_is_shared_again(
+    tmp_path: Path, mock_server: MockFactory, redis_server: RedisServer
+) -> None:
+    server = mock_server(rpm=6000)
+    ids = _inputs(tmp_path, 1, 1200)
+    store = ["--limits-store", redis_server.url, "--limits-key", "k"]
+    process = _start(tmp_path, 0, server.url, "--rpm", "6000", *store)
+    wait_for(lambda: server.stats()["requests"] >= 100)
+    redis_server.kill()
+    sent = server.stats()["requests"]
+    wait_for(lambda: server.stats()["requests"] >= sent + 200)  # on alone, at its share
+    redis_server.start()  # the same port, empty, as a restarted Redis without persistence
+    wait_for(lambda: b"tat:requests" in redis_server.command("HKEYS", "batchq:limits:{k}"))
+    rejoined = server.stats()["requests"]
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    assert stderr.count("lost the limits store") == 1, stderr
+    assert stderr.count("is back: sharing the limits again") == 1, stderr
+    assert rejoined < 1200  # it paced from the store again before the end
+    assert_exactly_once(tmp_path / "jobs" / "part0", ids[0])
+    assert server.stats()["rate_limited"] <= 2
