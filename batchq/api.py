@@ -53,7 +53,7 @@ import orjson
 
 from batchq import durable
 from batchq import job as jobs
-from batchq.config import SETTING_NAMES
+from batchq.config import LIMITS_STORE_ENV, SETTING_NAMES
 from batchq.errors import ConfigError, InputError, StorageError
 from batchq.job import Job
 from batchq.progress import Stats
@@ -235,6 +235,8 @@ class _Prepared:
         shard = options.pop("shard", None)
         defaults = dict(options.pop("params", None) or {})
         defaults.update({k: options.pop(k) for k in _REQUEST_DEFAULTS if k in options})
+        if options.get("limits_store") is None:  # as the command line's --limits-store
+            options["limits_store"] = os.environ.get(LIMITS_STORE_ENV) or None
         unknown = sorted(set(options) - SETTING_NAMES)
         if unknown or "input" in options:
             raise ConfigError(f"unknown option(s): {', '.join(unknown or ['input'])}")

@@ -23,7 +23,7 @@ from typing import IO, Any, NoReturn
 import click
 import orjson
 
-from batchq.config import ENDPOINTS
+from batchq.config import ENDPOINTS, LIMITS_STORE_ENV
 from batchq.errors import BatchqError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -150,9 +150,9 @@ def _defaults(
 @click.option(
     "--limits-store",
     metavar="URL",
-    envvar="BATCHQ_LIMITS_STORE",
+    envvar=LIMITS_STORE_ENV,
     help="Share --rpm/--tpm, pauses and the endpoint's limits with every process naming "
-    "this Redis, e.g. redis://127.0.0.1:6379/0 [env: BATCHQ_LIMITS_STORE].",
+    f"this Redis, e.g. redis://127.0.0.1:6379/0 [env: {LIMITS_STORE_ENV}].",
 )
 @click.option(
     "--limits-key",

@@ -162,6 +162,8 @@ def _check_range(
 
 
 SETTING_NAMES = frozenset(f.name for f in fields(Settings))
+#: Names the limits store when neither the command line nor the call does (over job.toml).
+LIMITS_STORE_ENV = "BATCHQ_LIMITS_STORE"
 
 
 def build_settings(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> Settings:

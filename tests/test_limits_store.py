@@ -20,6 +20,7 @@ from support import (
     write_jsonl,
 )
 
+import batchq as batchq_api
 from batchq.config import Settings
 from batchq.errors import ConfigError
 from batchq.limits_store import GRACE_SECONDS, Ledger, default_key, redact
@@ -234,3 +235,18 @@ def test_a_store_that_comes_back_is_shared_again(
     assert rejoined < 1200  # it paced from the store again before the end
     assert_exactly_once(tmp_path / "jobs" / "part0", ids[0])
     assert server.stats()["rate_limited"] <= 2
+
+
+def test_the_api_shares_limits_through_the_store_the_environment_names(
+    tmp_path: Path,
+    mock_server: MockFactory,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server = mock_server()
+    monkeypatch.setenv("BATCHQ_LIMITS_STORE", redis_server.url)
+    results = batchq_api.run(
+        ["a", "b"], base_url=server.url, model="m", rpm=6000, limits_key="nb", progress=False
+    )
+    assert [r.text for r in results] == ["Echo: a", "Echo: b"]
+    assert b"batchq:limits:{nb}" in redis_server.command("KEYS", "*")
