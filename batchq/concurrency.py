@@ -45,6 +45,20 @@ answer moves nothing, and each judges answers to requests sent under the
 limit it measures (it lets the answers to earlier ones pass first; and a
 step's gain counts only if Little's law, rate × latency, accounts for the
 pool: a queue still building up at the endpoint is not throughput).
+**Under a pace against an endpoint that cannot keep up with it** (a
+self-hosted server behind a gateway's limit), Little's law would follow the
+latency of the endpoint's growing queue up to the ceiling. So
+``AdaptiveLimit`` watches the paced pool too, judging nothing by throughput
+(the pace caps it, so a larger pool never seems to gain, and a probe would
+cut the pool the pace needs). It caps the pool only when a window's answers
+fall short of the pace *and* even its fastest answers (the p10) take three
+times the lowest p10 seen: a queue delays every request, while an LLM's
+heavy tail (long answers) moves the median and the tail but leaves its short
+answers fast, and the first answers' bias toward the fast ones lowers the
+baseline, never raises a window. The cap is the knee (Little's law at the
+lowest mean latency), then probed as without a pace; a full window that
+keeps the pace again, unqueued, lifts it. Until the queue shows (a window or
+two, about two seconds) the pool still opens as the pace asks.
 Everything here but ``Gate`` is a pure function of the observations and
 the clock it is handed: float seconds.
 """
@@ -71,6 +85,8 @@ HEADROOM = 1.5  # over Little's law: the pace binds, a batching endpoint fills
 PACED_PERCENTILE = 90
 PACED_MIN = 16
 OVERLOAD_SHARE = 0.05
+PACE_KEPT = 0.9  # of the pace: answers this fast mean the pace binds, not the endpoint
+QUEUED = 3.0  # a window's fastest answers (p10) this many times the lowest seen: a queue
 FD_RESERVE = 64  # descriptors kept for files, the resolver, the event loop
 
 
@@ -161,8 +177,11 @@ class AdaptiveLimit:
         self.slow_start = True
         self.base = math.inf  # the lowest median latency seen: the endpoint unloaded
         self.base_mean = math.inf  # and the lowest mean, for Little's law (heavy tails)
+        self.base_fast = math.inf  # and the lowest p10: a queue delays even the fastest
         self.steps = 0
         self.windows = 0  # measurements judged
+        self.pace: float | None = None  # requests a second, when a pace sizes the pool
+        self.capping = False  # under a pace: the endpoint fell behind, this limit caps the pool
         self._probe = 1.0  # the factor of the last probe
         self._latency = RecentLatency(256)
         self._step(-math.inf)
@@ -171,7 +190,7 @@ class AdaptiveLimit:
         """Begin measuring the current limit."""
         p90 = self._latency.percentile(90) or 0.0
         median = self._latency.percentile(50) or 0.0
-        if self.slow_start:  # a coarse measure will do: only a gain of half is sought
+        if self.slow_start or self.watching:  # a coarse measure will do
             self._from = now + median
             self._until = self._from + max(WINDOW / 2, 2 * median)
         else:  # after a cut, the endpoint's queue drains first: its answers come fast
@@ -181,6 +200,7 @@ class AdaptiveLimit:
         self._window: list[float] = []  # the window's latencies
         self._overloads = 0
         self._peak = 0  # the most in flight during the window
+        self._sent = 0  # requests sent during the window
 
     def sent(self, in_flight: int, now: float) -> None:
         """A request went out at ``now``; ``in_flight`` counts it."""
@@ -188,6 +208,7 @@ class AdaptiveLimit:
             self._from, self._until = now, now + WINDOW
         if now >= self._from:
             self._peak = max(self._peak, in_flight)
+            self._sent += 1
 
     def answered(self, latency: float, *, overload: bool, now: float) -> None:
         """An attempt ended at ``now`` after ``latency``; ``overload``: 503, 429, a timeout."""
@@ -211,14 +232,28 @@ class AdaptiveLimit:
         rate = (answers - 1) / max(self._last - self._first, 1e-9)
         median = sorted(self._window)[answers // 2]
         mean = sum(self._window) / answers
+        fast = sorted(self._window)[answers // 10]
+        queued = fast > QUEUED * self.base_fast
         self.base = min(self.base, median)
         self.base_mean = min(self.base_mean, mean)
+        self.base_fast = min(self.base_fast, fast)
         limit, best = self.limit, self.best
         answers += self._overloads
+        paced = self.pace is not None
         if self._overloads >= 3 and self._overloads > OVERLOAD_SHARE * answers:
             limit, self.best, self.slow_start = math.floor(limit * 0.75), None, False
+            self.capping = paced
+        elif self.watching:
+            assert self.pace is not None
+            # (Sending went on: at the tail only the slowest answers are left, and retries.)
+            if rate < PACE_KEPT * self.pace and queued and self._sent >= answers / 2:
+                # Short of the pace, and even the fastest answers wait: the endpoint holds a
+                # queue, which more in flight would only lengthen. Cap the pool at its knee.
+                limit, self.best, self.capping = self._knee(rate, limit), None, True
         elif self._peak < 0.9 * limit:
             pass  # the pool was not full (the input ran dry, or the tail): nothing learnt
+        elif self.pace is not None and rate >= PACE_KEPT * self.pace and not queued:
+            self.capping, self.best = False, None  # the endpoint keeps up: the pace sizes the pool
         elif best is None:
             self.best = (limit, rate)
             limit = limit * GROWTH if self.slow_start else limit
@@ -254,6 +289,19 @@ class AdaptiveLimit:
         self.limit = max(FLOOR, min(self.ceiling, limit))
         self.windows += 1
         self._step(now)
+
+    @property
+    def watching(self) -> bool:
+        """Under a pace, and not capping it."""
+        return self.pace is not None and not self.capping
+
+    def under_pace(self, rate: float | None, allowance: int) -> int:
+        """The allowance under a pace of ``rate`` a second (None: none) for which Little's
+        law wants ``allowance``: that, until the endpoint falls behind the pace."""
+        self.pace = rate
+        if not self.capping:
+            self.limit, self.slow_start = allowance, False
+        return min(allowance, self.limit)
 
     def _knee(self, capacity: float, high: int) -> int:
         """Little's law at the unloaded latency: the pool that fills an endpoint serving
@@ -319,13 +367,15 @@ class Pool:
         if self.fixed:
             return
         if rate is None:
+            self.adaptive.pace = None
             self.gate.set_limit(self.adaptive.limit)
             return
         latency = self.recent.percentile(PACED_PERCENTILE) or 0.0
         if len(self.recent) < 100 and self._first_sent is not None:
             # The first answers are the fast ones; the slow are still out, at least this old.
             latency = max(latency, now - self._first_sent)
-        self.gate.set_limit(paced_allowance(rate, latency, self.ceiling))
+        allowance = paced_allowance(rate, latency, self.ceiling)
+        self.gate.set_limit(self.adaptive.under_pace(rate, allowance))
 
     def binding(self, paced: bool) -> str:
         """What holds the sending back now: the pool, the pace, or the endpoint's capacity."""
@@ -337,5 +387,5 @@ class Pool:
                 return "--concurrency"
             if self.gate.limit >= self.ceiling:
                 return "pool ceiling"
-            return "pool" if paced else "endpoint capacity"
+            return "pool" if paced and not self.adaptive.capping else "endpoint capacity"
         return "pace" if paced else "input"

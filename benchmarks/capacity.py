@@ -16,9 +16,15 @@ too, and nothing in a case sets ``--concurrency`` except the sweeps it is compar
    server-side median time in the server (queue + service, from the mock's stats) over the
    unloaded latency, which a run of 20 requests at ``--concurrency 1`` measures first.
    Goal: ≥ 90% of the best, with the median ≤ 2× the unloaded latency.
+4. **The same 16 slots under a pace far above them** (``--rpm 60000``: 1,000 a second
+   against the ~53 they serve): req/s against the unpaced default, the server-side median
+   over the unloaded latency, the most in flight, and the requests in the server once the
+   run is 2/3 sent (after the start's flood). Before the cap under a pace the pool followed
+   the queue's latency to its ceiling. Goal: ≥ 90% of the unpaced req/s; the late in-flight
+   a few batches of 16, not the ceiling.
 
-Quick (the default) runs 3,000 / 4,000 / 400 lines once per configuration, for a smoke run
-of a few minutes; ``--full`` runs 20,000 / 20,000 / 2,000 lines three times. Figures are
+Quick (the default) runs 3,000 / 4,000 / 400 / 3,000 lines once per configuration, for a smoke run
+of a few minutes; ``--full`` runs 20,000 / 20,000 / 2,000 / 6,000 lines three times. Figures are
 medians of ``--repeat`` runs (the configurations alternate, so drift on the machine hits
 all alike). The tables are printed and appended to ``benchmarks/CAPACITY.md``
 under the commit measured, newest last.
@@ -38,6 +44,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -69,11 +76,12 @@ class Mode:
     makespan_lines: int
     slots_256_lines: int  # ~6 s at the ~850 req/s that 256 slots serve
     slots_16_lines: int  # ~7 s at the ~54 req/s that 16 slots serve
+    paced_16_lines: int  # case 4: ~1 minute
     repeat: int
 
 
-QUICK = Mode("quick", 3_000, 4_000, 400, 1)
-FULL = Mode("full", 20_000, 20_000, 2_000, 3)
+QUICK = Mode("quick", 3_000, 4_000, 400, 3_000, 1)
+FULL = Mode("full", 20_000, 20_000, 2_000, 6_000, 3)
 
 
 def say(message: str) -> None:
@@ -91,6 +99,7 @@ class Outcome:
     run: harness.Run
     summary: dict[str, Any]  # batchq's --json-summary
     stats: dict[str, Any]  # the mock's /_mock/stats once batchq had exited
+    late_in_flight: int | None = None  # the server's in_flight once `sample_at` had arrived
 
     @property
     def rate(self) -> float:
@@ -112,6 +121,7 @@ class Bench:
     def __init__(self, tmp: Path, mode: Mode, extra: Sequence[str]) -> None:
         self.tmp, self.mode, self.extra = tmp, mode, tuple(extra)
         self.notes: list[str] = []  # runs that failed and were run again
+        self.sample_at: int | None = None  # requests received when in_flight is sampled
         self._inputs: dict[int, Path] = {}
         self._ids = itertools.count(1)
 
@@ -132,18 +142,21 @@ class Bench:
         with harness.mock_server(BATCHQ, self.tmp, options=[*mock, "--seed", str(SEED)]) as url:
             cmd: list[str | Path] = [BATCHQ, "run", self.input(lines), "--job", job]
             cmd += ["--base-url", url, "--model", "m", "-q", "--json-summary", *flags, *self.extra]
+            sampler = _Sampler(url, self.sample_at)
             try:
                 run = harness.measure(cmd, timeout=timeout, log=log, cwd=self.tmp)
             except BenchError as exc:
                 if _unknown_flag(str(exc), flags):
                     return None
                 raise
+            finally:
+                sampler.stop()
             stats = harness.mock_call(url, "/_mock/stats")
         shutil.rmtree(job)
         summary = _json_summary(log)
         if summary["succeeded"] != lines:
             raise BenchError(f"batchq succeeded on {summary['succeeded']:,} of {lines:,} lines")
-        return Outcome(lines, run, summary, stats)
+        return Outcome(lines, run, summary, stats, sampler.found)
 
     def runs(
         self, lines: int, mock: Sequence[str], configs: Sequence[Config]
@@ -171,6 +184,33 @@ class Bench:
                 self.notes.append(f"{note}: {str(exc)[-300:]!r}; mock log: {tail!r}")
                 say(f"{note}: {exc}")
         raise AssertionError("unreachable")
+
+
+class _Sampler:
+    """The mock's in_flight once it has received ``at`` requests, polled from a thread."""
+
+    def __init__(self, url: str, at: int | None) -> None:
+        self.found: int | None = None
+        self._done = threading.Event()
+        self._thread = None
+        if at is not None:
+            self._thread = threading.Thread(target=self._poll, args=(url, at), daemon=True)
+            self._thread.start()
+
+    def _poll(self, url: str, at: int) -> None:
+        while not self._done.wait(0.05):
+            try:
+                stats = harness.mock_call(url, "/_mock/stats")
+            except OSError:
+                continue
+            if stats["requests"] >= at:
+                self.found = int(stats["in_flight"])
+                return
+
+    def stop(self) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
 
 
 def _unknown_flag(error: str, flags: Sequence[str]) -> bool:
@@ -314,7 +354,44 @@ def slots_16(bench: Bench) -> str:
     )
 
 
-CASES = {"1": makespan, "2": slots_256, "3": slots_16}
+def paced_16(bench: Bench) -> str:
+    lines = bench.mode.paced_16_lines
+    mock = ("--slots", "16", *GPU)
+    say("16 slots: the unloaded latency, one request at a time")
+    probe = bench.attempt(UNLOADED_LINES, mock, ("--concurrency", "1"))
+    assert probe is not None
+    unloaded = float(probe.stats["latency_p50"])
+    configs: list[Config] = [DEFAULT, ("--rpm 60000", ("--rpm", "60000"))]
+    bench.sample_at = lines * 2 // 3
+    try:
+        found = bench.runs(lines, mock, configs)
+    finally:
+        bench.sample_at = None
+    unpaced = median(found[DEFAULT[0]], lambda o: o.rate)
+    rows = []
+    for label, outcomes in found.items():
+        p50 = median(outcomes, lambda o: o.stats["latency_p50"])
+        rows.append(
+            [
+                label,
+                f"{median(outcomes, lambda o: o.rate):,.1f}",
+                f"{median(outcomes, lambda o: o.rate) / unpaced:.0%}",
+                f"{p50:.3f}",
+                f"{p50 / unloaded:.1f}×",
+                f"{median(outcomes, lambda o: o.stats['queue_wait_p50']):.3f}",
+                f"{median(outcomes, lambda o: o.stats['max_in_flight']):,.0f}",
+                f"{median(outcomes, lambda o: o.late_in_flight or 0):,.0f}",
+            ]
+        )
+    headers = ["batchq", "req/s", "of unpaced", "server p50 s", "× unloaded", "queue wait p50 s"]
+    headers += ["max in flight", f"in flight at {lines * 2 // 3:,} sent"]
+    return (
+        f"### 4. The 16 slots paced far above them: --rpm 60000 ({lines:,} requests; unloaded "
+        f"server p50 {unloaded:.3f} s)\n\n{table(headers, rows)}"
+    )
+
+
+CASES = {"1": makespan, "2": slots_256, "3": slots_16, "4": paced_16}
 
 
 # --- main ----------------------------------------------------------------------------------

@@ -145,7 +145,10 @@ class SlotServer:
     queue: list[float] = field(default_factory=list)
 
     def service(self) -> float:
-        return self.base * (1 + 0.5 * (self.busy - 1) / self.slots)
+        return self.service_at(self.busy)
+
+    def service_at(self, busy: int) -> float:
+        return self.base * (1 + 0.5 * (busy - 1) / self.slots)
 
     @property
     def capacity(self) -> float:
@@ -302,6 +305,88 @@ def test_probes_shed_a_queue_that_costs_no_throughput() -> None:
     for _ in range(30):
         measure(limit, 50)  # 50 answers a second at any size: all above 20 is queue
     assert limit.limit < 50
+
+
+# --- Under a pace, against an endpoint that cannot keep up with it --------------------------
+
+
+@dataclass
+class Paced:
+    in_flight: list[tuple[float, int]]  # (time, requests at the endpoint) at every tick
+    sent: list[float]
+    answers: list[tuple[float, float]]  # (time answered, latency)
+
+
+def simulate_paced(
+    pool: Pool, pace: float, seconds: float, serve: Callable[[int], float], slots: int = 0
+) -> Paced:
+    """The runner's loop in virtual time: send at ``pace`` a second within the gate, resize
+    the pool every 0.2 s; the endpoint serves a request in ``serve(busy)`` seconds, at most
+    ``slots`` at once (0: no limit), the rest queued FIFO."""
+    now, next_send, next_tick, busy = 0.0, 0.0, 0.0, 0
+    events: list[tuple[float, float]] = []  # (answered at, sent at)
+    queue: list[float] = []
+    run = Paced([], [], [])
+
+    def start(sent_at: float) -> None:
+        nonlocal busy
+        busy += 1
+        heapq.heappush(events, (now + serve(busy), sent_at))
+
+    while now < seconds:
+        answer_at = events[0][0] if events else math.inf
+        send_at = max(now, next_send) if pool.gate.used < pool.gate.limit else math.inf
+        now = min(answer_at, next_tick, send_at)
+        if now == answer_at:
+            _, sent_at = heapq.heappop(events)
+            busy -= 1
+            if queue:
+                start(queue.pop(0))
+            pool.gate.release()
+            pool.answered(sent_at, now, ok=True, overload=False)
+            run.answers.append((now, now - sent_at))
+        elif now == next_tick:
+            pool.resize(pace, now)
+            run.in_flight.append((now, pool.in_flight))
+            next_tick += 0.2
+        else:
+            pool.gate.used += 1  # the gate has room: acquire() would not wait
+            pool.sent(now)
+            run.sent.append(now)
+            next_send = now + 1 / pace  # a turn missed while the gate was full is lost
+            if slots and busy >= slots:
+                queue.append(now)
+            else:
+                start(now)
+    return run
+
+
+@pytest.mark.parametrize("times", [1.5, 4, 20])
+def test_under_a_pace_above_its_capacity_a_slot_server_keeps_no_long_queue(times: float) -> None:
+    # 16 slots serve ~53 a second: paced at 1.5, 4 and 20 times that, the pool used to follow
+    # the queue's latency up to its ceiling (Little's law at the pace), the queue with it.
+    server = SlotServer(16)
+    pace = times * server.capacity
+    run = simulate_paced(Pool("auto", 1024), pace, 120, server.service_at, server.slots)
+    late = [n for t, n in run.in_flight if t >= 60]
+    assert max(late) <= 4 * server.slots
+    answers = [t for t, _ in run.answers if t >= 60]
+    assert len(answers) / 60 >= 0.9 * server.capacity
+    latencies = sorted(lat for t, lat in run.answers if t >= 60)
+    # A batch or two of queue at most, where there were ~19 s (1,024 requests) before.
+    assert latencies[len(latencies) // 2] <= 4 * server.base
+
+
+def test_under_a_pace_an_endpoint_that_keeps_up_is_never_capped() -> None:
+    # Heavy tails and no capacity limit (capacity.py's case 1): the pace must bind, so every
+    # request goes on time however the answers' latencies spread and however the adaptive
+    # limit's windows read them.
+    draw = lognormal_latencies(0.8, 10)
+    pace = 10_000 / 60
+    run = simulate_paced(Pool("auto", 1024), pace, 120, lambda _: draw())
+    for t in (30.0, 60.0, 120.0):  # once the pool has opened (5 s), not one send is late
+        assert sum(1 for s in run.sent if 5 <= s < t) >= pace * (t - 5) - 2
+    assert max(n for _, n in run.in_flight) >= 240  # the pace needs ~rate × mean latency
 
 
 # --- Open files ------------------------------------------------------------------------------
