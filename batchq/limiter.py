@@ -242,7 +242,9 @@ class Pacer:
         """Book a block from the store for each kind short of units; one worker asks for all.
 
         With blocks of nothing (``block_seconds`` 0, to measure one script call per
-        acquisition) every worker asks for itself, side by side.
+        acquisition) every worker asks for itself, side by side. When the store books
+        nothing (its timeline is more than its horizon ahead), this waits until it is
+        that close, then returns: the caller asks again.
         """
         single = self.shared is None or self.shared.block_seconds > 0
         if single and self._refilled is not None:
@@ -252,7 +254,7 @@ class Pacer:
         if single:
             self._refilled = done
         try:
-            from batchq.limits_store import Ledger
+            from batchq.limits_store import HORIZON_SECONDS, Ledger
 
             shared = self.shared
             for kind, limit in self.limits.items():
@@ -274,6 +276,9 @@ class Pacer:
                     if shared.epoch is not None:  # a pause or a cut elsewhere voided ours
                         self._replan(now)
                     shared.epoch = grant.epoch
+                if not grant.booked:
+                    await self._sleep(grant.delay - HORIZON_SECONDS)
+                    return
                 ledger.grant(now + grant.delay, amount, grant.rate)
         finally:
             if single:
