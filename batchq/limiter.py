@@ -433,9 +433,10 @@ class Pacer:
         return ", ".join(slow) or None
 
     def request_rate(self) -> float | None:
-        """Requests a second the pace allows now (None: not paced).
+        """Requests a second the pace allows now (None: not paced, or not known yet).
 
-        A token limit counts as requests of the mean size sent so far.
+        A token limit counts as requests of the mean size sent so far; until one is sent
+        (a process sharing the limit may wait for its first turn) it says nothing.
         """
         rates = []
         if (requests := self.limits["requests"]) is not None:
@@ -443,7 +444,8 @@ class Pacer:
         if (tokens := self.limits["tokens"]) is not None:
             sent = self._sent_total["requests"] + self._sent["requests"]
             sent_tokens = self._sent_total["tokens"] + self._sent["tokens"]
-            rates.append(tokens.pace.rate * sent / sent_tokens if sent_tokens else math.inf)
+            if sent_tokens:
+                rates.append(tokens.pace.rate * sent / sent_tokens)
         return min(rates) if rates else None
 
     def rates(self) -> dict[Kind, float | None]:
