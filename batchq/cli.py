@@ -513,6 +513,12 @@ def validate(
     help="Send x-ratelimit-* headers; without them, limits show only as 429s (like vLLM).",
 )
 @click.option("--seed", type=int, help="Seed of the random faults and latencies.")
+@click.option(
+    "--record",
+    is_flag=True,
+    help="List every arrival, and each 200's arrival time and TPM charge, in /_mock/stats "
+    "(memory grows with every request).",
+)
 def mock_server(host: str, port: int, api_key_env: str | None, **faults: Any) -> None:
     """Serve the built-in OpenAI-compatible endpoint, for dry runs and tests."""
     from batchq.mockserver import MockOptions, serve_forever

@@ -245,7 +245,9 @@ class Pacer:
         """Book a block from the store for each kind short of units; one worker asks for all.
 
         With blocks of nothing (``block_seconds`` 0, to measure one script call per
-        acquisition) every worker asks for itself, side by side.
+        acquisition) every worker asks for itself, side by side. When the store books
+        nothing (its timeline is more than its horizon ahead), this waits until it is
+        that close, then returns: the caller asks again.
         """
         single = self.shared is None or self.shared.block_seconds > 0
         if single and self._refilled is not None:
@@ -255,7 +257,7 @@ class Pacer:
         if single:
             self._refilled = done
         try:
-            from batchq.limits_store import Ledger
+            from batchq.limits_store import HORIZON_SECONDS, Ledger
 
             shared = self.shared
             for kind, limit in self.limits.items():
@@ -277,6 +279,9 @@ class Pacer:
                     if shared.epoch is not None:  # a pause or a cut elsewhere voided ours
                         self._replan(now)
                     shared.epoch = grant.epoch
+                if not grant.booked:
+                    await self._sleep(grant.delay - HORIZON_SECONDS)
+                    return
                 ledger.grant(now + grant.delay, amount, grant.rate)
         finally:
             if single:
@@ -441,9 +446,10 @@ class Pacer:
         return ", ".join(slow) or None
 
     def request_rate(self) -> float | None:
-        """Requests a second the pace allows now (None: not paced).
+        """Requests a second the pace allows now (None: not paced, or not known yet).
 
-        A token limit counts as requests of the mean size sent so far.
+        A token limit counts as requests of the mean size sent so far; until one is sent
+        (a process sharing the limit may wait for its first turn) it says nothing.
         """
         rates = []
         if (requests := self.limits["requests"]) is not None:
@@ -451,7 +457,8 @@ class Pacer:
         if (tokens := self.limits["tokens"]) is not None:
             sent = self._sent_total["requests"] + self._sent["requests"]
             sent_tokens = self._sent_total["tokens"] + self._sent["tokens"]
-            rates.append(tokens.pace.rate * sent / sent_tokens if sent_tokens else math.inf)
+            if sent_tokens:
+                rates.append(tokens.pace.rate * sent / sent_tokens)
         return min(rates) if rates else None
 
     def rates(self) -> dict[Kind, float | None]:

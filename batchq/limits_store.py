@@ -16,8 +16,16 @@ one request needs if more. A block is a stretch of the shared timeline; the
 ``Ledger`` hands its units out locally, each at its own due time, so the
 endpoint still sees one smooth pace however the blocks interleave. A worker
 waits for the store only when the ledger is empty, and then one worker asks
-for all of them. Units that pass unused are lost, as in any GCRA: a process
-that dies holds at most one block, i.e. ``BLOCK_SECONDS`` of the account.
+for all of them. Units that pass unused are lost, as in any GCRA.
+
+**Never far ahead.** The store books nothing that would start more than
+``HORIZON_SECONDS`` after its now: it answers with the wait instead, and the
+process asks again when the timeline has come that close. Without this, every
+worker waiting for its turn would hold a unit booked for it, and a pool sized
+for the account's whole pace books seconds ahead: a process killed then takes
+all those seconds of its bookings with it, and the others wait them out. So a
+process that dies holds at most ``HORIZON_SECONDS`` plus one block of the
+account.
 
 **Liveness.** Every process adds itself to a sorted set with an expiry
 ``HEARTBEAT_TTL`` seconds ahead, renewed every ``HEARTBEAT_SECONDS``; the
@@ -55,6 +63,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from batchq.limiter import Kind
 
 BLOCK_SECONDS = 0.05  # of a process's pace, booked per round trip to the store
+HORIZON_SECONDS = 0.1  # nothing is booked to start later than this after the store's now
 GRACE_SECONDS = 0.02  # a unit this late is still used: the time from the grant to the worker
 HEARTBEAT_SECONDS = 1.0
 HEARTBEAT_TTL = 3.0  # a process not heard from for this long no longer counts
@@ -65,8 +74,9 @@ INCREASE_PER_SECOND = 0.05  # of the ceiling, after a cut (as limiter.INCREASE_P
 DECREASE = 0.5
 MIN_RATE_SHARE = 0.01
 
-# KEYS[1]: the hash. ARGV: kind, amount, ceiling (units/s), key TTL (ms).
-# Returns the booked start relative to the store's now, the pace, and the epoch.
+# KEYS[1]: the hash. ARGV: kind, amount, ceiling (units/s), key TTL (ms), horizon (s).
+# Returns the booked start relative to the store's now, the pace, the epoch, and 1; or,
+# when that start is more than the horizon away, books nothing and returns 0 last.
 _GRANT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
@@ -78,9 +88,13 @@ local pause, epoch = tonumber(h[4]) or 0, tonumber(h[5]) or 0
 local rate = ceiling
 if base then rate = math.min(ceiling, base + ceiling * @INC@ * (now - cut)) end
 local start = math.max(tat, now, pause)
-redis.call('HSET', KEYS[1], 'tat:' .. kind, string.format('%.6f', start + amount / rate))
+local booked = 0
+if start - now <= tonumber(ARGV[5]) then
+  redis.call('HSET', KEYS[1], 'tat:' .. kind, string.format('%.6f', start + amount / rate))
+  booked = 1
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return {string.format('%.6f', start - now), string.format('%.6f', rate), epoch}
+return {string.format('%.6f', start - now), string.format('%.6f', rate), epoch, booked}
 """
 
 # ARGV: kind ('' = none), age of the request that got a 429 (s), ceiling, pause (s), TTL.
@@ -151,11 +165,12 @@ def redact(url: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """A block of units booked on the shared timeline."""
+    """A block of units booked on the shared timeline, or the wait until one can be."""
 
     delay: float  # seconds from the store's now to the block's start
     rate: float  # units a second within the block: the shared pace
     epoch: int  # the store's epoch when booked
+    booked: bool = True  # False: the start is beyond the horizon; ask again then
 
 
 class Ledger:
@@ -291,14 +306,19 @@ class SharedLimits:
                 await redis.aclose()
 
     async def grant(self, kind: Kind, amount: float, ceiling: float) -> Grant | None:
-        """Book ``amount`` units of ``kind`` at up to ``ceiling`` a second (None: store lost)."""
+        """Book ``amount`` units of ``kind`` at up to ``ceiling`` a second (None: store lost).
+
+        Nothing is booked when they would start more than ``HORIZON_SECONDS`` from now:
+        the grant says so (``booked`` False) and when they would start.
+        """
         if self.lost:
             return None
-        reply = await self._call("grant", [self._state], [kind, amount, ceiling, KEY_TTL_MS])
+        args = [kind, amount, ceiling, KEY_TTL_MS, HORIZON_SECONDS]
+        reply = await self._call("grant", [self._state], args)
         if reply is None:
             return None
         self.round_trips += 1
-        return Grant(float(reply[0]), float(reply[1]), int(reply[2]))
+        return Grant(float(reply[0]), float(reply[1]), int(reply[2]), bool(int(reply[3])))
 
     def slow_down(
         self, pause: float, kind: Kind | None = None, *, age: float = 0.0, ceiling: float = 0.0

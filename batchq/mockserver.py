@@ -17,8 +17,11 @@ hosted APIs have). With `slots=K` the endpoint behaves like a GPU serving a batc
 K requests are served at once, the rest queue FIFO, and each one's delay is stretched by
 `1 + slot_load_factor * (busy - 1) / K`, so a full batch is slower per request but still
 serves more per second than a small one. The stats report what the server saw: requests
-in it at most (`max_in_flight`), served at most (`max_serving`), and the median time in it
-and in its queue of a uniform sample of its 200 answers.
+in it at most (`max_in_flight`), served at most (`max_serving`), the median time in it
+and in its queue of a uniform sample of its 200 answers, and the TPM charge of its 200
+answers (`accepted_tokens`, counted whether or not a TPM is enforced). With `record` they
+also list every arrival and every 200's arrival time and charge (`accepted`), all
+`time.time()`, as `first_at` and `last_at` are.
 
 Scripted faults are directives inside the prompt, so a test writes the fault beside the
 request that meets it: `[[mock:fail=2]]` (the first 2 arrivals of this exact prompt get 503;
@@ -84,7 +87,7 @@ class MockOptions:
     slot_load_factor: float = 0.5  # a full batch serves each request 1 + this times slower
     rate_limit_headers: bool = True  # send x-ratelimit-* (vLLM-like servers do not)
     seed: int | None = None  # for the random faults, jitter and lognormal draws
-    record: bool = False  # keep per-prompt arrivals in stats(); off for benchmarks
+    record: bool = False  # keep per-prompt arrivals and 200s in stats(); memory grows
 
     def __post_init__(self) -> None:
         for name in ("rate_500", "rate_503", "drop_rate"):
@@ -541,6 +544,7 @@ class _Stats:
     rate_limited: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    accepted_tokens: int = 0  # the TPM charge of the 200 answers (`_Call.budget`)
     first_at: float | None = None
     last_at: float | None = None
     by_status: Counter[int] = field(default_factory=Counter)
@@ -548,8 +552,10 @@ class _Stats:
     prompts: Counter[str] = field(default_factory=Counter)
     arrivals: list[tuple[float, str]] = field(default_factory=list)
     waits: list[tuple[float, float]] = field(default_factory=list)  # 429s: when, for how long
+    accepted: list[tuple[float, int]] = field(default_factory=list)  # 200s: arrival, charge
 
-    def arrive(self, path: str, prompt: str | None) -> None:
+    def arrive(self, path: str, prompt: str | None) -> float:
+        """Count an arrival; return its time (``time.time()``, as every time in the stats)."""
         self.last_at = now = time.time()
         self.first_at = self.first_at or now
         self.requests += 1
@@ -557,6 +563,13 @@ class _Stats:
         if self.record and prompt is not None:
             self.prompts[prompt] += 1
             self.arrivals.append((now, prompt))
+        return now
+
+    def accept(self, arrived: float, tokens: int) -> None:
+        """A request that arrived at ``arrived`` is answered 200, charged ``tokens`` to TPM."""
+        self.accepted_tokens += tokens
+        if self.record:
+            self.accepted.append((arrived, tokens))
 
     def enter(self) -> None:
         self.in_flight += 1
@@ -577,6 +590,7 @@ class _Stats:
             "rate_limited": self.rate_limited,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
+            "accepted_tokens": self.accepted_tokens,
             "first_at": self.first_at,
             "last_at": self.last_at,
         }
@@ -584,6 +598,7 @@ class _Stats:
             out["prompts"] = dict(self.prompts)
             out["arrivals"] = [[at, prompt] for at, prompt in self.arrivals]
             out["waits"] = [[at, seconds] for at, seconds in self.waits]
+            out["accepted"] = [[at, tokens] for at, tokens in self.accepted]
         return out
 
 
@@ -651,8 +666,10 @@ class _Mock:
             call = endpoint.parse(await request.read())
         except _BadRequest as exc:
             call = exc
-        self.stats.arrive(request.path, call.prompt if isinstance(call, _Call) else "")
+        at = self.stats.arrive(request.path, call.prompt if isinstance(call, _Call) else "")
         status, body, sleep = self._decide(request, endpoint, call, rid, headers)
+        if status == 200 and isinstance(call, _Call):
+            self.stats.accept(at, call.budget)
         if self._limiter is not None and self.options.rate_limit_headers:
             headers.update(self._limiter.headers(time.monotonic()))  # OpenAI: on every answer
         delay = self._delay(sleep)

@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 
+from batchq.concurrency import Pool
 from batchq.limiter import BURST_SECONDS, MARGIN, Pace, Pacer
 
 
@@ -133,3 +134,13 @@ def test_never_fits_only_against_a_tpm_budget() -> None:
     assert Pacer(tpm=1000).never_fits(1001)
     assert not Pacer(tpm=1000).never_fits(1000)
     assert not Pacer().never_fits(10**9)
+
+
+async def test_a_token_pace_names_no_request_rate_until_a_request_is_sent() -> None:
+    # It was infinite: sizing the pool on it raised (NaN), and batchq exited 70, when a
+    # process sharing a --tpm waited for its first turn longer than a tick.
+    p = Pacer(tpm=600_000, clock=Clock())
+    assert p.request_rate() is None
+    Pool("auto", 1024).resize(p.request_rate(), 0.0)
+    await p.wait_turn(500)
+    assert p.request_rate() == pytest.approx(600_000 / 60 * MARGIN / 500)

@@ -3,6 +3,9 @@ sharing a real Redis against one built-in endpoint. Never a mocked Redis."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -23,7 +26,16 @@ from support import (
 import batchq as batchq_api
 from batchq.config import Settings
 from batchq.errors import ConfigError
-from batchq.limits_store import GRACE_SECONDS, Ledger, default_key, redact
+from batchq.limiter import Pacer
+from batchq.limits_store import (
+    BLOCK_SECONDS,
+    GRACE_SECONDS,
+    HORIZON_SECONDS,
+    Ledger,
+    SharedLimits,
+    default_key,
+    redact,
+)
 
 
 def busiest_second(times: list[float]) -> int:
@@ -85,6 +97,50 @@ def test_limits_store_must_be_a_redis_url() -> None:
     with pytest.raises(ConfigError, match="Redis URL"):
         Settings(input="in.jsonl", limits_store="http://127.0.0.1:6379")
     assert Settings(input="x", limits_store="redis://h:1/0").limits_store == "redis://h:1/0"
+
+
+# --- The store: a real Redis ------------------------------------------------------------
+
+
+async def _ahead(shared: SharedLimits) -> float:
+    """How far the store's requests timeline runs ahead of its clock, in seconds."""
+    tat = await shared._redis.hget(shared._state, "tat:requests")
+    seconds, micros = await shared._redis.time()
+    return float(tat) - (seconds + micros / 1e6)
+
+
+async def test_the_store_books_nothing_beyond_its_horizon(redis_server: RedisServer) -> None:
+    async with SharedLimits(redis_server.url, "k") as shared:
+        grants = [await shared.grant("requests", 5, 100.0) for _ in range(10)]  # 50 ms each
+        booked = [g for g in grants if g.booked]
+        assert booked and len(booked) < len(grants)
+        assert all(g.delay <= HORIZON_SECONDS for g in booked)
+        assert [g.booked for g in grants] == [True] * len(booked) + [False] * (10 - len(booked))
+        refused = [g.delay for g in grants if not g.booked]
+        assert HORIZON_SECONDS < refused[0] <= HORIZON_SECONDS + BLOCK_SECONDS
+        assert refused == sorted(refused, reverse=True)  # a refusal books nothing
+        assert await _ahead(shared) <= HORIZON_SECONDS + BLOCK_SECONDS
+
+
+async def test_waiting_workers_do_not_book_the_timeline_far_ahead(
+    redis_server: RedisServer,
+) -> None:
+    # 200 workers waiting for their turn at 98/s would once each hold a unit booked for
+    # them, two seconds of the account ahead: all lost to the others if this process died.
+    async with SharedLimits(redis_server.url, "k") as shared:
+        pacer = Pacer(rpm=6000, shared=shared)
+        pacer.answered()  # no probe: every worker waits for the pace at once
+        waiting = [asyncio.create_task(pacer.wait_turn(1)) for _ in range(200)]
+        try:
+            for turns, turn in enumerate(asyncio.as_completed(waiting), 1):
+                await turn
+                assert await _ahead(shared) <= HORIZON_SECONDS + 2 * BLOCK_SECONDS
+                if turns == 20:
+                    break
+        finally:
+            for task in waiting:
+                task.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
 
 
 # --- Real processes, real Redis ----------------------------------------------------------
@@ -211,6 +267,34 @@ def test_redis_killed_mid_run_says_so_once_and_finishes_exactly_once(
     assert len(results) == 400 and not errors
     assert server.stats()["rate_limited"] <= 2
     assert time.monotonic() - began < 30
+
+
+@pytest.mark.slow
+def test_a_process_killed_mid_run_leaves_its_pace_to_the_others_at_once(
+    tmp_path: Path, mock_server: MockFactory, redis_server: RedisServer
+) -> None:
+    server = mock_server(rpm=6000)
+    ids = _inputs(tmp_path, 3, 500)
+    args = ("--rpm", "6000", "--limits-store", redis_server.url)
+    runs = [_start(tmp_path, p, server.url, *args) for p in range(3)]
+    wait_for(lambda: server.stats()["by_status"].get("200", 0) >= 300)
+    os.kill(runs[0].pid, signal.SIGKILL)  # `python -m batchq` itself, no wrapper
+    killed = time.time()  # the mock's clock too
+    for process in runs[1:]:
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 0, stderr
+    runs[0].communicate(timeout=10)
+    accepted = sorted(at for at, _ in server.stats()["accepted"])
+    assert accepted[-1] > killed + 3.0  # the two others were still at it
+    # The account's 98/s, from half a second after the kill: not a dip while the bookings
+    # of the dead process come due (seconds of them, once).
+    taken = sum(killed + 0.5 <= at < killed + 2.5 for at in accepted)
+    assert taken >= 0.9 * 2 * 98, taken  # 196 measured; 155 when the bookings ran ahead
+    resumed = _start(tmp_path, 0, server.url, *args)
+    _, stderr = resumed.communicate(timeout=60)
+    assert resumed.returncode == 0, stderr
+    for p in range(3):
+        assert_exactly_once(tmp_path / "jobs" / f"part{p}", ids[p])
 
 
 @pytest.mark.slow

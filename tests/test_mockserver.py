@@ -607,6 +607,28 @@ async def test_stats_count_and_reset(
     assert (await post(session, f"{url}/chat/completions", chat("[[mock:fail=1]]")))[0] == 503
 
 
+async def test_stats_count_the_tpm_charge_of_accepted_requests(
+    mock_server: MockFactory, session: aiohttp.ClientSession
+) -> None:
+    mock = mock_server(tpm=60)  # 2 tokens in any second, once something is in it
+    url = f"{mock.url}/chat/completions"
+    before = time.time()
+    assert (await post(session, url, chat("x" * 9, max_tokens=1)))[0] == 200  # 3 + 1
+    assert (await post(session, url, chat("[[mock:fail=1]]", max_tokens=0)))[0] == 503
+    assert (await post(session, url, chat("y", max_tokens=100)))[0] == 429  # larger than the TPM
+    assert (await post(session, url, chat("z")))[0] == 429  # 1 + 16: over the second
+    stats = mock.stats()
+    assert stats["accepted_tokens"] == 4  # neither the scripted 503 nor the 429s
+    [[at, tokens]] = stats["accepted"]
+    assert (tokens, stats["first_at"]) == (4, at)  # the arrival time, on the stats' clock
+    assert before <= at <= time.time()
+
+    unlimited = mock_server(record=False)
+    await post(session, f"{unlimited.url}/chat/completions", chat("x" * 40))  # 10 + 16
+    stats = unlimited.stats()
+    assert stats["accepted_tokens"] == 26 and "accepted" not in stats  # counted without a TPM
+
+
 # --- Options and the server itself -------------------------------------------------------
 
 
@@ -701,7 +723,8 @@ def test_mock_server_flags_become_options(monkeypatch: pytest.MonkeyPatch) -> No
 
     monkeypatch.setattr(mockserver, "serve_forever", serve)
     flags = "--latency-p50 0.8 --latency-p99 10 --slots 16 --slot-load-factor 0.25"
-    result = CliRunner().invoke(cli, ["mock-server", *flags.split(), "--no-rate-limit-headers"])
+    flags += " --no-rate-limit-headers --record"
+    result = CliRunner().invoke(cli, ["mock-server", *flags.split()])
     assert result.exit_code == 0, result.output
     assert served == [
         MockOptions(
@@ -710,6 +733,7 @@ def test_mock_server_flags_become_options(monkeypatch: pytest.MonkeyPatch) -> No
             slots=16,
             slot_load_factor=0.25,
             rate_limit_headers=False,
+            record=True,
         )
     ]
     result = CliRunner().invoke(cli, ["mock-server", "--latency-p50", "2", "--latency-p99", "1"])
