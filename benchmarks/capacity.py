@@ -318,13 +318,17 @@ def slots_256(bench: Bench) -> str:
     )
 
 
-def slots_16(bench: Bench) -> str:
-    lines = bench.mode.slots_16_lines
-    mock = ("--slots", "16", *GPU)
+def unloaded_p50(bench: Bench, mock: tuple[str, ...]) -> float:
     say("16 slots: the unloaded latency, one request at a time")
     probe = bench.attempt(UNLOADED_LINES, mock, ("--concurrency", "1"))
     assert probe is not None  # --concurrency exists in every batchq
-    unloaded = float(probe.stats["latency_p50"])
+    return float(probe.stats["latency_p50"])
+
+
+def slots_16(bench: Bench) -> str:
+    lines = bench.mode.slots_16_lines
+    mock = ("--slots", "16", *GPU)
+    unloaded = unloaded_p50(bench, mock)
     found = sweep(bench, 16, lines, SWEEP_16)
     best = best_fixed(found)
     rows = []
@@ -357,10 +361,7 @@ def slots_16(bench: Bench) -> str:
 def paced_16(bench: Bench) -> str:
     lines = bench.mode.paced_16_lines
     mock = ("--slots", "16", *GPU)
-    say("16 slots: the unloaded latency, one request at a time")
-    probe = bench.attempt(UNLOADED_LINES, mock, ("--concurrency", "1"))
-    assert probe is not None
-    unloaded = float(probe.stats["latency_p50"])
+    unloaded = unloaded_p50(bench, mock)
     configs: list[Config] = [DEFAULT, ("--rpm 60000", ("--rpm", "60000"))]
     bench.sample_at = lines * 2 // 3
     try:

@@ -51,7 +51,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -284,28 +284,34 @@ def case_dir(tmp: Path, *name: Any) -> Path:
 def print_four(tmp: Path, store: str, lines: int) -> None:
     print(f"## Four processes, each --rpm {RPM}, one endpoint enforcing {RPM} RPM")
     print(f"{lines:,} requests each, {4 * lines / (RPM / 60):.0f} s floor\n")
-    print("| endpoint | store | utilisation | 429s | wall s | failed runs |")
-    print("|---|---|---:|---:|---:|---:|")
-    for headers in (True, False):
-        for shared in (store, None):
-            f = four_processes(case_dir(tmp, "case", headers, bool(shared)), lines, headers, shared)
-            print(
-                f"| {'headers' if headers else 'no headers'} | "
-                f"{'Redis' if shared else 'none'} | {f['utilisation']:.1%} | "
-                f"{f['429']:.2%} | {f['wall']:.1f} | {f['failed']:.0f} |",
-                flush=True,
-            )
+    print_cases(
+        lambda case, headers, shared: four_processes(case, lines, headers, shared),
+        tmp,
+        "case",
+        store,
+    )
 
 
 def print_tpm(tmp: Path, store: str, seconds: float) -> None:
     print(f"\n## Four processes, each --tpm {TPM:,}, one endpoint enforcing {TPM:,} TPM")
     print(f"{seconds:g} s of tokens in all, a quarter each\n")
+    print_cases(
+        lambda case, headers, shared: four_processes_tpm(case, seconds, headers, shared),
+        tmp,
+        "tpm",
+        store,
+    )
+
+
+def print_cases(
+    run: Callable[[Path, bool, str | None], dict[str, float]], tmp: Path, name: str, store: str
+) -> None:
+    """One row for each endpoint (headers or not) and each of store and none."""
     print("| endpoint | store | utilisation | 429s | wall s (floor) | failed runs |")
     print("|---|---|---:|---:|---:|---:|")
     for headers in (True, False):
         for shared in (store, None):
-            case = case_dir(tmp, "tpm", headers, bool(shared))
-            f = four_processes_tpm(case, seconds, headers, shared)
+            f = run(case_dir(tmp, name, headers, bool(shared)), headers, shared)
             print(
                 f"| {'headers' if headers else 'no headers'} | "
                 f"{'Redis' if shared else 'none'} | {f['utilisation']:.1%} | "
