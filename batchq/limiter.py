@@ -181,7 +181,11 @@ class Pacer:
                 self._book_from_store(limit)
 
     def _now(self) -> float:
-        return self._clock() if self._clock else asyncio.get_running_loop().time()
+        if self._clock is None:
+            # The loop's clock, looked up once: asyncio.get_running_loop() makes a getpid()
+            # system call, and this runs for every request. A pacer serves one run, one loop.
+            self._clock = asyncio.get_running_loop().time
+        return self._clock()
 
     async def wait_turn(self, tokens: int) -> float:
         """Wait until a request of ``tokens`` estimated tokens may go; return the time it goes."""

@@ -202,6 +202,8 @@ class Pipeline:
         self.policy = RetryPolicy(max_attempts=settings.max_attempts, max_wait=settings.max_wait)
         self.scrubber = key_scrubber(options.api_key)
         self.template = RequestTemplate.from_settings(settings)
+        # Looked up once: asyncio.get_running_loop() makes a getpid() system call each time.
+        self.loop = asyncio.get_running_loop()
         self._feeder: asyncio.Task[None] | None = None
         self._main: asyncio.Task[None] | None = None
 
@@ -351,7 +353,7 @@ class Pipeline:
     ) -> tuple[float, Answer, bool] | None:
         """One attempt within the pool's allowance and the pace: when it went, the answer,
         and whether a second copy was sent."""
-        pool, loop = self.pool, asyncio.get_running_loop()
+        pool, loop = self.pool, self.loop
         await pool.gate.acquire()
         try:
             if self._stopping():  # stopped while it waited for a slot
@@ -364,6 +366,9 @@ class Pipeline:
             hedged = False
             try:
                 if self.hedger is None:
+                    # Not inlined to save a frame: an exception caught in this frame and kept
+                    # in ``result`` would hold the frame in a cycle through its traceback, with
+                    # a large answer's chunks, until the GC ran (16 of them: 550 MiB RSS).
                     result = await answer(transport, request)
                 else:
                     turn = partial(self.pacer.wait_turn, request.tokens)

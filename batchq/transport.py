@@ -16,7 +16,9 @@ most a few times; a 301, 302 or 303 would turn the POST into a GET without a
 body, and a redirect to another host would hand it the API key, so those
 fail, naming where they pointed. A body is read in chunks and abandoned past
 ``max_response_bytes``, counted after decompression, which aiohttp does in
-bounded steps: memory stays bounded whatever the endpoint sends.
+bounded steps: memory stays bounded whatever the endpoint sends. (An
+uncompressed body of a small stated length, the usual answer, is read at once:
+aiohttp reads no more than the length stated.)
 """
 
 from __future__ import annotations
@@ -161,9 +163,15 @@ class AiohttpTransport:
 
     async def _read(self, resp: aiohttp.ClientResponse, request_id: str | None) -> bytes:
         """The whole body, or ResponseTooLarge as soon as it passes the bound."""
-        declared = resp.content_length if "Content-Encoding" not in resp.headers else None
+        headers = resp.headers
+        declared = resp.content_length if "Content-Encoding" not in headers else None
         if declared is not None and declared > self._max_bytes:
             raise self._too_large(resp, request_id)  # said so up front: read none of it
+        if declared is not None and declared <= SMALL_ANSWER and "Transfer-Encoding" not in headers:
+            # The usual answer: a plain body of a small stated length, which aiohttp reads
+            # exactly, so it is within both bounds already. One read instead of the loop
+            # below, which cost ~3% of a request's CPU against a fast endpoint.
+            return await resp.read()
         chunks = []
         size = 0
         big = False

@@ -96,6 +96,25 @@ def test_a_key_spelled_in_json_escapes_is_found() -> None:
     assert orjson.loads(KeyScrubber(KEY).scrub(line)) == {"body": {"text": KEY_REMOVED}}
 
 
+def test_escapes_that_cannot_spell_the_key_leave_the_line_as_it_came() -> None:
+    # A Go server writes <, > and & as \u003c..., an ASCII-only encoder é as \u00e9: such a
+    # line is not decoded (nor rewritten) for want of the key.
+    line = b'{"body":{"text":"\\u003cb\\u003e caf\\u00e9 \\ud83d\\ude00 \\"sk-test\\" \\n"}}\n'
+    assert KeyScrubber(KEY).scrub(line) is line
+
+
+def test_a_key_partly_escaped_in_upper_case_hex_is_found() -> None:
+    line = b'{"body":{"text":"s\\u006B-test-0123456789abcdef"}}\n'  # "k" as \u006B
+    assert orjson.loads(KeyScrubber(KEY).scrub(line)) == {"body": {"text": KEY_REMOVED}}
+
+
+def test_a_key_with_a_slash_written_as_an_escaped_slash_is_found() -> None:
+    # PHP's json_encode writes "/" as "\/" by default.
+    key = "abc/def+ghi=jkl"
+    line = b'{"body":{"text":"abc\\/def+ghi=jkl"}}\n'
+    assert orjson.loads(KeyScrubber(key).scrub(line)) == {"body": {"text": KEY_REMOVED}}
+
+
 @pytest.mark.parametrize("key", [None, "", "EMPTY", "ollama", "1234567"])
 def test_placeholder_keys_are_not_scrubbed(key: str | None) -> None:
     # "ollama" would otherwise vanish from model names in every answer.
