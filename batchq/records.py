@@ -180,7 +180,7 @@ class KeyScrubber:
             return line
         try:
             return orjson.dumps(self._clean(orjson.loads(line)), option=orjson.OPT_APPEND_NEWLINE)
-        except orjson.JSONEncodeError:  # nested deeper than orjson writes: the plain key only
+        except (orjson.JSONDecodeError, orjson.JSONEncodeError):  # too deep: the plain key only
             return self.raw(line)
 
     def _clean(self, value: Any) -> Any:
