@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib.metadata import version
 from types import TracebackType
 from typing import Protocol
 
@@ -34,6 +33,7 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from batchq import __version__
 from batchq.config import ENDPOINTS
 from batchq.errors import (
     EndpointUnreachable,
@@ -86,7 +86,7 @@ class AiohttpTransport:
         self._urls = {path: URL(base + path.removeprefix("/v1")) for path in ENDPOINTS}
         self._headers = {
             "Content-Type": "application/json",
-            "User-Agent": f"batchq/{version('batchq')}",
+            "User-Agent": f"batchq/{__version__}",
         }
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
