@@ -233,6 +233,8 @@ class _Prepared:
         retry_failed = bool(options.pop("retry_failed", False))
         force = bool(options.pop("force", False))
         shard = options.pop("shard", None)
+        if shard is not None and self._temporary is not None:
+            raise ConfigError("shard= needs job=: the shards of a job share its folder")
         defaults = dict(options.pop("params", None) or {})
         defaults.update({k: options.pop(k) for k in _REQUEST_DEFAULTS if k in options})
         if options.get("limits_store") is None:  # as the command line's --limits-store

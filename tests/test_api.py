@@ -234,3 +234,5 @@ async def test_shards_started_at_once_each_return_their_part_and_the_job_holds_a
         bq.run(requests, job=job, shard=(0, 2), **options(server.url))
     with pytest.raises(bq.ConfigError, match=r'takes "I/N", \(I, N\) or "auto"'):
         bq.run(requests, job=job, shard=[0, 3], **options(server.url))
+    with pytest.raises(bq.ConfigError, match="shard= needs job="):
+        bq.run(requests, shard="0/3", **options(server.url))
