@@ -189,8 +189,15 @@ class Pipeline:
                 f"process may have (ulimit -n): at most {self.pool.ceiling:,}"
             )
         self.workers = self.pool.ceiling  # the gate, not the number of workers, sets the pace
-        self.requests: asyncio.Queue[Request | None] = asyncio.Queue(maxsize=2 * self.workers)
-        self.outcomes: asyncio.Queue[Outcome | None] = asyncio.Queue(maxsize=4 * self.workers)
+        # Bounded by what keeps the workers and the writer busy, not by the ceiling: under
+        # --concurrency auto (1,024 workers) twice the ceiling held ~8 MiB of parsed
+        # requests that no worker was ready for.
+        self.requests: asyncio.Queue[Request | None] = asyncio.Queue(
+            maxsize=min(2 * self.workers, 256)
+        )
+        self.outcomes: asyncio.Queue[Outcome | None] = asyncio.Queue(
+            maxsize=min(4 * self.workers, 1024)
+        )
         self.pacer = Pacer(
             rpm=settings.rpm,
             tpm=settings.tpm,
@@ -238,8 +245,7 @@ class Pipeline:
             self._feeder.cancel()
         while not self.requests.empty():
             self.requests.get_nowait()  # not started: they stay pending
-        for _ in range(self.workers):
-            self.requests.put_nowait(None)
+        self.requests.put_nowait(None)  # the end, which each worker passes on
         drain = self.job.settings.drain_timeout
         asyncio.get_running_loop().call_later(drain, self._main.cancel)
         self.options.on_notice(
@@ -304,14 +310,16 @@ class Pipeline:
             start=self.span.start,
             first_line=self.span.first_line,
         )
-        for _ in range(self.workers):
-            await self.requests.put(None)
+        await self.requests.put(None)  # the end, which each worker passes on
 
     async def _process(self, transport: Transport) -> None:
         while (request := await self.requests.get()) is not None:
             if (outcome := await self._call(transport, request)) is not None:
                 await self.outcomes.put(outcome)
-        self.exhausted = True  # the queue is FIFO: every request was taken before its sentinel
+        # One end for all workers, not one each: the queue is smaller than the pool. Nothing
+        # is put after it, and this worker just took it, so it fits.
+        self.requests.put_nowait(None)
+        self.exhausted = True  # the queue is FIFO: every request was taken before the end
 
     async def _call(self, transport: Transport, request: Request) -> Outcome | None:
         """Send one request until it succeeds or fails for good (None: stopped first)."""
