@@ -168,6 +168,15 @@ def _start(tmp_path: Path, part: int, url: str, *args: str, **env: str) -> subpr
     )
 
 
+def _each_finishes_exactly_once(
+    tmp_path: Path, runs: list[subprocess.Popen[str]], ids: list[list[str]]
+) -> None:
+    for p, process in enumerate(runs):
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 0, stderr
+        assert_exactly_once(tmp_path / "jobs" / f"part{p}", ids[p])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("headers", [True, False], ids=["headers", "no-headers"])
 def test_three_processes_share_one_accounts_rpm(
@@ -180,10 +189,7 @@ def test_three_processes_share_one_accounts_rpm(
         _start(tmp_path, p, server.url, "--rpm", "6000", "--limits-store", redis_server.url)
         for p in range(3)
     ]
-    for p, process in enumerate(runs):
-        _, stderr = process.communicate(timeout=60)
-        assert process.returncode == 0, stderr
-        assert_exactly_once(tmp_path / "jobs" / f"part{p}", ids[p])
+    _each_finishes_exactly_once(tmp_path, runs, ids)
     stats = server.stats()
     assert stats["rate_limited"] <= 2, stats["by_status"]
     times = [at for at, _ in stats["arrivals"]]
@@ -203,10 +209,7 @@ def test_a_429_pauses_every_process_and_the_store_cuts_their_shared_pace(
         _start(tmp_path, p, server.url, "--rpm", "6000", "--limits-store", redis_server.url)
         for p in range(2)
     ]
-    for p, process in enumerate(runs):
-        _, stderr = process.communicate(timeout=60)
-        assert process.returncode == 0, stderr
-        assert_exactly_once(tmp_path / "jobs" / f"part{p}", ids[p])
+    _each_finishes_exactly_once(tmp_path, runs, ids)
     assert server.stats()["rate_limited"] <= 20  # a few at the start, not a storm
 
 
