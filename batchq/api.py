@@ -15,7 +15,8 @@
         print(r.custom_id, r.ok, r.text)
 
 ``run`` is synchronous and returns one ``Result`` per request, in input
-order; ``arun`` is the same for async code; ``stream`` yields results as
+order; ``arun`` is the same for async code; ``stream`` yields the same
+results, those that earlier runs of the job left done first, the others as
 they complete. Options carry the command line's names (``model``,
 ``base_url``, ``rpm``, ``concurrency``, ``max_tokens``, ...). A request that
 fails is a Result with ``ok == False``; only bad settings and conditions that
@@ -67,6 +68,7 @@ T = TypeVar("T")
 Requests = Iterable[str | dict[str, Any]] | str | os.PathLike[str]
 
 INPUT = "input.jsonl"
+STREAM_BUFFER = 1024  # results a stream holds that its reader has not taken yet
 _REQUEST_DEFAULTS = ("max_tokens", "temperature")
 _STRING_BODY = {"/v1/embeddings": "input", "/v1/responses": "input"}
 
@@ -111,23 +113,34 @@ async def arun(requests: Requests, **options: Any) -> list[Result]:
 class stream:  # a function by its use: ``async with batchq.stream(...) as results``
     """Results as they complete, for pipelines that cannot hold a list::
 
-        async with batchq.stream(requests, model="m") as results:
+        async with batchq.stream(requests, model="m", job="jobs/big") as results:
             async for r in results:
                 ...
 
+    A stream yields every request of the job once, as ``arun`` returns them:
+    first those that earlier runs of ``job=`` left done, in input order, then
+    the others as they complete. So a stream left early (or cut short by a
+    crash) and the stream that resumes it yield every line at least once
+    between them; the resumed one, run to the end, yields each exactly once.
+
     The engine runs in a task this context owns, not inside the generator
-    (yielding from inside a TaskGroup is the trap PEP 789 describes): leaving
-    the block early stops the run, resumable with ``job=``, and an error of
-    the run is raised from the ``async for``.
+    (yielding from inside a TaskGroup is the trap PEP 789 describes). Leaving
+    the block early (``break``, an exception) stops the run, resumable with
+    ``job=``, and returns once the run has stopped and let go of the job. An
+    error that stopped the run is raised from the ``async for``, or on leaving
+    early if the block raised nothing itself; a cancellation aimed at the
+    caller is always raised.
     """
 
     def __init__(self, requests: Requests, **options: Any) -> None:
         self._prepared = _Prepared(requests, options)
-        self._queue: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=1024)
+        self._queue: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=STREAM_BUFFER)
         self._task: asyncio.Task[None] | None = None
+        self._ended = False  # the reader has seen how the run ended
 
     async def __aenter__(self) -> AsyncIterator[Result]:
         await self._prepared.__aenter__()
+        self._prepared.on_open = self._deliver_done
         self._prepared.on_outcomes = self._deliver
         self._task = asyncio.ensure_future(self._run())
         return self._results()
@@ -136,16 +149,31 @@ class stream:  # a function by its use: ``async with batchq.stream(...) as resul
         try:
             await self._prepared.run()
         finally:
-            await self._queue.put(None)
+            # Never waits for room, which a reader that left would never make: with none,
+            # the reader finds the end by the task being done.
+            with contextlib.suppress(asyncio.QueueFull):
+                self._queue.put_nowait(None)
+
+    async def _deliver_done(self) -> None:
+        from batchq.runner import to_thread_to_the_end
+
+        # The job is open and locked, and nothing is appended yet: what the files hold
+        # now is what earlier runs left done.
+        index = await to_thread_to_the_end(self._prepared.index)
+        for result in index.results():
+            await self._queue.put(result)
 
     async def _deliver(self, lines: list[bytes]) -> None:
         for line in lines:
             await self._queue.put(Result.from_output(orjson.loads(line)))
 
     async def _results(self) -> AsyncIterator[Result]:
-        while (result := await self._queue.get()) is not None:
-            yield result
         assert self._task is not None
+        while not (self._queue.empty() and self._task.done()):
+            if (result := await self._queue.get()) is None:
+                break
+            yield result
+        self._ended = True
         await self._task  # raises what stopped the run, if anything did
 
     async def __aexit__(
@@ -155,12 +183,22 @@ class stream:  # a function by its use: ``async with batchq.stream(...) as resul
         tb: TracebackType | None,
     ) -> None:
         try:
-            if self._task is not None and not self._task.done():
-                self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._task
+            await self._stop(raise_error=exc is None)
         finally:
             await self._prepared.__aexit__(exc_type, exc, tb)
+
+    async def _stop(self, *, raise_error: bool) -> None:
+        """Stop the run and wait until it has let go of the job; raise what stopped it."""
+        task = self._task
+        if task is None or self._ended:
+            return
+        from batchq.runner import wait_out
+
+        task.cancel()  # nothing, if it has ended
+        await wait_out(task)  # the caller's own cancellation is raised, once the run ended
+        error = None if task.cancelled() else task.exception()
+        if error is not None and raise_error:  # else the block's own exception is the news
+            raise error
 
 
 def open_job(path: str | os.PathLike[str]) -> JobResults:
@@ -203,6 +241,7 @@ class _Prepared:
         self.requests = requests
         self.options = dict(options)
         self.on_outcomes: Callable[[list[bytes]], Awaitable[None]] | None = None
+        self.on_open: Callable[[], Awaitable[None]] | None = None
         self._temporary: tempfile.TemporaryDirectory[str] | None = None
         self.job: Job | None = None
 
@@ -265,6 +304,7 @@ class _Prepared:
             else None,
             transport=transport,
             on_outcomes=self.on_outcomes,
+            on_open=self.on_open,
         )
         stats = await run_job(job, run_options)
         if stats.interrupted:

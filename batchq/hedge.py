@@ -52,11 +52,16 @@ class Hedger:
         self.chosen = 0
         self.sent = 0  # copies that went: a chosen request may answer before its copy's turn
         self.tokens = 0  # estimated, of the copies sent
+        self.stopped = False
         self._flights: set[_Flight] = set()
+
+    def stop(self) -> None:
+        """Send no more copies: the run is stopping, and what drains is not the job's tail."""
+        self.stopped = True
 
     def choose(self, now: float, p95: float | None, samples: int) -> None:
         """Mark the requests out longer than ``p95`` for a second copy, oldest first."""
-        if p95 is None or samples < MIN_SAMPLES:
+        if p95 is None or samples < MIN_SAMPLES or self.stopped:
             return
         for flight in sorted(self._flights, key=lambda f: f.started):
             if self.chosen >= self.budget or now - flight.started <= p95:
@@ -85,11 +90,10 @@ class Hedger:
         try:
             await asyncio.wait((first, chosen), return_when=asyncio.FIRST_COMPLETED)
             self._flights.discard(flight)
-            if first.done():
-                return first.result(), False
-            await wait_turn()  # the copy is a request like any other: it keeps the pace
-            if first.done():
-                return first.result(), False
+            if not first.done() and not self.stopped:
+                await wait_turn()  # the copy is a request like any other: it keeps the pace
+            if first.done() or self.stopped:  # chosen before a stop: its copy stays unsent
+                return await first, False
             self.sent += 1
             self.tokens += request.tokens
             copies.add(asyncio.ensure_future(answer(transport, request)))

@@ -25,7 +25,7 @@ import signal
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
@@ -60,6 +60,8 @@ from batchq.transport import AiohttpTransport, Response, Transport
 if TYPE_CHECKING:  # pragma: no cover
     from batchq.limits_store import SharedLimits
 
+T = TypeVar("T")
+
 COMMIT_INTERVAL = 0.2
 SNAPSHOT_INTERVAL = 2.0  # progress.json, for `batchq status` of a running job
 
@@ -76,6 +78,7 @@ class RunOptions:
     handle_signals: bool = False  # SIGINT/SIGTERM drain the pool: for the command line
     transport: Transport | None = None  # None: aiohttp, to the job's base URL
     on_outcomes: Callable[[list[bytes]], Awaitable[None]] | None = None  # lines written
+    on_open: Callable[[], Awaitable[None]] | None = None  # the job is open, nothing sent yet
 
 
 async def run_job(job: Job, options: RunOptions) -> Stats:
@@ -87,11 +90,11 @@ async def run_job(job: Job, options: RunOptions) -> Stats:
     prepared: Span | None = None
     if job.shard is not None:
         # A shard's folder exists once the count is settled, so its lock comes second.
-        prepared = await asyncio.to_thread(_prepare, job)
+        prepared = await to_thread_to_the_end(_prepare, job)
     with job_lock(job.run_dir):
         # Hashing the input and the fsyncs of opening and closing run off the event
         # loop's thread, so that a loop the engine shares is never stalled by them.
-        span, journal = await asyncio.to_thread(_open, job, options, prepared)
+        span, journal = await to_thread_to_the_end(_open, job, options, prepared, undo=_shut)
         for note in journal.notes:
             options.on_notice(note)
         stats = Stats(
@@ -103,10 +106,12 @@ async def run_job(job: Job, options: RunOptions) -> Stats:
             try:
                 if stats.done:
                     options.on_notice(f"resuming: {stats.done:,} of {stats.total:,} done")
+                if options.on_open is not None:
+                    await options.on_open()
                 pipeline = Pipeline(job, journal, stats, span, options)
                 await pipeline.run()
             finally:
-                await _to_thread_to_the_end(_close, job, journal, stats)
+                await to_thread_to_the_end(_close, job, journal, stats)
     return stats
 
 
@@ -128,6 +133,10 @@ def _open(job: Job, options: RunOptions, span: Span | None) -> tuple[Span, Journ
     return span, Journal(job.run_dir, job.results, job.errors, durable=options.durable)
 
 
+def _shut(opened: tuple[Span, Journal]) -> None:
+    opened[1].close()
+
+
 def _close(job: Job, journal: Journal, stats: Stats) -> None:
     try:
         journal.close()
@@ -135,16 +144,38 @@ def _close(job: Job, journal: Journal, stats: Stats) -> None:
         add_elapsed(job.run_dir, stats.elapsed)
 
 
-async def _to_thread_to_the_end(fn: Callable[..., None], *args: Any) -> None:
+async def wait_out(future: asyncio.Future[Any]) -> None:
+    """Wait until ``future`` is done, however often the caller is cancelled meanwhile; then
+    raise the caller's cancellation, if there was one. For work that must not be left
+    running behind the caller: a thread on the job's files, the engine's task. The
+    future's own outcome is left in it."""
+    cancelled: asyncio.CancelledError | None = None
+    while not future.done():
+        try:
+            await asyncio.wait([future])
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+    if cancelled is not None:
+        raise cancelled
+
+
+async def to_thread_to_the_end(
+    fn: Callable[..., T], *args: Any, undo: Callable[[T], None] | None = None
+) -> T:
     """``fn(*args)`` on a thread, waited for even if the caller is cancelled meanwhile:
-    the job's lock must not be let go while its journal is still being closed."""
+    cancelling cannot stop a thread, and the job's lock must not be let go while one
+    still works on the job. A cancellation is raised once the thread is done: its
+    failure instead, if it failed (a full disk is the news); else after ``undo(its
+    result)`` has released what it opened."""
     task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
     try:
-        await asyncio.shield(task)
+        await wait_out(task)
     except asyncio.CancelledError:
-        await asyncio.wait([task])
+        if task.exception() is None and undo is not None:
+            await to_thread_to_the_end(undo, task.result())
         task.result()
         raise
+    return task.result()
 
 
 @contextlib.contextmanager
@@ -241,6 +272,8 @@ class Pipeline:
             self._main.cancel()
             return
         self.stats.interrupted = True
+        if self.hedger is not None:  # the end of the feeding is no tail: nothing to hedge
+            self.hedger.stop()
         if self._feeder is not None:
             self._feeder.cancel()
         while not self.requests.empty():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import os
 import signal
 import subprocess
@@ -14,9 +16,11 @@ from typing import Any
 import orjson
 import pytest
 from conftest import MockFactory
-from support import batchq, chat, clean_env, read_jsonl, wait_for, write_jsonl
+from support import batchq, chat, clean_env, read_jsonl, start, wait_for, write_jsonl
 
 import batchq as bq
+from batchq.api import STREAM_BUFFER
+from batchq.job import running_pid
 from batchq.transport import Response
 
 KEY = "sk-test-0123456789abcdefghij"
@@ -84,6 +88,119 @@ async def test_leaving_a_stream_early_stops_the_run(
     results = await bq.arun(requests, job=job, **options(server.url))  # the rest, only
     assert len(results) == 500
     assert server.stats()["requests"] - sent <= 500 - 1
+
+
+def lines_written(job: Path) -> int:
+    path = job / "results.jsonl"
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+async def wait_until_the_buffer_is_full(job: Path, taken: int) -> None:
+    """Until the stream holds STREAM_BUFFER results its reader has not taken.
+
+    The writer appends a batch, then hands it to the stream without yielding to
+    the loop unless the stream is full: so whenever this reader runs, every line
+    written was handed over, or the stream is full. Lines written beyond what
+    was taken and what the stream can hold mean it is full.
+    """
+    await asyncio.to_thread(wait_for, lambda: lines_written(job) >= taken + STREAM_BUFFER)
+
+
+class Leave(Exception):
+    pass
+
+
+@pytest.mark.parametrize("leave", ["break", "raise"])
+async def test_leaving_a_stream_whose_reader_fell_behind_returns_at_once(
+    mock_server: MockFactory, tmp_path: Path, leave: str
+) -> None:
+    server = mock_server(record=False)
+    job = tmp_path / "job"
+    requests = [f"s{i}" for i in range(STREAM_BUFFER + 500)]
+    raised = pytest.raises(Leave) if leave == "raise" else contextlib.nullcontext()
+    with raised:  # the body's own exception is what the caller sees
+        async with asyncio.timeout(30) as deadline:  # only if leaving hangs
+            async with bq.stream(requests, job=job, **options(server.url)) as stream:
+                async for _ in stream:
+                    await wait_until_the_buffer_is_full(job, taken=1)
+                    if leave == "raise":
+                        raise Leave
+                    break
+    assert not deadline.expired()
+
+
+async def test_a_cancellation_aimed_at_a_stream_s_caller_is_raised(
+    mock_server: MockFactory,
+) -> None:
+    server = mock_server(latency=0.05)
+    requests = [f"s{i}" for i in range(200)]
+
+    async def consume() -> str:
+        async with bq.stream(requests, concurrency=2, **options(server.url)) as stream:
+            async for _ in stream:
+                current = asyncio.current_task()
+                assert current is not None
+                current.cancel()  # it arrives as the block is left, while the run stops
+                break
+        return "the cancellation was swallowed"
+
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.ensure_future(consume())
+
+
+@pytest.mark.parametrize("behind", [False, True], ids=["at-once", "reader-behind"])
+async def test_a_stream_left_early_and_the_resumed_stream_yield_every_line(
+    mock_server: MockFactory, tmp_path: Path, behind: bool
+) -> None:
+    server = mock_server(record=False)
+    job = tmp_path / "job"
+    requests = [f"s{i}" for i in range(STREAM_BUFFER + 476)]
+    first: list[int] = []
+    async with bq.stream(requests, job=job, **options(server.url)) as stream:
+        async for result in stream:
+            first.append(result.line)
+            if behind:
+                await wait_until_the_buffer_is_full(job, taken=1)
+            break
+    done_before = [r.line for r in bq.open_job(job).results()]
+    assert 0 < len(done_before) < len(requests)
+    async with bq.stream(requests, job=job, **options(server.url)) as stream:
+        second = [result.line async for result in stream]
+    # The resumed stream yields every line of the job once: those done before it, in
+    # input order, then the rest as they complete.
+    assert second[: len(done_before)] == done_before
+    assert sorted(second) == list(range(1, len(requests) + 1))
+
+
+async def test_a_cancelled_run_holds_the_job_until_its_thread_is_done(
+    mock_server: MockFactory, tmp_path: Path
+) -> None:
+    server = mock_server()
+    job = tmp_path / "job"
+    await bq.arun(["a", "b"], job=job, **options(server.url))
+    setup = os.open(job / "setup.lock", os.O_RDWR)
+    contender = None
+    try:
+        fcntl.flock(setup, fcntl.LOCK_EX)  # opening the job waits for it, in a thread
+        run = asyncio.ensure_future(bq.arun(["a", "b"], job=job, **options(server.url)))
+        await asyncio.to_thread(wait_for, lambda: running_pid(job) == os.getpid())
+        run.cancel()  # a notebook's interrupt, a stream left early
+        await asyncio.sleep(0)  # let it arrive, then a second one
+        run.cancel()
+        contender = start("run", job, cwd=tmp_path)
+        await asyncio.to_thread(
+            wait_for, lambda: contender.poll() is not None or running_pid(job) == contender.pid
+        )
+        assert contender.poll() == 2, "a second run took the job while a thread worked on it"
+        assert "already being run by process" in contender.communicate()[1]
+    finally:
+        os.close(setup)  # the thread goes on
+        if contender is not None and contender.poll() is None:
+            contender.kill()
+            contender.wait()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    assert running_pid(job) is None
 
 
 def test_failures_raise_batchq_errors_not_system_exit(mock_server: MockFactory) -> None:

@@ -214,3 +214,29 @@ def test_under_a_pace_above_its_capacity_the_pool_sheds_the_slot_servers_queue(
     assert late <= 8 * 10
     assert len(outputs(tmp_path / "jobs" / "in")[0]) == 1500
     assert orjson.loads(stdout)["succeeded"] == 1500
+
+
+def test_a_stopped_run_sends_no_second_copy_of_its_stragglers(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    # Ctrl-C ends the input for the workers, but it is not the input's end: the stragglers
+    # among the requests draining are no tail to hedge, and their copies would be paid for.
+    server = mock_server(latency=0.05)
+    stragglers = ["slow a [[mock:sleep=3:1]]", "slow b [[mock:sleep=3:1]]"]
+    lines = [chat(p) for p in stragglers] + [chat(f"q{i}") for i in range(2000)]
+    write_jsonl(tmp_path / "in.jsonl", lines)
+    args = ["run", "in.jsonl", "--base-url", server.url, "--model", "m", "-q", "--hedge"]
+    proc = start(*args, "--concurrency", "8", cwd=tmp_path)
+
+    def stragglers_out_and_p95_known() -> bool:
+        seen = server.stats()
+        answered = seen["by_status"].get("200", 0)
+        return answered >= 40 and all(p in seen["prompts"] for p in stragglers)
+
+    wait_for(stragglers_out_and_p95_known)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stderr
+    prompts = server.stats()["prompts"]
+    assert [prompts[p] for p in stragglers] == [1, 1]
+    assert max(prompts.values()) == 1  # no request went twice, before the stop or after
