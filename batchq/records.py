@@ -95,6 +95,33 @@ def result_line(
 
 _LINE_BREAKS_TO_SPACES = bytes.maketrans(b"\r\n", b"  ")
 
+#: How deeply orjson reads nested JSON: a line nested deeper cannot be read back.
+READ_DEPTH = 1024
+#: The levels ``result_line`` puts around a spliced body: the line's object and "response".
+_SPLICE_DEPTH = 2
+#: The deepest answer whose result line still reads back.
+MAX_ANSWER_DEPTH = READ_DEPTH - _SPLICE_DEPTH
+
+
+def splices(raw_body: bytes) -> bool:
+    """Whether ``raw_body``, valid JSON, nests shallowly enough to read back from its result line.
+
+    A body that orjson just read may be nested up to ``READ_DEPTH`` levels; spliced
+    into its line, two levels deeper, it would make every later read of the job fail.
+    Each level takes two bytes and one opening bracket, so only a body with more of
+    both than ``MAX_ANSWER_DEPTH`` can be too deep, and only such a body (rare: long,
+    and full of brackets) is parsed a second time, inside the levels the line adds.
+    """
+    if len(raw_body) <= 2 * MAX_ANSWER_DEPTH + 1:
+        return True
+    if raw_body.count(b"{") + raw_body.count(b"[") <= MAX_ANSWER_DEPTH:
+        return True
+    try:
+        orjson.loads(b"[" * _SPLICE_DEPTH + raw_body + b"]" * _SPLICE_DEPTH)
+    except orjson.JSONDecodeError:
+        return False
+    return True
+
 
 def error_line(
     line_no: int,

@@ -52,7 +52,15 @@ from batchq.journal import Journal, retry_failed
 from batchq.limiter import Kind, Pacer
 from batchq.progress import Stats, make_progress
 from batchq.reader import RequestTemplate, feed
-from batchq.records import Outcome, Request, error_line, key_scrubber, result_line
+from batchq.records import (
+    MAX_ANSWER_DEPTH,
+    Outcome,
+    Request,
+    error_line,
+    key_scrubber,
+    result_line,
+    splices,
+)
 from batchq.retry import Fatal, GiveUp, RetryPolicy, decide, status_error
 from batchq.shard import Span
 from batchq.transport import AiohttpTransport, Response, Transport
@@ -479,7 +487,8 @@ class Pipeline:
 
 
 def _success(request: Request, response: Response, attempts: int, hedged: bool) -> Outcome:
-    """The result line of a 2xx; InvalidResponse if its body is not a JSON object."""
+    """The result line of a 2xx; InvalidResponse if its body is not a JSON object, or one
+    nested too deeply for its result line to be read back."""
     raw = response.body
     body = _json_object(response)
     usage = body.get("usage")
@@ -508,6 +517,11 @@ def _json_object(response: Response) -> dict[str, Any]:
     except orjson.JSONDecodeError:
         body = None
     if isinstance(body, dict):
+        if not splices(response.body):
+            raise InvalidResponse(
+                f"HTTP {response.status} answer is nested more than {MAX_ANSWER_DEPTH:,} "
+                "levels deep: its result line could not be read back"
+            )
         return body
     kind = response.headers.get("Content-Type", "no Content-Type")[:80]
     head = response.body[:60].decode("utf-8", "replace")
