@@ -105,7 +105,8 @@ async def arun(requests: Requests, **options: Any) -> list[Result]:
     """``run`` for async code: the same arguments, awaited on the caller's loop."""
     async with _Prepared(requests, options) as prepared:
         await prepared.run()
-        return list(prepared.index().results())
+        with prepared.index() as index:
+            return list(index.results())
 
 
 class stream:  # a function by its use: ``async with batchq.stream(...) as results``
@@ -185,12 +186,14 @@ class JobResults:
             self._parts = [(path, Path(figures["results"]), Path(figures["errors"]))]
 
     def index(self) -> OutputIndex:
+        """The index of the job's outputs; close it when done (``with job.index() as index``)."""
         first, *more = self._parts
         return OutputIndex(*first, more=more)
 
     def results(self) -> Iterator[Result]:
         """Every done request's Result, in input order."""
-        return self.index().results()
+        with self.index() as index:
+            yield from index.results()
 
 
 # --- Preparing a run -------------------------------------------------------------------

@@ -357,13 +357,13 @@ def export(job_dir: Path, output: Path | None, fmt: str | None, fields: str | No
             param_hint="--fields",
         )
     try:
-        index = open_job(job_dir).index()
-        if fmt == "csv":
-            with _opened(output, "w") as text:
-                written = write_csv(index, text, columns)
-        else:
-            with _opened(output, "wb") as raw:
-                written = write_jsonl(index, raw)
+        with open_job(job_dir).index() as index:
+            if fmt == "csv":
+                with _opened(output, "w") as text:
+                    written = write_csv(index, text, columns)
+            else:
+                with _opened(output, "wb") as raw:
+                    written = write_jsonl(index, raw)
     except BatchqError as exc:
         raise Failure(exc) from None
     except OSError as exc:

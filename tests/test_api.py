@@ -212,6 +212,30 @@ def test_export_gives_every_line_once_in_input_order(
     ]
 
 
+def test_an_export_reads_the_files_it_indexed_while_retry_failed_replaces_them(
+    mock_server: MockFactory, tmp_path: Path
+) -> None:
+    server = mock_server()
+    requests = [chat(f"q{i}", custom_id=f"c{i}") for i in range(6)]
+    requests[1] = chat("[[mock:fail=1]] once", custom_id="c1")  # retryable, then fine
+    requests[4] = chat("[[mock:status=400]] never", custom_id="c4")
+    write_jsonl(tmp_path / "in.jsonl", requests)
+    command = ["run", "in.jsonl", "--base-url", server.url, "--model", "m", "-q"]
+    assert batchq(*command, "--max-attempts", "1", cwd=tmp_path).returncode == 1
+    job = bq.open_job(tmp_path / "jobs" / "in")
+    with job.index() as first:
+        before = list(first.lines())
+    assert sum(raw is not None and b'"error":null' not in raw for _, raw in before) == 2
+
+    index = job.index()  # an export has indexed the files, and not read them yet
+    retried = batchq(*command, "--retry-failed", cwd=tmp_path)
+    assert retried.returncode == 1, retried.stderr
+    errors = read_jsonl(tmp_path / "jobs" / "in" / "errors.jsonl")
+    assert [e["custom_id"] for e in errors] == ["c4"]  # errors.jsonl was replaced
+    assert list(index.lines()) == before  # the lines as they were indexed, every one whole
+    index.close()
+
+
 async def test_shards_started_at_once_each_return_their_part_and_the_job_holds_all(
     mock_server: MockFactory, tmp_path: Path
 ) -> None:
