@@ -177,6 +177,7 @@ class JobResults:
 
         figures = job_status(path)  # raises ConfigError if it is not a job folder
         self.path = path
+        self._input = Path(figures["input"])
         shards = figures.get("shards")
         if shards:  # every shard's outputs, merged into the input's order
             self._parts = [
@@ -189,6 +190,15 @@ class JobResults:
         """The index of the job's outputs; close it when done (``with job.index() as index``)."""
         first, *more = self._parts
         return OutputIndex(*first, more=more)
+
+    def refuse_as_output(self, path: Path) -> None:
+        """ConfigError (exit 2) if ``path`` is one of the job's own files: writing an export
+        there would destroy what it reads, or the job itself."""
+        what = jobs.same_file(path, jobs.job_files(self.path, self._input, self._parts))
+        if what is not None:
+            raise ConfigError(
+                f"-o {path} would overwrite {what} of job {self.path}; export to another file"
+            )
 
     def results(self) -> Iterator[Result]:
         """Every done request's Result, in input order."""

@@ -357,7 +357,10 @@ def export(job_dir: Path, output: Path | None, fmt: str | None, fields: str | No
             param_hint="--fields",
         )
     try:
-        with open_job(job_dir).index() as index:
+        job = open_job(job_dir)
+        if output is not None:
+            job.refuse_as_output(output)  # before opening it truncates the file
+        with job.index() as index:
             if fmt == "csv":
                 with _opened(output, "w") as text:
                     written = write_csv(index, text, columns)

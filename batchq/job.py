@@ -27,7 +27,7 @@ import os
 import re
 import stat
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -293,6 +293,40 @@ def _check_input(path: Path) -> None:
 _OWN_FILES = (JOB_TOML, STATE_JSON, PROGRESS_JSON, LOCK, SETUP_LOCK, JOURNAL_NAME)
 
 
+def job_files(
+    job_dir: Path, input_path: Path, parts: Sequence[tuple[Path, Path, Path]]
+) -> dict[Path, str]:
+    """Every file a job reads or writes, and what it is: ``parts`` are the folders that
+    hold a journal (the job's, or each shard's) with their results and errors files."""
+    files = {input_path: "the input"}
+    for folder in (job_dir, *(part[0] for part in parts)):
+        for name in _OWN_FILES:
+            files[folder / name] = f"the job's own {name}"
+    for run_dir, results, errors in parts:
+        files[results] = "the results file"
+        files[errors] = "the errors file"
+        for rewritten in (errors, run_dir / JOURNAL_NAME):  # --retry-failed's rewrites
+            files[rewritten.with_name(rewritten.name + ".new")] = "a file batchq writes"
+    return files
+
+
+def same_file(path: Path, files: Mapping[Path, str]) -> str | None:
+    """What ``path`` is among ``files``, if it is one of them: the same path once symlinks
+    are resolved, or the same file under another name (a hard link)."""
+    resolved = {p.resolve(): what for p, what in files.items()}
+    if (what := resolved.get(path.resolve())) is not None:
+        return what
+    try:
+        found = path.stat()
+    except OSError:
+        return None  # no file there, so none that another name could reach
+    for other, what in files.items():
+        with contextlib.suppress(OSError):
+            if os.path.samestat(found, other.stat()):
+                return what
+    return None
+
+
 def _check_outputs(job: Job) -> None:
     """Refuse outputs that share a file with each other, the input or the job's own files,
     or whose folder is missing: found on the first run, not by a resume cutting a file short."""
@@ -301,7 +335,7 @@ def _check_outputs(job: Job) -> None:
     for name in _OWN_FILES:
         taken[Path(os.path.abspath(job.dir / name))] = f"the job's own {name}"
     for name, path in (("output", results), ("errors", errors)):
-        clash = taken.get(path)
+        clash = same_file(path, taken)
         if clash or path.name.endswith(".new"):  # the name of a rewrite in progress
             raise ConfigError(f"{name} {path} would overwrite {clash or 'a file batchq writes'}")
         taken[path] = "the results file"

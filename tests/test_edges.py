@@ -65,6 +65,38 @@ def test_a_refused_run_leaves_job_toml_alone(tmp_path: Path, mock_server: MockFa
     assert (job / "job.toml").read_bytes() == before
 
 
+@pytest.mark.parametrize(
+    ("target", "says"),
+    [
+        ("job/results.jsonl", "would overwrite the results file of job"),
+        ("job/errors.jsonl", "would overwrite the errors file of job"),
+        ("in.jsonl", "would overwrite the input of job"),
+        ("job/journal.bin", "the job's own journal.bin"),
+        ("job/job.toml", "the job's own job.toml"),
+        ("job/../job/state.json", "the job's own state.json"),
+        ("link-to-results.jsonl", "the results file"),  # a symlink
+        ("linked-job/results.jsonl", "the results file"),  # through a symlinked folder
+        ("hard-link-to-input.jsonl", "the input"),
+    ],
+)
+def test_export_refuses_to_overwrite_the_jobs_own_files(
+    tmp_path: Path, mock_server: MockFactory, target: str, says: str
+) -> None:
+    server = mock_server()
+    _, job = new_job(tmp_path, server)
+    (tmp_path / "link-to-results.jsonl").symlink_to(job / "results.jsonl")
+    (tmp_path / "linked-job").symlink_to(job)
+    os.link(tmp_path / "in.jsonl", tmp_path / "hard-link-to-input.jsonl")
+    before = {p: p.read_bytes() for p in [tmp_path / "in.jsonl", *job.iterdir()] if p.is_file()}
+    for fmt in ("jsonl", "csv"):
+        refused = batchq("export", "job", "-o", target, "--format", fmt, cwd=tmp_path)
+        assert says in one_error_line(refused, 2)
+    assert {p: p.read_bytes() for p in before} == before
+    beside = batchq("export", "job", "-o", "job/export.jsonl", cwd=tmp_path)
+    assert beside.returncode == 0, beside.stderr  # a new file in the job's folder is fine
+    assert len(read_jsonl(job / "export.jsonl")) == len(IDS)
+
+
 def test_status_never_makes_a_starting_run_fail(tmp_path: Path, mock_server: MockFactory) -> None:
     server = mock_server()
     command, job = new_job(tmp_path, server)

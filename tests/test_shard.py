@@ -196,6 +196,12 @@ def test_four_shards_started_at_once_run_every_line_once(
     rows = [orjson.loads(line) for line in exported.stdout.splitlines()]
     assert [r["custom_id"] for r in rows] == ids  # input order, across the shards
     assert [r.line for r in api.open_job(job).results()] == list(range(1, 401))
+    shard_results = job / "shard-1-of-4" / "results.jsonl"
+    before = shard_results.read_bytes()
+    for name in ("results.jsonl", "journal.bin"):
+        refused = batchq("export", "job", "-o", f"job/shard-1-of-4/{name}", cwd=tmp_path)
+        assert refused.returncode == 2 and "shard-1-of-4" in refused.stderr
+    assert shard_results.read_bytes() == before
 
     # A rerun of any shard finds it done and sends nothing.
     server.reset()
