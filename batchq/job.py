@@ -193,13 +193,23 @@ def _resolve(job_dir: Path, settings: Settings, *, save: bool = False) -> Job:
 
 
 def save_settings(job: Job) -> None:
-    """Write job.toml if the job was created or changed; call it holding the job's lock."""
-    if job.save:
-        write_job_toml(job.dir / JOB_TOML, job.settings)
+    """Write job.toml if the job was created or changed.
+
+    Call it holding the run's lock (the job's, or its shard's), so that a run
+    refused for any reason, another process running the same part included,
+    changes nothing. The job's setup lock makes it one step with the check that
+    another run did not create the job meanwhile with other settings.
+    """
+    if not job.save:
+        return
+    with setup_lock(job.dir):
+        job = _settle_created(job)
+        if job.save:
+            write_job_toml(job.dir / JOB_TOML, job.settings)
 
 
 def prepare(job: Job) -> tuple[PinnedInput, Span]:
-    """Pin the input, settle job.toml, and find the part of the input this run takes.
+    """Pin the input, check job.toml, and find the part of the input this run takes.
 
     All of it under the job's setup lock, so that runs started at the same
     instant on one folder (a scheduler's shards) neither race on job.toml and
@@ -225,7 +235,6 @@ def prepare(job: Job) -> tuple[PinnedInput, Span]:
                 write_state(job.dir, state)
             span = _shard_span(job, job.shard, state["shard_size"], pinned.size)
             durable.make_dirs(job.run_dir)
-        save_settings(job)  # only now: a run refused for any reason changes nothing
     return pinned, span
 
 

@@ -45,6 +45,7 @@ from batchq.job import (
     job_lock,
     prepare,
     read_state,
+    save_settings,
     write_progress,
     write_state,
 )
@@ -130,6 +131,7 @@ def _open(job: Job, options: RunOptions, span: Span | None) -> tuple[Span, Journ
         state = read_state(job.run_dir)
         if {k: state.get(k) for k in figures} != figures or state.get("requests") != span.requests:
             write_state(job.run_dir, {**state, **figures, "requests": span.requests})
+    save_settings(job)  # only now, holding the run's lock: a refused run changes nothing
     if options.retry_failed:
         moved = retry_failed(job.run_dir, job.results, job.errors)
         options.on_notice(f"--retry-failed: {moved:,} retryable failures back to pending")

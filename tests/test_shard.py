@@ -29,7 +29,7 @@ from support import batchq, batchq_cmd, chat, clean_env, wait_for, write_jsonl
 
 import batchq as api
 from batchq.errors import ConfigError
-from batchq.job import open_job, prepare, read_state, with_shard
+from batchq.job import job_lock, open_job, prepare, read_state, save_settings, with_shard
 from batchq.shard import Shard, boundaries, file_line_start, parse_shard
 
 # --- the cut -----------------------------------------------------------------------------
@@ -256,6 +256,25 @@ def test_changing_the_count_or_running_whole_is_refused_with_the_way_out(
     assert sharded.returncode == 2 and "started as one process" in sharded.stderr
 
 
+def test_a_shard_refused_beside_its_running_self_leaves_job_toml_alone(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server()
+    _input(tmp_path, 20)
+    _run_all(tmp_path, server.url, 2)
+    job = tmp_path / "job"
+    before = (job / "job.toml").read_bytes()
+    with job_lock(job / "shard-0-of-2"):  # shard 0 is running
+        refused = _start(tmp_path, server.url, "0/2", "--force", "--model", "other")
+        _, stderr = refused.communicate(timeout=60)
+    assert refused.returncode == 2 and "already being run" in stderr
+    assert (job / "job.toml").read_bytes() == before  # every shard's settings, unchanged
+    forced = _start(tmp_path, server.url, "1/2", "--force", "--model", "other")
+    _, stderr = forced.communicate(timeout=60)
+    assert forced.returncode == 0, stderr
+    assert b'model = "other"' in (job / "job.toml").read_bytes()  # once it runs, it changes
+
+
 def test_lines_appended_after_sharding_belong_to_the_last_shard(
     tmp_path: Path, mock_server: MockFactory
 ) -> None:
@@ -291,7 +310,8 @@ def test_creating_a_job_is_safe_when_every_shard_starts_at_once(tmp_path: Path) 
                 force=False,
             )
             barrier.wait()
-            _, span = prepare(with_shard(job, Shard(i, 8)))
+            _, span = prepare(job := with_shard(job, Shard(i, 8)))
+            save_settings(job)  # as a run does once it holds its shard's lock
             spans[i] = (span.start, span.end, span.first_line, span.requests)
         except BaseException as exc:  # collected for the assertion below
             failures.append(exc)
