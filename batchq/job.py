@@ -7,6 +7,7 @@ A job lives in ``jobs/<input stem>/`` unless ``--job`` names another folder::
     errors.jsonl    one line per request that failed      }
     journal.bin     the checkpoint                        }
     state.json      the input's fingerprint and line count
+    shards.json     where a sharded job's input is cut, written once (shard.py)
     lock            held by the process running the job (fcntl.flock)
     setup.lock      held for a moment while a run pins the input and settles job.toml
     shard-I-of-N/   a shard's own lock, journal, outputs and progress (shard.py)
@@ -42,12 +43,16 @@ from batchq.journal import JOURNAL_NAME
 from batchq.progress import Stats
 from batchq.reader import check_jsonl, without_bom
 from batchq.shard import (
+    SHARDS_JSON,
+    Cut,
     Shard,
     Span,
     boundaries,
     count_newlines,
     file_line_start,
+    read_cut,
     refuse_other_count,
+    write_cut,
 )
 
 JOB_TOML = "job.toml"
@@ -220,20 +225,21 @@ def prepare(job: Job) -> tuple[PinnedInput, Span]:
     with setup_lock(job.dir):
         job = _settle_created(job)
         pinned = pin_input(job)
-        state = read_state(job.dir)
-        refuse_other_count(job.dir, state, job.shard)
+        cut = read_cut(job.dir, read_state(job.dir))
+        refuse_other_count(job.dir, cut, job.shard)
         if job.shard is None:
             span = Span(0, pinned.size, 1, pinned.requests)
         else:
-            if "shards" not in state:
+            if cut is None:
                 if (job.dir / JOURNAL_NAME).exists() or running_pid(job.dir) is not None:
                     raise ConfigError(
                         f"job {job.dir} was started as one process, not as shards; finish it "
                         "that way (without --shard), or start afresh with --job NEWDIR"
                     )
-                state = {**state, "shards": job.shard.count, "shard_size": pinned.size}
-                write_state(job.dir, state)
-            span = _shard_span(job, job.shard, state["shard_size"], pinned.size)
+                cut = Cut(job.shard.count, pinned.size)
+            if not (job.dir / SHARDS_JSON).exists():  # new, or kept in state.json until now
+                write_cut(job.dir, cut)
+            span = _shard_span(job, job.shard, cut.size, pinned.size)
             durable.make_dirs(job.run_dir)
     return pinned, span
 
@@ -299,7 +305,7 @@ def _check_input(path: Path) -> None:
 
 
 #: The files of a job folder that an output must not be.
-_OWN_FILES = (JOB_TOML, STATE_JSON, PROGRESS_JSON, LOCK, SETUP_LOCK, JOURNAL_NAME)
+_OWN_FILES = (JOB_TOML, STATE_JSON, SHARDS_JSON, PROGRESS_JSON, LOCK, SETUP_LOCK, JOURNAL_NAME)
 
 
 def job_files(
@@ -399,7 +405,7 @@ _STATE_TYPES: dict[str, Callable[[object], bool]] = {
     "input_requests": _count,
     "input_sha256": _text,
     "elapsed_s": _seconds,
-    "shards": _count,
+    "shards": _count,  # the cut, where a batchq before shards.json kept it
     "shard_size": _count,
 }
 

@@ -16,7 +16,7 @@ from batchq.errors import ConfigError
 from batchq.job import JOB_TOML, _resolve, read_progress, read_state, running_pid
 from batchq.journal import JOURNAL_NAME, read_journal
 from batchq.progress import duration
-from batchq.shard import shard_folders
+from batchq.shard import read_cut, shard_folders
 
 #: Figures of a running process, from its progress.json; summed over running shards.
 _LIVE_SUMS = ("in_flight", "allowance", "peak_in_flight", "hedges", "retries", "rate_limited")
@@ -34,11 +34,12 @@ def job_status(job_dir: Path) -> dict[str, Any]:
     job = _resolve(job_dir, build_settings(read_job_toml(job_dir / JOB_TOML), {}))
     state = read_state(job_dir)
     total = state.get("input_requests")
-    count = state.get("shards")
-    if count is None:
+    cut = read_cut(job_dir, state)
+    if cut is None:
         part = _part(job_dir, job.results, job.errors, total, started=bool(state))
         return {"job": str(job_dir), "input": str(job.input), **part}
     parts = []
+    count = cut.count
     for index, folder in enumerate(shard_folders(job_dir, count)):
         shard_state = read_state(folder) if folder.is_dir() else {}
         part = _part(
