@@ -202,8 +202,12 @@ class JobResults:
 
     def results(self) -> Iterator[Result]:
         """Every done request's Result, in input order."""
-        with self.index() as index:
-            yield from index.results()
+        return _results_then_close(self.index())  # indexed now: a damaged job raises here
+
+
+def _results_then_close(index: OutputIndex) -> Iterator[Result]:
+    with index:
+        yield from index.results()
 
 
 # --- Preparing a run -------------------------------------------------------------------
