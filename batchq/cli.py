@@ -251,10 +251,10 @@ def run(
     **settings: Any,
 ) -> None:
     """Start, or continue, the job for TARGET (an input .jsonl file or a job folder)."""
-    from batchq.job import open_job, with_shard
-    from batchq.progress import render_summary, summary
-    from batchq.runner import RunOptions, run_job
-    from batchq.shard import parse_shard
+    from batchq.job.folder import open_job, with_shard
+    from batchq.job.shard import parse_shard
+    from batchq.live.runner import RunOptions, run_job
+    from batchq.show.progress import render_summary, summary
 
     defaults = _defaults(params, max_tokens, temperature)
     env_base_url = os.environ.get("OPENAI_BASE_URL")
@@ -311,7 +311,7 @@ def _notice(message: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
 def status(job_dir: Path, as_json: bool) -> None:
     """Show the progress of the job in JOB_DIR, running or not."""
-    from batchq.status import job_status, render_status
+    from batchq.show.status import job_status, render_status
 
     try:
         figures = job_status(job_dir)
@@ -346,7 +346,7 @@ def export(job_dir: Path, output: Path | None, fmt: str | None, fields: str | No
     """Every done request of the job in JOB_DIR once, in input order: results and
     errors merged, as JSONL (the output lines) or CSV."""
     from batchq.api import open_job
-    from batchq.results import CSV_FIELDS, DEFAULT_CSV_FIELDS, write_csv, write_jsonl
+    from batchq.job.results import CSV_FIELDS, DEFAULT_CSV_FIELDS, write_csv, write_jsonl
 
     fmt = fmt or ("csv" if output is not None and output.suffix == ".csv" else "jsonl")
     columns = tuple(f.strip() for f in fields.split(",")) if fields else DEFAULT_CSV_FIELDS
@@ -413,11 +413,12 @@ def validate(
 
     Exit status 0 if every line is a usable request, 1 if some are not.
     """
-    from batchq.config import build_settings, read_job_toml
-    from batchq.job import JOB_TOML
+    from batchq.config import build_settings
+    from batchq.job.folder import JOB_TOML
+    from batchq.job.settings import read_job_toml
     from batchq.reader import RequestTemplate
-    from batchq.validate import render_report
-    from batchq.validate import validate as check
+    from batchq.show.validate import render_report
+    from batchq.show.validate import validate as check
 
     try:
         stored: dict[str, Any] = {"input": str(target)}
@@ -521,7 +522,7 @@ def validate(
 )
 def mock_server(host: str, port: int, api_key_env: str | None, **faults: Any) -> None:
     """Serve the built-in OpenAI-compatible endpoint, for dry runs and tests."""
-    from batchq.mockserver import MockOptions, serve_forever
+    from batchq.mockserver.live import MockOptions, serve_forever
 
     api_key = os.environ.get(api_key_env) if api_key_env else None
     if api_key_env and not api_key:

@@ -17,7 +17,7 @@ from conftest import MockFactory
 from support import batchq, chat, clean_env, read_jsonl, wait_for, write_jsonl
 
 import batchq as bq
-from batchq.transport import Response
+from batchq.live.transport import Response
 
 KEY = "sk-test-0123456789abcdefghij"
 

@@ -17,9 +17,8 @@ from click.testing import CliRunner
 from multidict import CIMultiDictProxy
 from support import wait_for
 
-from batchq import mockserver
 from batchq.cli import cli
-from batchq.mockserver import (
+from batchq.mockserver.live import (
     _STATE,
     MockOptions,
     MockServer,
@@ -29,6 +28,7 @@ from batchq.mockserver import (
     format_duration,
     serve_forever,
 )
+from batchq.mockserver import live as mockserver
 
 MockFactory = Callable[..., Any]  # the `mock_server` fixture of conftest.py
 Answer = tuple[int, Any, CIMultiDictProxy[str]]

@@ -11,12 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from batchq.config import build_settings, read_job_toml
+from batchq.config import build_settings
 from batchq.errors import ConfigError
-from batchq.job import JOB_TOML, _resolve, read_progress, read_state, running_pid
-from batchq.journal import JOURNAL_NAME, read_journal
-from batchq.progress import duration
-from batchq.shard import shard_folders
+from batchq.job.folder import JOB_TOML, _resolve, read_progress, read_state, running_pid
+from batchq.job.journal import JOURNAL_NAME, read_journal
+from batchq.job.settings import read_job_toml
+from batchq.job.shard import shard_folders
+from batchq.stats import duration
 
 #: Figures of a running process, from its progress.json; summed over running shards.
 _LIVE_SUMS = ("in_flight", "allowance", "peak_in_flight", "hedges", "retries", "rate_limited")
