@@ -18,13 +18,17 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any, NoReturn
+from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 import click
 import orjson
 
 from batchq.config import ENDPOINTS, LIMITS_STORE_ENV
 from batchq.errors import BatchqError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from batchq.job.folder import Job
+    from batchq.stats import Stats
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -213,6 +217,42 @@ def _defaults(
     callback=_from_cwd,
     help="Errors file, relative to the current folder [default: errors.jsonl in the job folder].",
 )
+@click.option(
+    "--via",
+    type=click.Choice(["live", "batch"]),
+    help="live: call the endpoint in real time; batch: through the provider's Batch API, "
+    "at half price, within --completion-window [default: live].",
+)
+@click.option(
+    "--batch-dialect",
+    type=click.Choice(["openai", "dashscope"]),
+    help="Whose Batch API [default: dashscope for a compatible-mode/v1 base URL, else openai].",
+)
+@click.option(
+    "--completion-window",
+    metavar="24h",
+    help="How long a batch may take: 24h (OpenAI), up to 336h or 14d (DashScope) [default: 24h].",
+)
+@click.option(
+    "--batch-max-lines",
+    type=click.IntRange(min=1),
+    help="Lines in one batch file [default: 50000].",
+)
+@click.option(
+    "--batch-max-bytes",
+    type=click.IntRange(min=1024),
+    help="Bytes in one batch file [default: 190000000].",
+)
+@click.option(
+    "--batch-poll",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds between looks at the open batches [default: 30].",
+)
+@click.option(
+    "--detach",
+    is_flag=True,
+    help="With --via batch: return once every batch is created; the same command collects them.",
+)
 @click.option("--retry-failed", is_flag=True, help="Send the retryable failures again first.")
 @click.option("--force", is_flag=True, help="Allow changing model, endpoint, system or defaults.")
 @click.option(
@@ -242,6 +282,7 @@ def run(
     temperature: float | None,
     params: dict[str, Any],
     retry_failed: bool,
+    detach: bool,
     force: bool,
     shard_spec: str | None,
     fsync: bool,
@@ -273,15 +314,23 @@ def run(
             _notice(note)
         if progress_every is None:
             progress_every = 0.5 if sys.stderr.isatty() else 10.0
-        options = RunOptions(
-            api_key=os.environ.get(job.settings.api_key_env) or None,
-            retry_failed=retry_failed,
-            durable=fsync,
-            progress_every=None if quiet else progress_every,
-            on_notice=_notice,
-            handle_signals=True,
-        )
-        stats = asyncio.run(run_job(job, options))
+        api_key = os.environ.get(job.settings.api_key_env) or None
+        if job.settings.via == "batch":
+            stats = _run_batches(
+                job, api_key, retry_failed=retry_failed, detach=detach, fsync=fsync
+            )
+        elif detach:
+            raise click.UsageError("--detach goes with --via batch: a live run cannot detach")
+        else:
+            options = RunOptions(
+                api_key=api_key,
+                retry_failed=retry_failed,
+                durable=fsync,
+                progress_every=None if quiet else progress_every,
+                on_notice=_notice,
+                handle_signals=True,
+            )
+            stats = asyncio.run(run_job(job, options))
     except BatchqError as exc:
         raise Failure(exc) from None
     except Interrupted:  # a signal while the pipeline was not handling them
@@ -294,6 +343,58 @@ def run(
     if stats.interrupted:
         sys.exit(EXIT_INTERRUPTED)
     sys.exit(EXIT_FAILED if stats.failed_before + stats.failed else EXIT_OK)
+
+
+def _run_batches(
+    job: Job,
+    api_key: str | None,
+    *,
+    retry_failed: bool,
+    detach: bool,
+    fsync: bool,
+    cancel: bool = False,
+) -> Stats:
+    from batchq.batch.executor import BatchOptions, run_batches
+
+    options = BatchOptions(
+        api_key=api_key,
+        retry_failed=retry_failed,
+        durable=fsync,
+        detach=detach,
+        cancel=cancel,
+        on_notice=_notice,
+        handle_signals=True,
+    )
+    return asyncio.run(run_batches(job, options))
+
+
+@cli.command()
+@click.argument("job_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def cancel(job_dir: Path) -> None:
+    """Cancel JOB_DIR's open provider batches, and collect what they finished.
+
+    Lines a cancelled batch did not finish are pending again: `batchq run JOB_DIR`
+    sends them, live or by batch.
+    """
+    from batchq.job.folder import open_job
+    from batchq.show.progress import render_summary, summary
+
+    try:
+        job, _ = open_job(
+            job_dir, job_dir=None, overrides={}, defaults={}, default_base_url=None, force=False
+        )
+        api_key = os.environ.get(job.settings.api_key_env) or None
+        stats = _run_batches(
+            job, api_key, retry_failed=False, detach=False, fsync=True, cancel=True
+        )
+    except BatchqError as exc:
+        raise Failure(exc) from None
+    except Interrupted:
+        sys.exit(EXIT_INTERRUPTED)
+    resume = f"batchq run {shlex.quote(str(job_dir))}"
+    figures = summary(stats, results=str(job.results), errors=str(job.errors), resume=resume)
+    click.echo(render_summary(figures), err=True)
+    sys.exit(EXIT_INTERRUPTED if stats.interrupted else EXIT_OK)
 
 
 def _resume() -> str:

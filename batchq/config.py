@@ -60,6 +60,12 @@ class Settings:
     max_response_bytes: int = 32 * 1024 * 1024  # of one answer, after decompression
     limits_store: str | None = None  # redis://HOST:PORT/DB shared by the processes of one account
     limits_key: str | None = None  # None: the base URL and a hash of the API key
+    via: str = "live"  # "live": real-time calls; "batch": the provider's Batch API
+    batch_dialect: str | None = None  # "openai" or "dashscope"; None: from the base URL
+    completion_window: str = "24h"
+    batch_max_lines: int = 50_000  # of one batch file
+    batch_max_bytes: int = 190_000_000  # of one batch file (OpenAI takes 200 MB)
+    batch_poll: float = 30.0  # seconds between looks at the open batches
 
     def __post_init__(self) -> None:
         for name in _TEXT:
@@ -106,6 +112,12 @@ class Settings:
             _check_range(name, getattr(self, name), 0, 1e9, open_low=name != "drain_timeout")
         _check_range("max_wait", self.max_wait, 0, 1e9)
         _check_range("max_response_bytes", self.max_response_bytes, 1, 1 << 40, integer=True)
+        _check_choice("via", self.via, VIAS)
+        if self.batch_dialect is not None:
+            _check_choice("batch_dialect", self.batch_dialect, DIALECTS)
+        _check_range("batch_max_lines", self.batch_max_lines, 1, 10_000_000, integer=True)
+        _check_range("batch_max_bytes", self.batch_max_bytes, 1024, 1 << 40, integer=True)
+        _check_range("batch_poll", self.batch_poll, 0, 86_400, open_low=True)
 
     @property
     def request_key(self) -> dict[str, Any]:
@@ -115,9 +127,9 @@ class Settings:
 
 _TEXT = (
     *("input", "output", "errors", "base_url", "api_key_env", "endpoint", "model", "system"),
-    *("limits_store", "limits_key"),
+    *("limits_store", "limits_key", "via", "batch_dialect", "completion_window"),
 )
-_OPTIONAL_TEXT = ("model", "system", "limits_store", "limits_key")
+_OPTIONAL_TEXT = ("model", "system", "limits_store", "limits_key", "batch_dialect")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 #: What API keys start with (OpenAI, Groq, Hugging Face, xAI, ...), never an env var name.
 _KEY_LIKE = re.compile(r"(sk|gsk|hf|xai|pk|rk|key)[-_][A-Za-z0-9]{8}|AIza", re.IGNORECASE)
@@ -128,6 +140,15 @@ _RANDOM = re.compile(r"[0-9A-Fa-f]{24,}|(?=.*\d)[A-Za-z0-9]{20,}")
 
 def _key_like(name: str) -> bool:
     return bool(_KEY_LIKE.match(name) or _RANDOM.fullmatch(name))
+
+
+VIAS = ("live", "batch")
+DIALECTS = ("openai", "dashscope")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {show(value)}")
 
 
 def show(value: Any) -> str:

@@ -37,6 +37,7 @@ from batchq.errors import (
     RequestError,
     TransportError,
 )
+from batchq.job.batches import held_lines
 from batchq.job.folder import (
     Job,
     add_elapsed,
@@ -300,10 +301,17 @@ class Pipeline:
         async def reject(outcome: Outcome) -> None:
             await self.outcomes.put(outcome)
 
+        done = self.journal.done
+        held, count = held_lines(self.job.run_dir)
+        if count:
+            self.options.on_notice(
+                f"{count:,} lines are in open provider batches and are left to them: "
+                "`batchq run --via batch` collects them, `batchq cancel JOB` stops them"
+            )
         await feed(
             self.job.input,
             self.span.end,
-            self.journal.done.__contains__,
+            (lambda n: n in done or n in held) if count else done.__contains__,
             self.template,
             self.requests.put,
             reject,
