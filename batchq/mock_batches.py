@@ -89,14 +89,20 @@ _SCRIPTED = "(scripted by the mock endpoint)"
 
 
 class VirtualClock:
-    """Unix time that runs `scale` times faster than the real clock, from the start."""
+    """Virtual seconds since the start, running `scale` times faster than real ones.
+
+    Kept small rather than as Unix time, so a line's finishing time is exact to far below
+    its pace; `unix` turns one into the Unix time the API shows.
+    """
 
     def __init__(self, scale: float) -> None:
-        self.scale = scale
-        self._epoch, self._start = time.time(), time.monotonic()
+        self.scale, self.epoch, self._start = scale, int(time.time()), time.monotonic()
 
     def now(self) -> float:
-        return self._epoch + (time.monotonic() - self._start) * self.scale
+        return (time.monotonic() - self._start) * self.scale
+
+    def unix(self, moment: float) -> int:
+        return self.epoch + int(moment)
 
 
 def _openai_window(text: str) -> float | None:
@@ -163,7 +169,7 @@ class _File:
     id: str
     filename: str
     purpose: str
-    created_at: float
+    created_at: int  # Unix time
     data: bytes
 
     def view(self) -> JSONObject:
@@ -171,7 +177,7 @@ class _File:
             "id": self.id,
             "object": "file",
             "bytes": len(self.data),
-            "created_at": int(self.created_at),
+            "created_at": self.created_at,
             "filename": self.filename,
             "purpose": self.purpose,
             "status": "processed",
@@ -213,6 +219,10 @@ class _Batch:
     output_file_id: str | None = None
     error_file_id: str | None = None
     done: int = 0  # lines finished at the terminal state
+    epoch: int = 0  # the Unix time of the clock's start
+
+    def _unix(self, moment: float) -> int:
+        return self.epoch + int(moment)
 
     @property
     def validated_at(self) -> float:
@@ -226,6 +236,8 @@ class _Batch:
         """How many lines are finished at virtual time `moment`."""
         if moment < self.validated_at:
             return 0
+        if moment >= self.work_ends_at:
+            return len(self.lines)
         return min(len(self.lines), int((moment - self.validated_at) / self.pace + 1e-9))
 
     def status(self, now: float) -> tuple[str, float]:
@@ -281,14 +293,14 @@ class _Batch:
         )  # fmt: skip
         started = self.cancelled_at is None or self.cancelled_at >= self.validated_at
         if status not in ("validating", "failed") and started and self.validated_at <= now:
-            stamps["in_progress_at"] = int(self.validated_at)
+            stamps["in_progress_at"] = self._unix(self.validated_at)
         if status in ("finalizing", "completed"):
-            stamps["finalizing_at"] = int(self.work_ends_at)
+            stamps["finalizing_at"] = self._unix(self.work_ends_at)
         if status in ("cancelling", "cancelled") and self.cancelled_at is not None:
-            stamps["cancelling_at"] = int(self.cancelled_at)
+            stamps["cancelling_at"] = self._unix(self.cancelled_at)
         if status in _TERMINAL:
-            stamps[f"{status}_at"] = int(since)
-        expires = int(self.ends_at) if self.dialect.states_expiry else None
+            stamps[f"{status}_at"] = self._unix(since)
+        expires = self._unix(self.ends_at) if self.dialect.states_expiry else None
         return {
             "id": self.id,
             "object": "batch",
@@ -299,7 +311,7 @@ class _Batch:
             "status": status,
             "output_file_id": self.output_file_id,
             "error_file_id": self.error_file_id,
-            "created_at": int(self.created_at),
+            "created_at": self._unix(self.created_at),
             "expires_at": expires,
             **stamps,
             "request_counts": self.counts(now),
@@ -478,8 +490,8 @@ class BatchAPI:
             raise _Refused(
                 400, f"Invalid value for 'purpose': {purpose!r}; expected 'batch'.", "purpose"
             )
-        now = self.clock.now()
-        file = _File(account.dialect.file_prefix + self._token(), filename, purpose, now, data)
+        file_id = account.dialect.file_prefix + self._token()
+        file = _File(file_id, filename, purpose, self.clock.unix(self.clock.now()), data)
         account.files[file.id] = file
         self.counters.files_uploaded += 1
         if self._live is None:
@@ -566,7 +578,7 @@ class BatchAPI:
         model = str(requests[0][2].get("model", "")) if requests else ""
         batch = _Batch(
             batch_id, account.dialect, endpoint, model, file.id, window_text, metadata, now,
-            opts.batch_step_seconds, pace, now + window, lines, errors,
+            opts.batch_step_seconds, pace, now + window, lines, errors, epoch=self.clock.epoch,
         )  # fmt: skip
         if not errors:
             errors.extend(self._late_errors(batch))
@@ -720,9 +732,8 @@ class BatchAPI:
     def _store(
         self, account: _Account, prefix: str, batch: _Batch, lines: list[bytes], at: float
     ) -> str:
-        file = _File(
-            prefix + self._token(), f"{batch.id}_output.jsonl", "batch_output", at, b"".join(lines)
-        )
+        name, data = f"{batch.id}_output.jsonl", b"".join(lines)
+        file = _File(prefix + self._token(), name, "batch_output", self.clock.unix(at), data)
         account.files[file.id] = file
         return file.id
 
