@@ -277,7 +277,8 @@ class _Batch:
         if self.outcome is not None:
             finished, listed = self.done, self._listed_leftover()
         else:
-            finished, listed = self.finished_by(min(now, self.ends_at)), 0
+            stopped = self.cancelled_at if self.cancelled_at is not None else self.ends_at
+            finished, listed = self.finished_by(min(now, stopped)), 0
         ok = sum(1 for line in self.lines[:finished] if line.status == 200)
         return {"total": len(self.lines), "completed": ok, "failed": finished - ok + listed}
 

@@ -205,8 +205,8 @@ async def test_a_24h_window_passes_in_a_second_and_expires_with_partial_output(
 async def test_cancel_keeps_the_finished_lines_and_their_rest_can_go_again(
     mock_server: MockFactory, session: aiohttp.ClientSession, dialect: str
 ) -> None:
-    # 50 lines at 10 ms (real) each: a cancel lands well inside the work.
-    mock = mock_server(batch_time_scale=100.0, batch_lines_per_second=1.0, batch_step_seconds=1.0)
+    # 50 lines at 10 ms (real) each: a cancel lands well inside the work; cancelling: 50 ms.
+    mock = mock_server(batch_time_scale=100.0, batch_lines_per_second=1.0, batch_step_seconds=5.0)
     api = Api(session, mock.url if dialect == "openai" else root(mock.url) + DASHSCOPE)
     requests = [line(f"r{i}", f"p{i}") for i in range(50)]
     batch = await api.submit(requests)
@@ -216,7 +216,12 @@ async def test_cancel_keeps_the_finished_lines_and_their_rest_can_go_again(
         await asyncio.sleep(0.005)
     status, cancelling = await api.call("POST", f"/batches/{batch['id']}/cancel")
     assert status == 200 and cancelling["status"] == "cancelling"
-    cancelled = await api.wait(batch["id"], "cancelled")
+    deadline = time.monotonic() + 20
+    while (cancelled := await api.batch(batch["id"]))["status"] == "cancelling":
+        assert cancelled["request_counts"] == cancelling["request_counts"]  # work stopped
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.005)
+    assert cancelled["status"] == "cancelled"
     assert cancelled["cancelled_at"] >= cancelled["cancelling_at"]
     output = await api.lines(cancelled["output_file_id"])
     errors = await api.lines(cancelled["error_file_id"])
