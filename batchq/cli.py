@@ -544,6 +544,72 @@ def validate(
     sys.exit(EXIT_OK if report.bad == 0 else EXIT_FAILED)
 
 
+_Decorator = Callable[[Callable[..., None]], Callable[..., None]]
+
+
+def _rate(name: str, text: str) -> _Decorator:
+    return click.option(name, type=click.FloatRange(0, 1), default=0.0, help=text)
+
+
+_BATCH_OPTIONS: list[_Decorator] = [
+    click.option(
+        "--batch-time-scale",
+        type=click.FloatRange(min=0, min_open=True),
+        default=60.0,
+        show_default=True,
+        help="Batches: virtual seconds per real second (86400: a 24h window in 1 s).",
+    ),
+    click.option(
+        "--batch-lines-per-second",
+        type=click.FloatRange(min=0, min_open=True),
+        default=10.0,
+        show_default=True,
+        help="Batches: lines processed per virtual second.",
+    ),
+    click.option(
+        "--batch-step-seconds",
+        type=click.FloatRange(min=0),
+        default=30.0,
+        show_default=True,
+        help="Batches: virtual seconds that validating, finalizing and cancelling each take.",
+    ),
+    click.option(
+        "--batch-max-lines",
+        type=click.IntRange(min=1),
+        default=50_000,
+        show_default=True,
+        help="Batches: a file with more lines fails validation.",
+    ),
+    click.option(
+        "--batch-max-file-bytes",
+        type=click.IntRange(min=0),
+        default=0,
+        help="Refuse larger uploads (0: 200 MB under /v1, 500 MB under /compatible-mode/v1).",
+    ),
+    click.option(
+        "--batch-enqueued-tokens",
+        type=click.IntRange(min=0),
+        default=0,
+        help="Fail batches with token_limit_exceeded past this many enqueued tokens a model.",
+    ),
+    _rate("--batch-lost-upload-rate", "Fraction of uploads stored but left unanswered."),
+    _rate("--batch-lost-create-rate", "Fraction of batches created but left unanswered."),
+    _rate("--batch-lost-cancel-rate", "Fraction of cancels done but left unanswered."),
+    _rate("--batch-late-failure-rate", "Fraction of valid batches failing at validation."),
+    _rate("--batch-expire-rate", "Fraction of batches expiring halfway through their lines."),
+    _rate("--batch-truncated-download-rate", "Fraction of downloads cut short, then closed."),
+    _rate("--batch-rate-429", "Fraction of Files and Batches requests answered 429."),
+    _rate("--batch-rate-5xx", "Fraction of Files and Batches requests answered 500."),
+]
+
+
+def _batch_options(command: Callable[..., None]) -> Callable[..., None]:
+    """The Files + Batches API's clock, limits and faults, for ``mock-server``."""
+    for option in reversed(_BATCH_OPTIONS):
+        command = option(command)
+    return command
+
+
 @cli.command("mock-server")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option(
@@ -621,6 +687,7 @@ def validate(
     help="List every arrival, and each 200's arrival time and TPM charge, in /_mock/stats "
     "(memory grows with every request).",
 )
+@_batch_options
 def mock_server(host: str, port: int, api_key_env: str | None, **faults: Any) -> None:
     """Serve the built-in OpenAI-compatible endpoint, for dry runs and tests."""
     from batchq.mockserver.live import MockOptions, serve_forever
