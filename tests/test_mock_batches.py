@@ -17,9 +17,9 @@ import pytest
 from click.testing import CliRunner
 from conftest import MockFactory
 
-from batchq import mockserver
 from batchq.cli import cli
 from batchq.mockserver import MockOptions
+from batchq.mockserver import live as mockserver
 
 # A day per real second, 100 lines per virtual second: a small batch ends in milliseconds.
 FAST = {"batch_time_scale": 86_400.0, "batch_lines_per_second": 100.0, "batch_step_seconds": 60.0}

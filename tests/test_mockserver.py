@@ -18,6 +18,7 @@ from multidict import CIMultiDictProxy
 from support import wait_for
 
 from batchq.cli import cli
+from batchq.mockserver import live as mockserver
 from batchq.mockserver.live import (
     _STATE,
     MockOptions,
@@ -28,7 +29,6 @@ from batchq.mockserver.live import (
     format_duration,
     serve_forever,
 )
-from batchq.mockserver import live as mockserver
 
 MockFactory = Callable[..., Any]  # the `mock_server` fixture of conftest.py
 Answer = tuple[int, Any, CIMultiDictProxy[str]]

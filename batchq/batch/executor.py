@@ -44,6 +44,15 @@ DOWNLOAD_TRIES = 3
 #: How far back (seconds) to look for a batch whose create answer was lost.
 FIND_SLACK = 3600.0
 
+#: Test hook, None in normal runs: called with the name of each step as it is reached
+#: (the crash tests SIGKILL the process there).
+at_step: Callable[[str], None] | None = None
+
+
+def _reached(step: str) -> None:
+    if at_step is not None:
+        at_step(step)
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BatchOptions:
@@ -169,6 +178,7 @@ class BatchRun:
         await self.journal.commit_in_thread()
         for chunk in planned.chunks:
             self.ledger.plan(chunk)
+        _reached("planned")
         if planned.chunks:
             lines = sum(c.count for c in planned.chunks)
             self.notice(f"planned {len(planned.chunks)} batches of {lines:,} lines in all")
@@ -184,11 +194,13 @@ class BatchRun:
         if chunk.file_id is None:
             path = self.ledger.folder / f"{chunk.name}.jsonl"
             uploaded = await self.provider.upload(path, f"{self.job.dir.name}-{chunk.name}.jsonl")
+            _reached("uploaded")
             self.ledger.step(chunk, "upload", file_id=str(uploaded["id"]))
         if chunk.creating and await self.find(chunk):
             return
         if not chunk.creating:
             self.ledger.step(chunk, "create")  # from here on, the batch may exist
+            _reached("creating")
         for attempt in range(1, CREATE_TRIES + 1):
             try:
                 batch = await self.provider.create(
@@ -202,6 +214,7 @@ class BatchRun:
                 if await self.find(chunk):
                     return
                 continue
+            _reached("created")
             self.ledger.step(chunk, "created", batch_id=str(batch["id"]))
             return
         raise ProviderError(
@@ -274,8 +287,10 @@ class BatchRun:
         )  # fmt: skip
         if status == "failed":
             self._say_failed(chunk, batch)
+        _reached("downloaded")
         self._append(outcomes)
         await self.journal.commit_in_thread()
+        _reached("committed")
         # Only now, with its lines durable, is the batch collected: a crash before this
         # line collects it again, and finds those lines done.
         self.ledger.step(chunk, "collected", status=status, retry=to_ranges(collected.retry))
@@ -316,7 +331,12 @@ class BatchRun:
                 self.ledger.step(chunk, "collected", status="not created", retry=chunk.lines)
                 _remove_files(self.ledger.folder, chunk)
                 continue
-            batch = await self.provider.cancel(chunk.batch_id)
+            try:
+                batch = await self.provider.cancel(chunk.batch_id)
+            except ProviderError as exc:
+                if exc.status != 409:  # 409: it finished before it could be cancelled
+                    raise
+                batch = await self.provider.retrieve(chunk.batch_id)
             self._seen(chunk, batch)
         n = len(self.ledger.open_chunks())
         self.notice(f"asked the provider to cancel {n} batches; collecting what they finished")

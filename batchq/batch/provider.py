@@ -41,6 +41,10 @@ class Uncertain(Exception):
 class ProviderError(FatalEndpointError):
     """The provider refused a Files or Batches call for good (exit 3)."""
 
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
 
 class Provider:
     """One ``ClientSession`` to the provider for the whole run."""
@@ -140,6 +144,10 @@ class Provider:
         session = self._open()
         try:
             async with session.get(self._base + f"/files/{file_id}/content") as response:
+                if response.status == 429 or response.status >= 500:
+                    raise _Retryable(
+                        f"HTTP {response.status}", _retry_after(response.headers.get("Retry-After"))
+                    )
                 if response.status != 200:
                     self._refuse(
                         "GET", f"/files/{file_id}/content", response, await response.read()
@@ -206,7 +214,8 @@ class Provider:
         if self._scrubber is not None:
             message = self._scrubber.text(message)
         raise ProviderError(
-            f"the provider refused {method} {path} (HTTP {response.status}): {message}"
+            f"the provider refused {method} {path} (HTTP {response.status}): {message}",
+            response.status,
         )
 
     async def _wait(self, attempt: int, retry_after: float | None) -> None:

@@ -68,7 +68,7 @@ from typing import Any
 import orjson
 from aiohttp import BodyPartReader, web
 
-from batchq.mockserver import (
+from batchq.mockserver.live import (
     _ENDPOINTS,
     _SCRIPTED_429_HEADERS,
     JSONObject,

@@ -62,8 +62,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-if TYPE_CHECKING:  # mock_batches builds on this module, so it is imported where it is used
-    from batchq.mock_batches import BatchAPI
+if TYPE_CHECKING:  # mockserver.batches builds on this module, so it is imported where it is used
+    from batchq.mockserver.batches import BatchAPI
 
 __all__ = ["MockOptions", "MockServer", "build_app", "format_duration", "serve_forever"]
 
@@ -91,7 +91,7 @@ class MockOptions:
     rate_limit_headers: bool = True  # send x-ratelimit-* (vLLM-like servers do not)
     seed: int | None = None  # for the random faults, jitter and lognormal draws
     record: bool = False  # keep per-prompt arrivals and 200s in stats(); memory grows
-    # The Files + Batches API (batchq.mock_batches); its times are virtual seconds.
+    # The Files + Batches API (batchq.mockserver.batches); its times are virtual seconds.
     batch_time_scale: float = 60.0  # virtual seconds per real second
     batch_lines_per_second: float = 10.0  # a batch's pace, in lines per virtual second
     batch_step_seconds: float = 30.0  # validating, finalizing and cancelling each take this
@@ -882,7 +882,7 @@ def _route(mock: _Mock, endpoint: _Endpoint) -> _Handler:
 
 def build_app(options: MockOptions) -> web.Application:
     """Build the endpoint as an aiohttp application (`MockServer` runs one)."""
-    from batchq.mock_batches import BatchAPI  # it imports this module's replies
+    from batchq.mockserver.batches import BatchAPI  # it imports this module's replies
 
     mock = _Mock(options)
     app = web.Application(client_max_size=64 * 1024 * 1024)  # prompts can be long
