@@ -151,6 +151,12 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {show(value)}")
 
 
+def window_hours(window: str) -> int | None:
+    """A completion window (``24h``, ``14d``) in hours; None if it is not one."""
+    match = re.fullmatch(r"(\d{1,6})([hd])", window)
+    return int(match[1]) * (24 if match[2] == "d" else 1) if match else None
+
+
 def show(value: Any) -> str:
     """A value from the user's data as JSON, shortened: no Python reprs in messages."""
     try:

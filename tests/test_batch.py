@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +220,10 @@ def test_cancel_collects_what_finished_and_a_live_rerun_does_the_rest(
     assert "go on running" in detached.stderr
     job = tmp_path / "job"
     assert outputs(job) == ([], [])
+    status = orjson.loads(batchq("status", job, "--json", cwd=tmp_path).stdout)
+    (row,) = status["batches"]
+    assert row["open"] and row["lines"] == 20 and row["batch_id"].startswith("batch_")
+    assert row["deadline"] == pytest.approx(time.time() + 24 * 3600, abs=60)
     # A live run meanwhile leaves the batch's lines alone.
     live = batchq("run", job, "--via", "live", cwd=tmp_path)
     assert live.returncode == 0, live.stderr

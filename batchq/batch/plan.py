@@ -14,14 +14,13 @@ refused: the provider would fail the whole file for it.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
 
-from batchq.config import Settings, show
+from batchq.config import Settings, show, window_hours
 from batchq.errors import ConfigError
 from batchq.job import durable
 from batchq.job.batches import Chunk, to_ranges
@@ -61,8 +60,7 @@ def dialect_of(settings: Settings) -> Dialect:
 
 def check_window(window: str, dialect: Dialect) -> None:
     """Refuse a completion window the provider would refuse."""
-    match = re.fullmatch(r"(\d+)([hd])", window)
-    hours = int(match[1]) * (24 if match[2] == "d" else 1) if match else 0
+    hours = window_hours(window) or 0
     if dialect is OPENAI and window != "24h":
         raise ConfigError(f"completion_window {show(window)}: OpenAI's batches take only 24h")
     if not 24 <= hours <= dialect.max_window_hours:

@@ -9,7 +9,7 @@ taken, and its result after. One JSON line a step, in ``batches.jsonl``::
      "url": "/v1/chat/completions", "model": "qwen-max", "bytes": 1234567}
     {"chunk": 3, "step": "upload", "file_id": "file-..."}
     {"chunk": 3, "step": "create"}                      from here the batch may exist
-    {"chunk": 3, "step": "created", "batch_id": "batch_..."}
+    {"chunk": 3, "step": "created", "batch_id": "batch_...", "at": 1796190000.0}
     {"chunk": 3, "step": "status", "status": "in_progress", "counts": {...}}
     {"chunk": 3, "step": "collected", "status": "completed", "retry": [[17, 17]]}
 
@@ -78,6 +78,7 @@ class Chunk:
     model: str | None
     bytes: int
     planned_at: float = 0.0
+    created_at: float | None = None  # when the provider was seen to have the batch
     file_id: str | None = None
     creating: bool = False  # the create call may have been made
     batch_id: str | None = None
@@ -98,6 +99,7 @@ class Chunk:
             self.creating = True
         elif step == "created":
             self.batch_id = str(record["batch_id"])
+            self.created_at = record.get("at")
         elif step == "status":
             self.status = str(record["status"])
             self.counts = dict(record.get("counts") or {})
@@ -150,7 +152,7 @@ class Ledger:
 
     def step(self, chunk: Chunk, step: str, **fields: Any) -> None:
         """Record that ``chunk`` reached ``step`` (durable when this returns)."""
-        record = {"chunk": chunk.number, "step": step, **fields}
+        record = {"chunk": chunk.number, "step": step, **fields, "at": round(time.time(), 3)}
         self._write(record)
         chunk.apply(record)
 
