@@ -65,6 +65,8 @@ class Stats:
     completion_tokens: int = 0
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     pace: str | None = None  # the current pace, while rate limits slow it down
+    batches_created: int = 0  # provider batches this run created (--via batch)
+    batches_open: int | None = None  # left running at the provider; None: a live run
     interrupted: bool = False
 
     @property

@@ -150,6 +150,7 @@ class BatchRun:
             if self.options.detach or not self.ledger.open_chunks():
                 break
             await self.wait_and_collect()
+        self.stats.batches_open = len(self.ledger.open_chunks())
         if self.stopping.is_set() or self.options.detach:
             self.stats.interrupted = self.stopping.is_set()
             self._say_left_running()
@@ -216,6 +217,7 @@ class BatchRun:
                 continue
             _reached("created")
             self.ledger.step(chunk, "created", batch_id=str(batch["id"]))
+            self.stats.batches_created += 1
             return
         raise ProviderError(
             f"cannot create a batch for {chunk.name}: no answer {CREATE_TRIES} times"

@@ -150,6 +150,9 @@ def summary(stats: Stats, *, results: str, errors: str, resume: str) -> dict[str
             "rate_limited": s.rate_limited,
             "concurrency": {"peak_in_flight": s.peak_in_flight, "allowance": s.allowance},
             "hedges": {"sent": s.hedges, "estimated_tokens": s.hedge_tokens},
+            "batches": None
+            if s.batches_open is None
+            else {"created": s.batches_created, "open": s.batches_open},
         },
         "results": results,
         "errors": errors,
@@ -182,7 +185,14 @@ def render_summary(figures: dict[str, Any]) -> str:
             f"  latency: p50 {latency['p50']:.3f}s · p95 {latency['p95']:.3f}s"
             f" · p99 {latency['p99']:.3f}s"
         )
-    lines.append(f"  concurrency: at most {run['concurrency']['peak_in_flight']:,} in flight")
+    if run["batches"] is not None:
+        batches = run["batches"]
+        lines.append(
+            f"  provider batches: {batches['created']:,} created this run, "
+            f"{batches['open']:,} still open (billed as they finish)"
+        )
+    else:
+        lines.append(f"  concurrency: at most {run['concurrency']['peak_in_flight']:,} in flight")
     if run["hedges"]["sent"]:
         hedges = run["hedges"]
         lines[-1] += f"; {hedges['sent']:,} hedges (~{hedges['estimated_tokens']:,} tokens extra)"
