@@ -27,8 +27,7 @@ from batchq.config import ENDPOINTS, LIMITS_STORE_ENV
 from batchq.errors import BatchqError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from batchq.job.folder import Job
-    from batchq.stats import Stats
+    from batchq.batch.executor import BatchOptions
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -219,9 +218,16 @@ def _defaults(
 )
 @click.option(
     "--via",
-    type=click.Choice(["live", "batch"]),
+    type=click.Choice(["live", "batch", "auto"]),
     help="live: call the endpoint in real time; batch: through the provider's Batch API, "
-    "at half price, within --completion-window [default: live].",
+    "at half price, within --completion-window; auto: by batch, and live for what batches "
+    "cannot do before --deadline [default: live].",
+)
+@click.option(
+    "--deadline",
+    metavar="DURATION",
+    help="With --via auto: when the job must be done, from the start of the run "
+    "(40s, 90m, 6h, 2d).",
 )
 @click.option(
     "--batch-dialect",
@@ -292,6 +298,8 @@ def run(
     **settings: Any,
 ) -> None:
     """Start, or continue, the job for TARGET (an input .jsonl file or a job folder)."""
+    from batchq.auto import run_auto
+    from batchq.batch.executor import run_batches
     from batchq.job.folder import open_job, with_shard
     from batchq.job.shard import parse_shard
     from batchq.live.runner import RunOptions, run_job
@@ -315,22 +323,25 @@ def run(
         if progress_every is None:
             progress_every = 0.5 if sys.stderr.isatty() else 10.0
         api_key = os.environ.get(job.settings.api_key_env) or None
-        if job.settings.via == "batch":
-            stats = _run_batches(
-                job, api_key, retry_failed=retry_failed, detach=detach, fsync=fsync
-            )
-        elif detach:
-            raise click.UsageError("--detach goes with --via batch: a live run cannot detach")
+        via = job.settings.via
+        if detach and via != "batch":
+            raise click.UsageError("--detach goes with --via batch: nothing else can detach")
+        live = RunOptions(
+            api_key=api_key,
+            retry_failed=retry_failed,
+            durable=fsync,
+            progress_every=None if quiet else progress_every,
+            on_notice=_notice,
+            handle_signals=True,
+        )
+        if via == "live":
+            stats = asyncio.run(run_job(job, live))
         else:
-            options = RunOptions(
-                api_key=api_key,
-                retry_failed=retry_failed,
-                durable=fsync,
-                progress_every=None if quiet else progress_every,
-                on_notice=_notice,
-                handle_signals=True,
-            )
-            stats = asyncio.run(run_job(job, options))
+            batch = _batching(api_key, retry_failed=retry_failed, detach=detach, fsync=fsync)
+            if via == "batch":
+                stats = asyncio.run(run_batches(job, batch))
+            else:
+                stats = asyncio.run(run_auto(job, live, batch))
     except BatchqError as exc:
         raise Failure(exc) from None
     except Interrupted:  # a signal while the pipeline was not handling them
@@ -345,18 +356,12 @@ def run(
     sys.exit(EXIT_FAILED if stats.failed_before + stats.failed else EXIT_OK)
 
 
-def _run_batches(
-    job: Job,
-    api_key: str | None,
-    *,
-    retry_failed: bool,
-    detach: bool,
-    fsync: bool,
-    cancel: bool = False,
-) -> Stats:
-    from batchq.batch.executor import BatchOptions, run_batches
+def _batching(
+    api_key: str | None, *, retry_failed: bool, detach: bool, fsync: bool, cancel: bool = False
+) -> BatchOptions:
+    from batchq.batch.executor import BatchOptions
 
-    options = BatchOptions(
+    return BatchOptions(
         api_key=api_key,
         retry_failed=retry_failed,
         durable=fsync,
@@ -365,7 +370,6 @@ def _run_batches(
         on_notice=_notice,
         handle_signals=True,
     )
-    return asyncio.run(run_batches(job, options))
 
 
 @cli.command()
@@ -376,6 +380,7 @@ def cancel(job_dir: Path) -> None:
     Lines a cancelled batch did not finish are pending again: `batchq run JOB_DIR`
     sends them, live or by batch.
     """
+    from batchq.batch.executor import run_batches
     from batchq.job.folder import open_job
     from batchq.show.progress import render_summary, summary
 
@@ -384,9 +389,8 @@ def cancel(job_dir: Path) -> None:
             job_dir, job_dir=None, overrides={}, defaults={}, default_base_url=None, force=False
         )
         api_key = os.environ.get(job.settings.api_key_env) or None
-        stats = _run_batches(
-            job, api_key, retry_failed=False, detach=False, fsync=True, cancel=True
-        )
+        options = _batching(api_key, retry_failed=False, detach=False, fsync=True, cancel=True)
+        stats = asyncio.run(run_batches(job, options))
     except BatchqError as exc:
         raise Failure(exc) from None
     except Interrupted:

@@ -60,7 +60,8 @@ class Settings:
     max_response_bytes: int = 32 * 1024 * 1024  # of one answer, after decompression
     limits_store: str | None = None  # redis://HOST:PORT/DB shared by the processes of one account
     limits_key: str | None = None  # None: the base URL and a hash of the API key
-    via: str = "live"  # "live": real-time calls; "batch": the provider's Batch API
+    via: str = "live"  # "live": real time; "batch": the provider's Batch API; "auto": both
+    deadline: str | None = None  # --via auto: "90m", "6h", "2d" from the start of a run
     batch_dialect: str | None = None  # "openai" or "dashscope"; None: from the base URL
     completion_window: str = "24h"
     batch_max_lines: int = 50_000  # of one batch file
@@ -113,6 +114,12 @@ class Settings:
         _check_range("max_wait", self.max_wait, 0, 1e9)
         _check_range("max_response_bytes", self.max_response_bytes, 1, 1 << 40, integer=True)
         _check_choice("via", self.via, VIAS)
+        if self.deadline is not None and deadline_seconds(self.deadline) is None:
+            raise ConfigError(
+                f"deadline must be a duration such as 40s, 90m, 6h or 2d, not {show(self.deadline)}"
+            )
+        if self.via == "auto" and self.deadline is None:
+            raise ConfigError("--via auto needs --deadline: when the job must be done by")
         if self.batch_dialect is not None:
             _check_choice("batch_dialect", self.batch_dialect, DIALECTS)
         _check_range("batch_max_lines", self.batch_max_lines, 1, 10_000_000, integer=True)
@@ -127,9 +134,9 @@ class Settings:
 
 _TEXT = (
     *("input", "output", "errors", "base_url", "api_key_env", "endpoint", "model", "system"),
-    *("limits_store", "limits_key", "via", "batch_dialect", "completion_window"),
+    *("limits_store", "limits_key", "via", "batch_dialect", "completion_window", "deadline"),
 )
-_OPTIONAL_TEXT = ("model", "system", "limits_store", "limits_key", "batch_dialect")
+_OPTIONAL_TEXT = ("model", "system", "limits_store", "limits_key", "batch_dialect", "deadline")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 #: What API keys start with (OpenAI, Groq, Hugging Face, xAI, ...), never an env var name.
 _KEY_LIKE = re.compile(r"(sk|gsk|hf|xai|pk|rk|key)[-_][A-Za-z0-9]{8}|AIza", re.IGNORECASE)
@@ -142,13 +149,22 @@ def _key_like(name: str) -> bool:
     return bool(_KEY_LIKE.match(name) or _RANDOM.fullmatch(name))
 
 
-VIAS = ("live", "batch")
+VIAS = ("live", "batch", "auto")
 DIALECTS = ("openai", "dashscope")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {show(value)}")
+
+
+def deadline_seconds(text: str) -> float | None:
+    """A duration such as ``40s``, ``90m``, ``6h`` or ``2d`` in seconds; None if it is not one."""
+    match = re.fullmatch(r"(\d{1,9}(?:\.\d+)?)([smhd])", text.strip())
+    if not match:
+        return None
+    seconds = float(match[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+    return seconds if seconds > 0 else None
 
 
 def window_hours(window: str) -> int | None:

@@ -67,6 +67,7 @@ class Stats:
     pace: str | None = None  # the current pace, while rate limits slow it down
     batches_created: int = 0  # provider batches this run created (--via batch)
     batches_open: int | None = None  # left running at the provider; None: a live run
+    by_batch: int | None = None  # --via auto: of this run's lines, those a batch answered
     interrupted: bool = False
 
     @property

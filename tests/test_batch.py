@@ -171,7 +171,7 @@ def test_a_kill_at_any_step_then_a_rerun_pays_once_and_writes_once(
         "--batch-poll", "0.02", "--batch-max-lines", "30",
     ]  # fmt: skip
     killed = subprocess.run(
-        [sys.executable, "-c", _kill_at(step, 2), *args],
+        [sys.executable, "-c", _kill_at(step, 1 if step == "planned" else 2), *args],
         cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -251,4 +251,62 @@ def test_lines_appended_after_the_batches_were_created_go_in_a_batch_of_their_ow
     assert done.returncode == 0, done.stderr
     assert_one_output_per_line(tmp_path / "job", 35)
     assert billing(server)["batches_created"] == 2
+    assert billing(server)["lines_billed_twice"] == 0
+
+
+def live_calls(server: RunningMock) -> int:
+    """Requests the endpoint answered in real time (not in a batch)."""
+    by_path: dict[str, int] = server.stats()["by_path"]
+    return sum(n for path, n in by_path.items() if path.endswith("/chat/completions"))
+
+
+def test_auto_sends_live_what_its_batch_cannot_finish_before_the_deadline(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    # 3 lines a real second: the batch of 60 lines would need ~20 s, the deadline is 6 s.
+    server = mock_server(batch_time_scale=60.0, batch_lines_per_second=0.05, batch_step_seconds=1)
+    write_jsonl(tmp_path / "in.jsonl", prompts(60))
+    started = time.monotonic()
+    done = run_batch(tmp_path, server, "--via", "auto", "--deadline", "6s")
+    elapsed = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    assert elapsed < 6 + 3  # the deadline, and a process's start and stop
+    assert "cannot finish before the deadline" in done.stderr
+    assert_one_output_per_line(tmp_path / "job", 60)
+    results, _ = outputs(tmp_path / "job")
+    by_batch = sum("batch" in o["batchq"] for o in results)
+    assert 0 < by_batch < 60  # the batch did what it could; the rest went live
+    assert live_calls(server) == 60 - by_batch
+    assert billing(server)["lines_billed_twice"] == 0
+    assert f"{by_batch:,} lines by batch, {60 - by_batch:,} live" in done.stderr
+
+
+def test_auto_with_time_to_spare_sends_nothing_live(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server(**FAST)
+    write_jsonl(tmp_path / "in.jsonl", prompts(40))
+    done = run_batch(tmp_path, server, "--via", "auto", "--deadline", "1h")
+    assert done.returncode == 0, done.stderr
+    assert_one_output_per_line(tmp_path / "job", 40)
+    assert live_calls(server) == 0
+    assert billing(server)["lines_billed"] == 40
+
+
+def test_auto_sends_live_the_lines_no_batch_takes_and_those_a_batch_failed(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server(**FAST, rate_500=0.2, seed=3)
+    lines = prompts(40)
+    body = {"model": "gpt-4o-mini", "prompt": "x"}
+    lines[4] = {"custom_id": "cmp", "url": "/v1/completions", "body": body}
+    write_jsonl(tmp_path / "in.jsonl", lines)
+    done = run_batch(tmp_path, server, "--via", "auto", "--deadline", "1h", base=DASHSCOPE)
+    assert done.returncode == 0, done.stderr
+    assert "1 lines cannot go by batch and go live" in done.stderr
+    assert_one_output_per_line(tmp_path / "job", 40)
+    results, _ = outputs(tmp_path / "job")
+    live = sorted(o["batchq"]["line"] for o in results if "batch" not in o["batchq"])
+    assert 5 in live and len(live) > 1  # the line DashScope does not batch, and the 500s
+    assert billing(server)["batches_created"] == 1
     assert billing(server)["lines_billed_twice"] == 0

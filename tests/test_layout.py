@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "batchq"
 
 GROUND = {"errors", "records", "reader", "config", "stats"}
 LAYERS = {"job": 1, "show": 2, "live": 3, "batch": 3, "mockserver": 3}
-FACES = {"api", "cli", "demo", "__init__", "__main__"}
+FACES = {"api", "cli", "demo", "auto", "__init__", "__main__"}
 
 
 def _part(module: str) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,11 @@ class BatchOptions:
     durable: bool = True
     detach: bool = False  # return once every batch is created
     cancel: bool = False  # cancel the open batches, collect what they finished
+    # --via auto: lines no batch takes, and lines a batch left undone, stay pending for the
+    # live engine; a batch that cannot finish by ``deadline`` (time.time()) is cancelled.
+    live_after: bool = False
+    deadline: float | None = None
+    live_rate: float | None = None  # lines a second the live engine is paced to, if known
     on_notice: Callable[[str], None] = field(default=lambda message: None)
     handle_signals: bool = False  # SIGINT/SIGTERM stop waiting: for the command line
 
@@ -138,6 +144,9 @@ class BatchRun:
         self.scrubber = key_scrubber(options.api_key)
         self.stopping = asyncio.Event()
         self._shown = ""
+        self._replan = not options.cancel  # the input is scanned again only when lines came back
+        self._cancelled: set[int] = set()  # chunks this run asked the provider to cancel
+        self._reserve = 0.0 if options.deadline is None else 0.1 * (options.deadline - time.time())
 
     async def run(self) -> None:
         if self.options.cancel:
@@ -145,7 +154,8 @@ class BatchRun:
         while not self.stopping.is_set():
             for chunk in self.ledger.open_chunks():
                 await self.submit(chunk)
-            if not self.options.cancel:
+            if self._replan:
+                self._replan = False
                 await self.plan_and_submit()
             if self.options.detach or not self.ledger.open_chunks():
                 break
@@ -157,18 +167,32 @@ class BatchRun:
 
     async def plan_and_submit(self) -> None:
         """Plan the lines neither done nor held by an open batch, then submit them."""
-        done, held = self.journal.done, self.ledger.held()
+        done, held, tried = self.journal.done, self.ledger.held(), self.ledger.attempts()
+        if self.options.live_after:  # what a batch left undone goes live, not in another batch
+
+            def skip(n: int) -> bool:
+                return n in done or n in held or n in tried
+        else:
+
+            def skip(n: int) -> bool:
+                return n in done or n in held
+
         planned = await plan(
             self.job.settings,
             self.job.input,
             self.span,
-            lambda n: n in done or n in held,
-            self.ledger.attempts(),
+            skip,
+            tried,
             self.ledger.folder,
             self.ledger.next_number(),
             self.dialect,
         )
-        if planned.refused_count:
+        if planned.refused_count and self.options.live_after:
+            self.notice(
+                f"{planned.refused_count:,} lines cannot go by batch and go live: "
+                + "; ".join(planned.refused)
+            )
+        elif planned.refused_count:
             for chunk in planned.chunks:
                 _remove_files(self.ledger.folder, chunk)
             raise ConfigError(
@@ -253,6 +277,8 @@ class BatchRun:
                 self._seen(chunk, batch)
                 if batch.get("status") in FINAL:
                     finished.append((chunk, batch))
+                elif self._too_late(chunk, batch):
+                    await self._cancel(chunk, "it cannot finish before the deadline")
             self._show()
             for chunk, batch in finished:
                 await self.collect(chunk, batch)
@@ -260,6 +286,35 @@ class BatchRun:
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), interval)
+
+    def _too_late(self, chunk: Chunk, batch: dict[str, Any]) -> bool:
+        """Whether ``chunk``'s batch, at the pace it shows, ends past the deadline less the
+        time its lines would take live (at least a tenth of the time the run was given)."""
+        if self.options.deadline is None or chunk.number in self._cancelled:
+            return False
+        now = time.time()
+        total, completed = chunk.counts.get("total", chunk.count), chunk.counts.get("completed", 0)
+        left = max(0, total - completed)
+        live = left / self.options.live_rate if self.options.live_rate else 0.0
+        cutoff = self.options.deadline - max(self._reserve, live)
+        if now >= cutoff:
+            return True
+        started = chunk.created_at or now
+        if completed <= 0 or now <= started:
+            return False  # no pace to project yet
+        return now + left * (now - started) / completed > cutoff
+
+    async def _cancel(self, chunk: Chunk, why: str) -> None:
+        """Ask the provider to stop ``chunk``'s batch; what it finished is still collected."""
+        self._cancelled.add(chunk.number)
+        self.notice(f"cancelling batch {chunk.batch_id} ({chunk.count:,} lines): {why}")
+        try:
+            batch = await self.provider.cancel(str(chunk.batch_id))
+        except ProviderError as exc:
+            if exc.status != 409:  # 409: it finished before it could be cancelled
+                raise
+            batch = await self.provider.retrieve(str(chunk.batch_id))
+        self._seen(chunk, batch)
 
     def _seen(self, chunk: Chunk, batch: dict[str, Any]) -> None:
         status = str(batch.get("status"))
@@ -296,6 +351,8 @@ class BatchRun:
         # Only now, with its lines durable, is the batch collected: a crash before this
         # line collects it again, and finds those lines done.
         self.ledger.step(chunk, "collected", status=status, retry=to_ranges(collected.retry))
+        if collected.retry and not (self.options.cancel or self.options.live_after):
+            self._replan = True  # lines to send again in a batch of their own
         for path in files:
             durable.unlink(path)
         _remove_files(self.ledger.folder, chunk)
@@ -333,15 +390,9 @@ class BatchRun:
                 self.ledger.step(chunk, "collected", status="not created", retry=chunk.lines)
                 _remove_files(self.ledger.folder, chunk)
                 continue
-            try:
-                batch = await self.provider.cancel(chunk.batch_id)
-            except ProviderError as exc:
-                if exc.status != 409:  # 409: it finished before it could be cancelled
-                    raise
-                batch = await self.provider.retrieve(chunk.batch_id)
-            self._seen(chunk, batch)
-        n = len(self.ledger.open_chunks())
-        self.notice(f"asked the provider to cancel {n} batches; collecting what they finished")
+            await self._cancel(chunk, "as asked")
+        if self.ledger.open_chunks():
+            self.notice("collecting what the cancelled batches finished")
 
     def _append(self, outcomes: list[Outcome]) -> None:
         if not outcomes:

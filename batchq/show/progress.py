@@ -152,7 +152,7 @@ def summary(stats: Stats, *, results: str, errors: str, resume: str) -> dict[str
             "hedges": {"sent": s.hedges, "estimated_tokens": s.hedge_tokens},
             "batches": None
             if s.batches_open is None
-            else {"created": s.batches_created, "open": s.batches_open},
+            else {"created": s.batches_created, "open": s.batches_open, "lines": s.by_batch},
         },
         "results": results,
         "errors": errors,
@@ -190,6 +190,12 @@ def render_summary(figures: dict[str, Any]) -> str:
         lines.append(
             f"  provider batches: {batches['created']:,} created this run, "
             f"{batches['open']:,} still open (billed as they finish)"
+            + (
+                f"; {batches['lines']:,} lines by batch, "
+                f"{run['succeeded'] + run['failed'] - batches['lines']:,} live"
+                if batches["lines"] is not None
+                else ""
+            )
         )
     else:
         lines.append(f"  concurrency: at most {run['concurrency']['peak_in_flight']:,} in flight")
