@@ -27,7 +27,8 @@ is checkpointed there exactly as ``batchq run`` does: the same call after a
 crash, a Ctrl-C or a kernel restart sends only what is missing and returns
 every result. Without it the job lives in a temporary folder, removed
 afterwards. The API key is taken from ``api_key=`` or the environment and
-is written nowhere.
+is written nowhere. An option given as None is not given. The notices the
+command line prints go to the ``batchq`` logger (see ``_notify``).
 
 With ``shard="I/N"`` (or ``(I, N)``, or ``"auto"`` under a scheduler) the
 call runs part I of N of the job, as ``batchq run --shard`` does, and returns
