@@ -53,17 +53,18 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import orjson
 
-from batchq import durable
-from batchq import job as jobs
-from batchq.config import LIMITS_STORE_ENV, SETTING_NAMES, read_job_toml
+from batchq.config import LIMITS_STORE_ENV, SETTING_NAMES
 from batchq.errors import ConfigError, InputError, StorageError
-from batchq.job import JOB_TOML, Job
-from batchq.progress import Stats
-from batchq.results import OutputIndex, Result
-from batchq.shard import Shard, parse_shard
+from batchq.job import durable
+from batchq.job import folder as jobs
+from batchq.job.folder import JOB_TOML, Job
+from batchq.job.results import OutputIndex, Result
+from batchq.job.settings import read_job_toml
+from batchq.job.shard import Shard, parse_shard
+from batchq.stats import Stats
 
 if TYPE_CHECKING:  # aiohttp and the engine load on the first run, not on `import batchq`
-    from batchq.transport import Transport
+    from batchq.live.transport import Transport
 
 T = TypeVar("T")
 #: Where the engine's notices go; batchq adds no handler (see ``_notify``).
@@ -176,7 +177,7 @@ class JobResults:
     """A job folder, for reading what its runs have written."""
 
     def __init__(self, path: Path) -> None:
-        from batchq.status import job_status
+        from batchq.show.status import job_status
 
         figures = job_status(path)  # raises ConfigError if it is not a job folder
         self.path = path
@@ -229,7 +230,7 @@ class _Prepared:
             self._temporary.cleanup()
 
     async def run(self) -> Stats:
-        from batchq.runner import RunOptions, run_job
+        from batchq.live.runner import RunOptions, run_job
 
         options = self.options
         api_key = options.pop("api_key", None)

@@ -19,13 +19,17 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any, NoReturn
+from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 import click
 import orjson
 
 from batchq.config import ENDPOINTS, LIMITS_STORE_ENV
 from batchq.errors import BatchqError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from batchq.job.folder import Job
+    from batchq.stats import Stats
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -214,6 +218,42 @@ def _defaults(
     callback=_from_cwd,
     help="Errors file, relative to the current folder [default: errors.jsonl in the job folder].",
 )
+@click.option(
+    "--via",
+    type=click.Choice(["live", "batch"]),
+    help="live: call the endpoint in real time; batch: through the provider's Batch API, "
+    "at half price, within --completion-window [default: live].",
+)
+@click.option(
+    "--batch-dialect",
+    type=click.Choice(["openai", "dashscope"]),
+    help="Whose Batch API [default: dashscope for a compatible-mode/v1 base URL, else openai].",
+)
+@click.option(
+    "--completion-window",
+    metavar="24h",
+    help="How long a batch may take: 24h (OpenAI), up to 336h or 14d (DashScope) [default: 24h].",
+)
+@click.option(
+    "--batch-max-lines",
+    type=click.IntRange(min=1),
+    help="Lines in one batch file [default: 50000].",
+)
+@click.option(
+    "--batch-max-bytes",
+    type=click.IntRange(min=1024),
+    help="Bytes in one batch file [default: 190000000].",
+)
+@click.option(
+    "--batch-poll",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds between looks at the open batches [default: 30].",
+)
+@click.option(
+    "--detach",
+    is_flag=True,
+    help="With --via batch: return once every batch is created; the same command collects them.",
+)
 @click.option("--retry-failed", is_flag=True, help="Send the retryable failures again first.")
 @click.option("--force", is_flag=True, help="Allow changing model, endpoint, system or defaults.")
 @click.option(
@@ -243,6 +283,7 @@ def run(
     temperature: float | None,
     params: dict[str, Any],
     retry_failed: bool,
+    detach: bool,
     force: bool,
     shard_spec: str | None,
     fsync: bool,
@@ -252,10 +293,10 @@ def run(
     **settings: Any,
 ) -> None:
     """Start, or continue, the job for TARGET (an input .jsonl file or a job folder)."""
-    from batchq.job import open_job, with_shard
-    from batchq.progress import render_summary, summary
-    from batchq.runner import RunOptions, run_job
-    from batchq.shard import parse_shard
+    from batchq.job.folder import open_job, with_shard
+    from batchq.job.shard import parse_shard
+    from batchq.live.runner import RunOptions, run_job
+    from batchq.show.progress import render_summary, summary
 
     defaults = _defaults(params, max_tokens, temperature)
     env_base_url = os.environ.get("OPENAI_BASE_URL")
@@ -274,15 +315,23 @@ def run(
             _notice(note)
         if progress_every is None:
             progress_every = 0.5 if sys.stderr.isatty() else 10.0
-        options = RunOptions(
-            api_key=os.environ.get(job.settings.api_key_env) or None,
-            retry_failed=retry_failed,
-            durable=fsync,
-            progress_every=None if quiet else progress_every,
-            on_notice=_notice,
-            handle_signals=True,
-        )
-        stats = asyncio.run(run_job(job, options))
+        api_key = os.environ.get(job.settings.api_key_env) or None
+        if job.settings.via == "batch":
+            stats = _run_batches(
+                job, api_key, retry_failed=retry_failed, detach=detach, fsync=fsync
+            )
+        elif detach:
+            raise click.UsageError("--detach goes with --via batch: a live run cannot detach")
+        else:
+            options = RunOptions(
+                api_key=api_key,
+                retry_failed=retry_failed,
+                durable=fsync,
+                progress_every=None if quiet else progress_every,
+                on_notice=_notice,
+                handle_signals=True,
+            )
+            stats = asyncio.run(run_job(job, options))
     except BatchqError as exc:
         raise Failure(exc) from None
     except Interrupted:  # a signal while the pipeline was not handling them
@@ -295,6 +344,58 @@ def run(
     if stats.interrupted:
         sys.exit(EXIT_INTERRUPTED)
     sys.exit(EXIT_FAILED if stats.failed_before + stats.failed else EXIT_OK)
+
+
+def _run_batches(
+    job: Job,
+    api_key: str | None,
+    *,
+    retry_failed: bool,
+    detach: bool,
+    fsync: bool,
+    cancel: bool = False,
+) -> Stats:
+    from batchq.batch.executor import BatchOptions, run_batches
+
+    options = BatchOptions(
+        api_key=api_key,
+        retry_failed=retry_failed,
+        durable=fsync,
+        detach=detach,
+        cancel=cancel,
+        on_notice=_notice,
+        handle_signals=True,
+    )
+    return asyncio.run(run_batches(job, options))
+
+
+@cli.command()
+@click.argument("job_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def cancel(job_dir: Path) -> None:
+    """Cancel JOB_DIR's open provider batches, and collect what they finished.
+
+    Lines a cancelled batch did not finish are pending again: `batchq run JOB_DIR`
+    sends them, live or by batch.
+    """
+    from batchq.job.folder import open_job
+    from batchq.show.progress import render_summary, summary
+
+    try:
+        job, _ = open_job(
+            job_dir, job_dir=None, overrides={}, defaults={}, default_base_url=None, force=False
+        )
+        api_key = os.environ.get(job.settings.api_key_env) or None
+        stats = _run_batches(
+            job, api_key, retry_failed=False, detach=False, fsync=True, cancel=True
+        )
+    except BatchqError as exc:
+        raise Failure(exc) from None
+    except Interrupted:
+        sys.exit(EXIT_INTERRUPTED)
+    resume = f"batchq run {shlex.quote(str(job_dir))}"
+    figures = summary(stats, results=str(job.results), errors=str(job.errors), resume=resume)
+    click.echo(render_summary(figures), err=True)
+    sys.exit(EXIT_INTERRUPTED if stats.interrupted else EXIT_OK)
 
 
 def _resume() -> str:
@@ -313,7 +414,7 @@ def _notice(message: str, level: int = logging.INFO) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
 def status(job_dir: Path, as_json: bool) -> None:
     """Show the progress of the job in JOB_DIR, running or not."""
-    from batchq.status import job_status, render_status
+    from batchq.show.status import job_status, render_status
 
     try:
         figures = job_status(job_dir)
@@ -348,7 +449,7 @@ def export(job_dir: Path, output: Path | None, fmt: str | None, fields: str | No
     """Every done request of the job in JOB_DIR once, in input order: results and
     errors merged, as JSONL (the output lines) or CSV."""
     from batchq.api import open_job
-    from batchq.results import CSV_FIELDS, DEFAULT_CSV_FIELDS, write_csv, write_jsonl
+    from batchq.job.results import CSV_FIELDS, DEFAULT_CSV_FIELDS, write_csv, write_jsonl
 
     fmt = fmt or ("csv" if output is not None and output.suffix == ".csv" else "jsonl")
     columns = tuple(f.strip() for f in fields.split(",")) if fields else DEFAULT_CSV_FIELDS
@@ -415,11 +516,12 @@ def validate(
 
     Exit status 0 if every line is a usable request, 1 if some are not.
     """
-    from batchq.config import build_settings, read_job_toml
-    from batchq.job import JOB_TOML
+    from batchq.config import build_settings
+    from batchq.job.folder import JOB_TOML
+    from batchq.job.settings import read_job_toml
     from batchq.reader import RequestTemplate
-    from batchq.validate import render_report
-    from batchq.validate import validate as check
+    from batchq.show.validate import render_report
+    from batchq.show.validate import validate as check
 
     try:
         stored: dict[str, Any] = {"input": str(target)}
@@ -442,6 +544,72 @@ def validate(
     else:
         click.echo(render_report(report))
     sys.exit(EXIT_OK if report.bad == 0 else EXIT_FAILED)
+
+
+_Decorator = Callable[[Callable[..., None]], Callable[..., None]]
+
+
+def _rate(name: str, text: str) -> _Decorator:
+    return click.option(name, type=click.FloatRange(0, 1), default=0.0, help=text)
+
+
+_BATCH_OPTIONS: list[_Decorator] = [
+    click.option(
+        "--batch-time-scale",
+        type=click.FloatRange(min=0, min_open=True),
+        default=60.0,
+        show_default=True,
+        help="Batches: virtual seconds per real second (86400: a 24h window in 1 s).",
+    ),
+    click.option(
+        "--batch-lines-per-second",
+        type=click.FloatRange(min=0, min_open=True),
+        default=10.0,
+        show_default=True,
+        help="Batches: lines processed per virtual second.",
+    ),
+    click.option(
+        "--batch-step-seconds",
+        type=click.FloatRange(min=0),
+        default=30.0,
+        show_default=True,
+        help="Batches: virtual seconds that validating, finalizing and cancelling each take.",
+    ),
+    click.option(
+        "--batch-max-lines",
+        type=click.IntRange(min=1),
+        default=50_000,
+        show_default=True,
+        help="Batches: a file with more lines fails validation.",
+    ),
+    click.option(
+        "--batch-max-file-bytes",
+        type=click.IntRange(min=0),
+        default=0,
+        help="Refuse larger uploads (0: 200 MB under /v1, 500 MB under /compatible-mode/v1).",
+    ),
+    click.option(
+        "--batch-enqueued-tokens",
+        type=click.IntRange(min=0),
+        default=0,
+        help="Fail batches with token_limit_exceeded past this many enqueued tokens a model.",
+    ),
+    _rate("--batch-lost-upload-rate", "Fraction of uploads stored but left unanswered."),
+    _rate("--batch-lost-create-rate", "Fraction of batches created but left unanswered."),
+    _rate("--batch-lost-cancel-rate", "Fraction of cancels done but left unanswered."),
+    _rate("--batch-late-failure-rate", "Fraction of valid batches failing at validation."),
+    _rate("--batch-expire-rate", "Fraction of batches expiring halfway through their lines."),
+    _rate("--batch-truncated-download-rate", "Fraction of downloads cut short, then closed."),
+    _rate("--batch-rate-429", "Fraction of Files and Batches requests answered 429."),
+    _rate("--batch-rate-5xx", "Fraction of Files and Batches requests answered 500."),
+]
+
+
+def _batch_options(command: Callable[..., None]) -> Callable[..., None]:
+    """The Files + Batches API's clock, limits and faults, for ``mock-server``."""
+    for option in reversed(_BATCH_OPTIONS):
+        command = option(command)
+    return command
 
 
 @cli.command("mock-server")
@@ -521,9 +689,10 @@ def validate(
     help="List every arrival, and each 200's arrival time and TPM charge, in /_mock/stats "
     "(memory grows with every request).",
 )
+@_batch_options
 def mock_server(host: str, port: int, api_key_env: str | None, **faults: Any) -> None:
     """Serve the built-in OpenAI-compatible endpoint, for dry runs and tests."""
-    from batchq.mockserver import MockOptions, serve_forever
+    from batchq.mockserver.live import MockOptions, serve_forever
 
     api_key = os.environ.get(api_key_env) if api_key_env else None
     if api_key_env and not api_key:

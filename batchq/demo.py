@@ -12,12 +12,14 @@ import asyncio
 import tempfile
 from pathlib import Path
 
-from batchq.config import build_settings, read_job_toml, write_job_toml
+from batchq.config import build_settings
 from batchq.errors import Notify
-from batchq.job import JOB_TOML, open_job
-from batchq.mockserver import MockOptions, MockServer
-from batchq.progress import Stats, render_summary, summary
-from batchq.runner import RunOptions, run_job
+from batchq.job.folder import JOB_TOML, open_job
+from batchq.job.settings import read_job_toml, write_job_toml
+from batchq.live.runner import RunOptions, run_job
+from batchq.mockserver.live import MockOptions, MockServer
+from batchq.show.progress import render_summary, summary
+from batchq.stats import Stats
 
 DEMO_FAULTS = MockOptions(latency=0.05, latency_jitter=0.15, rate_503=0.03, drop_rate=0.01, seed=7)
 

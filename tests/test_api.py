@@ -19,8 +19,8 @@ from conftest import MockFactory, RedisServer
 from support import assert_exactly_once, batchq, chat, clean_env, read_jsonl, wait_for, write_jsonl
 
 import batchq as bq
-from batchq import durable
-from batchq.transport import Response
+from batchq.job import durable
+from batchq.live.transport import Response
 
 KEY = "sk-test-0123456789abcdefghij"
 

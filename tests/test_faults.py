@@ -1,9 +1,9 @@
 """Faults at every call, after SQLite's I/O-error tests.
 
 Every change batchq makes to a job's durable files goes through
-``batchq.durable``. These tests count the calls of a clean run, then run the
+``batchq.job.durable``. These tests count the calls of a clean run, then run the
 same job again failing the 1st call, then the 2nd, ..., in process
-(``batchq.durable.inject``) against the built-in endpoint on a real socket,
+(``batchq.job.durable.inject``) against the built-in endpoint on a real socket,
 once with one of ENOSPC, EIO, EROFS and EMFILE, once as a disk that fills up
 there (ENOSPC for every later call that may need space). Each faulted run
 must stop with one line naming the path and the cause, and exit 3 (or
@@ -26,8 +26,9 @@ from conftest import MockFactory, RunningMock
 from support import assert_exactly_once, chat, write_jsonl
 
 import batchq as bq
-from batchq import durable, runner
 from batchq.cli import cli
+from batchq.job import durable
+from batchq.live import runner
 
 pytestmark = pytest.mark.slow
 

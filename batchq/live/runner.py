@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from batchq.concurrency import Pool
 from batchq.config import show
 from batchq.errors import (
     BatchqError,
@@ -40,8 +39,8 @@ from batchq.errors import (
     RequestError,
     TransportError,
 )
-from batchq.hedge import Answer, Hedger, answer
-from batchq.job import (
+from batchq.job.batches import held_lines
+from batchq.job.folder import (
     Job,
     add_elapsed,
     job_lock,
@@ -50,17 +49,20 @@ from batchq.job import (
     write_progress,
     write_state,
 )
-from batchq.journal import Journal, retry_failed
-from batchq.limiter import Kind, Pacer
-from batchq.progress import Stats, make_progress
+from batchq.job.journal import Journal, retry_failed
+from batchq.job.shard import Span
+from batchq.live.concurrency import Pool
+from batchq.live.hedge import Answer, Hedger, answer
+from batchq.live.limiter import Kind, Pacer
+from batchq.live.retry import Fatal, GiveUp, RetryPolicy, decide, status_error
+from batchq.live.transport import AiohttpTransport, Response, Transport
 from batchq.reader import RequestTemplate, feed
 from batchq.records import Outcome, Request, error_line, key_scrubber, result_line
-from batchq.retry import Fatal, GiveUp, RetryPolicy, decide, status_error
-from batchq.shard import Span
-from batchq.transport import AiohttpTransport, Response, Transport
+from batchq.show.progress import make_progress
+from batchq.stats import Stats
 
 if TYPE_CHECKING:  # pragma: no cover
-    from batchq.limits_store import SharedLimits
+    from batchq.live.limits_store import SharedLimits
 
 COMMIT_INTERVAL = 0.2
 SNAPSHOT_INTERVAL = 2.0  # progress.json, for `batchq status` of a running job
@@ -276,7 +278,7 @@ class Pipeline:
             await self._pipeline(transport)
 
     def _store(self, url: str) -> SharedLimits:
-        from batchq.limits_store import SharedLimits, default_key
+        from batchq.live.limits_store import SharedLimits, default_key
 
         s = self.job.settings
         key = s.limits_key or default_key(s.base_url, self.options.api_key)
@@ -302,10 +304,17 @@ class Pipeline:
         async def reject(outcome: Outcome) -> None:
             await self.outcomes.put(outcome)
 
+        done = self.journal.done
+        held, count = held_lines(self.job.run_dir)
+        if count:
+            self.options.on_notice(
+                f"{count:,} lines are in open provider batches and are left to them: "
+                "`batchq run --via batch` collects them, `batchq cancel JOB` stops them"
+            )
         await feed(
             self.job.input,
             self.span.end,
-            self.journal.done.__contains__,
+            (lambda n: n in done or n in held) if count else done.__contains__,
             self.template,
             self.requests.put,
             reject,

@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Any
 from batchq.errors import LimitsStoreError, Notify
 
 if TYPE_CHECKING:  # pragma: no cover
-    from batchq.limiter import Kind
+    from batchq.live.limiter import Kind
 
 BLOCK_SECONDS = 0.05  # of a process's pace, booked per round trip to the store
 HORIZON_SECONDS = 0.1  # nothing is booked to start later than this after the store's now
