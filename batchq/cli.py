@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shlex
 import signal
@@ -407,7 +408,8 @@ def _resume() -> str:
     return shlex.join(["batchq", *args])
 
 
-def _notice(message: str) -> None:
+def _notice(message: str, level: int = logging.INFO) -> None:
+    """Every notice, whatever its level: the command line has no log to send them to."""
     click.echo(f"batchq: {message}", err=True)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from batchq.errors import (
     BatchqError,
     FatalEndpointError,
     InvalidResponse,
+    Notify,
     RequestError,
     TransportError,
 )
@@ -74,7 +76,7 @@ class RunOptions:
     retry_failed: bool = False
     durable: bool = True  # fsync the checkpoint; off only to measure what fsync costs
     progress_every: float | None = None  # seconds between progress lines; None = quiet
-    on_notice: Callable[[str], None] = field(default=lambda message: None)
+    on_notice: Notify = field(default=lambda message, level=logging.INFO: None)
     handle_signals: bool = False  # SIGINT/SIGTERM drain the pool: for the command line
     transport: Transport | None = None  # None: aiohttp, to the job's base URL
     on_outcomes: Callable[[list[bytes]], Awaitable[None]] | None = None  # lines written
@@ -94,8 +96,8 @@ async def run_job(job: Job, options: RunOptions) -> Stats:
         # Hashing the input and the fsyncs of opening and closing run off the event
         # loop's thread, so that a loop the engine shares is never stalled by them.
         span, journal = await asyncio.to_thread(_open, job, options, prepared)
-        for note in journal.notes:
-            options.on_notice(note)
+        for note in journal.notes:  # lines cut away, sent again
+            options.on_notice(note, logging.WARNING)
         stats = Stats(
             ok_before=journal.totals.ok,
             failed_before=journal.totals.failed,
@@ -188,7 +190,8 @@ class Pipeline:
         if self.pool.ceiling < self.pool.wanted:
             options.on_notice(
                 f"{self.pool.wanted:,} requests in flight would need more open files than this "
-                f"process may have (ulimit -n): at most {self.pool.ceiling:,}"
+                f"process may have (ulimit -n): at most {self.pool.ceiling:,}",
+                logging.WARNING,
             )
         self.workers = self.pool.ceiling  # the gate, not the number of workers, sets the pace
         # Bounded by what keeps the workers and the writer busy, not by the ceiling: under
