@@ -230,6 +230,8 @@ class _Prepared:
             self._temporary.cleanup()
 
     async def run(self) -> Stats:
+        from batchq.auto import run_auto
+        from batchq.batch.executor import BatchOptions, run_batches
         from batchq.live.runner import RunOptions, run_job
 
         options = self.options
@@ -277,7 +279,19 @@ class _Prepared:
         )
         # No signal handlers (they are the application's), so nothing sets stats.interrupted:
         # a Ctrl-C reaches the engine as cancellation, and leaves as KeyboardInterrupt.
-        return await run_job(job, run_options)
+        if job.settings.via == "live":
+            return await run_job(job, run_options)
+        if transport is not None:
+            raise ConfigError("transport= goes with via='live': batches go to the provider's API")
+        batch_options = BatchOptions(
+            api_key=api_key,
+            retry_failed=retry_failed,
+            on_notice=_notify,
+            on_outcomes=self.on_outcomes,
+        )
+        if job.settings.via == "batch":
+            return await run_batches(job, batch_options)
+        return await run_auto(job, run_options, batch_options)
 
     def index(self) -> OutputIndex:
         assert self.job is not None

@@ -310,3 +310,18 @@ def test_auto_sends_live_the_lines_no_batch_takes_and_those_a_batch_failed(
     assert 5 in live and len(live) > 1  # the line DashScope does not batch, and the 500s
     assert billing(server)["batches_created"] == 1
     assert billing(server)["lines_billed_twice"] == 0
+
+
+def test_the_python_api_runs_a_job_by_batch(tmp_path: Path, mock_server: MockFactory) -> None:
+    import batchq
+
+    server = mock_server(**FAST)
+    prompts_ = [f"tell me {i}" for i in range(25)]
+    options = {"base_url": server.url, "model": "gpt-4o-mini", "batch_poll": 0.02}
+    results = batchq.run(prompts_, job=tmp_path / "job", via="batch", progress=False, **options)
+    assert [r.ok for r in results] == [True] * 25
+    assert results[3].text == "Echo: tell me 3"
+    assert billing(server)["batches_created"] == 1
+    again = batchq.run(prompts_, job=tmp_path / "job", via="batch", progress=False, **options)
+    assert [r.text for r in again] == [r.text for r in results]
+    assert billing(server)["batches_created"] == 1  # all done: nothing sent again

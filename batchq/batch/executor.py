@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from typing import Any
 from batchq.batch.collect import Damaged, check, collect, read_ids
 from batchq.batch.plan import Dialect, check_window, dialect_of, plan
 from batchq.batch.provider import Provider, ProviderError, Uncertain
-from batchq.errors import ConfigError
+from batchq.errors import ConfigError, Notify
 from batchq.job import durable
 from batchq.job.batches import Chunk, Ledger, in_ranges, to_ranges
 from batchq.job.folder import Job, add_elapsed, job_lock, prepare
@@ -69,8 +70,9 @@ class BatchOptions:
     live_after: bool = False
     deadline: float | None = None
     live_rate: float | None = None  # lines a second the live engine is paced to, if known
-    on_notice: Callable[[str], None] = field(default=lambda message: None)
+    on_notice: Notify = field(default=lambda message, level=logging.INFO: None)
     handle_signals: bool = False  # SIGINT/SIGTERM stop waiting: for the command line
+    on_outcomes: Callable[[list[bytes]], Awaitable[None]] | None = None  # lines committed
 
 
 async def run_batches(job: Job, options: BatchOptions) -> Stats:
@@ -113,7 +115,7 @@ def _open(job: Job, options: BatchOptions) -> tuple[Span, Journal]:
         options.on_notice(f"--retry-failed: {moved:,} retryable failures back to pending")
     journal = Journal(job.run_dir, job.results, job.errors, durable=options.durable)
     for note in journal.notes:
-        options.on_notice(note)
+        options.on_notice(note, logging.WARNING)
     return span, journal
 
 
@@ -199,8 +201,7 @@ class BatchRun:
                 f"{planned.refused_count:,} lines cannot go through {self.dialect.name}'s Batch "
                 f"API, so nothing was uploaded: {'; '.join(planned.refused)}"
             )
-        self._append(planned.rejected)
-        await self.journal.commit_in_thread()
+        await self._commit(planned.rejected)
         for chunk in planned.chunks:
             self.ledger.plan(chunk)
         _reached("planned")
@@ -345,8 +346,7 @@ class BatchRun:
         if status == "failed":
             self._say_failed(chunk, batch)
         _reached("downloaded")
-        self._append(outcomes)
-        await self.journal.commit_in_thread()
+        await self._commit(outcomes)
         _reached("committed")
         # Only now, with its lines durable, is the batch collected: a crash before this
         # line collects it again, and finds those lines done.
@@ -359,7 +359,8 @@ class BatchRun:
         if collected.unknown or collected.twice:
             self.notice(
                 f"{chunk.name}: the batch's files held {collected.unknown} lines it was not sent "
-                f"and {collected.twice} twice; they were left out"
+                f"and {collected.twice} twice; they were left out",
+                logging.WARNING,
             )
 
     async def _download(
@@ -393,6 +394,13 @@ class BatchRun:
             await self._cancel(chunk, "as asked")
         if self.ledger.open_chunks():
             self.notice("collecting what the cancelled batches finished")
+
+    async def _commit(self, outcomes: list[Outcome]) -> None:
+        """Append ``outcomes`` and make them durable; then hand them to ``on_outcomes``."""
+        self._append(outcomes)
+        await self.journal.commit_in_thread()
+        if outcomes and self.options.on_outcomes is not None:
+            await self.options.on_outcomes([o.line for o in outcomes])
 
     def _append(self, outcomes: list[Outcome]) -> None:
         if not outcomes:
@@ -437,14 +445,18 @@ class BatchRun:
         text = "; ".join(reasons[:3]) or "no reason given"
         if self.scrubber is not None:
             text = self.scrubber.text(text)
-        self.notice(f"batch {chunk.batch_id} ({chunk.name}) failed: {text}; its lines go again")
+        self.notice(
+            f"batch {chunk.batch_id} ({chunk.name}) failed: {text}; its lines go again",
+            logging.WARNING,
+        )
 
     def _say_left_running(self) -> None:
         running = [c for c in self.ledger.open_chunks() if c.batch_id is not None]
         if running:
             self.notice(
                 f"{len(running)} batches go on running at the provider (and are billed); "
-                "run the same command to collect them, or `batchq cancel JOB` to stop them"
+                "run the same command to collect them, or `batchq cancel JOB` to stop them",
+                logging.WARNING,
             )
 
     @contextlib.contextmanager
