@@ -29,6 +29,8 @@ from batchq.errors import BatchqError
 
 if TYPE_CHECKING:  # pragma: no cover
     from batchq.batch.executor import BatchOptions
+    from batchq.config import Settings
+    from batchq.show.validate import Report
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -505,6 +507,15 @@ def _opened(path: Path | None, mode: str) -> Iterator[Any]:
     default=0.0,
     help="Price of a million completion tokens.",
 )
+@click.option(
+    "--via",
+    type=click.Choice(["live", "batch", "auto"]),
+    help="batch or auto: also show the batches a run would make, and their cost.",
+)
+@click.option("--base-url", help="The endpoint, for which provider's batches [default: job's].")
+@click.option("--batch-dialect", type=click.Choice(["openai", "dashscope"]))
+@click.option("--batch-max-lines", type=click.IntRange(min=1))
+@click.option("--batch-max-bytes", type=click.IntRange(min=1024))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 def validate(
     target: Path,
@@ -541,13 +552,44 @@ def validate(
             price_in=price_in,
             price_out=price_out,
         )
+        figures = report.as_dict()
+        if job_settings.via != "live":
+            figures["batch"] = _batch_plan(report, job_settings)
     except BatchqError as exc:
         raise Failure(exc) from None
     if as_json:
-        click.echo(orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2).decode())
+        click.echo(orjson.dumps(figures, option=orjson.OPT_INDENT_2).decode())
     else:
         click.echo(render_report(report))
+        if "batch" in figures:
+            click.echo(_render_batch_plan(figures["batch"]))
     sys.exit(EXIT_OK if report.bad == 0 else EXIT_FAILED)
+
+
+def _batch_plan(report: Report, settings: Settings) -> dict[str, Any]:
+    """What ``--via batch`` would make of the report's requests, and their cost."""
+    from batchq.batch.plan import dialect_of, estimate
+
+    dialect = dialect_of(settings)
+    batches, problems = estimate(
+        report.groups, report.group_bytes, report.largest, settings, dialect
+    )
+    cost = report.cost
+    return {
+        "dialect": dialect.name,
+        "batches": batches,
+        "cannot_batch": problems,
+        "cost_live": None if cost is None else cost["total"],
+        "cost_batch": None if cost is None else cost["total"] / 2,  # both providers: half
+    }
+
+
+def _render_batch_plan(plan: dict[str, Any]) -> str:
+    lines = [f"  by batch ({plan['dialect']}): {plan['batches']:,} batches"]
+    if plan["cost_live"] is not None:
+        lines[0] += f", cost at most ${plan['cost_batch']:,.2f} (live: ${plan['cost_live']:,.2f})"
+    lines += [f"  cannot go by batch: {problem}" for problem in plan["cannot_batch"]]
+    return "\n".join(lines)
 
 
 _Decorator = Callable[[Callable[..., None]], Callable[..., None]]

@@ -325,3 +325,25 @@ def test_the_python_api_runs_a_job_by_batch(tmp_path: Path, mock_server: MockFac
     again = batchq.run(prompts_, job=tmp_path / "job", via="batch", progress=False, **options)
     assert [r.text for r in again] == [r.text for r in results]
     assert billing(server)["batches_created"] == 1  # all done: nothing sent again
+
+
+def test_validate_shows_the_batches_a_run_would_make_and_what_none_would_take(
+    tmp_path: Path,
+) -> None:
+    write_jsonl(tmp_path / "in.jsonl", [chat(f"q{i}", max_tokens=10) for i in range(120)])
+    shown = batchq(
+        "validate", tmp_path / "in.jsonl", "--via", "batch", "--model", "m",
+        "--batch-max-lines", "50", "--price-in", "1000000", "--price-out", "0", "--json",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    plan = orjson.loads(shown.stdout)["batch"]
+    assert plan["dialect"] == "openai" and plan["batches"] == 3
+    assert plan["cost_batch"] == plan["cost_live"] / 2 > 0
+    write_jsonl(tmp_path / "cmp.jsonl", [{"prompt": "x"}])
+    dashscope = "https://dashscope.aliyuncs.com/compatible-mode/v1"
+    refused = batchq(
+        "validate", tmp_path / "cmp.jsonl", "--via", "batch", "--model", "m",
+        "--endpoint", "/v1/completions", "--base-url", dashscope, cwd=tmp_path,
+    )  # fmt: skip
+    assert "cannot go by batch: 1 lines on /v1/completions" in refused.stdout

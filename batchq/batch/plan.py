@@ -201,3 +201,27 @@ async def plan(
 def _model(request: Request) -> str | None:
     model = orjson.loads(request.body).get("model")
     return model if isinstance(model, str) else None
+
+
+#: What a batch file line adds to a request's body: its custom_id, method and url.
+LINE_OVERHEAD = 100
+
+
+def estimate(
+    groups: dict[tuple[str, str], int],
+    group_bytes: dict[tuple[str, str], int],
+    largest: int,
+    settings: Settings,
+    dialect: Dialect,
+) -> tuple[int, list[str]]:
+    """How many batches ``validate --via batch`` expects, and what no batch would take."""
+    batches, problems = 0, []
+    for (url, model), lines in sorted(groups.items()):
+        if url not in dialect.endpoints:
+            problems.append(f"{lines:,} lines on {url}, which {dialect.name} does not batch")
+            continue
+        size = group_bytes[url, model] + lines * LINE_OVERHEAD
+        batches += max(-(-lines // settings.batch_max_lines), -(-size // settings.batch_max_bytes))
+    if largest + LINE_OVERHEAD > settings.batch_max_bytes:
+        problems.append(f"a request of {largest:,} bytes, more than --batch-max-bytes")
+    return batches, problems
