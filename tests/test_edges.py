@@ -2,7 +2,7 @@
 
 Each test runs ``batchq`` as a user does, in a subprocess against the built-in
 endpoint. Signals and a disk filling up at the edges of a run come from the run itself,
-through ``batchq.durable.inject``, at the moment the test names: no timing
+through ``batchq.job.durable.inject``, at the moment the test names: no timing
 involved.
 """
 
@@ -27,8 +27,8 @@ from support import (
 )
 
 from batchq.errors import StorageError
-from batchq.job import job_lock, running_pid
-from batchq.journal import Journal, read_journal
+from batchq.job.folder import job_lock, running_pid
+from batchq.job.journal import Journal, read_journal
 from batchq.records import Outcome
 
 pytestmark = pytest.mark.slow
@@ -74,6 +74,7 @@ def test_a_refused_run_leaves_job_toml_alone(tmp_path: Path, mock_server: MockFa
         ("job/journal.bin", "the job's own journal.bin"),
         ("job/job.toml", "the job's own job.toml"),
         ("job/../job/state.json", "the job's own state.json"),
+        ("job/batches.jsonl", "the job's own batches.jsonl"),  # --via batch's ledger
         ("link-to-results.jsonl", "the results file"),  # a symlink
         ("linked-job/results.jsonl", "the results file"),  # through a symlinked folder
         ("hard-link-to-input.jsonl", "the input"),
@@ -198,7 +199,7 @@ def test_an_input_that_is_not_a_regular_file_is_refused(
 #: space).
 HOOKED = """
 import errno, os, signal, sys
-from batchq import durable
+from batchq.job import durable
 from batchq.cli import main
 
 action, op, name, nth = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])

@@ -29,8 +29,8 @@ from support import batchq, batchq_cmd, chat, clean_env, wait_for, write_jsonl
 
 import batchq as api
 from batchq.errors import ConfigError
-from batchq.job import job_lock, open_job, prepare, read_state, save_settings, with_shard
-from batchq.shard import Cut, Shard, boundaries, file_line_start, parse_shard, read_cut
+from batchq.job.folder import job_lock, open_job, prepare, read_state, save_settings, with_shard
+from batchq.job.shard import Cut, Shard, boundaries, file_line_start, parse_shard, read_cut
 
 # --- the cut -----------------------------------------------------------------------------
 

@@ -36,13 +36,13 @@ from typing import Any, BinaryIO
 
 import orjson
 
-from batchq import durable
-from batchq.config import REQUEST_SETTINGS, Settings, build_settings, read_job_toml, write_job_toml
+from batchq.config import REQUEST_SETTINGS, Settings, build_settings
 from batchq.errors import ConfigError, InputError, JobLocked, StorageError
-from batchq.journal import JOURNAL_NAME
-from batchq.progress import Stats
-from batchq.reader import check_jsonl, without_bom
-from batchq.shard import (
+from batchq.job import durable
+from batchq.job.batches import CHUNKS, LEDGER
+from batchq.job.journal import JOURNAL_NAME
+from batchq.job.settings import read_job_toml, write_job_toml
+from batchq.job.shard import (
     SHARDS_JSON,
     Cut,
     Shard,
@@ -54,6 +54,8 @@ from batchq.shard import (
     refuse_other_count,
     write_cut,
 )
+from batchq.reader import check_jsonl, without_bom
+from batchq.stats import Stats
 
 JOB_TOML = "job.toml"
 STATE_JSON = "state.json"
@@ -305,7 +307,16 @@ def _check_input(path: Path) -> None:
 
 
 #: The files of a job folder that an output must not be.
-_OWN_FILES = (JOB_TOML, STATE_JSON, SHARDS_JSON, PROGRESS_JSON, LOCK, SETUP_LOCK, JOURNAL_NAME)
+_OWN_FILES = (
+    JOB_TOML,
+    STATE_JSON,
+    SHARDS_JSON,
+    PROGRESS_JSON,
+    LOCK,
+    SETUP_LOCK,
+    JOURNAL_NAME,
+    LEDGER,
+)
 
 
 def job_files(
@@ -317,6 +328,8 @@ def job_files(
     for folder in (job_dir, *(part[0] for part in parts)):
         for name in _OWN_FILES:
             files[folder / name] = f"the job's own {name}"
+        for chunk in (folder / CHUNKS).glob("*"):  # the files of its provider batches
+            files[chunk] = f"the job's own {CHUNKS}/{chunk.name}"
     for run_dir, results, errors in parts:
         files[results] = "the results file"
         files[errors] = "the errors file"

@@ -37,8 +37,8 @@ from typing import Any, BinaryIO
 
 import orjson
 
-from batchq import durable
 from batchq.errors import ConfigError
+from batchq.job import durable
 
 #: The environment variable that gives ``--shard auto`` its count beside JOB_COMPLETION_INDEX.
 SHARDS_ENV = "BATCHQ_SHARDS"
