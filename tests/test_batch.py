@@ -347,3 +347,26 @@ def test_validate_shows_the_batches_a_run_would_make_and_what_none_would_take(
         "--endpoint", "/v1/completions", "--base-url", dashscope, cwd=tmp_path,
     )  # fmt: skip
     assert "cannot go by batch: 1 lines on /v1/completions" in refused.stdout
+
+
+def test_an_answer_too_deep_to_read_back_is_sent_again_not_written(tmp_path: Path) -> None:
+    from batchq.batch.collect import collect
+    from batchq.job.batches import Chunk
+
+    shallow = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}}
+    output = tmp_path / "out.jsonl"
+    line = b'{"custom_id":"batchq-%d","response":{"status_code":200,"body":%b},"error":null}\n'
+    # Line 2's answer: orjson reads 300 levels, but cannot write them back.
+    output.write_bytes(line % (1, orjson.dumps(shallow)) + line % (2, _deep_json(300)))
+    chunk = Chunk(1, [[1, 2]], 2, 1, "/v1/chat/completions", None, 0, batch_id="batch_x")
+    ids = {"batchq-1": (1, "one"), "batchq-2": (2, "two")}
+    written: list[Any] = []
+    left = collect([output], chunk, ids, set(), max_attempts=3, emit=written.append)
+    assert [o.line_no for o in written] == [1]
+    assert orjson.loads(written[0].line)["custom_id"] == "one"
+    assert written[0].prompt_tokens == 3
+    assert left.retry == [2]
+
+
+def _deep_json(levels: int) -> bytes:
+    return b'{"a":' * levels + b"{}" + b"}" * levels

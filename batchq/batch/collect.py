@@ -120,9 +120,10 @@ def _outcome(
     status = response.get("status_code") if response is not None else None
     body = response.get("body") if response is not None else None
     request_id = response.get("request_id") if response is not None else None
-    if error is None and isinstance(status, int) and 200 <= status < 300 and isinstance(body, dict):
+    raw = _encoded(body)
+    if error is None and isinstance(status, int) and 200 <= status < 300 and raw is not None:
+        assert isinstance(body, dict)  # _encoded takes objects only
         request = Request(line_no, custom_id, chunk.url, b"", 0)
-        raw = orjson.dumps(body)
         line = result_line(
             request, status, _text(request_id), raw, body, attempts=chunk.attempt,
             batch=chunk.batch_id,
@@ -130,8 +131,11 @@ def _outcome(
         return Outcome(line_no, True, line, *usage_tokens(body)), False
     code, message = _error(error, body, status)
     retryable = code in UNFINISHED or status is None or status == 429 or status >= 500
-    if isinstance(status, int) and 200 <= status < 300:  # a 2xx without a JSON object
+    if isinstance(status, int) and 200 <= status < 300:  # a 2xx without a usable JSON object
         code, message, retryable = "invalid_response", f"HTTP {status} is not a JSON object", True
+        if isinstance(body, dict):
+            message = f"HTTP {status}: an answer nested too deeply to be written and read back"
+            body = None
     line = error_line(
         line_no, custom_id, code, message, status=status if isinstance(status, int) else None,
         request_id=_text(request_id), body=body, attempts=chunk.attempt, retryable=retryable,
@@ -148,6 +152,17 @@ def _error(error: dict[str, Any] | None, body: Any, status: Any) -> tuple[str, s
             code = source.get("code") or source.get("type") or f"http_{status}"
             return str(code), str(source.get("message") or code)
     return f"http_{status}", f"HTTP {status} in the batch"
+
+
+def _encoded(body: Any) -> bytes | None:
+    """A 2xx answer's body as JSON to splice into its result line; None if it is not an
+    object, or is nested deeper than orjson writes (the line could not be read back)."""
+    if not isinstance(body, dict):
+        return None
+    try:
+        return orjson.dumps(body)
+    except orjson.JSONEncodeError:
+        return None
 
 
 def _text(value: Any) -> str | None:
