@@ -2,7 +2,7 @@
 
 Each test runs ``batchq`` as a user does, in a subprocess against the built-in
 endpoint. Signals and a disk filling up at the edges of a run come from the run itself,
-through ``batchq.durable.inject``, at the moment the test names: no timing
+through ``batchq.job.durable.inject``, at the moment the test names: no timing
 involved.
 """
 
@@ -27,8 +27,8 @@ from support import (
 )
 
 from batchq.errors import StorageError
-from batchq.job import job_lock, running_pid
-from batchq.journal import Journal, read_journal
+from batchq.job.folder import job_lock, running_pid
+from batchq.job.journal import Journal, read_journal
 from batchq.records import Outcome
 
 pytestmark = pytest.mark.slow
@@ -63,6 +63,39 @@ def test_a_refused_run_leaves_job_toml_alone(tmp_path: Path, mock_server: MockFa
         refused = batchq(*command, "--model", "BBB", "--force", cwd=tmp_path)
     assert "already being run" in one_error_line(refused, 2)
     assert (job / "job.toml").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("target", "says"),
+    [
+        ("job/results.jsonl", "would overwrite the results file of job"),
+        ("job/errors.jsonl", "would overwrite the errors file of job"),
+        ("in.jsonl", "would overwrite the input of job"),
+        ("job/journal.bin", "the job's own journal.bin"),
+        ("job/job.toml", "the job's own job.toml"),
+        ("job/../job/state.json", "the job's own state.json"),
+        ("job/batches.jsonl", "the job's own batches.jsonl"),  # --via batch's ledger
+        ("link-to-results.jsonl", "the results file"),  # a symlink
+        ("linked-job/results.jsonl", "the results file"),  # through a symlinked folder
+        ("hard-link-to-input.jsonl", "the input"),
+    ],
+)
+def test_export_refuses_to_overwrite_the_jobs_own_files(
+    tmp_path: Path, mock_server: MockFactory, target: str, says: str
+) -> None:
+    server = mock_server()
+    _, job = new_job(tmp_path, server)
+    (tmp_path / "link-to-results.jsonl").symlink_to(job / "results.jsonl")
+    (tmp_path / "linked-job").symlink_to(job)
+    os.link(tmp_path / "in.jsonl", tmp_path / "hard-link-to-input.jsonl")
+    before = {p: p.read_bytes() for p in [tmp_path / "in.jsonl", *job.iterdir()] if p.is_file()}
+    for fmt in ("jsonl", "csv"):
+        refused = batchq("export", "job", "-o", target, "--format", fmt, cwd=tmp_path)
+        assert says in one_error_line(refused, 2)
+    assert {p: p.read_bytes() for p in before} == before
+    beside = batchq("export", "job", "-o", "job/export.jsonl", cwd=tmp_path)
+    assert beside.returncode == 0, beside.stderr  # a new file in the job's folder is fine
+    assert len(read_jsonl(job / "export.jsonl")) == len(IDS)
 
 
 def test_status_never_makes_a_starting_run_fail(tmp_path: Path, mock_server: MockFactory) -> None:
@@ -166,7 +199,7 @@ def test_an_input_that_is_not_a_regular_file_is_refused(
 #: space).
 HOOKED = """
 import errno, os, signal, sys
-from batchq import durable
+from batchq.job import durable
 from batchq.cli import main
 
 action, op, name, nth = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])

@@ -25,6 +25,8 @@ from conftest import MockFactory
 from hostile import HostileServer, completion, echo, prompt_of
 from support import batchq, by_custom_id, chat, clean_env, outputs, write_jsonl
 
+import batchq as api
+
 Hostile = Callable[..., HostileServer]
 KEY = "sk-proj-" + "A1b2C3d4" * 6  # what a real key looks like
 MARKER = "[api key removed]"
@@ -606,3 +608,35 @@ def test_odd_answers_each_give_one_line_and_status_agrees(tmp_path: Path, hostil
     assert failed["deep-error"]["response"]["body"] == "(not kept: nested too deeply)"
     assert failed["deep-error"]["batchq"]["retryable"] is True
     assert KEY not in everything_written(tmp_path, done)
+
+
+async def nested_answer(request: web.Request, body: bytes) -> web.StreamResponse:
+    """A 2xx nested as deep as the prompt says: ``depth-N``."""
+    depth = int(prompt_of(body).removeprefix("depth-"))
+    deep = b"[" * (depth - 1) + b"]" * (depth - 1)  # in an object: the answer is N deep
+    return web.Response(body=b'{"choices": [], "deep": ' + deep + b"}")
+
+
+def test_an_answer_too_deep_to_read_back_is_invalid_and_the_job_stays_readable(
+    tmp_path: Path, hostile: Hostile
+) -> None:
+    # orjson reads 1,024 levels; the result line holds the answer two levels deeper.
+    ids = two_lines(tmp_path, "depth-1022", "depth-1023", "depth-1024")
+    server = hostile(nested_answer)
+    done = run(tmp_path, server.url, "--max-attempts", "1")
+    assert done.returncode == 1, done.stderr
+    ok, failed = agrees(tmp_path, ids)
+    assert set(ok) == {"depth-1022"} and set(failed) == {"depth-1023", "depth-1024"}
+    assert {f["error"]["code"] for f in failed.values()} == {"invalid_response"}
+    assert "nested more than 1,022 levels" in failed["depth-1023"]["error"]["message"]
+
+    exported = batchq("export", job_of(tmp_path), "--format", "csv", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    assert len(exported.stdout.splitlines()) == 1 + len(ids)
+    results = api.open_job(job_of(tmp_path)).results()
+    assert [r.ok for r in results] == [True, False, False]
+    again = api.run(
+        tmp_path / "in.jsonl", job=job_of(tmp_path), base_url=server.url, model="m", progress=False
+    )  # a rerun sends nothing and reads every line back
+    assert [r.custom_id for r in again] == ids
+    assert len(server.seen) == len(ids)

@@ -26,8 +26,8 @@ from support import (
 import batchq as batchq_api
 from batchq.config import Settings
 from batchq.errors import ConfigError
-from batchq.limiter import Pacer
-from batchq.limits_store import (
+from batchq.live.limiter import Pacer
+from batchq.live.limits_store import (
     BLOCK_SECONDS,
     GRACE_SECONDS,
     HORIZON_SECONDS,

@@ -9,7 +9,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from batchq.records import KEY_REMOVED, KeyScrubber, Request, error_line, key_scrubber, result_line
+from batchq.records import (
+    KEY_REMOVED,
+    MAX_ANSWER_DEPTH,
+    KeyScrubber,
+    Request,
+    error_line,
+    key_scrubber,
+    result_line,
+    splices,
+)
 
 REQUEST = Request(7, "req-7", "/v1/chat/completions", b"{}", 10)
 
@@ -43,6 +52,21 @@ def test_a_result_line_is_one_line_holding_the_answer(body: dict[str, Any], pret
 def test_spaced_and_non_object_answers(raw: bytes) -> None:
     body = orjson.loads(raw)
     assert orjson.loads(result_line(REQUEST, 200, "req_x", raw, body, attempts=2)) == expected(body)
+
+
+@pytest.mark.parametrize("depth", [1, MAX_ANSWER_DEPTH - 1, MAX_ANSWER_DEPTH, MAX_ANSWER_DEPTH + 1])
+@pytest.mark.parametrize("bracket", [b"[]", b'{"a":}'])
+def test_an_answer_splices_only_if_its_line_reads_back(depth: int, bracket: bytes) -> None:
+    opening, closing = bracket[:-1], bracket[-1:]
+    raw = opening * (depth - 1) + b"[" + b" " * 3000 + b"]" + closing * (depth - 1)
+    body = orjson.loads(raw)  # every depth here is one orjson reads
+    try:
+        orjson.loads(result_line(REQUEST, 200, None, raw, body, attempts=1))
+        reads_back = True
+    except orjson.JSONDecodeError:
+        reads_back = False
+    assert splices(raw) is reads_back is (depth <= MAX_ANSWER_DEPTH)
+    assert splices(b'{"text": "' + b"{[" * 3000 + b'"}')  # brackets in a string are no depth
 
 
 def test_an_error_line_says_what_happened() -> None:

@@ -29,8 +29,8 @@ from support import batchq, batchq_cmd, chat, clean_env, wait_for, write_jsonl
 
 import batchq as api
 from batchq.errors import ConfigError
-from batchq.job import open_job, prepare, read_state, with_shard
-from batchq.shard import Shard, boundaries, file_line_start, parse_shard
+from batchq.job.folder import job_lock, open_job, prepare, read_state, save_settings, with_shard
+from batchq.job.shard import Cut, Shard, boundaries, file_line_start, parse_shard, read_cut
 
 # --- the cut -----------------------------------------------------------------------------
 
@@ -181,7 +181,7 @@ def test_four_shards_started_at_once_run_every_line_once(
     job = tmp_path / "job"
     assert_exactly_once_across_shards(job, ids)
     assert server.stats()["requests"] == 400
-    assert read_state(job)["shards"] == 4
+    assert read_cut(job, {}) == Cut(4, (tmp_path / "in.jsonl").stat().st_size)
 
     status = batchq("status", "job", "--json", cwd=tmp_path)
     figures = orjson.loads(status.stdout)
@@ -196,6 +196,12 @@ def test_four_shards_started_at_once_run_every_line_once(
     rows = [orjson.loads(line) for line in exported.stdout.splitlines()]
     assert [r["custom_id"] for r in rows] == ids  # input order, across the shards
     assert [r.line for r in api.open_job(job).results()] == list(range(1, 401))
+    shard_results = job / "shard-1-of-4" / "results.jsonl"
+    before = shard_results.read_bytes()
+    for name in ("results.jsonl", "journal.bin"):
+        refused = batchq("export", "job", "-o", f"job/shard-1-of-4/{name}", cwd=tmp_path)
+        assert refused.returncode == 2 and "shard-1-of-4" in refused.stderr
+    assert shard_results.read_bytes() == before
 
     # A rerun of any shard finds it done and sends nothing.
     server.reset()
@@ -250,6 +256,25 @@ def test_changing_the_count_or_running_whole_is_refused_with_the_way_out(
     assert sharded.returncode == 2 and "started as one process" in sharded.stderr
 
 
+def test_a_shard_refused_beside_its_running_self_leaves_job_toml_alone(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server()
+    _input(tmp_path, 20)
+    _run_all(tmp_path, server.url, 2)
+    job = tmp_path / "job"
+    before = (job / "job.toml").read_bytes()
+    with job_lock(job / "shard-0-of-2"):  # shard 0 is running
+        refused = _start(tmp_path, server.url, "0/2", "--force", "--model", "other")
+        _, stderr = refused.communicate(timeout=60)
+    assert refused.returncode == 2 and "already being run" in stderr
+    assert (job / "job.toml").read_bytes() == before  # every shard's settings, unchanged
+    forced = _start(tmp_path, server.url, "1/2", "--force", "--model", "other")
+    _, stderr = forced.communicate(timeout=60)
+    assert forced.returncode == 0, stderr
+    assert b'model = "other"' in (job / "job.toml").read_bytes()  # once it runs, it changes
+
+
 def test_lines_appended_after_sharding_belong_to_the_last_shard(
     tmp_path: Path, mock_server: MockFactory
 ) -> None:
@@ -266,6 +291,50 @@ def test_lines_appended_after_sharding_belong_to_the_last_shard(
     last = (tmp_path / "job" / "shard-2-of-3" / "results.jsonl").read_bytes()
     assert b'"new-4"' in last
     assert_exactly_once_across_shards(tmp_path / "job", ids + [f"new-{i}" for i in range(5)])
+
+
+def test_following_the_advice_for_a_damaged_state_keeps_the_cut(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server()
+    ids = [f"r-{i}" for i in range(40)]  # lines of one length: the cut is mid-input
+    write_jsonl(tmp_path / "in.jsonl", [chat(cid, custom_id=cid) for cid in ids])
+    _run_all(tmp_path, server.url, 2)
+    new = [f"n-{i}" for i in range(40)]  # the input doubles: a cut now would fall elsewhere
+    with (tmp_path / "in.jsonl").open("ab") as f:
+        f.write(b"".join(orjson.dumps(chat(cid, custom_id=cid)) + b"\n" for cid in new))
+    job = tmp_path / "job"
+    (job / "state.json").write_text('{"input_size": "damaged"}')
+    damaged = _start(tmp_path, server.url, "0/2")
+    _, stderr = damaged.communicate(timeout=60)
+    assert damaged.returncode == 2 and "delete it" in stderr
+    (job / "state.json").unlink()  # as the message says
+    server.reset()
+    _run_all(tmp_path, server.url, 2)
+    assert server.stats()["requests"] == len(new)  # the new lines only, all in the last shard
+    assert_exactly_once_across_shards(job, ids + new)
+
+    # A job sharded by a batchq that kept the cut in state.json gets its shards.json.
+    cut = read_cut(job, {})
+    assert cut is not None and cut.size < (tmp_path / "in.jsonl").stat().st_size
+    (job / "shards.json").unlink()
+    legacy = {**read_state(job), "shards": cut.count, "shard_size": cut.size}
+    (job / "state.json").write_bytes(orjson.dumps(legacy))
+    _run_all(tmp_path, server.url, 2)
+    assert read_cut(job, {}) == cut
+
+    # The cut itself is not to be deleted, and its loss is refused, not guessed at.
+    (job / "shards.json").write_text("{")
+    damaged = _start(tmp_path, server.url, "1/2")
+    _, stderr = damaged.communicate(timeout=60)
+    assert damaged.returncode == 2 and "shards.json is damaged" in stderr
+    assert "delete" not in stderr and "Traceback" not in stderr
+    (job / "shards.json").unlink()
+    (job / "state.json").unlink()
+    for args in (["--shard", "1/2"], []):
+        lost = batchq("run", "job", "--base-url", server.url, *args, cwd=tmp_path)
+        assert lost.returncode == 2 and "where its input was cut is lost" in lost.stderr
+    assert server.stats()["requests"] == len(new)
 
 
 def test_creating_a_job_is_safe_when_every_shard_starts_at_once(tmp_path: Path) -> None:
@@ -285,7 +354,8 @@ def test_creating_a_job_is_safe_when_every_shard_starts_at_once(tmp_path: Path) 
                 force=False,
             )
             barrier.wait()
-            _, span = prepare(with_shard(job, Shard(i, 8)))
+            _, span = prepare(job := with_shard(job, Shard(i, 8)))
+            save_settings(job)  # as a run does once it holds its shard's lock
             spans[i] = (span.start, span.end, span.first_line, span.requests)
         except BaseException as exc:  # collected for the assertion below
             failures.append(exc)
@@ -300,7 +370,7 @@ def test_creating_a_job_is_safe_when_every_shard_starts_at_once(tmp_path: Path) 
     assert ordered[0][0] == 0 and ordered[-1][1] == (tmp_path / "in.jsonl").stat().st_size
     assert all(a[1] == b[0] for a, b in itertools.pairwise(ordered))
     assert sum(s[3] for s in ordered) == 100
-    assert read_state(tmp_path / "job")["shards"] == 8
+    assert read_cut(tmp_path / "job", {}) == Cut(8, (tmp_path / "in.jsonl").stat().st_size)
     assert (tmp_path / "job" / "job.toml").exists()
 
 

@@ -21,46 +21,58 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from batchq.concurrency import Pool
 from batchq.config import show
 from batchq.errors import (
     BatchqError,
     FatalEndpointError,
     InvalidResponse,
+    Notify,
     RequestError,
     TransportError,
 )
-from batchq.hedge import Answer, Hedger, answer
-from batchq.job import (
+from batchq.job.batches import held_lines
+from batchq.job.folder import (
     Job,
     add_elapsed,
     job_lock,
     prepare,
     read_state,
+    save_settings,
+    to_thread_to_the_end,
     write_progress,
     write_state,
 )
-from batchq.journal import Journal, retry_failed
-from batchq.limiter import Kind, Pacer
-from batchq.progress import Stats, make_progress
+from batchq.job.journal import Journal, close_opened, retry_failed
+from batchq.job.shard import Span
+from batchq.live.concurrency import Pool
+from batchq.live.hedge import Answer, Hedger, answer
+from batchq.live.limiter import Kind, Pacer
+from batchq.live.retry import Fatal, GiveUp, RetryPolicy, decide, status_error
+from batchq.live.transport import AiohttpTransport, Response, Transport
 from batchq.reader import RequestTemplate, feed
-from batchq.records import Outcome, Request, error_line, key_scrubber, result_line
-from batchq.retry import Fatal, GiveUp, RetryPolicy, decide, status_error
-from batchq.shard import Span
-from batchq.transport import AiohttpTransport, Response, Transport
+from batchq.records import (
+    MAX_ANSWER_DEPTH,
+    Outcome,
+    Request,
+    error_line,
+    key_scrubber,
+    result_line,
+    splices,
+)
+from batchq.show.progress import make_progress
+from batchq.stats import Stats
 
 if TYPE_CHECKING:  # pragma: no cover
-    from batchq.limits_store import SharedLimits
-
-T = TypeVar("T")
+    from batchq.live.limits_store import SharedLimits
 
 COMMIT_INTERVAL = 0.2
 SNAPSHOT_INTERVAL = 2.0  # progress.json, for `batchq status` of a running job
@@ -74,7 +86,7 @@ class RunOptions:
     retry_failed: bool = False
     durable: bool = True  # fsync the checkpoint; off only to measure what fsync costs
     progress_every: float | None = None  # seconds between progress lines; None = quiet
-    on_notice: Callable[[str], None] = field(default=lambda message: None)
+    on_notice: Notify = field(default=lambda message, level=logging.INFO: None)
     handle_signals: bool = False  # SIGINT/SIGTERM drain the pool: for the command line
     transport: Transport | None = None  # None: aiohttp, to the job's base URL
     on_outcomes: Callable[[list[bytes]], Awaitable[None]] | None = None  # lines written
@@ -94,9 +106,9 @@ async def run_job(job: Job, options: RunOptions) -> Stats:
     with job_lock(job.run_dir):
         # Hashing the input and the fsyncs of opening and closing run off the event
         # loop's thread, so that a loop the engine shares is never stalled by them.
-        span, journal = await to_thread_to_the_end(_open, job, options, prepared, undo=_shut)
-        for note in journal.notes:
-            options.on_notice(note)
+        span, journal = await to_thread_to_the_end(_open, job, options, prepared, undo=close_opened)
+        for note in journal.notes:  # lines cut away, sent again
+            options.on_notice(note, logging.WARNING)
         stats = Stats(
             ok_before=journal.totals.ok,
             failed_before=journal.totals.failed,
@@ -127,14 +139,11 @@ def _open(job: Job, options: RunOptions, span: Span | None) -> tuple[Span, Journ
         state = read_state(job.run_dir)
         if {k: state.get(k) for k in figures} != figures or state.get("requests") != span.requests:
             write_state(job.run_dir, {**state, **figures, "requests": span.requests})
+    save_settings(job)  # only now, holding the run's lock: a refused run changes nothing
     if options.retry_failed:
         moved = retry_failed(job.run_dir, job.results, job.errors)
         options.on_notice(f"--retry-failed: {moved:,} retryable failures back to pending")
     return span, Journal(job.run_dir, job.results, job.errors, durable=options.durable)
-
-
-def _shut(opened: tuple[Span, Journal]) -> None:
-    opened[1].close()
 
 
 def _close(job: Job, journal: Journal, stats: Stats) -> None:
@@ -142,40 +151,6 @@ def _close(job: Job, journal: Journal, stats: Stats) -> None:
         journal.close()
     finally:
         add_elapsed(job.run_dir, stats.elapsed)
-
-
-async def wait_out(future: asyncio.Future[Any]) -> None:
-    """Wait until ``future`` is done, however often the caller is cancelled meanwhile; then
-    raise the caller's cancellation, if there was one. For work that must not be left
-    running behind the caller: a thread on the job's files, the engine's task. The
-    future's own outcome is left in it."""
-    cancelled: asyncio.CancelledError | None = None
-    while not future.done():
-        try:
-            await asyncio.wait([future])
-        except asyncio.CancelledError as exc:
-            cancelled = exc
-    if cancelled is not None:
-        raise cancelled
-
-
-async def to_thread_to_the_end(
-    fn: Callable[..., T], *args: Any, undo: Callable[[T], None] | None = None
-) -> T:
-    """``fn(*args)`` on a thread, waited for even if the caller is cancelled meanwhile:
-    cancelling cannot stop a thread, and the job's lock must not be let go while one
-    still works on the job. A cancellation is raised once the thread is done: its
-    failure instead, if it failed (a full disk is the news); else after ``undo(its
-    result)`` has released what it opened."""
-    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-    try:
-        await wait_out(task)
-    except asyncio.CancelledError:
-        if task.exception() is None and undo is not None:
-            await to_thread_to_the_end(undo, task.result())
-        task.result()
-        raise
-    return task.result()
 
 
 @contextlib.contextmanager
@@ -217,7 +192,8 @@ class Pipeline:
         if self.pool.ceiling < self.pool.wanted:
             options.on_notice(
                 f"{self.pool.wanted:,} requests in flight would need more open files than this "
-                f"process may have (ulimit -n): at most {self.pool.ceiling:,}"
+                f"process may have (ulimit -n): at most {self.pool.ceiling:,}",
+                logging.WARNING,
             )
         self.workers = self.pool.ceiling  # the gate, not the number of workers, sets the pace
         # Bounded by what keeps the workers and the writer busy, not by the ceiling: under
@@ -306,7 +282,7 @@ class Pipeline:
             await self._pipeline(transport)
 
     def _store(self, url: str) -> SharedLimits:
-        from batchq.limits_store import SharedLimits, default_key
+        from batchq.live.limits_store import SharedLimits, default_key
 
         s = self.job.settings
         key = s.limits_key or default_key(s.base_url, self.options.api_key)
@@ -332,10 +308,17 @@ class Pipeline:
         async def reject(outcome: Outcome) -> None:
             await self.outcomes.put(outcome)
 
+        done = self.journal.done
+        held, count = held_lines(self.job.run_dir)
+        if count:
+            self.options.on_notice(
+                f"{count:,} lines are in open provider batches and are left to them: "
+                "`batchq run --via batch` collects them, `batchq cancel JOB` stops them"
+            )
         await feed(
             self.job.input,
             self.span.end,
-            self.journal.done.__contains__,
+            (lambda n: n in done or n in held) if count else done.__contains__,
             self.template,
             self.requests.put,
             reject,
@@ -512,7 +495,8 @@ class Pipeline:
 
 
 def _success(request: Request, response: Response, attempts: int, hedged: bool) -> Outcome:
-    """The result line of a 2xx; InvalidResponse if its body is not a JSON object."""
+    """The result line of a 2xx; InvalidResponse if its body is not a JSON object, or one
+    nested too deeply for its result line to be read back."""
     raw = response.body
     body = _json_object(response)
     usage = body.get("usage")
@@ -541,6 +525,11 @@ def _json_object(response: Response) -> dict[str, Any]:
     except orjson.JSONDecodeError:
         body = None
     if isinstance(body, dict):
+        if not splices(response.body):
+            raise InvalidResponse(
+                f"HTTP {response.status} answer is nested more than {MAX_ANSWER_DEPTH:,} "
+                "levels deep: its result line could not be read back"
+            )
         return body
     kind = response.headers.get("Content-Type", "no Content-Type")[:80]
     head = response.body[:60].decode("utf-8", "replace")

@@ -7,6 +7,7 @@ A job lives in ``jobs/<input stem>/`` unless ``--job`` names another folder::
     errors.jsonl    one line per request that failed      }
     journal.bin     the checkpoint                        }
     state.json      the input's fingerprint and line count
+    shards.json     where a sharded job's input is cut, written once (shard.py)
     lock            held by the process running the job (fcntl.flock)
     setup.lock      held for a moment while a run pins the input and settles job.toml
     shard-I-of-N/   a shard's own lock, journal, outputs and progress (shard.py)
@@ -20,6 +21,7 @@ and become new requests.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import hashlib
@@ -27,28 +29,36 @@ import os
 import re
 import stat
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import orjson
 
-from batchq import durable
-from batchq.config import REQUEST_SETTINGS, Settings, build_settings, read_job_toml, write_job_toml
+from batchq.config import REQUEST_SETTINGS, Settings, build_settings
 from batchq.errors import ConfigError, InputError, JobLocked, StorageError
-from batchq.journal import JOURNAL_NAME
-from batchq.progress import Stats
-from batchq.reader import check_jsonl, without_bom
-from batchq.shard import (
+from batchq.job import durable
+from batchq.job.batches import CHUNKS, LEDGER
+from batchq.job.journal import JOURNAL_NAME
+from batchq.job.settings import read_job_toml, write_job_toml
+from batchq.job.shard import (
+    SHARDS_JSON,
+    Cut,
     Shard,
     Span,
     boundaries,
     count_newlines,
     file_line_start,
+    read_cut,
     refuse_other_count,
+    write_cut,
 )
+from batchq.reader import check_jsonl, without_bom
+from batchq.stats import Stats
+
+T = TypeVar("T")
 
 JOB_TOML = "job.toml"
 STATE_JSON = "state.json"
@@ -193,13 +203,23 @@ def _resolve(job_dir: Path, settings: Settings, *, save: bool = False) -> Job:
 
 
 def save_settings(job: Job) -> None:
-    """Write job.toml if the job was created or changed; call it holding the job's lock."""
-    if job.save:
-        write_job_toml(job.dir / JOB_TOML, job.settings)
+    """Write job.toml if the job was created or changed.
+
+    Call it holding the run's lock (the job's, or its shard's), so that a run
+    refused for any reason, another process running the same part included,
+    changes nothing. The job's setup lock makes it one step with the check that
+    another run did not create the job meanwhile with other settings.
+    """
+    if not job.save:
+        return
+    with setup_lock(job.dir):
+        job = _settle_created(job)
+        if job.save:
+            write_job_toml(job.dir / JOB_TOML, job.settings)
 
 
 def prepare(job: Job) -> tuple[PinnedInput, Span]:
-    """Pin the input, settle job.toml, and find the part of the input this run takes.
+    """Pin the input, check job.toml, and find the part of the input this run takes.
 
     All of it under the job's setup lock, so that runs started at the same
     instant on one folder (a scheduler's shards) neither race on job.toml and
@@ -210,22 +230,22 @@ def prepare(job: Job) -> tuple[PinnedInput, Span]:
     with setup_lock(job.dir):
         job = _settle_created(job)
         pinned = pin_input(job)
-        state = read_state(job.dir)
-        refuse_other_count(job.dir, state, job.shard)
+        cut = read_cut(job.dir, read_state(job.dir))
+        refuse_other_count(job.dir, cut, job.shard)
         if job.shard is None:
             span = Span(0, pinned.size, 1, pinned.requests)
         else:
-            if "shards" not in state:
+            if cut is None:
                 if (job.dir / JOURNAL_NAME).exists() or running_pid(job.dir) is not None:
                     raise ConfigError(
                         f"job {job.dir} was started as one process, not as shards; finish it "
                         "that way (without --shard), or start afresh with --job NEWDIR"
                     )
-                state = {**state, "shards": job.shard.count, "shard_size": pinned.size}
-                write_state(job.dir, state)
-            span = _shard_span(job, job.shard, state["shard_size"], pinned.size)
+                cut = Cut(job.shard.count, pinned.size)
+            if not (job.dir / SHARDS_JSON).exists():  # new, or kept in state.json until now
+                write_cut(job.dir, cut)
+            span = _shard_span(job, job.shard, cut.size, pinned.size)
             durable.make_dirs(job.run_dir)
-        save_settings(job)  # only now: a run refused for any reason changes nothing
     return pinned, span
 
 
@@ -290,7 +310,52 @@ def _check_input(path: Path) -> None:
 
 
 #: The files of a job folder that an output must not be.
-_OWN_FILES = (JOB_TOML, STATE_JSON, PROGRESS_JSON, LOCK, SETUP_LOCK, JOURNAL_NAME)
+_OWN_FILES = (
+    JOB_TOML,
+    STATE_JSON,
+    SHARDS_JSON,
+    PROGRESS_JSON,
+    LOCK,
+    SETUP_LOCK,
+    JOURNAL_NAME,
+    LEDGER,
+)
+
+
+def job_files(
+    job_dir: Path, input_path: Path, parts: Sequence[tuple[Path, Path, Path]]
+) -> dict[Path, str]:
+    """Every file a job reads or writes, and what it is: ``parts`` are the folders that
+    hold a journal (the job's, or each shard's) with their results and errors files."""
+    files = {input_path: "the input"}
+    for folder in (job_dir, *(part[0] for part in parts)):
+        for name in _OWN_FILES:
+            files[folder / name] = f"the job's own {name}"
+        for chunk in (folder / CHUNKS).glob("*"):  # the files of its provider batches
+            files[chunk] = f"the job's own {CHUNKS}/{chunk.name}"
+    for run_dir, results, errors in parts:
+        files[results] = "the results file"
+        files[errors] = "the errors file"
+        for rewritten in (errors, run_dir / JOURNAL_NAME):  # --retry-failed's rewrites
+            files[rewritten.with_name(rewritten.name + ".new")] = "a file batchq writes"
+    return files
+
+
+def same_file(path: Path, files: Mapping[Path, str]) -> str | None:
+    """What ``path`` is among ``files``, if it is one of them: the same path once symlinks
+    are resolved, or the same file under another name (a hard link)."""
+    resolved = {p.resolve(): what for p, what in files.items()}
+    if (what := resolved.get(path.resolve())) is not None:
+        return what
+    try:
+        found = path.stat()
+    except OSError:
+        return None  # no file there, so none that another name could reach
+    for other, what in files.items():
+        with contextlib.suppress(OSError):
+            if os.path.samestat(found, other.stat()):
+                return what
+    return None
 
 
 def _check_outputs(job: Job) -> None:
@@ -301,7 +366,7 @@ def _check_outputs(job: Job) -> None:
     for name in _OWN_FILES:
         taken[Path(os.path.abspath(job.dir / name))] = f"the job's own {name}"
     for name, path in (("output", results), ("errors", errors)):
-        clash = taken.get(path)
+        clash = same_file(path, taken)
         if clash or path.name.endswith(".new"):  # the name of a rewrite in progress
             raise ConfigError(f"{name} {path} would overwrite {clash or 'a file batchq writes'}")
         taken[path] = "the results file"
@@ -356,7 +421,7 @@ _STATE_TYPES: dict[str, Callable[[object], bool]] = {
     "input_requests": _count,
     "input_sha256": _text,
     "elapsed_s": _seconds,
-    "shards": _count,
+    "shards": _count,  # the cut, where a batchq before shards.json kept it
     "shard_size": _count,
 }
 
@@ -531,6 +596,40 @@ def job_lock(job_dir: Path) -> Iterator[None]:
         yield
     finally:
         durable.close(lock)
+
+
+async def wait_out(future: asyncio.Future[Any]) -> None:
+    """Wait until ``future`` is done, however often the caller is cancelled meanwhile; then
+    raise the caller's cancellation, if there was one. For work that must not be left
+    running behind the caller: a thread on the job's files, the engine's task. The
+    future's own outcome is left in it."""
+    cancelled: asyncio.CancelledError | None = None
+    while not future.done():
+        try:
+            await asyncio.wait([future])
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+    if cancelled is not None:
+        raise cancelled
+
+
+async def to_thread_to_the_end(
+    fn: Callable[..., T], *args: Any, undo: Callable[[T], None] | None = None
+) -> T:
+    """``fn(*args)`` on a thread, waited for even if the caller is cancelled meanwhile:
+    cancelling cannot stop a thread, and the job's lock must not be let go while one
+    still works on the job. A cancellation is raised once the thread is done: its
+    failure instead, if it failed (a full disk is the news); else after ``undo(its
+    result)`` has released what it opened."""
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        await wait_out(task)
+    except asyncio.CancelledError:
+        if task.exception() is None and undo is not None:
+            await to_thread_to_the_end(undo, task.result())
+        task.result()
+        raise
+    return task.result()
 
 
 def _flock_exclusive(fd: int, tries: int = 50) -> bool:

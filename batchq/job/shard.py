@@ -13,9 +13,14 @@ journal, outputs and progress; the job's ``job.toml`` and ``state.json``
 ids ``line-N`` and the order of ``batchq export`` are the whole job's.
 
 **The count is fixed when the job is sharded**, with the input's size then
-(``state.json``: ``shards``, ``shard_size``): changing N, or running a
-sharded job whole (or a started whole job as shards), is refused. Lines
-appended to the input afterwards belong to the last shard.
+(the cut, in ``shards.json``): changing N, or running a sharded job whole (or
+a started whole job as shards), is refused. Lines appended to the input
+afterwards belong to the last shard. The cut has a file of its own, written
+once: ``state.json`` is rewritten as the input grows, and the way out of a
+damaged one is to delete it, which must not lose where the shards' parts
+begin (re-cut at another size, lines done by one shard would fall into its
+neighbour's part and be sent and written twice). A job sharded by a batchq
+that kept the cut in ``state.json`` gets its ``shards.json`` on its next run.
 
 What several shards share is created and checked under the job's
 ``setup.lock`` (``job.setup_lock``), held only for that moment: all N may
@@ -28,12 +33,17 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+import orjson
 
 from batchq.errors import ConfigError
+from batchq.job import durable
 
 #: The environment variable that gives ``--shard auto`` its count beside JOB_COMPLETION_INDEX.
 SHARDS_ENV = "BATCHQ_SHARDS"
+#: The file of a sharded job's cut.
+SHARDS_JSON = "shards.json"
 
 _SPEC = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
 
@@ -166,15 +176,71 @@ def shard_folders(job_dir: Path, count: int) -> list[Path]:
     return [job_dir / folder_name(i, count) for i in range(count)]
 
 
-def refuse_other_count(job_dir: Path, state: Mapping[str, object], shard: Shard | None) -> None:
-    """Refuse (ConfigError, exit 2) to run a job with another count than it was sharded with."""
-    count = state.get("shards")
-    if shard is None and isinstance(count, int):
+@dataclass(frozen=True, slots=True)
+class Cut:
+    """How a sharded job's input is cut: into ``count`` parts of its first ``size`` bytes."""
+
+    count: int
+    size: int
+
+
+def read_cut(job_dir: Path, state: Mapping[str, Any]) -> Cut | None:
+    """The job's cut, or None if it was never sharded; ``state`` is its state.json, where a
+    batchq before shards.json kept the cut. ConfigError (exit 2) if shards.json is damaged."""
+    path = job_dir / SHARDS_JSON
+    try:
+        cut = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        cut = state  # None unless it holds the keys
+    except (OSError, orjson.JSONDecodeError) as exc:
+        raise _damaged(path, str(exc)) from exc
+    else:
+        if not (isinstance(cut, dict) and _whole(cut.get("shards"), 1)):
+            raise _damaged(path, "changed outside batchq")
+        if not _whole(cut.get("shard_size"), 0):
+            raise _damaged(path, "changed outside batchq")
+    count, size = cut.get("shards"), cut.get("shard_size")
+    if isinstance(count, int) and isinstance(size, int):
+        return Cut(count, size)
+    return None
+
+
+def write_cut(job_dir: Path, cut: Cut) -> None:
+    data = {"shards": cut.count, "shard_size": cut.size}
+    durable.atomic_write(job_dir / SHARDS_JSON, orjson.dumps(data, option=orjson.OPT_INDENT_2))
+
+
+def _whole(value: object, least: int) -> bool:
+    return type(value) is int and value >= least
+
+
+def _damaged(path: Path, why: str) -> ConfigError:
+    # Not "delete it": without the cut, the shards' done lines cannot be placed.
+    return ConfigError(
+        f"{path} is damaged ({why}); it records where the job's input was cut among its "
+        'shards, {"shards": N, "shard_size": BYTES}: restore it from a backup, or start '
+        "afresh with --job NEWDIR"
+    )
+
+
+def refuse_other_count(job_dir: Path, cut: Cut | None, shard: Shard | None) -> None:
+    """Refuse (ConfigError, exit 2) to run a job with another count than it was sharded with,
+    or one run as shards whose cut is lost."""
+    if cut is None:
+        if any(job_dir.glob("shard-*-of-*")):  # folder_name's folders
+            raise ConfigError(
+                f"job {job_dir} was run as shards, but where its input was cut is lost "
+                f"({SHARDS_JSON} is missing); cut afresh, lines done by one shard would be "
+                "sent again by another: start afresh with --job NEWDIR"
+            )
+        return
+    count = cut.count
+    if shard is None:
         raise ConfigError(
             f"job {job_dir} runs as {count} shards; run each with --shard I/{count} "
             f"(I from 0 to {count - 1}): `batchq status` and `batchq export` see the whole job"
         )
-    if shard is not None and isinstance(count, int) and count != shard.count:
+    if count != shard.count:
         raise ConfigError(
             f"job {job_dir} was started as {count} shards, not {shard.count}: its shards' "
             f"checkpoints cover other parts of the input; run it with --shard I/{count}, "

@@ -48,8 +48,8 @@ from typing import Any
 
 import orjson
 
-from batchq import durable as durable_io
 from batchq.errors import JournalError, StorageError
+from batchq.job import durable as durable_io
 from batchq.records import Outcome
 
 JOURNAL_NAME = "journal.bin"
@@ -302,6 +302,11 @@ class Journal:
         finally:
             for f in (self._results, self._errors, self._journal):
                 durable_io.close(f)
+
+
+def close_opened(opened: tuple[object, Journal]) -> None:
+    """Close the journal an executor's ``_open`` returned: its run was cancelled meanwhile."""
+    opened[1].close()
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:

@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import orjson
 
-from batchq.journal import JOURNAL_NAME, read_journal
+from batchq.job.journal import JOURNAL_NAME, read_journal
 
 JSONObject = dict[str, Any]
 
@@ -149,54 +149,67 @@ class OutputIndex:
 
     A sharded job's index covers every shard: ``parts`` names each
     process's folder (holding its journal) with its two output files.
+
+    The files are read through the handles they were indexed through, kept
+    open until ``close`` (or the end of a ``with`` block): a run that
+    replaces a file meanwhile (``--retry-failed`` rewrites errors.jsonl)
+    must not make the offsets point into another file's lines.
     """
 
     def __init__(
         self, job_dir: Path, results: Path, errors: Path, *, more: Sequence[Part] = ()
     ) -> None:
         self.files: list[Path] = []
+        self._handles: list[IO[bytes]] = []
         # (offset + 1) | file << _FILE_SHIFT, the file an index into self.files; 0: not done
         self._where = array("q")
-        for run_dir, *outputs in ((job_dir, results, errors), *more):
-            _, totals, _ = read_journal(run_dir / JOURNAL_NAME)
-            for path, length in zip(outputs, (totals.results_len, totals.errors_len), strict=True):
-                self.files.append(path)
-                self._scan(path, length, len(self.files) - 1)
+        try:
+            for run_dir, *outputs in ((job_dir, results, errors), *more):
+                _, totals, _ = read_journal(run_dir / JOURNAL_NAME)
+                lengths = (totals.results_len, totals.errors_len)
+                for path, length in zip(outputs, lengths, strict=True):
+                    self.files.append(path)
+                    self._handles.append(f := _open(path))
+                    self._scan(f, length, len(self.files) - 1)
+        except BaseException:
+            self.close()
+            raise
 
-    def _scan(self, path: Path, length: int, which: int) -> None:
+    def close(self) -> None:
+        for f in self._handles:
+            f.close()
+
+    def __enter__(self) -> OutputIndex:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _scan(self, f: IO[bytes], length: int, which: int) -> None:
         offset = 0
-        with _open(path) as f:
-            for raw in f:
-                if offset + len(raw) > length:
-                    break  # past the last commit
-                mark = raw.rfind(_MARK)
-                if mark >= 0:
-                    digits = raw[mark + len(_MARK) :].split(b",", 1)[0].split(b"}", 1)[0]
-                    line = int(digits)
-                    if line >= len(self._where):
-                        self._where.extend([0] * (line + 1 - len(self._where)))
-                    self._where[line] = (offset + 1) | which << _FILE_SHIFT
-                offset += len(raw)
+        for raw in f:
+            if offset + len(raw) > length:
+                break  # past the last commit
+            mark = raw.rfind(_MARK)
+            if mark >= 0:
+                digits = raw[mark + len(_MARK) :].split(b",", 1)[0].split(b"}", 1)[0]
+                line = int(digits)
+                if line >= len(self._where):
+                    self._where.extend([0] * (line + 1 - len(self._where)))
+                self._where[line] = (offset + 1) | which << _FILE_SHIFT
+            offset += len(raw)
 
     def lines(self, upto: int | None = None) -> Iterator[tuple[int, bytes | None]]:
         """(line number, its output line or None if not done), lines 1 to ``upto``."""
         last = len(self._where) - 1 if upto is None else upto
-        opened: dict[int, IO[bytes]] = {}
-        try:
-            for line in range(1, last + 1):
-                where = self._where[line] if line < len(self._where) else 0
-                if not where:
-                    yield line, None
-                    continue
-                which = where >> _FILE_SHIFT
-                f = opened.get(which)
-                if f is None:
-                    f = opened[which] = _open(self.files[which])
-                f.seek((where & _OFFSET_MASK) - 1)
-                yield line, f.readline()
-        finally:
-            for f in opened.values():
-                f.close()
+        for line in range(1, last + 1):
+            where = self._where[line] if line < len(self._where) else 0
+            if not where:
+                yield line, None
+                continue
+            f = self._handles[where >> _FILE_SHIFT]
+            f.seek((where & _OFFSET_MASK) - 1)
+            yield line, f.readline()
 
     def results(self) -> Iterator[Result]:
         """Every done line's Result, in input order."""
