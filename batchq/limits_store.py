@@ -37,7 +37,9 @@ once and goes on alone with the limit divided by the number of processes it
 last saw (``share``), never with the whole limit. It tries the store again
 every ``RECONNECT_SECONDS`` and, once it answers, says so and books from it
 again: a restarted Redis (empty, without persistence) starts the shared pace
-afresh, without a burst, as a first process does.
+afresh, without a burst, as a first process does. The loss closes every
+connection of the client's pool: one left open to the Redis that went away
+would take the next command after the store came back, and lose it again.
 
 The ``redis`` package is imported only when a store is named, so runs
 without one start as fast as before.
@@ -263,6 +265,7 @@ class SharedLimits:
         self._scripts: dict[str, Any] = {}
         self._slow: deque[list[Any]] = deque()
         self._stopped = False
+        self._returns = 0  # times the store came back: a call begun before says nothing now
         self._waker: asyncio.Future[None] | None = None
 
     async def __aenter__(self) -> SharedLimits:
@@ -302,8 +305,7 @@ class SharedLimits:
             with contextlib.suppress(Exception):
                 if not self.lost:
                     await redis.zrem(self._members, self._me)
-            with contextlib.suppress(Exception):
-                await redis.aclose()
+            await _disconnect(redis)
 
     async def grant(self, kind: Kind, amount: float, ceiling: float) -> Grant | None:
         """Book ``amount`` units of ``kind`` at up to ``ceiling`` a second (None: store lost).
@@ -381,17 +383,20 @@ class SharedLimits:
     async def _call(self, name: str, keys: list[str], args: list[Any]) -> Any:
         from redis.exceptions import RedisError
 
+        returns = self._returns
         try:
             return await self._scripts[name](keys=keys, args=args)
         except (RedisError, OSError) as exc:
-            self._lose(exc)
+            if returns == self._returns:
+                await self._lose(exc)
             return None
 
-    def _lose(self, exc: BaseException) -> None:
+    async def _lose(self, exc: BaseException) -> None:
         if self.lost:
             return
         self.lost = True
         self._slow.clear()  # pauses asked before the loss would be stale when it is back
+        await _disconnect(self._redis)
         self._on_notice(
             f"lost the limits store {redact(self.url)} ({_reason(exc)}): going on alone at "
             f"1/{self.processes} of the limits, the share of the {self.processes} "
@@ -410,7 +415,17 @@ class SharedLimits:
             return
         self.processes = max(1, int(count))
         self.lost = False
+        self._returns += 1
         self._on_notice(f"the limits store {redact(self.url)} is back: sharing the limits again")
+
+
+async def _disconnect(redis: Any) -> None:
+    """Close every connection of the client's pool; the next command opens a new one.
+
+    The pool's ``disconnect``, not the client's ``aclose``: redis 5.0.0, the floor, has none.
+    """
+    with contextlib.suppress(Exception):
+        await redis.connection_pool.disconnect(inuse_connections=True)
 
 
 def _reason(exc: BaseException) -> str:

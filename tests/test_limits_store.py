@@ -143,6 +143,24 @@ async def test_waiting_workers_do_not_book_the_timeline_far_ahead(
             await asyncio.gather(*waiting, return_exceptions=True)
 
 
+async def test_a_restarted_store_is_not_lost_again_by_the_connections_it_had(
+    redis_server: RedisServer,
+) -> None:
+    # Issue 19, item 4: the pool kept connections to the Redis that was killed; after the
+    # store came back, the next commands that took one of them declared it lost again.
+    notices: list[str] = []
+    async with SharedLimits(redis_server.url, "k", on_notice=notices.append) as shared:
+        await asyncio.gather(*(shared.grant("requests", 1, 1000.0) for _ in range(5)))
+        redis_server.kill()
+        assert await shared.grant("requests", 1, 1000.0) is None and shared.lost
+        redis_server.start()
+        await shared._reconnect()
+        assert not shared.lost
+        grants = await asyncio.gather(*(shared.grant("requests", 1, 1000.0) for _ in range(5)))
+    assert all(grant is not None and grant.booked for grant in grants), notices
+    assert [("lost the" in n, "is back" in n) for n in notices] == [(True, False), (False, True)], notices
+
+
 # --- Real processes, real Redis ----------------------------------------------------------
 
 
