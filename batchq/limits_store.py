@@ -59,6 +59,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from batchq.config import LIMITS_STORE_PASSWORD_ENV, strip_secrets
 from batchq.errors import LimitsStoreError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -155,14 +156,21 @@ def _lua(body: str) -> str:
 
 
 def default_key(base_url: str, api_key: str | None) -> str:
-    """The limit key of an account: its base URL and a hash of its key, never the key."""
-    digest = hashlib.sha256((api_key or "").encode()).hexdigest()[:16]
-    return f"{base_url.rstrip('/')}#{digest if api_key else 'no-key'}"
+    """The limit key of an account: its base URL and a hash of its key, never the key.
+
+    Credentials in the base URL (``https://user:pass@host``, ``?api-key=``) are part of the
+    account, so they go into the hash, never into the key's name.
+    """
+    public, secrets = strip_secrets(base_url)
+    if not (api_key or secrets):
+        return f"{public.rstrip('/')}#no-key"
+    secret = "\0".join([api_key or "", *secrets]) if secrets else api_key or ""
+    return f"{public.rstrip('/')}#{hashlib.sha256(secret.encode()).hexdigest()[:16]}"
 
 
 def redact(url: str) -> str:
-    """A store URL without its password, fit for a message."""
-    return re.sub(r"^(\w+://)[^@/]*@", r"\1", url)
+    """A store URL without its user name and password (also ``?password=``), for a message."""
+    return re.sub(r"^(\w+://)[^@/]*@", r"\1", strip_secrets(url)[0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,8 +256,10 @@ class SharedLimits:
         *,
         on_notice: Callable[[str], None] = lambda message: None,
         block_seconds: float | None = None,
+        password: str | None = None,
     ) -> None:
         self.url = url
+        self._password = password  # when the URL has none (a password in the URL wins)
         self.key = key
         # None: the module's BLOCK_SECONDS when connected (a benchmark may set it to 0)
         self.block_seconds = BLOCK_SECONDS if block_seconds is None else block_seconds
@@ -278,11 +288,12 @@ class SharedLimits:
     async def open(self) -> None:
         """Connect and count this process in; LimitsStoreError (exit 2) if unreachable."""
         import redis.asyncio  # here, not at the top: runs without a store never load it
-        from redis.exceptions import RedisError
+        from redis.exceptions import AuthenticationError, RedisError
 
         try:
             self._redis = redis.asyncio.Redis.from_url(
                 self.url,
+                password=self._password,
                 socket_timeout=TIMEOUT,
                 socket_connect_timeout=TIMEOUT,
                 decode_responses=True,
@@ -295,8 +306,11 @@ class SharedLimits:
             self.processes = max(1, int(count))
         except (RedisError, OSError, ValueError) as exc:
             await self.aclose()
+            # job.toml keeps the URL without its password: say where it goes
+            needs = isinstance(exc, AuthenticationError) and self._password is None
+            hint = f" (its password: {LIMITS_STORE_PASSWORD_ENV})" if needs else ""
             raise LimitsStoreError(
-                f"cannot reach the limits store {redact(self.url)}: {_reason(exc)}"
+                f"cannot reach the limits store {redact(self.url)}: {_reason(exc)}{hint}"
             ) from None
 
     async def aclose(self) -> None:
