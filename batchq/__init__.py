@@ -29,7 +29,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from batchq.api import arun, open_job, run, stream
-    from batchq.results import Error, Result
+    from batchq.job.results import Error, Result
 
 # Loaded when first used, so that `batchq --help` and `import batchq` stay quick.
 _LAZY = {
@@ -37,8 +37,8 @@ _LAZY = {
     "arun": "batchq.api",
     "stream": "batchq.api",
     "open_job": "batchq.api",
-    "Result": "batchq.results",
-    "Error": "batchq.results",
+    "Result": "batchq.job.results",
+    "Error": "batchq.job.results",
 }
 
 

@@ -27,7 +27,8 @@ is checkpointed there exactly as ``batchq run`` does: the same call after a
 crash, a Ctrl-C or a kernel restart sends only what is missing and returns
 every result. Without it the job lives in a temporary folder, removed
 afterwards. The API key is taken from ``api_key=`` or the environment and
-is written nowhere.
+is written nowhere. An option given as None is not given. The notices the
+command line prints go to the ``batchq`` logger (see ``_notify``).
 
 With ``shard="I/N"`` (or ``(I, N)``, or ``"auto"`` under a scheduler) the
 call runs part I of N of the job, as ``batchq run --shard`` does, and returns
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import sys
 import tempfile
@@ -51,19 +53,22 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import orjson
 
-from batchq import durable
-from batchq import job as jobs
 from batchq.config import LIMITS_STORE_ENV, SETTING_NAMES, store_password
 from batchq.errors import ConfigError, InputError, StorageError
-from batchq.job import Job
-from batchq.progress import Stats
-from batchq.results import OutputIndex, Result
-from batchq.shard import Shard, parse_shard
+from batchq.job import durable
+from batchq.job import folder as jobs
+from batchq.job.folder import JOB_TOML, Job
+from batchq.job.results import OutputIndex, Result
+from batchq.job.settings import read_job_toml
+from batchq.job.shard import Shard, parse_shard
+from batchq.stats import Stats
 
 if TYPE_CHECKING:  # aiohttp and the engine load on the first run, not on `import batchq`
-    from batchq.transport import Transport
+    from batchq.live.transport import Transport
 
 T = TypeVar("T")
+#: Where the engine's notices go; batchq adds no handler (see ``_notify``).
+log = logging.getLogger("batchq")
 Requests = Iterable[str | dict[str, Any]] | str | os.PathLike[str]
 
 INPUT = "input.jsonl"
@@ -172,7 +177,7 @@ class JobResults:
     """A job folder, for reading what its runs have written."""
 
     def __init__(self, path: Path) -> None:
-        from batchq.status import job_status
+        from batchq.show.status import job_status
 
         figures = job_status(path)  # raises ConfigError if it is not a job folder
         self.path = path
@@ -201,7 +206,8 @@ class _Prepared:
 
     def __init__(self, requests: Requests, options: dict[str, Any]) -> None:
         self.requests = requests
-        self.options = dict(options)
+        # None is "not given", for every option alike (``rpm=None`` as ``max_tokens=None``).
+        self.options = {name: value for name, value in options.items() if value is not None}
         self.on_outcomes: Callable[[list[bytes]], Awaitable[None]] | None = None
         self._temporary: tempfile.TemporaryDirectory[str] | None = None
         self.job: Job | None = None
@@ -224,7 +230,9 @@ class _Prepared:
             self._temporary.cleanup()
 
     async def run(self) -> Stats:
-        from batchq.runner import RunOptions, run_job
+        from batchq.auto import run_auto
+        from batchq.batch.executor import BatchOptions, run_batches
+        from batchq.live.runner import RunOptions, run_job
 
         options = self.options
         api_key = options.pop("api_key", None)
@@ -245,7 +253,7 @@ class _Prepared:
         if unknown or "input" in options:
             raise ConfigError(f"unknown option(s): {', '.join(unknown or ['input'])}")
         target = await asyncio.to_thread(self._input, options.get("endpoint"))
-        job, _ = await asyncio.to_thread(
+        job, notes = await asyncio.to_thread(
             jobs.open_job,
             target,
             job_dir=self.dir,
@@ -257,6 +265,8 @@ class _Prepared:
         if shard is not None:
             job = jobs.with_shard(job, _shard(shard))
         self.job = job
+        for note in notes:
+            _notify(note)
         if api_key is None:
             api_key = os.environ.get(job.settings.api_key_env) or None
         run_options = RunOptions(
@@ -267,12 +277,24 @@ class _Prepared:
             if progress
             else None,
             transport=transport,
+            on_notice=_notify,
             on_outcomes=self.on_outcomes,
         )
-        stats = await run_job(job, run_options)
-        if stats.interrupted:
-            raise KeyboardInterrupt  # a signal stopped it; the job resumes from here
-        return stats
+        # No signal handlers (they are the application's), so nothing sets stats.interrupted:
+        # a Ctrl-C reaches the engine as cancellation, and leaves as KeyboardInterrupt.
+        if job.settings.via == "live":
+            return await run_job(job, run_options)
+        if transport is not None:
+            raise ConfigError("transport= goes with via='live': batches go to the provider's API")
+        batch_options = BatchOptions(
+            api_key=api_key,
+            retry_failed=retry_failed,
+            on_notice=_notify,
+            on_outcomes=self.on_outcomes,
+        )
+        if job.settings.via == "batch":
+            return await run_batches(job, batch_options)
+        return await run_auto(job, run_options, batch_options)
 
     def index(self) -> OutputIndex:
         assert self.job is not None
@@ -282,8 +304,26 @@ class _Prepared:
         """The input file: the path given, or the requests written to the job's input."""
         if isinstance(self.requests, str | os.PathLike):
             return Path(self.requests).absolute()
-        self.dir.mkdir(parents=True, exist_ok=True)
+        toml = self.dir / JOB_TOML
+        if endpoint is None and toml.exists():
+            # A rerun that leaves endpoint= out means the job's own: its strings must
+            # become the same bodies as the first run's, or the input would not match.
+            stored = read_job_toml(toml).get("endpoint")
+            endpoint = stored if isinstance(stored, str) else None  # else: job.toml says why
+        durable.make_dirs(self.dir)
         return write_input(self.dir / INPUT, self.requests, endpoint)
+
+
+def _notify(message: str, level: int = logging.INFO) -> None:
+    """The engine's notices, as a library gives them: to the ``batchq`` logger.
+
+    No handler is added. An application that set up logging gets them its way;
+    one that did not (a script, a notebook) still sees WARNING and above (a lost
+    limits store, lines cut and sent again, the open-file cap) on stderr, from
+    Python's last-resort handler, and INFO (new job, resuming, the --retry-failed
+    count) after ``logging.basicConfig(level=logging.INFO)``.
+    """
+    log.log(level, "%s", message)
 
 
 def _shard(spec: object) -> Shard:
@@ -296,44 +336,68 @@ def _shard(spec: object) -> Shard:
 
 
 def write_input(path: Path, requests: Iterable[str | dict[str, Any]], endpoint: str | None) -> Path:
-    """Write ``requests`` as JSONL at ``path``, unless the same (or fewer) are there already.
+    """Write ``requests`` as JSONL at ``path``, unless the same requests are there already.
 
     Calling the same cell again writes the same bytes, which the job's pinned
-    fingerprint recognises; requests added at the end are new requests. Other
-    requests would make the job's checkpoint point at the wrong lines, so
-    they are refused before anything is touched. Shards of one job write at
-    once: each through a file of its own, and the same requests leave the
-    file in place, so no shard ever reads another's half-written input.
+    fingerprint recognises; requests added at the end are new requests. Fewer
+    requests, or others, would make the job's checkpoint point at the wrong
+    lines (and the job would still run, and return, every stored one), so they
+    are refused before anything is touched. Shards of one job write at once:
+    each through a file of its own, and the same requests leave the file in
+    place, so no shard ever reads another's half-written input. Every write
+    goes through ``durable``: a full disk or an I/O error is a StorageError.
     """
     key = _STRING_BODY.get(endpoint or "", "prompt")
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.new")
     try:
-        with tmp.open("wb") as f:
-            for item in requests:
-                body: object = {key: item} if isinstance(item, str) else item
-                if not isinstance(body, dict):
+        _write_requests(tmp, requests, key)
+        with _reading(path):
+            if path.exists():
+                if not _extends(tmp, path):
                     raise InputError(
-                        f"a request must be a string or a dict, not {type(body).__name__}"
+                        f"these requests are not the ones job {path.parent} was made for (nor "
+                        "those with more at the end); pass another job= folder to start a "
+                        "separate job"
                     )
-                f.write(orjson.dumps(body, option=orjson.OPT_APPEND_NEWLINE))
-            f.flush()
-            os.fsync(f.fileno())
-        if path.exists():
-            if not _extends(tmp, path):
-                raise InputError(
-                    f"these requests are not the ones job {path.parent} was made for (nor "
-                    "those with more at the end); pass another job= folder to start a "
-                    "separate job"
-                )
-            if tmp.stat().st_size == path.stat().st_size:
-                return path  # the same requests: nothing to replace
-        os.replace(tmp, path)
+                if tmp.stat().st_size == path.stat().st_size:
+                    return path  # the same requests: nothing to replace
+        durable.replace(tmp, path)
         durable.fsync_dir(path.parent)
-    except OSError as exc:
-        raise StorageError.from_os("write", path, exc) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(StorageError):  # a file of our own, never read: only litter
+            durable.unlink(tmp)
     return path
+
+
+def _write_requests(path: Path, requests: Iterable[str | dict[str, Any]], key: str) -> None:
+    """Each request as one JSON line, written in blocks of about 1 MiB, then fsynced."""
+    f = durable.open_file(path, truncate=True)
+    try:
+        block = bytearray()
+        for n, item in enumerate(requests, 1):
+            body: object = {key: item} if isinstance(item, str) else item
+            if not isinstance(body, dict):
+                raise InputError(f"a request must be a string or a dict, not {type(body).__name__}")
+            try:
+                block += orjson.dumps(body, option=orjson.OPT_APPEND_NEWLINE)
+            except orjson.JSONEncodeError as exc:
+                raise InputError(f"request {n} cannot be written as JSON: {exc}") from None
+            if len(block) >= 1 << 20:
+                durable.write(f, bytes(block))
+                block.clear()
+        durable.write(f, bytes(block))
+        durable.fsync(f)
+    finally:
+        durable.close(f)
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Reads fail as writes do: one line naming the path and the cause."""
+    try:
+        yield
+    except OSError as exc:
+        raise StorageError.from_os("read", path, exc) from None
 
 
 def _extends(new: Path, old: Path) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shlex
 import signal
@@ -18,7 +19,7 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any, NoReturn
+from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 import click
 import orjson
@@ -31,6 +32,11 @@ from batchq.config import (
     strip_secrets,
 )
 from batchq.errors import BatchqError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from batchq.batch.executor import BatchOptions
+    from batchq.config import Settings
+    from batchq.show.validate import Report
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -220,6 +226,49 @@ def _defaults(
     callback=_from_cwd,
     help="Errors file, relative to the current folder [default: errors.jsonl in the job folder].",
 )
+@click.option(
+    "--via",
+    type=click.Choice(["live", "batch", "auto"]),
+    help="live: call the endpoint in real time; batch: through the provider's Batch API, "
+    "at half price, within --completion-window; auto: by batch, and live for what batches "
+    "cannot do before --deadline [default: live].",
+)
+@click.option(
+    "--deadline",
+    metavar="DURATION",
+    help="With --via auto: when the job must be done, from the start of the run "
+    "(40s, 90m, 6h, 2d).",
+)
+@click.option(
+    "--batch-dialect",
+    type=click.Choice(["openai", "dashscope"]),
+    help="Whose Batch API [default: dashscope for a compatible-mode/v1 base URL, else openai].",
+)
+@click.option(
+    "--completion-window",
+    metavar="24h",
+    help="How long a batch may take: 24h (OpenAI), up to 336h or 14d (DashScope) [default: 24h].",
+)
+@click.option(
+    "--batch-max-lines",
+    type=click.IntRange(min=1),
+    help="Lines in one batch file [default: 50000].",
+)
+@click.option(
+    "--batch-max-bytes",
+    type=click.IntRange(min=1024),
+    help="Bytes in one batch file [default: 190000000].",
+)
+@click.option(
+    "--batch-poll",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds between looks at the open batches [default: 30].",
+)
+@click.option(
+    "--detach",
+    is_flag=True,
+    help="With --via batch: return once every batch is created; the same command collects them.",
+)
 @click.option("--retry-failed", is_flag=True, help="Send the retryable failures again first.")
 @click.option("--force", is_flag=True, help="Allow changing model, endpoint, system or defaults.")
 @click.option(
@@ -249,6 +298,7 @@ def run(
     temperature: float | None,
     params: dict[str, Any],
     retry_failed: bool,
+    detach: bool,
     force: bool,
     shard_spec: str | None,
     fsync: bool,
@@ -258,10 +308,12 @@ def run(
     **settings: Any,
 ) -> None:
     """Start, or continue, the job for TARGET (an input .jsonl file or a job folder)."""
-    from batchq.job import open_job, with_shard
-    from batchq.progress import render_summary, summary
-    from batchq.runner import RunOptions, run_job
-    from batchq.shard import parse_shard
+    from batchq.auto import run_auto
+    from batchq.batch.executor import run_batches
+    from batchq.job.folder import open_job, with_shard
+    from batchq.job.shard import parse_shard
+    from batchq.live.runner import RunOptions, run_job
+    from batchq.show.progress import render_summary, summary
 
     defaults = _defaults(params, max_tokens, temperature)
     env_base_url = os.environ.get("OPENAI_BASE_URL")
@@ -287,8 +339,12 @@ def run(
             )
         if progress_every is None:
             progress_every = 0.5 if sys.stderr.isatty() else 10.0
-        options = RunOptions(
-            api_key=os.environ.get(job.settings.api_key_env) or None,
+        api_key = os.environ.get(job.settings.api_key_env) or None
+        via = job.settings.via
+        if detach and via != "batch":
+            raise click.UsageError("--detach goes with --via batch: nothing else can detach")
+        live = RunOptions(
+            api_key=api_key,
             limits_store_password=password,
             retry_failed=retry_failed,
             durable=fsync,
@@ -296,7 +352,14 @@ def run(
             on_notice=_notice,
             handle_signals=True,
         )
-        stats = asyncio.run(run_job(job, options))
+        if via == "live":
+            stats = asyncio.run(run_job(job, live))
+        else:
+            batch = _batching(api_key, retry_failed=retry_failed, detach=detach, fsync=fsync)
+            if via == "batch":
+                stats = asyncio.run(run_batches(job, batch))
+            else:
+                stats = asyncio.run(run_auto(job, live, batch))
     except BatchqError as exc:
         raise Failure(exc) from None
     except Interrupted:  # a signal while the pipeline was not handling them
@@ -309,6 +372,51 @@ def run(
     if stats.interrupted:
         sys.exit(EXIT_INTERRUPTED)
     sys.exit(EXIT_FAILED if stats.failed_before + stats.failed else EXIT_OK)
+
+
+def _batching(
+    api_key: str | None, *, retry_failed: bool, detach: bool, fsync: bool, cancel: bool = False
+) -> BatchOptions:
+    from batchq.batch.executor import BatchOptions
+
+    return BatchOptions(
+        api_key=api_key,
+        retry_failed=retry_failed,
+        durable=fsync,
+        detach=detach,
+        cancel=cancel,
+        on_notice=_notice,
+        handle_signals=True,
+    )
+
+
+@cli.command()
+@click.argument("job_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def cancel(job_dir: Path) -> None:
+    """Cancel JOB_DIR's open provider batches, and collect what they finished.
+
+    Lines a cancelled batch did not finish are pending again: `batchq run JOB_DIR`
+    sends them, live or by batch.
+    """
+    from batchq.batch.executor import run_batches
+    from batchq.job.folder import open_job
+    from batchq.show.progress import render_summary, summary
+
+    try:
+        job, _ = open_job(
+            job_dir, job_dir=None, overrides={}, defaults={}, default_base_url=None, force=False
+        )
+        api_key = os.environ.get(job.settings.api_key_env) or None
+        options = _batching(api_key, retry_failed=False, detach=False, fsync=True, cancel=True)
+        stats = asyncio.run(run_batches(job, options))
+    except BatchqError as exc:
+        raise Failure(exc) from None
+    except Interrupted:
+        sys.exit(EXIT_INTERRUPTED)
+    resume = f"batchq run {shlex.quote(str(job_dir))}"
+    figures = summary(stats, results=str(job.results), errors=str(job.errors), resume=resume)
+    click.echo(render_summary(figures), err=True)
+    sys.exit(EXIT_INTERRUPTED if stats.interrupted else EXIT_OK)
 
 
 def _resume() -> str:
@@ -336,7 +444,8 @@ def _typed(name: str) -> bool:
     return source is click.core.ParameterSource.COMMANDLINE
 
 
-def _notice(message: str) -> None:
+def _notice(message: str, level: int = logging.INFO) -> None:
+    """Every notice, whatever its level: the command line has no log to send them to."""
     click.echo(f"batchq: {message}", err=True)
 
 
@@ -345,7 +454,7 @@ def _notice(message: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
 def status(job_dir: Path, as_json: bool) -> None:
     """Show the progress of the job in JOB_DIR, running or not."""
-    from batchq.status import job_status, render_status
+    from batchq.show.status import job_status, render_status
 
     try:
         figures = job_status(job_dir)
@@ -380,7 +489,7 @@ def export(job_dir: Path, output: Path | None, fmt: str | None, fields: str | No
     """Every done request of the job in JOB_DIR once, in input order: results and
     errors merged, as JSONL (the output lines) or CSV."""
     from batchq.api import open_job
-    from batchq.results import CSV_FIELDS, DEFAULT_CSV_FIELDS, write_csv, write_jsonl
+    from batchq.job.results import CSV_FIELDS, DEFAULT_CSV_FIELDS, write_csv, write_jsonl
 
     fmt = fmt or ("csv" if output is not None and output.suffix == ".csv" else "jsonl")
     columns = tuple(f.strip() for f in fields.split(",")) if fields else DEFAULT_CSV_FIELDS
@@ -432,6 +541,15 @@ def _opened(path: Path | None, mode: str) -> Iterator[Any]:
     default=0.0,
     help="Price of a million completion tokens.",
 )
+@click.option(
+    "--via",
+    type=click.Choice(["live", "batch", "auto"]),
+    help="batch or auto: also show the batches a run would make, and their cost.",
+)
+@click.option("--base-url", help="The endpoint, for which provider's batches [default: job's].")
+@click.option("--batch-dialect", type=click.Choice(["openai", "dashscope"]))
+@click.option("--batch-max-lines", type=click.IntRange(min=1))
+@click.option("--batch-max-bytes", type=click.IntRange(min=1024))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 def validate(
     target: Path,
@@ -447,11 +565,12 @@ def validate(
 
     Exit status 0 if every line is a usable request, 1 if some are not.
     """
-    from batchq.config import build_settings, read_job_toml
-    from batchq.job import JOB_TOML
+    from batchq.config import build_settings
+    from batchq.job.folder import JOB_TOML
+    from batchq.job.settings import read_job_toml
     from batchq.reader import RequestTemplate
-    from batchq.validate import render_report
-    from batchq.validate import validate as check
+    from batchq.show.validate import render_report
+    from batchq.show.validate import validate as check
 
     try:
         stored: dict[str, Any] = {"input": str(target)}
@@ -467,13 +586,110 @@ def validate(
             price_in=price_in,
             price_out=price_out,
         )
+        figures = report.as_dict()
+        if job_settings.via != "live":
+            figures["batch"] = _batch_plan(report, job_settings)
     except BatchqError as exc:
         raise Failure(exc) from None
     if as_json:
-        click.echo(orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2).decode())
+        click.echo(orjson.dumps(figures, option=orjson.OPT_INDENT_2).decode())
     else:
         click.echo(render_report(report))
+        if "batch" in figures:
+            click.echo(_render_batch_plan(figures["batch"]))
     sys.exit(EXIT_OK if report.bad == 0 else EXIT_FAILED)
+
+
+def _batch_plan(report: Report, settings: Settings) -> dict[str, Any]:
+    """What ``--via batch`` would make of the report's requests, and their cost."""
+    from batchq.batch.plan import dialect_of, estimate
+
+    dialect = dialect_of(settings)
+    batches, problems = estimate(
+        report.groups, report.group_bytes, report.largest, settings, dialect
+    )
+    cost = report.cost
+    return {
+        "dialect": dialect.name,
+        "batches": batches,
+        "cannot_batch": problems,
+        "cost_live": None if cost is None else cost["total"],
+        "cost_batch": None if cost is None else cost["total"] / 2,  # both providers: half
+    }
+
+
+def _render_batch_plan(plan: dict[str, Any]) -> str:
+    lines = [f"  by batch ({plan['dialect']}): {plan['batches']:,} batches"]
+    if plan["cost_live"] is not None:
+        lines[0] += f", cost at most ${plan['cost_batch']:,.2f} (live: ${plan['cost_live']:,.2f})"
+    lines += [f"  cannot go by batch: {problem}" for problem in plan["cannot_batch"]]
+    return "\n".join(lines)
+
+
+_Decorator = Callable[[Callable[..., None]], Callable[..., None]]
+
+
+def _rate(name: str, text: str) -> _Decorator:
+    return click.option(name, type=click.FloatRange(0, 1), default=0.0, help=text)
+
+
+_BATCH_OPTIONS: list[_Decorator] = [
+    click.option(
+        "--batch-time-scale",
+        type=click.FloatRange(min=0, min_open=True),
+        default=60.0,
+        show_default=True,
+        help="Batches: virtual seconds per real second (86400: a 24h window in 1 s).",
+    ),
+    click.option(
+        "--batch-lines-per-second",
+        type=click.FloatRange(min=0, min_open=True),
+        default=10.0,
+        show_default=True,
+        help="Batches: lines processed per virtual second.",
+    ),
+    click.option(
+        "--batch-step-seconds",
+        type=click.FloatRange(min=0),
+        default=30.0,
+        show_default=True,
+        help="Batches: virtual seconds that validating, finalizing and cancelling each take.",
+    ),
+    click.option(
+        "--batch-max-lines",
+        type=click.IntRange(min=1),
+        default=50_000,
+        show_default=True,
+        help="Batches: a file with more lines fails validation.",
+    ),
+    click.option(
+        "--batch-max-file-bytes",
+        type=click.IntRange(min=0),
+        default=0,
+        help="Refuse larger uploads (0: 200 MB under /v1, 500 MB under /compatible-mode/v1).",
+    ),
+    click.option(
+        "--batch-enqueued-tokens",
+        type=click.IntRange(min=0),
+        default=0,
+        help="Fail batches with token_limit_exceeded past this many enqueued tokens a model.",
+    ),
+    _rate("--batch-lost-upload-rate", "Fraction of uploads stored but left unanswered."),
+    _rate("--batch-lost-create-rate", "Fraction of batches created but left unanswered."),
+    _rate("--batch-lost-cancel-rate", "Fraction of cancels done but left unanswered."),
+    _rate("--batch-late-failure-rate", "Fraction of valid batches failing at validation."),
+    _rate("--batch-expire-rate", "Fraction of batches expiring halfway through their lines."),
+    _rate("--batch-truncated-download-rate", "Fraction of downloads cut short, then closed."),
+    _rate("--batch-rate-429", "Fraction of Files and Batches requests answered 429."),
+    _rate("--batch-rate-5xx", "Fraction of Files and Batches requests answered 500."),
+]
+
+
+def _batch_options(command: Callable[..., None]) -> Callable[..., None]:
+    """The Files + Batches API's clock, limits and faults, for ``mock-server``."""
+    for option in reversed(_BATCH_OPTIONS):
+        command = option(command)
+    return command
 
 
 @cli.command("mock-server")
@@ -553,9 +769,10 @@ def validate(
     help="List every arrival, and each 200's arrival time and TPM charge, in /_mock/stats "
     "(memory grows with every request).",
 )
+@_batch_options
 def mock_server(host: str, port: int, api_key_env: str | None, **faults: Any) -> None:
     """Serve the built-in OpenAI-compatible endpoint, for dry runs and tests."""
-    from batchq.mockserver import MockOptions, serve_forever
+    from batchq.mockserver.live import MockOptions, serve_forever
 
     api_key = os.environ.get(api_key_env) if api_key_env else None
     if api_key_env and not api_key:

@@ -1,4 +1,6 @@
-"""A job's settings: what they are, their defaults, and job.toml.
+"""A job's settings: what they are, their defaults, and how they are checked.
+
+job/settings.py reads and writes them as ``job.toml``.
 
 Settings come from three places, later ones winning: the defaults below,
 the job's ``job.toml``, and the command line. ``job.toml`` is written on the
@@ -17,16 +19,12 @@ All times are float seconds.
 from __future__ import annotations
 
 import json
-import math
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
-from batchq.durable import atomic_write
 from batchq.errors import ConfigError
 
 JSONObject = dict[str, Any]
@@ -63,6 +61,13 @@ class Settings:
     max_response_bytes: int = 32 * 1024 * 1024  # of one answer, after decompression
     limits_store: str | None = None  # redis://HOST:PORT/DB shared by the processes of one account
     limits_key: str | None = None  # None: the base URL and a hash of the API key
+    via: str = "live"  # "live": real time; "batch": the provider's Batch API; "auto": both
+    deadline: str | None = None  # --via auto: "90m", "6h", "2d" from the start of a run
+    batch_dialect: str | None = None  # "openai" or "dashscope"; None: from the base URL
+    completion_window: str = "24h"
+    batch_max_lines: int = 50_000  # of one batch file
+    batch_max_bytes: int = 190_000_000  # of one batch file (OpenAI takes 200 MB)
+    batch_poll: float = 30.0  # seconds between looks at the open batches
 
     def __post_init__(self) -> None:
         for name in _TEXT:
@@ -110,6 +115,18 @@ class Settings:
             _check_range(name, getattr(self, name), 0, 1e9, open_low=name != "drain_timeout")
         _check_range("max_wait", self.max_wait, 0, 1e9)
         _check_range("max_response_bytes", self.max_response_bytes, 1, 1 << 40, integer=True)
+        _check_choice("via", self.via, VIAS)
+        if self.deadline is not None and deadline_seconds(self.deadline) is None:
+            raise ConfigError(
+                f"deadline must be a duration such as 40s, 90m, 6h or 2d, not {show(self.deadline)}"
+            )
+        if self.via == "auto" and self.deadline is None:
+            raise ConfigError("--via auto needs --deadline: when the job must be done by")
+        if self.batch_dialect is not None:
+            _check_choice("batch_dialect", self.batch_dialect, DIALECTS)
+        _check_range("batch_max_lines", self.batch_max_lines, 1, 10_000_000, integer=True)
+        _check_range("batch_max_bytes", self.batch_max_bytes, 1024, 1 << 40, integer=True)
+        _check_range("batch_poll", self.batch_poll, 0, 86_400, open_low=True)
 
     @property
     def request_key(self) -> dict[str, Any]:
@@ -119,9 +136,9 @@ class Settings:
 
 _TEXT = (
     *("input", "output", "errors", "base_url", "api_key_env", "endpoint", "model", "system"),
-    *("limits_store", "limits_key"),
+    *("limits_store", "limits_key", "via", "batch_dialect", "completion_window", "deadline"),
 )
-_OPTIONAL_TEXT = ("model", "system", "limits_store", "limits_key")
+_OPTIONAL_TEXT = ("model", "system", "limits_store", "limits_key", "batch_dialect", "deadline")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 #: What API keys start with (OpenAI, Groq, Hugging Face, xAI, ...), never an env var name.
 _KEY_LIKE = re.compile(r"(sk|gsk|hf|xai|pk|rk|key)[-_][A-Za-z0-9]{8}|AIza", re.IGNORECASE)
@@ -132,6 +149,30 @@ _RANDOM = re.compile(r"[0-9A-Fa-f]{24,}|(?=.*\d)[A-Za-z0-9]{20,}")
 
 def _key_like(name: str) -> bool:
     return bool(_KEY_LIKE.match(name) or _RANDOM.fullmatch(name))
+
+
+VIAS = ("live", "batch", "auto")
+DIALECTS = ("openai", "dashscope")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {show(value)}")
+
+
+def deadline_seconds(text: str) -> float | None:
+    """A duration such as ``40s``, ``90m``, ``6h`` or ``2d`` in seconds; None if it is not one."""
+    match = re.fullmatch(r"(\d{1,9}(?:\.\d+)?)([smhd])", text.strip())
+    if not match:
+        return None
+    seconds = float(match[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+    return seconds if seconds > 0 else None
+
+
+def window_hours(window: str) -> int | None:
+    """A completion window (``24h``, ``14d``) in hours; None if it is not one."""
+    match = re.fullmatch(r"(\d{1,6})([hd])", window)
+    return int(match[1]) * (24 if match[2] == "d" else 1) if match else None
 
 
 def show(value: Any) -> str:
@@ -238,61 +279,3 @@ def build_settings(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> Set
         return Settings(**merged)
     except TypeError as exc:  # a value of the wrong type in job.toml
         raise ConfigError(f"job.toml: {exc}") from exc
-
-
-def read_job_toml(path: Path) -> dict[str, Any]:
-    """The settings stored in a job.toml, as plain values."""
-    try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-
-
-def write_job_toml(path: Path, settings: Settings) -> None:
-    """Write ``settings`` as a commented job.toml, atomically."""
-    lines = [
-        "# batchq job settings. Edit freely; options given on the command line win.",
-        "# Paths are relative to this folder. The API key is read from the environment",
-        "# variable named by api_key_env and is never written here.",
-    ]
-    for f in fields(Settings):
-        value = getattr(settings, f.name)
-        if f.name == "limits_store" and value is not None:
-            value = strip_secrets(value)[0]  # a password typed into job.toml by hand, too
-        if f.name != "defaults" and value is not None:
-            lines.append(f"{_toml_key(f.name)} = {_toml_value(value)}")
-    lines.append("")
-    lines.append("[defaults]  # request parameters a line's own body does not set")
-    lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in settings.defaults.items())
-    # fsynced, then renamed, then the folder fsynced: a power cut must never leave an empty
-    # job.toml, which no later run could resume from.
-    atomic_write(path, ("\n".join(lines) + "\n").encode())
-
-
-def _toml_key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_string(key)
-
-
-def _toml_string(text: str) -> str:
-    # JSON's escapes are a subset of TOML's; but JSON leaves DEL (U+007F) bare, TOML does not.
-    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"cannot store {value} in job.toml: not a finite number")
-    if isinstance(value, int | float):
-        return json.dumps(value)
-    if isinstance(value, str):
-        return _toml_string(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        items = ", ".join(f"{_toml_key(str(k))} = {_toml_value(v)}" for k, v in value.items())
-        return "{ " + items + " }" if items else "{}"
-    raise ConfigError(f"cannot store {show(value)} in job.toml")

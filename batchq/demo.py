@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
-from batchq.config import build_settings, read_job_toml, write_job_toml
-from batchq.job import JOB_TOML, open_job
-from batchq.mockserver import MockOptions, MockServer
-from batchq.progress import Stats, render_summary, summary
-from batchq.runner import RunOptions, run_job
+from batchq.config import build_settings
+from batchq.errors import Notify
+from batchq.job.folder import JOB_TOML, open_job
+from batchq.job.settings import read_job_toml, write_job_toml
+from batchq.live.runner import RunOptions, run_job
+from batchq.mockserver.live import MockOptions, MockServer
+from batchq.show.progress import render_summary, summary
+from batchq.stats import Stats
 
 DEMO_FAULTS = MockOptions(latency=0.05, latency_jitter=0.15, rate_503=0.03, drop_rate=0.01, seed=7)
 
 
-def run_demo(source: Path, *, notice: Callable[[str], None]) -> int:
+def run_demo(source: Path, *, notice: Notify) -> int:
     """Copy the demo job's settings to a temporary folder and run it; return the exit status."""
     stored = read_job_toml(source / JOB_TOML)
     settings = build_settings(stored, {})
@@ -41,9 +43,7 @@ def run_demo(source: Path, *, notice: Callable[[str], None]) -> int:
     return 1 if stats.failed_before + stats.failed else 0
 
 
-async def _run(
-    job_dir: Path, stored: dict[str, object], input_path: Path, notice: Callable[[str], None]
-) -> Stats:
+async def _run(job_dir: Path, stored: dict[str, object], input_path: Path, notice: Notify) -> Stats:
     async with MockServer(DEMO_FAULTS) as server:
         notice(f"built-in endpoint on {server.url} (latency 50-200 ms, 3% 503s, 1% drops)")
         settings = build_settings(stored, {"input": str(input_path), "base_url": server.url})

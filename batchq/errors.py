@@ -30,8 +30,9 @@ pipeline down; what was written so far stays durable and the job resumes.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -208,3 +209,14 @@ def error_message(body: Any) -> str:
         return orjson.dumps(body, default=str)[:300].decode("utf-8", "replace")
     except orjson.JSONEncodeError:
         return "an error body nested too deeply to show"
+
+
+class Notify(Protocol):
+    """How the engine tells its user something that is not an error, e.g. lines it cuts.
+
+    ``level`` is a ``logging`` level: WARNING for what went wrong or changes what the
+    user gets, INFO (the default) for the course of the run. The command line prints
+    both; the Python API logs them to the ``batchq`` logger.
+    """
+
+    def __call__(self, message: str, level: int = logging.INFO) -> None: ...

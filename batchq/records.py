@@ -55,6 +55,7 @@ def result_line(
     *,
     attempts: int,
     hedged: bool = False,
+    batch: str | None = None,
 ) -> bytes:
     """The results.jsonl line of a request the endpoint answered with 2xx.
 
@@ -68,6 +69,8 @@ def result_line(
     extra: dict[str, Any] = {"line": request.line_no, "attempts": attempts}
     if hedged:  # a second copy was sent; the first answer is this one
         extra["hedged"] = True
+    if batch is not None:  # answered in this provider batch, not live
+        extra["batch"] = batch
     if isinstance(body, dict | list):
         if b"\n" in raw_body or b"\r" in raw_body:
             raw_body = raw_body.translate(_LINE_BREAKS_TO_SPACES)
@@ -107,6 +110,7 @@ def error_line(
     body: Any = None,
     attempts: int = 0,
     retryable: bool = False,
+    batch: str | None = None,
 ) -> bytes:
     """The errors.jsonl line of a request that failed for good, or of a bad input line.
 
@@ -117,12 +121,15 @@ def error_line(
     response = None
     if status is not None:
         response = {"status_code": status, "request_id": request_id, "body": body}
+    extra: dict[str, Any] = {"line": line_no, "attempts": attempts, "retryable": retryable}
+    if batch is not None:
+        extra["batch"] = batch
     line = {
         "id": f"batch_req_{line_no}",
         "custom_id": custom_id,
         "response": response,
         "error": {"code": code, "message": message},
-        "batchq": {"line": line_no, "attempts": attempts, "retryable": retryable},
+        "batchq": extra,
     }
     try:
         return orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
@@ -138,7 +145,22 @@ def error_line(
             body=body,
             attempts=attempts,
             retryable=retryable,
+            batch=batch,
         )
+
+
+def usage_tokens(body: dict[str, Any]) -> tuple[int, int]:
+    """Prompt and completion tokens from an answer's ``usage``, in either API's names."""
+    usage = body.get("usage")
+    if not isinstance(usage, dict):
+        return 0, 0
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    completion = usage.get("completion_tokens", usage.get("output_tokens"))
+    return _count(prompt), _count(completion)
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 #: What an API key is replaced with wherever it would be written.

@@ -14,8 +14,8 @@
    imported first, so their import is not counted).
 2. **``batchq export`` of a finished M-line job** (1,000,000 lines, 1% of them failed),
    synthesised without sending M requests but by batchq's own code, so its files are what a
-   run leaves: ``batchq.job.open_job``, ``pin_input`` and ``save_settings`` make job.toml and
-   state.json for the M-line input, as ``batchq run`` does; ``batchq.journal.Journal``
+   run leaves: ``batchq.job.folder.open_job``, ``pin_input`` and ``save_settings`` make job.toml and
+   state.json for the M-line input, as ``batchq run`` does; ``batchq.job.journal.Journal``
    appends ``Outcome``s whose lines ``batchq.records.result_line`` / ``error_line`` render,
    committing every 1,000 lines, each batch shuffled (outputs are in completion order, not
    input order). The answers are real ones: the mock's bodies for the input's first 1,000
@@ -55,8 +55,8 @@ import orjson
 from harness import BenchError, Spread, table
 
 from batchq.errors import ServerError
-from batchq.job import job_lock, open_job, pin_input, save_settings
-from batchq.journal import Journal
+from batchq.job.folder import job_lock, open_job, pin_input, save_settings
+from batchq.job.journal import Journal
 from batchq.records import Outcome, Request, error_line, result_line
 
 HERE = Path(__file__).resolve().parent
@@ -101,7 +101,7 @@ assert all(r.ok and r.text for r in results), "a request failed"
 # The same call under tracemalloc; prints the figures as one JSON line.
 API_MEMORY = """\
 import gc, json, sys, time, tracemalloc, batchq
-import batchq.runner, batchq.transport  # the engine loads on the first run: not the list
+import batchq.live.runner, batchq.live.transport  # the engine loads on the first run: not the list
 path, job, url, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 tracemalloc.start()
 gc.collect()

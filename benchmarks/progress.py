@@ -91,7 +91,8 @@ def main() -> int:
 
 def redraws(samples: int = 20) -> list[list[str]]:
     """What one ``show()`` of each display costs, each one a real redraw."""
-    from batchq.progress import PlainProgress, Progress, Stats, TerminalProgress
+    from batchq.show.progress import PlainProgress, Progress, TerminalProgress
+    from batchq.stats import Stats
 
     kinds: list[tuple[str, Callable[[Stats], Progress], float]] = [
         ("plain line (in a log: every 10 s)", lambda s: PlainProgress(s, io.StringIO()), 0.1),

@@ -544,7 +544,7 @@ def profile(bench: Bench, url: str, lines: int, top: int = 30) -> str:
 
 
 def _short(file: str, line: int, name: str) -> str:
-    """``batchq/runner.py:123 _call``, ``aiohttp/client.py:456 _request``, or a builtin."""
+    """``batchq/live/runner.py:123 _call``, ``aiohttp/client.py:456 _request``, or a builtin."""
     if file == "~":
         return name
     for marker in ("site-packages/", "/lib/python3.11/", "/main/"):

@@ -68,7 +68,7 @@ RECOVERED = 0.95  # of the full pace
 LATENCY = ["--latency-p50", "0.5", "--latency-p99", "2"]
 # batchq with the store's blocks shrunk to one unit: one script call per acquisition
 PER_ACQUISITION = (
-    "import sys, batchq.limits_store as s; s.BLOCK_SECONDS = 0.0; "
+    "import sys, batchq.live.limits_store as s; s.BLOCK_SECONDS = 0.0; "
     "from batchq.cli import main; sys.argv[0] = 'batchq'; main()"
 )
 

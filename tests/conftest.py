@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import pytest
 from hostile import Handler, HostileServer
 
-from batchq.mockserver import MockOptions, MockServer
+from batchq.mockserver.live import MockOptions, MockServer
 
 T = TypeVar("T")
 

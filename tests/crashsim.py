@@ -1,7 +1,7 @@
 """The states a crash can leave a job folder in, rebuilt from batchq's recorded file operations.
 
 After ALICE ("All File Systems Are Not Created Equal", OSDI 2014): every
-change batchq makes to a job's files goes through ``batchq.durable``, whose
+change batchq makes to a job's files goes through ``batchq.job.durable``, whose
 ``record`` hook reports it (changes after they happen, fsyncs before they
 begin). ``Disk`` replays those operations on a model of one folder and,
 after each of them, lists the contents a power cut at that moment may leave:

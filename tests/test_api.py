@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -13,11 +15,12 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import MockFactory
-from support import batchq, chat, clean_env, read_jsonl, wait_for, write_jsonl
+from conftest import MockFactory, RedisServer
+from support import assert_exactly_once, batchq, chat, clean_env, read_jsonl, wait_for, write_jsonl
 
 import batchq as bq
-from batchq.transport import Response
+from batchq.job import durable
+from batchq.live.transport import Response
 
 KEY = "sk-test-0123456789abcdefghij"
 
@@ -236,3 +239,144 @@ async def test_shards_started_at_once_each_return_their_part_and_the_job_holds_a
         bq.run(requests, job=job, shard=[0, 3], **options(server.url))
     with pytest.raises(bq.ConfigError, match="shard= needs job="):
         bq.run(requests, shard="0/3", **options(server.url))
+
+
+# --- Notices: the engine's, logged to the "batchq" logger ----------------------------------
+
+
+def test_notices_are_logged_to_the_batchq_logger_at_their_level(
+    mock_server: MockFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = mock_server()
+    job = tmp_path / "job"
+    requests = ["a", "[[mock:fail=1]] flaky", "c"]
+    caplog.set_level(logging.INFO, logger="batchq")
+
+    def notices() -> list[tuple[int, str]]:
+        got = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "batchq"]
+        caplog.clear()
+        return got
+
+    first = bq.run(requests, job=job, max_attempts=1, **options(server.url))
+    assert [r.ok for r in first] == [True, False, True]
+    assert notices() == [(logging.INFO, f"new job in {job}")]
+    with (job / "results.jsonl").open("ab") as f:  # written after the last commit, as by a crash
+        f.write(b'{"custom_id": "torn"}\n')
+    bq.run(requests, job=job, max_attempts=1, **options(server.url))
+    cut = notices()
+    assert [level for level, _ in cut] == [logging.WARNING, logging.INFO], cut
+    assert "(1 lines, sent again now)" in cut[0][1] and cut[1][1] == "resuming: 3 of 3 done"
+    again = bq.run(requests, job=job, retry_failed=True, **options(server.url))
+    assert [r.ok for r in again] == [True, True, True]
+    assert (logging.INFO, "--retry-failed: 1 retryable failures back to pending") in notices()
+
+
+WARN_SCRIPT = """
+import sys, batchq
+job, url, store = sys.argv[1:]
+results = batchq.run([f"q{i}" for i in range(400)], job=job, base_url=url, model="m",
+                     rpm=6000, concurrency=3000, limits_store=store, progress=False)
+print(len(results))
+"""
+
+
+def test_warnings_reach_stderr_with_no_logging_set_up_and_the_course_of_the_run_does_not(
+    mock_server: MockFactory, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Python's last-resort handler shows WARNING and above: a script or a notebook that
+    set up no logging still hears of a lost store, the open-file cap and lines cut."""
+    server = mock_server(rpm=6000)
+    job = tmp_path / "job"
+
+    def few_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    def script() -> subprocess.Popen[str]:
+        args = [sys.executable, "-c", WARN_SCRIPT, str(job), server.url, redis_server.url]
+        return subprocess.Popen(
+            args, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            preexec_fn=few_files,
+        )  # fmt: skip
+
+    first = script()
+    wait_for(lambda: server.stats()["requests"] >= 100)
+    redis_server.kill()
+    out, err = first.communicate(timeout=60)
+    assert first.returncode == 0 and out.split() == ["400"], err
+    assert err.count("lost the limits store") == 1, err
+    assert "ulimit -n" in err and "at most 192" in err
+    assert "new job in" not in err  # INFO: only for who asks for it
+    with (job / "results.jsonl").open("ab") as f:
+        f.write(b'{"custom_id": "torn"}\n')
+    redis_server.start()  # the job.toml names the store
+    second = script()
+    out, err = second.communicate(timeout=60)
+    assert second.returncode == 0 and out.split() == ["400"], err
+    assert "(1 lines, sent again now)" in err and "resuming" not in err
+    assert "Traceback" not in err
+    assert_exactly_once(job, [f"line-{i}" for i in range(1, 401)])
+
+
+# --- Options and the job folder ------------------------------------------------------------
+
+
+def test_none_means_not_given_for_every_option(mock_server: MockFactory, tmp_path: Path) -> None:
+    server = mock_server()
+    job = tmp_path / "job"
+    nones = dict.fromkeys(("max_tokens", "temperature", "rpm", "system", "params", "concurrency"))
+    results = bq.run(["a"], job=job, **nones, **options(server.url))
+    assert results[0].ok
+    toml = (job / "job.toml").read_text()
+    assert "max_tokens" not in toml and "temperature" not in toml
+    body = orjson.loads((job / "input.jsonl").read_bytes())
+    assert body == {"prompt": "a"}
+
+
+def test_a_rerun_without_endpoint_uses_the_jobs_own(
+    mock_server: MockFactory, tmp_path: Path
+) -> None:
+    server = mock_server()
+    job = tmp_path / "job"
+    texts = ["one", "two"]
+    first = bq.run(texts, job=job, endpoint="/v1/embeddings", **options(server.url))
+    assert all(r.ok and r.embedding for r in first)
+    again = bq.run(texts, job=job, **options(server.url))  # the same cell, endpoint= left out
+    assert [r.embedding for r in again] == [r.embedding for r in first]
+    assert server.stats()["requests"] == 2
+
+
+def test_fewer_requests_than_the_job_holds_are_refused(
+    mock_server: MockFactory, tmp_path: Path
+) -> None:
+    """Running them would run, and return, every stored request: not what was asked."""
+    server = mock_server()
+    job = tmp_path / "job"
+    bq.run(["a", "b", "c"], job=job, **options(server.url))
+    before = (job / "input.jsonl").read_bytes()
+    with pytest.raises(bq.InputError, match="not the ones job"):
+        bq.run(["a", "b"], job=job, **options(server.url))
+    assert (job / "input.jsonl").read_bytes() == before
+    assert [r.text for r in bq.run(["a", "b", "c", "d"], job=job, **options(server.url))] == [
+        "Echo: a", "Echo: b", "Echo: c", "Echo: d",
+    ]  # fmt: skip
+
+
+def test_a_request_that_is_not_json_is_one_input_error(tmp_path: Path) -> None:
+    with pytest.raises(bq.InputError, match="request 2 cannot be written as JSON"):
+        bq.run(["a", {"prompt": object()}], job=tmp_path / "job", model="m", progress=False)
+
+
+def test_the_job_folder_and_its_input_are_made_durably(
+    mock_server: MockFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new folder's name is fsynced in its parent, as for every folder batchq makes."""
+    server = mock_server()
+    ops: list[tuple[str, Path]] = []
+    monkeypatch.setattr(durable, "record", lambda op, path, arg: ops.append((op, path)))
+    job = tmp_path / "jobs" / "new"
+    bq.run(["a"], job=job, **options(server.url))
+    assert ops.index(("mkdir", job.parent)) < ops.index(("fsync_dir", tmp_path))
+    assert ops.index(("mkdir", job)) < ops.index(("fsync_dir", job.parent))
+    renamed = [path for op, path in ops if op == "rename"]
+    assert any(p.name.startswith(".input.jsonl.") for p in renamed), renamed
+    assert ops.index(("fsync_dir", job)) > 0

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from batchq.concurrency import (
+from batchq.live.concurrency import (
     FD_RESERVE,
     GROWTH,
     HEADROOM,
@@ -395,7 +395,7 @@ def test_under_a_pace_an_endpoint_that_keeps_up_is_never_capped() -> None:
 def test_the_pool_never_outgrows_the_open_file_limit() -> None:
     code = (
         "import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200));"
-        "from batchq.concurrency import Pool; p = Pool('auto', 1024);"
+        "from batchq.live.concurrency import Pool; p = Pool('auto', 1024);"
         "print(p.ceiling, resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -405,7 +405,7 @@ def test_the_pool_never_outgrows_the_open_file_limit() -> None:
 def test_the_soft_open_file_limit_is_raised_toward_the_hard_one() -> None:
     code = (
         "import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (200, 4096));"
-        "from batchq.concurrency import Pool; p = Pool(1000, 1024);"
+        "from batchq.live.concurrency import Pool; p = Pool(1000, 1024);"
         "print(p.ceiling, resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -12,15 +12,9 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from batchq.config import (
-    ENDPOINTS,
-    OPENAI_BASE_URL,
-    Settings,
-    build_settings,
-    read_job_toml,
-    write_job_toml,
-)
+from batchq.config import ENDPOINTS, OPENAI_BASE_URL, Settings, build_settings
 from batchq.errors import ConfigError
+from batchq.job.settings import read_job_toml, write_job_toml
 
 # --- Settings validation -------------------------------------------------------------
 

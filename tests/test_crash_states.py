@@ -1,6 +1,6 @@
 """Crash states, enumerated: power cuts at every point of a run, and recovery from each.
 
-A run of a small job is recorded through ``batchq.durable.record``;
+A run of a small job is recorded through ``batchq.job.durable.record``;
 ``crashsim`` builds every state of the job folder that a power cut at any
 point could leave (unsynced data lost or torn, unsynced renames undone).
 From each, the same command must finish the job with every input line
@@ -21,7 +21,8 @@ from crashsim import Disk, State, enumerate_states, materialize
 from support import assert_exactly_once
 from test_faults import CUSTOM_IDS, Faults, make_input, run
 
-from batchq import durable, runner
+from batchq.job import durable
+from batchq.live import runner
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,7 @@
 
 Each test runs ``batchq`` as a user does, in a subprocess against the built-in
 endpoint. Signals and a disk filling up at the edges of a run come from the run itself,
-through ``batchq.durable.inject``, at the moment the test names: no timing
+through ``batchq.job.durable.inject``, at the moment the test names: no timing
 involved.
 """
 
@@ -27,8 +27,8 @@ from support import (
 )
 
 from batchq.errors import StorageError
-from batchq.job import job_lock, running_pid
-from batchq.journal import Journal, read_journal
+from batchq.job.folder import job_lock, running_pid
+from batchq.job.journal import Journal, read_journal
 from batchq.records import Outcome
 
 pytestmark = pytest.mark.slow
@@ -166,7 +166,7 @@ def test_an_input_that_is_not_a_regular_file_is_refused(
 #: space).
 HOOKED = """
 import errno, os, signal, sys
-from batchq import durable
+from batchq.job import durable
 from batchq.cli import main
 
 action, op, name, nth = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])

@@ -1,9 +1,9 @@
 """Faults at every call, after SQLite's I/O-error tests.
 
 Every change batchq makes to a job's durable files goes through
-``batchq.durable``. These tests count the calls of a clean run, then run the
+``batchq.job.durable``. These tests count the calls of a clean run, then run the
 same job again failing the 1st call, then the 2nd, ..., in process
-(``batchq.durable.inject``) against the built-in endpoint on a real socket,
+(``batchq.job.durable.inject``) against the built-in endpoint on a real socket,
 once with one of ENOSPC, EIO, EROFS and EMFILE, once as a disk that fills up
 there (ENOSPC for every later call that may need space). Each faulted run
 must stop with one line naming the path and the cause, and exit 3 (or
@@ -17,6 +17,7 @@ import errno
 import os
 import shutil
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,8 +25,10 @@ from click.testing import CliRunner, Result
 from conftest import MockFactory, RunningMock
 from support import assert_exactly_once, chat, write_jsonl
 
-from batchq import durable, runner
+import batchq as bq
 from batchq.cli import cli
+from batchq.job import durable
+from batchq.live import runner
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +92,25 @@ def run(*args: str | Path) -> Result:
     return CliRunner().invoke(cli, ["run", *map(str, args)], catch_exceptions=True)
 
 
-def assert_stopped_cleanly(result: Result, faults: Faults) -> None:
+@dataclass
+class Ran:
+    """What a run of the Python API ended with, as the command line would show it."""
+
+    exit_code: int
+    output: str = ""
+    exception: BaseException | None = None
+
+
+def api_run(job: Path, **options: object) -> Ran:
+    """``batchq.run`` of LINES (less the bad line, which a list cannot hold) into ``job``."""
+    try:
+        results = bq.run(LINES, job=job, progress=False, max_attempts=1, **options)
+    except bq.StorageError as exc:  # anything else is raised, and fails the test
+        return Ran(exc.exit_code, f"batchq: error: {exc}\n")
+    return Ran(0 if all(r.ok for r in results) else 1)
+
+
+def assert_stopped_cleanly(result: Result | Ran, faults: Faults) -> None:
     """Exit 3 and one line naming the path and the cause; or a finished run, if it could."""
     assert faults.failed is not None
     op, path = faults.failed
@@ -116,12 +137,26 @@ def sweep(
     input_path = make_input(tmp_path)
     common = [input_path, "--base-url", server.url, "--model", "m", "-q", *args]
     common += ["--max-attempts", "1", "--concurrency", "4"]
+    calls = sweep_runs(
+        tmp_path, injecting, prepare, lambda job: run(*common, "--job", job), CUSTOM_IDS
+    )
+    return len(calls)
+
+
+def sweep_runs(
+    tmp_path: Path,
+    injecting: Callable[[Faults | None], None],
+    prepare: Callable[[Path], None],
+    run_job: Callable[[Path], Result | Ran],
+    custom_ids: list[str],
+) -> list[tuple[str, Path]]:
+    """``sweep`` for any way of running the job, ``run_job(folder)``; the clean run's calls."""
     clean = Faults()
     job = tmp_path / "clean"
     prepare(job)
     injecting(clean)
-    assert run(*common, "--job", job).exit_code == 1
-    assert_exactly_once(job, CUSTOM_IDS)
+    assert run_job(job).exit_code == 1
+    assert_exactly_once(job, custom_ids)
     calls = len(clean.calls)
     assert calls > 20
     stopped = 0
@@ -132,17 +167,17 @@ def sweep(
             prepare(job)
             faults = Faults(n, code, full=full)
             injecting(faults)
-            result = run(*common, "--job", job)
+            result = run_job(job)
             if faults.failed is None:
                 continue  # this run made fewer calls
             assert_stopped_cleanly(result, faults)
             stopped += result.exit_code == 3
             injecting(None)
-            again = run(*common, "--job", job)
+            again = run_job(job)
             assert again.exit_code == 1, again.output
-            assert_exactly_once(job, CUSTOM_IDS)
+            assert_exactly_once(job, custom_ids)
     assert stopped > calls  # most calls matter: their failure stops the run
-    return calls
+    return clean.calls
 
 
 def test_a_fault_at_any_call_of_a_new_job_stops_cleanly_and_resumes_exactly_once(
@@ -180,3 +215,21 @@ def test_a_fault_at_any_call_of_a_resume_stops_cleanly_and_resumes_exactly_once(
 
     calls = sweep(server, tmp_path, injecting, copy_earlier, *args)
     print(f"{calls} calls of a resume of {before}, each failed in turn")
+
+
+def test_a_fault_at_any_call_of_the_python_api_stops_cleanly_and_resumes_exactly_once(
+    mock_server: MockFactory, tmp_path: Path, injecting: Callable[[Faults | None], None]
+) -> None:
+    """The API's own writes too: the job folder and the requests it writes as input.jsonl."""
+    server = mock_server()
+
+    def api(job: Path) -> Ran:
+        return api_run(job, base_url=server.url, model="m", concurrency=4)
+
+    calls = sweep_runs(tmp_path, injecting, lambda job: None, api, CUSTOM_IDS[:-1])
+    job = tmp_path / "clean"
+    assert ("mkdir", job) in calls and ("fsync_dir", job.parent) in calls
+    assert [op for op, path in calls if path.name.startswith(".input.jsonl.")][:4] == [
+        "open", "write", "fsync", "rename",
+    ]  # fmt: skip
+    print(f"{len(calls)} calls of a new job run from Python, each failed in turn")

@@ -8,7 +8,7 @@ import io
 from hypothesis import given
 from hypothesis import strategies as st
 
-from batchq.job import _Fingerprint
+from batchq.job.folder import _Fingerprint
 
 lines = st.lists(
     st.sampled_from([b"", b" ", b"\t\r", b"{}", b'{"a": 1}', b"  x  ", b"\x0b", b"\xc3\xa9"]),

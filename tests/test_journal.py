@@ -1,4 +1,4 @@
-"""`batchq.journal`: the done-set, commit and reopen, torn and uncommitted tails, a journal
+"""`batchq.job.journal`: the done-set, commit and reopen, torn and uncommitted tails, a journal
 cut at every byte, corruption, and `--retry-failed` with the crash states it can leave.
 
 Crashes are real where it matters: a forked child appends and dies with ``os._exit``,
@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batchq.errors import JournalError
-from batchq.journal import JOURNAL_NAME, DoneSet, Journal, Totals, read_journal, retry_failed
+from batchq.job.journal import JOURNAL_NAME, DoneSet, Journal, Totals, read_journal, retry_failed
 from batchq.records import Outcome, Request, error_line, result_line
 
 CHAT = "/v1/chat/completions"

@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 
-from batchq.concurrency import Pool
-from batchq.limiter import BURST_SECONDS, MARGIN, Pace, Pacer
+from batchq.live.concurrency import Pool
+from batchq.live.limiter import BURST_SECONDS, MARGIN, Pace, Pacer
 
 
 class Clock:

@@ -27,8 +27,8 @@ from support import (
 import batchq as batchq_api
 from batchq.config import LIMITS_STORE_PASSWORD_ENV, Settings, store_password
 from batchq.errors import ConfigError
-from batchq.limiter import Pacer
-from batchq.limits_store import (
+from batchq.live.limiter import Pacer
+from batchq.live.limits_store import (
     BLOCK_SECONDS,
     GRACE_SECONDS,
     HORIZON_SECONDS,
@@ -176,7 +176,11 @@ async def test_a_restarted_store_is_not_lost_again_by_the_connections_it_had(
     # Issue 19, item 4: the pool kept connections to the Redis that was killed; after the
     # store came back, the next commands that took one of them declared it lost again.
     notices: list[str] = []
-    async with SharedLimits(redis_server.url, "k", on_notice=notices.append) as shared:
+
+    def notice(message: str, level: int = 0) -> None:
+        notices.append(message)
+
+    async with SharedLimits(redis_server.url, "k", on_notice=notice) as shared:
         await asyncio.gather(*(shared.grant("requests", 1, 1000.0) for _ in range(5)))
         redis_server.kill()
         assert await shared.grant("requests", 1, 1000.0) is None and shared.lost

@@ -17,9 +17,9 @@ from click.testing import CliRunner
 from multidict import CIMultiDictProxy
 from support import wait_for
 
-from batchq import mockserver
 from batchq.cli import cli
-from batchq.mockserver import (
+from batchq.mockserver import live as mockserver
+from batchq.mockserver.live import (
     _STATE,
     MockOptions,
     MockServer,

@@ -124,7 +124,7 @@ _HEADER = struct.Struct("<QQqqqqI")
 
 
 def journal_records(path: Path) -> list[tuple[int, int]]:
-    """(start, end) byte spans of the records in journal.bin (format: batchq/journal.py)."""
+    """(start, end) byte spans of the records in journal.bin (format: batchq/job/journal.py)."""
     data, spans, pos = path.read_bytes(), [], 0
     while pos < len(data):
         n = _HEADER.unpack_from(data, pos)[-1]

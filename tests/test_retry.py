@@ -1,4 +1,4 @@
-"""`batchq.retry`: OpenAI's duration formats, which header says how long to wait, the
+"""`batchq.live.retry`: OpenAI's duration formats, which header says how long to wait, the
 backoff's bounds, and what `decide` does for every class of failure."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from batchq.errors import (
     ServerError,
     TransportError,
 )
-from batchq.retry import (
+from batchq.live.retry import (
     Fatal,
     GiveUp,
     Retry,

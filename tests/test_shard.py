@@ -29,8 +29,8 @@ from support import batchq, batchq_cmd, chat, clean_env, wait_for, write_jsonl
 
 import batchq as api
 from batchq.errors import ConfigError
-from batchq.job import open_job, prepare, read_state, with_shard
-from batchq.shard import Shard, boundaries, file_line_start, parse_shard
+from batchq.job.folder import open_job, prepare, read_state, with_shard
+from batchq.job.shard import Shard, boundaries, file_line_start, parse_shard
 
 # --- the cut -----------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,17 +30,17 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from batchq.concurrency import Pool
 from batchq.config import show
 from batchq.errors import (
     BatchqError,
     FatalEndpointError,
     InvalidResponse,
+    Notify,
     RequestError,
     TransportError,
 )
-from batchq.hedge import Answer, Hedger, answer
-from batchq.job import (
+from batchq.job.batches import held_lines
+from batchq.job.folder import (
     Job,
     add_elapsed,
     job_lock,
@@ -48,17 +49,20 @@ from batchq.job import (
     write_progress,
     write_state,
 )
-from batchq.journal import Journal, retry_failed
-from batchq.limiter import Kind, Pacer
-from batchq.progress import Stats, make_progress
+from batchq.job.journal import Journal, retry_failed
+from batchq.job.shard import Span
+from batchq.live.concurrency import Pool
+from batchq.live.hedge import Answer, Hedger, answer
+from batchq.live.limiter import Kind, Pacer
+from batchq.live.retry import Fatal, GiveUp, RetryPolicy, decide, status_error
+from batchq.live.transport import AiohttpTransport, Response, Transport
 from batchq.reader import RequestTemplate, feed
 from batchq.records import Outcome, Request, error_line, key_scrubber, result_line
-from batchq.retry import Fatal, GiveUp, RetryPolicy, decide, status_error
-from batchq.shard import Span
-from batchq.transport import AiohttpTransport, Response, Transport
+from batchq.show.progress import make_progress
+from batchq.stats import Stats
 
 if TYPE_CHECKING:  # pragma: no cover
-    from batchq.limits_store import SharedLimits
+    from batchq.live.limits_store import SharedLimits
 
 COMMIT_INTERVAL = 0.2
 SNAPSHOT_INTERVAL = 2.0  # progress.json, for `batchq status` of a running job
@@ -73,7 +77,7 @@ class RunOptions:
     retry_failed: bool = False
     durable: bool = True  # fsync the checkpoint; off only to measure what fsync costs
     progress_every: float | None = None  # seconds between progress lines; None = quiet
-    on_notice: Callable[[str], None] = field(default=lambda message: None)
+    on_notice: Notify = field(default=lambda message, level=logging.INFO: None)
     handle_signals: bool = False  # SIGINT/SIGTERM drain the pool: for the command line
     transport: Transport | None = None  # None: aiohttp, to the job's base URL
     on_outcomes: Callable[[list[bytes]], Awaitable[None]] | None = None  # lines written
@@ -93,8 +97,8 @@ async def run_job(job: Job, options: RunOptions) -> Stats:
         # Hashing the input and the fsyncs of opening and closing run off the event
         # loop's thread, so that a loop the engine shares is never stalled by them.
         span, journal = await asyncio.to_thread(_open, job, options, prepared)
-        for note in journal.notes:
-            options.on_notice(note)
+        for note in journal.notes:  # lines cut away, sent again
+            options.on_notice(note, logging.WARNING)
         stats = Stats(
             ok_before=journal.totals.ok,
             failed_before=journal.totals.failed,
@@ -187,7 +191,8 @@ class Pipeline:
         if self.pool.ceiling < self.pool.wanted:
             options.on_notice(
                 f"{self.pool.wanted:,} requests in flight would need more open files than this "
-                f"process may have (ulimit -n): at most {self.pool.ceiling:,}"
+                f"process may have (ulimit -n): at most {self.pool.ceiling:,}",
+                logging.WARNING,
             )
         self.workers = self.pool.ceiling  # the gate, not the number of workers, sets the pace
         # Bounded by what keeps the workers and the writer busy, not by the ceiling: under
@@ -274,7 +279,7 @@ class Pipeline:
             await self._pipeline(transport)
 
     def _store(self, url: str) -> SharedLimits:
-        from batchq.limits_store import SharedLimits, default_key
+        from batchq.live.limits_store import SharedLimits, default_key
 
         s = self.job.settings
         key = s.limits_key or default_key(s.base_url, self.options.api_key)
@@ -301,10 +306,17 @@ class Pipeline:
         async def reject(outcome: Outcome) -> None:
             await self.outcomes.put(outcome)
 
+        done = self.journal.done
+        held, count = held_lines(self.job.run_dir)
+        if count:
+            self.options.on_notice(
+                f"{count:,} lines are in open provider batches and are left to them: "
+                "`batchq run --via batch` collects them, `batchq cancel JOB` stops them"
+            )
         await feed(
             self.job.input,
             self.span.end,
-            self.journal.done.__contains__,
+            (lambda n: n in done or n in held) if count else done.__contains__,
             self.template,
             self.requests.put,
             reject,

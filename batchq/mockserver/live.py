@@ -57,10 +57,13 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
+
+if TYPE_CHECKING:  # mockserver.batches builds on this module, so it is imported where it is used
+    from batchq.mockserver.batches import BatchAPI
 
 __all__ = ["MockOptions", "MockServer", "build_app", "format_duration", "serve_forever"]
 
@@ -88,16 +91,38 @@ class MockOptions:
     rate_limit_headers: bool = True  # send x-ratelimit-* (vLLM-like servers do not)
     seed: int | None = None  # for the random faults, jitter and lognormal draws
     record: bool = False  # keep per-prompt arrivals and 200s in stats(); memory grows
+    # The Files + Batches API (batchq.mockserver.batches); its times are virtual seconds.
+    batch_time_scale: float = 60.0  # virtual seconds per real second
+    batch_lines_per_second: float = 10.0  # a batch's pace, in lines per virtual second
+    batch_step_seconds: float = 30.0  # validating, finalizing and cancelling each take this
+    batch_max_lines: int = 50_000  # more lines fail the batch's validation
+    batch_max_file_bytes: int = 0  # uploads refused past this (0: 200 MB OpenAI, 500 MB DashScope)
+    batch_enqueued_tokens: int = 0  # per model, over unfinished batches (0 = no limit)
+    batch_lost_upload_rate: float = 0.0  # file stored, then the connection closed unanswered
+    batch_lost_create_rate: float = 0.0  # batch created, then the connection closed
+    batch_lost_cancel_rate: float = 0.0  # cancel done, then the connection closed
+    batch_late_failure_rate: float = 0.0  # valid batches that fail when validation ends
+    batch_expire_rate: float = 0.0  # batches whose window closes halfway through their lines
+    batch_truncated_download_rate: float = 0.0  # contents cut short of their Content-Length
+    batch_rate_429: float = 0.0  # Files and Batches requests answered 429
+    batch_rate_5xx: float = 0.0  # ... and 500
 
     def __post_init__(self) -> None:
-        for name in ("rate_500", "rate_503", "drop_rate"):
+        rates = ("rate_500", "rate_503", "drop_rate", "batch_rate_429", "batch_rate_5xx")
+        faults = ("lost_upload", "lost_create", "lost_cancel", "late_failure", "expire")
+        faults_rates = (f"batch_{fault}_rate" for fault in (*faults, "truncated_download"))
+        for name in (*rates, *faults_rates):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)!r}")
+        for name in ("batch_time_scale", "batch_lines_per_second"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")
         # One random draw picks among the three faults, so together they must fit in 1.
         if self.rate_500 + self.rate_503 + self.drop_rate > 1.0 + 1e-9:
             raise ValueError("rate_500 + rate_503 + drop_rate must not exceed 1")
         numbers = ("latency", "latency_jitter", "latency_p50", "latency_p99", "slow_body")
-        for name in (*numbers, "slot_load_factor", "slots", "rpm", "tpm"):
+        batch_numbers = ("batch_step_seconds", "batch_max_file_bytes", "batch_enqueued_tokens")
+        for name in (*numbers, *batch_numbers, "slot_load_factor", "slots", "rpm", "tpm"):
             if not 0 <= getattr(self, name) < math.inf:
                 raise ValueError(
                     f"{name} must be a non-negative number, got {getattr(self, name)!r}"
@@ -626,6 +651,7 @@ class _Mock:
         self._slots = asyncio.Semaphore(options.slots) if options.slots else None
         self._serving = 0  # slots busy now
         self._slowdown = options.slot_load_factor / options.slots if options.slots else 0.0
+        self.batches: BatchAPI | None = None  # the Files + Batches routes, once added
 
     def reset(self) -> None:
         in_flight = self.stats.in_flight
@@ -638,9 +664,14 @@ class _Mock:
         self._scripted.clear()
         if self._limiter is not None:
             self._limiter = _RateLimiter(self.options.rpm, self.options.tpm)
+        if self.batches is not None:
+            self.batches.reset()
 
     def snapshot(self) -> JSONObject:
-        return self.stats.snapshot(self.options.slots)
+        out = self.stats.snapshot(self.options.slots)
+        if self.batches is not None:
+            out["batches"] = self.batches.snapshot()
+        return out
 
     def _request_id(self) -> str:
         return f"{next(self._ids):024x}"
@@ -670,6 +701,8 @@ class _Mock:
         status, body, sleep = self._decide(request, endpoint, call, rid, headers)
         if status == 200 and isinstance(call, _Call):
             self.stats.accept(at, call.budget)
+            if self.batches is not None:  # a line billed live and by a batch is billed twice
+                self.batches.live_answered(request.path, call.body)
         if self._limiter is not None and self.options.rate_limit_headers:
             headers.update(self._limiter.headers(time.monotonic()))  # OpenAI: on every answer
         delay = self._delay(sleep)
@@ -849,12 +882,17 @@ def _route(mock: _Mock, endpoint: _Endpoint) -> _Handler:
 
 def build_app(options: MockOptions) -> web.Application:
     """Build the endpoint as an aiohttp application (`MockServer` runs one)."""
+    from batchq.mockserver.batches import BatchAPI  # it imports this module's replies
+
     mock = _Mock(options)
     app = web.Application(client_max_size=64 * 1024 * 1024)  # prompts can be long
     app[_STATE] = mock
-    for path, endpoint in _ENDPOINTS.items():
-        app.router.add_post(path, _route(mock, endpoint))
-    app.router.add_get("/v1/models", mock.models)
+    for prefix in ("", "/compatible-mode"):  # OpenAI's paths, and DashScope's
+        for path, endpoint in _ENDPOINTS.items():
+            app.router.add_post(prefix + path, _route(mock, endpoint))
+        app.router.add_get(prefix + "/v1/models", mock.models)
+    mock.batches = BatchAPI(mock)
+    mock.batches.add_routes(app.router)
     app.router.add_get("/_mock/stats", mock.stats_view)
     app.router.add_post("/_mock/reset", mock.reset_view)
     app.router.add_post("/_mock/limits", mock.limits_view)

@@ -21,8 +21,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from batchq.errors import RequestError
+from batchq.live.transport import Response, Transport
 from batchq.records import Request
-from batchq.transport import Response, Transport
 
 SHARE = 0.02  # of the job's requests: the most that may be hedged
 MIN_SAMPLES = 20

@@ -50,20 +50,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import math
 import os
 import re
 import uuid
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from batchq.config import LIMITS_STORE_PASSWORD_ENV, strip_secrets
-from batchq.errors import LimitsStoreError
+from batchq.errors import LimitsStoreError, Notify
 
 if TYPE_CHECKING:  # pragma: no cover
-    from batchq.limiter import Kind
+    from batchq.live.limiter import Kind
 
 BLOCK_SECONDS = 0.05  # of a process's pace, booked per round trip to the store
 HORIZON_SECONDS = 0.1  # nothing is booked to start later than this after the store's now
@@ -254,7 +254,7 @@ class SharedLimits:
         url: str,
         key: str,
         *,
-        on_notice: Callable[[str], None] = lambda message: None,
+        on_notice: Notify = lambda message, level=logging.INFO: None,
         block_seconds: float | None = None,
         password: str | None = None,
     ) -> None:
@@ -414,7 +414,8 @@ class SharedLimits:
         self._on_notice(
             f"lost the limits store {redact(self.url)} ({_reason(exc)}): going on alone at "
             f"1/{self.processes} of the limits, the share of the {self.processes} "
-            f"process(es) last seen, and trying it again every {RECONNECT_SECONDS:g} s"
+            f"process(es) last seen, and trying it again every {RECONNECT_SECONDS:g} s",
+            logging.WARNING,
         )
 
     async def _reconnect(self) -> None:

@@ -8,15 +8,18 @@ sharded job's figures are its shards' summed, and each shard is listed.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
-from batchq.config import build_settings, read_job_toml
+from batchq.config import build_settings, window_hours
 from batchq.errors import ConfigError
-from batchq.job import JOB_TOML, _resolve, read_progress, read_state, running_pid
-from batchq.journal import JOURNAL_NAME, read_journal
-from batchq.progress import duration
-from batchq.shard import shard_folders
+from batchq.job.batches import read_ledger
+from batchq.job.folder import JOB_TOML, _resolve, read_progress, read_state, running_pid
+from batchq.job.journal import JOURNAL_NAME, read_journal
+from batchq.job.settings import read_job_toml
+from batchq.job.shard import shard_folders
+from batchq.stats import duration
 
 #: Figures of a running process, from its progress.json; summed over running shards.
 _LIVE_SUMS = ("in_flight", "allowance", "peak_in_flight", "hedges", "retries", "rate_limited")
@@ -37,6 +40,7 @@ def job_status(job_dir: Path) -> dict[str, Any]:
     count = state.get("shards")
     if count is None:
         part = _part(job_dir, job.results, job.errors, total, started=bool(state))
+        part["batches"] = _batches(job_dir, job.settings.completion_window)
         return {"job": str(job_dir), "input": str(job.input), **part}
     parts = []
     for index, folder in enumerate(shard_folders(job_dir, count)):
@@ -122,6 +126,29 @@ def _part(
     }
 
 
+def _batches(run_dir: Path, window: str) -> list[dict[str, Any]]:
+    """The provider batches of a folder, as the ledger last saw them."""
+    now = time.time()
+    hours = window_hours(window) or 24
+    rows = []
+    for chunk in read_ledger(run_dir):
+        created = chunk.created_at
+        rows.append(
+            {
+                "chunk": chunk.name,
+                "batch_id": chunk.batch_id,
+                "state": chunk.status or ("collected" if chunk.collected else "submitting"),
+                "open": not chunk.collected,
+                "lines": chunk.count,
+                "counts": chunk.counts,
+                "attempt": chunk.attempt,
+                "age_s": None if created is None else round(now - created, 1),
+                "deadline": None if created is None else round(created + hours * 3600),
+            }
+        )
+    return rows
+
+
 def render_status(f: dict[str, Any]) -> str:
     """The figures for a human."""
     state = f["state"] + (f" (pid {f['pid']})" if f["pid"] else "")
@@ -142,6 +169,24 @@ def render_status(f: dict[str, Any]) -> str:
         )
     elif f["elapsed_s"] is not None:
         lines.append(f"  time spent running: {duration(f['elapsed_s'])}")
+    open_batches = [b for b in f.get("batches", ()) if b["open"]]
+    if f.get("batches"):
+        held = sum(b["lines"] for b in open_batches)
+        lines.append(
+            f"  provider batches: {len(f['batches'])}, {len(open_batches)} open "
+            f"holding {held:,} lines"
+        )
+    for b in open_batches:
+        age = "" if b["age_s"] is None else f", {duration(b['age_s'])} old"
+        counts = b["counts"]
+        done = (
+            f", {counts.get('completed', 0):,}/{counts.get('total', b['lines']):,} done"
+            if counts
+            else ""
+        )
+        lines.append(
+            f"    {b['batch_id'] or b['chunk']}: {b['state']}, {b['lines']:,} lines{done}{age}"
+        )
     for part in f.get("shards", ()):
         shard_total = "?" if part["total"] is None else f"{part['total']:,}"
         pid = f" (pid {part['pid']})" if part["pid"] else ""

@@ -1,10 +1,7 @@
-"""What a run counts, the live progress display, and the summary.
+"""The live progress display and the end-of-run summary.
 
-The pipeline bumps plain integer counters in one ``Stats`` object; nothing
-per request is kept but one increment of a latency histogram, so memory
-stays flat however long the job. Everything shown is rendered from those
-counters by the runner's timer, a few times a second at most, never on the
-request path.
+Everything shown is rendered from a run's ``Stats`` counters (stats.py) by
+the runner's timer, a few times a second at most, never on the request path.
 
 On a terminal the display is a tqdm bar (tqdm: one small dependency, no
 others of its own, ~40 ms to import and only imported when stderr is a
@@ -13,84 +10,13 @@ terminal). Elsewhere, a plain line every few seconds, for logs.
 
 from __future__ import annotations
 
-import bisect
-import math
 import os
 import sys
 import time
-from collections import Counter, deque
-from dataclasses import dataclass, field
+from collections import deque
 from typing import Any, Protocol, TextIO
 
-# Latency buckets ~5% wide from 0.1 ms to ~14 hours: constant memory, ~5% error.
-_BOUNDS = [1e-4 * math.exp(i / 20) for i in range(380)]
-
-
-@dataclass(slots=True)
-class LatencyHistogram:
-    """Latency percentiles in constant memory (log-spaced buckets, ~5% error)."""
-
-    counts: list[int] = field(default_factory=lambda: [0] * (len(_BOUNDS) + 1))
-    total: int = 0
-
-    def add(self, seconds: float) -> None:
-        self.counts[bisect.bisect_right(_BOUNDS, seconds)] += 1
-        self.total += 1
-
-    def percentile(self, p: float) -> float | None:
-        if not self.total:
-            return None
-        rank = p / 100 * self.total
-        seen = 0
-        for bucket, count in enumerate(self.counts):
-            seen += count
-            if count and seen >= rank:
-                low = _BOUNDS[bucket - 1] if bucket else 0.0
-                high = _BOUNDS[bucket] if bucket < len(_BOUNDS) else low
-                return math.sqrt(low * high) if low else high  # the bucket's middle
-        return None
-
-
-@dataclass(slots=True)
-class Stats:
-    """Counters of one run (``*_before`` are what earlier runs of the job had done)."""
-
-    started: float = field(default_factory=time.monotonic)
-    ok_before: int = 0
-    failed_before: int = 0
-    total: int | None = None  # requests in the input
-    ok: int = 0
-    failed: int = 0
-    retries: int = 0
-    retry_causes: Counter[str] = field(default_factory=Counter)  # "429", "503", "timeout", ...
-    rate_limited: int = 0
-    in_flight: int = 0
-    peak_in_flight: int = 0
-    allowance: int = 0  # requests the pool may have in flight now
-    binding: str | None = None  # what holds sending back: "pace", "endpoint capacity", ...
-    hedges: int = 0  # second copies sent (--hedge)
-    hedge_tokens: int = 0  # their estimated tokens
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
-    pace: str | None = None  # the current pace, while rate limits slow it down
-    interrupted: bool = False
-
-    @property
-    def done(self) -> int:
-        return self.ok_before + self.failed_before + self.ok + self.failed
-
-    @property
-    def elapsed(self) -> float:
-        return time.monotonic() - self.started
-
-    @property
-    def pending(self) -> int | None:
-        return None if self.total is None else max(0, self.total - self.done)
-
-    def retried(self, cause: str) -> None:
-        self.retries += 1
-        self.retry_causes[cause] += 1
+from batchq.stats import Stats, duration
 
 
 class RateWindow:
@@ -200,15 +126,6 @@ def make_progress(stats: Stats, stream: TextIO = sys.stderr) -> Progress:
     return TerminalProgress(stats, stream) if stream.isatty() else PlainProgress(stats, stream)
 
 
-def duration(seconds: float) -> str:
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
 def summary(stats: Stats, *, results: str, errors: str, resume: str) -> dict[str, Any]:
     """The end-of-run figures as one JSON-ready dict (``--json-summary``)."""
     s = stats
@@ -233,6 +150,9 @@ def summary(stats: Stats, *, results: str, errors: str, resume: str) -> dict[str
             "rate_limited": s.rate_limited,
             "concurrency": {"peak_in_flight": s.peak_in_flight, "allowance": s.allowance},
             "hedges": {"sent": s.hedges, "estimated_tokens": s.hedge_tokens},
+            "batches": None
+            if s.batches_open is None
+            else {"created": s.batches_created, "open": s.batches_open, "lines": s.by_batch},
         },
         "results": results,
         "errors": errors,
@@ -265,7 +185,20 @@ def render_summary(figures: dict[str, Any]) -> str:
             f"  latency: p50 {latency['p50']:.3f}s · p95 {latency['p95']:.3f}s"
             f" · p99 {latency['p99']:.3f}s"
         )
-    lines.append(f"  concurrency: at most {run['concurrency']['peak_in_flight']:,} in flight")
+    if run["batches"] is not None:
+        batches = run["batches"]
+        lines.append(
+            f"  provider batches: {batches['created']:,} created this run, "
+            f"{batches['open']:,} still open (billed as they finish)"
+            + (
+                f"; {batches['lines']:,} lines by batch, "
+                f"{run['succeeded'] + run['failed'] - batches['lines']:,} live"
+                if batches["lines"] is not None
+                else ""
+            )
+        )
+    else:
+        lines.append(f"  concurrency: at most {run['concurrency']['peak_in_flight']:,} in flight")
     if run["hedges"]["sent"]:
         hedges = run["hedges"]
         lines[-1] += f"; {hedges['sent']:,} hedges (~{hedges['estimated_tokens']:,} tokens extra)"

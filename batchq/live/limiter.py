@@ -47,10 +47,10 @@ import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from batchq.retry import parse_duration
+from batchq.live.retry import parse_duration
 
 if TYPE_CHECKING:  # pragma: no cover
-    from batchq.limits_store import SharedLimits
+    from batchq.live.limits_store import SharedLimits
 
 Kind = Literal["requests", "tokens"]
 KINDS: tuple[Kind, Kind] = ("requests", "tokens")
@@ -241,7 +241,7 @@ class Pacer:
 
     def _book_from_store(self, limit: Limit) -> None:
         if self.shared is not None:
-            from batchq.limits_store import Ledger
+            from batchq.live.limits_store import Ledger
 
             limit.pace = Ledger(limit.pace.rate)
 
@@ -261,7 +261,7 @@ class Pacer:
         if single:
             self._refilled = done
         try:
-            from batchq.limits_store import HORIZON_SECONDS, Ledger
+            from batchq.live.limits_store import HORIZON_SECONDS, Ledger
 
             shared = self.shared
             for kind, limit in self.limits.items():

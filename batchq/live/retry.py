@@ -44,7 +44,7 @@ from batchq.errors import (
     ServerError,
     UnusableAnswer,
 )
-from batchq.progress import duration
+from batchq.stats import duration
 
 #: 4xx statuses that are worth sending again (the OpenAI SDKs retry these too).
 RETRYABLE_4XX = frozenset({408, 409})

@@ -48,8 +48,8 @@ from typing import Any
 
 import orjson
 
-from batchq import durable as durable_io
 from batchq.errors import JournalError, StorageError
+from batchq.job import durable as durable_io
 from batchq.records import Outcome
 
 JOURNAL_NAME = "journal.bin"

@@ -35,13 +35,12 @@ from typing import Any, BinaryIO
 
 import orjson
 
-from batchq import durable
-from batchq.config import REQUEST_SETTINGS, Settings, build_settings, read_job_toml, write_job_toml
+from batchq.config import REQUEST_SETTINGS, Settings, build_settings
 from batchq.errors import ConfigError, InputError, JobLocked, StorageError
-from batchq.journal import JOURNAL_NAME
-from batchq.progress import Stats
-from batchq.reader import check_jsonl, without_bom
-from batchq.shard import (
+from batchq.job import durable
+from batchq.job.journal import JOURNAL_NAME
+from batchq.job.settings import read_job_toml, write_job_toml
+from batchq.job.shard import (
     Shard,
     Span,
     boundaries,
@@ -49,6 +48,8 @@ from batchq.shard import (
     file_line_start,
     refuse_other_count,
 )
+from batchq.reader import check_jsonl, without_bom
+from batchq.stats import Stats
 
 JOB_TOML = "job.toml"
 STATE_JSON = "state.json"

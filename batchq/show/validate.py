@@ -53,6 +53,10 @@ class Report:
     uncapped: int = 0  # requests with no completion cap, counted at 0 above
     price_in: float = 0.0  # per million tokens
     price_out: float = 0.0
+    # lines and bytes a request line takes in a batch file, by (endpoint, model): --via batch
+    groups: Counter[tuple[str, str]] = field(default_factory=Counter)
+    group_bytes: Counter[tuple[str, str]] = field(default_factory=Counter)
+    largest: int = 0  # bytes of the largest request body
 
     @property
     def cost(self) -> dict[str, float] | None:
@@ -118,8 +122,12 @@ def validate(
 def _count(report: Report, request: Request) -> None:
     body = orjson.loads(request.body)
     report.good += 1
+    model = str(body.get("model", "(none)"))
     report.endpoints[request.url] += 1
-    report.models[str(body.get("model", "(none)"))] += 1
+    report.models[model] += 1
+    report.groups[request.url, model] += 1
+    report.group_bytes[request.url, model] += len(request.body)
+    report.largest = max(report.largest, len(request.body))
     report.prompt_tokens += prompt_tokens(body)
     cap = completion_cap(body, request.url)
     if cap is None:

@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import orjson
 
-from batchq.journal import JOURNAL_NAME, read_journal
+from batchq.job.journal import JOURNAL_NAME, read_journal
 
 JSONObject = dict[str, Any]
 

@@ -1,0 +1,168 @@
+"""A finished batch's output and error files, turned into the job's output lines.
+
+A download is checked whole before any line of it is written: every line
+parses, every ``custom_id`` is one this batch was sent, none comes twice.
+A file that fails the check is fetched again; half of one is never
+committed. Neither provider writes its lines in input order.
+
+Each line the batch answered becomes a result line, or an error line where
+the request failed for good (a 4xx). A line that failed for a reason that
+may pass (5xx, 429, the batch expired or was cancelled before it) or that
+is in neither file goes back to pending, to be sent again, until
+``max_attempts`` batches have tried it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Container, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from batchq.errors import StorageError
+from batchq.job.batches import Chunk, in_ranges
+from batchq.records import Outcome, Request, error_line, result_line, usage_tokens
+
+#: Error codes of lines a batch did not get to: they are sent again.
+UNFINISHED = frozenset({"batch_expired", "batch_cancelled", "request_timeout"})
+
+
+class Damaged(Exception):
+    """A downloaded file that is not what the batch wrote: fetched again."""
+
+
+@dataclass(slots=True)
+class Collected:
+    """What one batch's files came to, beyond the outcomes handed on."""
+
+    retry: list[int] = field(default_factory=list)
+    failed_for_good: int = 0
+    unknown: int = 0  # lines with a custom_id this batch was not sent
+    twice: int = 0  # a custom_id seen again
+
+
+def read_ids(path: Path) -> dict[str, tuple[int, str]]:
+    """batchq's upload ids of a chunk, mapped to (input line, the user's custom_id)."""
+    ids = {}
+    try:
+        with path.open("rb") as f:
+            for raw in f:
+                line_no, custom_id = orjson.loads(raw)
+                ids[f"batchq-{line_no}"] = (int(line_no), str(custom_id))
+    except OSError as exc:
+        raise StorageError.from_os("read", path, exc) from None
+    return ids
+
+
+def check(path: Path, ids: Container[str]) -> None:
+    """Raise ``Damaged`` unless every line of ``path`` is an output line of this batch."""
+    for line_no, obj in _lines(path):
+        if not isinstance(obj, dict) or not isinstance(obj.get("custom_id"), str):
+            raise Damaged(f"line {line_no} of the download is not a batch output line")
+
+
+def collect(
+    files: list[Path],
+    chunk: Chunk,
+    ids: dict[str, tuple[int, str]],
+    done: Container[int],
+    *,
+    max_attempts: int,
+    emit: Callable[[Outcome], None],
+) -> Collected:
+    """Hand every answered line of ``chunk`` to ``emit``; say what is left to do."""
+    result = Collected()
+    seen: set[int] = set()
+    last_try = chunk.attempt >= max_attempts
+    for path in files:
+        for _, obj in _lines(path):
+            found = ids.get(obj["custom_id"])
+            if found is None:
+                result.unknown += 1
+                continue
+            line_no, custom_id = found
+            if line_no in seen:
+                result.twice += 1
+                continue
+            seen.add(line_no)
+            if line_no in done:  # committed before a crash, the batch not yet marked collected
+                continue
+            outcome, retryable = _outcome(obj, line_no, custom_id, chunk)
+            if retryable and not last_try:
+                result.retry.append(line_no)
+            else:
+                result.failed_for_good += not outcome.ok
+                emit(outcome)
+    for line_no in in_ranges(chunk.lines):
+        if line_no in seen or line_no in done:
+            continue
+        if last_try:
+            message = f"not answered by batch {chunk.batch_id} ({chunk.status}), the last try"
+            line = error_line(
+                line_no, None, "batch_unanswered", message, attempts=chunk.attempt,
+                retryable=True, batch=chunk.batch_id,
+            )  # fmt: skip
+            emit(Outcome(line_no, False, line))
+        else:
+            result.retry.append(line_no)
+    result.retry.sort()
+    return result
+
+
+def _outcome(
+    obj: dict[str, Any], line_no: int, custom_id: str, chunk: Chunk
+) -> tuple[Outcome, bool]:
+    """The outcome of one line of a batch's files, and whether it may pass if sent again."""
+    response = obj.get("response") if isinstance(obj.get("response"), dict) else None
+    error = obj.get("error") if isinstance(obj.get("error"), dict) else None
+    status = response.get("status_code") if response is not None else None
+    body = response.get("body") if response is not None else None
+    request_id = response.get("request_id") if response is not None else None
+    if error is None and isinstance(status, int) and 200 <= status < 300 and isinstance(body, dict):
+        request = Request(line_no, custom_id, chunk.url, b"", 0)
+        raw = orjson.dumps(body)
+        line = result_line(
+            request, status, _text(request_id), raw, body, attempts=chunk.attempt,
+            batch=chunk.batch_id,
+        )  # fmt: skip
+        return Outcome(line_no, True, line, *usage_tokens(body)), False
+    code, message = _error(error, body, status)
+    retryable = code in UNFINISHED or status is None or status == 429 or status >= 500
+    if isinstance(status, int) and 200 <= status < 300:  # a 2xx without a JSON object
+        code, message, retryable = "invalid_response", f"HTTP {status} is not a JSON object", True
+    line = error_line(
+        line_no, custom_id, code, message, status=status if isinstance(status, int) else None,
+        request_id=_text(request_id), body=body, attempts=chunk.attempt, retryable=retryable,
+        batch=chunk.batch_id,
+    )  # fmt: skip
+    return Outcome(line_no, False, line), retryable
+
+
+def _error(error: dict[str, Any] | None, body: Any, status: Any) -> tuple[str, str]:
+    """The code and message of a failed line, from its ``error`` or its answer's body."""
+    inner = body.get("error") if isinstance(body, dict) else None
+    for source in (error, inner):
+        if isinstance(source, dict) and (source.get("code") or source.get("message")):
+            code = source.get("code") or source.get("type") or f"http_{status}"
+            return str(code), str(source.get("message") or code)
+    return f"http_{status}", f"HTTP {status} in the batch"
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _lines(path: Path) -> Iterator[tuple[int, Any]]:
+    try:
+        with path.open("rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    yield line_no, orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    raise Damaged(f"line {line_no} of {path.name} is not JSON") from None
+    except OSError as exc:
+        raise StorageError.from_os("read", path, exc) from None

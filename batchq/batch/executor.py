@@ -1,0 +1,492 @@
+"""The batch executor: a job's pending lines through the provider's Batch API, exactly once.
+
+One round, repeated until no line is pending and no batch is open::
+
+    plan ──▶ upload ──▶ create ──▶ poll … ──▶ download ──▶ commit ──▶ collected
+    (job/batches.py records each step, fsynced, before the next is taken)
+
+A run first takes every open chunk of the ledger as far as it got (a file
+planned but not uploaded is uploaded; a create that may have happened is
+looked for before it is made again), then plans the lines that are neither
+done nor held by an open batch. Lines a batch leaves undone (5xx, expired,
+cancelled) are planned again in a later round, up to ``max_attempts``.
+
+Stopping (Ctrl-C, or ``detach``) stops *waiting*: the batches go on at the
+provider and are billed, and the next run collects them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from batchq.batch.collect import Damaged, check, collect, read_ids
+from batchq.batch.plan import Dialect, check_window, dialect_of, plan
+from batchq.batch.provider import Provider, ProviderError, Uncertain
+from batchq.errors import ConfigError, Notify
+from batchq.job import durable
+from batchq.job.batches import Chunk, Ledger, in_ranges, to_ranges
+from batchq.job.folder import Job, add_elapsed, job_lock, prepare
+from batchq.job.journal import Journal, retry_failed
+from batchq.job.shard import Span
+from batchq.records import Outcome, key_scrubber
+from batchq.stats import Stats
+
+#: The provider's states after which a batch changes no more.
+FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+CREATE_TRIES = 5
+DOWNLOAD_TRIES = 3
+#: How far back (seconds) to look for a batch whose create answer was lost.
+FIND_SLACK = 3600.0
+
+#: Test hook, None in normal runs: called with the name of each step as it is reached
+#: (the crash tests SIGKILL the process there).
+at_step: Callable[[str], None] | None = None
+
+
+def _reached(step: str) -> None:
+    if at_step is not None:
+        at_step(step)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchOptions:
+    """How to run a job through the Batch API, beyond its settings."""
+
+    api_key: str | None = None
+    retry_failed: bool = False
+    durable: bool = True
+    detach: bool = False  # return once every batch is created
+    cancel: bool = False  # cancel the open batches, collect what they finished
+    # --via auto: lines no batch takes, and lines a batch left undone, stay pending for the
+    # live engine; a batch that cannot finish by ``deadline`` (time.time()) is cancelled.
+    live_after: bool = False
+    deadline: float | None = None
+    live_rate: float | None = None  # lines a second the live engine is paced to, if known
+    on_notice: Notify = field(default=lambda message, level=logging.INFO: None)
+    handle_signals: bool = False  # SIGINT/SIGTERM stop waiting: for the command line
+    on_outcomes: Callable[[list[bytes]], Awaitable[None]] | None = None  # lines committed
+
+
+async def run_batches(job: Job, options: BatchOptions) -> Stats:
+    """Run ``job`` through the provider's batches until every line is done, or detached.
+
+    Raises ConfigError (exit 2) for lines no batch can take, before anything
+    is uploaded; FatalEndpointError (exit 3) when the provider refuses.
+    """
+    dialect = dialect_of(job.settings)
+    check_window(job.settings.completion_window, dialect)
+    with job_lock(job.run_dir):
+        span, journal = await asyncio.to_thread(_open, job, options)
+        ledger = Ledger(job.run_dir)
+        stats = Stats(
+            ok_before=journal.totals.ok, failed_before=journal.totals.failed, total=span.requests
+        )
+        try:
+            s = job.settings
+            provider = Provider(
+                s.base_url,
+                options.api_key,
+                timeout=s.timeout,
+                connect_timeout=s.connect_timeout,
+                backoff=min(1.0, s.batch_poll),
+            )
+            async with provider:
+                run = BatchRun(job, span, journal, ledger, provider, stats, options, dialect)
+                with run.signals():
+                    await run.run()
+        finally:
+            ledger.close()
+            await asyncio.to_thread(_close, job, journal, stats)
+    return stats
+
+
+def _open(job: Job, options: BatchOptions) -> tuple[Span, Journal]:
+    span = prepare(job)[1]
+    if options.retry_failed:
+        moved = retry_failed(job.run_dir, job.results, job.errors)
+        options.on_notice(f"--retry-failed: {moved:,} retryable failures back to pending")
+    journal = Journal(job.run_dir, job.results, job.errors, durable=options.durable)
+    for note in journal.notes:
+        options.on_notice(note, logging.WARNING)
+    return span, journal
+
+
+def _close(job: Job, journal: Journal, stats: Stats) -> None:
+    try:
+        journal.close()
+    finally:
+        add_elapsed(job.run_dir, stats.elapsed)
+
+
+class BatchRun:
+    """One run of the batch executor over one job folder."""
+
+    def __init__(
+        self,
+        job: Job,
+        span: Span,
+        journal: Journal,
+        ledger: Ledger,
+        provider: Provider,
+        stats: Stats,
+        options: BatchOptions,
+        dialect: Dialect,
+    ) -> None:
+        self.job, self.span, self.journal, self.ledger = job, span, journal, ledger
+        self.provider, self.stats, self.options, self.dialect = provider, stats, options, dialect
+        self.notice = options.on_notice
+        self.scrubber = key_scrubber(options.api_key)
+        self.stopping = asyncio.Event()
+        self._shown = ""
+        self._replan = not options.cancel  # the input is scanned again only when lines came back
+        self._cancelled: set[int] = set()  # chunks this run asked the provider to cancel
+        self._reserve = 0.0 if options.deadline is None else 0.1 * (options.deadline - time.time())
+
+    async def run(self) -> None:
+        if self.options.cancel:
+            await self.cancel_open()
+        while not self.stopping.is_set():
+            for chunk in self.ledger.open_chunks():
+                await self.submit(chunk)
+            if self._replan:
+                self._replan = False
+                await self.plan_and_submit()
+            if self.options.detach or not self.ledger.open_chunks():
+                break
+            await self.wait_and_collect()
+        self.stats.batches_open = len(self.ledger.open_chunks())
+        if self.stopping.is_set() or self.options.detach:
+            self.stats.interrupted = self.stopping.is_set()
+            self._say_left_running()
+
+    async def plan_and_submit(self) -> None:
+        """Plan the lines neither done nor held by an open batch, then submit them."""
+        done, held, tried = self.journal.done, self.ledger.held(), self.ledger.attempts()
+        if self.options.live_after:  # what a batch left undone goes live, not in another batch
+
+            def skip(n: int) -> bool:
+                return n in done or n in held or n in tried
+        else:
+
+            def skip(n: int) -> bool:
+                return n in done or n in held
+
+        planned = await plan(
+            self.job.settings,
+            self.job.input,
+            self.span,
+            skip,
+            tried,
+            self.ledger.folder,
+            self.ledger.next_number(),
+            self.dialect,
+        )
+        if planned.refused_count and self.options.live_after:
+            self.notice(
+                f"{planned.refused_count:,} lines cannot go by batch and go live: "
+                + "; ".join(planned.refused)
+            )
+        elif planned.refused_count:
+            for chunk in planned.chunks:
+                _remove_files(self.ledger.folder, chunk)
+            raise ConfigError(
+                f"{planned.refused_count:,} lines cannot go through {self.dialect.name}'s Batch "
+                f"API, so nothing was uploaded: {'; '.join(planned.refused)}"
+            )
+        await self._commit(planned.rejected)
+        for chunk in planned.chunks:
+            self.ledger.plan(chunk)
+        _reached("planned")
+        if planned.chunks:
+            lines = sum(c.count for c in planned.chunks)
+            self.notice(f"planned {len(planned.chunks)} batches of {lines:,} lines in all")
+        for chunk in planned.chunks:
+            if self.stopping.is_set():
+                return
+            await self.submit(chunk)
+
+    async def submit(self, chunk: Chunk) -> None:
+        """Take ``chunk`` from wherever it got to up to a created batch."""
+        if chunk.batch_id is not None:
+            return
+        if chunk.file_id is None:
+            path = self.ledger.folder / f"{chunk.name}.jsonl"
+            uploaded = await self.provider.upload(path, f"{self.job.dir.name}-{chunk.name}.jsonl")
+            _reached("uploaded")
+            self.ledger.step(chunk, "upload", file_id=str(uploaded["id"]))
+        if chunk.creating and await self.find(chunk):
+            return
+        if not chunk.creating:
+            self.ledger.step(chunk, "create")  # from here on, the batch may exist
+            _reached("creating")
+        for attempt in range(1, CREATE_TRIES + 1):
+            try:
+                batch = await self.provider.create(
+                    str(chunk.file_id), chunk.url, self.job.settings.completion_window,
+                    self._metadata(chunk),
+                )  # fmt: skip
+            except Uncertain as exc:
+                # Never create blindly again: the lost answer may have made the batch.
+                self.notice(f"{chunk.name}: no answer to its create ({exc}); looking for it")
+                await asyncio.sleep(min(30.0, self.job.settings.batch_poll * 2**attempt))
+                if await self.find(chunk):
+                    return
+                continue
+            _reached("created")
+            self.ledger.step(chunk, "created", batch_id=str(batch["id"]))
+            self.stats.batches_created += 1
+            return
+        raise ProviderError(
+            f"cannot create a batch for {chunk.name}: no answer {CREATE_TRIES} times"
+        )
+
+    async def find(self, chunk: Chunk) -> bool:
+        """Look for the batch of a create whose answer was lost; record it if found."""
+        wanted = self._metadata(chunk)
+        async for batch in self.provider.batches():
+            metadata = batch.get("metadata")
+            if isinstance(metadata, dict) and all(metadata.get(k) == v for k, v in wanted.items()):
+                self.ledger.step(chunk, "created", batch_id=str(batch["id"]))
+                return True
+            created = batch.get("created_at")
+            if isinstance(created, int | float) and created < chunk.planned_at - FIND_SLACK:
+                break  # newest first: nothing older can be ours
+        return False
+
+    def _metadata(self, chunk: Chunk) -> dict[str, str]:
+        return {
+            "batchq_job": self.ledger.job_id,
+            "batchq_chunk": str(chunk.number),
+            "batchq_lines": f"{chunk.lines[0][0]}-{chunk.lines[-1][1]}" if chunk.lines else "",
+        }
+
+    async def wait_and_collect(self) -> None:
+        """Poll the open batches until one or more has finished; collect those."""
+        interval = self.job.settings.batch_poll
+        while not self.stopping.is_set():
+            finished = []
+            for chunk in self.ledger.open_chunks():
+                batch = await self.provider.retrieve(str(chunk.batch_id))
+                self._seen(chunk, batch)
+                if batch.get("status") in FINAL:
+                    finished.append((chunk, batch))
+                elif self._too_late(chunk, batch):
+                    await self._cancel(chunk, "it cannot finish before the deadline")
+            self._show()
+            for chunk, batch in finished:
+                await self.collect(chunk, batch)
+            if finished:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), interval)
+
+    def _too_late(self, chunk: Chunk, batch: dict[str, Any]) -> bool:
+        """Whether ``chunk``'s batch, at the pace it shows, ends past the deadline less the
+        time its lines would take live (at least a tenth of the time the run was given)."""
+        if self.options.deadline is None or chunk.number in self._cancelled:
+            return False
+        now = time.time()
+        total, completed = chunk.counts.get("total", chunk.count), chunk.counts.get("completed", 0)
+        left = max(0, total - completed)
+        live = left / self.options.live_rate if self.options.live_rate else 0.0
+        cutoff = self.options.deadline - max(self._reserve, live)
+        if now >= cutoff:
+            return True
+        started = chunk.created_at or now
+        if completed <= 0 or now <= started:
+            return False  # no pace to project yet
+        return now + left * (now - started) / completed > cutoff
+
+    async def _cancel(self, chunk: Chunk, why: str) -> None:
+        """Ask the provider to stop ``chunk``'s batch; what it finished is still collected."""
+        self._cancelled.add(chunk.number)
+        self.notice(f"cancelling batch {chunk.batch_id} ({chunk.count:,} lines): {why}")
+        try:
+            batch = await self.provider.cancel(str(chunk.batch_id))
+        except ProviderError as exc:
+            if exc.status != 409:  # 409: it finished before it could be cancelled
+                raise
+            batch = await self.provider.retrieve(str(chunk.batch_id))
+        self._seen(chunk, batch)
+
+    def _seen(self, chunk: Chunk, batch: dict[str, Any]) -> None:
+        status = str(batch.get("status"))
+        counts = batch.get("request_counts")
+        counts = (
+            {k: v for k, v in counts.items() if isinstance(v, int)}
+            if isinstance(counts, dict)
+            else {}
+        )
+        if status != chunk.status:
+            self.ledger.step(chunk, "status", status=status, counts=counts)
+        chunk.counts = counts
+
+    async def collect(self, chunk: Chunk, batch: dict[str, Any]) -> None:
+        """Commit a finished batch's lines; mark it collected once they are durable."""
+        status = str(batch.get("status"))
+        ids = read_ids(self.ledger.folder / f"{chunk.name}.ids")
+        files = []
+        for key in ("output_file_id", "error_file_id"):
+            file_id = batch.get(key)
+            if isinstance(file_id, str) and file_id:  # null, or "" from DashScope: none
+                files.append(await self._download(chunk, file_id, key.split("_")[0], ids))
+        outcomes: list[Outcome] = []
+        collected = collect(
+            files, chunk, ids, self.journal.done,
+            max_attempts=self.job.settings.max_attempts, emit=outcomes.append,
+        )  # fmt: skip
+        if status == "failed":
+            self._say_failed(chunk, batch)
+        _reached("downloaded")
+        await self._commit(outcomes)
+        _reached("committed")
+        # Only now, with its lines durable, is the batch collected: a crash before this
+        # line collects it again, and finds those lines done.
+        self.ledger.step(chunk, "collected", status=status, retry=to_ranges(collected.retry))
+        if collected.retry and not (self.options.cancel or self.options.live_after):
+            self._replan = True  # lines to send again in a batch of their own
+        for path in files:
+            durable.unlink(path)
+        _remove_files(self.ledger.folder, chunk)
+        if collected.unknown or collected.twice:
+            self.notice(
+                f"{chunk.name}: the batch's files held {collected.unknown} lines it was not sent "
+                f"and {collected.twice} twice; they were left out",
+                logging.WARNING,
+            )
+
+    async def _download(
+        self, chunk: Chunk, file_id: str, kind: str, ids: dict[str, tuple[int, str]]
+    ) -> Any:
+        target = self.ledger.folder / f"{chunk.name}.{kind}.jsonl"
+        info = await self.provider.file(file_id)
+        size = info.get("bytes") if isinstance(info.get("bytes"), int) else None
+        for attempt in range(1, DOWNLOAD_TRIES + 1):
+            await self.provider.download(file_id, target, size)
+            try:
+                check(target, ids)
+                return target
+            except Damaged as exc:
+                if attempt == DOWNLOAD_TRIES:
+                    raise ProviderError(
+                        f"the {kind} file {file_id} of batch {chunk.batch_id} is damaged "
+                        f"({exc}), {DOWNLOAD_TRIES} downloads in a row"
+                    ) from None
+        raise AssertionError("unreachable")
+
+    async def cancel_open(self) -> None:
+        """Cancel every open batch; chunks never created are released without a call."""
+        for chunk in self.ledger.open_chunks():
+            if chunk.batch_id is None and chunk.creating:
+                await self.find(chunk)
+            if chunk.batch_id is None:
+                self.ledger.step(chunk, "collected", status="not created", retry=chunk.lines)
+                _remove_files(self.ledger.folder, chunk)
+                continue
+            await self._cancel(chunk, "as asked")
+        if self.ledger.open_chunks():
+            self.notice("collecting what the cancelled batches finished")
+
+    async def _commit(self, outcomes: list[Outcome]) -> None:
+        """Append ``outcomes`` and make them durable; then hand them to ``on_outcomes``."""
+        self._append(outcomes)
+        await self.journal.commit_in_thread()
+        if outcomes and self.options.on_outcomes is not None:
+            await self.options.on_outcomes([o.line for o in outcomes])
+
+    def _append(self, outcomes: list[Outcome]) -> None:
+        if not outcomes:
+            return
+        if self.scrubber is not None:
+            for o in outcomes:
+                o.line = self.scrubber.scrub(o.line)
+        self.journal.append(outcomes)
+        for o in outcomes:
+            if o.ok:
+                self.stats.ok += 1
+            else:
+                self.stats.failed += 1
+            self.stats.prompt_tokens += o.prompt_tokens
+            self.stats.completion_tokens += o.completion_tokens
+
+    def _show(self) -> None:
+        """One line when the batches' states change: by state, and the lines in them."""
+        states: dict[str, int] = {}
+        held = 0
+        for chunk in self.ledger.open_chunks():
+            states[chunk.status or "submitted"] = states.get(chunk.status or "submitted", 0) + 1
+            held += chunk.count
+        text = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+        line = f"batches: {text} · lines done {self.stats.done:,} · in batches {held:,}"
+        if line != self._shown:
+            self.notice(line)
+            self._shown = line
+
+    def _say_failed(self, chunk: Chunk, batch: dict[str, Any]) -> None:
+        errors = batch.get("errors")
+        data = errors.get("data") if isinstance(errors, dict) else None
+        reasons = []
+        lines = list(in_ranges(chunk.lines))
+        for error in data if isinstance(data, list) else []:
+            if not isinstance(error, dict):
+                continue
+            where = error.get("line")
+            if isinstance(where, int) and 1 <= where <= len(lines):
+                where = f"input line {lines[where - 1]}"
+            reasons.append(f"{error.get('code')}: {error.get('message')} ({where or 'the file'})")
+        text = "; ".join(reasons[:3]) or "no reason given"
+        if self.scrubber is not None:
+            text = self.scrubber.text(text)
+        self.notice(
+            f"batch {chunk.batch_id} ({chunk.name}) failed: {text}; its lines go again",
+            logging.WARNING,
+        )
+
+    def _say_left_running(self) -> None:
+        running = [c for c in self.ledger.open_chunks() if c.batch_id is not None]
+        if running:
+            self.notice(
+                f"{len(running)} batches go on running at the provider (and are billed); "
+                "run the same command to collect them, or `batchq cancel JOB` to stop them",
+                logging.WARNING,
+            )
+
+    @contextlib.contextmanager
+    def signals(self) -> Iterator[None]:
+        """SIGINT/SIGTERM stop the waiting (the batches go on); a second one stops at once."""
+        if not self.options.handle_signals:
+            yield
+            return
+        loop = asyncio.get_running_loop()
+        main = asyncio.current_task()
+
+        def stop() -> None:
+            if self.stopping.is_set() and main is not None:
+                main.cancel()
+            self.stopping.set()
+
+        previous = {sig: signal.getsignal(sig) or signal.SIG_DFL for sig in _SIGNALS}
+        for sig in _SIGNALS:
+            loop.add_signal_handler(sig, stop)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, handler)
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _remove_files(folder: Path, chunk: Chunk) -> None:
+    for suffix in (".jsonl", ".ids"):
+        durable.unlink(folder / f"{chunk.name}{suffix}")

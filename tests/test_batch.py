@@ -1,0 +1,349 @@
+"""`batchq run --via batch`: a job through the provider's Batch API, exactly once.
+
+End to end: a real `batchq` process against the built-in endpoint's Files + Batches
+API (both dialects) over real sockets; what counts is on disk and in the server's
+billing counters (batches created, lines billed twice).
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from conftest import MockFactory, RunningMock
+from support import (
+    batchq,
+    chat,
+    clean_env,
+    outputs,
+    read_jsonl,
+    wait_for,
+    write_jsonl,
+)
+
+# A day per real second: a batch of 50 lines is done in a few milliseconds.
+FAST = {"batch_time_scale": 86_400.0, "batch_lines_per_second": 100.0, "batch_step_seconds": 60.0}
+DASHSCOPE = "/compatible-mode/v1"
+
+
+def prompts(n: int) -> list[dict[str, Any]]:
+    """Chat lines; line 10 has no custom_id and lines 2 and 3 share one, as real files do."""
+    lines = [chat(f"question {i}", custom_id=f"q{i}") for i in range(1, n + 1)]
+    lines[9].pop("custom_id")  # line 10: line-10
+    lines[1]["custom_id"] = lines[2]["custom_id"] = "twin"
+    return lines
+
+
+def run_batch(
+    tmp: Path, server: RunningMock, *args: str, base: str = "/v1", timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    url = server.url.removesuffix("/v1") + base
+    return batchq(
+        "run", tmp / "in.jsonl", "--job", tmp / "job", "--base-url", url,
+        "--model", "gpt-4o-mini", "--via", "batch", "--batch-poll", "0.02", *args,
+        cwd=tmp, timeout=timeout,
+    )  # fmt: skip
+
+
+def billing(server: RunningMock) -> dict[str, Any]:
+    batches: dict[str, Any] = server.stats()["batches"]
+    return batches
+
+
+def assert_one_output_per_line(job: Path, n: int) -> None:
+    """Every input line once, by line number (custom_ids repeat on purpose)."""
+    results, errors = outputs(job)
+    lines = sorted(o["batchq"]["line"] for o in results + errors)
+    assert lines == list(range(1, n + 1))
+
+
+@pytest.mark.parametrize("base", ["/v1", DASHSCOPE], ids=["openai", "dashscope"])
+def test_a_job_goes_through_batches_and_each_line_is_written_once(
+    tmp_path: Path, mock_server: MockFactory, base: str
+) -> None:
+    server = mock_server(**FAST)
+    write_jsonl(tmp_path / "in.jsonl", prompts(120))
+    done = run_batch(tmp_path, server, "--batch-max-lines", "50", base=base)
+    assert done.returncode == 0, done.stderr
+    job = tmp_path / "job"
+    assert_one_output_per_line(job, 120)
+    results, errors = outputs(job)
+    assert errors == []
+    by_line = {o["batchq"]["line"]: o for o in results}
+    # The user's ids come back, however the input wrote them, and the answers are the live ones.
+    assert by_line[10]["custom_id"] == "line-10"
+    assert by_line[2]["custom_id"] == by_line[3]["custom_id"] == "twin"
+    assert by_line[4]["response"]["body"]["choices"][0]["message"]["content"] == "Echo: question 4"
+    assert all(o["batchq"]["batch"].startswith("batch_") for o in results)
+    billed = billing(server)
+    assert billed["batches_created"] == 3  # 50 + 50 + 20 lines
+    assert billed["lines_billed"] == 120
+    assert billed["lines_billed_twice"] == 0
+    assert not (job / "batches").exists() or not any((job / "batches").iterdir())
+
+
+def test_an_endpoint_the_provider_does_not_batch_is_refused_before_any_upload(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server(**FAST)
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a"}, {"prompt": "b"}])
+    done = run_batch(tmp_path, server, "--endpoint", "/v1/completions", base=DASHSCOPE)
+    assert done.returncode == 2, done.stderr
+    assert "dashscope does not batch /v1/completions" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert billing(server)["files_uploaded"] == 0
+
+
+def test_faults_on_every_route_neither_lose_a_line_nor_pay_for_one_twice(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server(
+        **FAST,
+        batch_lost_upload_rate=0.3,
+        batch_lost_create_rate=0.5,
+        batch_truncated_download_rate=0.3,
+        batch_rate_429=0.1,
+        batch_rate_5xx=0.1,
+        batch_expire_rate=0.3,
+        rate_500=0.05,
+        seed=7,
+    )
+    write_jsonl(tmp_path / "in.jsonl", prompts(200))
+    done = run_batch(tmp_path, server, "--batch-max-lines", "40", timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert_one_output_per_line(tmp_path / "job", 200)
+    billed = billing(server)
+    assert billed["duplicate_batches"] == 0
+    assert billed["lines_billed_twice"] == 0
+    assert "looking for it" in done.stderr  # lost creates were found again, not made again
+
+
+def test_lines_a_batch_keeps_failing_end_as_retryable_errors(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server(**FAST, batch_late_failure_rate=1.0)
+    write_jsonl(tmp_path / "in.jsonl", prompts(30))
+    done = run_batch(tmp_path, server, "--max-attempts", "2")
+    assert done.returncode == 1, done.stderr
+    results, errors = outputs(tmp_path / "job")
+    assert results == [] and len(errors) == 30
+    assert all(e["batchq"]["retryable"] and e["batchq"]["attempts"] == 2 for e in errors)
+    assert billing(server)["batches_created"] == 2  # one batch, then one retry of its lines
+    assert "failed:" in done.stderr
+
+
+def _kill_at(step: str, nth: int) -> str:
+    """A batchq whose batch executor SIGKILLs itself the nth time it reaches ``step``."""
+    return (
+        "import os, signal, sys\n"
+        "import batchq.batch.executor as executor\n"
+        "from batchq.cli import main\n"
+        "seen = []\n"
+        "def at(step):\n"
+        f"    if step == {step!r}:\n"
+        "        seen.append(step)\n"
+        f"        if len(seen) == {nth}:\n"
+        "            os.kill(os.getpid(), signal.SIGKILL)\n"
+        "executor.at_step = at\n"
+        "sys.argv[0] = 'batchq'\n"
+        "main()\n"
+    )
+
+
+STEPS = ["planned", "uploaded", "creating", "created", "downloaded", "committed"]
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_a_kill_at_any_step_then_a_rerun_pays_once_and_writes_once(
+    tmp_path: Path, mock_server: MockFactory, step: str
+) -> None:
+    server = mock_server(**FAST)
+    write_jsonl(tmp_path / "in.jsonl", prompts(90))
+    args = [
+        "run", str(tmp_path / "in.jsonl"), "--job", str(tmp_path / "job"),
+        "--base-url", server.url, "--model", "gpt-4o-mini", "--via", "batch",
+        "--batch-poll", "0.02", "--batch-max-lines", "30",
+    ]  # fmt: skip
+    killed = subprocess.run(
+        [sys.executable, "-c", _kill_at(step, 1 if step == "planned" else 2), *args],
+        cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    done = run_batch(tmp_path, server, "--batch-max-lines", "30")
+    assert done.returncode == 0, done.stderr
+    assert_one_output_per_line(tmp_path / "job", 90)
+    billed = billing(server)
+    assert billed["duplicate_batches"] == 0
+    assert billed["lines_billed_twice"] == 0
+    assert billed["batches_created"] == 3
+
+
+def test_ctrl_c_leaves_the_batches_running_and_the_same_command_collects_them(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    # Slow batches: an hour of virtual time a real second, half a line a virtual second.
+    server = mock_server(batch_time_scale=3600.0, batch_lines_per_second=0.5)
+    write_jsonl(tmp_path / "in.jsonl", prompts(20))
+    args = ["--job", tmp_path / "job", "--base-url", server.url, "--model", "gpt-4o-mini"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batchq", "run", tmp_path / "in.jsonl", *args,
+         "--via", "batch", "--batch-poll", "0.02"],
+        cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    wait_for(lambda: billing(server)["batches_created"] == 1)
+    wait_for(lambda: b'"created"' in (tmp_path / "job" / "batches.jsonl").read_bytes())
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130, stderr
+    assert "go on running at the provider" in stderr
+    server_batches = billing(server)
+    assert server_batches["batches_created"] == 1
+    done = run_batch(tmp_path, server, "--batch-poll", "0.02", timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert_one_output_per_line(tmp_path / "job", 20)
+    assert billing(server)["batches_created"] == 1  # collected, not sent again
+
+
+def test_cancel_collects_what_finished_and_a_live_rerun_does_the_rest(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server(batch_time_scale=60.0, batch_lines_per_second=0.01)  # 0.6 lines/s
+    write_jsonl(tmp_path / "in.jsonl", prompts(20))
+    detached = run_batch(tmp_path, server, "--detach")
+    assert detached.returncode == 0, detached.stderr
+    assert "go on running" in detached.stderr
+    job = tmp_path / "job"
+    assert outputs(job) == ([], [])
+    status = orjson.loads(batchq("status", job, "--json", cwd=tmp_path).stdout)
+    (row,) = status["batches"]
+    assert row["open"] and row["lines"] == 20 and row["batch_id"].startswith("batch_")
+    assert row["deadline"] == pytest.approx(time.time() + 24 * 3600, abs=60)
+    # A live run meanwhile leaves the batch's lines alone.
+    live = batchq("run", job, "--via", "live", cwd=tmp_path)
+    assert live.returncode == 0, live.stderr
+    assert "20 lines are in open provider batches" in live.stderr
+    assert outputs(job) == ([], [])
+    cancelled = batchq("cancel", job, cwd=tmp_path, timeout=60)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert billing(server)["by_outcome"] == {"cancelled": 1}
+    rerun = batchq("run", job, "--via", "live", cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    assert_one_output_per_line(job, 20)
+    ledger = read_jsonl(job / "batches.jsonl")
+    assert ledger[-1]["step"] == "collected" and ledger[-1]["status"] == "cancelled"
+
+
+def test_lines_appended_after_the_batches_were_created_go_in_a_batch_of_their_own(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server(**FAST)
+    write_jsonl(tmp_path / "in.jsonl", prompts(30))
+    assert run_batch(tmp_path, server, "--detach").returncode == 0
+    with (tmp_path / "in.jsonl").open("ab") as f:
+        f.write(b"".join(orjson.dumps(chat(f"late {i}")) + b"\n" for i in range(5)))
+    done = run_batch(tmp_path, server)
+    assert done.returncode == 0, done.stderr
+    assert_one_output_per_line(tmp_path / "job", 35)
+    assert billing(server)["batches_created"] == 2
+    assert billing(server)["lines_billed_twice"] == 0
+
+
+def live_calls(server: RunningMock) -> int:
+    """Requests the endpoint answered in real time (not in a batch)."""
+    by_path: dict[str, int] = server.stats()["by_path"]
+    return sum(n for path, n in by_path.items() if path.endswith("/chat/completions"))
+
+
+def test_auto_sends_live_what_its_batch_cannot_finish_before_the_deadline(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    # 3 lines a real second: the batch of 60 lines would need ~20 s, the deadline is 6 s.
+    server = mock_server(batch_time_scale=60.0, batch_lines_per_second=0.05, batch_step_seconds=1)
+    write_jsonl(tmp_path / "in.jsonl", prompts(60))
+    started = time.monotonic()
+    done = run_batch(tmp_path, server, "--via", "auto", "--deadline", "6s")
+    elapsed = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    assert elapsed < 6 + 3  # the deadline, and a process's start and stop
+    assert "cannot finish before the deadline" in done.stderr
+    assert_one_output_per_line(tmp_path / "job", 60)
+    results, _ = outputs(tmp_path / "job")
+    by_batch = sum("batch" in o["batchq"] for o in results)
+    assert 0 < by_batch < 60  # the batch did what it could; the rest went live
+    assert live_calls(server) == 60 - by_batch
+    assert billing(server)["lines_billed_twice"] == 0
+    assert f"{by_batch:,} lines by batch, {60 - by_batch:,} live" in done.stderr
+
+
+def test_auto_with_time_to_spare_sends_nothing_live(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server(**FAST)
+    write_jsonl(tmp_path / "in.jsonl", prompts(40))
+    done = run_batch(tmp_path, server, "--via", "auto", "--deadline", "1h")
+    assert done.returncode == 0, done.stderr
+    assert_one_output_per_line(tmp_path / "job", 40)
+    assert live_calls(server) == 0
+    assert billing(server)["lines_billed"] == 40
+
+
+def test_auto_sends_live_the_lines_no_batch_takes_and_those_a_batch_failed(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server(**FAST, rate_500=0.2, seed=3)
+    lines = prompts(40)
+    body = {"model": "gpt-4o-mini", "prompt": "x"}
+    lines[4] = {"custom_id": "cmp", "url": "/v1/completions", "body": body}
+    write_jsonl(tmp_path / "in.jsonl", lines)
+    done = run_batch(tmp_path, server, "--via", "auto", "--deadline", "1h", base=DASHSCOPE)
+    assert done.returncode == 0, done.stderr
+    assert "1 lines cannot go by batch and go live" in done.stderr
+    assert_one_output_per_line(tmp_path / "job", 40)
+    results, _ = outputs(tmp_path / "job")
+    live = sorted(o["batchq"]["line"] for o in results if "batch" not in o["batchq"])
+    assert 5 in live and len(live) > 1  # the line DashScope does not batch, and the 500s
+    assert billing(server)["batches_created"] == 1
+    assert billing(server)["lines_billed_twice"] == 0
+
+
+def test_the_python_api_runs_a_job_by_batch(tmp_path: Path, mock_server: MockFactory) -> None:
+    import batchq
+
+    server = mock_server(**FAST)
+    prompts_ = [f"tell me {i}" for i in range(25)]
+    options = {"base_url": server.url, "model": "gpt-4o-mini", "batch_poll": 0.02}
+    results = batchq.run(prompts_, job=tmp_path / "job", via="batch", progress=False, **options)
+    assert [r.ok for r in results] == [True] * 25
+    assert results[3].text == "Echo: tell me 3"
+    assert billing(server)["batches_created"] == 1
+    again = batchq.run(prompts_, job=tmp_path / "job", via="batch", progress=False, **options)
+    assert [r.text for r in again] == [r.text for r in results]
+    assert billing(server)["batches_created"] == 1  # all done: nothing sent again
+
+
+def test_validate_shows_the_batches_a_run_would_make_and_what_none_would_take(
+    tmp_path: Path,
+) -> None:
+    write_jsonl(tmp_path / "in.jsonl", [chat(f"q{i}", max_tokens=10) for i in range(120)])
+    shown = batchq(
+        "validate", tmp_path / "in.jsonl", "--via", "batch", "--model", "m",
+        "--batch-max-lines", "50", "--price-in", "1000000", "--price-out", "0", "--json",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    plan = orjson.loads(shown.stdout)["batch"]
+    assert plan["dialect"] == "openai" and plan["batches"] == 3
+    assert plan["cost_batch"] == plan["cost_live"] / 2 > 0
+    write_jsonl(tmp_path / "cmp.jsonl", [{"prompt": "x"}])
+    dashscope = "https://dashscope.aliyuncs.com/compatible-mode/v1"
+    refused = batchq(
+        "validate", tmp_path / "cmp.jsonl", "--via", "batch", "--model", "m",
+        "--endpoint", "/v1/completions", "--base-url", dashscope, cwd=tmp_path,
+    )  # fmt: skip
+    assert "cannot go by batch: 1 lines on /v1/completions" in refused.stdout
