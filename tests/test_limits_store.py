@@ -301,6 +301,25 @@ def test_redis_down_at_start_is_one_line_and_exit_2(
     assert server.stats()["requests"] == 0
 
 
+def test_a_store_url_redis_cannot_use_is_one_line_and_exit_2(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    # An unknown query parameter made redis-py raise TypeError: exit 70, a traceback.
+    server = mock_server()
+    _inputs(tmp_path, 1, 5)
+    store = f"redis://127.0.0.1:1/0?foo=1&password={REDIS_PASSWORD}"
+    done = batchq("run", "part0.jsonl", "--base-url", server.url, "--model", "m", "-q",
+                  "--limits-store", store, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .startswith("batchq: error: cannot reach the limits store redis://127.0.0.1:1/0?foo=1: ")
+    )
+    assert "Traceback" not in done.stderr and REDIS_PASSWORD not in done.stderr
+    assert server.stats()["requests"] == 0
+
+
 @pytest.mark.slow
 def test_redis_killed_mid_run_says_so_once_and_finishes_exactly_once(
     tmp_path: Path, mock_server: MockFactory, redis_server: RedisServer

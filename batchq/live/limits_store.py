@@ -304,7 +304,8 @@ class SharedLimits:
                 keys=[self._members], args=[self._me, HEARTBEAT_TTL, KEY_TTL_MS]
             )
             self.processes = max(1, int(count))
-        except (RedisError, OSError, ValueError) as exc:
+        # TypeError: a query parameter redis-py does not know (?foo=1) reaches a constructor
+        except (RedisError, OSError, ValueError, TypeError) as exc:
             await self.aclose()
             # job.toml keeps the URL without its password: say where it goes
             needs = isinstance(exc, AuthenticationError) and self._password is None
