@@ -34,7 +34,7 @@ test: lint redis-server
 # own, against the tests that touch each dependency: a floor that is declared is a floor
 # that is tested. .ci/run runs it after `make test`.
 FLOOR := .venv-floor
-FLOOR_PINS = $(shell sed -n 's/^ *"\(aiohttp\|orjson\|click\|tqdm\|pytest\|pytest-asyncio\|hypothesis\)>=\([0-9.]*\)",*$$/\1==\2/p' pyproject.toml)
+FLOOR_PINS = $(shell sed -n 's/^ *"\(aiohttp\|orjson\|click\|tqdm\|redis\|pytest\|pytest-asyncio\|hypothesis\)>=\([0-9.]*\)",*$$/\1==\2/p' pyproject.toml)
 
 $(FLOOR)/.installed: pyproject.toml
 	rm -rf $(FLOOR)
@@ -44,9 +44,10 @@ $(FLOOR)/.installed: pyproject.toml
 	touch $@
 
 test-floor: $(FLOOR)/.installed
-	$(FLOOR)/bin/pip list 2>/dev/null | grep -iE '^(aiohttp|orjson|click|tqdm) '
+	$(FLOOR)/bin/pip list 2>/dev/null | grep -iE '^(aiohttp|orjson|click|tqdm|redis) '
 	$(FLOOR)/bin/pytest -q -p no:cacheprovider tests/test_pipeline.py tests/test_faults.py \
-		tests/test_mockserver.py tests/test_config.py tests/test_progress.py tests/test_api.py
+		tests/test_mockserver.py tests/test_config.py tests/test_progress.py tests/test_api.py \
+		tests/test_limits_store.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py

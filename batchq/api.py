@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import orjson
 
-from batchq.config import LIMITS_STORE_ENV, SETTING_NAMES
+from batchq.config import LIMITS_STORE_ENV, SETTING_NAMES, store_password
 from batchq.errors import ConfigError, InputError, StorageError
 from batchq.job import durable
 from batchq.job import folder as jobs
@@ -304,6 +304,8 @@ class _Prepared:
         defaults.update({k: options.pop(k) for k in _REQUEST_DEFAULTS if k in options})
         if options.get("limits_store") is None:  # as the command line's --limits-store
             options["limits_store"] = os.environ.get(LIMITS_STORE_ENV) or None
+        # The password is kept apart, for this run only: job.toml never holds it.
+        options["limits_store"], password = store_password(options["limits_store"], os.environ)
         unknown = sorted(set(options) - SETTING_NAMES)
         if unknown or "input" in options:
             raise ConfigError(f"unknown option(s): {', '.join(unknown or ['input'])}")
@@ -326,6 +328,7 @@ class _Prepared:
             api_key = os.environ.get(job.settings.api_key_env) or None
         run_options = RunOptions(
             api_key=api_key,
+            limits_store_password=password,
             retry_failed=retry_failed,
             progress_every=(0.5 if sys.stderr.isatty() or "ipykernel" in sys.modules else 10.0)
             if progress

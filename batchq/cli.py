@@ -24,7 +24,13 @@ from typing import IO, TYPE_CHECKING, Any, NoReturn
 import click
 import orjson
 
-from batchq.config import ENDPOINTS, LIMITS_STORE_ENV
+from batchq.config import (
+    ENDPOINTS,
+    LIMITS_STORE_ENV,
+    LIMITS_STORE_PASSWORD_ENV,
+    store_password,
+    strip_secrets,
+)
 from batchq.errors import BatchqError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -158,7 +164,8 @@ def _defaults(
     metavar="URL",
     envvar=LIMITS_STORE_ENV,
     help="Share --rpm/--tpm, pauses and the endpoint's limits with every process naming "
-    f"this Redis, e.g. redis://127.0.0.1:6379/0 [env: {LIMITS_STORE_ENV}].",
+    f"this Redis, e.g. redis://127.0.0.1:6379/0 [env: {LIMITS_STORE_ENV}; its password, "
+    f"never written to job.toml, may come from {LIMITS_STORE_PASSWORD_ENV}].",
 )
 @click.option(
     "--limits-key",
@@ -310,6 +317,8 @@ def run(
 
     defaults = _defaults(params, max_tokens, temperature)
     env_base_url = os.environ.get("OPENAI_BASE_URL")
+    typed_store = settings["limits_store"]
+    settings["limits_store"], password = store_password(typed_store, os.environ)
     try:
         job, notes = open_job(
             target,
@@ -323,6 +332,11 @@ def run(
             job = with_shard(job, parse_shard(shard_spec, os.environ))
         for note in notes:
             _notice(note)
+        if typed_store and strip_secrets(typed_store)[1] and _typed("limits_store"):
+            _notice(
+                f"the limits store's password is not kept in job.toml; next time, set "
+                f"{LIMITS_STORE_PASSWORD_ENV} or give the URL in {LIMITS_STORE_ENV}"
+            )
         if progress_every is None:
             progress_every = 0.5 if sys.stderr.isatty() else 10.0
         api_key = os.environ.get(job.settings.api_key_env) or None
@@ -331,6 +345,7 @@ def run(
             raise click.UsageError("--detach goes with --via batch: nothing else can detach")
         live = RunOptions(
             api_key=api_key,
+            limits_store_password=password,
             retry_failed=retry_failed,
             durable=fsync,
             progress_every=None if quiet else progress_every,
@@ -405,9 +420,28 @@ def cancel(job_dir: Path) -> None:
 
 
 def _resume() -> str:
-    """The command that continues this job: the one that was run, as it was typed."""
+    """The command that continues this job: the one that was run, as it was typed, but
+    without secrets. The store's password comes from the environment (the notice at the
+    start says which variable); a credential in the base URL shows as ``***``."""
     args = [arg for arg in sys.argv[1:] if arg != "--retry-failed"]
+    for i, arg in enumerate(args):
+        name, equals, value = arg.partition("=")
+        if i > 0 and args[i - 1] in _URL_OPTIONS:  # --base-url URL
+            args[i] = strip_secrets(arg, mask=_URL_OPTIONS[args[i - 1]])[0]
+        elif equals and name in _URL_OPTIONS:  # --base-url=URL
+            args[i] = f"{name}={strip_secrets(value, mask=_URL_OPTIONS[name])[0]}"
     return shlex.join(["batchq", *args])
+
+
+#: Options whose URL may hold a secret, and what stands for it in a printed command
+#: (None: left out).
+_URL_OPTIONS = {"--limits-store": None, "--base-url": "***"}
+
+
+def _typed(name: str) -> bool:
+    """Whether the option ``name`` of this command was given on the command line."""
+    source = click.get_current_context().get_parameter_source(name)
+    return source is click.core.ParameterSource.COMMANDLINE
 
 
 def _notice(message: str, level: int = logging.INFO) -> None:

@@ -23,6 +23,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 from batchq.errors import ConfigError
 
@@ -78,8 +79,9 @@ class Settings:
                 f"endpoint {show(self.endpoint)} is not one of {', '.join(ENDPOINTS)}"
             )
         if not re.match(r"^https?://[^/\s]+", self.base_url):
+            shown = show(strip_secrets(self.base_url, mask="***")[0])
             raise ConfigError(
-                f"base_url {show(self.base_url)} is not an http(s) URL "
+                f"base_url {shown} is not an http(s) URL "
                 "(e.g. https://api.openai.com/v1 or http://localhost:8000/v1)"
             )
         if self.limits_store is not None and not re.match(
@@ -87,7 +89,7 @@ class Settings:
         ):
             raise ConfigError(
                 "limits_store must be a Redis URL such as redis://127.0.0.1:6379/0, "
-                f"not {show(self.limits_store.split('@')[-1])}"
+                f"not {show(strip_secrets(self.limits_store)[0].split('@')[-1])}"
             )
         if self.limits_key is not None and not self.limits_key.strip():
             raise ConfigError("limits_key must not be empty")
@@ -205,6 +207,58 @@ def _check_range(
 SETTING_NAMES = frozenset(f.name for f in fields(Settings))
 #: Names the limits store when neither the command line nor the call does (over job.toml).
 LIMITS_STORE_ENV = "BATCHQ_LIMITS_STORE"
+#: The store's password when its URL has none (job.toml keeps the URL without it).
+LIMITS_STORE_PASSWORD_ENV = "BATCHQ_LIMITS_STORE_PASSWORD"
+#: Query parameters that carry a credential: Azure's api-key, a proxy's token, Redis's password.
+_SECRET_PARAM = re.compile(
+    r"(api[-_]?)?keys?|.*[-_]key|.*token|.*secret|pass(word|wd)?|auth.*|sig(nature)?|credentials?",
+    re.IGNORECASE,
+)
+
+
+def strip_secrets(url: str, *, mask: str | None = None) -> tuple[str, list[str]]:
+    """``url`` without the secrets it carries, and those secrets (to use or hash, never show).
+
+    A secret is the password of the URL's userinfo (the user name stays: it names an
+    account, and Redis ACLs need it) and the value of a query parameter named like a
+    credential (``api-key``, ``token``, ``password``, ...); the userinfo's comes first.
+    With ``mask``, each secret is replaced by it instead of left out.
+    """
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # not a URL urllib can split: keep nothing that may be a secret
+        return re.sub(r"^(\w+://)[^@/]*@", r"\1", url).partition("?")[0], []
+    secrets = [unquote(password)] if password else []
+    netloc = parts.netloc
+    if password is not None:
+        userinfo, _, host = netloc.rpartition("@")
+        user = userinfo.partition(":")[0] + (f":{mask}" if password and mask else "")
+        netloc = f"{user}@{host}" if user else host
+    query = []
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if value and _SECRET_PARAM.fullmatch(name):
+            secrets.append(value)
+            if mask is None:
+                continue
+            value = mask
+        query.append((name, value))
+    if not secrets:
+        return url, []  # as it was written, not as urllib would write it again
+    text = urlencode(query, safe="*", quote_via=quote)
+    # Not urlunsplit: it writes unix:///path as unix:/path, which is no longer a store URL.
+    public = f"{parts.scheme}://{netloc}{parts.path}" + (f"?{text}" if text else "")
+    return public + (f"#{parts.fragment}" if parts.fragment else ""), secrets
+
+
+def store_password(url: str | None, env: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """A limits store's URL without its password, and the password to use with it.
+
+    The password is the URL's own (``redis://:PW@host`` or ``?password=PW``), else the
+    environment's ``BATCHQ_LIMITS_STORE_PASSWORD``: job.toml only ever gets the URL.
+    """
+    public, secrets = (None, []) if url is None else strip_secrets(url)  # url: job.toml's
+    return public, (secrets[0] if secrets else env.get(LIMITS_STORE_PASSWORD_ENV) or None)
 
 
 def build_settings(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> Settings:

@@ -108,9 +108,11 @@ def hostile() -> Iterator[Callable[[Handler], HostileServer]]:
 
 
 class RedisServer:
-    """A real ``redis-server`` on 127.0.0.1 and a free port, in memory only."""
+    """A real ``redis-server`` on 127.0.0.1 and a free port, in memory only; with
+    ``password``, it asks every client for it (``--requirepass``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, password: str | None = None) -> None:
+        self.password = password
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port: int = probe.getsockname()[1]
@@ -133,6 +135,7 @@ class RedisServer:
                 "no",
                 "--dir",
                 self._dir,
+                *(["--requirepass", self.password] if self.password else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -144,7 +147,7 @@ class RedisServer:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as conn,
             ):
                 conn.sendall(b"PING\r\n")
-                if conn.recv(16).startswith(b"+PONG"):
+                if conn.recv(16).startswith((b"+PONG", b"-NOAUTH")):
                     return
             assert self.process.poll() is None, "redis-server exited at start"
             assert time.monotonic() < deadline, "redis-server did not answer PING"
@@ -152,13 +155,13 @@ class RedisServer:
 
     def command(self, *args: str) -> bytes:
         """One command in RESP, its raw answer (enough for FLUSHALL and KEYS)."""
-        parts = [f"*{len(args)}\r\n".encode()]
-        for arg in args:
-            parts.append(f"${len(arg.encode())}\r\n{arg}\r\n".encode())
+        parts = [_resp("AUTH", self.password)] if self.password else []
+        parts.append(_resp(*args))
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as conn:
             conn.sendall(b"".join(parts))
             time.sleep(0.05)
-            return conn.recv(1 << 16)
+            answer = conn.recv(1 << 16)
+        return answer.removeprefix(b"+OK\r\n") if self.password else answer
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -168,6 +171,13 @@ class RedisServer:
     def close(self) -> None:
         self.kill()
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _resp(*args: str) -> bytes:
+    parts = [f"*{len(args)}\r\n".encode()]
+    for arg in args:
+        parts.append(f"${len(arg.encode())}\r\n{arg}\r\n".encode())
+    return b"".join(parts)
 
 
 @pytest.fixture(scope="session")
@@ -194,3 +204,16 @@ def redis_server(redis_session: RedisServer) -> RedisServer:
         redis_session.start()
     redis_session.command("FLUSHALL")
     return redis_session
+
+
+REDIS_PASSWORD = "hunter2-redis-Zq8"
+
+
+@pytest.fixture
+def redis_with_password(redis_session: RedisServer) -> Iterator[RedisServer]:
+    """A Redis of its own that asks for ``REDIS_PASSWORD`` (skipped as the others are)."""
+    server = RedisServer(password=REDIS_PASSWORD)
+    try:
+        yield server
+    finally:
+        server.close()

@@ -10,8 +10,9 @@ import subprocess
 import time
 from pathlib import Path
 
+import orjson
 import pytest
-from conftest import MockFactory, RedisServer
+from conftest import REDIS_PASSWORD, MockFactory, RedisServer
 from support import (
     assert_exactly_once,
     batchq,
@@ -24,7 +25,7 @@ from support import (
 )
 
 import batchq as batchq_api
-from batchq.config import Settings
+from batchq.config import LIMITS_STORE_PASSWORD_ENV, Settings, store_password
 from batchq.errors import ConfigError
 from batchq.live.limiter import Pacer
 from batchq.live.limits_store import (
@@ -93,6 +94,32 @@ def test_default_key_never_holds_the_api_key() -> None:
     assert redact("redis://user:pw@host:6379/0") == "redis://host:6379/0"
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:s3cret@h:6379/0",
+        "redis://h:6379/0?password=s3cret",
+        "rediss://alice:s3cret@h:6380/1?ssl_cert_reqs=none",
+        "unix://:s3cret@/run/redis.sock?db=2",
+        "unix:///run/redis.sock?db=2&password=s3cret",
+    ],
+)
+def test_a_store_url_is_never_shown_with_its_password(url: str) -> None:
+    # Issue 19, item 5: redis-py honours ?password= too, also in unix:// URLs.
+    public, password = store_password(url, {})
+    assert password == "s3cret"
+    assert "s3cret" not in public and "s3cret" not in redact(url)
+    assert public.split("://")[0] == url.split("://")[0] and "://" in public
+    assert store_password(public, {LIMITS_STORE_PASSWORD_ENV: "env-pw"}) == (public, "env-pw")
+
+
+def test_credentials_in_the_base_url_stay_out_of_the_key_name() -> None:
+    for base in ("https://user:s3cret@host/v1", "https://host/v1?api-key=s3cret"):
+        key = default_key(base, None)
+        assert "s3cret" not in key and key.startswith(("https://user@host/v1#", "https://host/v1#"))
+        assert key != default_key(base.replace("s3cret", "other"), None)  # another account
+
+
 def test_limits_store_must_be_a_redis_url() -> None:
     with pytest.raises(ConfigError, match="Redis URL"):
         Settings(input="in.jsonl", limits_store="http://127.0.0.1:6379")
@@ -141,6 +168,29 @@ async def test_waiting_workers_do_not_book_the_timeline_far_ahead(
             for task in waiting:
                 task.cancel()
             await asyncio.gather(*waiting, return_exceptions=True)
+
+
+async def test_a_restarted_store_is_not_lost_again_by_the_connections_it_had(
+    redis_server: RedisServer,
+) -> None:
+    # Issue 19, item 4: the pool kept connections to the Redis that was killed; after the
+    # store came back, the next commands that took one of them declared it lost again.
+    notices: list[str] = []
+
+    def notice(message: str, level: int = 0) -> None:
+        notices.append(message)
+
+    async with SharedLimits(redis_server.url, "k", on_notice=notice) as shared:
+        await asyncio.gather(*(shared.grant("requests", 1, 1000.0) for _ in range(5)))
+        redis_server.kill()
+        assert await shared.grant("requests", 1, 1000.0) is None and shared.lost
+        redis_server.start()
+        await shared._reconnect()
+        assert not shared.lost
+        grants = await asyncio.gather(*(shared.grant("requests", 1, 1000.0) for _ in range(5)))
+    assert all(grant is not None and grant.booked for grant in grants), notices
+    lost_back = [("lost the" in n, "is back" in n) for n in notices]
+    assert lost_back == [(True, False), (False, True)], notices
 
 
 # --- Real processes, real Redis ----------------------------------------------------------
@@ -251,6 +301,25 @@ def test_redis_down_at_start_is_one_line_and_exit_2(
     assert server.stats()["requests"] == 0
 
 
+def test_a_store_url_redis_cannot_use_is_one_line_and_exit_2(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    # An unknown query parameter made redis-py raise TypeError: exit 70, a traceback.
+    server = mock_server()
+    _inputs(tmp_path, 1, 5)
+    store = f"redis://127.0.0.1:1/0?foo=1&password={REDIS_PASSWORD}"
+    done = batchq("run", "part0.jsonl", "--base-url", server.url, "--model", "m", "-q",
+                  "--limits-store", store, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .startswith("batchq: error: cannot reach the limits store redis://127.0.0.1:1/0?foo=1: ")
+    )
+    assert "Traceback" not in done.stderr and REDIS_PASSWORD not in done.stderr
+    assert server.stats()["requests"] == 0
+
+
 @pytest.mark.slow
 def test_redis_killed_mid_run_says_so_once_and_finishes_exactly_once(
     tmp_path: Path, mock_server: MockFactory, redis_server: RedisServer
@@ -337,3 +406,66 @@ def test_the_api_shares_limits_through_the_store_the_environment_names(
     )
     assert [r.text for r in results] == ["Echo: a", "Echo: b"]
     assert b"batchq:limits:{nb}" in redis_server.command("KEYS", "*")
+
+
+BASE_SECRET = "basepw-Xk3"  # the base URL's own credential
+
+
+def _no_secret_in(
+    *texts: str | bytes, secrets: tuple[str, ...] = (REDIS_PASSWORD, BASE_SECRET)
+) -> None:
+    for text in texts:
+        text = text if isinstance(text, str) else text.decode(errors="replace")
+        assert not any(secret in text for secret in secrets), text
+
+
+def test_no_secret_reaches_job_toml_the_output_or_the_key_names(
+    tmp_path: Path, mock_server: MockFactory, redis_with_password: RedisServer
+) -> None:
+    # Issue 19, item 5. A store URL with a password on the command line, a base URL with
+    # credentials, and a bad line so that the summary prints the retry command.
+    redis = redis_with_password
+    server = mock_server()
+    write_jsonl(tmp_path / "in.jsonl", [chat("q", "a")])
+    with (tmp_path / "in.jsonl").open("a") as f:
+        f.write("not json\n")
+    base = server.url.replace("://", f"://user:{BASE_SECRET}@")
+    store = f"redis://:{REDIS_PASSWORD}@127.0.0.1:{redis.port}/0"
+    args = ("--model", "m", "-q", "--rpm", "6000", "--json-summary")
+    first = batchq("run", "in.jsonl", "--base-url", base, "--limits-store", store, *args,
+                   cwd=tmp_path)  # fmt: skip
+    assert first.returncode == 1, first.stderr  # the bad line
+    toml = (tmp_path / "jobs" / "in" / "job.toml").read_text()
+    keys = redis.command("KEYS", "*")
+    _no_secret_in(first.stdout, first.stderr, keys)
+    _no_secret_in(toml, secrets=(REDIS_PASSWORD,))  # the base URL is kept as given
+    assert f'limits_store = "redis://127.0.0.1:{redis.port}/0"' in toml
+    assert "next time, set BATCHQ_LIMITS_STORE_PASSWORD" in first.stderr
+    retry = orjson.loads(first.stdout)["retry_failed"]
+    assert f"--limits-store redis://127.0.0.1:{redis.port}/0" in retry
+    assert "--base-url 'http://user:***@127.0.0.1:" in retry, retry
+    assert b"batchq:limits:{http://user@127.0.0.1:" in keys  # the base URL, shared, no secret
+
+    # Next time the URL comes from job.toml, the password from the environment (or the
+    # URL in BATCHQ_LIMITS_STORE, ?password= as well); without it, one line and exit 2.
+    with (tmp_path / "in.jsonl").open("a") as f:
+        f.write(orjson.dumps(chat("q", "b")).decode() + "\n")
+    refused = batchq("run", "jobs/in", *args, cwd=tmp_path)
+    assert refused.returncode == 2, refused.stderr
+    assert "(its password: BATCHQ_LIMITS_STORE_PASSWORD)" in refused.stderr
+    env = clean_env(BATCHQ_LIMITS_STORE_PASSWORD=REDIS_PASSWORD)
+    again = batchq("run", "jobs/in", *args, cwd=tmp_path, env=env)
+    assert again.returncode == 1 and orjson.loads(again.stdout)["succeeded"] == 2, again.stderr
+    in_env = f"redis://127.0.0.1:{redis.port}/0?password={REDIS_PASSWORD}"
+    env = clean_env(BATCHQ_LIMITS_STORE=in_env)
+    fresh = batchq("run", "in.jsonl", "--job", "jobs/env", "--base-url", server.url, *args,
+                   cwd=tmp_path, env=env)  # fmt: skip
+    assert fresh.returncode == 1, fresh.stderr
+    assert "next time" not in fresh.stderr  # the environment will say it again
+    toml = (tmp_path / "jobs" / "env" / "job.toml").read_text()
+    _no_secret_in(refused.stderr, again.stdout, again.stderr, fresh.stdout, fresh.stderr)
+    keys = redis.command("KEYS", "*")
+    _no_secret_in(keys)
+    assert b"batchq:limits:{http://127.0.0.1:" in keys  # the job from the environment's URL
+    files = [path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()]
+    _no_secret_in(*files, secrets=(REDIS_PASSWORD,))

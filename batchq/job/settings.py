@@ -14,7 +14,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from batchq.config import Settings, show
+from batchq.config import Settings, show, strip_secrets
 from batchq.errors import ConfigError
 from batchq.job.durable import atomic_write
 
@@ -39,6 +39,8 @@ def write_job_toml(path: Path, settings: Settings) -> None:
     ]
     for f in fields(Settings):
         value = getattr(settings, f.name)
+        if f.name == "limits_store" and value is not None:
+            value = strip_secrets(value)[0]  # a password typed into job.toml by hand, too
         if f.name != "defaults" and value is not None:
             lines.append(f"{_toml_key(f.name)} = {_toml_value(value)}")
     lines.append("")

@@ -37,7 +37,9 @@ once and goes on alone with the limit divided by the number of processes it
 last saw (``share``), never with the whole limit. It tries the store again
 every ``RECONNECT_SECONDS`` and, once it answers, says so and books from it
 again: a restarted Redis (empty, without persistence) starts the shared pace
-afresh, without a burst, as a first process does.
+afresh, without a burst, as a first process does. The loss closes every
+connection of the client's pool: one left open to the Redis that went away
+would take the next command after the store came back, and lose it again.
 
 The ``redis`` package is imported only when a store is named, so runs
 without one start as fast as before.
@@ -57,6 +59,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from batchq.config import LIMITS_STORE_PASSWORD_ENV, strip_secrets
 from batchq.errors import LimitsStoreError, Notify
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -153,14 +156,21 @@ def _lua(body: str) -> str:
 
 
 def default_key(base_url: str, api_key: str | None) -> str:
-    """The limit key of an account: its base URL and a hash of its key, never the key."""
-    digest = hashlib.sha256((api_key or "").encode()).hexdigest()[:16]
-    return f"{base_url.rstrip('/')}#{digest if api_key else 'no-key'}"
+    """The limit key of an account: its base URL and a hash of its key, never the key.
+
+    Credentials in the base URL (``https://user:pass@host``, ``?api-key=``) are part of the
+    account, so they go into the hash, never into the key's name.
+    """
+    public, secrets = strip_secrets(base_url)
+    if not (api_key or secrets):
+        return f"{public.rstrip('/')}#no-key"
+    secret = "\0".join([api_key or "", *secrets]) if secrets else api_key or ""
+    return f"{public.rstrip('/')}#{hashlib.sha256(secret.encode()).hexdigest()[:16]}"
 
 
 def redact(url: str) -> str:
-    """A store URL without its password, fit for a message."""
-    return re.sub(r"^(\w+://)[^@/]*@", r"\1", url)
+    """A store URL without its user name and password (also ``?password=``), for a message."""
+    return re.sub(r"^(\w+://)[^@/]*@", r"\1", strip_secrets(url)[0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,8 +256,10 @@ class SharedLimits:
         *,
         on_notice: Notify = lambda message, level=logging.INFO: None,
         block_seconds: float | None = None,
+        password: str | None = None,
     ) -> None:
         self.url = url
+        self._password = password  # when the URL has none (a password in the URL wins)
         self.key = key
         # None: the module's BLOCK_SECONDS when connected (a benchmark may set it to 0)
         self.block_seconds = BLOCK_SECONDS if block_seconds is None else block_seconds
@@ -263,6 +275,7 @@ class SharedLimits:
         self._scripts: dict[str, Any] = {}
         self._slow: deque[list[Any]] = deque()
         self._stopped = False
+        self._returns = 0  # times the store came back: a call begun before says nothing now
         self._waker: asyncio.Future[None] | None = None
 
     async def __aenter__(self) -> SharedLimits:
@@ -275,11 +288,12 @@ class SharedLimits:
     async def open(self) -> None:
         """Connect and count this process in; LimitsStoreError (exit 2) if unreachable."""
         import redis.asyncio  # here, not at the top: runs without a store never load it
-        from redis.exceptions import RedisError
+        from redis.exceptions import AuthenticationError, RedisError
 
         try:
             self._redis = redis.asyncio.Redis.from_url(
                 self.url,
+                password=self._password,
                 socket_timeout=TIMEOUT,
                 socket_connect_timeout=TIMEOUT,
                 decode_responses=True,
@@ -290,10 +304,14 @@ class SharedLimits:
                 keys=[self._members], args=[self._me, HEARTBEAT_TTL, KEY_TTL_MS]
             )
             self.processes = max(1, int(count))
-        except (RedisError, OSError, ValueError) as exc:
+        # TypeError: a query parameter redis-py does not know (?foo=1) reaches a constructor
+        except (RedisError, OSError, ValueError, TypeError) as exc:
             await self.aclose()
+            # job.toml keeps the URL without its password: say where it goes
+            needs = isinstance(exc, AuthenticationError) and self._password is None
+            hint = f" (its password: {LIMITS_STORE_PASSWORD_ENV})" if needs else ""
             raise LimitsStoreError(
-                f"cannot reach the limits store {redact(self.url)}: {_reason(exc)}"
+                f"cannot reach the limits store {redact(self.url)}: {_reason(exc)}{hint}"
             ) from None
 
     async def aclose(self) -> None:
@@ -302,8 +320,7 @@ class SharedLimits:
             with contextlib.suppress(Exception):
                 if not self.lost:
                     await redis.zrem(self._members, self._me)
-            with contextlib.suppress(Exception):
-                await redis.aclose()
+            await _disconnect(redis)
 
     async def grant(self, kind: Kind, amount: float, ceiling: float) -> Grant | None:
         """Book ``amount`` units of ``kind`` at up to ``ceiling`` a second (None: store lost).
@@ -381,17 +398,20 @@ class SharedLimits:
     async def _call(self, name: str, keys: list[str], args: list[Any]) -> Any:
         from redis.exceptions import RedisError
 
+        returns = self._returns
         try:
             return await self._scripts[name](keys=keys, args=args)
         except (RedisError, OSError) as exc:
-            self._lose(exc)
+            if returns == self._returns:
+                await self._lose(exc)
             return None
 
-    def _lose(self, exc: BaseException) -> None:
+    async def _lose(self, exc: BaseException) -> None:
         if self.lost:
             return
         self.lost = True
         self._slow.clear()  # pauses asked before the loss would be stale when it is back
+        await _disconnect(self._redis)
         self._on_notice(
             f"lost the limits store {redact(self.url)} ({_reason(exc)}): going on alone at "
             f"1/{self.processes} of the limits, the share of the {self.processes} "
@@ -411,7 +431,17 @@ class SharedLimits:
             return
         self.processes = max(1, int(count))
         self.lost = False
+        self._returns += 1
         self._on_notice(f"the limits store {redact(self.url)} is back: sharing the limits again")
+
+
+async def _disconnect(redis: Any) -> None:
+    """Close every connection of the client's pool; the next command opens a new one.
+
+    The pool's ``disconnect``, not the client's ``aclose``: redis 5.0.0, the floor, has none.
+    """
+    with contextlib.suppress(Exception):
+        await redis.connection_pool.disconnect(inuse_connections=True)
 
 
 def _reason(exc: BaseException) -> str:

@@ -83,6 +83,7 @@ class RunOptions:
     """How to run a job, beyond its settings."""
 
     api_key: str | None = None
+    limits_store_password: str | None = None  # when the store's URL names none
     retry_failed: bool = False
     durable: bool = True  # fsync the checkpoint; off only to measure what fsync costs
     progress_every: float | None = None  # seconds between progress lines; None = quiet
@@ -286,7 +287,8 @@ class Pipeline:
 
         s = self.job.settings
         key = s.limits_key or default_key(s.base_url, self.options.api_key)
-        return SharedLimits(url, key, on_notice=self.options.on_notice)
+        password = self.options.limits_store_password
+        return SharedLimits(url, key, on_notice=self.options.on_notice, password=password)
 
     async def _pipeline(self, transport: Transport) -> None:
         async with asyncio.TaskGroup() as tg:
