@@ -33,16 +33,8 @@ from batchq.batch.provider import Provider, ProviderError, Uncertain
 from batchq.errors import ConfigError, Notify
 from batchq.job import durable
 from batchq.job.batches import Chunk, Ledger, in_ranges, to_ranges
-from batchq.job.folder import (
-    Job,
-    add_elapsed,
-    job_lock,
-    prepare,
-    save_settings,
-    to_thread_to_the_end,
-)
-from batchq.job.journal import Journal, close_opened, retry_failed
-from batchq.job.shard import Span
+from batchq.job.folder import Job
+from batchq.job.run import SIGNALS, OpenRun, open_run
 from batchq.records import Outcome, key_scrubber
 from batchq.stats import Stats
 
@@ -91,50 +83,32 @@ async def run_batches(job: Job, options: BatchOptions) -> Stats:
     """
     dialect = dialect_of(job.settings)
     check_window(job.settings.completion_window, dialect)
-    with job_lock(job.run_dir):
-        span, journal = await to_thread_to_the_end(_open, job, options, undo=close_opened)
-        ledger = Ledger(job.run_dir)
-        stats = Stats(
-            ok_before=journal.totals.ok, failed_before=journal.totals.failed, total=span.requests
+    async with open_run(
+        job,
+        retry_failed=options.retry_failed,
+        durable=options.durable,
+        on_notice=options.on_notice,
+        handle_signals=options.handle_signals,
+    ) as opened:
+        s = job.settings
+        provider = Provider(
+            s.base_url,
+            options.api_key,
+            timeout=s.timeout,
+            connect_timeout=s.connect_timeout,
+            backoff=min(1.0, s.batch_poll),
         )
+        ledger = Ledger(job.run_dir)
         try:
-            s = job.settings
-            provider = Provider(
-                s.base_url,
-                options.api_key,
-                timeout=s.timeout,
-                connect_timeout=s.connect_timeout,
-                backoff=min(1.0, s.batch_poll),
-            )
             if options.on_open is not None:
                 await options.on_open()
             async with provider:
-                run = BatchRun(job, span, journal, ledger, provider, stats, options, dialect)
+                run = BatchRun(job, opened, ledger, provider, options, dialect)
                 with run.signals():
                     await run.run()
         finally:
             ledger.close()
-            await to_thread_to_the_end(_close, job, journal, stats)
-    return stats
-
-
-def _open(job: Job, options: BatchOptions) -> tuple[Span, Journal]:
-    span = prepare(job)[1]
-    save_settings(job)  # only now, holding the run's lock: a refused run changes nothing
-    if options.retry_failed:
-        moved = retry_failed(job.run_dir, job.results, job.errors)
-        options.on_notice(f"--retry-failed: {moved:,} retryable failures back to pending")
-    journal = Journal(job.run_dir, job.results, job.errors, durable=options.durable)
-    for note in journal.notes:
-        options.on_notice(note, logging.WARNING)
-    return span, journal
-
-
-def _close(job: Job, journal: Journal, stats: Stats) -> None:
-    try:
-        journal.close()
-    finally:
-        add_elapsed(job.run_dir, stats.elapsed)
+    return opened.stats
 
 
 class BatchRun:
@@ -143,16 +117,19 @@ class BatchRun:
     def __init__(
         self,
         job: Job,
-        span: Span,
-        journal: Journal,
+        opened: OpenRun,
         ledger: Ledger,
         provider: Provider,
-        stats: Stats,
         options: BatchOptions,
         dialect: Dialect,
     ) -> None:
-        self.job, self.span, self.journal, self.ledger = job, span, journal, ledger
-        self.provider, self.stats, self.options, self.dialect = provider, stats, options, dialect
+        self.job, self.span, self.journal, self.stats = (
+            job,
+            opened.span,
+            opened.journal,
+            opened.stats,
+        )
+        self.ledger, self.provider, self.options, self.dialect = ledger, provider, options, dialect
         self.notice = options.on_notice
         self.scrubber = key_scrubber(options.api_key)
         self.stopping = asyncio.Event()
@@ -484,8 +461,8 @@ class BatchRun:
                 main.cancel()
             self.stopping.set()
 
-        previous = {sig: signal.getsignal(sig) or signal.SIG_DFL for sig in _SIGNALS}
-        for sig in _SIGNALS:
+        previous = {sig: signal.getsignal(sig) or signal.SIG_DFL for sig in SIGNALS}
+        for sig in SIGNALS:
             loop.add_signal_handler(sig, stop)
         try:
             yield
@@ -493,9 +470,6 @@ class BatchRun:
             for sig, handler in previous.items():
                 loop.remove_signal_handler(sig)
                 signal.signal(sig, handler)
-
-
-_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _remove_files(folder: Path, chunk: Chunk) -> None:

@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -40,18 +40,9 @@ from batchq.errors import (
     TransportError,
 )
 from batchq.job.batches import held_lines
-from batchq.job.folder import (
-    Job,
-    add_elapsed,
-    job_lock,
-    prepare,
-    read_state,
-    save_settings,
-    to_thread_to_the_end,
-    write_progress,
-    write_state,
-)
-from batchq.job.journal import Journal, close_opened, retry_failed
+from batchq.job.folder import Job, write_progress
+from batchq.job.journal import Journal
+from batchq.job.run import SIGNALS, open_run
 from batchq.job.shard import Span
 from batchq.live.concurrency import Pool
 from batchq.live.hedge import Answer, Hedger, answer
@@ -100,81 +91,18 @@ async def run_job(job: Job, options: RunOptions) -> Stats:
     Raises FatalEndpointError (exit 3) when the endpoint refuses the job as
     a whole; the other BatchqErrors (exit 2) before anything is sent.
     """
-    prepared: Span | None = None
-    if job.shard is not None:
-        # A shard's folder exists once the count is settled, so its lock comes second.
-        prepared = await to_thread_to_the_end(_prepare, job)
-    with job_lock(job.run_dir):
-        # Hashing the input and the fsyncs of opening and closing run off the event
-        # loop's thread, so that a loop the engine shares is never stalled by them.
-        span, journal = await to_thread_to_the_end(_open, job, options, prepared, undo=close_opened)
-        for note in journal.notes:  # lines cut away, sent again
-            options.on_notice(note, logging.WARNING)
-        stats = Stats(
-            ok_before=journal.totals.ok,
-            failed_before=journal.totals.failed,
-            total=span.requests,
-        )
-        with _signals_noted(stats, options.handle_signals):
-            try:
-                if stats.done:
-                    options.on_notice(f"resuming: {stats.done:,} of {stats.total:,} done")
-                if options.on_open is not None:
-                    await options.on_open()
-                pipeline = Pipeline(job, journal, stats, span, options)
-                await pipeline.run()
-            finally:
-                await to_thread_to_the_end(_close, job, journal, stats)
-    return stats
-
-
-def _prepare(job: Job) -> Span:
-    return prepare(job)[1]
-
-
-def _open(job: Job, options: RunOptions, span: Span | None) -> tuple[Span, Journal]:
-    if span is None:
-        span = _prepare(job)
-    else:  # for `batchq status`: the shard's own part of the input
-        figures = {"start": span.start, "end": span.end, "first_line": span.first_line}
-        state = read_state(job.run_dir)
-        if {k: state.get(k) for k in figures} != figures or state.get("requests") != span.requests:
-            write_state(job.run_dir, {**state, **figures, "requests": span.requests})
-    save_settings(job)  # only now, holding the run's lock: a refused run changes nothing
-    if options.retry_failed:
-        moved = retry_failed(job.run_dir, job.results, job.errors)
-        options.on_notice(f"--retry-failed: {moved:,} retryable failures back to pending")
-    return span, Journal(job.run_dir, job.results, job.errors, durable=options.durable)
-
-
-def _close(job: Job, journal: Journal, stats: Stats) -> None:
-    try:
-        journal.close()
-    finally:
-        add_elapsed(job.run_dir, stats.elapsed)
-
-
-@contextlib.contextmanager
-def _signals_noted(stats: Stats, enabled: bool) -> Iterator[None]:
-    """Once the journal is open, a signal is noted (exit 130), never raised.
-
-    The pipeline's own handlers sit on top of these while it runs; before it
-    starts nothing is sent, and after it the last commit must not be cut short.
-    Only for the command line: a library leaves signals to its application.
-    """
-
-    def note(signum: int, frame: object) -> None:
-        stats.interrupted = True
-
-    previous = {sig: signal.signal(sig, note) for sig in _SIGNALS if enabled}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    async with open_run(
+        job,
+        retry_failed=options.retry_failed,
+        durable=options.durable,
+        on_notice=options.on_notice,
+        handle_signals=options.handle_signals,
+    ) as opened:
+        if options.on_open is not None:
+            await options.on_open()
+        pipeline = Pipeline(job, opened.journal, opened.stats, opened.span, options)
+        await pipeline.run()
+    return opened.stats
 
 
 class Pipeline:
@@ -224,7 +152,7 @@ class Pipeline:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        signals = _SIGNALS if self.options.handle_signals else ()
+        signals = SIGNALS if self.options.handle_signals else ()
         previous = {sig: signal.getsignal(sig) or signal.SIG_DFL for sig in signals}
         for sig in signals:
             loop.add_signal_handler(sig, self.stop)
