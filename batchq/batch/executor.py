@@ -22,7 +22,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from batchq.stats import Stats
 FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 CREATE_TRIES = 5
 DOWNLOAD_TRIES = 3
+APPEND_BYTES = 1 << 20  # output lines a collect hands to the journal at a time
 #: How far back (seconds) to look for a batch whose create answer was lost.
 FIND_SLACK = 3600.0
 
@@ -326,15 +327,32 @@ class BatchRun:
             file_id = batch.get(key)
             if isinstance(file_id, str) and file_id:  # null, or "" from DashScope: none
                 files.append(await self._download(chunk, file_id, key.split("_")[0], ids))
+        _reached("downloaded")
+        # Handed to the journal a slice at a time, so memory holds one slice of a batch's
+        # answers, not all of them (but for the lines on_outcomes is given after the commit);
+        # none is durable, nor the batch collected, before the commit.
         outcomes: list[Outcome] = []
+        appended: list[bytes] = []
+        held = 0
+
+        def emit(outcome: Outcome) -> None:
+            nonlocal held
+            outcomes.append(outcome)
+            held += len(outcome.line)
+            if held >= APPEND_BYTES:
+                self._append(outcomes)
+                if self.options.on_outcomes is not None:
+                    appended.extend(o.line for o in outcomes)
+                outcomes.clear()
+                held = 0
+
         collected = collect(
             files, chunk, ids, self.journal.done,
-            max_attempts=self.job.settings.max_attempts, emit=outcomes.append,
+            max_attempts=self.job.settings.max_attempts, emit=emit,
         )  # fmt: skip
         if status == "failed":
             self._say_failed(chunk, batch)
-        _reached("downloaded")
-        await self._commit(outcomes)
+        await self._commit(outcomes, appended)
         _reached("committed")
         # Only now, with its lines durable, is the batch collected: a crash before this
         # line collects it again, and finds those lines done.
@@ -383,12 +401,14 @@ class BatchRun:
         if self.ledger.open_chunks():
             self.notice("collecting what the cancelled batches finished")
 
-    async def _commit(self, outcomes: list[Outcome]) -> None:
-        """Append ``outcomes`` and make them durable; then hand them to ``on_outcomes``."""
+    async def _commit(self, outcomes: list[Outcome], appended: Sequence[bytes] = ()) -> None:
+        """Append ``outcomes`` and make them durable, with the lines ``appended`` before them;
+        then hand all of them to ``on_outcomes``."""
         self._append(outcomes)
         await self.journal.commit_in_thread()
-        if outcomes and self.options.on_outcomes is not None:
-            await self.options.on_outcomes([o.line for o in outcomes])
+        lines = [*appended, *(o.line for o in outcomes)]
+        if lines and self.options.on_outcomes is not None:
+            await self.options.on_outcomes(lines)
 
     def _append(self, outcomes: list[Outcome]) -> None:
         if not outcomes:
