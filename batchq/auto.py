@@ -5,10 +5,11 @@ job's lock in turn:
 
 1. The batch executor, given the deadline. Lines no batch can take, and
    lines a batch left undone (5xx, expired), stay pending instead of going
-   in another batch. A batch that, at the pace it shows, cannot finish
-   before the deadline less the time its lines would take live (at least a
-   tenth of the time the run was given) is cancelled; what it finished is
-   kept, the rest stays pending.
+   in another batch. A batch still open at the deadline less the time its
+   unfinished lines would take live (at least a tenth of the time the run
+   was given) is cancelled then, not before: every line it finishes until
+   then is one fewer at full price. What it finished is kept, the rest
+   stays pending.
 2. The live engine, at full price, for every line still pending.
 
 Every batch is collected before the live phase begins, so no line is

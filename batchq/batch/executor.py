@@ -267,7 +267,7 @@ class BatchRun:
                 self._seen(chunk, batch)
                 if batch.get("status") in FINAL:
                     finished.append((chunk, batch))
-                elif self._too_late(chunk, batch):
+                elif self._too_late(chunk):
                     await self._cancel(chunk, "it cannot finish before the deadline")
             self._show()
             for chunk, batch in finished:
@@ -277,22 +277,19 @@ class BatchRun:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), interval)
 
-    def _too_late(self, chunk: Chunk, batch: dict[str, Any]) -> bool:
-        """Whether ``chunk``'s batch, at the pace it shows, ends past the deadline less the
-        time its lines would take live (at least a tenth of the time the run was given)."""
+    def _too_late(self, chunk: Chunk) -> bool:
+        """Whether ``chunk``'s batch must stop now: the deadline less the time its unfinished
+        lines would take live (at least a tenth of the time the run was given) has come.
+
+        Not earlier, even when its pace shows it cannot finish: every line it finishes
+        until then is one line fewer at the live price.
+        """
         if self.options.deadline is None or chunk.number in self._cancelled:
             return False
-        now = time.time()
         total, completed = chunk.counts.get("total", chunk.count), chunk.counts.get("completed", 0)
         left = max(0, total - completed)
         live = left / self.options.live_rate if self.options.live_rate else 0.0
-        cutoff = self.options.deadline - max(self._reserve, live)
-        if now >= cutoff:
-            return True
-        started = chunk.created_at or now
-        if completed <= 0 or now <= started:
-            return False  # no pace to project yet
-        return now + left * (now - started) / completed > cutoff
+        return time.time() >= self.options.deadline - max(self._reserve, live)
 
     async def _cancel(self, chunk: Chunk, why: str) -> None:
         """Ask the provider to stop ``chunk``'s batch; what it finished is still collected."""
