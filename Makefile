@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-floor lint redis-server bench bench-full bench-capacity bench-api clean
+.PHONY: demo test test-floor lint redis-server bench bench-full bench-capacity bench-api bench-batch clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,12 @@ bench-capacity: $(STAMP)
 # job (~2 minutes; appended to benchmarks/API.md). ARGS=--quick for a smoke run that prints.
 bench-api: $(STAMP)
 	$(BIN)/python benchmarks/api.py $(ARGS)
+
+# Issue 20's figures: 1,000,000 lines through --via batch against the bare client, a crash
+# matrix (SIGKILL at each step of the batch executor) and --via auto --deadline (~12 minutes;
+# written to benchmarks/BATCH.md). ARGS=--quick for a smoke run that prints.
+bench-batch: $(STAMP)
+	$(BIN)/python benchmarks/batch.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(FLOOR) .pytest_cache .mypy_cache .ruff_cache

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -368,6 +368,21 @@ def copy_bytes(src: Path, dst: Path, start: int, end: int) -> None:
         while left > 0 and (chunk := f.read(min(left, 1 << 22))):
             out.write(chunk)
             left -= len(chunk)
+
+
+def once_each(paths: Iterable[Path], lines: int) -> tuple[int, int, int]:
+    """(input lines written once, missing, written more than once) over the output lines
+    in ``paths``, by the input line number batchq records in each (``"batchq":{"line":N``)."""
+    seen = bytearray(lines + 1)
+    mark = b'"batchq":{"line":'
+    for path in paths:
+        with path.open("rb") as f:
+            for raw in f:
+                at = raw.rfind(mark)
+                number = int(raw[at + len(mark) :].split(b",", 1)[0].split(b"}", 1)[0])
+                seen[number] = min(seen[number] + 1, 255)
+    counts = seen[1:]
+    return counts.count(1), counts.count(0), lines - counts.count(1) - counts.count(0)
 
 
 def count_lines(path: Path) -> int:

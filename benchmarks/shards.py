@@ -45,20 +45,6 @@ def _wait_all(procs: list[subprocess.Popen[bytes]]) -> None:
             raise SystemExit(f"a run failed ({proc.returncode}): {stderr.decode()[-500:]}")
 
 
-def once_each(job: Path, lines: int) -> tuple[int, int, int]:
-    """(lines done once, missing, written twice), over every shard's output lines."""
-    seen = bytearray(lines + 1)
-    mark = b'"batchq":{"line":'
-    for path in sorted(job.glob("shard-*/*.jsonl")):
-        with path.open("rb") as f:
-            for raw in f:
-                at = raw.rfind(mark)
-                number = int(raw[at + len(mark) :].split(b",", 1)[0].split(b"}", 1)[0])
-                seen[number] = min(seen[number] + 1, 255)
-    counts = seen[1:]
-    return counts.count(1), counts.count(0), lines - counts.count(1) - counts.count(0)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lines", type=int, default=1_000_000)
@@ -85,7 +71,9 @@ def main() -> None:
             )
             sharded = time.perf_counter() - started
             print(f"{n} shards at once: {sharded:,.1f} s wall, {args.lines / sharded:,.0f} req/s")
-            done, missing, twice = once_each(tmp / "sharded", args.lines)
+            done, missing, twice = harness.once_each(
+                sorted((tmp / "sharded").glob("shard-*/*.jsonl")), args.lines
+            )
             print(f"  exactly once: {done:,} once, {missing:,} missing, {twice:,} twice")
 
             job = tmp / "killed"
@@ -104,7 +92,9 @@ def main() -> None:
                 procs[i] = _start(tmp, _cmd(url, job, "--shard", f"{i}/{n}"))
             _wait_all(list(procs.values()))
             killed = time.perf_counter() - started
-            done, missing, twice = once_each(job, args.lines)
+            done, missing, twice = harness.once_each(
+                sorted(job.glob("shard-*/*.jsonl")), args.lines
+            )
             print(f"{n} shards, {kills} SIGKILLed at random and rerun: {killed:,.1f} s wall")
             print(f"  exactly once: {done:,} once, {missing:,} missing, {twice:,} twice")
             status = subprocess.run(
