@@ -314,7 +314,7 @@ def test_auto_sends_live_what_its_batch_cannot_finish_before_the_deadline(
     assert 0 < by_batch < 60  # the batch did what it could; the rest went live
     # ... until the deadline less a tenth (5.4 s at 3 lines a second, from its create): not
     # cancelled as soon as its pace showed it could not finish, which left 1 line by batch.
-    assert by_batch >= 8
+    assert by_batch >= 5
     assert live_calls(server) == 60 - by_batch
     assert billing(server)["lines_billed_twice"] == 0
     assert f"{by_batch:,} lines by batch, {60 - by_batch:,} live" in done.stderr
