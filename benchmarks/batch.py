@@ -84,7 +84,7 @@ def write_prompts(path: Path, lines: int, tag: str = "", *, split: Path | None =
             batch.append(orjson.dumps({"custom_id": f"q-{n}", "messages": messages}) + b"\n")
             if split is not None:
                 body = {"messages": messages, "model": "m"}
-                line = {"custom_id": f"batchq-{n}", "method": "POST"}
+                line: dict[str, Any] = {"custom_id": f"batchq-{n}", "method": "POST"}
                 line |= {"url": "/v1/chat/completions", "body": body}
                 upload.append(orjson.dumps(line) + b"\n")
                 if len(upload) == PER_BATCH or n == lines:
@@ -195,7 +195,8 @@ def one_million(tmp: Path, lines: int, runs: int) -> tuple[str, dict[str, Any]]:
         out = tmp / "bare-out"
         out.mkdir()
         with endpoint(tmp, *FAST) as url:
-            cmd = [sys.executable, str(BARE), "--base-url", url, "--poll", POLL, str(out), *parts]
+            cmd = [sys.executable, str(BARE), "--base-url", url, "--poll", POLL, str(out)]
+            cmd += map(str, parts)
             bare.append(harness.measure(cmd, timeout=timeout, log=tmp / "bare.log", cwd=tmp))
             billed = billing(url)
         written = sum(harness.count_lines(p) for p in out.iterdir())
