@@ -42,6 +42,32 @@ def batchq(
     )
 
 
+# Forks and execs the command given, then prints its exit status and peak RSS (KiB) as the
+# last line. The peak is the child's own: a process exec'ed straight from pytest starts from
+# pytest's peak, and RUSAGE_CHILDREN holds every child's of the session.
+_PEAK_RSS = """\
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss, flush=True)
+"""
+
+
+def batchq_peak_rss(
+    *args: str | Path, cwd: Path, timeout: float = 120
+) -> tuple[subprocess.CompletedProcess[str], float]:
+    """``batchq(ARGS)``, and the peak RSS (MiB) of that batchq process alone."""
+    launcher = [sys.executable, "-I", "-S", "-c", _PEAK_RSS, *batchq_cmd(*args)]
+    done = subprocess.run(
+        launcher, cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=timeout
+    )
+    stdout, _, last = done.stdout.rstrip("\n").rpartition("\n")
+    code, peak_kib = map(int, last.split())
+    return subprocess.CompletedProcess(args, code, stdout, done.stderr), peak_kib / 1024
+
+
 def start(*args: str | Path, cwd: Path) -> subprocess.Popen[str]:
     """Start ``batchq ARGS`` in a subprocess, its output captured, without waiting."""
     return subprocess.Popen(

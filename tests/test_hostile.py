@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import email.utils
 import gzip
-import resource
 import subprocess
 import zlib
 from collections.abc import Callable
@@ -23,7 +22,15 @@ import pytest
 from aiohttp import web
 from conftest import MockFactory
 from hostile import HostileServer, completion, echo, prompt_of
-from support import batchq, by_custom_id, chat, clean_env, outputs, write_jsonl
+from support import (
+    batchq,
+    batchq_peak_rss,
+    by_custom_id,
+    chat,
+    clean_env,
+    outputs,
+    write_jsonl,
+)
 
 import batchq as api
 
@@ -304,10 +311,6 @@ def test_307_elsewhere_in_circles_or_nowhere_fails(
 MiB = 1 << 20
 
 
-def children_peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-
-
 async def huge(request: web.Request, body: bytes) -> web.StreamResponse:
     """64 MiB of JSON string, sent as fast as the client reads it."""
     response = web.StreamResponse(headers={"Content-Type": "application/json"})
@@ -351,7 +354,11 @@ def test_answers_over_max_response_bytes_fail_and_memory_stays_bounded(
         return web.Response(body=bomb, headers=headers)
 
     server = hostile(huge_or_bomb)
-    done = run(tmp_path, server.url, "--concurrency", "16")  # the default bound, 32 MiB
+    done, peak = batchq_peak_rss(
+        "run", "in.jsonl", "--base-url", server.url, "--model", "m", "-q",
+        "--concurrency", "16",  # the default bound, 32 MiB
+        cwd=tmp_path,
+    )  # fmt: skip
     assert done.returncode == 1, done.stderr
     assert len(server.seen) == len(ids)  # not retried
     ok, failed = agrees(tmp_path, ids)
@@ -362,7 +369,7 @@ def test_answers_over_max_response_bytes_fail_and_memory_stays_bounded(
         assert line["batchq"]["retryable"] is True
     # 16 answers of 64 or 256 MiB at once (1.1 GB RSS before the bound, 520 MB with a bound
     # but no limit on how many large answers are read at a time): one or two bounds' worth.
-    assert children_peak_rss_mib() < 200
+    assert peak < 200
     assert (job_of(tmp_path) / "errors.jsonl").stat().st_size < 10_000
 
 
