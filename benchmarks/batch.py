@@ -1,6 +1,7 @@
 """Issue 20's figures: a job through the provider's Batch API (``--via batch``, ``--via auto``).
 
     .venv/bin/python benchmarks/batch.py [--quick] [--runs 3] [--lines 1000000] [--kills 5]
+        [--parts big,crash,auto]
 
 Every endpoint is ``batchq mock-server`` in its own process, started fresh
 for each run (its billing counters then count that run alone), on a fast
