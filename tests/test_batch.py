@@ -415,3 +415,21 @@ def test_an_answer_too_deep_to_read_back_is_sent_again_not_written(tmp_path: Pat
 
 def _deep_json(levels: int) -> bytes:
     return b'{"a":' * levels + b"{}" + b"}" * levels
+
+
+def test_lines_a_failed_batch_names_fail_for_good_and_the_rest_go_again() -> None:
+    from batchq.batch.collect import collect, rejected_lines
+    from batchq.job.batches import Chunk
+
+    chunk = Chunk(1, [[4, 5], [9, 9]], 3, 1, "/v1/chat/completions", None, 0, batch_id="b")
+    failed = {"errors": {"data": [{"code": "invalid_request", "message": "bad body", "line": 2}]}}
+    ids = {"batchq-4": (4, "four"), "batchq-5": (5, "five"), "batchq-9": (9, "nine")}
+    written: list[Any] = []
+    left = collect(
+        [], chunk, ids, set(), max_attempts=3, emit=written.append,
+        rejected=rejected_lines(chunk, failed),
+    )  # fmt: skip
+    (line,) = [orjson.loads(o.line) for o in written]
+    assert line["custom_id"] == "five" and line["batchq"]["line"] == 5
+    assert line["error"]["code"] == "invalid_request" and not line["batchq"]["retryable"]
+    assert left.retry == [4, 9]

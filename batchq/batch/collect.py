@@ -71,10 +71,16 @@ def collect(
     *,
     max_attempts: int,
     emit: Callable[[Outcome], None],
+    rejected: dict[int, tuple[str, str]] | None = None,
 ) -> Collected:
-    """Hand every answered line of ``chunk`` to ``emit``; say what is left to do."""
+    """Hand every answered line of ``chunk`` to ``emit``; say what is left to do.
+
+    ``rejected``: lines a batch that failed validation named as bad (input line:
+    code, message); they fail for good, the batch's other lines go again.
+    """
     result = Collected()
     seen: set[int] = set()
+    ids_by_line = {line_no: custom_id for line_no, custom_id in ids.values()} if rejected else {}
     last_try = chunk.attempt >= max_attempts
     for path in files:
         for _, obj in _lines(path):
@@ -98,7 +104,15 @@ def collect(
     for line_no in in_ranges(chunk.lines):
         if line_no in seen or line_no in done:
             continue
-        if last_try:
+        if rejected and line_no in rejected:
+            code, message = rejected[line_no]
+            line = error_line(
+                line_no, ids_by_line.get(line_no), code, f"the provider refused it: {message}",
+                attempts=chunk.attempt, batch=chunk.batch_id,
+            )  # fmt: skip
+            result.failed_for_good += 1
+            emit(Outcome(line_no, False, line))
+        elif last_try:
             message = f"not answered by batch {chunk.batch_id} ({chunk.status}), the last try"
             line = error_line(
                 line_no, None, "batch_unanswered", message, attempts=chunk.attempt,
@@ -109,6 +123,35 @@ def collect(
             result.retry.append(line_no)
     result.retry.sort()
     return result
+
+
+def validation_errors(chunk: Chunk, batch: dict[str, Any]) -> list[tuple[int | None, str, str]]:
+    """A failed batch's ``errors.data``: (input line or None, code, message) each.
+
+    The provider numbers the lines of the file batchq uploaded, from 1; the
+    chunk's lines were written in ascending order, so the n-th is its n-th line.
+    """
+    errors = batch.get("errors")
+    data = errors.get("data") if isinstance(errors, dict) else None
+    lines = list(in_ranges(chunk.lines))
+    found = []
+    for error in data if isinstance(data, list) else []:
+        if isinstance(error, dict):
+            where = error.get("line")
+            line_no = (
+                lines[where - 1] if isinstance(where, int) and 1 <= where <= len(lines) else None
+            )
+            found.append((line_no, str(error.get("code")), str(error.get("message"))))
+    return found
+
+
+def rejected_lines(chunk: Chunk, batch: dict[str, Any]) -> dict[int, tuple[str, str]]:
+    """The input lines a failed batch named as bad, with why."""
+    return {
+        line_no: (code, message)
+        for line_no, code, message in validation_errors(chunk, batch)
+        if line_no is not None
+    }
 
 
 def _outcome(

@@ -27,12 +27,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from batchq.batch.collect import Damaged, check, collect, read_ids
+from batchq.batch.collect import (
+    Damaged,
+    check,
+    collect,
+    read_ids,
+    rejected_lines,
+    validation_errors,
+)
 from batchq.batch.plan import Dialect, check_window, dialect_of, plan
 from batchq.batch.provider import Provider, ProviderError, Uncertain
 from batchq.errors import ConfigError, Notify
 from batchq.job import durable
-from batchq.job.batches import Chunk, Ledger, in_ranges, to_ranges
+from batchq.job.batches import Chunk, Ledger, to_ranges
 from batchq.job.folder import Job
 from batchq.job.run import SIGNALS, OpenRun, open_run
 from batchq.records import Outcome, key_scrubber
@@ -343,12 +350,13 @@ class BatchRun:
                 outcomes.clear()
                 held = 0
 
+        rejected = rejected_lines(chunk, batch) if status == "failed" else {}
         collected = collect(
             files, chunk, ids, self.journal.done,
-            max_attempts=self.job.settings.max_attempts, emit=emit,
+            max_attempts=self.job.settings.max_attempts, emit=emit, rejected=rejected,
         )  # fmt: skip
         if status == "failed":
-            self._say_failed(chunk, batch)
+            self._say_failed(chunk, batch, len(rejected))
         await self._commit(outcomes, appended)
         _reached("committed")
         # Only now, with its lines durable, is the batch collected: a crash before this
@@ -435,24 +443,21 @@ class BatchRun:
             self.notice(line)
             self._shown = line
 
-    def _say_failed(self, chunk: Chunk, batch: dict[str, Any]) -> None:
-        errors = batch.get("errors")
-        data = errors.get("data") if isinstance(errors, dict) else None
-        reasons = []
-        lines = list(in_ranges(chunk.lines))
-        for error in data if isinstance(data, list) else []:
-            if not isinstance(error, dict):
-                continue
-            where = error.get("line")
-            if isinstance(where, int) and 1 <= where <= len(lines):
-                where = f"input line {lines[where - 1]}"
-            reasons.append(f"{error.get('code')}: {error.get('message')} ({where or 'the file'})")
-        text = "; ".join(reasons[:3]) or "no reason given"
+    def _say_failed(self, chunk: Chunk, batch: dict[str, Any], rejected: int) -> None:
+        reasons = [
+            f"{code}: {message}" + (f" (input line {line_no})" if line_no else "")
+            for line_no, code, message in validation_errors(chunk, batch)[:3]
+        ]
+        text = "; ".join(reasons) or "no reason given"
         if self.scrubber is not None:
             text = self.scrubber.text(text)
+        fate = (
+            f"{rejected:,} lines it named go to errors, the rest again"
+            if rejected
+            else ("its lines go again")
+        )
         self.notice(
-            f"batch {chunk.batch_id} ({chunk.name}) failed: {text}; its lines go again",
-            logging.WARNING,
+            f"batch {chunk.batch_id} ({chunk.name}) failed: {text}; {fate}", logging.WARNING
         )
 
     def _say_left_running(self) -> None:
