@@ -65,7 +65,7 @@ bench-api: $(STAMP)
 	$(BIN)/python benchmarks/api.py $(ARGS)
 
 # Issue 20's figures: 1,000,000 lines through --via batch against the bare client, a crash
-# matrix (SIGKILL at each step of the batch executor) and --via auto --deadline (~12 minutes;
+# matrix (SIGKILL at each step of the batch executor) and --via auto --deadline (8-12 minutes;
 # written to benchmarks/BATCH.md). ARGS=--quick for a smoke run that prints.
 bench-batch: $(STAMP)
 	$(BIN)/python benchmarks/batch.py $(ARGS)
