@@ -91,13 +91,7 @@ async def run_batches(job: Job, options: BatchOptions) -> Stats:
     """
     dialect = dialect_of(job.settings)
     check_window(job.settings.completion_window, dialect)
-    async with open_run(
-        job,
-        retry_failed=options.retry_failed,
-        durable=options.durable,
-        on_notice=options.on_notice,
-        handle_signals=options.handle_signals,
-    ) as opened:
+    async with open_run(job, options) as opened:
         s = job.settings
         provider = Provider(
             s.base_url,
@@ -108,8 +102,6 @@ async def run_batches(job: Job, options: BatchOptions) -> Stats:
         )
         ledger = Ledger(job.run_dir)
         try:
-            if options.on_open is not None:
-                await options.on_open()
             async with provider:
                 run = BatchRun(job, opened, ledger, provider, options, dialect)
                 with run.signals():

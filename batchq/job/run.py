@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from batchq.errors import Notify
 from batchq.job.folder import (
@@ -41,10 +42,23 @@ class OpenRun:
     stats: Stats
 
 
+class RunOptions(Protocol):
+    """What both executors' options say about opening a job."""
+
+    @property
+    def retry_failed(self) -> bool: ...  # move the retryable failures back to pending first
+    @property
+    def durable(self) -> bool: ...  # fsync the checkpoint
+    @property
+    def on_notice(self) -> Notify: ...
+    @property
+    def handle_signals(self) -> bool: ...
+    @property
+    def on_open(self) -> Callable[[], Awaitable[None]] | None: ...  # open, nothing sent yet
+
+
 @contextlib.asynccontextmanager
-async def open_run(
-    job: Job, *, retry_failed: bool, durable: bool, on_notice: Notify, handle_signals: bool
-) -> AsyncIterator[OpenRun]:
+async def open_run(job: Job, options: RunOptions) -> AsyncIterator[OpenRun]:
     """The job opened under its lock; committed and closed when the block ends.
 
     ``handle_signals``: from the moment the journal is open, SIGINT and
@@ -53,6 +67,7 @@ async def open_run(
     while it works. Only for the command line: a library leaves signals to
     its application.
     """
+    on_notice = options.on_notice
     prepared: Span | None = None
     if job.shard is not None:
         # A shard's folder exists once the count is settled, so its lock comes second.
@@ -61,17 +76,20 @@ async def open_run(
         # Hashing the input and the fsyncs of opening and closing run off the event
         # loop's thread, so that a loop the engine shares is never stalled by them.
         span, journal = await to_thread_to_the_end(
-            _open, job, retry_failed, durable, on_notice, prepared, undo=close_opened
-        )
+            _open, job, options.retry_failed, options.durable, on_notice, prepared,
+            undo=close_opened,
+        )  # fmt: skip
         for note in journal.notes:  # lines cut away, sent again
             on_notice(note, logging.WARNING)
         stats = Stats(
             ok_before=journal.totals.ok, failed_before=journal.totals.failed, total=span.requests
         )
-        with _signals_noted(stats, handle_signals):
+        with _signals_noted(stats, options.handle_signals):
             try:
                 if stats.done:
                     on_notice(f"resuming: {stats.done:,} of {stats.total:,} done")
+                if options.on_open is not None:
+                    await options.on_open()
                 yield OpenRun(span, journal, stats)
             finally:
                 await to_thread_to_the_end(_close, job, journal, stats)

@@ -91,15 +91,7 @@ async def run_job(job: Job, options: RunOptions) -> Stats:
     Raises FatalEndpointError (exit 3) when the endpoint refuses the job as
     a whole; the other BatchqErrors (exit 2) before anything is sent.
     """
-    async with open_run(
-        job,
-        retry_failed=options.retry_failed,
-        durable=options.durable,
-        on_notice=options.on_notice,
-        handle_signals=options.handle_signals,
-    ) as opened:
-        if options.on_open is not None:
-            await options.on_open()
+    async with open_run(job, options) as opened:
         pipeline = Pipeline(job, opened.journal, opened.stats, opened.span, options)
         await pipeline.run()
     return opened.stats
