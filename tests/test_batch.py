@@ -230,10 +230,13 @@ def test_ctrl_c_leaves_the_batches_running_and_the_same_command_collects_them(
     assert billing(server)["batches_created"] == 1  # collected, not sent again
 
 
+@pytest.mark.parametrize("lost", [0.0, 1.0], ids=["answered", "cancel-answer-lost"])
 def test_cancel_collects_what_finished_and_a_live_rerun_does_the_rest(
-    tmp_path: Path, mock_server: MockFactory
+    tmp_path: Path, mock_server: MockFactory, lost: float
 ) -> None:
-    server = mock_server(batch_time_scale=60.0, batch_lines_per_second=0.01)  # 0.6 lines/s
+    server = mock_server(
+        batch_time_scale=60.0, batch_lines_per_second=0.01, batch_lost_cancel_rate=lost
+    )  # 0.6 lines a second
     write_jsonl(tmp_path / "in.jsonl", prompts(20))
     detached = run_batch(tmp_path, server, "--detach")
     assert detached.returncode == 0, detached.stderr

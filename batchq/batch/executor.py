@@ -50,6 +50,7 @@ FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 CREATE_TRIES = 5
 DOWNLOAD_TRIES = 3
 APPEND_BYTES = 1 << 20  # output lines a collect hands to the journal at a time
+SHOW_EVERY = 60.0  # seconds between progress lines while no batch changes state
 #: How far back (seconds) to look for a batch whose create answer was lost.
 FIND_SLACK = 3600.0
 
@@ -133,7 +134,7 @@ class BatchRun:
         self.notice = options.on_notice
         self.scrubber = key_scrubber(options.api_key)
         self.stopping = asyncio.Event()
-        self._shown = ""
+        self._shown, self._shown_at = "", 0.0
         self._replan = not options.cancel  # the input is scanned again only when lines came back
         self._cancelled: set[int] = set()  # chunks this run asked the provider to cancel
         self._reserve = 0.0 if options.deadline is None else 0.1 * (options.deadline - time.time())
@@ -423,17 +424,23 @@ class BatchRun:
             self.stats.completion_tokens += o.completion_tokens
 
     def _show(self) -> None:
-        """One line when the batches' states change: by state, and the lines in them."""
+        """A line when the batches' states change, and at most a minute apart while they
+        work: batches by state, the provider's count of their lines done, the job's."""
         states: dict[str, int] = {}
-        held = 0
+        held = answered = 0
         for chunk in self.ledger.open_chunks():
             states[chunk.status or "submitted"] = states.get(chunk.status or "submitted", 0) + 1
             held += chunk.count
+            answered += chunk.counts.get("completed", 0) + chunk.counts.get("failed", 0)
         text = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
-        line = f"batches: {text} · lines done {self.stats.done:,} · in batches {held:,}"
-        if line != self._shown:
-            self.notice(line)
-            self._shown = line
+        now = time.monotonic()
+        if text == self._shown and now - self._shown_at < SHOW_EVERY:
+            return
+        self._shown, self._shown_at = text, now
+        self.notice(
+            f"batches: {text} · {answered:,} of their {held:,} lines answered"
+            f" · job: {self.stats.done:,} of {self.stats.total or 0:,} done"
+        )
 
     def _say_failed(self, chunk: Chunk, batch: dict[str, Any], rejected: int) -> None:
         reasons = [
