@@ -47,7 +47,7 @@ test-floor: $(FLOOR)/.installed
 	$(FLOOR)/bin/pip list 2>/dev/null | grep -iE '^(aiohttp|orjson|click|tqdm|redis) '
 	$(FLOOR)/bin/pytest -q -p no:cacheprovider tests/test_pipeline.py tests/test_faults.py \
 		tests/test_mockserver.py tests/test_config.py tests/test_progress.py tests/test_api.py \
-		tests/test_limits_store.py
+		tests/test_limits_store.py tests/test_batch.py tests/test_mock_batches.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py

@@ -51,6 +51,8 @@ async def run_auto(job: Job, live: RunOptions, batch: BatchOptions) -> Stats:
     stats.failed += by_batch.failed
     stats.prompt_tokens += by_batch.prompt_tokens
     stats.completion_tokens += by_batch.completion_tokens
+    stats.batch_prompt_tokens = by_batch.batch_prompt_tokens
+    stats.batch_completion_tokens = by_batch.batch_completion_tokens
     stats.batches_created, stats.batches_open = by_batch.batches_created, by_batch.batches_open
     stats.by_batch = by_batch.ok + by_batch.failed
     return stats

@@ -265,6 +265,16 @@ def _defaults(
     help="Seconds between looks at the open batches [default: 30].",
 )
 @click.option(
+    "--price-in",
+    type=click.FloatRange(min=0),
+    help="Price of a million prompt tokens: the summary shows the cost (by batch at half).",
+)
+@click.option(
+    "--price-out",
+    type=click.FloatRange(min=0),
+    help="Price of a million completion tokens.",
+)
+@click.option(
     "--detach",
     is_flag=True,
     help="With --via batch: return once every batch is created; the same command collects them.",
@@ -365,7 +375,13 @@ def run(
     except Interrupted:  # a signal while the pipeline was not handling them
         _notice(f"interrupted; to resume: {_resume()}")
         sys.exit(EXIT_INTERRUPTED)
-    figures = summary(stats, results=str(job.results), errors=str(job.errors), resume=_resume())
+    figures = summary(
+        stats,
+        results=str(job.results),
+        errors=str(job.errors),
+        resume=_resume(),
+        prices=(job.settings.price_in, job.settings.price_out),
+    )
     click.echo(render_summary(figures), err=True)
     if json_summary:
         click.echo(orjson.dumps(figures).decode())
@@ -414,7 +430,13 @@ def cancel(job_dir: Path) -> None:
     except Interrupted:
         sys.exit(EXIT_INTERRUPTED)
     resume = f"batchq run {shlex.quote(str(job_dir))}"
-    figures = summary(stats, results=str(job.results), errors=str(job.errors), resume=resume)
+    figures = summary(
+        stats,
+        results=str(job.results),
+        errors=str(job.errors),
+        resume=resume,
+        prices=(job.settings.price_in, job.settings.price_out),
+    )
     click.echo(render_summary(figures), err=True)
     sys.exit(EXIT_INTERRUPTED if stats.interrupted else EXIT_OK)
 
@@ -586,8 +608,8 @@ def validate(
         report = check(
             path,
             RequestTemplate.from_settings(job_settings),
-            price_in=price_in,
-            price_out=price_out,
+            price_in=price_in or job_settings.price_in,
+            price_out=price_out or job_settings.price_out,
         )
         figures = report.as_dict()
         if job_settings.via != "live":

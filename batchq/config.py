@@ -68,6 +68,8 @@ class Settings:
     batch_max_lines: int = 50_000  # of one batch file
     batch_max_bytes: int = 190_000_000  # of one batch file (OpenAI takes 200 MB)
     batch_poll: float = 30.0  # seconds between looks at the open batches
+    price_in: float = 0.0  # per million prompt tokens, for the summary's cost; 0: not shown
+    price_out: float = 0.0  # per million completion tokens
 
     def __post_init__(self) -> None:
         for name in _TEXT:
@@ -127,6 +129,8 @@ class Settings:
         _check_range("batch_max_lines", self.batch_max_lines, 1, 10_000_000, integer=True)
         _check_range("batch_max_bytes", self.batch_max_bytes, 1024, 1 << 40, integer=True)
         _check_range("batch_poll", self.batch_poll, 0, 86_400, open_low=True)
+        for name in ("price_in", "price_out"):
+            _check_range(name, getattr(self, name), 0, 1e9)
 
     @property
     def request_key(self) -> dict[str, Any]:

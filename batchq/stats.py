@@ -68,6 +68,8 @@ class Stats:
     batches_created: int = 0  # provider batches this run created (--via batch)
     batches_open: int | None = None  # left running at the provider; None: a live run
     by_batch: int | None = None  # --via auto: of this run's lines, those a batch answered
+    batch_prompt_tokens: int = 0  # of this run's tokens, those answered by batch (half price)
+    batch_completion_tokens: int = 0
     interrupted: bool = False
 
     @property

@@ -312,11 +312,18 @@ def test_auto_with_time_to_spare_sends_nothing_live(
 ) -> None:
     server = mock_server(**FAST)
     write_jsonl(tmp_path / "in.jsonl", prompts(40))
-    done = run_batch(tmp_path, server, "--via", "auto", "--deadline", "1h")
+    done = run_batch(
+        tmp_path, server, "--via", "auto", "--deadline", "1h",
+        "--price-in", "1000000", "--price-out", "1000000", "--json-summary",
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert_one_output_per_line(tmp_path / "job", 40)
     assert live_calls(server) == 0
     assert billing(server)["lines_billed"] == 40
+    run = orjson.loads(done.stdout)["this_run"]
+    tokens = run["total_tokens"]  # a dollar a token: the cost is the count
+    assert run["cost"] == {"spent": tokens / 2, "all_live": tokens}
+    assert run["batches"]["lines"] == 40
 
 
 def test_auto_sends_live_the_lines_no_batch_takes_and_those_a_batch_failed(

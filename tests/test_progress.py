@@ -98,6 +98,19 @@ def test_the_summary_matches_the_files_and_the_endpoint(
         f"batchq run in.jsonl --base-url {server.url} --model m --json-summary --retry-failed"
     )
     assert "31 succeeded, 1 failed, 0 pending" in done.stderr
+    assert run["cost"] is None  # no price given: nothing shown, nothing guessed
+    assert "cost:" not in done.stderr
+
+
+def test_a_price_shows_the_cost_of_a_live_run(tmp_path: Path, mock_server: MockFactory) -> None:
+    server = mock_server()
+    write_jsonl(tmp_path / "in.jsonl", [chat(f"s{i}") for i in range(5)])
+    args = ["--base-url", server.url, "--model", "m", "--json-summary"]
+    done = batchq("run", "in.jsonl", *args, "--price-in", "2", "--price-out", "8", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    run = orjson.loads(done.stdout)["this_run"]
+    cost = (run["prompt_tokens"] * 2 + run["completion_tokens"] * 8) / 1e6
+    assert run["cost"] == {"spent": pytest.approx(cost), "all_live": pytest.approx(cost)} and cost
 
 
 def test_status_of_a_finished_and_an_interrupted_job(

@@ -422,6 +422,8 @@ class BatchRun:
                 self.stats.failed += 1
             self.stats.prompt_tokens += o.prompt_tokens
             self.stats.completion_tokens += o.completion_tokens
+            self.stats.batch_prompt_tokens += o.prompt_tokens
+            self.stats.batch_completion_tokens += o.completion_tokens
 
     def _show(self) -> None:
         """A line when the batches' states change, and at most a minute apart while they

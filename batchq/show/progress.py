@@ -126,8 +126,18 @@ def make_progress(stats: Stats, stream: TextIO = sys.stderr) -> Progress:
     return TerminalProgress(stats, stream) if stream.isatty() else PlainProgress(stats, stream)
 
 
-def summary(stats: Stats, *, results: str, errors: str, resume: str) -> dict[str, Any]:
-    """The end-of-run figures as one JSON-ready dict (``--json-summary``)."""
+def summary(
+    stats: Stats,
+    *,
+    results: str,
+    errors: str,
+    resume: str,
+    prices: tuple[float, float] = (0.0, 0.0),
+) -> dict[str, Any]:
+    """The end-of-run figures as one JSON-ready dict (``--json-summary``).
+
+    ``prices``: per million prompt and completion tokens; the cost is shown only with one.
+    """
     s = stats
     failed = s.failed_before + s.failed
     return {
@@ -150,6 +160,7 @@ def summary(stats: Stats, *, results: str, errors: str, resume: str) -> dict[str
             "rate_limited": s.rate_limited,
             "concurrency": {"peak_in_flight": s.peak_in_flight, "allowance": s.allowance},
             "hedges": {"sent": s.hedges, "estimated_tokens": s.hedge_tokens},
+            "cost": _cost(s, *prices) if any(prices) else None,
             "batches": None
             if s.batches_open is None
             else {"created": s.batches_created, "open": s.batches_open, "lines": s.by_batch},
@@ -159,6 +170,13 @@ def summary(stats: Stats, *, results: str, errors: str, resume: str) -> dict[str
         "resume": resume if s.interrupted or s.pending else None,
         "retry_failed": f"{resume} --retry-failed" if failed else None,
     }
+
+
+def _cost(s: Stats, price_in: float, price_out: float) -> dict[str, float]:
+    """This run's cost, lines answered by batch at half price; and the same all live."""
+    live = (s.prompt_tokens * price_in + s.completion_tokens * price_out) / 1e6
+    by_batch = (s.batch_prompt_tokens * price_in + s.batch_completion_tokens * price_out) / 1e6
+    return {"spent": round(live - by_batch / 2, 6), "all_live": round(live, 6)}
 
 
 def _round(value: float | None) -> float | None:
@@ -179,6 +197,8 @@ def render_summary(figures: dict[str, Any]) -> str:
         f"  tokens: {run['prompt_tokens']:,} prompt + {run['completion_tokens']:,} completion"
         f" = {run['total_tokens']:,}",
     ]
+    if cost := run["cost"]:
+        lines.append(f"  cost: ${cost['spent']:,.2f} (all live: ${cost['all_live']:,.2f})")
     latency = run["latency_s"]
     if latency["p50"] is not None:
         lines.append(
