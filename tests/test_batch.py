@@ -443,3 +443,30 @@ def test_lines_a_failed_batch_names_fail_for_good_and_the_rest_go_again() -> Non
     assert line["custom_id"] == "five" and line["batchq"]["line"] == 5
     assert line["error"]["code"] == "invalid_request" and not line["batchq"]["retryable"]
     assert left.retry == [4, 9]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [b"{}", b'{"id": null}', b"<html>login</html>", b'{"id": "file-1"}'],
+    ids=["no-id", "null-id", "html", "file-but-no-batch-id"],
+)
+def test_a_provider_answering_nonsense_is_one_line_and_exit_3(
+    tmp_path: Path, hostile: Any, answer: bytes
+) -> None:
+    from aiohttp import web
+
+    async def handler(request: web.Request, body: bytes) -> web.StreamResponse:
+        if request.path.endswith("/batches") and answer == b'{"id": "file-1"}':
+            return web.Response(body=b'{"object": "batch"}', content_type="application/json")
+        return web.Response(body=answer, content_type="application/json")
+
+    server = hostile(handler)
+    write_jsonl(tmp_path / "in.jsonl", prompts(12))
+    done = batchq(
+        "run", tmp_path / "in.jsonl", "--job", tmp_path / "job", "--base-url", server.url,
+        "--model", "m", "--via", "batch", "--batch-poll", "0.01", "--api-key-env", "KEY",
+        cwd=tmp_path, env=clean_env(KEY="sk-secret-0123456789abcdef"), timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 3, done.stderr
+    assert "Traceback" not in done.stderr and "sk-secret" not in done.stderr
+    assert done.stderr.count("error:") == 1

@@ -242,7 +242,11 @@ class BatchRun:
         wanted = self._metadata(chunk)
         async for batch in self.provider.batches():
             metadata = batch.get("metadata")
-            if isinstance(metadata, dict) and all(metadata.get(k) == v for k, v in wanted.items()):
+            if (
+                isinstance(metadata, dict)
+                and all(metadata.get(k) == v for k, v in wanted.items())
+                and isinstance(batch.get("id"), str)
+            ):
                 self.ledger.step(chunk, "created", batch_id=str(batch["id"]))
                 return True
             created = batch.get("created_at")

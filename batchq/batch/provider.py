@@ -93,7 +93,7 @@ class Provider:
                 form.add_field("file", f, filename=filename, content_type="application/jsonl")
                 return await self._json_once("POST", "/files", data=form)
 
-        return await self._retrying("POST /files", once)
+        return _with_id(await self._retrying("POST /files", once), "POST /files")
 
     async def create(
         self, file_id: str, endpoint: str, window: str, metadata: dict[str, str]
@@ -106,9 +106,10 @@ class Provider:
             "metadata": metadata,
         }
         try:
-            return await self._json_once("POST", "/batches", json=body)
+            answer = await self._json_once("POST", "/batches", json=body)
         except _Retryable as exc:
             raise Uncertain(str(exc)) from None
+        return _with_id(answer, "POST /batches")
 
     async def retrieve(self, batch_id: str) -> JSONObject:
         return await self._json("GET", f"/batches/{batch_id}")
@@ -232,6 +233,13 @@ class _Retryable(Exception):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+def _with_id(answer: JSONObject, what: str) -> JSONObject:
+    """The answer of a call that makes something, which must say the new thing's id."""
+    if not isinstance(answer.get("id"), str) or not answer["id"]:
+        raise ProviderError(f"{what} answered without the id of what it made")
+    return answer
 
 
 def _retry_after(value: str | None) -> float | None:
