@@ -470,3 +470,22 @@ def test_a_provider_answering_nonsense_is_one_line_and_exit_3(
     assert done.returncode == 3, done.stderr
     assert "Traceback" not in done.stderr and "sk-secret" not in done.stderr
     assert done.stderr.count("error:") == 1
+
+
+def test_a_batch_refused_for_a_full_account_goes_again_once_the_others_are_done(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    # About 2,000 tokens a batch of 20 lines: two fit under the limit, the third does not.
+    server = mock_server(
+        batch_time_scale=60.0, batch_lines_per_second=2.0, batch_step_seconds=1.0,
+        batch_enqueued_tokens=4_500,
+    )  # fmt: skip
+    write_jsonl(tmp_path / "in.jsonl", [chat(f"q{i}", max_tokens=100) for i in range(60)])
+    done = run_batch(tmp_path, server, "--batch-max-lines", "20", "--max-attempts", "1")
+    assert done.returncode == 0, done.stderr
+    assert "token_limit_exceeded" in done.stderr
+    assert_one_output_per_line(tmp_path / "job", 60)
+    results, _ = outputs(tmp_path / "job")
+    assert {o["batchq"]["attempts"] for o in results} == {1}  # the refusal was not a try
+    billed = billing(server)
+    assert billed["batches_created"] >= 4 and billed["lines_billed_twice"] == 0

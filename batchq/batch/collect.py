@@ -72,16 +72,18 @@ def collect(
     max_attempts: int,
     emit: Callable[[Outcome], None],
     rejected: dict[int, tuple[str, str]] | None = None,
+    free: bool = False,
 ) -> Collected:
     """Hand every answered line of ``chunk`` to ``emit``; say what is left to do.
 
     ``rejected``: lines a batch that failed validation named as bad (input line:
     code, message); they fail for good, the batch's other lines go again.
+    ``free``: this batch does not count as a try of its lines (the account was full).
     """
     result = Collected()
     seen: set[int] = set()
     ids_by_line = {line_no: custom_id for line_no, custom_id in ids.values()} if rejected else {}
-    last_try = chunk.attempt >= max_attempts
+    last_try = chunk.attempt >= max_attempts and not free
     for path in files:
         for _, obj in _lines(path):
             found = ids.get(obj["custom_id"])

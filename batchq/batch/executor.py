@@ -50,6 +50,7 @@ FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 CREATE_TRIES = 5
 DOWNLOAD_TRIES = 3
 APPEND_BYTES = 1 << 20  # output lines a collect hands to the journal at a time
+FREE_TRIES = 6  # batches in a row refused for a full account before that counts as a try
 SHOW_EVERY = 60.0  # seconds between progress lines while no batch changes state
 #: How far back (seconds) to look for a batch whose create answer was lost.
 FIND_SLACK = 3600.0
@@ -137,6 +138,8 @@ class BatchRun:
         self._shown, self._shown_at = "", 0.0
         self._replan = not options.cancel  # the input is scanned again only when lines came back
         self._cancelled: set[int] = set()  # chunks this run asked the provider to cancel
+        self._full = 0  # batches in a row refused for the account's enqueued tokens
+        self._resubmit_at = 0.0  # time.monotonic() before which nothing is planned again
         self._reserve = 0.0 if options.deadline is None else 0.1 * (options.deadline - time.time())
 
     async def run(self) -> None:
@@ -145,16 +148,34 @@ class BatchRun:
         while not self.stopping.is_set():
             for chunk in self.ledger.open_chunks():
                 await self.submit(chunk)
-            if self._replan:
+            if self._replan and self._may_replan():
                 self._replan = False
                 await self.plan_and_submit()
-            if self.options.detach or not self.ledger.open_chunks():
+            if self.options.detach:
                 break
+            if not self.ledger.open_chunks():
+                if not self._replan:
+                    break
+                await self._sleep(self._resubmit_at - time.monotonic())  # the account is full
+                continue
             await self.wait_and_collect()
         self.stats.batches_open = len(self.ledger.open_chunks())
         if self.stopping.is_set() or self.options.detach:
             self.stats.interrupted = self.stopping.is_set()
             self._say_left_running()
+
+    def _may_replan(self) -> bool:
+        """After a batch was refused for the account's enqueued tokens, lines go again only
+        once the job's other batches are done (theirs are the tokens that drain) and a
+        back-off has passed (from --batch-poll, doubling, at most 30 minutes)."""
+        if not self._full:
+            return True
+        return not self.ledger.open_chunks() and time.monotonic() >= self._resubmit_at
+
+    async def _sleep(self, seconds: float) -> None:
+        """Wait, but not past a Ctrl-C."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), max(0.0, seconds))
 
     async def plan_and_submit(self) -> None:
         """Plan the lines neither done nor held by an open batch, then submit them."""
@@ -278,8 +299,7 @@ class BatchRun:
                 await self.collect(chunk, batch)
             if finished:
                 return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), interval)
+            await self._sleep(interval)
 
     def _too_late(self, chunk: Chunk) -> bool:
         """Whether ``chunk``'s batch must stop now: the deadline less the time its unfinished
@@ -348,9 +368,18 @@ class BatchRun:
                 held = 0
 
         rejected = rejected_lines(chunk, batch) if status == "failed" else {}
+        # Refused for the account's enqueued tokens: its lines go again later, and (the first
+        # few times in a row) without counting a try.
+        full = (
+            status == "failed"
+            and self._full < FREE_TRIES
+            and any(
+                code == "token_limit_exceeded" for _, code, _ in validation_errors(chunk, batch)
+            )
+        )
         collected = collect(
             files, chunk, ids, self.journal.done,
-            max_attempts=self.job.settings.max_attempts, emit=emit, rejected=rejected,
+            max_attempts=self.job.settings.max_attempts, emit=emit, rejected=rejected, free=full,
         )  # fmt: skip
         if status == "failed":
             self._say_failed(chunk, batch, len(rejected))
@@ -358,9 +387,16 @@ class BatchRun:
         _reached("committed")
         # Only now, with its lines durable, is the batch collected: a crash before this
         # line collects it again, and finds those lines done.
-        self.ledger.step(chunk, "collected", status=status, retry=to_ranges(collected.retry))
+        retry = to_ranges(collected.retry)
+        self.ledger.step(chunk, "collected", status=status, retry=retry, free=full)
         if collected.retry and not (self.options.cancel or self.options.live_after):
             self._replan = True  # lines to send again in a batch of their own
+        if full:
+            self._full += 1
+            delay = min(1800.0, self.job.settings.batch_poll * 2**self._full)
+            self._resubmit_at = time.monotonic() + delay
+        elif status == "completed":
+            self._full = 0
         for path in files:
             durable.unlink(path)
         _remove_files(self.ledger.folder, chunk)

@@ -23,7 +23,8 @@ them any other way meanwhile. ``collected`` is written only after the
 journal has committed every line the batch answered, so a crash between the
 two collects the batch again, finds those lines done, and writes none twice.
 ``retry`` lists the lines the batch left to do again (expired, cancelled,
-5xx, absent); they are pending once more, at the next ``attempt``.
+5xx, absent); they are pending once more, at the next ``attempt`` (at the
+same one with ``"free": true``: the account's enqueued tokens were full).
 
 A torn last line is the record of a step that never finished: it is cut off.
 """
@@ -86,6 +87,7 @@ class Chunk:
     counts: dict[str, int] = field(default_factory=dict)
     collected: bool = False
     retry: Ranges = field(default_factory=list)
+    free: bool = False  # its lines go again without counting a try (the account was full)
 
     @property
     def name(self) -> str:
@@ -107,6 +109,7 @@ class Chunk:
             self.collected = True
             self.status = str(record.get("status") or self.status)
             self.retry = record.get("retry") or []
+            self.free = bool(record.get("free"))
 
 
 class Ledger:
@@ -171,7 +174,7 @@ class Ledger:
         tried: dict[int, int] = {}
         for chunk in self.chunks.values():
             for n in in_ranges(chunk.retry):
-                tried[n] = max(tried.get(n, 0), chunk.attempt)
+                tried[n] = max(tried.get(n, 0), chunk.attempt - chunk.free)
         return tried  # a line since done is never planned again: its entry does no harm
 
     def close(self) -> None:
