@@ -300,6 +300,11 @@ class _Prepared:
         shard = options.pop("shard", None)
         if shard is not None and self._temporary is not None:
             raise ConfigError("shard= needs job=: the shards of a job share its folder")
+        if options.get("via", "live") != "live" and self._temporary is not None:
+            raise ConfigError(
+                f"via={options['via']!r} needs job=DIR: the provider's batches outlive the call, "
+                "and the job folder is the only record of what they bill"
+            )
         defaults = dict(options.pop("params", None) or {})
         defaults.update({k: options.pop(k) for k in _REQUEST_DEFAULTS if k in options})
         if options.get("limits_store") is None:  # as the command line's --limits-store

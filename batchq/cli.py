@@ -445,7 +445,8 @@ def _resume() -> str:
     """The command that continues this job: the one that was run, as it was typed, but
     without secrets. The store's password comes from the environment (the notice at the
     start says which variable); a credential in the base URL shows as ``***``."""
-    args = [arg for arg in sys.argv[1:] if arg != "--retry-failed"]
+    # --detach left out: the same command without it waits for the batches and collects them
+    args = [arg for arg in sys.argv[1:] if arg not in ("--retry-failed", "--detach")]
     for i, arg in enumerate(args):
         name, equals, value = arg.partition("=")
         if i > 0 and args[i - 1] in _URL_OPTIONS:  # --base-url URL

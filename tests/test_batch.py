@@ -489,3 +489,100 @@ def test_a_batch_refused_for_a_full_account_goes_again_once_the_others_are_done(
     assert {o["batchq"]["attempts"] for o in results} == {1}  # the refusal was not a try
     billed = billing(server)
     assert billed["batches_created"] >= 4 and billed["lines_billed_twice"] == 0
+
+
+def test_the_python_api_wants_a_job_folder_for_batches() -> None:
+    import batchq
+    from batchq.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs job=DIR"):
+        batchq.run(["a"], via="batch", base_url="http://127.0.0.1:9/v1", progress=False)
+
+
+def test_a_job_whose_batches_folder_was_deleted_still_collects_its_batches(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    import shutil
+
+    server = mock_server(**FAST)
+    write_jsonl(tmp_path / "in.jsonl", prompts(30))
+    assert run_batch(tmp_path, server, "--detach").returncode == 0
+    shutil.rmtree(tmp_path / "job" / "batches")  # it looks like a cache
+    done = run_batch(tmp_path, server)
+    assert done.returncode == 0, done.stderr
+    assert_one_output_per_line(tmp_path / "job", 30)
+    by_line = {o["batchq"]["line"]: o for o in outputs(tmp_path / "job")[0]}
+    assert by_line[10]["custom_id"] == "line-10" and by_line[2]["custom_id"] == "twin"
+    assert billing(server)["batches_created"] == 1
+
+
+def test_a_second_detached_run_collects_what_finished(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server(**FAST)
+    write_jsonl(tmp_path / "in.jsonl", prompts(30))
+    first = run_batch(tmp_path, server, "--detach")
+    assert first.returncode == 0 and outputs(tmp_path / "job") == ([], [])
+    assert "--detach" not in first.stderr.split("to resume:")[-1]
+    wait_for(lambda: billing(server)["by_outcome"] == {"completed": 1})
+    second = run_batch(tmp_path, server, "--detach")
+    assert second.returncode == 0, second.stderr
+    assert_one_output_per_line(tmp_path / "job", 30)
+    assert billing(server)["batches_created"] == 1
+
+
+def _provider(retrieve: dict[str, Any] | None) -> Any:
+    """A Batch API that takes uploads and creates, then answers a retrieve with ``retrieve``
+    (None: 404, the batch unknown) and lists no batches."""
+    from aiohttp import web
+
+    async def handler(request: web.Request, body: bytes) -> web.StreamResponse:
+        path = request.path
+        if path.endswith("/files"):
+            answer: Any = {"id": "file-1", "object": "file"}
+        elif path.endswith("/batches") and request.method == "POST":
+            answer = {"id": "batch_1", "object": "batch", "status": "validating"}
+        elif path.endswith("/batches"):
+            answer = {"data": [], "has_more": False}
+        elif retrieve is None:
+            return web.json_response({"error": {"message": "No such batch"}}, status=404)
+        else:
+            answer = {"id": "batch_1", **retrieve}
+        return web.json_response(answer)
+
+    return handler
+
+
+def test_a_batch_the_provider_no_longer_knows_sends_its_lines_again(
+    tmp_path: Path, hostile: Any
+) -> None:
+    server = hostile(_provider(None))
+    write_jsonl(tmp_path / "in.jsonl", prompts(12))
+    done = batchq(
+        "run", tmp_path / "in.jsonl", "--job", tmp_path / "job", "--base-url", server.url,
+        "--model", "m", "--via", "batch", "--batch-poll", "0.01", "--max-attempts", "1",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "unknown to the provider (HTTP 404)" in done.stderr
+    _, errors = outputs(tmp_path / "job")
+    assert sorted(e["batchq"]["line"] for e in errors) == list(range(1, 13))
+    assert all(e["error"]["code"] == "batch_unanswered" for e in errors)
+    assert {e["custom_id"] for e in errors} >= {"q1", "twin", "line-10"}  # the user's ids
+
+
+def test_a_completed_batch_that_names_no_file_is_not_paid_for_again(
+    tmp_path: Path, hostile: Any
+) -> None:
+    counts = {"total": 12, "completed": 12, "failed": 0}
+    server = hostile(_provider({"status": "completed", "request_counts": counts}))
+    write_jsonl(tmp_path / "in.jsonl", prompts(12))
+    done = batchq(
+        "run", tmp_path / "in.jsonl", "--job", tmp_path / "job", "--base-url", server.url,
+        "--model", "m", "--via", "batch", "--batch-poll", "0.01", cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 3, done.stderr
+    assert "names no output or error file" in done.stderr
+    creates = [s for s in server.seen if s.method == "POST" and s.path.endswith("/batches")]
+    assert len(creates) == 1
+    assert outputs(tmp_path / "job") == ([], [])

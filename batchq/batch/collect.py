@@ -82,7 +82,7 @@ def collect(
     """
     result = Collected()
     seen: set[int] = set()
-    ids_by_line = {line_no: custom_id for line_no, custom_id in ids.values()} if rejected else {}
+    ids_by_line = dict(ids.values())
     last_try = chunk.attempt >= max_attempts and not free
     for path in files:
         for _, obj in _lines(path):
@@ -117,8 +117,8 @@ def collect(
         elif last_try:
             message = f"not answered by batch {chunk.batch_id} ({chunk.status}), the last try"
             line = error_line(
-                line_no, None, "batch_unanswered", message, attempts=chunk.attempt,
-                retryable=True, batch=chunk.batch_id,
+                line_no, ids_by_line.get(line_no), "batch_unanswered", message,
+                attempts=chunk.attempt, retryable=True, batch=chunk.batch_id,
             )  # fmt: skip
             emit(Outcome(line_no, False, line))
         else:
@@ -175,6 +175,8 @@ def _outcome(
         )  # fmt: skip
         return Outcome(line_no, True, line, *usage_tokens(body)), False
     code, message = _error(error, body, status)
+    if not isinstance(status, int) or isinstance(status, bool):
+        status = None  # a provider's "200" or 200.0 is no status batchq can trust
     retryable = code in UNFINISHED or status is None or status == 429 or status >= 500
     if isinstance(status, int) and 200 <= status < 300:  # a 2xx without a usable JSON object
         code, message, retryable = "invalid_response", f"HTTP {status} is not a JSON object", True

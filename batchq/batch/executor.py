@@ -37,16 +37,20 @@ from batchq.batch.collect import (
 )
 from batchq.batch.plan import Dialect, check_window, dialect_of, plan
 from batchq.batch.provider import Provider, ProviderError, Uncertain
+from batchq.config import strip_secrets
 from batchq.errors import ConfigError, Notify
 from batchq.job import durable
-from batchq.job.batches import Chunk, Ledger, to_ranges
+from batchq.job.batches import Chunk, Ledger, in_ranges, to_ranges
 from batchq.job.folder import Job
+from batchq.job.journal import DoneSet
 from batchq.job.run import SIGNALS, OpenRun, open_run
-from batchq.records import Outcome, key_scrubber
+from batchq.reader import RequestTemplate, feed
+from batchq.records import Outcome, Request, key_scrubber
 from batchq.stats import Stats
 
 #: The provider's states after which a batch changes no more.
-FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+FINAL = frozenset({"completed", "failed", "expired", "cancelled", "gone"})  # gone: a 404
+FILES_LATE = 5  # looks at a final batch that names no file yet before the job stops
 CREATE_TRIES = 5
 DOWNLOAD_TRIES = 3
 APPEND_BYTES = 1 << 20  # output lines a collect hands to the journal at a time
@@ -133,18 +137,28 @@ class BatchRun:
         )
         self.ledger, self.provider, self.options, self.dialect = ledger, provider, options, dialect
         self.notice = options.on_notice
+        self.base = strip_secrets(job.settings.base_url, mask="***")[0].rstrip("/")
         self.scrubber = key_scrubber(options.api_key)
         self.stopping = asyncio.Event()
         self._shown, self._shown_at = "", 0.0
         self._replan = not options.cancel  # the input is scanned again only when lines came back
         self._cancelled: set[int] = set()  # chunks this run asked the provider to cancel
         self._full = 0  # batches in a row refused for the account's enqueued tokens
+        self._late: dict[int, int] = {}  # looks at final batches that named no file yet
         self._resubmit_at = 0.0  # time.monotonic() before which nothing is planned again
         self._reserve = 0.0 if options.deadline is None else 0.1 * (options.deadline - time.time())
 
     async def run(self) -> None:
+        elsewhere = {c.base for c in self.ledger.open_chunks() if c.base not in (None, self.base)}
+        if elsewhere:
+            raise ConfigError(
+                f"this job's open batches were sent to {', '.join(map(str, elsewhere))}, not "
+                f"{self.base}: run it with that --base-url (and its key) to collect them"
+            )
         if self.options.cancel:
             await self.cancel_open()
+        elif self.options.detach:
+            await self.collect_finished()  # a detached run collects what is done, then submits
         while not self.stopping.is_set():
             for chunk in self.ledger.open_chunks():
                 await self.submit(chunk)
@@ -213,6 +227,7 @@ class BatchRun:
             )
         await self._commit(planned.rejected)
         for chunk in planned.chunks:
+            chunk.base = self.base
             self.ledger.plan(chunk)
         _reached("planned")
         if planned.chunks:
@@ -284,22 +299,55 @@ class BatchRun:
 
     async def wait_and_collect(self) -> None:
         """Poll the open batches until one or more has finished; collect those."""
-        interval = self.job.settings.batch_poll
-        while not self.stopping.is_set():
-            finished = []
-            for chunk in self.ledger.open_chunks():
-                batch = await self.provider.retrieve(str(chunk.batch_id))
-                self._seen(chunk, batch)
-                if batch.get("status") in FINAL:
-                    finished.append((chunk, batch))
-                elif self._too_late(chunk):
-                    await self._cancel(chunk, "it cannot finish before the deadline")
-            self._show()
-            for chunk, batch in finished:
-                await self.collect(chunk, batch)
-            if finished:
-                return
-            await self._sleep(interval)
+        while not self.stopping.is_set() and not await self.collect_finished():
+            await self._sleep(self.job.settings.batch_poll)
+
+    async def collect_finished(self) -> bool:
+        """Look at every open batch once and collect those that finished; whether any had."""
+        finished = []
+        for chunk in self.ledger.open_chunks():
+            if chunk.batch_id is None:
+                continue  # not created yet: submit() takes it on
+            batch = await self._retrieve(chunk)
+            self._seen(chunk, batch)
+            if _status(batch) in FINAL and self._files_ready(chunk, batch):
+                finished.append((chunk, batch))
+            elif self._too_late(chunk):
+                await self._cancel(chunk, "it cannot finish before the deadline")
+        self._show()
+        for chunk, batch in finished:
+            await self.collect(chunk, batch)
+        return bool(finished)
+
+    async def _retrieve(self, chunk: Chunk) -> dict[str, Any]:
+        """The batch as the provider has it now; a batch it no longer knows (404: deleted,
+        or another account's) is "gone", and its lines not answered go again."""
+        try:
+            return await self.provider.retrieve(str(chunk.batch_id))
+        except ProviderError as exc:
+            if exc.status != 404:
+                raise
+        self.notice(
+            f"batch {chunk.batch_id} ({chunk.name}) is unknown to the provider (HTTP 404); "
+            "its lines go again",
+            logging.WARNING,
+        )
+        return {"status": "gone"}
+
+    def _files_ready(self, chunk: Chunk, batch: dict[str, Any]) -> bool:
+        """Whether a final batch's files are there to collect: a batch that says it answered
+        lines but names no file yet is looked at again, not taken for unanswered (which
+        would pay for its lines again); after ``FILES_LATE`` looks, the job stops."""
+        answered = chunk.counts.get("completed", 0) + chunk.counts.get("failed", 0)
+        if answered == 0 or batch.get("output_file_id") or batch.get("error_file_id"):
+            return True
+        self._late[chunk.number] = late = self._late.get(chunk.number, 0) + 1
+        if late >= FILES_LATE:
+            raise ProviderError(
+                f"batch {chunk.batch_id} is {_status(batch)} with {answered:,} lines answered "
+                "but names no output or error file; run the same command later to collect it"
+            )
+        return False
 
     def _too_late(self, chunk: Chunk) -> bool:
         """Whether ``chunk``'s batch must stop now: the deadline less the time its unfinished
@@ -322,13 +370,14 @@ class BatchRun:
         try:
             batch = await self.provider.cancel(str(chunk.batch_id))
         except ProviderError as exc:
-            if exc.status != 409:  # 409: it finished before it could be cancelled
+            # 409 (or a gateway's 400/422): it finished, or is cancelling, already
+            if exc.status is None or not 400 <= exc.status < 500:
                 raise
-            batch = await self.provider.retrieve(str(chunk.batch_id))
+            batch = await self._retrieve(chunk)
         self._seen(chunk, batch)
 
     def _seen(self, chunk: Chunk, batch: dict[str, Any]) -> None:
-        status = str(batch.get("status"))
+        status = _status(batch)
         counts = batch.get("request_counts")
         counts = (
             {k: v for k, v in counts.items() if isinstance(v, int)}
@@ -341,8 +390,8 @@ class BatchRun:
 
     async def collect(self, chunk: Chunk, batch: dict[str, Any]) -> None:
         """Commit a finished batch's lines; mark it collected once they are durable."""
-        status = str(batch.get("status"))
-        ids = read_ids(self.ledger.folder / f"{chunk.name}.ids")
+        status = _status(batch)
+        ids = await self._ids(chunk)
         files = []
         for key in ("output_file_id", "error_file_id"):
             file_id = batch.get(key)
@@ -407,6 +456,29 @@ class BatchRun:
                 logging.WARNING,
             )
 
+    async def _ids(self, chunk: Chunk) -> dict[str, tuple[int, str]]:
+        """The chunk's upload ids, from the file beside it or, where that was lost (the
+        batches/ folder deleted), read again from its input lines."""
+        path = self.ledger.folder / f"{chunk.name}.ids"
+        if path.exists():
+            return read_ids(path)
+        lines = DoneSet()
+        lines.add_all(in_ranges(chunk.lines))
+        ids: dict[str, tuple[int, str]] = {}
+
+        async def found(request: Request) -> None:
+            ids[f"batchq-{request.line_no}"] = (request.line_no, request.custom_id)
+
+        async def bad(outcome: Outcome) -> None:  # it was a request when it was planned
+            pass
+
+        await feed(
+            self.job.input, self.span.end, lambda n: n not in lines,
+            RequestTemplate.from_settings(self.job.settings), found, bad,
+            start=self.span.start, first_line=self.span.first_line,
+        )  # fmt: skip
+        return ids
+
     async def _download(
         self, chunk: Chunk, file_id: str, kind: str, ids: dict[str, tuple[int, str]]
     ) -> Any:
@@ -435,7 +507,8 @@ class BatchRun:
                 self.ledger.step(chunk, "collected", status="not created", retry=chunk.lines)
                 _remove_files(self.ledger.folder, chunk)
                 continue
-            await self._cancel(chunk, "as asked")
+            if chunk.status not in FINAL:
+                await self._cancel(chunk, "as asked")
         if self.ledger.open_chunks():
             self.notice("collecting what the cancelled batches finished")
 
@@ -533,6 +606,11 @@ class BatchRun:
             for sig, handler in previous.items():
                 loop.remove_signal_handler(sig)
                 signal.signal(sig, handler)
+
+
+def _status(batch: dict[str, Any]) -> str:
+    status = batch.get("status")
+    return status if isinstance(status, str) else "unknown"
 
 
 def _remove_files(folder: Path, chunk: Chunk) -> None:

@@ -32,6 +32,7 @@ from batchq.records import key_scrubber
 JSONObject = dict[str, Any]
 T = TypeVar("T")
 CHUNK = 1 << 16
+MAX_PAGES = 100  # of the batch list (100 a page) searched for a batch whose create was lost
 
 
 class Uncertain(Exception):
@@ -119,18 +120,20 @@ class Provider:
         return await self._json("POST", f"/batches/{batch_id}/cancel")
 
     async def batches(self) -> AsyncIterator[JSONObject]:
-        """Every batch of the account, newest first, page by page."""
+        """Every batch of the account, newest first, page by page (at most ``MAX_PAGES``:
+        a provider that ignores ``after`` must not keep a run paging forever)."""
         after: str | None = None
-        while True:
+        for _ in range(MAX_PAGES):
             query = {"limit": "100"} | ({"after": after} if after else {})
             page = await self._json("GET", "/batches", params=query)
-            data = page.get("data") or []
-            for batch in data:
-                if isinstance(batch, dict):
-                    yield batch
-            if not page.get("has_more") or not data:
+            data = page.get("data")
+            batches = [b for b in data if isinstance(b, dict)] if isinstance(data, list) else []
+            for batch in batches:
+                yield batch
+            last = page.get("last_id") or (batches[-1].get("id") if batches else None)
+            if not page.get("has_more") or not isinstance(last, str) or last == after:
                 return
-            after = str(page.get("last_id") or data[-1].get("id"))
+            after = last
 
     async def file(self, file_id: str) -> JSONObject:
         return await self._json("GET", f"/files/{file_id}")
@@ -153,7 +156,9 @@ class Provider:
                     self._refuse(
                         "GET", f"/files/{file_id}/content", response, await response.read()
                     )
-                expected = response.content_length if size is None else size
+                # Content-Length counts the bytes sent: compressed, they say nothing of the file.
+                sent = None if response.headers.get("Content-Encoding") else response.content_length
+                expected = sent if size is None else size
                 written = 0
                 try:
                     with target.open("wb") as f:

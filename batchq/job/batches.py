@@ -79,6 +79,7 @@ class Chunk:
     model: str | None
     bytes: int
     planned_at: float = 0.0
+    base: str | None = None  # the endpoint it was sent to, without secrets
     created_at: float | None = None  # when the provider was seen to have the batch
     file_id: str | None = None
     creating: bool = False  # the create call may have been made
@@ -148,6 +149,7 @@ class Ledger:
             "url": chunk.url,
             "model": chunk.model,
             "bytes": chunk.bytes,
+            "base": chunk.base,
             "at": chunk.planned_at,
         }
         self._write(record)
@@ -221,6 +223,8 @@ def _read(path: Path) -> tuple[list[dict[str, Any]], int]:
                 f"{path} holds a line batchq did not write ({line[:80]!r}); put the file back "
                 "as batchq wrote it: it is the only record of batches the provider bills"
             ) from None
+        if not isinstance(record, dict):
+            raise JournalError(f"{path} holds a line batchq did not write; put it back")
         records.append(record)
         valid += len(line)
     if records and not isinstance(records[0].get("job"), str):
@@ -243,9 +247,20 @@ def _chunks(records: list[dict[str, Any]], path: Path) -> dict[int, Chunk]:
                     model=record.get("model"),
                     bytes=int(record["bytes"]),
                     planned_at=float(record.get("at", 0.0)),
+                    base=record.get("base"),
                 )
             else:
                 chunks[number].apply(record)
-    except (KeyError, TypeError, ValueError):
+            if not all(_is_ranges(c) for c in (chunks[number].lines, chunks[number].retry)):
+                raise ValueError("not line ranges")
+    except (KeyError, TypeError, ValueError, AttributeError):
         raise JournalError(f"{path} was changed outside batchq; put it back as it was") from None
     return chunks
+
+
+def _is_ranges(value: object) -> bool:
+    """Whether ``value`` is a list of ``[first, last]`` line numbers, as the ledger writes."""
+    return isinstance(value, list) and all(
+        isinstance(r, list) and len(r) == 2 and all(type(n) is int for n in r) and 0 < r[0] <= r[1]
+        for r in value
+    )
