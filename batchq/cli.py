@@ -412,33 +412,45 @@ def cancel(job_dir: Path) -> None:
     """Cancel JOB_DIR's open provider batches, and collect what they finished.
 
     Lines a cancelled batch did not finish are pending again: `batchq run JOB_DIR`
-    sends them, live or by batch.
+    sends them, live or by batch. A sharded job's batches are cancelled shard by shard.
     """
     from batchq.batch.executor import run_batches
-    from batchq.job.folder import open_job
+    from batchq.job.batches import LEDGER
+    from batchq.job.folder import open_job, read_state, with_shard
+    from batchq.job.shard import Shard, read_cut
     from batchq.show.progress import render_summary, summary
 
+    interrupted = False
     try:
         job, _ = open_job(
             job_dir, job_dir=None, overrides={}, defaults={}, default_base_url=None, force=False
         )
+        cut = read_cut(job_dir, read_state(job_dir))
+        parts = (
+            [job]
+            if cut is None
+            else [with_shard(job, Shard(i, cut.count)) for i in range(cut.count)]
+        )
         api_key = os.environ.get(job.settings.api_key_env) or None
         options = _batching(api_key, retry_failed=False, detach=False, fsync=True, cancel=True)
-        stats = asyncio.run(run_batches(job, options))
+        for part in parts:
+            if cut is not None and not (part.run_dir / LEDGER).exists():
+                continue  # a shard that never ran by batch
+            stats = asyncio.run(run_batches(part, options))
+            figures = summary(
+                stats,
+                results=str(part.results),
+                errors=str(part.errors),
+                resume=f"batchq run {shlex.quote(str(job_dir))}",
+                prices=(job.settings.price_in, job.settings.price_out),
+            )
+            click.echo(render_summary(figures), err=True)
+            interrupted = interrupted or stats.interrupted
     except BatchqError as exc:
         raise Failure(exc) from None
     except Interrupted:
         sys.exit(EXIT_INTERRUPTED)
-    resume = f"batchq run {shlex.quote(str(job_dir))}"
-    figures = summary(
-        stats,
-        results=str(job.results),
-        errors=str(job.errors),
-        resume=resume,
-        prices=(job.settings.price_in, job.settings.price_out),
-    )
-    click.echo(render_summary(figures), err=True)
-    sys.exit(EXIT_INTERRUPTED if stats.interrupted else EXIT_OK)
+    sys.exit(EXIT_INTERRUPTED if interrupted else EXIT_OK)
 
 
 def _resume() -> str:

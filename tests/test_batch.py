@@ -586,3 +586,21 @@ def test_a_completed_batch_that_names_no_file_is_not_paid_for_again(
     creates = [s for s in server.seen if s.method == "POST" and s.path.endswith("/batches")]
     assert len(creates) == 1
     assert outputs(tmp_path / "job") == ([], [])
+
+
+def test_cancel_stops_the_batches_of_every_shard(tmp_path: Path, mock_server: MockFactory) -> None:
+    server = mock_server(batch_time_scale=60.0, batch_lines_per_second=0.01)
+    write_jsonl(tmp_path / "in.jsonl", prompts(20))
+    for shard in ("0/2", "1/2"):
+        detached = run_batch(tmp_path, server, "--shard", shard, "--detach")
+        assert detached.returncode == 0, detached.stderr
+    cancelled = batchq("cancel", tmp_path / "job", cwd=tmp_path, timeout=60)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert billing(server)["by_outcome"] == {"cancelled": 2}
+    for shard in ("0/2", "1/2"):
+        live = batchq("run", tmp_path / "job", "--shard", shard, "--via", "live", cwd=tmp_path)
+        assert live.returncode == 0, live.stderr
+    exported = batchq("export", tmp_path / "job", cwd=tmp_path)
+    assert [orjson.loads(line)["batchq"]["line"] for line in exported.stdout.splitlines()] == (
+        list(range(1, 21))
+    )
