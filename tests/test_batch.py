@@ -604,3 +604,37 @@ def test_cancel_stops_the_batches_of_every_shard(tmp_path: Path, mock_server: Mo
     assert [orjson.loads(line)["batchq"]["line"] for line in exported.stdout.splitlines()] == (
         list(range(1, 21))
     )
+
+
+def test_a_damaged_download_that_echoes_the_key_leaves_no_copy_of_it(
+    tmp_path: Path, hostile: Any
+) -> None:
+    from aiohttp import web
+
+    key = "sk-echoed-0123456789abcdef"
+    content = (
+        b'{"custom_id": "batchq-1", "response": {"status_code": 200, "body": {"k": "%b"}}}\n'
+        b"not json\n" % key.encode()
+    )
+    completed = {"id": "batch_1", "status": "completed", "output_file_id": "file-out"}
+    fallback = _provider(completed)
+
+    async def handler(request: web.Request, body: bytes) -> web.StreamResponse:
+        if request.path.endswith("/files/file-out"):
+            return web.json_response({"id": "file-out", "bytes": len(content)})
+        if request.path.endswith("/files/file-out/content"):
+            return web.Response(body=content)
+        response: web.StreamResponse = await fallback(request, body)
+        return response
+
+    server = hostile(handler)
+    write_jsonl(tmp_path / "in.jsonl", prompts(12))
+    done = batchq(
+        "run", tmp_path / "in.jsonl", "--job", tmp_path / "job", "--base-url", server.url,
+        "--model", "m", "--via", "batch", "--batch-poll", "0.01", "--api-key-env", "KEY",
+        cwd=tmp_path, env=clean_env(KEY=key),
+    )  # fmt: skip
+    assert done.returncode == 3, done.stderr
+    assert "damaged" in done.stderr
+    for path in (tmp_path / "job").rglob("*"):
+        assert not path.is_file() or key.encode() not in path.read_bytes(), path

@@ -38,7 +38,7 @@ from batchq.batch.collect import (
 from batchq.batch.plan import Dialect, check_window, dialect_of, plan
 from batchq.batch.provider import Provider, ProviderError, Uncertain
 from batchq.config import strip_secrets
-from batchq.errors import ConfigError, Notify
+from batchq.errors import ConfigError, Notify, StorageError
 from batchq.job import durable
 from batchq.job.batches import Chunk, Ledger, in_ranges, to_ranges
 from batchq.job.folder import Job
@@ -392,11 +392,28 @@ class BatchRun:
         """Commit a finished batch's lines; mark it collected once they are durable."""
         status = _status(batch)
         ids = await self._ids(chunk)
-        files = []
-        for key in ("output_file_id", "error_file_id"):
-            file_id = batch.get(key)
-            if isinstance(file_id, str) and file_id:  # null, or "" from DashScope: none
-                files.append(await self._download(chunk, file_id, key.split("_")[0], ids))
+        files: list[Path] = []
+        # The downloads hold the answers as the provider sent them, an echoed key included:
+        # they go as soon as the collect ends, however it ends.
+        try:
+            for key in ("output_file_id", "error_file_id"):
+                file_id = batch.get(key)
+                if isinstance(file_id, str) and file_id:  # null, or "" from DashScope: none
+                    files.append(await self._download(chunk, file_id, key.split("_")[0], ids))
+            await self._commit_collected(chunk, batch, status, ids, files)
+        finally:
+            for path in files:
+                with contextlib.suppress(StorageError):
+                    durable.unlink(path)
+
+    async def _commit_collected(
+        self,
+        chunk: Chunk,
+        batch: dict[str, Any],
+        status: str,
+        ids: dict[str, tuple[int, str]],
+        files: list[Path],
+    ) -> None:
         _reached("downloaded")
         # Handed to the journal a slice at a time, so memory holds one slice of a batch's
         # answers, not all of them (but for the lines on_outcomes is given after the commit);
@@ -446,8 +463,6 @@ class BatchRun:
             self._resubmit_at = time.monotonic() + delay
         elif status == "completed":
             self._full = 0
-        for path in files:
-            durable.unlink(path)
         _remove_files(self.ledger.folder, chunk)
         if collected.unknown or collected.twice:
             self.notice(
@@ -481,22 +496,28 @@ class BatchRun:
 
     async def _download(
         self, chunk: Chunk, file_id: str, kind: str, ids: dict[str, tuple[int, str]]
-    ) -> Any:
+    ) -> Path:
+        """A file of the batch, downloaded whole and checked; removed if it never is."""
         target = self.ledger.folder / f"{chunk.name}.{kind}.jsonl"
         info = await self.provider.file(file_id)
         size = info.get("bytes") if isinstance(info.get("bytes"), int) else None
-        for attempt in range(1, DOWNLOAD_TRIES + 1):
-            await self.provider.download(file_id, target, size)
-            try:
-                check(target, ids)
-                return target
-            except Damaged as exc:
-                if attempt == DOWNLOAD_TRIES:
-                    raise ProviderError(
-                        f"the {kind} file {file_id} of batch {chunk.batch_id} is damaged "
-                        f"({exc}), {DOWNLOAD_TRIES} downloads in a row"
-                    ) from None
-        raise AssertionError("unreachable")
+        try:
+            for attempt in range(1, DOWNLOAD_TRIES + 1):
+                await self.provider.download(file_id, target, size)
+                try:
+                    check(target, ids)
+                    return target
+                except Damaged as exc:
+                    if attempt == DOWNLOAD_TRIES:
+                        raise ProviderError(
+                            f"the {kind} file {file_id} of batch {chunk.batch_id} is damaged "
+                            f"({exc}), {DOWNLOAD_TRIES} downloads in a row"
+                        ) from None
+            raise AssertionError("unreachable")
+        except BaseException:
+            with contextlib.suppress(StorageError):
+                durable.unlink(target)
+            raise
 
     async def cancel_open(self) -> None:
         """Cancel every open batch; chunks never created are released without a call."""
