@@ -287,8 +287,6 @@ class _Prepared:
             self._temporary.cleanup()
 
     async def run(self) -> Stats:
-        from batchq.auto import run_auto
-        from batchq.batch.executor import BatchOptions, run_batches
         from batchq.live.runner import RunOptions, run_job
 
         options = self.options
@@ -349,6 +347,9 @@ class _Prepared:
             return await run_job(job, run_options)
         if transport is not None:
             raise ConfigError("transport= goes with via='live': batches go to the provider's API")
+        from batchq.auto import run_auto  # here: a live run does not pay for their import
+        from batchq.batch.executor import BatchOptions, run_batches
+
         batch_options = BatchOptions(
             api_key=api_key,
             retry_failed=retry_failed,

@@ -318,8 +318,6 @@ def run(
     **settings: Any,
 ) -> None:
     """Start, or continue, the job for TARGET (an input .jsonl file or a job folder)."""
-    from batchq.auto import run_auto
-    from batchq.batch.executor import run_batches
     from batchq.job.folder import open_job, with_shard
     from batchq.job.shard import parse_shard
     from batchq.live.runner import RunOptions, run_job
@@ -364,7 +362,10 @@ def run(
         )
         if via == "live":
             stats = asyncio.run(run_job(job, live))
-        else:
+        else:  # imported only here: a live run's start does not pay for them (~0.1 s)
+            from batchq.auto import run_auto
+            from batchq.batch.executor import run_batches
+
             batch = _batching(api_key, retry_failed=retry_failed, detach=detach, fsync=fsync)
             if via == "batch":
                 stats = asyncio.run(run_batches(job, batch))

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +124,8 @@ class Ledger:
             if os.fstat(self._file.fd).st_size > valid:
                 durable.truncate(self._file, valid)  # a step that never finished
             if not records:
+                import uuid  # here: a live run reads ledgers, and never pays for this import
+
                 self.job_id = uuid.uuid4().hex
                 self._write({"job": self.job_id})
                 durable.fsync_dir(run_dir)
