@@ -129,12 +129,8 @@ class BatchRun:
         options: BatchOptions,
         dialect: Dialect,
     ) -> None:
-        self.job, self.span, self.journal, self.stats = (
-            job,
-            opened.span,
-            opened.journal,
-            opened.stats,
-        )
+        self.job = job
+        self.span, self.journal, self.stats = opened.span, opened.journal, opened.stats
         self.ledger, self.provider, self.options, self.dialect = ledger, provider, options, dialect
         self.notice = options.on_notice
         self.base = strip_secrets(job.settings.base_url, mask="***")[0].rstrip("/")

@@ -167,10 +167,7 @@ class Ledger:
 
     def held(self) -> DoneSet:
         """The lines of every chunk not yet collected: no other run may send them."""
-        held = DoneSet()
-        for chunk in self.open_chunks():
-            held.add_all(in_ranges(chunk.lines))
-        return held
+        return _lines_of(self.open_chunks())
 
     def attempts(self) -> dict[int, int]:
         """Batches each line to retry has been through already."""
@@ -190,13 +187,15 @@ class Ledger:
 
 def held_lines(run_dir: Path) -> tuple[DoneSet, int]:
     """The lines of a folder's open batches, and how many: a live run leaves them alone."""
-    held = DoneSet()
-    count = 0
-    for chunk in read_ledger(run_dir):
-        if not chunk.collected:
-            held.add_all(in_ranges(chunk.lines))
-            count += chunk.count
-    return held, count
+    held = [chunk for chunk in read_ledger(run_dir) if not chunk.collected]
+    return _lines_of(held), sum(chunk.count for chunk in held)
+
+
+def _lines_of(chunks: Iterable[Chunk]) -> DoneSet:
+    lines = DoneSet()
+    for chunk in chunks:
+        lines.add_all(in_ranges(chunk.lines))
+    return lines
 
 
 def read_ledger(run_dir: Path) -> list[Chunk]:
