@@ -54,7 +54,13 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import orjson
 
-from batchq.config import LIMITS_STORE_ENV, SETTING_NAMES, store_password
+from batchq.config import (
+    LIMITS_STORE_ENV,
+    SETTING_NAMES,
+    deployment_keys,
+    ignored_base_url,
+    store_password,
+)
 from batchq.errors import ConfigError, InputError, StorageError
 from batchq.job import durable
 from batchq.job import folder as jobs
@@ -94,7 +100,8 @@ def run(requests: Requests, **options: Any) -> list[Result]:
             ``base_url``, ``api_key_env``, ``endpoint``, ``system``,
             ``max_tokens``, ``temperature``, ``params``, ``rpm``, ``tpm``,
             ``concurrency``, ``max_attempts``, ``timeout``, ``hedge``,
-            ``retry_failed``, ``force``, ``limits_store``, ...), plus ``job``
+            ``retry_failed``, ``force``, ``limits_store``, ``deployments`` (a list
+            of dicts, as the ``[[deployments]]`` tables of job.toml), ...), plus ``job``
             (a folder), ``shard`` (``"I/N"``, ``(I, N)`` or ``"auto"``: this
             part of the job, whose results are returned), ``api_key`` (the
             key itself), ``progress`` (default True) and ``transport`` (an
@@ -329,8 +336,13 @@ class _Prepared:
             _notify(note)
         if api_key is None:
             api_key = os.environ.get(job.settings.api_key_env) or None
+        if job.settings.deployments and (
+            options.get("base_url") or os.environ.get("OPENAI_BASE_URL")
+        ):
+            _notify(ignored_base_url(job.settings))
         run_options = RunOptions(
             api_key=api_key,
+            deployment_keys=deployment_keys(job.settings, os.environ),
             limits_store_password=password,
             retry_failed=retry_failed,
             progress_every=(0.5 if sys.stderr.isatty() or "ipykernel" in sys.modules else 10.0)

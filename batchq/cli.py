@@ -28,6 +28,8 @@ from batchq.config import (
     ENDPOINTS,
     LIMITS_STORE_ENV,
     LIMITS_STORE_PASSWORD_ENV,
+    deployment_keys,
+    ignored_base_url,
     store_password,
     strip_secrets,
 )
@@ -171,6 +173,12 @@ def _defaults(
     "--limits-key",
     metavar="KEY",
     help="The account's name in the store [default: the base URL and a hash of the API key].",
+)
+@click.option(
+    "--deployments",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A TOML file of [[deployments]] (name, base_url, api_key_env, model, rpm, tpm, "
+    "max_concurrency, weight, limits_key): send to all of them as one pool.",
 )
 @click.option(
     "--concurrency",
@@ -325,6 +333,13 @@ def run(
 
     defaults = _defaults(params, max_tokens, temperature)
     env_base_url = os.environ.get("OPENAI_BASE_URL")
+    if settings["deployments"] is not None:
+        from batchq.job.settings import read_deployments_file
+
+        try:
+            settings["deployments"] = read_deployments_file(settings["deployments"])
+        except BatchqError as exc:
+            raise Failure(exc) from None
     typed_store = settings["limits_store"]
     settings["limits_store"], password = store_password(typed_store, os.environ)
     try:
@@ -347,12 +362,15 @@ def run(
             )
         if progress_every is None:
             progress_every = 0.5 if sys.stderr.isatty() else 10.0
+        if job.settings.deployments and (settings["base_url"] or env_base_url):
+            _notice(ignored_base_url(job.settings))
         api_key = os.environ.get(job.settings.api_key_env) or None
         via = job.settings.via
         if detach and via != "batch":
             raise click.UsageError("--detach goes with --via batch: nothing else can detach")
         live = RunOptions(
             api_key=api_key,
+            deployment_keys=deployment_keys(job.settings, os.environ),
             limits_store_password=password,
             retry_failed=retry_failed,
             durable=fsync,

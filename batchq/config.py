@@ -70,6 +70,7 @@ class Settings:
     batch_poll: float = 30.0  # seconds between looks at the open batches
     price_in: float = 0.0  # per million prompt tokens, for the summary's cost; 0: not shown
     price_out: float = 0.0  # per million completion tokens
+    deployments: tuple[DeploymentSpec, ...] = ()  # several endpoints as one pool; (): base_url
 
     def __post_init__(self) -> None:
         for name in _TEXT:
@@ -80,12 +81,7 @@ class Settings:
             raise ConfigError(
                 f"endpoint {show(self.endpoint)} is not one of {', '.join(ENDPOINTS)}"
             )
-        if not re.match(r"^https?://[^/\s]+", self.base_url):
-            shown = show(strip_secrets(self.base_url, mask="***")[0])
-            raise ConfigError(
-                f"base_url {shown} is not an http(s) URL "
-                "(e.g. https://api.openai.com/v1 or http://localhost:8000/v1)"
-            )
+        _check_base_url("base_url", self.base_url)
         if self.limits_store is not None and not re.match(
             r"^(redis|rediss|unix)://", self.limits_store
         ):
@@ -95,12 +91,7 @@ class Settings:
             )
         if self.limits_key is not None and not self.limits_key.strip():
             raise ConfigError("limits_key must not be empty")
-        if not _ENV_NAME.fullmatch(self.api_key_env) or _key_like(self.api_key_env):
-            # Never echo the value: it may be the key itself, pasted in the wrong place.
-            raise ConfigError(
-                "api_key_env must be the *name* of an environment variable, such as "
-                "OPENAI_API_KEY, not the key itself (batchq never stores the key)"
-            )
+        _check_env_name("api_key_env", self.api_key_env)
         if isinstance(self.concurrency, str) and self.concurrency != "auto":
             raise ConfigError(
                 f'concurrency must be "auto" or a whole number, not {self.concurrency!r}'
@@ -131,11 +122,149 @@ class Settings:
         _check_range("batch_poll", self.batch_poll, 0, 86_400, open_low=True)
         for name in ("price_in", "price_out"):
             _check_range(name, getattr(self, name), 0, 1e9)
+        if not isinstance(self.deployments, tuple):
+            raise ConfigError("deployments must be a list of [[deployments]] tables")
+        for spec in self.deployments:
+            if spec.endpoints is not None and self.endpoint not in spec.endpoints:
+                raise ConfigError(
+                    f"deployment {spec.name!r} does not serve {self.endpoint} (its endpoints: "
+                    f"{', '.join(spec.endpoints)}): every deployment must serve the job's lines"
+                )
 
     @property
     def request_key(self) -> dict[str, Any]:
         """The settings that define what a request is."""
         return {name: getattr(self, name) for name in REQUEST_SETTINGS}
+
+
+def _check_base_url(name: str, url: str) -> None:
+    if not re.match(r"^https?://[^/\s]+", url):
+        shown = show(strip_secrets(url, mask="***")[0])
+        raise ConfigError(
+            f"{name} {shown} is not an http(s) URL "
+            "(e.g. https://api.openai.com/v1 or http://localhost:8000/v1)"
+        )
+
+
+def _check_env_name(name: str, value: str) -> None:
+    if not _ENV_NAME.fullmatch(value) or _key_like(value):
+        # Never echo the value: it may be the key itself, pasted in the wrong place.
+        raise ConfigError(
+            f"{name} must be the *name* of an environment variable, such as "
+            "OPENAI_API_KEY, not the key itself (batchq never stores the key)"
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeploymentSpec:
+    """One endpoint of a job's pool: a replica, a key, a region or a fallback provider.
+
+    ``api_key_env`` None: the job's ``api_key_env``; ``model`` None: the model the line
+    names; ``max_concurrency`` None: the job's; ``endpoints`` None: it serves them all.
+    """
+
+    name: str
+    base_url: str
+    api_key_env: str | None = None
+    model: str | None = None
+    rpm: float = 0.0
+    tpm: float = 0.0
+    max_concurrency: int | None = None
+    weight: float = 1.0
+    limits_key: str | None = None
+    endpoints: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _DEPLOYMENT_NAME.fullmatch(self.name):
+            raise ConfigError(
+                f"name must be 1-64 letters, digits, '.', '_' or '-', not {show(self.name)}"
+            )
+        for text in ("base_url", "api_key_env", "model", "limits_key"):
+            value = getattr(self, text)
+            if not (isinstance(value, str) or (value is None and text != "base_url")):
+                raise ConfigError(f"{text} must be a string, not {show(value)}")
+        _check_base_url("base_url", self.base_url)
+        if self.api_key_env is not None:
+            _check_env_name("api_key_env", self.api_key_env)
+        for rate in ("rpm", "tpm"):
+            _check_range(rate, getattr(self, rate), 0, 1e12)
+        if self.max_concurrency is not None:
+            _check_range("max_concurrency", self.max_concurrency, 1, 10_000, integer=True)
+        _check_range("weight", self.weight, 0, 1e6, open_low=True)
+        if self.limits_key is not None and not self.limits_key.strip():
+            raise ConfigError("limits_key must not be empty")
+        if self.endpoints is not None:
+            for endpoint in self.endpoints:
+                _check_choice("endpoints", endpoint, ENDPOINTS)
+
+
+DEPLOYMENT_FIELDS = tuple(f.name for f in fields(DeploymentSpec))
+_DEPLOYMENT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def parse_deployments(value: Any) -> tuple[DeploymentSpec, ...]:
+    """``[[deployments]]`` tables (from job.toml, a --deployments file or the API) as specs.
+
+    Raises ConfigError naming the table and the field at fault.
+    """
+    if isinstance(value, tuple) and all(isinstance(d, DeploymentSpec) for d in value):
+        return value
+    if not isinstance(value, list | tuple) or not all(isinstance(d, Mapping) for d in value):
+        raise ConfigError("deployments must be a list of [[deployments]] tables")
+    specs: list[DeploymentSpec] = []
+    for number, table in enumerate(value, 1):
+        where = f"deployment {number}" + (
+            f" ({show(table['name'])})" if isinstance(table.get("name"), str) else ""
+        )
+        unknown = sorted(set(table) - set(DEPLOYMENT_FIELDS))
+        if unknown:
+            raise ConfigError(f"{where}: unknown field(s) {', '.join(map(str, unknown))}")
+        missing = [name for name in ("name", "base_url") if name not in table]
+        if missing:
+            raise ConfigError(f"{where}: needs {' and '.join(missing)}")
+        values = dict(table)
+        for rate in ("rpm", "tpm", "weight"):
+            if isinstance(values.get(rate), int) and not isinstance(values.get(rate), bool):
+                values[rate] = float(values[rate])
+        if isinstance(values.get("endpoints"), list):
+            values["endpoints"] = tuple(values["endpoints"])
+        try:
+            specs.append(DeploymentSpec(**values))
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    names = [spec.name for spec in specs]
+    if twice := sorted({name for name in names if names.count(name) > 1}):
+        raise ConfigError(f"deployment names must differ: {', '.join(twice)} appears twice")
+    return tuple(specs)
+
+
+def pool_of(settings: Settings) -> tuple[DeploymentSpec, ...]:
+    """The deployments a job sends to: its ``[[deployments]]``, else its one base URL."""
+    if settings.deployments:
+        return settings.deployments
+    single = DeploymentSpec(
+        name="default",
+        base_url=settings.base_url,
+        api_key_env=settings.api_key_env,
+        rpm=settings.rpm,
+        tpm=settings.tpm,
+        limits_key=settings.limits_key,
+    )
+    return (single,)
+
+
+def deployment_keys(settings: Settings, env: Mapping[str, str]) -> dict[str, str | None]:
+    """Each deployment's API key, read from its variable (None: no key, fine locally)."""
+    return {
+        spec.name: env.get(spec.api_key_env or settings.api_key_env) or None
+        for spec in settings.deployments
+    }
+
+
+def ignored_base_url(settings: Settings) -> str:
+    """The one notice when a base URL is given beside ``[[deployments]]``."""
+    names = ", ".join(spec.name for spec in settings.deployments)
+    return f"--base-url / OPENAI_BASE_URL is not used: the job sends to its deployments ({names})"
 
 
 _TEXT = (
@@ -276,6 +405,8 @@ def build_settings(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> Set
         raise ConfigError("job.toml has no 'input' setting (the path of the JSONL input)")
     if not isinstance(merged.get("defaults", {}), dict):
         raise ConfigError("'defaults' in job.toml must be a table, e.g. [defaults]")
+    if "deployments" in merged:
+        merged["deployments"] = parse_deployments(merged["deployments"])
     for name in ("rpm", "tpm", "timeout", "connect_timeout", "drain_timeout", "max_wait"):
         if isinstance(merged.get(name), int) and not isinstance(merged.get(name), bool):
             merged[name] = float(merged[name])

@@ -56,6 +56,7 @@ def result_line(
     attempts: int,
     hedged: bool = False,
     batch: str | None = None,
+    deployment: str | None = None,
 ) -> bytes:
     """The results.jsonl line of a request the endpoint answered with 2xx.
 
@@ -71,6 +72,8 @@ def result_line(
         extra["hedged"] = True
     if batch is not None:  # answered in this provider batch, not live
         extra["batch"] = batch
+    if deployment is not None:  # the deployment of a [[deployments]] pool that answered
+        extra["deployment"] = deployment
     if isinstance(body, dict | list):
         if b"\n" in raw_body or b"\r" in raw_body:
             raw_body = raw_body.translate(_LINE_BREAKS_TO_SPACES)

@@ -43,6 +43,21 @@ class LatencyHistogram:
 
 
 @dataclass(slots=True)
+class DeploymentStats:
+    """What one deployment of a pool did this run (``[[deployments]]``)."""
+
+    requests: int = 0  # attempts sent to it, hedges and probes included
+    ok: int = 0
+    errors: int = 0  # attempts that failed: any non-2xx, or no answer
+    rate_limited: int = 0
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    in_flight: int = 0
+    state: str = "in"  # "in", "out" (taken out, waiting for its probe), "probing"
+    outs: int = 0  # times it was taken out
+    why: str | None = None  # why it was last taken out
+
+
+@dataclass(slots=True)
 class Stats:
     """Counters of one run (``*_before`` are what earlier runs of the job had done)."""
 
@@ -71,6 +86,7 @@ class Stats:
     batch_prompt_tokens: int = 0  # of this run's tokens, those answered by batch (half price)
     batch_completion_tokens: int = 0
     interrupted: bool = False
+    deployments: dict[str, DeploymentStats] = field(default_factory=dict)  # by name; {}: one
 
     @property
     def done(self) -> int:

@@ -14,7 +14,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from batchq.config import Settings, show, strip_secrets
+from batchq.config import DEPLOYMENT_FIELDS, DeploymentSpec, Settings, show, strip_secrets
 from batchq.errors import ConfigError
 from batchq.job.durable import atomic_write
 
@@ -30,6 +30,14 @@ def read_job_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
 
 
+def read_deployments_file(path: Path) -> list[Any]:
+    """The ``[[deployments]]`` tables of a ``--deployments`` file (checked by config)."""
+    tables = read_job_toml(path).get("deployments")
+    if not isinstance(tables, list) or not tables:
+        raise ConfigError(f"{path} has no [[deployments]] tables (name, base_url, ...)")
+    return tables
+
+
 def write_job_toml(path: Path, settings: Settings) -> None:
     """Write ``settings`` as a commented job.toml, atomically."""
     lines = [
@@ -41,14 +49,27 @@ def write_job_toml(path: Path, settings: Settings) -> None:
         value = getattr(settings, f.name)
         if f.name == "limits_store" and value is not None:
             value = strip_secrets(value)[0]  # a password typed into job.toml by hand, too
-        if f.name != "defaults" and value is not None:
+        if f.name not in ("defaults", "deployments") and value is not None:
             lines.append(f"{_toml_key(f.name)} = {_toml_value(value)}")
     lines.append("")
     lines.append("[defaults]  # request parameters a line's own body does not set")
     lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in settings.defaults.items())
+    for spec in settings.deployments:  # each key is read from its api_key_env, never written
+        lines.append("")
+        lines.append("[[deployments]]")
+        for name in DEPLOYMENT_FIELDS:
+            value = getattr(spec, name)
+            if value is not None and value != getattr(_PLAIN, name, None):
+                lines.append(
+                    f"{name} = {_toml_value(list(value) if name == 'endpoints' else value)}"
+                )
     # fsynced, then renamed, then the folder fsynced: a power cut must never leave an empty
     # job.toml, which no later run could resume from.
     atomic_write(path, ("\n".join(lines) + "\n").encode())
+
+
+#: A deployment's defaults, which its [[deployments]] table leaves out.
+_PLAIN = DeploymentSpec(name="-", base_url="http://-")
 
 
 def _toml_key(key: str) -> str:

@@ -362,6 +362,10 @@ class Pacer:
             if self.shared is not None:
                 self.shared.slow_down(seconds)
 
+    def paused_until(self) -> float:
+        """Until when nothing is sent (a 429's or the headers' pause); in the past: not paused."""
+        return self._not_before
+
     def rate_limited(self, kind: Kind | None, sent_at: float) -> None:
         """A request sent at ``sent_at`` got a 429 for ``kind`` (None: not said): slow down.
 

@@ -23,14 +23,14 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from batchq.config import show
+from batchq.config import DeploymentSpec, Settings, pool_of, show
 from batchq.errors import (
     BatchqError,
     FatalEndpointError,
@@ -44,7 +44,8 @@ from batchq.job.folder import Job, write_progress
 from batchq.job.journal import Journal
 from batchq.job.run import SIGNALS, open_run
 from batchq.job.shard import Span
-from batchq.live.concurrency import Pool
+from batchq.live.concurrency import Pool, descriptor_ceiling
+from batchq.live.deployments import Deployment, Router
 from batchq.live.hedge import Answer, Hedger, answer
 from batchq.live.limiter import Kind, Pacer
 from batchq.live.retry import Fatal, GiveUp, RetryPolicy, decide, status_error
@@ -74,6 +75,7 @@ class RunOptions:
     """How to run a job, beyond its settings."""
 
     api_key: str | None = None
+    deployment_keys: Mapping[str, str | None] = field(default_factory=dict)  # by name
     limits_store_password: str | None = None  # when the store's URL names none
     retry_failed: bool = False
     durable: bool = True  # fsync the checkpoint; off only to measure what fsync costs
@@ -109,14 +111,22 @@ class Pipeline:
         self.stats = stats
         self.span = span  # of the input: bytes appended after the run began wait for the next
         self.options = options
-        self.pool = Pool(settings.concurrency, settings.max_concurrency)
-        if self.pool.ceiling < self.pool.wanted:
-            options.on_notice(
-                f"{self.pool.wanted:,} requests in flight would need more open files than this "
-                f"process may have (ulimit -n): at most {self.pool.ceiling:,}",
-                logging.WARNING,
-            )
-        self.workers = self.pool.ceiling  # the gate, not the number of workers, sets the pace
+        self.multi = bool(settings.deployments)  # [[deployments]]: lines say which answered
+        self.deployments = [_deployment(spec, settings, options) for spec in pool_of(settings)]
+        self.router = Router(self.deployments)
+        # The first deployment's, which is the only one without [[deployments]].
+        self.pool, self.pacer = self.deployments[0].pool, self.deployments[0].pacer
+        for pool in [d.pool for d in self.deployments]:
+            if pool.ceiling < pool.wanted:
+                options.on_notice(
+                    f"{pool.wanted:,} requests in flight would need more open files than this "
+                    f"process may have (ulimit -n): at most {pool.ceiling:,}",
+                    logging.WARNING,
+                )
+        # The gates, not the number of workers, set the pace.
+        self.workers = sum(d.pool.ceiling for d in self.deployments)
+        if self.multi:
+            self.workers = descriptor_ceiling(self.workers)
         # Bounded by what keeps the workers and the writer busy, not by the ceiling: under
         # --concurrency auto (1,024 workers) twice the ceiling held ~8 MiB of parsed
         # requests that no worker was ready for.
@@ -126,16 +136,11 @@ class Pipeline:
         self.outcomes: asyncio.Queue[Outcome | None] = asyncio.Queue(
             maxsize=min(4 * self.workers, 1024)
         )
-        self.pacer = Pacer(
-            rpm=settings.rpm,
-            tpm=settings.tpm,
-            on_notice=options.on_notice,
-            max_pause=settings.max_wait,
-        )
         self.hedger = Hedger(stats.pending or 0) if settings.hedge else None
         self.exhausted = False  # every request has been taken by a worker
         self.policy = RetryPolicy(max_attempts=settings.max_attempts, max_wait=settings.max_wait)
-        self.scrubber = key_scrubber(options.api_key)
+        keys = {options.api_key, *options.deployment_keys.values()}
+        self.scrubbers = [s for key in keys if (s := key_scrubber(key)) is not None]
         self.template = RequestTemplate.from_settings(settings)
         # Looked up once: asyncio.get_running_loop() makes a getpid() system call each time.
         self.loop = asyncio.get_running_loop()
@@ -179,50 +184,59 @@ class Pipeline:
         drain = self.job.settings.drain_timeout
         asyncio.get_running_loop().call_later(drain, self._main.cancel)
         self.options.on_notice(
-            f"stopping: waiting up to {drain:g}s for {self.pool.in_flight} requests in flight "
+            f"stopping: waiting up to {drain:g}s for "
+            f"{sum(d.pool.in_flight for d in self.deployments)} requests in flight "
             "(Ctrl-C again to stop at once)"
         )
 
     async def _run(self) -> None:
         async with contextlib.AsyncExitStack() as stack:
-            transport = self.options.transport
-            if transport is None:
-                s = self.job.settings
-                transport = await stack.enter_async_context(
-                    AiohttpTransport(
-                        s.base_url,
-                        self.options.api_key,
-                        concurrency=self.workers,
-                        timeout=s.timeout,
-                        connect_timeout=s.connect_timeout,
-                        max_response_bytes=s.max_response_bytes,
+            s = self.job.settings
+            for d, spec in zip(self.deployments, pool_of(s), strict=True):
+                key = self._key(spec)
+                d.transport = self.options.transport
+                if d.transport is None:
+                    d.transport = await stack.enter_async_context(
+                        AiohttpTransport(
+                            spec.base_url,
+                            key,
+                            concurrency=d.pool.ceiling,
+                            timeout=s.timeout,
+                            connect_timeout=s.connect_timeout,
+                            max_response_bytes=s.max_response_bytes,
+                        )
                     )
-                )
-            if (store := self.job.settings.limits_store) is not None:
-                self.pacer.share(await stack.enter_async_context(self._store(store)))
-            await self._pipeline(transport)
+                if (store := s.limits_store) is not None:
+                    shared = self._store(store, spec, key)
+                    d.pacer.share(await stack.enter_async_context(shared))
+            await self._pipeline()
 
-    def _store(self, url: str) -> SharedLimits:
+    def _key(self, spec: DeploymentSpec) -> str | None:
+        if self.multi:
+            return self.options.deployment_keys.get(spec.name)
+        return self.options.api_key
+
+    def _store(self, url: str, spec: DeploymentSpec, api_key: str | None) -> SharedLimits:
         from batchq.live.limits_store import SharedLimits, default_key
 
-        s = self.job.settings
-        key = s.limits_key or default_key(s.base_url, self.options.api_key)
+        key = spec.limits_key or default_key(spec.base_url, api_key)
         password = self.options.limits_store_password
         return SharedLimits(url, key, on_notice=self.options.on_notice, password=password)
 
-    async def _pipeline(self, transport: Transport) -> None:
+    async def _pipeline(self) -> None:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._write_outcomes())
             ticker = tg.create_task(self._tick())
-            shared = self.pacer.shared
-            sharer = tg.create_task(shared.run()) if shared is not None else None
+            stores = [d.pacer.shared for d in self.deployments if d.pacer.shared is not None]
+            for shared in stores:
+                tg.create_task(shared.run())
             async with asyncio.TaskGroup() as producers:
                 self._feeder = producers.create_task(self._feed())
                 for _ in range(self.workers):
-                    producers.create_task(self._process(transport))
+                    producers.create_task(self._process())
             await self.outcomes.put(None)  # every producer is done; let the writer drain
             ticker.cancel()
-            if sharer is not None and shared is not None:
+            for shared in stores:
                 shared.stop()
             self._report(paced=self.pacer.request_rate() is not None)
 
@@ -250,16 +264,16 @@ class Pipeline:
         )
         await self.requests.put(None)  # the end, which each worker passes on
 
-    async def _process(self, transport: Transport) -> None:
+    async def _process(self) -> None:
         while (request := await self.requests.get()) is not None:
-            if (outcome := await self._call(transport, request)) is not None:
+            if (outcome := await self._call(request)) is not None:
                 await self.outcomes.put(outcome)
         # One end for all workers, not one each: the queue is smaller than the pool. Nothing
         # is put after it, and this worker just took it, so it fits.
         self.requests.put_nowait(None)
         self.exhausted = True  # the queue is FIFO: every request was taken before the end
 
-    async def _call(self, transport: Transport, request: Request) -> Outcome | None:
+    async def _call(self, request: Request) -> Outcome | None:
         """Send one request until it succeeds or fails for good (None: stopped first)."""
         if self.pacer.never_fits(request.tokens):
             message = f"needs ~{request.tokens:,} tokens, more than the whole --tpm budget"
@@ -267,44 +281,58 @@ class Pipeline:
         attempts = rate_limited = 0
         while True:
             attempts += 1
-            if (attempt := await self._attempt(transport, request)) is None:
+            if (attempt := await self._attempt(request)) is None:
                 return None  # stopping: the request stays pending, for the next run
-            started, result, hedged = attempt
+            started, result, hedged, deployment = attempt
             if isinstance(result, Response) and 200 <= result.status < 300:
                 try:
-                    return _success(request, result, attempts, hedged)
+                    name = deployment.name if self.multi else None
+                    return _success(request, result, attempts, hedged, deployment=name)
                 except InvalidResponse as exc:
                     result = exc
             elif isinstance(result, Response):
                 result = status_error(result.status, result.body, result.headers, result.request_id)
             decision = decide(result, attempts, rate_limited, self.policy)
             if isinstance(decision, Fatal):
-                raise FatalEndpointError(decision.reason) from None
+                if not self.multi:
+                    raise FatalEndpointError(decision.reason) from None
+                # That deployment is out (the router stops the job when all are); the line
+                # goes to another, within --max-attempts.
+                deployment.breaker.failed(self.loop.time(), decision.reason, probe=True, fatal=True)
+                if attempts >= self.policy.max_attempts:
+                    return _failure_from(request, result, attempts, retryable=True)
+                continue
             if isinstance(decision, GiveUp):
                 return _failure_from(request, result, attempts, decision.retryable)
             self.stats.retried(retry_cause(result))
             if decision.pause_all:
                 rate_limited += 1
                 self.stats.rate_limited += 1
-                self.pacer.pause(decision.delay)
-                self.pacer.rate_limited(limit_kind(result), started)
-            else:
+                deployment.pacer.pause(decision.delay)
+                deployment.pacer.rate_limited(limit_kind(result), started)
+            elif not (
+                self.multi and deployment.breaker.state != "in" and not self.router.all_out()
+            ):
                 await asyncio.sleep(decision.delay)  # off the pool: the slot serves another
+            # else: its deployment is out, and another takes the line at once
 
     def _stopping(self) -> bool:
         return self.stats.interrupted
 
-    async def _attempt(
-        self, transport: Transport, request: Request
-    ) -> tuple[float, Answer, bool] | None:
-        """One attempt within the pool's allowance and the pace: when it went, the answer,
-        and whether a second copy was sent."""
-        pool, loop = self.pool, self.loop
+    async def _attempt(self, request: Request) -> tuple[float, Answer, bool, Deployment] | None:
+        """One attempt within a deployment's allowance and pace: when it went, the answer,
+        whether a second copy was sent, and the deployment that answered."""
+        loop = self.loop
+        deployment, probe = self.router.pick(loop.time())
+        pool, pacer, transport = deployment.pool, deployment.pacer, deployment.transport
+        assert transport is not None
+        if self.multi:
+            request = deployment.request(request)
         await pool.gate.acquire()
         try:
             if self._stopping():  # stopped while it waited for a slot
                 return None
-            started = await self.pacer.wait_turn(request.tokens)
+            started = await pacer.wait_turn(request.tokens)
             if self._stopping():  # or for its turn in the pace
                 return None
             pool.sent(started)
@@ -317,20 +345,39 @@ class Pipeline:
                     # a large answer's chunks, until the GC ran (16 of them: 550 MiB RSS).
                     result = await answer(transport, request)
                 else:
-                    turn = partial(self.pacer.wait_turn, request.tokens)
+                    turn = partial(pacer.wait_turn, request.tokens)
                     result, hedged = await self.hedger.send(transport, request, started, turn)
             finally:
-                self.pacer.answered()
+                pacer.answered()
                 ok = isinstance(result, Response) and 200 <= result.status < 300
                 pool.answered(started, loop.time(), ok=ok, overload=_overload(result))
         finally:
             pool.gate.release()
         assert result is not None
         if isinstance(result, Response):
-            self.pacer.observe(result.headers)
+            pacer.observe(result.headers)
             if ok:
                 self.stats.latency.add(loop.time() - started)
-        return started, result, hedged
+        if self.multi:
+            self._observe(deployment, probe, result, started, hedged=hedged)
+        return started, result, hedged, deployment
+
+    def _observe(
+        self, d: Deployment, probe: bool, result: Answer, started: float, *, hedged: bool
+    ) -> None:
+        """Count an attempt against its deployment, which it may take out of the pool."""
+        now = self.loop.time()
+        d.stats.requests += 2 if hedged else 1
+        if isinstance(result, Response) and 200 <= result.status < 300:
+            d.stats.latency.add(now - started)
+        was_in = d.breaker.state == "in"
+        self.router.observe(d, probe, result, now)
+        if was_in and d.breaker.state == "out":
+            self.options.on_notice(
+                f"deployment {d.name} is out of the pool for {d.breaker.pause:g}s "
+                f"({d.breaker.why}); its lines go to the others",
+                logging.WARNING,
+            )
 
     async def _write_outcomes(self) -> None:
         """The single owner of the output files: append outcomes in batches."""
@@ -360,9 +407,9 @@ class Pipeline:
     def _append(self, batch: list[Outcome]) -> None:
         if not batch:
             return
-        if self.scrubber is not None:  # the one place every output line passes
+        for scrubber in self.scrubbers:  # the one place every output line passes
             for o in batch:
-                o.line = self.scrubber.scrub(o.line)
+                o.line = scrubber.scrub(o.line)
         self.journal.append(batch)
         stats = self.stats
         for o in batch:
@@ -376,7 +423,8 @@ class Pipeline:
     def _steer(self, now: float) -> None:
         """Size the pool to what was observed; choose stragglers to hedge."""
         rate = self.pacer.request_rate()
-        self.pool.resize(rate, now)
+        for d in self.deployments:
+            d.pool.resize(rate if d.pacer is self.pacer else d.pacer.request_rate(), now)
         if self.hedger is not None and self.exhausted and not self.pool.gate.waiting:
             latency = self.stats.latency
             self.hedger.choose(now, latency.percentile(95), latency.total)
@@ -387,6 +435,14 @@ class Pipeline:
         stats, pool = self.stats, self.pool
         stats.in_flight, stats.peak_in_flight = pool.in_flight, pool.peak
         stats.allowance, stats.binding = pool.gate.limit, pool.binding(paced)
+        if self.multi:
+            for d in self.deployments:
+                d.report()
+                stats.deployments[d.name] = d.stats
+            pools = [d.pool for d in self.deployments]
+            stats.in_flight = sum(p.in_flight for p in pools)
+            stats.peak_in_flight = max(stats.peak_in_flight, stats.in_flight)
+            stats.allowance = sum(p.gate.limit for p in pools)
         if self.hedger is not None:
             stats.hedges, stats.hedge_tokens = self.hedger.sent, self.hedger.tokens
 
@@ -401,7 +457,8 @@ class Pipeline:
             while True:
                 await asyncio.sleep(COMMIT_INTERVAL)
                 await self.journal.commit_in_thread()
-                self.pacer.tick(COMMIT_INTERVAL)
+                for d in self.deployments:
+                    d.pacer.tick(COMMIT_INTERVAL)
                 now = loop.time()
                 self._steer(now)
                 if progress is not None and every and now >= next_progress:
@@ -416,7 +473,9 @@ class Pipeline:
                 progress.close()
 
 
-def _success(request: Request, response: Response, attempts: int, hedged: bool) -> Outcome:
+def _success(
+    request: Request, response: Response, attempts: int, hedged: bool, *, deployment: str | None
+) -> Outcome:
     """The result line of a 2xx; InvalidResponse if its body is not a JSON object, or one
     nested too deeply for its result line to be read back."""
     raw = response.body
@@ -427,9 +486,31 @@ def _success(request: Request, response: Response, attempts: int, hedged: bool) 
         prompt = _int(usage.get("prompt_tokens", usage.get("input_tokens")))
         completion = _int(usage.get("completion_tokens", usage.get("output_tokens")))
     line = result_line(
-        request, response.status, response.request_id, raw, body, attempts=attempts, hedged=hedged
+        request,
+        response.status,
+        response.request_id,
+        raw,
+        body,
+        attempts=attempts,
+        hedged=hedged,
+        deployment=deployment,
     )
     return Outcome(request.line_no, True, line, prompt, completion)
+
+
+def _deployment(spec: DeploymentSpec, settings: Settings, options: RunOptions) -> Deployment:
+    """A deployment's engine state, before its transport opens."""
+    fixed, most = settings.concurrency, spec.max_concurrency or settings.max_concurrency
+    concurrency = min(fixed, most) if isinstance(fixed, int) and spec.max_concurrency else fixed
+    notice = options.on_notice
+    if settings.deployments:  # each says whose pace it speaks of
+
+        def notice(message: str, level: int = logging.INFO) -> None:
+            options.on_notice(f"{spec.name}: {message}", level)
+
+    pacer = Pacer(rpm=spec.rpm, tpm=spec.tpm, on_notice=notice, max_pause=settings.max_wait)
+    pool = Pool(concurrency, most)
+    return Deployment(spec.name, pacer, pool, weight=spec.weight, model=spec.model)
 
 
 def _overload(result: Answer | None) -> bool:

@@ -1,0 +1,203 @@
+"""Several endpoints as one pool: each its own pace, pool and health; a router between them.
+
+A ``Deployment`` is one endpoint of a job (``[[deployments]]``): a transport,
+its own ``Pacer`` (RPM/TPM, headers, 429 pauses: a 429 on one pauses that one
+only), its own ``Pool`` (``--concurrency auto`` fills a 16-slot box and a
+256-slot box each to its knee), its own ``Breaker`` and counters. A job
+without ``[[deployments]]`` has one, made of its base URL, and the runner
+then skips everything here but the pick, which is a list lookup.
+
+The ``Router`` sends each attempt to the deployment with the most room: free
+slots of its pool's allowance, less the requests already waiting for one;
+a deployment whose pace is paused by a 429 has none. Weights break ties.
+
+A ``Breaker`` takes a failing deployment out of the pool (after Nygard's
+circuit breaker, as Envoy's outlier detection and LiteLLM's cooldowns do):
+at once when it refuses connections or the key (401, 403,
+``insufficient_quota``); after ``FAILURES_TO_TRIP`` failed answers in a row
+for 5xx, timeouts and drops. It stays out for a break that doubles with each
+failed probe, then takes exactly one request, the probe: an answer puts it
+back, a failure doubles its break. Only when every deployment is out does the
+job behave as with one endpoint: it stops (exit 3) when all of them are out
+for a reason that waiting cannot fix, and otherwise keeps sending to the one
+whose break ends first, with the usual retries.
+
+Pure logic on a clock the caller passes: tested without a socket or a sleep.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import orjson
+
+from batchq.errors import EndpointUnreachable, FatalEndpointError, RequestError
+from batchq.live.concurrency import Pool
+from batchq.live.limiter import Pacer
+from batchq.live.retry import RETRYABLE_4XX, fatal_reason, status_error
+from batchq.live.transport import Response, Transport
+from batchq.records import Request
+from batchq.stats import DeploymentStats
+
+FAILURES_TO_TRIP = 5  # failed answers in a row (5xx, timeouts, drops) that take one out
+FIRST_BREAK = 1.0  # seconds out before the first probe
+LONGEST_BREAK = 60.0  # the break doubles with each failed probe, up to this
+
+State = Literal["in", "out", "probing"]
+
+
+@dataclass(slots=True)
+class Breaker:
+    """In, out for a break, or probing: the health of one deployment."""
+
+    first_break: float = FIRST_BREAK
+    longest_break: float = LONGEST_BREAK
+    threshold: int = FAILURES_TO_TRIP
+    state: State = "in"
+    until: float = 0.0  # out: when its probe may go
+    pause: float = 0.0  # the current break
+    failures: int = 0  # in a row, while in
+    why: str | None = None  # why it was last taken out
+    fatal: bool = False  # out for a reason waiting cannot fix (a key, a quota)
+    outs: int = 0
+
+    def due(self, now: float) -> bool:
+        """Out, and its break is over: the next request may probe it."""
+        return self.state == "out" and now >= self.until
+
+    def succeeded(self) -> None:
+        """An answer (any 2xx): the deployment serves."""
+        self.failures = 0
+        if self.state != "in":
+            self.state, self.pause, self.fatal = "in", 0.0, False
+
+    def failed(
+        self, now: float, why: str, *, probe: bool, at_once: bool = False, fatal: bool = False
+    ) -> bool:
+        """A failure that is the deployment's fault; True if it takes it out now.
+
+        Failures of requests sent before it went out say nothing new and are ignored.
+        """
+        if self.state == "in":
+            self.failures += 1
+            if at_once or fatal or self.failures >= self.threshold:
+                self._take_out(now, why, fatal, self.first_break)
+                return True
+        elif self.state == "probing" and probe:
+            self._take_out(now, why, fatal, min(self.longest_break, 2 * self.pause))
+            return True
+        return False
+
+    def _take_out(self, now: float, why: str, fatal: bool, pause: float) -> None:
+        self.state, self.why, self.fatal, self.pause = "out", why, fatal, pause
+        self.until = now + pause
+        self.failures = 0
+        self.outs += 1
+
+
+@dataclass(eq=False, slots=True)
+class Deployment:
+    """One endpoint of the pool and its engine state."""
+
+    name: str
+    pacer: Pacer
+    pool: Pool
+    weight: float = 1.0
+    model: str | None = None  # the name it serves the job's model under
+    transport: Transport | None = None  # set once the run opens it
+    breaker: Breaker = field(default_factory=Breaker)
+    stats: DeploymentStats = field(default_factory=DeploymentStats)
+
+    def room(self, now: float) -> float:
+        """Requests it could take now: free slots, less those queued for one."""
+        if self.pacer.paused_until() > now:
+            return -math.inf
+        gate = self.pool.gate
+        return gate.limit - self.pool.in_flight - gate.waiting
+
+    def request(self, request: Request) -> Request:
+        """``request`` as this deployment serves it: under its own model name, if it has one."""
+        if self.model is None:
+            return request
+        body = orjson.loads(request.body)
+        if body.get("model") == self.model:
+            return request
+        body["model"] = self.model
+        return replace(request, body=orjson.dumps(body))
+
+    def report(self) -> None:
+        """Copy the live figures where the summary and ``status`` read them."""
+        b, s = self.breaker, self.stats
+        s.in_flight, s.state, s.outs, s.why = self.pool.in_flight, b.state, b.outs, b.why
+
+
+class Router:
+    """Which deployment takes the next attempt, and what their answers say of their health."""
+
+    def __init__(self, deployments: list[Deployment]) -> None:
+        assert deployments, "a pool has at least one deployment"
+        self.deployments = deployments
+        self.single = deployments[0] if len(deployments) == 1 else None
+
+    def pick(self, now: float) -> tuple[Deployment, bool]:
+        """The deployment for the next attempt, and whether the attempt is its probe.
+
+        Raises FatalEndpointError when every deployment is out for a reason that waiting
+        cannot fix.
+        """
+        if self.single is not None:
+            return self.single, False
+        best: Deployment | None = None
+        best_key = (-math.inf, -math.inf)
+        for d in self.deployments:
+            b = d.breaker
+            if b.state == "in":
+                key = (d.room(now), d.weight)
+                if best is None or key > best_key:
+                    best, best_key = d, key
+            elif b.due(now):
+                b.state = "probing"  # one request only, until it answers
+                return d, True
+        if best is not None:
+            return best, False
+        # Every deployment is out: as with one endpoint, keep trying the one back soonest.
+        waiting = [d for d in self.deployments if not d.breaker.fatal]
+        if not waiting:
+            raise FatalEndpointError(self.verdict())
+        return min(waiting, key=lambda d: d.breaker.until), False
+
+    def observe(
+        self, d: Deployment, probe: bool, answer: Response | RequestError, now: float
+    ) -> None:
+        """Count an attempt's answer against ``d`` and judge its health by it."""
+        stats, breaker = d.stats, d.breaker
+        if isinstance(answer, Response):
+            status = answer.status
+            if 200 <= status < 300:
+                stats.ok += 1
+                breaker.succeeded()
+                return
+            stats.errors += 1
+            if status == 429:
+                stats.rate_limited += 1
+            error = status_error(status, answer.body, answer.headers, answer.request_id)
+            if why := fatal_reason(error):
+                breaker.failed(now, why, probe=probe, fatal=True)
+            elif status >= 500 or status in RETRYABLE_4XX:
+                breaker.failed(now, f"HTTP {status}", probe=probe)
+            elif probe:
+                breaker.succeeded()  # it answered: a 429 is for its pace, a 4xx the request's
+            return
+        stats.errors += 1
+        unreachable = isinstance(answer, EndpointUnreachable)
+        breaker.failed(now, f"{answer.code}: {answer}"[:200], probe=probe, at_once=unreachable)
+
+    def all_out(self) -> bool:
+        return all(d.breaker.state != "in" for d in self.deployments)
+
+    def verdict(self) -> str:
+        """Which deployment said what, for the one line that stops the job."""
+        said = "; ".join(f"{d.name}: {d.breaker.why}" for d in self.deployments)
+        return f"every deployment is out ({said})"
