@@ -56,6 +56,24 @@ class DeploymentStats:
     outs: int = 0  # times it was taken out
     why: str | None = None  # why it was last taken out
 
+    def figures(self) -> dict[str, object]:
+        """As the summary, ``status`` and progress.json show it."""
+        p50, p95 = self.latency.percentile(50), self.latency.percentile(95)
+        return {
+            "requests": self.requests,
+            "succeeded": self.ok,
+            "errors": self.errors,
+            "rate_limited": self.rate_limited,
+            "latency_s": {
+                "p50": None if p50 is None else round(p50, 4),
+                "p95": None if p95 is None else round(p95, 4),
+            },
+            "in_flight": self.in_flight,
+            "state": self.state,
+            "taken_out": self.outs,
+            "why": self.why,
+        }
+
 
 @dataclass(slots=True)
 class Stats:

@@ -464,6 +464,7 @@ def write_progress(job_dir: Path, stats: Stats) -> None:
         "retries": stats.retries,
         "rate_limited": stats.rate_limited,
         "pace": stats.pace,
+        "deployments": {name: d.figures() for name, d in stats.deployments.items()} or None,
     }
     tmp = job_dir / (PROGRESS_JSON + ".tmp")
     with contextlib.suppress(OSError):  # a full disk stops the run at its next commit

@@ -27,7 +27,8 @@ Pure logic on a clock the caller passes: tested without a socket or a sleep.
 
 from __future__ import annotations
 
-import math
+import asyncio
+from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -110,12 +111,12 @@ class Deployment:
     breaker: Breaker = field(default_factory=Breaker)
     stats: DeploymentStats = field(default_factory=DeploymentStats)
 
-    def room(self, now: float) -> float:
-        """Requests it could take now: free slots, less those queued for one."""
+    def room(self, now: float) -> int:
+        """Requests it could take now: free slots of its allowance (none while paused)."""
         if self.pacer.paused_until() > now:
-            return -math.inf
+            return 0
         gate = self.pool.gate
-        return gate.limit - self.pool.in_flight - gate.waiting
+        return gate.limit - gate.used - gate.waiting
 
     def request(self, request: Request) -> Request:
         """``request`` as this deployment serves it: under its own model name, if it has one."""
@@ -140,9 +141,11 @@ class Router:
         assert deployments, "a pool has at least one deployment"
         self.deployments = deployments
         self.single = deployments[0] if len(deployments) == 1 else None
+        self._waiters: deque[asyncio.Future[None]] = deque()
 
-    def pick(self, now: float) -> tuple[Deployment, bool]:
-        """The deployment for the next attempt, and whether the attempt is its probe.
+    def pick(self, now: float) -> tuple[Deployment, bool] | None:
+        """The deployment for the next attempt, and whether the attempt is its probe; None:
+        every deployment in the pool is full (``wait``, then pick again).
 
         Raises FatalEndpointError when every deployment is out for a reason that waiting
         cannot fix.
@@ -150,23 +153,50 @@ class Router:
         if self.single is not None:
             return self.single, False
         best: Deployment | None = None
-        best_key = (-math.inf, -math.inf)
+        best_key = (0, 0.0)
+        due: Deployment | None = None
+        full = False
         for d in self.deployments:
-            b = d.breaker
-            if b.state == "in":
+            if d.breaker.state == "in":
                 key = (d.room(now), d.weight)
-                if best is None or key > best_key:
+                if key[0] > 0 and key > best_key:
                     best, best_key = d, key
-            elif b.due(now):
-                b.state = "probing"  # one request only, until it answers
-                return d, True
+                full = True
+            elif due is None and d.breaker.due(now):
+                due = d
+        if due is not None:
+            if self.out_for_good():
+                raise FatalEndpointError(self.verdict())
+            due.breaker.state = "probing"  # one request only, until it answers
+            return due, True
         if best is not None:
             return best, False
+        if full:  # deployments are in, but full: a worker waits for room, in no one queue
+            return None
+        if self.out_for_good():
+            raise FatalEndpointError(self.verdict())
         # Every deployment is out: as with one endpoint, keep trying the one back soonest.
         waiting = [d for d in self.deployments if not d.breaker.fatal]
-        if not waiting:
-            raise FatalEndpointError(self.verdict())
         return min(waiting, key=lambda d: d.breaker.until), False
+
+    async def wait(self) -> None:
+        """Until a deployment may have room: a slot released (``released``) or a tick."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if not waiter.done():
+                self._waiters.remove(waiter)
+
+    def released(self, everyone: bool = False) -> None:
+        """A slot was freed (wake one waiter), or limits and breaks moved (wake all)."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                if not everyone:
+                    return
 
     def observe(
         self, d: Deployment, probe: bool, answer: Response | RequestError, now: float
@@ -196,6 +226,10 @@ class Router:
 
     def all_out(self) -> bool:
         return all(d.breaker.state != "in" for d in self.deployments)
+
+    def out_for_good(self) -> bool:
+        """Every deployment is out for a reason waiting cannot fix: the job must stop."""
+        return all(d.breaker.state != "in" and d.breaker.fatal for d in self.deployments)
 
     def verdict(self) -> str:
         """Which deployment said what, for the one line that stops the job."""

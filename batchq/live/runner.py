@@ -239,6 +239,8 @@ class Pipeline:
             for shared in stores:
                 shared.stop()
             self._report(paced=self.pacer.request_rate() is not None)
+            if self.multi:  # the deployments' rows, for `batchq status` after the run
+                write_progress(self.job.run_dir, self.stats)
 
     async def _feed(self) -> None:
         async def reject(outcome: Outcome) -> None:
@@ -299,6 +301,8 @@ class Pipeline:
                 # That deployment is out (the router stops the job when all are); the line
                 # goes to another, within --max-attempts.
                 deployment.breaker.failed(self.loop.time(), decision.reason, probe=True, fatal=True)
+                if self.router.out_for_good():
+                    raise FatalEndpointError(self.router.verdict()) from None
                 if attempts >= self.policy.max_attempts:
                     return _failure_from(request, result, attempts, retryable=True)
                 continue
@@ -323,7 +327,11 @@ class Pipeline:
         """One attempt within a deployment's allowance and pace: when it went, the answer,
         whether a second copy was sent, and the deployment that answered."""
         loop = self.loop
-        deployment, probe = self.router.pick(loop.time())
+        while (picked := self.router.pick(loop.time())) is None:
+            await self.router.wait()  # every deployment is full: the first with room takes it
+            if self._stopping():
+                return None
+        deployment, probe = picked
         pool, pacer, transport = deployment.pool, deployment.pacer, deployment.transport
         assert transport is not None
         if self.multi:
@@ -353,6 +361,8 @@ class Pipeline:
                 pool.answered(started, loop.time(), ok=ok, overload=_overload(result))
         finally:
             pool.gate.release()
+            if self.multi:
+                self.router.released()
         assert result is not None
         if isinstance(result, Response):
             pacer.observe(result.headers)
@@ -459,6 +469,8 @@ class Pipeline:
                 await self.journal.commit_in_thread()
                 for d in self.deployments:
                     d.pacer.tick(COMMIT_INTERVAL)
+                if self.multi:  # pauses ended, allowances grew, breaks ran out
+                    self.router.released(everyone=True)
                 now = loop.time()
                 self._steer(now)
                 if progress is not None and every and now >= next_progress:

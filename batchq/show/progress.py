@@ -164,6 +164,7 @@ def summary(
             "batches": None
             if s.batches_open is None
             else {"created": s.batches_created, "open": s.batches_open, "lines": s.by_batch},
+            "deployments": {name: d.figures() for name, d in s.deployments.items()} or None,
         },
         "results": results,
         "errors": errors,
@@ -181,6 +182,23 @@ def _cost(s: Stats, price_in: float, price_out: float) -> dict[str, float]:
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
+
+
+def deployment_rows(deployments: dict[str, Any] | None) -> list[str]:
+    """One line per deployment of a pool: what it served, and if it was taken out, why."""
+    rows = []
+    for name, d in (deployments or {}).items():
+        p50 = d["latency_s"]["p50"]
+        row = (
+            f"  deployment {name}: {d['requests']:,} requests, {d['succeeded']:,} ok, "
+            f"{d['errors']:,} errors, {d['rate_limited']:,} 429s"
+            + ("" if p50 is None else f", p50 {p50:.3f}s")
+        )
+        if d["taken_out"]:
+            now = "" if d["state"] == "in" else f", {d['state']} now"
+            row += f"; taken out {d['taken_out']:,}× (last: {d['why']}{now})"
+        rows.append(row)
+    return rows
 
 
 def render_summary(figures: dict[str, Any]) -> str:
@@ -222,6 +240,7 @@ def render_summary(figures: dict[str, Any]) -> str:
     if run["hedges"]["sent"]:
         hedges = run["hedges"]
         lines[-1] += f"; {hedges['sent']:,} hedges (~{hedges['estimated_tokens']:,} tokens extra)"
+    lines.extend(deployment_rows(run.get("deployments")))
     lines.append(f"  results: {f['results']}")
     lines.append(f"  errors:  {f['errors']}")
     if f["resume"]:

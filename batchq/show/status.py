@@ -19,6 +19,7 @@ from batchq.job.folder import JOB_TOML, _resolve, read_progress, read_state, run
 from batchq.job.journal import JOURNAL_NAME, read_journal
 from batchq.job.settings import read_job_toml
 from batchq.job.shard import read_cut, shard_folders
+from batchq.show.progress import deployment_rows
 from batchq.stats import duration
 
 #: Figures of a running process, from its progress.json; summed over running shards.
@@ -103,6 +104,8 @@ def _part(
     else:
         phase = "not started"
     live = read_progress(run_dir) if pid is not None else {}
+    # The deployments' rows of the running process, else of the last run that left them.
+    deployments = (live if pid is not None else read_progress(run_dir)).get("deployments")
     return {
         "state": phase,
         "pid": pid,
@@ -122,6 +125,7 @@ def _part(
         "retries": live.get("retries"),
         "rate_limited": live.get("rate_limited"),
         "pace": live.get("pace"),
+        "deployments": deployments,
         "results": str(results),
         "errors": str(errors),
     }
@@ -188,6 +192,7 @@ def render_status(f: dict[str, Any]) -> str:
         lines.append(
             f"    {b['batch_id'] or b['chunk']}: {b['state']}, {b['lines']:,} lines{done}{age}"
         )
+    lines.extend(deployment_rows(f.get("deployments")))
     for part in f.get("shards", ()):
         shard_total = "?" if part["total"] is None else f"{part['total']:,}"
         pid = f" (pid {part['pid']})" if part["pid"] else ""
