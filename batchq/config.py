@@ -124,6 +124,11 @@ class Settings:
             _check_range(name, getattr(self, name), 0, 1e9)
         if not isinstance(self.deployments, tuple):
             raise ConfigError("deployments must be a list of [[deployments]] tables")
+        if self.deployments and self.via != "live":
+            raise ConfigError(
+                f"--via {self.via} sends to one provider account (base_url); [[deployments]] "
+                "are for --via live"
+            )
         for spec in self.deployments:
             if spec.endpoints is not None and self.endpoint not in spec.endpoints:
                 raise ConfigError(

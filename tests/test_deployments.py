@@ -460,3 +460,9 @@ def test_the_python_api_takes_deployments(tmp_path: Path, mock_server: MockFacto
     results = bq.run([f"q {i}" for i in range(40)], model="m1", deployments=pool, progress=False)
     assert all(r.ok for r in results)
     assert a.stats()["requests"] + b.stats()["requests"] == 40
+
+
+def test_deployments_are_for_live_runs() -> None:
+    tables = [{"name": "a", "base_url": "http://x/v1"}]
+    with pytest.raises(ConfigError, match="are for --via live"):
+        build_settings({"input": "in.jsonl", "deployments": tables, "via": "batch"}, {})
