@@ -48,6 +48,8 @@ def _tail(s: Stats, token_rate: float) -> str:
     )
     if s.hedges:
         text += f" · hedges {s.hedges:,}"
+    if out := [name for name, d in s.deployments.items() if d.state != "in"]:
+        text += f" · out of the pool: {', '.join(out)}"
     return text + (f" · pace {s.pace}" if s.pace else "")
 
 
