@@ -348,6 +348,28 @@ def test_a_429_pauses_only_its_deployment(tmp_path: Path, mock_server: MockFacto
     assert rows["limited"]["taken_out"] == 0  # a 429 slows a deployment; it does not fail it
 
 
+def test_each_deployment_keeps_its_own_pace(tmp_path: Path, mock_server: MockFactory) -> None:
+    paced = mock_server(rate_limit_headers=False)
+    other = mock_server(latency=0.05, slots=8)
+    _, ids = _input(tmp_path, 400)
+    pool = _pool(
+        tmp_path,
+        {"name": "paced", "base_url": paced.url, "rpm": 1200, "weight": 10},  # 20 a second
+        {"name": "other", "base_url": other.url, "max_concurrency": 8},
+    )
+    done = _run(tmp_path, pool)
+    assert done.returncode == 0, done.stderr
+    assert_exactly_once(tmp_path / "job", ids)
+    arrivals = sorted(at for at, _ in paced.stats()["arrivals"])
+    assert len(arrivals) > 20
+    # Smooth, not in bursts: no second holds much more than 20 of them.
+    busiest = max(
+        sum(1 for t in arrivals[i:] if t < start + 1.0) for i, start in enumerate(arrivals)
+    )
+    assert busiest <= 24
+    assert other.stats()["requests"] == 400 - len(arrivals)
+
+
 class Flaky:
     """An endpoint that answers 503 until ``heal``, then as the built-in one would."""
 
