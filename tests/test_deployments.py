@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
-from conftest import MockFactory
+from conftest import MockFactory, RedisServer
 from hostile import HostileServer
 from support import (
     assert_exactly_once,
@@ -368,6 +368,26 @@ def test_each_deployment_keeps_its_own_pace(tmp_path: Path, mock_server: MockFac
     )
     assert busiest <= 24
     assert other.stats()["requests"] == 400 - len(arrivals)
+
+
+def test_each_deployment_has_its_own_key_in_the_limits_store(
+    tmp_path: Path, mock_server: MockFactory, redis_server: RedisServer
+) -> None:
+    a, b = mock_server(), mock_server()
+    _, ids = _input(tmp_path, 40)
+    pool = _pool(
+        tmp_path,
+        {"name": "a", "base_url": a.url, "rpm": 60000, "limits_key": "region-a"},
+        {"name": "b", "base_url": b.url, "rpm": 60000, "api_key_env": "B_KEY"},
+    )
+    env = clean_env(B_KEY="sk-bb-0123456789")
+    done = _run(tmp_path, pool, "--limits-store", redis_server.url, env=env)
+    assert done.returncode == 0, done.stderr
+    assert_exactly_once(tmp_path / "job", ids)
+    keys = redis_server.command("KEYS", "*")
+    assert b"batchq:limits:{region-a}" in keys
+    assert f"batchq:limits:{{{b.url}#".encode() in keys  # its base URL and a hash of its key
+    assert b"sk-bb" not in keys
 
 
 class Flaky:
