@@ -395,6 +395,37 @@ def overhead(tmp: Path, lines: int, runs: int, rev: str) -> str:
     )
 
 
+# --- 4. two paced deployments -------------------------------------------------------------
+
+
+def paced(tmp: Path, lines: int) -> str:
+    """6,000 and 3,000 RPM, enforced by the servers, which send OpenAI's headers; batchq is
+    told nothing and learns both paces from the headers."""
+    ensure_input(tmp, lines)
+    with endpoint(tmp, "--rpm", "6000") as fast, endpoint(tmp, "--rpm", "3000") as slow:
+        urls = {"rpm6000": fast.url, "rpm3000": slow.url}  # type: ignore[attr-defined]
+        measured, figures = run(
+            tmp, "paced", lines, "--deployments", pool_file(tmp / "p.toml", urls)
+        )
+        stats = {n: harness.mock_call(u, "/_mock/stats") for n, u in urls.items()}
+    rpm = lines / measured.wall * 60
+    sent = sum(s["requests"] for s in stats.values())
+    refused = sum(s["rate_limited"] for s in stats.values())
+    rows = [
+        [n, f"{s['requests']:,}", f"{s['rate_limited']:,}",
+         f"{figures['this_run']['deployments'][n]['succeeded']:,}"]
+        for n, s in stats.items()
+    ]  # fmt: skip
+    ok = rpm >= 0.95 * 9000 and refused <= 0.001 * sent
+    return (
+        f"### 4. Two paced endpoints, 6,000 and 3,000 RPM with headers ({lines:,} lines)\n\n"
+        f"{table(['deployment', 'requests', '429s', 'lines served'], rows)}\n\n"
+        f"**{rpm:,.0f} RPM** of 9,000 ({rpm / 9000:.0%}, wall {measured.wall:.1f} s from the "
+        f"process start), 429s {refused / max(sent, 1):.2%} of requests "
+        f"(goal ≥ 95%, ≤ 0.1%: {'PASS' if ok else 'MISS'})."
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     global LATENCY
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -426,6 +457,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(sections[-1], flush=True)
         if 2 in cases:
             sections.append(killed(tmp, args.lines, args.down, kill_at=6.0))
+            print(sections[-1], flush=True)
+        if 4 in cases:
+            sections.append(paced(tmp, 9_000))
             print(sections[-1], flush=True)
         if 3 in cases:
             sections.append(overhead(tmp, 20_000, args.runs, merge_base))
