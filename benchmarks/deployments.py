@@ -1,14 +1,15 @@
 """One job, many endpoints (issue 23): how close a pool gets to the sum of its parts.
 
 Every endpoint is ``batchq mock-server`` in its own process; ``batchq run`` is a child
-process too, measured from the outside (``harness.measure``). Three cases:
+process too, measured from the outside (``harness.measure``). Four cases:
 
 1. **Share of capacity.** Four GPU-like endpoints (``--slots`` 16, 64, 256, 256, 0.2 s
    base latency, no rate-limit headers). Each alone first: batchq's req/s against it (its
    capacity as batchq reaches it, ``--concurrency auto``); then one job over the four as
-   ``[[deployments]]``. Figures: the pool's req/s over the sum of the four alone, and
-   each one's server-side p50 (queue + service, from its ``/_mock/stats``) over the
-   unloaded latency. Goal: ≥ 90%, each ≤ 2×.
+   ``[[deployments]]``; and the input split by hand into four jobs, one per endpoint, run
+   side by side (what a user does today). Figures: the pool's req/s over the four alone
+   summed and over the split jobs', and each one's server-side p50 (queue + service, from
+   its ``/_mock/stats``) over the unloaded latency. Goal: ≥ 90%, each ≤ 2×.
 2. **One of three killed.** Three endpoints (``--slots`` 32, 0.2 s); once the job runs,
    one is SIGKILLed, and restarted on the same port ``--down`` seconds later. The results
    file is read every 0.25 s: req/s per 2 s before, during and after; how long until the
@@ -18,8 +19,11 @@ process too, measured from the outside (``harness.measure``). Three cases:
    ``--concurrency 64``: batchq as it was before deployments (the merge base, run from a
    copy of its ``batchq/``), this batchq with ``--base-url``, and this batchq with a
    ``--deployments`` file of that one endpoint, runs alternating. Goal: ≥ 0.95×.
+4. **Two paced endpoints.** ``--rpm`` 6,000 and 3,000 enforced by the servers, with
+   OpenAI's headers; batchq is told nothing. Goal: ≥ 95% of 9,000 RPM, ≤ 0.1% 429s.
 
-    python benchmarks/deployments.py [--cases 1,2,3] [--runs N] [--down S] [--base REV]
+    python benchmarks/deployments.py [--cases 1,2,3,4] [--runs N] [--down S] [--base REV]
+                                     [--lines N] [--latency S]
 
 The tables are printed and appended to ``benchmarks/DEPLOYMENTS.md``.
 """
@@ -429,7 +433,7 @@ def paced(tmp: Path, lines: int) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     global LATENCY
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", default="1,2,3")
+    parser.add_argument("--cases", default="1,2,3,4")
     parser.add_argument("--runs", type=int, default=3, help="of case 3")
     parser.add_argument("--down", type=float, default=20.0, help="seconds the killed one is down")
     parser.add_argument(
