@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import datetime as dt
 import os
-import select
 import shutil
 import signal
 import statistics
@@ -49,7 +48,7 @@ from typing import Any
 
 import harness
 import orjson
-from harness import BenchError, Spread, table
+from harness import Spread, table
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -75,12 +74,7 @@ def endpoint(tmp: Path, *options: str, port: int = 0) -> Iterator[subprocess.Pop
         cmd, stdout=subprocess.PIPE, stderr=log, env=harness.child_env(), start_new_session=True
     )
     try:
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], 15)
-        url = proc.stdout.readline().decode().strip() if ready else ""
-        if not url.startswith("http://127.0.0.1:"):
-            raise BenchError(f"batchq mock-server did not print its URL (got {url!r})")
-        proc.url = url  # type: ignore[attr-defined]
+        proc.url = harness.read_url(proc)  # type: ignore[attr-defined]
         yield proc
     finally:
         harness.stop(proc)

@@ -281,16 +281,21 @@ def mock_server(
     cmd += options
     proc = _spawn(cmd, tmp / f"mock-{latency:g}.log", stdout=subprocess.PIPE)
     try:
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], 15)
-        url = proc.stdout.readline().decode().strip() if ready else ""
-        if not url.startswith("http://127.0.0.1:"):
-            raise BenchError(f"batchq mock-server did not print its URL (got {url!r})")
-        yield url
+        yield read_url(proc)
     finally:
         stop(proc)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def read_url(proc: subprocess.Popen[bytes]) -> str:
+    """The base URL a ``batchq mock-server`` prints first; BenchError if none within 15 s."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 15)
+    url = proc.stdout.readline().decode().strip() if ready else ""
+    if not url.startswith("http://127.0.0.1:"):
+        raise BenchError(f"batchq mock-server did not print its URL (got {url!r})")
+    return url
 
 
 def mock_call(base_url: str, path: str, *, post: bool = False) -> dict[str, Any]:
