@@ -801,6 +801,20 @@ def _batch_options(command: Callable[..., None]) -> Callable[..., None]:
     show_default=True,
     help="Send x-ratelimit-* headers; without them, limits show only as 429s (like vLLM).",
 )
+@click.option(
+    "--max-model-len",
+    type=click.IntRange(min=0),
+    default=0,
+    help="A context length, as vLLM reports it in /v1/models and /tokenize; a prompt plus "
+    "max_tokens past it is answered 400 (0: no limit).",
+)
+@click.option(
+    "--served-model",
+    "models",
+    multiple=True,
+    metavar="NAME",
+    help="Serve only this model (repeatable); others are answered 404 [default: any model].",
+)
 @click.option("--seed", type=int, help="Seed of the random faults and latencies.")
 @click.option(
     "--record",
