@@ -36,6 +36,7 @@ from batchq.errors import BatchqError
 if TYPE_CHECKING:  # pragma: no cover
     from batchq.batch.executor import BatchOptions
     from batchq.config import Settings
+    from batchq.show.preflight import Preflight
     from batchq.show.validate import Report
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -589,6 +590,23 @@ def _opened(path: Path | None, mode: str) -> Iterator[Any]:
 @click.option("--batch-dialect", type=click.Choice(["openai", "dashscope"]))
 @click.option("--batch-max-lines", type=click.IntRange(min=1))
 @click.option("--batch-max-bytes", type=click.IntRange(min=1024))
+@click.option(
+    "--check-endpoint",
+    is_flag=True,
+    help="Also ask the endpoint (models, context length, tokenizer, paths served) which "
+    "lines it would refuse; no completion is called.",
+)
+@click.option(
+    "--api-key-env",
+    metavar="NAME",
+    help="With --check-endpoint: the variable holding the API key [default: job's, "
+    "else OPENAI_API_KEY].",
+)
+@click.option(
+    "--split-out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="With --check-endpoint: write the lines that would fail to FILE.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 def validate(
     target: Path,
@@ -597,12 +615,17 @@ def validate(
     params: dict[str, Any],
     price_in: float,
     price_out: float,
+    check_endpoint: bool,
+    split_out: Path | None,
     as_json: bool,
     **settings: Any,
 ) -> None:
     """Check TARGET (an input .jsonl or a job folder) as a run would, sending nothing.
 
-    Exit status 0 if every line is a usable request, 1 if some are not.
+    With --check-endpoint, also ask the endpoint which lines it would refuse (prompt and
+    max_tokens past the context, a model or path it does not serve), calling no
+    completion. Exit status 0 if every line is a usable request that the endpoint would
+    take, 1 if some are not; 3 if the endpoint cannot be asked.
     """
     from batchq.config import build_settings
     from batchq.job.folder import JOB_TOML
@@ -615,6 +638,10 @@ def validate(
         stored: dict[str, Any] = {"input": str(target)}
         if target.is_dir():
             stored = read_job_toml(target / JOB_TOML)
+        elif settings["base_url"] is None:  # as run's new job would take it
+            settings["base_url"] = os.environ.get("OPENAI_BASE_URL") or None
+        if split_out is not None and not check_endpoint:
+            raise click.UsageError("--split-out goes with --check-endpoint")
         given = _defaults(params, max_tokens, temperature)
         overrides = {**settings, "defaults": {**stored.get("defaults", {}), **given}}
         job_settings = build_settings(stored, overrides)
@@ -628,6 +655,10 @@ def validate(
         figures = report.as_dict()
         if job_settings.via != "live":
             figures["batch"] = _batch_plan(report, job_settings)
+        preflight = None
+        if check_endpoint:
+            preflight = _preflight(path, job_settings, report, split_out)
+            figures["endpoint"] = preflight.as_dict()
     except BatchqError as exc:
         raise Failure(exc) from None
     if as_json:
@@ -636,7 +667,37 @@ def validate(
         click.echo(render_report(report))
         if "batch" in figures:
             click.echo(_render_batch_plan(figures["batch"]))
-    sys.exit(EXIT_OK if report.bad == 0 else EXIT_FAILED)
+        if preflight is not None:
+            from batchq.show.preflight import render_preflight
+
+            click.echo(render_preflight(preflight))
+    refused = preflight is not None and preflight.would_fail > 0
+    sys.exit(EXIT_OK if report.bad == 0 and not refused else EXIT_FAILED)
+
+
+def _preflight(
+    path: Path, settings: Settings, report: Report, split_out: Path | None
+) -> Preflight:
+    """``validate --check-endpoint``: the endpoint's verdict on every line."""
+    from batchq.live.preflight import check_endpoint
+    from batchq.reader import RequestTemplate
+
+    def progress(line: str) -> None:
+        _notice(f"validate: {line}")
+
+    return asyncio.run(
+        check_endpoint(
+            path,
+            RequestTemplate.from_settings(settings),
+            base_url=settings.base_url,
+            api_key=os.environ.get(settings.api_key_env) or None,
+            key_env=settings.api_key_env,
+            urls=report.endpoints,
+            connect_timeout=settings.connect_timeout,
+            split_out=split_out,
+            progress=progress,
+        )
+    )
 
 
 def _batch_plan(report: Report, settings: Settings) -> dict[str, Any]:

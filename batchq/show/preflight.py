@@ -1,0 +1,182 @@
+"""``validate --check-endpoint``: which lines the endpoint would refuse, judged before any is paid.
+
+``live/preflight.py`` asks the endpoint what it can tell (its models, their
+context length, its tokenizer, which endpoint paths it serves) and counts
+each line's prompt tokens; this module judges one request against those
+facts, keeps the figures and renders them. It sends nothing itself.
+
+The rules are the servers' own. vLLM (and OpenAI) refuse a request whose
+prompt plus ``max_tokens`` passes the context, or, with no ``max_tokens``,
+whose prompt alone fills it; llama.cpp refuses only a prompt that fills its
+context (a long completion is cut short, not refused). A model the endpoint
+does not list is refused, except by llama.cpp, which answers with its one
+loaded model whatever the name. Whether a server takes a JSON schema is
+told by nothing short of a completion, so it is reported as not checked.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from batchq.config import JSONObject, show
+from batchq.reader import completion_cap
+
+LISTED = 100  # lines listed one by one; --split-out writes them all
+VLLM, LLAMA_CPP, OTHER = "vLLM", "llama.cpp", "OpenAI-compatible"
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointFacts:
+    """What the endpoint told about itself."""
+
+    url: str  # the base URL, without secrets, as shown
+    server: str  # VLLM, LLAMA_CPP or OTHER
+    models: frozenset[str] | None = None  # None: no list, or any name is served
+    context: dict[str, int] = field(default_factory=dict)  # model -> tokens; "": every model
+    tokenizer: bool = False  # the endpoint counts prompt tokens exactly
+    unserved: dict[str, int] = field(default_factory=dict)  # endpoint path -> status answered
+
+    def context_of(self, model: str | None) -> int | None:
+        return self.context.get(model or "", self.context.get(""))
+
+    def describe(self) -> str:
+        parts = [self.server]
+        if self.models is not None:
+            parts.append(f"models served: {len(self.models):,}")
+        lengths = sorted(set(self.context.values()))
+        if lengths:
+            parts.append("context " + "/".join(f"{n:,}" for n in lengths) + " tokens")
+        parts.append("its tokenizer counts" if self.tokenizer else "tokens estimated")
+        return f"{self.url} ({', '.join(parts)})"
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """Why the endpoint would refuse a request, before anything is paid for."""
+
+    code: str  # endpoint_not_served, model_not_found, context_length_exceeded
+    message: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+def judge(facts: EndpointFacts, url: str, body: JSONObject, prompt: int) -> list[Problem]:
+    """What the endpoint would refuse in ``body`` sent to ``url``, ``prompt`` tokens long."""
+    if url in facts.unserved:
+        status = facts.unserved[url]
+        return [Problem("endpoint_not_served", f"{url} is not served (it answered {status})")]
+    problems = []
+    model = body.get("model")
+    if facts.models is not None and isinstance(model, str) and model not in facts.models:
+        problems.append(Problem("model_not_found", f"model {show(model)} is not served"))
+    if (over := _over_context(facts, url, body, prompt)) is not None:
+        problems.append(Problem("context_length_exceeded", over))
+    return problems
+
+
+def _over_context(facts: EndpointFacts, url: str, body: JSONObject, prompt: int) -> str | None:
+    model = body.get("model")
+    context = facts.context_of(model if isinstance(model, str) else None)
+    if context is None:
+        return None
+    cap = completion_cap(body, url)
+    if cap is None or facts.server == LLAMA_CPP:
+        if url == "/v1/embeddings" and prompt <= context:
+            return None  # nothing is generated: a prompt may fill the context
+        if prompt < context:
+            return None
+        return f"prompt {prompt:,} tokens fills the context of {context:,}"
+    if prompt + cap <= context:
+        return None
+    return f"prompt {prompt:,} + max_tokens {cap:,} = {prompt + cap:,} tokens > context {context:,}"
+
+
+def asks_for_schema(body: JSONObject) -> bool:
+    """Whether the request asks for structured output that only a completion could test."""
+    fmt: Any = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        return True
+    text: Any = body.get("text")  # the Responses API's place for it
+    fmt = text.get("format") if isinstance(text, dict) else None
+    return isinstance(fmt, dict) and fmt.get("type") == "json_schema"
+
+
+@dataclass(slots=True)
+class Preflight:
+    """What ``--check-endpoint`` found, line by line."""
+
+    facts: EndpointFacts
+    checked: int = 0  # usable requests judged
+    counted: int = 0  # of which the endpoint's tokenizer counted the prompt
+    prompt_tokens: int = 0  # counted where it could, estimated elsewhere
+    would_fail: int = 0
+    by_code: Counter[str] = field(default_factory=Counter)
+    listed: list[tuple[int, str, list[Problem]]] = field(default_factory=list)
+    schemas: int = 0  # requests with a JSON schema, which no pre-flight can test
+    split_out: str | None = None
+    split_lines: int = 0  # lines written to split_out: bad lines included
+
+    def add(self, line_no: int, custom_id: str, problems: list[Problem]) -> None:
+        if not problems:
+            return
+        self.would_fail += 1
+        self.by_code.update(p.code for p in problems)
+        if len(self.listed) < LISTED:
+            self.listed.append((line_no, custom_id, problems))
+
+    def as_dict(self) -> JSONObject:
+        facts = self.facts
+        return {
+            "url": facts.url,
+            "server": facts.server,
+            "models": None if facts.models is None else sorted(facts.models),
+            "context": facts.context,
+            "tokenizer": facts.tokenizer,
+            "not_served": facts.unserved,
+            "checked": self.checked,
+            "prompt_tokens": self.prompt_tokens,
+            "prompt_tokens_counted_by_endpoint": self.counted,
+            "would_fail": self.would_fail,
+            "would_fail_by_code": dict(self.by_code.most_common()),
+            "would_fail_lines": [
+                {"line": n, "custom_id": cid, "problems": [p.as_dict() for p in problems]}
+                for n, cid, problems in self.listed
+            ],
+            "schemas_not_checked": self.schemas,
+            "split_out": self.split_out,
+            "split_out_lines": self.split_lines,
+        }
+
+
+def render_preflight(report: Preflight) -> str:
+    """The endpoint's part of ``validate``'s report, for a human."""
+    r = report
+    estimated = r.checked - r.counted
+    lines = [
+        f"  endpoint: {r.facts.describe()}",
+        f"  prompt tokens: {r.prompt_tokens:,} in {r.checked:,} requests"
+        + (f" ({estimated:,} estimated)" if estimated and r.counted else "")
+        + (" (counted by the endpoint)" if r.counted and not estimated else "")
+        + (" (estimated: the endpoint has no tokenizer to ask)" if not r.counted else ""),
+    ]
+    if not r.would_fail:
+        lines.append("  would fail at the endpoint: none")
+    else:
+        codes = ", ".join(f"{code} {n:,}" for code, n in r.by_code.most_common())
+        lines.append(f"  would fail at the endpoint: {r.would_fail:,} requests ({codes})")
+        for line_no, custom_id, problems in r.listed:
+            why = "; ".join(p.message for p in problems)
+            lines.append(f"    line {line_no} ({show(custom_id)}): {why}")
+        if r.would_fail > len(r.listed):
+            lines.append(f"    ... and {r.would_fail - len(r.listed):,} more")
+    if r.schemas:
+        lines.append(
+            f"  not checked: whether the endpoint takes the JSON schema these ask for: "
+            f"{r.schemas:,} requests (only a completion would tell)"
+        )
+    if r.split_out is not None:
+        lines.append(f"  wrote the {r.split_lines:,} lines that would fail to {r.split_out}")
+    return "\n".join(lines)
