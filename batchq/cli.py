@@ -675,9 +675,7 @@ def validate(
     sys.exit(EXIT_OK if report.bad == 0 and not refused else EXIT_FAILED)
 
 
-def _preflight(
-    path: Path, settings: Settings, report: Report, split_out: Path | None
-) -> Preflight:
+def _preflight(path: Path, settings: Settings, report: Report, split_out: Path | None) -> Preflight:
     """``validate --check-endpoint``: the endpoint's verdict on every line."""
     from batchq.live.preflight import check_endpoint
     from batchq.reader import RequestTemplate

@@ -341,11 +341,20 @@ async def _check_lines(
     out: IO[bytes] | None,
     progress: Callable[[str], None] | None,
 ) -> None:
-    size = max(1, path.stat().st_size)
-    read = 0
     last = time.monotonic()
+    for chunk, done in _chunks(path):
+        await _check_chunk(chunk, template, endpoint, report, out)
+        if progress is not None and time.monotonic() - last >= PROGRESS_EVERY:
+            last = time.monotonic()
+            progress(f"checked {chunk[-1][0]:,} lines ({done:.0%})")
+
+
+def _chunks(path: Path) -> Iterator[tuple[list[tuple[int, bytes]], float]]:
+    """The file's non-blank lines, numbered, ``CHUNK`` at a time; and the part read so far."""
     chunk: list[tuple[int, bytes]] = []
     try:
+        size = max(1, path.stat().st_size)
+        read = 0
         with path.open("rb") as f:
             for line_no, raw in enumerate(f, start=1):
                 read += len(raw)
@@ -353,14 +362,12 @@ async def _check_lines(
                 if line.strip():
                     chunk.append((line_no, line))
                 if len(chunk) == CHUNK:
-                    await _check_chunk(chunk, template, endpoint, report, out)
+                    yield chunk, read / size
                     chunk = []
-                    if progress is not None and time.monotonic() - last >= PROGRESS_EVERY:
-                        last = time.monotonic()
-                        progress(f"checked {line_no:,} lines ({100 * read // size}%)")
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror}") from exc
-    await _check_chunk(chunk, template, endpoint, report, out)
+    if chunk:
+        yield chunk, 1.0
 
 
 async def _check_chunk(
