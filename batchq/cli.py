@@ -872,7 +872,8 @@ def _batch_options(command: Callable[..., None]) -> Callable[..., None]:
     "models",
     multiple=True,
     metavar="NAME",
-    help="Serve only this model (repeatable); others are answered 404 [default: any model].",
+    help="Serve only this model (repeatable); others are answered 404 [default: any "
+    "model, though /v1/models lists four].",
 )
 @click.option("--seed", type=int, help="Seed of the random faults and latencies.")
 @click.option(

@@ -212,7 +212,7 @@ class Endpoint:
     async def _llama_context(self) -> dict[str, int]:
         status, _, answer = await self.ask("GET", self.root + "/props")
         settings = answer.get("default_generation_settings") if isinstance(answer, dict) else None
-        n_ctx = settings.get("n_ctx") if isinstance(settings, dict) else None
+        n_ctx = settings.get("n_ctx") if isinstance(settings, dict) else None  # one slot's
         return {"": n_ctx} if status == 200 and isinstance(n_ctx, int) and n_ctx > 0 else {}
 
     async def _tokenizer_context(self) -> int | None:
@@ -228,9 +228,9 @@ class Endpoint:
         found = answer.get("max_model_len")
         return found if self.tokenizer and isinstance(found, int) else None
 
-    async def count(self, url: str, body: JSONObject) -> list[int] | None:
+    async def count(self, url: str, body: JSONObject, unserved: Iterable[str]) -> list[int] | None:
         """The prompt tokens of each sequence in ``body``, as the endpoint counts them."""
-        if not self.tokenizer:
+        if not self.tokenizer or url in unserved:
             return None
         async with self._slots:
             try:
@@ -379,8 +379,11 @@ async def _check_chunk(
 ) -> None:
     parsed = [(raw, parse_line(raw, line_no, template)) for line_no, raw in chunk]
     requests = [(req, orjson.loads(req.body)) for _, req in parsed if isinstance(req, Request)]
+    unserved = report.facts.unserved
     async with asyncio.TaskGroup() as group:
-        counting = [group.create_task(endpoint.count(req.url, body)) for req, body in requests]
+        counting = [
+            group.create_task(endpoint.count(req.url, body, unserved)) for req, body in requests
+        ]
     counts = iter(zip(requests, counting, strict=True))
     for raw, request in parsed:
         if not isinstance(request, Request):
