@@ -166,8 +166,10 @@ class Endpoint:
             context = {"": found}
         unserved = {}
         for url in urls:
-            status, _, _ = await self.ask("POST", self.base + url.removeprefix("/v1"), {})
-            if status in NOT_SERVED:
+            status, _, answer = await self.ask("POST", self.base + url.removeprefix("/v1"), {})
+            # Some servers (Ollama) answer a missing model 404: that path is served.
+            about_model = status == 404 and "model" in str(answer).lower()
+            if status in NOT_SERVED and not about_model:
                 unserved[url] = status
         return EndpointFacts(
             url=self.shown,
