@@ -652,12 +652,15 @@ def validate(
             price_in=price_in or job_settings.price_in,
             price_out=price_out or job_settings.price_out,
         )
-        figures = report.as_dict()
-        if job_settings.via != "live":
-            figures["batch"] = _batch_plan(report, job_settings)
         preflight = None
         if check_endpoint:
             preflight = _preflight(path, job_settings, report, split_out)
+            # The endpoint's count replaces the estimate, in the cost too.
+            report.prompt_tokens, report.prompt_counted = preflight.prompt_tokens, preflight.counted
+        figures = report.as_dict()
+        if job_settings.via != "live":
+            figures["batch"] = _batch_plan(report, job_settings)
+        if preflight is not None:
             figures["endpoint"] = preflight.as_dict()
     except BatchqError as exc:
         raise Failure(exc) from None

@@ -235,6 +235,45 @@ def test_llama_cpp_counts_templated_chat_and_refuses_only_what_fills_its_context
     assert [s.body for s in completions] == [b"{}"]  # the probe: nothing to generate from
 
 
+def test_a_404_about_the_missing_model_does_not_make_a_path_unserved(
+    hostile: Hostile, tmp_path: Path
+) -> None:
+    async def ollama(request: web.Request, body: bytes) -> web.StreamResponse:
+        if request.path == "/v1/models":
+            return web.json_response({"object": "list", "data": [{"id": "llama3"}]})
+        if request.path == "/v1/chat/completions":  # Ollama's answer to an empty body
+            return web.json_response({"error": {"message": 'model "" not found'}}, status=404)
+        return web.json_response({"error": {"message": "404 page not found"}}, status=404)
+
+    server = hostile(ollama)
+    responses = {"model": "llama3", "input": "hi"}
+    lines = [chat("hi", "chat"), {"custom_id": "resp", "url": "/v1/responses", "body": responses}]
+    source = write_jsonl(tmp_path / "in.jsonl", lines)
+    done = _validate(source, server.url, "--model", "llama3", "--json")
+    endpoint = _figures(done)["endpoint"]
+    assert endpoint["not_served"] == {"/v1/responses": 404}
+    assert _listed(_figures(done)) == {"resp"}
+    assert endpoint["prompt_tokens_counted_by_endpoint"] == 0  # no tokenizer: estimated
+
+
+def test_a_job_folder_is_checked_against_its_own_endpoint_and_key_variable(
+    mock_server: MockFactory, tmp_path: Path
+) -> None:
+    server = mock_server(api_key=KEY, max_model_len=64)
+    source = write_jsonl(tmp_path / "in.jsonl", [chat("hi", "ok")])
+    env = clean_env(MY_KEY=KEY)
+    run = batchq("run", source, "--model", "mock", "--base-url", server.url,
+                 "--api-key-env", "MY_KEY", "--quiet", cwd=tmp_path, env=env)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    write_jsonl(source, [chat("hi", "ok"), chat("z" * 300, "long")])  # appended: a new line
+    done = batchq("validate", tmp_path / "jobs" / "in", "--check-endpoint", "--json",
+                  cwd=tmp_path, env=env)  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    figures = _figures(done)
+    assert _listed(figures) == {"long"}
+    assert figures["prompt_tokens_counted_by_endpoint"] == 2
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -154,14 +154,7 @@ class Preflight:
 def render_preflight(report: Preflight) -> str:
     """The endpoint's part of ``validate``'s report, for a human."""
     r = report
-    estimated = r.checked - r.counted
-    lines = [
-        f"  endpoint: {r.facts.describe()}",
-        f"  prompt tokens: {r.prompt_tokens:,} in {r.checked:,} requests"
-        + (f" ({estimated:,} estimated)" if estimated and r.counted else "")
-        + (" (counted by the endpoint)" if r.counted and not estimated else "")
-        + (" (estimated: the endpoint has no tokenizer to ask)" if not r.counted else ""),
-    ]
+    lines = [f"  endpoint: {r.facts.describe()}"]
     if not r.would_fail:
         lines.append("  would fail at the endpoint: none")
     else:
