@@ -58,6 +58,7 @@ CHUNK = 256  # lines judged together; their tokenizer calls overlap
 PROGRESS_EVERY = 2.0  # seconds between progress lines
 ASK_TIMEOUT = 60.0  # seconds for one question; none of them computes a completion
 NOT_SERVED = frozenset({404, 405, 501})
+MAX_ANSWER = 32 << 20  # bytes of one answer read at most: memory stays bounded
 
 
 async def check_endpoint(
@@ -128,7 +129,8 @@ class Endpoint:
             await self._session.close()
 
     async def ask(self, method: str, url: str, body: Any = None) -> tuple[int, str, Any]:
-        """Status, content type and the JSON answer (``None``: not JSON); redirects not followed.
+        """Status, content type and the JSON answer (``None``: not JSON, or past
+        ``MAX_ANSWER``); redirects are not followed.
 
         Raises FatalEndpointError when no answer comes at all.
         """
@@ -139,7 +141,7 @@ class Endpoint:
             async with self._session.request(
                 method, url, data=data, headers=headers, allow_redirects=False
             ) as resp:
-                raw = await resp.read()
+                raw = await _bounded(resp)
                 kind = resp.content_type
         except TimeoutError as exc:
             raise FatalEndpointError(
@@ -151,7 +153,7 @@ class Endpoint:
                 "and --base-url right?"
             ) from exc
         try:
-            return resp.status, kind, orjson.loads(raw)
+            return resp.status, kind, None if raw is None else orjson.loads(raw)
         except orjson.JSONDecodeError:
             return resp.status, kind, None
 
@@ -284,6 +286,18 @@ class Endpoint:
                 return None
             counts.append(len(tokens))
         return counts
+
+
+async def _bounded(resp: aiohttp.ClientResponse) -> bytes | None:
+    """The answer, or None past ``MAX_ANSWER`` bytes (no list of models is that long)."""
+    chunks, size = [], 0
+    async for chunk in resp.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > MAX_ANSWER:
+            resp.close()
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _reason(exc: BaseException) -> str:
