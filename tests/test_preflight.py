@@ -84,6 +84,40 @@ def test_a_path_not_served_is_the_one_reason_given_and_an_unknown_model_is_named
     assert judge(facts, "/v1/chat/completions", {"model": "m", "max_tokens": 5}, 5) == []
 
 
+def _strict(schema: dict[str, Any]) -> dict[str, Any]:
+    json_schema = {"name": "label", "strict": True, "schema": schema}
+    return {"model": "m", "response_format": {"type": "json_schema", "json_schema": json_schema}}
+
+
+def test_openai_strict_schemas_outside_its_subset_are_refused_and_others_not_judged() -> None:
+    openai = EndpointFacts(url="u", server="OpenAI-compatible", strict_schemas=True)
+    closed = {
+        "type": "object",
+        "properties": {"label": {"type": "string"}, "tags": {"type": "array", "items": {
+            "type": "object", "properties": {"t": {"type": "string"}},
+            "required": ["t"], "additionalProperties": False}}},
+        "required": ["label", "tags"],
+        "additionalProperties": False,
+    }  # fmt: skip
+    assert judge(openai, "/v1/chat/completions", _strict(closed), 10) == []
+    open_item = orjson.loads(orjson.dumps(closed))
+    del open_item["properties"]["tags"]["items"]["additionalProperties"]
+    [problem] = judge(openai, "/v1/chat/completions", _strict(open_item), 10)
+    assert problem.code == "schema_not_supported"
+    assert "$.tags[] needs additionalProperties: false" in problem.message
+    optional = {**closed, "required": ["label"]}
+    [problem] = judge(openai, "/v1/chat/completions", _strict(optional), 10)
+    assert "(missing: tags)" in problem.message
+    array = {"type": "json_schema", "name": "n", "strict": True, "schema": {"type": "array"}}
+    responses = {"model": "m", "input": "x", "text": {"format": array}}
+    assert "root must be an object" in judge(openai, "/v1/responses", responses, 1)[0].message
+    loose = _strict(optional)
+    loose["response_format"]["json_schema"]["strict"] = False  # best effort: any schema goes
+    assert judge(openai, "/v1/chat/completions", loose, 10) == []
+    vllm = EndpointFacts(url="u", server=VLLM)  # guided decoding takes these: not judged
+    assert judge(vllm, "/v1/chat/completions", _strict(optional), 10) == []
+
+
 # --- The built-in endpoint as vLLM --------------------------------------------------------
 
 

@@ -37,6 +37,7 @@ from typing import IO, Any
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from batchq import __version__
 from batchq.config import JSONObject, strip_secrets
@@ -49,8 +50,8 @@ from batchq.show.preflight import (
     VLLM,
     EndpointFacts,
     Preflight,
-    asks_for_schema,
     judge,
+    schema_of,
 )
 
 TOKENIZE_CONCURRENCY = 16
@@ -180,6 +181,7 @@ class Endpoint:
             context=context,
             tokenizer=self.tokenizer,
             unserved=unserved,
+            strict_schemas=_is_openai(self.base),
         )
 
     async def _models(self, key_env: str) -> tuple[frozenset[str] | None, dict[str, int]]:
@@ -300,6 +302,12 @@ async def _bounded(resp: aiohttp.ClientResponse) -> bytes | None:
     return b"".join(chunks)
 
 
+def _is_openai(base_url: str) -> bool:
+    """OpenAI's own API, or Azure's: strict JSON schemas must fit their documented subset."""
+    host = URL(base_url).host or ""
+    return host == "api.openai.com" or host.endswith(".openai.azure.com")
+
+
 def _reason(exc: BaseException) -> str:
     """Why no answer came, in words: "Connection refused", not aiohttp's repr."""
     cause = exc.os_error if isinstance(exc, aiohttp.ClientConnectorError) else exc
@@ -408,7 +416,8 @@ async def _check_chunk(
         (_, body), task = next(counts)
         counted = task.result()
         report.checked += 1
-        report.schemas += asks_for_schema(body)
+        asked = schema_of(body)
+        report.schemas += asked is not None and not (report.facts.strict_schemas and asked[1])
         if counted is None:
             report.prompt_tokens += prompt_tokens(body)
             longest = prompt_tokens(body)

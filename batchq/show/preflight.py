@@ -10,8 +10,11 @@ prompt plus ``max_tokens`` passes the context, or, with no ``max_tokens``,
 whose prompt alone fills it; llama.cpp refuses only a prompt that fills its
 context (a long completion is cut short, not refused). A model the endpoint
 does not list is refused, except by llama.cpp, which answers with its one
-loaded model whatever the name. Whether a server takes a JSON schema is
-told by nothing short of a completion, so it is reported as not checked.
+loaded model whatever the name. OpenAI's strict structured outputs take
+only schemas of a documented subset (an object at the root, every object
+closed with ``additionalProperties: false`` and listing all its properties
+in ``required``), checked here; whether other servers take a schema is told
+by nothing short of a completion, so those are reported as not checked.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class EndpointFacts:
     context: dict[str, int] = field(default_factory=dict)  # model -> tokens; "": every model
     tokenizer: bool = False  # the endpoint counts prompt tokens exactly
     unserved: dict[str, int] = field(default_factory=dict)  # endpoint path -> status answered
+    strict_schemas: bool = False  # OpenAI's: strict JSON schemas must fit its subset
 
     def context_of(self, model: str | None) -> int | None:
         return self.context.get(model or "", self.context.get(""))
@@ -74,7 +78,14 @@ def judge(facts: EndpointFacts, url: str, body: JSONObject, prompt: int) -> list
         problems.append(Problem("model_not_found", f"model {show(model)} is not served"))
     if (over := _over_context(facts, url, body, prompt)) is not None:
         problems.append(Problem("context_length_exceeded", over))
+    if facts.strict_schemas and (why := _strict_problem(body)) is not None:
+        problems.append(Problem("schema_not_supported", f"strict JSON schema: {why}"))
     return problems
+
+
+def _strict_problem(body: JSONObject) -> str | None:
+    asked = schema_of(body)
+    return None if asked is None or not asked[1] else strict_violation(asked[0])
 
 
 def _over_context(facts: EndpointFacts, url: str, body: JSONObject, prompt: int) -> str | None:
@@ -94,14 +105,55 @@ def _over_context(facts: EndpointFacts, url: str, body: JSONObject, prompt: int)
     return f"prompt {prompt:,} + max_tokens {cap:,} = {prompt + cap:,} tokens > context {context:,}"
 
 
-def asks_for_schema(body: JSONObject) -> bool:
-    """Whether the request asks for structured output that only a completion could test."""
+def schema_of(body: JSONObject) -> tuple[Any, bool] | None:
+    """The JSON schema a request asks its answer to fit, and whether strictly; None if none."""
     fmt: Any = body.get("response_format")
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
-        return True
-    text: Any = body.get("text")  # the Responses API's place for it
-    fmt = text.get("format") if isinstance(text, dict) else None
-    return isinstance(fmt, dict) and fmt.get("type") == "json_schema"
+        fmt = fmt.get("json_schema")  # chat completions nest it one level down
+    else:
+        text: Any = body.get("text")  # the Responses API's place for it
+        fmt = text.get("format") if isinstance(text, dict) else None
+        if not (isinstance(fmt, dict) and fmt.get("type") == "json_schema"):
+            return None
+    if not isinstance(fmt, dict):
+        return {}, False
+    return fmt.get("schema"), fmt.get("strict") is True
+
+
+def strict_violation(schema: Any, where: str = "$") -> str | None:
+    """Why OpenAI's strict mode would refuse ``schema``, or None if it fits the subset."""
+    if not isinstance(schema, dict):
+        return "the schema is not an object" if where == "$" else None
+    if where == "$" and schema.get("type") != "object":
+        return "the root must be an object (type: object)"
+    if schema.get("type") == "object" or "properties" in schema:
+        if schema.get("additionalProperties") is not False:
+            return f"{where} needs additionalProperties: false"
+        properties = schema.get("properties")
+        names = set(properties) if isinstance(properties, dict) else set()
+        required = schema.get("required")
+        missing = sorted(names - set(required if isinstance(required, list) else []))
+        if missing:
+            return f"{where} must list every property in required (missing: {', '.join(missing)})"
+    for inner, sub in _subschemas(schema, where):
+        if (why := strict_violation(sub, inner)) is not None:
+            return why
+    return None
+
+
+def _subschemas(schema: JSONObject, where: str) -> list[tuple[str, Any]]:
+    found: list[tuple[str, Any]] = []
+    for key in ("properties", "$defs", "definitions"):
+        named = schema.get(key)
+        if isinstance(named, dict):
+            inner = where if key == "properties" else f"{where}.{key}"
+            found += [(f"{inner}.{name}", sub) for name, sub in named.items()]
+    if "items" in schema:
+        found.append((f"{where}[]", schema["items"]))
+    options = schema.get("anyOf")
+    if isinstance(options, list):
+        found += [(f"{where}.anyOf[{i}]", sub) for i, sub in enumerate(options)]
+    return found
 
 
 @dataclass(slots=True)
