@@ -386,6 +386,20 @@ def test_a_refused_key_is_one_line_exit_3_and_the_key_is_never_printed(
     assert KEY not in right.stdout + right.stderr
 
 
+def test_a_key_refused_for_completions_though_models_are_public_is_exit_3(
+    hostile: Hostile, tmp_path: Path
+) -> None:
+    async def gateway(request: web.Request, body: bytes) -> web.StreamResponse:
+        if request.path == "/v1/models":
+            return web.json_response({"object": "list", "data": [{"id": "m"}]})
+        return web.json_response({"error": {"message": "Invalid API key"}}, status=401)
+
+    source = write_jsonl(tmp_path / "in.jsonl", [chat("hi")])
+    done = _validate(source, hostile(gateway).url, "--model", "m")
+    assert done.returncode == 3 and done.stderr.count("\n") == 1
+    assert "/v1/chat/completions answered 401: the API key was refused" in done.stderr
+
+
 @pytest.mark.parametrize("status", [200, 502])
 def test_a_web_page_instead_of_the_api_is_one_line_exit_3(
     hostile: Hostile, tmp_path: Path, status: int

@@ -170,6 +170,7 @@ class Endpoint:
         unserved = {}
         for url in urls:
             status, _, answer = await self.ask("POST", self.base + url.removeprefix("/v1"), {})
+            _check_key(status, self.shown + url.removeprefix("/v1"), key_env)
             # Some servers (Ollama) answer a missing model 404: that path is served.
             about_model = status == 404 and "model" in str(answer).lower()
             if status in NOT_SERVED and not about_model:
@@ -187,11 +188,7 @@ class Endpoint:
     async def _models(self, key_env: str) -> tuple[frozenset[str] | None, dict[str, int]]:
         status, kind, answer = await self.ask("GET", self.base + "/models")
         where = f"{self.shown}/models"
-        if status in (401, 403):
-            raise FatalEndpointError(
-                f"{where} answered {status}: the API key was refused; set ${key_env} "
-                "(or --api-key-env) to a key this endpoint takes"
-            )
+        _check_key(status, where, key_env)
         if 300 <= status < 400:
             raise FatalEndpointError(f"{where} answered a redirect {status}: fix --base-url")
         if answer is None:
@@ -300,6 +297,14 @@ async def _bounded(resp: aiohttp.ClientResponse) -> bytes | None:
             return None
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _check_key(status: int, where: str, key_env: str) -> None:
+    if status in (401, 403):
+        raise FatalEndpointError(
+            f"{where} answered {status}: the API key was refused; set ${key_env} "
+            "(or --api-key-env) to a key this endpoint takes"
+        )
 
 
 def _is_openai(base_url: str) -> bool:
