@@ -60,7 +60,7 @@ class EndpointFacts:
 class Problem:
     """Why the endpoint would refuse a request, before anything is paid for."""
 
-    code: str  # endpoint_not_served, model_not_found, context_length_exceeded
+    code: str  # endpoint_not_served, model_not_found, context_length_exceeded, schema_not_supported
     message: str
 
     def as_dict(self) -> dict[str, str]:
