@@ -386,6 +386,20 @@ def test_a_refused_key_is_one_line_exit_3_and_the_key_is_never_printed(
     assert KEY not in right.stdout + right.stderr
 
 
+def test_an_api_without_a_list_of_models_is_still_checked(hostile: Hostile, tmp_path: Path) -> None:
+    async def bare(request: web.Request, body: bytes) -> web.StreamResponse:
+        if request.path == "/v1/chat/completions":
+            return web.json_response({"error": {"message": "no messages"}}, status=400)
+        return web.Response(text="404 page not found", status=404)  # as Go servers answer
+
+    server = hostile(bare)
+    source = write_jsonl(tmp_path / "in.jsonl", [chat("hi", "a"), chat("there", "b")])
+    done = _validate(source, server.url, "--model", "m")
+    assert done.returncode == 0, done.stderr
+    assert "(OpenAI-compatible, no list of models, tokens estimated)" in done.stdout
+    assert "would fail at the endpoint: none" in done.stdout
+
+
 def test_a_key_refused_for_completions_though_models_are_public_is_exit_3(
     hostile: Hostile, tmp_path: Path
 ) -> None:

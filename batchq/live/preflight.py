@@ -191,7 +191,9 @@ class Endpoint:
         _check_key(status, where, key_env)
         if 300 <= status < 400:
             raise FatalEndpointError(f"{where} answered a redirect {status}: fix --base-url")
-        if answer is None:
+        if answer is None and not (status == 404 and kind != "text/html"):
+            # A web page, a proxy's error, or no answer we could read: not an API at all.
+            # A plain 404 is an API without a list of models (the rest can still be asked).
             raise FatalEndpointError(
                 f"{where} answered {status} with {kind or 'no type'}, not JSON: "
                 "is --base-url the API's address (ending in /v1)?"

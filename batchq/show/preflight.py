@@ -49,6 +49,8 @@ class EndpointFacts:
         parts = [self.server]
         if self.models is not None:
             parts.append(f"models served: {len(self.models):,}")
+        else:
+            parts.append("any model name" if self.server == LLAMA_CPP else "no list of models")
         lengths = sorted(set(self.context.values()))
         if lengths:
             parts.append("context " + "/".join(f"{n:,}" for n in lengths) + " tokens")
