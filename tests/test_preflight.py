@@ -9,6 +9,7 @@ own counters say so.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import shutil
@@ -306,6 +307,29 @@ def test_a_job_folder_is_checked_against_its_own_endpoint_and_key_variable(
     figures = _figures(done)
     assert _listed(figures) == {"long"}
     assert figures["prompt_tokens_counted_by_endpoint"] == 2
+
+
+def test_tokenizer_calls_overlap_but_at_most_16_at_once(hostile: Hostile, tmp_path: Path) -> None:
+    inside, most = 0, 0
+
+    async def vllm(request: web.Request, body: bytes) -> web.StreamResponse:
+        nonlocal inside, most
+        if request.path == "/v1/models":
+            model = {"id": "m", "object": "model", "max_model_len": 1000}
+            return web.json_response({"object": "list", "data": [model]})
+        if request.path != "/tokenize":
+            return web.json_response({"error": {"message": "bad request"}}, status=400)
+        inside += 1
+        most = max(most, inside)
+        await asyncio.sleep(0.005)  # a tokenizer's time, so that calls can overlap
+        inside -= 1
+        return web.json_response({"count": 7, "max_model_len": 1000, "tokens": [1] * 7})
+
+    source = write_jsonl(tmp_path / "in.jsonl", [chat(f"line {i}") for i in range(300)])
+    done = _validate(source, hostile(vllm).url, "--model", "m", "--json")
+    assert done.returncode == 0, done.stderr
+    assert _figures(done)["endpoint"]["prompt_tokens_counted_by_endpoint"] == 300
+    assert 2 <= most <= 16
 
 
 def _free_port() -> int:
