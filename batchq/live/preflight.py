@@ -230,6 +230,8 @@ class Endpoint:
             self.tokenizer = isinstance(answer.get("tokens"), list)
             return None
         self.tokenizer = isinstance(answer.get("count"), int)
+        if self.tokenizer:
+            self.server = VLLM  # its /tokenize, behind a proxy whose model list says less
         found = answer.get("max_model_len")
         return found if self.tokenizer and isinstance(found, int) else None
 
