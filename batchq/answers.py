@@ -153,28 +153,28 @@ class Answers:
             request.tokens + (added + 3) // 4,
         )  # fmt: skip
 
-    def invalid_outcome(
-        self, request: Request, last: Outcome, verdict: Verdict, answers: int
-    ) -> Outcome:
-        """The errors.jsonl line of a request whose every answer (``answers``) did not fit.
+    def invalid_outcome(self, last: Outcome, verdict: Verdict, answers: int) -> Outcome:
+        """The errors.jsonl line of a request whose every answer (``answers``) did not fit,
+        ``last`` the result line of the last.
 
         It keeps the last answer and the message. It is retryable: the request is
         sound and an answer is a sample, so ``--retry-failed`` may try it again
         (perhaps with a higher ``--max-invalid`` or ``--reask``).
         """
         output = orjson.loads(last.line)
-        response = output["response"]
-        tries = "answer" if answers == 1 else f"all {answers} answers"
+        response, extra = output["response"], output["batchq"]
+        tries = "the answer" if answers == 1 else f"all {answers} answers"
         line = error_line(
-            request.line_no,
-            request.custom_id,
+            last.line_no,
+            output["custom_id"],
             "invalid_output",
             f"{tries} did not fit: {verdict.message}",
             status=response["status_code"],
             request_id=response["request_id"],
             body=response["body"],
-            attempts=output["batchq"]["attempts"],
+            attempts=extra["attempts"],
             retryable=True,
+            batch=extra.get("batch"),
         )
         return Outcome(last.line_no, False, line, last.prompt_tokens, last.completion_tokens)
 

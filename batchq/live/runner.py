@@ -313,7 +313,7 @@ class Pipeline:
             if verdict.fits:
                 return invalid.record(outcome, sent, request)
             if verdict.final or invalid.answers >= answers.max_invalid:
-                failed = answers.invalid_outcome(request, outcome, verdict, invalid.answers + 1)
+                failed = answers.invalid_outcome(outcome, verdict, invalid.answers + 1)
                 return invalid.record(failed, sent, request)
             invalid.add(outcome)
             self.stats.invalid_answers += 1  # one extra request
