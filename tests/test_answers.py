@@ -309,6 +309,31 @@ def test_export_writes_a_csv_of_labels_in_one_command(
     assert bad.returncode == 2 and "parsed.KEY" in bad.stderr
 
 
+def test_by_batch_the_schema_is_asked_for_and_every_collected_answer_checked(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    fast = {"batch_time_scale": 86_400.0, "batch_lines_per_second": 100.0}
+    server = mock_server(invalid_json_rate=0.3, seed=5, batch_step_seconds=60.0, **fast)
+    job, ids = labelling_job(tmp_path, 30)
+    args = ("run", "in.jsonl", "--base-url", server.url, "--model", "m", "-q")
+    by_batch = ("--via", "batch", "--batch-poll", "0.02", "--json-schema", "label.json")
+    done = batchq(*args, *by_batch, cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert_exactly_once(job, ids)
+    results, errors = outputs(job)
+    served = server.stats()
+    assert served["structured"] == 30 and 0 < len(errors) == served["invalid_answers"]
+    assert {e["error"]["code"] for e in errors} == {"invalid_output"}
+    assert all(e["batchq"]["retryable"] and e["batchq"]["batch"] for e in errors)
+    for line in results:
+        content = line["response"]["body"]["choices"][0]["message"]["content"]
+        jsonschema.validate(orjson.loads(content), LABEL)
+    again = batchq(*args, "--retry-failed", "--via", "live", cwd=tmp_path)
+    assert again.returncode in (0, 1), again.stderr
+    assert_exactly_once(job, ids)
+    assert server.stats()["by_path"].get("/v1/chat/completions", 0) >= len(errors)
+
+
 def test_a_schema_file_that_is_not_json_is_refused_before_anything_is_sent(
     tmp_path: Path, mock_server: MockFactory
 ) -> None:
