@@ -5,8 +5,9 @@ JSON in the form that endpoint takes: ``response_format`` on chat and
 completions, ``text.format`` on ``/v1/responses``; a body that sets its own
 keeps it. Every answer is then checked: the first choice's text must parse as
 JSON and, with a schema, fit it. The schema is compiled to Python once by
-fastjsonschema, so a small schema costs about a microsecond an answer
-(benchmarks/answers.py).
+fastjsonschema, so a small schema costs a few microseconds an answer
+(benchmarks/answers.py). Only the lines on the job's own endpoint are asked and
+checked: a line addressed elsewhere is sent as written, as the reader sends it.
 
 An answer that does not fit is asked again, up to ``max_invalid`` times: as it
 was, or with ``reask`` as a conversation that shows the model its answer and
@@ -60,23 +61,26 @@ class Answers:
         schema: a JSON Schema the answers must fit; None with ``--json-mode``:
             they must only parse.
         name: the schema's name, as the endpoint is told it.
+        endpoint: the job's endpoint, whose answers are checked.
         max_invalid: how many times an answer that does not fit is asked again.
         reask: ask again with the validator's message as a follow-up turn,
             rather than as the request was.
     """
 
-    __slots__ = ("_unfit", "_validate", "max_invalid", "name", "reask", "schema")
+    __slots__ = ("_unfit", "_validate", "endpoint", "max_invalid", "name", "reask", "schema")
 
     def __init__(
         self,
         schema: JSONObject | None,
         *,
         name: str = "answer",
+        endpoint: str = "/v1/chat/completions",
         max_invalid: int = 2,
         reask: bool = False,
     ) -> None:
         self.schema = schema
         self.name = _schema_name(name)
+        self.endpoint = endpoint
         self.max_invalid = max_invalid
         self.reask = reask
         import fastjsonschema  # here: ~6 ms that a job without a schema does not pay
@@ -100,6 +104,10 @@ class Answers:
                 fmt = {"type": "json_schema", "json_schema": {k: fmt[k] for k in _NESTED}}
             return {"response_format": fmt}
         return {}  # embeddings have no text to check
+
+    def checks(self, url: str) -> bool:
+        """Whether the answers of requests to ``url`` are checked."""
+        return url == self.endpoint and url in STRUCTURED_ENDPOINTS
 
     def check(self, body: JSONObject) -> Verdict:
         """Judge one 2xx answer body."""
@@ -224,15 +232,18 @@ def load_answers(settings: Settings, job_dir: Path) -> Answers | None:
     Raises ConfigError (exit 2) for a schema file that cannot be read, is not
     JSON, or is not a valid schema.
     """
-    if settings.json_schema is None:
-        if not settings.json_mode:
-            return None
-        return Answers(None, max_invalid=settings.max_invalid, reask=settings.reask)
-    path = job_dir / Path(settings.json_schema).expanduser()
-    schema = read_schema(path)
-    title = schema.get("title")
-    name = title if isinstance(title, str) else path.stem
-    return Answers(schema, name=name, max_invalid=settings.max_invalid, reask=settings.reask)
+    if settings.json_schema is None and not settings.json_mode:
+        return None
+    schema, name = None, "answer"
+    if settings.json_schema is not None:
+        path = job_dir / Path(settings.json_schema).expanduser()
+        schema = read_schema(path)
+        title = schema.get("title")
+        name = title if isinstance(title, str) else path.stem
+    return Answers(
+        schema, name=name, endpoint=settings.endpoint, max_invalid=settings.max_invalid,
+        reask=settings.reask,
+    )  # fmt: skip
 
 
 def read_schema(path: Path) -> JSONObject:

@@ -139,6 +139,10 @@ class Settings:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, not {show(getattr(self, name))}")
         _check_range("max_invalid", self.max_invalid, 0, 100, integer=True)
+        if (self.json_schema is not None or self.json_mode) and self.endpoint == "/v1/embeddings":
+            raise ConfigError(
+                "--json-schema and --json-mode check text answers: embeddings have none"
+            )
 
     @property
     def request_key(self) -> dict[str, Any]:

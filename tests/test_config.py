@@ -55,6 +55,7 @@ from batchq.job.settings import read_job_toml, write_job_toml
         ({"json_mode": "yes"}, ["json_mode must be true or false"]),
         ({"reask": 1}, ["reask must be true or false"]),
         ({"json_schema": 3}, ["json_schema in job.toml must be a string"]),
+        ({"json_mode": True, "endpoint": "/v1/embeddings"}, ["embeddings have none"]),
     ],
 )
 def test_bad_settings_raise_config_error(changes: dict[str, Any], fragments: list[str]) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from batchq.answers import STRUCTURED_ENDPOINTS, Answers
+from batchq.answers import Answers
 from batchq.errors import StorageError
 from batchq.job.batches import Chunk, in_ranges
 from batchq.records import Outcome, Request, error_line, result_line, usage_tokens
@@ -102,7 +102,7 @@ def collect(
             if line_no in done:  # committed before a crash, the batch not yet marked collected
                 continue
             outcome, retryable = _outcome(obj, line_no, custom_id, chunk)
-            if answers is not None and outcome.ok and chunk.url in STRUCTURED_ENDPOINTS:
+            if answers is not None and outcome.ok and answers.checks(chunk.url):
                 verdict = answers.check_line(outcome.line)
                 if not verdict.fits:
                     outcome = answers.invalid_outcome(outcome, verdict, 1)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from batchq.answers import STRUCTURED_ENDPOINTS, Answers, Invalid, load_answers
+from batchq.answers import Answers, Invalid, load_answers
 from batchq.config import show
 from batchq.errors import (
     BatchqError,
@@ -305,7 +305,7 @@ class Pipeline:
         """``_call``, its answer checked: one that does not fit is asked again (answers.py)."""
         answers = self.answers
         assert answers is not None
-        if request.url not in STRUCTURED_ENDPOINTS:
+        if not answers.checks(request.url):
             return await self._call(transport, request)
         sent, invalid = request, Invalid()  # invalid: the answers asked again, so far
         while (outcome := await self._call(transport, sent)) is not None and outcome.ok:
