@@ -168,6 +168,7 @@ def render_status(f: dict[str, Any]) -> str:
             f"  running for {duration(f['elapsed_s'])}: {f['in_flight']}/{f['allowance']} "
             f"in flight" + (f" ({f['binding']})" if f["binding"] else "") + ", "
             f"{f['retries']:,} retries, {f['rate_limited']:,} 429s"
+            + (f", {f['invalid_answers']:,} invalid answers" if f.get("invalid_answers") else "")
             + (f", pace {f['pace']}" if f["pace"] else "")
         )
     elif f["elapsed_s"] is not None:
