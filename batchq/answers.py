@@ -65,9 +65,15 @@ class Answers:
         max_invalid: how many times an answer that does not fit is asked again.
         reask: ask again with the validator's message as a follow-up turn,
             rather than as the request was.
+        model: a pydantic model class (``response_model=`` in the Python API): an
+            answer that fits the schema must also pass its ``model_validate``, whose
+            own validators a JSON schema cannot express.
     """
 
-    __slots__ = ("_unfit", "_validate", "endpoint", "max_invalid", "name", "reask", "schema")
+    __slots__ = (
+        *("_model", "_unfit", "_validate"),
+        *("endpoint", "max_invalid", "name", "reask", "schema"),
+    )
 
     def __init__(
         self,
@@ -77,8 +83,10 @@ class Answers:
         endpoint: str = "/v1/chat/completions",
         max_invalid: int = 2,
         reask: bool = False,
+        model: Any = None,
     ) -> None:
         self.schema = schema
+        self._model = model
         self.name = _schema_name(name)
         self.endpoint = endpoint
         self.max_invalid = max_invalid
@@ -129,6 +137,11 @@ class Answers:
                 self._validate(parsed)
             except self._unfit as exc:
                 return Verdict(False, message=_fit_message(exc), text=text)
+        if self._model is not None:
+            try:
+                self._model.model_validate(parsed)
+            except ValueError as exc:  # pydantic's ValidationError is one
+                return Verdict(False, message=_model_message(exc), text=text)
         return Verdict(True, parsed, text=text)
 
     def check_line(self, line: bytes) -> Verdict:
@@ -226,8 +239,9 @@ class Invalid:
         return outcome
 
 
-def load_answers(settings: Settings, job_dir: Path) -> Answers | None:
+def load_answers(settings: Settings, job_dir: Path, model: Any = None) -> Answers | None:
     """The job's answer check, its schema file read and compiled; None if it asks for none.
+    ``model``: the pydantic model class the answers must also pass (``Answers``).
 
     Raises ConfigError (exit 2) for a schema file that cannot be read, is not
     JSON, or is not a valid schema.
@@ -242,7 +256,7 @@ def load_answers(settings: Settings, job_dir: Path) -> Answers | None:
         name = title if isinstance(title, str) else path.stem
     return Answers(
         schema, name=name, endpoint=settings.endpoint, max_invalid=settings.max_invalid,
-        reask=settings.reask,
+        reask=settings.reask, model=model,
     )  # fmt: skip
 
 
@@ -283,6 +297,18 @@ def _no_text(body: JSONObject) -> str:
         if isinstance(refusal, str) and refusal:
             return f"the model refused: {show(refusal)}"
     return "the answer has no text"
+
+
+def _model_message(exc: ValueError) -> str:
+    """A pydantic ValidationError in one line: "the answer.label: Value error, ..."."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return f"the answer is not valid: {exc}"
+    parts = []
+    for error in errors()[:3]:
+        where = ".".join(str(part) for part in error.get("loc", ()))
+        parts.append(f"the answer{'.' + where if where else ''}: {error.get('msg', '')}")
+    return "; ".join(parts)
 
 
 def _fit_message(exc: Exception) -> str:

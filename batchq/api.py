@@ -273,10 +273,19 @@ class _Prepared:
         self.response_model: Any = None  # a pydantic model class: Result.parsed is one
 
     def shaped(self, result: Result) -> Result:
-        """``result`` with its parsed answer as an instance of ``response_model``, if given."""
+        """``result`` with its parsed answer as an instance of ``response_model``, if given.
+
+        A live run checked every answer with the model; one that does not pass it (an
+        answer from a batch, or from a run with another model) keeps the plain parsed
+        JSON, rather than raising from the middle of the results.
+        """
         if self.response_model is None or result.parsed is None:
             return result
-        return dataclasses.replace(result, parsed=self.response_model.model_validate(result.parsed))
+        try:
+            instance = self.response_model.model_validate(result.parsed)
+        except ValueError:  # pydantic's ValidationError is one
+            return result
+        return dataclasses.replace(result, parsed=instance)
 
     async def __aenter__(self) -> _Prepared:
         folder = self.options.pop("job", None)
@@ -356,6 +365,7 @@ class _Prepared:
             on_notice=_notify,
             on_outcomes=self.on_outcomes,
             on_open=self.on_open,
+            response_model=self.response_model,
         )
         # No signal handlers (they are the application's), so nothing sets stats.interrupted:
         # a Ctrl-C reaches the engine as cancellation, and leaves as KeyboardInterrupt.

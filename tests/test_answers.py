@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jsonschema
 import orjson
@@ -370,3 +370,36 @@ def test_the_python_api_takes_a_schema_or_a_pydantic_model(
     assert bq.run(["a"], **common)[0].parsed is None  # "Echo: a" is no JSON
     with pytest.raises(ConfigError):
         bq.run(["a"], json_schema=LABEL, response_model=Review, **common)
+
+
+def test_a_pydantic_model_s_own_validators_are_checked_too(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    """What the model's JSON schema cannot say (a validator) makes an answer invalid too:
+    asked again, then invalid_output; nothing raises from the middle of the results."""
+    pydantic = pytest.importorskip("pydantic")
+
+    class Review(pydantic.BaseModel):  # type: ignore[name-defined,misc]
+        label: Literal["positive", "negative", "neutral"]
+        score: float
+
+        @pydantic.field_validator("label")  # type: ignore[misc]
+        @classmethod
+        def decided(cls, label: str) -> str:
+            if label == "neutral":
+                raise ValueError("sit on no fence")
+            return label
+
+    server = mock_server()  # the mock chooses a label by the prompt: the same every time
+    requests = [f"review {i}" for i in range(30)]
+    common: dict[str, Any] = {"base_url": server.url, "model": "m", "progress": False}
+    results = bq.run(requests, response_model=Review, max_invalid=1, **common)
+    ok = [r for r in results if r.ok]
+    failed = [r for r in results if not r.ok]
+    assert ok and failed and len(ok) + len(failed) == 30
+    assert all(isinstance(r.parsed, Review) and r.parsed.label != "neutral" for r in ok)
+    for r in failed:
+        assert r.error is not None and r.error.code == "invalid_output"
+        assert "the answer.label: Value error, sit on no fence" in r.error.message
+        assert orjson.loads(r.text or "")["label"] == "neutral"  # the last answer, kept
+    assert server.stats()["requests"] == 30 + len(failed)  # each asked once more

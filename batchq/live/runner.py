@@ -84,6 +84,7 @@ class RunOptions:
     transport: Transport | None = None  # None: aiohttp, to the job's base URL
     on_outcomes: Callable[[list[bytes]], Awaitable[None]] | None = None  # lines written
     on_open: Callable[[], Awaitable[None]] | None = None  # the job is open, nothing sent yet
+    response_model: Any = None  # a pydantic model class every answer must also pass (api.py)
 
 
 async def run_job(job: Job, options: RunOptions) -> Stats:
@@ -92,7 +93,8 @@ async def run_job(job: Job, options: RunOptions) -> Stats:
     Raises FatalEndpointError (exit 3) when the endpoint refuses the job as
     a whole; the other BatchqErrors (exit 2) before anything is sent.
     """
-    answers = load_answers(job.settings, job.dir)  # a bad schema is refused before anything
+    # A bad schema is refused before anything is opened or sent.
+    answers = load_answers(job.settings, job.dir, options.response_model)
     async with open_run(job, options) as opened:
         pipeline = Pipeline(job, opened.journal, opened.stats, opened.span, options, answers)
         await pipeline.run()
