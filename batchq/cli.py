@@ -276,12 +276,37 @@ def _defaults(
     help="Price of a million completion tokens.",
 )
 @click.option(
+    "--json-schema",
+    type=click.Path(exists=True, dir_okay=False),
+    help="A JSON Schema file: ask for answers that fit it, and check every one.",
+)
+@click.option(
+    "--json-mode/--no-json-mode",
+    default=None,
+    help='Ask for JSON answers ({"type": "json_object"}) and check that each parses.',
+)
+@click.option(
+    "--max-invalid",
+    type=click.IntRange(0, 100),
+    help="Times an answer that does not parse or fit is asked again [default: 2].",
+)
+@click.option(
+    "--reask/--no-reask",
+    default=None,
+    help="Ask again with the answer and what is wrong with it as a follow-up turn "
+    "[default: off: as the request was].",
+)
+@click.option(
     "--detach",
     is_flag=True,
     help="With --via batch: return once every batch is created; the same command collects them.",
 )
 @click.option("--retry-failed", is_flag=True, help="Send the retryable failures again first.")
-@click.option("--force", is_flag=True, help="Allow changing model, endpoint, system or defaults.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Allow changing model, endpoint, system, defaults or the JSON schema of a begun job.",
+)
 @click.option(
     "--shard",
     "shard_spec",
@@ -520,20 +545,28 @@ def status(job_dir: Path, as_json: bool) -> None:
 @click.option(
     "--fields",
     help="CSV columns, comma-separated [default: custom_id,text,prompt_tokens,"
-    "completion_tokens,error]; also line, ok, status_code, attempts, error_code.",
+    "completion_tokens,error]; also line, ok, status_code, attempts, error_code, and "
+    "parsed.KEY (a field of the answer read as JSON, e.g. parsed.label).",
 )
 def export(job_dir: Path, output: Path | None, fmt: str | None, fields: str | None) -> None:
     """Every done request of the job in JOB_DIR once, in input order: results and
     errors merged, as JSONL (the output lines) or CSV."""
     from batchq.api import open_job
-    from batchq.job.results import CSV_FIELDS, DEFAULT_CSV_FIELDS, write_csv, write_jsonl
+    from batchq.job.results import (
+        CSV_FIELDS,
+        DEFAULT_CSV_FIELDS,
+        known_field,
+        write_csv,
+        write_jsonl,
+    )
 
     fmt = fmt or ("csv" if output is not None and output.suffix == ".csv" else "jsonl")
     columns = tuple(f.strip() for f in fields.split(",")) if fields else DEFAULT_CSV_FIELDS
-    unknown = [c for c in columns if c not in CSV_FIELDS]
+    unknown = [c for c in columns if not known_field(c)]
     if unknown:
         raise click.BadParameter(
-            f"unknown field(s) {', '.join(unknown)}; choose from {', '.join(CSV_FIELDS)}",
+            f"unknown field(s) {', '.join(unknown)}; choose from {', '.join(CSV_FIELDS)}, "
+            "or parsed.KEY",
             param_hint="--fields",
         )
     try:
@@ -877,6 +910,12 @@ def _batch_options(command: Callable[..., None]) -> Callable[..., None]:
     metavar="NAME",
     help="Serve only this model (repeatable); others are answered 404 [default: any "
     "model, though /v1/models lists four].",
+)
+@click.option(
+    "--invalid-json-rate",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    help="Fraction of answers to JSON requests that do not parse or fit their schema.",
 )
 @click.option("--seed", type=int, help="Seed of the random faults and latencies.")
 @click.option(

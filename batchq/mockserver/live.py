@@ -27,6 +27,10 @@ answers (`accepted_tokens`, counted whether or not a TPM is enforced). With `rec
 also list every arrival and every 200's arrival time and charge (`accepted`), all
 `time.time()`, as `first_at` and `last_at` are.
 
+A request that asks for JSON (`response_format`, or `text.format` on `/v1/responses`) is
+answered with JSON that fits its schema, or, at `invalid_json_rate`, with an answer that does
+not parse or fit (structured.py); the stats count both (`structured`, `invalid_answers`).
+
 Scripted faults are directives inside the prompt, so a test writes the fault beside the
 request that meets it: `[[mock:fail=2]]` (the first 2 arrivals of this exact prompt get 503;
 `fail=2:500` for 500), `[[mock:drop=1]]` (close the connection with no answer),
@@ -66,6 +70,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
+from batchq.mockserver.structured import fitting, requested_schema, unfitting
+
 if TYPE_CHECKING:  # mockserver.batches builds on this module, so it is imported where it is used
     from batchq.mockserver.batches import BatchAPI
 
@@ -99,6 +105,7 @@ class MockOptions:
     # is answered 400 as vLLM answers it (0 = no limit, nothing reported).
     max_model_len: int = 0
     models: tuple[str, ...] = ()  # serve only these, others 404 as vLLM does (): any model)
+    invalid_json_rate: float = 0.0  # structured answers that do not parse or fit (structured.py)
     # The Files + Batches API (batchq.mockserver.batches); its times are virtual seconds.
     batch_time_scale: float = 60.0  # virtual seconds per real second
     batch_lines_per_second: float = 10.0  # a batch's pace, in lines per virtual second
@@ -116,7 +123,8 @@ class MockOptions:
     batch_rate_5xx: float = 0.0  # ... and 500
 
     def __post_init__(self) -> None:
-        rates = ("rate_500", "rate_503", "drop_rate", "batch_rate_429", "batch_rate_5xx")
+        rates: tuple[str, ...] = ("rate_500", "rate_503", "drop_rate", "batch_rate_429")
+        rates += ("batch_rate_5xx", "invalid_json_rate")
         faults = ("lost_upload", "lost_create", "lost_cancel", "late_failure", "expire")
         faults_rates = (f"batch_{fault}_rate" for fault in (*faults, "truncated_download"))
         for name in (*rates, *faults_rates):
@@ -271,6 +279,7 @@ class _Call:
     prompt: str
     max_tokens: int | None
     script: _Script | None
+    answer: str | None = None  # the text to answer with, when the request asks for JSON
 
     @property
     def budget(self) -> int:
@@ -285,7 +294,7 @@ _Reply = tuple[JSONObject, int, int]
 
 def _completion(call: _Call) -> tuple[str, int, str]:
     """The reply text, its tokens and finish reason, cut short by max tokens."""
-    text = "Echo: " + call.prompt[:100]
+    text = "Echo: " + call.prompt[:100] if call.answer is None else call.answer
     if call.max_tokens is not None and call.max_tokens < _tokens(text):
         return text[: call.max_tokens * 4], call.max_tokens, "length"
     return text, _tokens(text), "stop"
@@ -628,6 +637,8 @@ class _Stats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     accepted_tokens: int = 0  # the TPM charge of the 200 answers (`_Call.budget`)
+    structured: int = 0  # 200 answers to requests that asked for JSON (structured.py)
+    invalid_answers: int = 0  # of those, answered with JSON that does not parse or fit
     first_at: float | None = None
     last_at: float | None = None
     by_status: Counter[int] = field(default_factory=Counter)
@@ -674,6 +685,8 @@ class _Stats:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "accepted_tokens": self.accepted_tokens,
+            "structured": self.structured,
+            "invalid_answers": self.invalid_answers,
             "first_at": self.first_at,
             "last_at": self.last_at,
         }
@@ -850,10 +863,21 @@ class _Mock:
             return 429, body, sleep
         if fault := self._random_fault():
             return fault, None if fault < 0 else _status_body(fault), sleep
+        if (schema := requested_schema(call.body)) is not None:
+            call = self._structured(call, schema)
         reply, used, done = endpoint.reply(call, rid)
         self.stats.prompt_tokens += used
         self.stats.completion_tokens += done
         return 200, orjson.dumps(reply), sleep
+
+    def _structured(self, call: _Call, schema: JSONObject) -> _Call:
+        """``call`` to be answered with JSON: fitting its schema, or not at the set rate."""
+        self.stats.structured += 1
+        rate = self.options.invalid_json_rate
+        if rate and self._rng.random() < rate:
+            self.stats.invalid_answers += 1
+            return replace(call, answer=unfitting(schema, self._rng.random()))
+        return replace(call, answer=orjson.dumps(fitting(schema, call.prompt)).decode())
 
     def _random_fault(self) -> int:
         """-1 to drop, 500 or 503 for a random fault, else 0; one draw picks among them."""
