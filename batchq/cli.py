@@ -28,6 +28,7 @@ from batchq.config import (
     ENDPOINTS,
     LIMITS_STORE_ENV,
     LIMITS_STORE_PASSWORD_ENV,
+    as_deployment,
     deployment_keys,
     ignored_base_url,
     store_password,
@@ -704,7 +705,13 @@ def validate(
             price_out=price_out or job_settings.price_out,
         )
         preflight = None
-        if check_endpoint:
+        pool: dict[str, Preflight] = {}  # [[deployments]]: each is asked in turn
+        if check_endpoint and job_settings.deployments:
+            if split_out is not None:
+                raise click.UsageError("--split-out goes with one endpoint, not [[deployments]]")
+            for spec in job_settings.deployments:
+                pool[spec.name] = _preflight(path, as_deployment(job_settings, spec), report, None)
+        elif check_endpoint:
             preflight = _preflight(path, job_settings, report, split_out)
             # The endpoint's count replaces the estimate, in the cost too.
             report.prompt_tokens, report.prompt_counted = preflight.prompt_tokens, preflight.counted
@@ -713,6 +720,8 @@ def validate(
             figures["batch"] = _batch_plan(report, job_settings)
         if preflight is not None:
             figures["endpoint"] = preflight.as_dict()
+        if pool:
+            figures["deployments"] = {name: p.as_dict() for name, p in pool.items()}
     except BatchqError as exc:
         raise Failure(exc) from None
     if as_json:
@@ -721,11 +730,13 @@ def validate(
         click.echo(render_report(report))
         if "batch" in figures:
             click.echo(_render_batch_plan(figures["batch"]))
-        if preflight is not None:
-            from batchq.show.preflight import render_preflight
+        from batchq.show.preflight import render_preflight
 
+        if preflight is not None:
             click.echo(render_preflight(preflight))
-    refused = preflight is not None and preflight.would_fail > 0
+        for name, checked in pool.items():
+            click.echo(f"  deployment {name}:\n" + render_preflight(checked))
+    refused = any(p.would_fail > 0 for p in [*pool.values(), *([preflight] if preflight else [])])
     sys.exit(EXIT_OK if report.bad == 0 and not refused else EXIT_FAILED)
 
 

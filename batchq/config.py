@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
@@ -276,6 +276,17 @@ def deployment_keys(settings: Settings, env: Mapping[str, str]) -> dict[str, str
         spec.name: env.get(spec.api_key_env or settings.api_key_env) or None
         for spec in settings.deployments
     }
+
+
+def as_deployment(settings: Settings, spec: DeploymentSpec) -> Settings:
+    """The job's settings as one deployment of its pool serves them (for ``validate``)."""
+    return replace(
+        settings,
+        base_url=spec.base_url,
+        api_key_env=spec.api_key_env or settings.api_key_env,
+        model=spec.model or settings.model,
+        deployments=(),
+    )
 
 
 def ignored_base_url(settings: Settings) -> str:

@@ -508,3 +508,32 @@ def test_deployments_are_for_live_runs() -> None:
     tables = [{"name": "a", "base_url": "http://x/v1"}]
     with pytest.raises(ConfigError, match="are for --via live"):
         build_settings({"input": "in.jsonl", "deployments": tables, "via": "batch"}, {})
+
+
+def test_validate_asks_each_deployment_which_lines_it_would_refuse(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    a = mock_server(models=("m",))
+    b = mock_server(models=("m-awq",))
+    job = tmp_path / "job"
+    job.mkdir()
+    write_jsonl(job / "in.jsonl", [chat(f"q {i}", f"r{i}") for i in range(3)])
+    toml = f'''input = "in.jsonl"
+model = "m"
+[[deployments]]
+name = "a"
+base_url = "{a.url}"
+[[deployments]]
+name = "b"
+base_url = "{b.url}"
+'''
+    (job / "job.toml").write_text(toml)
+    done = batchq("validate", job, "--check-endpoint", "--json", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    pool = orjson.loads(done.stdout)["deployments"]
+    assert pool["a"]["would_fail_lines"] == []
+    assert {line["custom_id"] for line in pool["b"]["would_fail_lines"]} == {"r0", "r1", "r2"}
+    (job / "job.toml").write_text(toml + 'model = "m-awq"\n')  # b serves it under its name
+    done = batchq("validate", job, "--check-endpoint", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "deployment b:" in done.stdout
