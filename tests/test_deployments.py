@@ -8,6 +8,7 @@ files, the exit status, the summary and ``status``, and what each server got.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 import threading
@@ -537,3 +538,32 @@ base_url = "{b.url}"
     done = batchq("validate", job, "--check-endpoint", cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "deployment b:" in done.stdout
+
+
+def test_a_hedge_goes_to_another_deployment(tmp_path: Path, mock_server: MockFactory) -> None:
+    released = threading.Event()
+
+    async def stuck(request: web.Request, body: bytes) -> web.StreamResponse:
+        await asyncio.to_thread(released.wait, 120)  # a replica that holds what it gets
+        return web.json_response({"choices": []})
+
+    fast = mock_server(latency=0.01)
+    slow = HostileServer(stuck)
+    try:
+        _, ids = _input(tmp_path, 300)
+        pool = _pool(
+            tmp_path,
+            {"name": "fast", "base_url": fast.url},
+            {"name": "stuck", "base_url": slow.url, "max_concurrency": 2},
+        )
+        done = _run(tmp_path, pool, "--hedge")
+        held = len(slow.seen)
+    finally:
+        released.set()
+        slow.close()
+    assert done.returncode == 0, done.stderr
+    assert_exactly_once(tmp_path / "job", ids)
+    results, _ = outputs(tmp_path / "job")
+    hedged = [line for line in results if line["batchq"].get("hedged")]
+    assert held == len(hedged) >= 1  # each stuck line was sent there once, never copied there
+    assert {line["batchq"]["deployment"] for line in hedged} == {"fast"}

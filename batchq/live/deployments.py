@@ -134,6 +134,52 @@ class Deployment:
         s.in_flight, s.state, s.outs, s.why = self.pool.in_flight, b.state, b.outs, b.why
 
 
+class Copies:
+    """The transport of a hedged request in a pool: the first copy goes to its deployment,
+    the second to another, once one has room (after Dean and Barroso's "tied requests" to
+    another replica: a straggler is most often held up by its server); to the same one
+    only when no other is in the pool.
+
+    ``Hedger.send`` takes it as the transport, and ``turn`` as the copy's wait for its
+    turn, which is taken in the pace of the deployment the copy goes to.
+    """
+
+    def __init__(self, router: Router, first: Deployment, request: Request) -> None:
+        self.router, self.first, self.request = router, first, request
+        self.second: Deployment | None = None  # chosen when the copy's turn comes
+        self.answer: Response | None = None  # the second copy's answer
+
+    async def turn(self) -> None:
+        """Wait for room in another deployment (if there is another in the pool), then
+        for the copy's turn in its pace."""
+        loop = asyncio.get_running_loop()
+        router = self.router
+        while (other := router.elsewhere(self.first, loop.time())) is None and any(
+            d is not self.first and d.breaker.state == "in" for d in router.deployments
+        ):
+            await router.wait()
+        self.second = other or self.first
+        await self.second.pacer.wait_turn(self.request.tokens)
+
+    async def send(self, path: str, body: bytes) -> Response:
+        d = self.second
+        if d is None or d is self.first:
+            transport = self.first.transport
+            assert transport is not None
+            return await transport.send(path, body)
+        assert d.transport is not None
+        d.stats.requests += 1
+        try:
+            self.answer = await d.transport.send(path, d.request(self.request).body)
+        finally:
+            d.pacer.answered()
+        return self.answer
+
+    def answered_by(self, result: object) -> Deployment:
+        """Which deployment gave ``result``."""
+        return self.second if self.second is not None and result is self.answer else self.first
+
+
 class Router:
     """Which deployment takes the next attempt, and what their answers say of their health."""
 
@@ -223,6 +269,12 @@ class Router:
         stats.errors += 1
         unreachable = isinstance(answer, EndpointUnreachable)
         breaker.failed(now, f"{answer.code}: {answer}"[:200], probe=probe, at_once=unreachable)
+
+    def elsewhere(self, first: Deployment, now: float) -> Deployment | None:
+        """Another deployment in the pool with room, the most first; None if none has."""
+        others = [d for d in self.deployments if d is not first and d.breaker.state == "in"]
+        best = max(others, key=lambda d: (d.room(now), d.weight), default=None)
+        return best if best is not None and best.room(now) > 0 else None
 
     def all_out(self) -> bool:
         return all(d.breaker.state != "in" for d in self.deployments)

@@ -46,7 +46,7 @@ from batchq.job.journal import Journal
 from batchq.job.run import SIGNALS, open_run
 from batchq.job.shard import Span
 from batchq.live.concurrency import Pool, descriptor_ceiling
-from batchq.live.deployments import Deployment, Router
+from batchq.live.deployments import Copies, Deployment, Router
 from batchq.live.hedge import Answer, Hedger, answer
 from batchq.live.limiter import Kind, Pacer
 from batchq.live.retry import Fatal, GiveUp, RetryPolicy, decide, status_error
@@ -365,6 +365,7 @@ class Pipeline:
         deployment, probe = picked
         pool, pacer, transport = deployment.pool, deployment.pacer, deployment.transport
         assert transport is not None
+        original = request
         if self.multi:
             request = deployment.request(request)
         await pool.gate.acquire()
@@ -377,15 +378,19 @@ class Pipeline:
             pool.sent(started)
             result: Answer | None = None  # None: cancelled before an answer
             hedged = False
+            copies: Copies | None = None
             try:
                 if self.hedger is None:
                     # Not inlined to save a frame: an exception caught in this frame and kept
                     # in ``result`` would hold the frame in a cycle through its traceback, with
                     # a large answer's chunks, until the GC ran (16 of them: 550 MiB RSS).
                     result = await answer(transport, request)
-                else:
+                elif not self.multi:
                     turn = partial(pacer.wait_turn, request.tokens)
                     result, hedged = await self.hedger.send(transport, request, started, turn)
+                else:  # a second copy goes to another deployment
+                    copies = Copies(self.router, deployment, original)
+                    result, hedged = await self.hedger.send(copies, request, started, copies.turn)
             finally:
                 pacer.answered()
                 ok = isinstance(result, Response) and 200 <= result.status < 300
@@ -399,7 +404,16 @@ class Pipeline:
             pacer.observe(result.headers)
             if ok:
                 self.stats.latency.add(loop.time() - started)
-        if self.multi:
+        if (
+            copies is not None
+            and hedged
+            and (other := copies.answered_by(result)) is not deployment
+        ):
+            deployment.stats.requests += 1  # its copy lost, and says nothing of its health
+            other.stats.ok += ok
+            other.stats.errors += not ok
+            deployment = other  # the copy's answer won: its deployment answered
+        elif self.multi:
             self._observe(deployment, probe, result, started, hedged=hedged)
         return started, result, hedged, deployment
 
