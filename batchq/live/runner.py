@@ -404,26 +404,33 @@ class Pipeline:
             pacer.observe(result.headers)
             if ok:
                 self.stats.latency.add(loop.time() - started)
-        if (
-            copies is not None
-            and hedged
-            and (other := copies.answered_by(result)) is not deployment
-        ):
-            deployment.stats.requests += 1  # its copy lost, and says nothing of its health
-            other.stats.ok += ok
-            other.stats.errors += not ok
-            deployment = other  # the copy's answer won: its deployment answered
-        elif self.multi:
-            self._observe(deployment, probe, result, started, hedged=hedged)
+        if self.multi:
+            deployment = self._account(deployment, probe, result, started, hedged, copies)
         return started, result, hedged, deployment
 
-    def _observe(
-        self, d: Deployment, probe: bool, result: Answer, started: float, *, hedged: bool
-    ) -> None:
-        """Count an attempt against its deployment, which it may take out of the pool."""
+    def _account(
+        self,
+        d: Deployment,
+        probe: bool,
+        result: Answer,
+        started: float,
+        hedged: bool,
+        copies: Copies | None,
+    ) -> Deployment:
+        """Count an attempt against its deployment, which it may take out of the pool; the
+        deployment that answered (another, when a hedge's copy there won)."""
+        ok = isinstance(result, Response) and 200 <= result.status < 300
+        if copies is not None and hedged and copies.second is not d:
+            other = copies.answered_by(result)  # the copy there is counted as it went
+            if other is not d:
+                d.stats.requests += 1  # its copy lost, and says nothing of its health
+                other.stats.ok += ok
+                other.stats.errors += not ok
+                return other
+            hedged = False  # its own copy won: one request of its own
         now = self.loop.time()
         d.stats.requests += 2 if hedged else 1
-        if isinstance(result, Response) and 200 <= result.status < 300:
+        if ok:
             d.stats.latency.add(now - started)
         was_in = d.breaker.state == "in"
         self.router.observe(d, probe, result, now)
@@ -433,6 +440,7 @@ class Pipeline:
                 f"({d.breaker.why}); its lines go to the others",
                 logging.WARNING,
             )
+        return d
 
     async def _write_outcomes(self) -> None:
         """The single owner of the output files: append outcomes in batches."""
