@@ -555,9 +555,7 @@ def export(job_dir: Path, output: Path | None, fmt: str | None, fields: str | No
 
 @cli.command()
 @click.argument("job_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option(
-    "--port", type=click.IntRange(0, 65535), default=0, help="[default: 0, a free port]"
-)
+@click.option("--port", type=click.IntRange(0, 65535), default=0, help="[default: 0, a free port]")
 @click.option("--no-open", is_flag=True, help="Print the URL only; do not open a browser.")
 def view(job_dir: Path, port: int, no_open: bool) -> None:
     """Serve a read-only page of the job in JOB_DIR on 127.0.0.1: charts over its life,

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -69,11 +70,13 @@ class History:
         prices: tuple[float, float] = (0.0, 0.0),
         every: float = EVERY,
         max_records: int = MAX_RECORDS,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = run_dir / HISTORY
+        self.clock = clock  # the records' time: Unix seconds
         self.prices = prices
         self.max_records = max(2, max_records)
-        self.run = round(time.time(), 3)
+        self.run = round(clock(), 3)
         earlier = read_history(run_dir)
         self.records = len(earlier)
         # A resumed job keeps the interval its history had grown to.
@@ -108,7 +111,7 @@ class History:
         self._latency = LatencyHistogram(list(stats.latency.counts), stats.latency.total)
         price_in, price_out = self.prices
         figures: dict[str, Any] = {
-            "t": round(time.time(), 3),
+            "t": round(self.clock(), 3),
             "run": self.run,
             "every": self.every,
             "done": stats.done,

@@ -160,12 +160,16 @@ class Browser:
         source = self.inputs.line(line)
         if source is not None and not source.strip():
             return None  # a blank line is no request
-        if needle and needle not in (output or b"").lower() and needle not in (source or b"").lower():
+        if (
+            needle
+            and needle not in (output or b"").lower()
+            and needle not in (source or b"").lower()
+        ):
             return None
         return _row(line, source, output)
 
     def _fresh_index(self) -> OutputIndex:
-        """The offset index, built again when the journals have grown and it is a few seconds old."""
+        """The offset index, built again once the journals have grown and it is seconds old."""
         sizes = tuple(_size(part[0] / JOURNAL_NAME) for part in self.folder.parts)
         built, known = self._indexed
         if self._index is None or (sizes != known and time.monotonic() - built > REINDEX_AFTER):
@@ -246,7 +250,9 @@ def _content(message: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):  # parts: text, images, ...
-        return " ".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+        return " ".join(
+            p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+        )
     return str(content)
 
 

@@ -58,8 +58,12 @@ def open_folder(job_dir: Path) -> JobFolder:
     job = _resolve(job_dir, build_settings(read_job_toml(job_dir / JOB_TOML), {}))
     cut = read_cut(job_dir, read_state(job_dir))
     if cut is None:
-        return JobFolder(job_dir, job.settings, job.input, [(job_dir, job.results, job.errors)], False)
-    parts = [(f, f / "results.jsonl", f / "errors.jsonl") for f in shard_folders(job_dir, cut.count)]
+        return JobFolder(
+            job_dir, job.settings, job.input, [(job_dir, job.results, job.errors)], False
+        )
+    parts = [
+        (f, f / "results.jsonl", f / "errors.jsonl") for f in shard_folders(job_dir, cut.count)
+    ]
     return JobFolder(job_dir, job.settings, job.input, parts, True)
 
 
@@ -125,12 +129,21 @@ def figures(folder: JobFolder, series: dict[str, Any]) -> dict[str, Any]:
         "cost": cost,
         "elapsed": duration(elapsed) if elapsed else None,
         "rate": None if rate is None else round(rate, 2),
+        "mean_rate": _mean_rate(series),
         "eta": duration(pending / rate) if phase == "running" and pending and rate else None,
         "in_flight": sum(int(r.get("in_flight") or 0) for r in running) if running else None,
         "binding": running[0].get("binding") if len(running) == 1 else None,
         "shards": len(folder.parts) if folder.sharded else None,
         "updated": round(now, 3),
     }
+
+
+def _mean_rate(series: dict[str, Any]) -> float | None:
+    """Requests done a second while a run was running (the gaps between runs left out)."""
+    t, rates = series["t"], series["done_rate"]
+    spans = [(t[i] - t[i - 1], r) for i, r in enumerate(rates) if r is not None]
+    seconds = sum(dt for dt, _ in spans)
+    return round(sum(dt * r for dt, r in spans) / seconds, 2) if seconds else None
 
 
 def _alive(progress: dict[str, Any], now: float) -> bool:
@@ -212,7 +225,9 @@ def _job_counters(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _added(parts: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """Several folders' points as one: at each instant any of them recorded, the sum of what
     each had recorded last (a folder not yet started counts nothing)."""
-    instants = sorted({(p["t"], i, k) for i, points in enumerate(parts) for k, p in enumerate(points)})
+    instants = sorted(
+        {(p["t"], i, k) for i, points in enumerate(parts) for k, p in enumerate(points)}
+    )
     latest: dict[int, dict[str, Any]] = {}
     merged = []
     for t, i, k in instants:
@@ -311,9 +326,10 @@ class Failures:
     def summary(self) -> dict[str, Any]:
         codes = sorted(self.codes.values(), key=lambda c: -c["count"])
         retryable = sum(c["retryable"] for c in codes)
+        command = f"batchq run {shlex.quote(str(self.folder.dir))} --retry-failed"
         return {
             "total": sum(c["count"] for c in codes),
             "retryable": retryable,
             "codes": codes,
-            "retry_command": f"batchq run {shlex.quote(str(self.folder.dir))} --retry-failed" if retryable else None,
+            "retry_command": command if retryable else None,
         }

@@ -182,4 +182,3 @@ async def serve(
         await stop.wait()
     finally:
         await runner.cleanup()
-

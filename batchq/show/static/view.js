@@ -17,6 +17,7 @@
   const fmt = (n, digits) => n === null || n === undefined ? "–" :
     Number(n).toLocaleString("en-US", { maximumFractionDigits: digits === undefined ? 0 : digits });
   const money = (n) => n === null || n === undefined ? "–" : "$" + fmt(n, n < 10 ? 4 : 2);
+  const seconds = (v) => v === null || v === undefined ? "–" : v < 1 ? fmt(v * 1000, v < 0.01 ? 1 : 0) + " ms" : fmt(v, 2) + " s";
   const anyValue = (a) => Array.isArray(a) && a.some((v) => v !== null && v !== undefined);
   const el = (tag, attrs, ...children) => {
     const e = document.createElement(tag);
@@ -50,11 +51,14 @@
       ["succeeded", fmt(f.succeeded)],
       ["failed", fmt(f.failed), f.failed > 0 ? "bad" : ""],
       ["time running", f.elapsed || "–"],
-      ["requests/s now", f.state === "running" ? fmt(f.rate, 1) : "–"],
-      ["ETA", f.eta || "–"],
-      ["in flight", f.in_flight === null ? "–" : fmt(f.in_flight) + (f.binding ? " (" + f.binding + ")" : "")],
-      ["tokens in / out", fmt(f.prompt_tokens) + " / " + fmt(f.completion_tokens)],
     ];
+    if (f.state === "running") {
+      tiles.push(["requests/s now", fmt(f.rate, 1)], ["ETA", f.eta || "–"],
+        ["in flight", f.in_flight === null ? "–" : fmt(f.in_flight) + (f.binding ? " (" + f.binding + ")" : "")]);
+    } else {
+      tiles.push(["requests/s while running", fmt(f.mean_rate, 1)]);
+    }
+    tiles.push(["tokens in / out", fmt(f.prompt_tokens) + " / " + fmt(f.completion_tokens)]);
     if (f.cost !== null) tiles.push(["cost", money(f.cost)]);
     $("tiles").replaceChildren(...tiles.map(([k, v, cls]) =>
       el("div", { class: "tile " + (cls || ""), "data-k": k }, el("div", { class: "v", text: v }), el("div", { class: "k", text: k }))));
@@ -77,6 +81,9 @@
       if (LIVE) row.addEventListener("click", () => { $("f-status").value = "failed"; $("f-code").value = c.code; browse(1, true); });
       return row;
     }));
+    const permanent = failures.total - failures.retryable;
+    $("permanent").hidden = !permanent;
+    $("permanent").textContent = fmt(permanent) + " of them would fail the same way if sent again (the endpoint refused the request, or the input line is bad): fix those lines; the first example of each code says what was wrong.";
     $("retry").hidden = !failures.retry_command;
     $("retry-command").textContent = failures.retry_command || "";
     const select = $("f-code");
@@ -94,7 +101,7 @@
         lines: [["done/s", s.done_rate, C.ok], ["failed/s", s.failed_rate, C.failed], ["pace", s.pace, C.gray, true]] },
       { id: "concurrency", title: "In flight", note: "requests at the endpoint against the pool's allowance; the shading says what held sending back",
         lines: [["in flight", s.in_flight, C.blue], ["allowance", s.allowance, C.gray, true]], bands: s.binding },
-      { id: "latency", title: "Latency (seconds)", note: "of the answers between two points",
+      { id: "latency", title: "Latency", note: "of the answers between two points", seconds: true,
         lines: [["p50", s.p50, C.teal], ["p95", s.p95, C.amber], ["p99", s.p99, C.failed]] },
       { id: "limits", title: "429s and retries per minute", note: "429s pause the whole pool; retries by cause (HTTP status or failure kind)",
         lines: [["429s", s.rate_limited, C.failed], ...causes.map((c, i) => ["retry " + c, s.retries[c], CAUSE_COLORS[i % CAUSE_COLORS.length], true])] },
@@ -106,10 +113,12 @@
     return specs;
   }
 
-  function bandsPlugin(bindings, times) {
+  function bandsPlugin(id) {
     return {
       hooks: {
         drawClear: (u) => {
+          // read at each draw: a refresh brings new points (setData) and their bindings
+          const bindings = window.batchqCharts[id]?.bands, times = u.data[0];
           if (!bindings) return;
           const ctx = u.ctx;
           const { top, height } = u.bbox;
@@ -139,8 +148,10 @@
     const key = spec.lines.map((l) => l[0]).join("|");
     const existing = window.batchqCharts[spec.id];
     if (existing && existing.key === key) {
-      existing.plot.setData(data);
       existing.data = data;
+      existing.bands = spec.bands;
+      existing.plot.setData(data);
+      drawChips(card, spec.bands);
       return;
     }
     if (existing) existing.plot.destroy();
@@ -150,19 +161,22 @@
       scales: { x: { time: true } },
       series: [{}, ...spec.lines.map(([label, , color, dashed]) => ({
         label, stroke: color, width: 2, dash: dashed ? [6, 4] : undefined, spanGaps: false, points: { show: s.t.length < 60 },
-        value: (u, v) => v === null ? "–" : spec.money ? money(v) : fmt(v, 3),
+        value: (u, v) => v === null ? "–" : spec.money ? money(v) : spec.seconds ? seconds(v) : fmt(v, 3),
       }))],
-      axes: [{}, { size: 60, values: (u, vals) => vals.map((v) => spec.money ? money(v) : fmt(v, 2)) }],
-      plugins: spec.bands ? [bandsPlugin(spec.bands, s.t)] : [],
+      axes: [{}, { size: 64, values: (u, vals) => vals.map((v) => spec.money ? money(v) : spec.seconds ? seconds(v) : fmt(v, 2)) }],
+      plugins: spec.bands ? [bandsPlugin(spec.id)] : [],
     };
-    const chart = new uPlot(opts, data, plot);
-    window.batchqCharts[spec.id] = { plot: chart, key, data };
-    if (spec.bands) {
-      const seen = [...new Set(spec.bands.filter((b) => b))];
-      card.querySelector(".chips")?.remove();
-      card.append(el("div", { class: "chips" }, ...seen.map((b) =>
-        el("span", { class: "chip" }, el("i", { style: "background:" + (BINDING_COLORS[b] || "#eee").replace(/0\.1\d?\)/, "0.5)") }), b))));
-    }
+    window.batchqCharts[spec.id] = { key, data, bands: spec.bands };
+    window.batchqCharts[spec.id].plot = new uPlot(opts, data, plot);
+    drawChips(card, spec.bands);
+  }
+
+  function drawChips(card, bands) {
+    card.querySelector(".chips")?.remove();
+    if (!bands) return;
+    const seen = [...new Set(bands.filter((b) => b))];
+    card.append(el("div", { class: "chips" }, ...seen.map((b) =>
+      el("span", { class: "chip" }, el("i", { style: "background:" + (BINDING_COLORS[b] || "#eee").replace(/0\.1\d?\)/, "0.5)") }), "held by " + b))));
   }
 
   function renderCharts(s) {
