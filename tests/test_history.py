@@ -122,3 +122,32 @@ def test_a_run_writes_a_history_that_ends_where_its_files_do(
     assert [(c["code"], c["count"]) for c in codes] == [(errors[0]["error"]["code"], 1)]
     assert codes[0]["first"]["custom_id"] == "bad"
     assert orjson.loads(orjson.dumps(shown)) == shown  # all of it JSON, for the page
+
+
+def test_a_sharded_jobs_series_add_up_its_shards(tmp_path: Path, mock_server: MockFactory) -> None:
+    server = mock_server()
+    write_jsonl(tmp_path / "in.jsonl", [chat(f"q{i}", f"r{i}") for i in range(200)])
+    for shard in ("0/2", "1/2"):  # one after the other: the second adds to the first's
+        done = batchq(
+            "run",
+            "in.jsonl",
+            "--base-url",
+            server.url,
+            "--model",
+            "m",
+            "--shard",
+            shard,
+            "-q",
+            cwd=tmp_path,
+        )
+        assert done.returncode == 0, done.stderr
+    job = tmp_path / "jobs" / "in"
+    shown = picture(open_folder(job))
+    assert shown["figures"]["done"] == shown["figures"]["total"] == 200
+    assert shown["figures"]["shards"] == 2
+    series = shown["series"]
+    shards = [read_history(job / f"shard-{i}-of-2") for i in range(2)]
+    assert len(series["t"]) == sum(len(records) for records in shards)
+    assert series["done"][-1] == 200  # the last point counts both shards' lines
+    halfway = len(shards[0]) - 1
+    assert series["done"][halfway] == shards[0][-1]["done"]
