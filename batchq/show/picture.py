@@ -24,7 +24,7 @@ from batchq.config import Settings, build_settings, strip_secrets
 from batchq.errors import ConfigError
 from batchq.job.folder import JOB_TOML, _resolve, read_progress, read_state
 from batchq.job.history import read_history
-from batchq.job.journal import JOURNAL_NAME, read_journal
+from batchq.job.journal import JOURNAL_NAME, Totals, read_journal
 from batchq.job.settings import read_job_toml
 from batchq.job.shard import read_cut, shard_folders
 from batchq.stats import duration
@@ -70,23 +70,24 @@ def open_folder(job_dir: Path) -> JobFolder:
 def picture(folder: JobFolder, failures: Failures | None = None) -> dict[str, Any]:
     """Everything the page draws, as one JSON-ready dict: ``figures``, ``series``, ``failures``."""
     failures = failures or Failures(folder)
-    failures.update()
+    # read once: a long job's journals are megabytes, and a running job's page asks every 3 s
+    totals = [read_journal(run_dir / JOURNAL_NAME)[1] for run_dir, _, _ in folder.parts]
+    failures.update(totals)
     series = job_series([read_history(part[0]) for part in folder.parts])
     return {
-        "figures": figures(folder, series),
+        "figures": figures(folder, series, totals),
         "series": series,
         "failures": failures.summary(),
     }
 
 
-def figures(folder: JobFolder, series: dict[str, Any]) -> dict[str, Any]:
+def figures(folder: JobFolder, series: dict[str, Any], journals: list[Totals]) -> dict[str, Any]:
     """The job's headline figures: counts from the journals, the live ones from progress.json."""
     s = folder.settings
     ok = failed = prompt = completion = 0
     running, elapsed = [], 0.0
     now = time.time()
-    for run_dir, _, _ in folder.parts:
-        _, totals, _ = read_journal(run_dir / JOURNAL_NAME)
+    for (run_dir, _, _), totals in zip(folder.parts, journals, strict=True):
         ok, failed = ok + totals.ok, failed + totals.failed
         prompt, completion = prompt + totals.prompt_tokens, completion + totals.completion_tokens
         live = read_progress(run_dir)
@@ -278,9 +279,9 @@ class Failures:
     codes: dict[str, dict[str, Any]] = field(default_factory=dict)
     _read: dict[Path, tuple[int, int]] = field(default_factory=dict)  # inode, bytes read
 
-    def update(self) -> None:
-        for run_dir, _, errors in self.folder.parts:
-            _, totals, _ = read_journal(run_dir / JOURNAL_NAME)
+    def update(self, journals: list[Totals]) -> None:
+        """Count what the errors files gained; ``journals`` are the parts' committed totals."""
+        for (_, _, errors), totals in zip(self.folder.parts, journals, strict=True):
             try:
                 with errors.open("rb") as f:
                     inode = os.fstat(f.fileno()).st_ino
@@ -288,7 +289,7 @@ class Failures:
                     if known_inode != inode or start > totals.errors_len:
                         self.codes.clear()  # rewritten: every file is read again
                         self._read.clear()
-                        self.update()
+                        self.update(journals)
                         return
                     f.seek(start)
                     data = f.read(totals.errors_len - start)
