@@ -135,6 +135,12 @@ def figures(folder: JobFolder, series: dict[str, Any], journals: list[Totals]) -
         "in_flight": sum(int(r.get("in_flight") or 0) for r in running) if running else None,
         "binding": running[0].get("binding") if len(running) == 1 else None,
         "shards": len(folder.parts) if folder.sharded else None,
+        "resume_command": f"batchq run {shlex.quote(str(folder.dir))}"
+        + (
+            f" --shard I/{len(folder.parts)} for each shard I not finished"
+            if folder.sharded
+            else ""
+        ),
         "updated": round(now, 3),
     }
 

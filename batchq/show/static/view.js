@@ -60,6 +60,10 @@
     }
     tiles.push(["tokens in / out", fmt(f.prompt_tokens) + " / " + fmt(f.completion_tokens)]);
     if (f.cost !== null) tiles.push(["cost", money(f.cost)]);
+    const notice = $("notice");
+    notice.hidden = f.state !== "interrupted";
+    notice.textContent = f.state === "interrupted" ? "Stopped with " + fmt(f.pending) +
+      " requests not done; this continues it: " + f.resume_command : "";
     $("tiles").replaceChildren(...tiles.map(([k, v, cls]) =>
       el("div", { class: "tile " + (cls || ""), "data-k": k }, el("div", { class: "v", text: v }), el("div", { class: "k", text: k }))));
   }
