@@ -22,6 +22,7 @@ from support import batchq, chat, outputs, start, wait_for, write_jsonl
 
 from batchq.job.history import read_history
 from batchq.mockserver.live import MockOptions
+from batchq.show.picture import open_folder, picture
 
 CHROMIUM = os.environ.get("BATCHQ_CHROMIUM", "/usr/bin/chromium")
 LINES = 100_000
@@ -282,6 +283,10 @@ def test_the_page_refreshes_while_a_job_runs(
         run.send_signal(signal.SIGINT)
         run.wait(timeout=60)
     assert run.returncode == 130, run.stderr.read() if run.stderr else ""
+    # its progress.json stays behind, but its process is gone: the job is no longer running
+    figures = picture(open_folder(job))["figures"]
+    assert figures["state"] == "interrupted"
+    assert figures["resume_command"] == f"batchq run {job}"
 
 
 def test_the_report_opens_offline_with_the_same_charts(

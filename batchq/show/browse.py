@@ -39,16 +39,23 @@ class InputLines:
         self._starts = array("q", [0])  # where lines 1, 1 + STRIDE, 1 + 2 * STRIDE, ... start
         self._lines = 0  # complete lines scanned
         self._scanned = 0  # bytes
+        self._next = (1, 0)  # the line after the last one read, and where it starts
 
     def line(self, n: int) -> bytes | None:
         if n < 1 or (n > self._lines and n > self.count()):
             return None
         f = self._file()
         assert f is not None  # count() opened it
-        f.seek(self._starts[(n - 1) // STRIDE])
-        for _ in range((n - 1) % STRIDE):
+        line, offset = self._next
+        if not (line <= n and n - line < STRIDE):  # a page reads on from the line before
+            line, offset = (n - 1) // STRIDE * STRIDE + 1, self._starts[(n - 1) // STRIDE]
+        f.seek(offset)
+        for _ in range(n - line):
             f.readline()
-        return f.readline().rstrip(b"\r\n")
+        raw = f.readline()
+        if raw.endswith(b"\n"):  # not after an unfinished last line: it may yet grow
+            self._next = (n + 1, f.tell())
+        return raw.rstrip(b"\r\n")
 
     def count(self) -> int:
         """The lines written so far: an unfinished last line counts too."""

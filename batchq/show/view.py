@@ -170,9 +170,7 @@ async def serve(
             await site.start()
         except OSError as exc:
             raise ConfigError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror}") from None
-        server = site._server
-        assert isinstance(server, asyncio.Server)
-        bound = server.sockets[0].getsockname()[1]
+        bound = runner.addresses[0][1]
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
