@@ -59,9 +59,10 @@ def page(folder: JobFolder, data: dict[str, Any] | None = None) -> str:
         boot: dict[str, Any] = {"mode": "live"}
     else:
         style = "".join(f"<style>{_static(n)}</style>\n" for n in ("uPlot.min.css", "view.css"))
+        licence = f"/*! uPlot's licence:\n{_static('uPlot.LICENSE')}*/\n"  # MIT: copies keep it
         script = "".join(
             f"<script>{_inline(_static(n))}</script>\n" for n in ("uPlot.iife.min.js", "view.js")
-        )
+        ).replace("<script>", "<script>" + licence, 1)
         boot = {"mode": "report", "picture": data}
     # "</" inside a script would end it: the JSON says "<\/" instead (the same string)
     boot_json = orjson.dumps(boot).decode().replace("</", "<\\/")
