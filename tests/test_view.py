@@ -325,6 +325,7 @@ def test_view_of_a_folder_that_is_no_job_is_a_usage_error(tmp_path: Path) -> Non
 
 
 def test_the_api_answers_json_of_the_job(big_job: Path, viewer: Callable[[Path], Viewer]) -> None:
+    import urllib.error
     import urllib.request
 
     view = viewer(big_job)
@@ -334,3 +335,8 @@ def test_the_api_answers_json_of_the_job(big_job: Path, viewer: Callable[[Path],
     assert line["output"]["error"]["code"]
     with urllib.request.urlopen(view.url + "api/lines?status=pending") as answer:
         assert orjson.loads(answer.read())["rows"] == []  # the job is finished
+    # a page whose host name was pointed at 127.0.0.1 (DNS rebinding) reads nothing
+    elsewhere = urllib.request.Request(view.url + "api/line/7", headers={"Host": "evil.test"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(elsewhere)
+    assert refused.value.code == 403

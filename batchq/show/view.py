@@ -28,6 +28,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from batchq.errors import ConfigError
 from batchq.job.folder import job_files, same_file
@@ -98,7 +99,7 @@ class View:
         self.browser = Browser(folder)
         self.failures = Failures(folder)
         self._picture_lock = asyncio.Lock()  # one picture at a time: it reads every file
-        self.app = web.Application()
+        self.app = web.Application(middlewares=[_local_only])
         self.app.add_routes(
             [
                 web.get("/", self.index),
@@ -150,6 +151,15 @@ class View:
     async def line(self, request: web.Request) -> web.Response:
         found = await asyncio.to_thread(self.browser.raw, int(request.match_info["line"]))
         return _json(found)
+
+
+@web.middleware
+async def _local_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer only requests addressed to this machine by name: a web page elsewhere that
+    points its own host name at 127.0.0.1 (DNS rebinding) must not read the job."""
+    if request.host.rsplit(":", 1)[0] not in ("127.0.0.1", "localhost"):
+        raise web.HTTPForbidden(text="batchq view answers http://127.0.0.1 only")
+    return await handler(request)
 
 
 def _json(data: Any) -> web.Response:
