@@ -125,6 +125,7 @@ class History:
             "retries": dict(stats.retry_causes),
             "prompt_tokens": stats.prompt_tokens,
             "completion_tokens": stats.completion_tokens,
+            "invalid_answers": stats.invalid_answers,  # asked again: --json-schema
         }
         for p in (50, 95, 99):
             value = latency.percentile(p)

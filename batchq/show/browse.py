@@ -218,9 +218,8 @@ def _row(line: int, source: bytes | None, output: bytes | None) -> dict[str, Any
     text = result.text
     if text is not None:
         row["answer"] = text[:SHOWN]
-        fields = _json_fields(text)
-        if fields is not None:
-            row["fields"] = fields
+        if isinstance(result.parsed, dict):  # a structured answer: its fields
+            row["fields"] = {k: _short(v) for k, v in list(result.parsed.items())[:8]}
     elif (vector := result.embedding) is not None:
         row["answer"] = f"embedding: {len(vector):,} dimensions"
     else:
@@ -263,15 +262,9 @@ def _content(message: Any) -> str:
     return str(content)
 
 
-def _json_fields(text: str) -> dict[str, Any] | None:
-    """A structured answer's fields (its text is a JSON object), or None."""
-    if not text.lstrip().startswith("{"):
-        return None
-    try:
-        value = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return None
-    return value if isinstance(value, dict) else None
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else orjson.dumps(value).decode()
+    return text if len(text) <= 80 else text[:79] + "…"
 
 
 def _error_code(output: bytes) -> str | None:

@@ -33,7 +33,7 @@ from batchq.stats import duration
 Part = tuple[Path, Path, Path]
 
 #: Counters of a run that restart at zero on a resume.
-_RUN_COUNTERS = ("rate_limited", "prompt_tokens", "completion_tokens", "cost")
+_RUN_COUNTERS = ("rate_limited", "invalid_answers", "prompt_tokens", "completion_tokens", "cost")
 #: Figures of an instant, summed over the shards running then.
 _GAUGES = ("in_flight", "allowance", "pace")
 #: A progress.json older than this belongs to a process that is gone.
@@ -187,6 +187,7 @@ def job_series(histories: list[list[dict[str, Any]]]) -> dict[str, Any]:
         "p95": [p["p95"] for p in points],
         "p99": [p["p99"] for p in points],
         "rate_limited": _rate(points, "rate_limited", per=60),
+        "invalid_rate": _rate(points, "invalid_answers", per=60),
         "retries": {c: _rate(points, c, per=60, within="retries") for c in causes},
         "prompt_tps": _rate(points, "prompt_tokens"),
         "completion_tps": _rate(points, "completion_tokens"),

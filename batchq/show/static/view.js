@@ -108,12 +108,14 @@
       { id: "latency", title: "Latency", note: "of the answers between two points", seconds: true,
         lines: [["p50", s.p50, C.teal], ["p95", s.p95, C.amber], ["p99", s.p99, C.failed]] },
       { id: "limits", title: "429s and retries per minute", note: "429s pause the whole pool; retries by cause (HTTP status or failure kind)",
-        lines: [["429s", s.rate_limited, C.failed], ...causes.map((c, i) => ["retry " + c, s.retries[c], CAUSE_COLORS[i % CAUSE_COLORS.length], true])] },
+        lines: [["429s", s.rate_limited, C.failed], ["invalid answers asked again", s.invalid_rate || [], C.violet, false, true], ...causes.map((c, i) => ["retry " + c, s.retries[c], CAUSE_COLORS[i % CAUSE_COLORS.length], true])] },
       { id: "tokens", title: "Tokens per second", note: "as the endpoint's usage reports them",
         lines: [["prompt", s.prompt_tps, C.violet], ["completion", s.completion_tps, C.pink]] },
     ];
     if (anyValue(s.cost)) specs.push({ id: "cost", title: "Cost so far ($)", note: "from the job's price_in and price_out", lines: [["cost", s.cost, C.amber]], money: true });
-    for (const spec of specs) spec.lines = spec.lines.filter(([label, data], i) => i === 0 || anyValue(data));
+    // a line with no value is left out, and an optional one (a feature not in use) with no count
+    for (const spec of specs) spec.lines = spec.lines.filter(([, data, , , optional], i) =>
+      i === 0 || (optional ? data.some((v) => v > 0) : anyValue(data)));
     return specs;
   }
 
@@ -229,7 +231,10 @@
     const body = $("rows").tBodies[0];
     body.replaceChildren(...page.rows.map((r) => {
       const answer = el("td", { class: "answer", text: r.answer || "" });
-      if (r.fields) answer.append(el("span", { class: "fields", text: Object.keys(r.fields).length + " fields: " + Object.keys(r.fields).slice(0, 8).join(", ") }));
+      if (r.fields) {  // a structured answer: its fields, one a line, rather than its JSON
+        answer.replaceChildren(...Object.entries(r.fields).map(([k, v]) =>
+          el("div", {}, el("span", { class: "fields", text: k + ": " }), v)));
+      }
       const status = r.status === "failed" ? "failed · " + (r.code || "") : r.status;
       const row = el("tr", { "data-line": String(r.line) },
         el("td", { class: "num", text: String(r.line) }), el("td", { class: "prompt", text: r.prompt }), answer,
