@@ -130,7 +130,7 @@ def figures(folder: JobFolder, series: dict[str, Any], journals: list[Totals]) -
         "cost": cost,
         "elapsed": duration(elapsed) if elapsed else None,
         "rate": None if rate is None else round(rate, 2),
-        "mean_rate": _mean_rate(series),
+        "mean_rate": _mean_rate(series) or (round(done / elapsed, 2) if elapsed else None),
         "eta": duration(pending / rate) if phase == "running" and pending and rate else None,
         "in_flight": sum(int(r.get("in_flight") or 0) for r in running) if running else None,
         "binding": running[0].get("binding") if len(running) == 1 else None,

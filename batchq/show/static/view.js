@@ -188,7 +188,8 @@
   function renderCharts(s) {
     if (!s.t.length) {
       $("charts").replaceChildren(el("div", { class: "card" }, el("div", { class: "empty muted",
-        text: "No history yet: the charts appear once a run has recorded a few seconds (history.jsonl)." })));
+        text: "No history: the charts are drawn from history.jsonl, which a live run writes every few seconds " +
+          "(a job not run live, or run by an older batchq, has none yet)." })));
       window.batchqCharts = {};
       return;
     }
