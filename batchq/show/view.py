@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import html
+import os
 import signal
 from collections.abc import Callable
 from importlib import resources
@@ -180,7 +181,8 @@ async def serve(
         try:
             await site.start()
         except OSError as exc:
-            raise ConfigError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror}") from None
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise ConfigError(f"cannot listen on 127.0.0.1:{port}: {reason}") from None
         bound = runner.addresses[0][1]
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
