@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -340,3 +341,15 @@ def test_the_api_answers_json_of_the_job(big_job: Path, viewer: Callable[[Path],
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(elsewhere)
     assert refused.value.code == 403
+
+
+def test_a_taken_port_is_a_usage_error(big_job: Path, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = batchq("view", big_job, "--port", str(port), "--no-open", cwd=tmp_path)
+    assert done.returncode == 2
+    assert (
+        done.stderr == f"batchq: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    )
