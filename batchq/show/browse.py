@@ -26,7 +26,8 @@ from batchq.show.picture import JobFolder
 STRIDE = 1024  # input lines between two remembered offsets
 SCAN_LIMIT = 200_000  # lines one request may look at
 SHOWN = 1_000  # characters of a prompt or an answer in a row
-REINDEX_AFTER = 5.0  # seconds: how stale a running job's index may be
+REINDEX_AFTER = 5.0  # seconds: how stale a running job's index may be, at least
+REINDEX_SHARE = 0.1  # of a core, at most, that indexing a running job again may take
 
 
 class InputLines:
@@ -178,14 +179,17 @@ class Browser:
     def _fresh_index(self) -> OutputIndex:
         """The offset index, built again once the journals have grown and it is seconds old."""
         sizes = tuple(_size(part[0] / JOURNAL_NAME) for part in self.folder.parts)
-        built, known = self._indexed
-        if self._index is None or (sizes != known and time.monotonic() - built > REINDEX_AFTER):
+        ready, known = self._indexed
+        if self._index is None or (sizes != known and time.monotonic() >= ready):
+            started = time.monotonic()
             first, *more = self.folder.parts
             index = OutputIndex(*first, more=more)
             if self._index is not None:
                 self._index.close()
             self._index = index
-            self._indexed = (time.monotonic(), sizes)
+            # ten million lines take a minute to index: not again for ten, while the job runs
+            took = time.monotonic() - started
+            self._indexed = (started + max(REINDEX_AFTER, took / REINDEX_SHARE), sizes)
         return self._index
 
     def _total(self) -> int:

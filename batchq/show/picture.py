@@ -24,7 +24,7 @@ from batchq.config import Settings, build_settings, strip_secrets
 from batchq.errors import ConfigError
 from batchq.job.folder import JOB_TOML, _resolve, read_progress, read_state
 from batchq.job.history import read_history
-from batchq.job.journal import JOURNAL_NAME, Totals, read_journal
+from batchq.job.journal import JOURNAL_NAME, Totals, read_totals
 from batchq.job.settings import read_job_toml
 from batchq.job.shard import read_cut, shard_folders
 from batchq.stats import duration
@@ -71,7 +71,7 @@ def picture(folder: JobFolder, failures: Failures | None = None) -> dict[str, An
     """Everything the page draws, as one JSON-ready dict: ``figures``, ``series``, ``failures``."""
     failures = failures or Failures(folder)
     # read once: a long job's journals are megabytes, and a running job's page asks every 3 s
-    totals = [read_journal(run_dir / JOURNAL_NAME)[1] for run_dir, _, _ in folder.parts]
+    totals = [read_totals(run_dir / JOURNAL_NAME) for run_dir, _, _ in folder.parts]
     failures.update(totals)
     series = job_series([read_history(part[0]) for part in folder.parts])
     return {

@@ -22,6 +22,7 @@ import contextlib
 import html
 import os
 import signal
+import time
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -44,6 +45,7 @@ STATIC = {
     "view.css": "text/css",
 }
 _STATUSES = ("all", "ok", "failed", "pending")
+PICTURE_EVERY = 1.0  # seconds a picture is served again before it is read afresh
 
 
 def _static(name: str) -> str:
@@ -100,6 +102,7 @@ class View:
         self.browser = Browser(folder)
         self.failures = Failures(folder)
         self._picture_lock = asyncio.Lock()  # one picture at a time: it reads every file
+        self._picture: tuple[float, bytes] | None = None  # until when it serves, and itself
         self.app = web.Application(middlewares=[_local_only])
         self.app.add_routes(
             [
@@ -126,8 +129,13 @@ class View:
 
     async def picture(self, request: web.Request) -> web.Response:
         async with self._picture_lock:
-            data = await asyncio.to_thread(picture, self.folder, self.failures)
-        return _json(data)
+            now = time.monotonic()
+            if self._picture is None or now >= self._picture[0]:
+                data = await asyncio.to_thread(picture, self.folder, self.failures)
+                took = time.monotonic() - now
+                # at most a tenth of a core however large the job, and however many tabs ask
+                self._picture = (now + max(PICTURE_EVERY, 10 * took), orjson.dumps(data))
+        return web.Response(body=self._picture[1], content_type="application/json")
 
     async def lines(self, request: web.Request) -> web.Response:
         q = request.query
