@@ -151,3 +151,21 @@ def test_a_sharded_jobs_series_add_up_its_shards(tmp_path: Path, mock_server: Mo
     assert series["done"][-1] == 200  # the last point counts both shards' lines
     halfway = len(shards[0]) - 1
     assert series["done"][halfway] == shards[0][-1]["done"]
+
+
+def test_a_run_through_batches_keeps_a_history_too(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server(batch_time_scale=86_400.0, batch_lines_per_second=100.0)
+    write_jsonl(tmp_path / "in.jsonl", [chat(f"q{i}", f"r{i}") for i in range(120)])
+    done = batchq(
+        "run", "in.jsonl", "--job", "job", "--base-url", server.url, "--model", "gpt-4o-mini",
+        "--via", "batch", "--batch-poll", "0.02", "--batch-max-lines", "50", "-q",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    records = read_history(tmp_path / "job")
+    assert len(records) >= 2  # the first look at the batches, and the end
+    assert records[-1]["done"] == records[-1]["ok"] == 120
+    assert records[0]["done"] < 120
+    assert picture(open_folder(tmp_path / "job"))["series"]["done"][-1] == 120

@@ -1,7 +1,8 @@
 """``history.jsonl``: a running job's figures every few seconds, for ``batchq view`` and ``report``.
 
-The runner's ticker (never a request) appends one small JSON line every
-``every`` seconds to the folder of the process (the job's, or a shard's)::
+The live runner's ticker (never a request), and the batch executor each
+time it looks at its batches, append one small JSON line every ``every``
+seconds to the folder of the process (the job's, or a shard's)::
 
     {"t": 1764670000.1, "run": 1764669000.0, "every": 2.0, "done": 5120, "ok": 5100,
      "failed": 20, "in_flight": 64, "allowance": 64, "binding": "pace", "pace": 50.0,

@@ -189,7 +189,7 @@
     if (!s.t.length) {
       $("charts").replaceChildren(el("div", { class: "card" }, el("div", { class: "empty muted",
         text: "No history: the charts are drawn from history.jsonl, which a live run writes every few seconds " +
-          "(a job not run live, or run by an older batchq, has none yet)." })));
+          "(a job run by an older batchq has none, and a new run writes its first point at once)." })));
       window.batchqCharts = {};
       return;
     }
