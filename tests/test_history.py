@@ -11,6 +11,7 @@ from support import batchq, chat, outputs, write_jsonl
 
 from batchq.job.history import HISTORY, History, read_history
 from batchq.show.picture import job_series, open_folder, picture
+from batchq.show.view import page
 from batchq.stats import Stats
 
 
@@ -169,3 +170,20 @@ def test_a_run_through_batches_keeps_a_history_too(
     assert records[-1]["done"] == records[-1]["ok"] == 120
     assert records[0]["done"] < 120
     assert picture(open_folder(tmp_path / "job"))["series"]["done"][-1] == 120
+
+
+def test_a_report_keeps_hostile_text_inside_its_data(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server()
+    hostile = "</script><!--<script>alert(1)</script> [[mock:status=400]]"
+    write_jsonl(tmp_path / "in.jsonl", [chat("fine", "a"), chat(hostile, "</script>")])
+    done = batchq("run", "in.jsonl", "--base-url", server.url, "--model", "m", "-q", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    folder = open_folder(tmp_path / "jobs" / "in")
+    shown = picture(folder)
+    assert shown["failures"]["codes"][0]["first"]["custom_id"] == "</script>"
+    html = page(folder, shown)
+    # the data adds no tag: the only scripts are the boot line, uPlot and the page's own
+    assert html.count("<script") == 3 and html.count("</script>") == 3
+    assert "<!--" not in html

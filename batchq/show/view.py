@@ -3,9 +3,8 @@
 The page (``static/page.html``, ``view.js``, ``view.css``) draws its charts
 with uPlot (MIT, vendored in ``static/``: no network, no build step). The
 server answers on 127.0.0.1 only, reads the job's files and never writes
-them, and takes no lock: a running job is not slowed (its files are read by
-this process, on its own core) and the page refreshes itself every few
-seconds while the job runs.
+them, and takes no lock; what it reads again for a running job's page (every
+3 s) is throttled to a tenth of a core however large the job.
 
 Routes: ``/`` the page, ``/static/NAME`` its files, ``/api/picture`` the
 figures, series and failures (show/picture.py), ``/api/lines`` a page of
@@ -68,8 +67,9 @@ def page(folder: JobFolder, data: dict[str, Any] | None = None) -> str:
             f"<script>{_inline(_static(n))}</script>\n" for n in ("uPlot.iife.min.js", "view.js")
         ).replace("<script>", "<script>" + licence, 1)
         boot = {"mode": "report", "picture": data}
-    # "</" inside a script would end it: the JSON says "<\/" instead (the same string)
-    boot_json = orjson.dumps(boot).decode().replace("</", "<\\/")
+    # "</script" or "<!--" in a prompt would end or upset the script: in JSON "<" can only be
+    # inside a string, where "\u003c" is the same character
+    boot_json = orjson.dumps(boot).decode().replace("<", "\\u003c")
     return (
         _static("page.html")
         .replace("{{title}}", title)
