@@ -89,6 +89,8 @@ def test_router_sends_to_most_room_and_weights_break_ties() -> None:
     assert router.pick(0.0) is None  # room, but paused by a 429
     tied = Router([_deployment("a", 4, weight=1.0), _deployment("b", 4, weight=3.0)])
     assert tied.pick(0.0)[0].name == "b"
+    narrow = Deployment("narrow", Pacer(tpm=1000, clock=lambda: 0.0), Pool(64, 64))
+    assert Router([narrow, small]).pick(0.0, tokens=5000) is None  # too big for it; small full
 
 
 def test_router_probes_once_and_stops_when_every_deployment_is_out_for_good() -> None:

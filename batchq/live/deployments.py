@@ -189,9 +189,10 @@ class Router:
         self.single = deployments[0] if len(deployments) == 1 else None
         self._waiters: deque[asyncio.Future[None]] = deque()
 
-    def pick(self, now: float) -> tuple[Deployment, bool] | None:
-        """The deployment for the next attempt, and whether the attempt is its probe; None:
-        every deployment in the pool is full (``wait``, then pick again).
+    def pick(self, now: float, tokens: int = 0) -> tuple[Deployment, bool] | None:
+        """The deployment for the next attempt of a request of ``tokens``, and whether the
+        attempt is its probe; None: every deployment in the pool is full (``wait``, then
+        pick again). A deployment whose whole ``tpm`` is smaller is never picked.
 
         Raises FatalEndpointError when every deployment is out for a reason that waiting
         cannot fix.
@@ -203,6 +204,8 @@ class Router:
         due: Deployment | None = None
         full = False
         for d in self.deployments:
+            if d.pacer.never_fits(tokens):
+                continue
             if d.breaker.state == "in":
                 key = (d.room(now), d.weight)
                 if key[0] > 0 and key > best_key:
@@ -223,7 +226,8 @@ class Router:
             raise FatalEndpointError(self.verdict())
         # Every deployment is out: as with one endpoint, keep trying the one back soonest.
         waiting = [d for d in self.deployments if not d.breaker.fatal]
-        return min(waiting, key=lambda d: d.breaker.until), False
+        fits = [d for d in waiting if not d.pacer.never_fits(tokens)] or waiting
+        return min(fits, key=lambda d: d.breaker.until), False
 
     async def wait(self) -> None:
         """Until a deployment may have room: a slot released (``released``) or a tick."""

@@ -179,7 +179,7 @@ class Pipeline:
                 # which left SIGTERM at its default: a signal during the final commit killed us
                 signal.signal(sig, handler)
             # the last point, once every outcome is counted
-            self.history.record(self.stats, loop.time(), pace=self.pacer.request_rate())
+            self.history.record(self.stats, loop.time(), pace=self._pace())
             self.history.close()
 
     def stop(self) -> None:
@@ -294,7 +294,7 @@ class Pipeline:
 
     async def _call(self, request: Request) -> Outcome | None:
         """Send one request until it succeeds or fails for good (None: stopped first)."""
-        if self.pacer.never_fits(request.tokens):
+        if all(d.pacer.never_fits(request.tokens) for d in self.deployments):
             message = f"needs ~{request.tokens:,} tokens, more than the whole --tpm budget"
             return _failure(request, "request_too_large", message, attempts=0)
         attempts = rate_limited = 0
@@ -363,7 +363,7 @@ class Pipeline:
         """One attempt within a deployment's allowance and pace: when it went, the answer,
         whether a second copy was sent, and the deployment that answered."""
         loop = self.loop
-        while (picked := self.router.pick(loop.time())) is None:
+        while (picked := self.router.pick(loop.time(), request.tokens)) is None:
             await self.router.wait()  # every deployment is full: the first with room takes it
             if self._stopping():
                 return None
@@ -488,6 +488,13 @@ class Pipeline:
             stats.prompt_tokens += o.prompt_tokens
             stats.completion_tokens += o.completion_tokens
 
+    def _pace(self) -> float | None:
+        """Requests a second the pace allows now, over the pool (None: none is paced)."""
+        if not self.multi:
+            return self.pacer.request_rate()
+        rates = [r for d in self.deployments if (r := d.pacer.request_rate()) is not None]
+        return sum(rates) if rates else None
+
     def _steer(self, now: float) -> None:
         """Size the pool to what was observed; choose stragglers to hedge."""
         rate = self.pacer.request_rate()
@@ -540,7 +547,7 @@ class Pipeline:
                     write_progress(self.job.run_dir, self.stats)
                     next_snapshot = now + SNAPSHOT_INTERVAL
                 if history.due(now):  # for `batchq view` and `report`
-                    history.record(self.stats, now, pace=self.pacer.request_rate())
+                    history.record(self.stats, now, pace=self._pace())
         finally:
             if progress is not None:
                 progress.close()
