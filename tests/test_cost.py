@@ -36,6 +36,8 @@ from batchq.cost import (
     usage_tokens,
 )
 from batchq.records import Request
+from batchq.show.progress import PlainProgress
+from batchq.stats import Stats
 
 PRICE_IN, PRICE_OUT = 1000.0, 2000.0  # per million tokens: large, so a few lines cost units
 
@@ -103,7 +105,7 @@ def test_the_meter_sends_waits_for_what_is_in_flight_or_stops() -> None:
     meter = Meter.open(prices, Tally(), 1.1)
     request = _request(100, 100)  # worst: 0.1 + 0.2
     worst = meter.worst(request)
-    assert worst == pytest.approx(0.3)
+    assert worst is not None and worst == pytest.approx(0.3)
     for _ in range(3):
         assert meter.verdict(worst) is Verdict.SEND
         meter.reserve(worst)
@@ -208,7 +210,9 @@ def test_the_budget_holds_across_resumes_from_the_jobs_files(
     write_jsonl(tmp_path / "in.jsonl", _lines(40))
     args = ["run", "in.jsonl", "--base-url", server.url, "--model", "m", "--concurrency", "4"]
     prices = ["--price-in", str(PRICE_IN), "--price-out", str(PRICE_OUT)]
-    assert batchq(*args, *prices, "--max-cost", "2", cwd=tmp_path).returncode == 4
+    hedged = batchq(*args, *prices, "--max-cost", "2", "--hedge", cwd=tmp_path)
+    assert hedged.returncode == 4
+    assert "no hedges under --max-cost" in hedged.stderr
     first = _mock_bill(server.stats())
     again = batchq(*args, *prices, "--max-cost", "2", cwd=tmp_path)  # the same budget again
     assert again.returncode == 4, again.stderr
@@ -306,3 +310,30 @@ def test_a_budget_that_cannot_be_kept_is_refused_exit_2(
     assert done.returncode == 2, done.stderr
     assert message in done.stderr and "Traceback" not in done.stderr
     assert server.stats()["requests"] == 0
+
+
+def test_a_job_first_run_without_a_price_is_priced_from_its_done_lines(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server()
+    write_jsonl(tmp_path / "in.jsonl", _lines(10))
+    write_jsonl(tmp_path / "more.jsonl", _lines(20))
+    args = ["--base-url", server.url, "--model", "m"]
+    assert batchq("run", "in.jsonl", "--job", "job", *args, cwd=tmp_path).returncode == 0
+    first = _mock_bill(server.stats())
+    (tmp_path / "in.jsonl").write_bytes((tmp_path / "more.jsonl").read_bytes())  # appended
+    prices = ["--price-in", str(PRICE_IN), "--price-out", str(PRICE_OUT)]
+    done = batchq("run", "in.jsonl", "--job", "job", *args, *prices, "--json-summary", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    cost = orjson.loads(done.stdout)["cost"]
+    assert cost["spent"] == pytest.approx(_mock_bill(server.stats()))
+    assert orjson.loads(done.stdout)["this_run"]["cost"]["spent"] == pytest.approx(
+        _mock_bill(server.stats()) - first
+    )
+
+
+def test_the_progress_line_shows_spent_projected_and_the_budget() -> None:
+    stats = Stats(total=100, ok_before=20, cost=2.0, budget=20.0)
+    line = PlainProgress(stats, stream=None).render()  # type: ignore[arg-type]
+    assert line.endswith("$2.00 spent, ~$10.00 in all (budget $20.00)")
+    assert "spent" not in PlainProgress(Stats(total=100), stream=None).render()  # type: ignore[arg-type]

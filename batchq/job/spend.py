@@ -40,7 +40,7 @@ def open_meter(job: Job, journal: Journal) -> Meter | None:
     with each commit of ``journal``; None for a job with no price."""
     settings = job.settings
     prices = job_prices(settings)
-    if prices is None:
+    if prices is None or settings.via != "live":  # batches: the summary's token-based cost
         return None
     if settings.max_cost is not None and job.shard is not None:
         raise ConfigError(

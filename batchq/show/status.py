@@ -40,7 +40,7 @@ def job_status(job_dir: Path) -> dict[str, Any]:
     state = read_state(job_dir)
     total = state.get("input_requests")
     cut = read_cut(job_dir, state)
-    prices = job_prices(job.settings)
+    prices = job_prices(job.settings) if job.settings.via == "live" else None
     model = job.settings.model
     if cut is None:
         part = _part(job_dir, job.results, job.errors, total, started=bool(state))
