@@ -6,7 +6,10 @@ endpoint, whose own count of the tokens it answered (/_mock/stats) is the bill.
 
 from __future__ import annotations
 
+import random
 import shlex
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,8 @@ from support import (
     chat,
     outputs,
     read_jsonl,
+    start,
+    wait_for,
     write_jsonl,
 )
 
@@ -35,6 +40,7 @@ from batchq.cost import (
     suggested_budget,
     usage_tokens,
 )
+from batchq.job.journal import read_journal
 from batchq.records import Request
 from batchq.show.progress import PlainProgress
 from batchq.stats import Stats
@@ -337,3 +343,34 @@ def test_the_progress_line_shows_spent_projected_and_the_budget() -> None:
     line = PlainProgress(stats, stream=None).render()  # type: ignore[arg-type]
     assert line.endswith("$2.00 spent, ~$10.00 in all (budget $20.00)")
     assert "spent" not in PlainProgress(Stats(total=100), stream=None).render()  # type: ignore[arg-type]
+
+
+def test_after_kill_9_every_committed_line_has_its_cost_on_disk(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server(latency=0.002, latency_jitter=0.02, seed=3)
+    ids = [f"q{i}" for i in range(600)]
+    write_jsonl(tmp_path / "in.jsonl", _lines(600))
+    args = ["run", "in.jsonl", "--base-url", server.url, "--model", "m", "-q"]
+    args += ["--concurrency", "8", "--price-in", str(PRICE_IN), "--price-out", str(PRICE_OUT)]
+    job = tmp_path / "jobs" / "in"
+    rng = random.Random(22)
+    for _ in range(6):
+        proc = start(*args, cwd=tmp_path)
+        # called within this iteration only: B023's late binding cannot bite
+        wait_for(lambda: (job / "spend.json").exists() or proc.poll() is not None)  # noqa: B023
+        time.sleep(rng.uniform(0.0, 0.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+        _, totals, _ = read_journal(job / "journal.bin")
+        row = orjson.loads((job / "spend.json").read_bytes())["tokens"]["m"]
+        assert row["answers"] >= totals.ok  # the spend file is saved before each record
+        assert row["prompt_tokens"] >= totals.prompt_tokens
+        assert row["completion_tokens"] >= totals.completion_tokens
+    assert batchq(*args, cwd=tmp_path).returncode == 0
+    assert_exactly_once(job, ids)
+    # An answer missing from the file came after the last save before a kill: its line
+    # was not committed either, so it was sent again, and that answer is counted.
+    answers = orjson.loads((job / "spend.json").read_bytes())["tokens"]["m"]["answers"]
+    assert 600 <= answers <= server.stats()["by_status"]["200"]
+    assert _spent_on_disk(job) <= _mock_bill(server.stats()) + 1e-9
