@@ -183,6 +183,7 @@ class Meter:
     spent: float = 0.0  # this run's
     reserved: float = 0.0  # worst cost of the requests in flight
     prompt_ratio: float = 1.0  # reported prompt tokens / estimated, at most, seen so far
+    unpriced: set[str] = field(default_factory=set)  # models answered that have no price
 
     @classmethod
     def open(cls, prices: Prices, tally: Tally, limit: float | None) -> Meter:
@@ -216,15 +217,21 @@ class Meter:
     def release(self, worst: float) -> None:
         self.reserved = max(0.0, self.reserved - worst)
 
-    def paid(self, request: Request, prompt: int, cached: int, completion: int) -> float:
-        """Count one 2xx answer's reported tokens; returns its cost."""
+    def paid(self, request: Request, prompt: int, cached: int, completion: int) -> bool:
+        """Count one 2xx answer's reported tokens; False the first time its model turns
+        out to have no price (its tokens are kept, and cost nothing until it has one)."""
         self.tally.add(request.model, prompt, cached, completion)
         if request.prompt_estimate and prompt > request.prompt_estimate * self.prompt_ratio:
             self.prompt_ratio = prompt / request.prompt_estimate
         price = self.prices.of(request.model)
-        cost = 0.0 if price is None else price.of(prompt, cached, completion)
-        self.spent += cost
-        return cost
+        if price is not None:
+            self.spent += price.of(prompt, cached, completion)
+            return True
+        model = request.model or NO_MODEL
+        if model in self.unpriced:
+            return True
+        self.unpriced.add(model)
+        return False
 
 
 def projected(spent: float, done: int, pending: int | None) -> float | None:

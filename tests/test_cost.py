@@ -41,6 +41,7 @@ from batchq.cost import (
     usage_tokens,
 )
 from batchq.job.journal import read_journal
+from batchq.job.settings import read_job_toml
 from batchq.records import Request
 from batchq.show.progress import PlainProgress
 from batchq.stats import Stats
@@ -248,30 +249,31 @@ def test_no_price_no_cost_shown_and_nothing_kept(tmp_path: Path, mock_server: Mo
     assert orjson.loads(batchq("status", job, "--json", cwd=tmp_path).stdout)["cost"] is None
 
 
-def test_prices_by_model_for_a_mixed_file(tmp_path: Path, mock_server: MockFactory) -> None:
+def test_prices_by_model_for_a_mixed_file(
+    tmp_path: Path, mock_server: MockFactory, caplog: pytest.LogCaptureFixture
+) -> None:
     server = mock_server()
-    lines = [
-        chat(f"q{i} " + "y" * 40, f"q{i}", model="big" if i % 3 else "small") for i in range(30)
-    ]
+    models = ["other", "big", "small"]  # "other" has no price, and there is no default
+    lines = [chat(f"q{i} " + "y" * 40, f"q{i}", model=models[i % 3]) for i in range(30)]
     table = {"big": {"in": 10.0, "out": 30.0}, "small": {"in": 1.0, "out": 2.0, "cached_in": 0.5}}
-    results = api.run(
-        lines, base_url=server.url, job=tmp_path / "job", prices=table, progress=False
-    )
+    with caplog.at_level("WARNING", logger="batchq"):
+        results = api.run(
+            lines, base_url=server.url, job=tmp_path / "job", prices=table, progress=False
+        )
     assert all(r.ok for r in results)
+    warned = [r.getMessage() for r in caplog.records if "has no price" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("model other has no price")
     expected = 0.0
     for line in read_jsonl(tmp_path / "job" / "results.jsonl"):
         usage, model = line["response"]["body"]["usage"], line["response"]["body"]["model"]
-        price = table[model]
-        expected += (
-            usage["prompt_tokens"] * price["in"] + usage["completion_tokens"] * price["out"]
-        ) / 1e6
+        if model in table:
+            price = table[model]
+            expected += usage["prompt_tokens"] * price["in"] / 1e6
+            expected += usage["completion_tokens"] * price["out"] / 1e6
     status = orjson.loads(batchq("status", tmp_path / "job", "--json", cwd=tmp_path).stdout)
     assert status["cost"]["spent"] == pytest.approx(expected)
     assert status["cost"]["projected"] == pytest.approx(expected)  # nothing pending
-    assert (
-        "[prices" in (tmp_path / "job" / "job.toml").read_text()
-        or "prices =" in (tmp_path / "job" / "job.toml").read_text()
-    )
+    assert read_job_toml(tmp_path / "job" / "job.toml")["prices"] == table  # kept, as given
 
 
 def test_the_api_raises_budget_reached_and_a_higher_budget_goes_on(

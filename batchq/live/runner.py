@@ -327,8 +327,15 @@ class Pipeline:
 
     def _paid(self, request: Request, o: Outcome) -> None:
         """Count what a 2xx answer cost (every one: a retry's, a re-ask's)."""
-        if self.meter is not None:
-            self.meter.paid(request, o.prompt_tokens, o.cached_tokens, o.completion_tokens)
+        meter = self.meter
+        if meter is not None and not meter.paid(
+            request, o.prompt_tokens, o.cached_tokens, o.completion_tokens
+        ):
+            self.options.on_notice(
+                f"model {request.model or '(none named)'} has no price: its tokens are not in "
+                f'the cost shown (add [prices."{request.model or ""}"] to job.toml)',
+                logging.WARNING,
+            )
 
     def _stopping(self) -> bool:
         return self.stats.interrupted or self.stats.budget_reached
