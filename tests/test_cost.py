@@ -10,12 +10,15 @@ import random
 import shlex
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from aiohttp import web
 from conftest import MockFactory
+from hostile import HostileServer
 from support import (
     assert_exactly_once,
     batchq,
@@ -376,3 +379,25 @@ def test_after_kill_9_every_committed_line_has_its_cost_on_disk(
     answers = orjson.loads((job / "spend.json").read_bytes())["tokens"]["m"]["answers"]
     assert 600 <= answers <= server.stats()["by_status"]["200"]
     assert _spent_on_disk(job) <= _mock_bill(server.stats()) + 1e-9
+
+
+def test_cached_prompt_tokens_are_priced_apart_end_to_end(
+    tmp_path: Path, hostile: Callable[[Any], HostileServer]
+) -> None:
+    usage = {"prompt_tokens": 1000, "completion_tokens": 100}
+    usage["prompt_tokens_details"] = {"cached_tokens": 600}  # type: ignore[assignment]
+
+    async def cached(request: web.Request, body: bytes) -> web.StreamResponse:
+        answer = {"id": "x", "object": "chat.completion", "choices": [], "usage": usage}
+        return web.json_response(answer)
+
+    server = hostile(cached)
+    write_jsonl(tmp_path / "in.jsonl", _lines(5))
+    done = batchq(
+        *("run", "in.jsonl", "--base-url", server.url, "--model", "m", "--json-summary"),
+        *("--price-in", "2", "--price-out", "8", "--price-cached-in", "0.5"),
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    each = (400 * 2 + 600 * 0.5 + 100 * 8) / 1e6
+    assert orjson.loads(done.stdout)["cost"]["spent"] == pytest.approx(5 * each)
