@@ -418,7 +418,9 @@ def _resume_with_more(stats: Stats) -> str:
     see it through (its projected cost and a tenth more)."""
     from batchq.cost import suggested_budget
 
-    more = suggested_budget(stats.cost or 0.0, stats.done, stats.pending, stats.budget or 0.0)
+    more = suggested_budget(
+        stats.cost or 0.0, stats.done, stats.pending, stats.budget or 0.0, stats.budget_wanted
+    )
     args = shlex.split(_resume())
     for i, arg in enumerate(args):  # the budget typed this time gives way to the higher one
         if arg == "--max-cost" and i + 1 < len(args):

@@ -184,6 +184,7 @@ class Meter:
     reserved: float = 0.0  # worst cost of the requests in flight
     prompt_ratio: float = 1.0  # reported prompt tokens / estimated, at most, seen so far
     unpriced: set[str] = field(default_factory=set)  # models answered that have no price
+    wanted: float = 0.0  # with the budget reached: what the job would have needed to go on
 
     @classmethod
     def open(cls, prices: Prices, tally: Tally, limit: float | None) -> Meter:
@@ -209,6 +210,7 @@ class Meter:
             return Verdict.SEND
         if self.total + worst <= self.limit:
             return Verdict.WAIT  # what is in flight will answer, and free its reservation
+        self.wanted = max(self.wanted, self.total + worst)
         return Verdict.STOP
 
     def reserve(self, worst: float) -> None:
@@ -241,12 +243,15 @@ def projected(spent: float, done: int, pending: int | None) -> float | None:
     return spent + spent / done * pending
 
 
-def suggested_budget(spent: float, done: int, pending: int | None, limit: float) -> float:
+def suggested_budget(
+    spent: float, done: int, pending: int | None, limit: float, wanted: float = 0.0
+) -> float:
     """A budget that should see the job through: the projection and a tenth more, rounded
-    up to a cent; never less than half again the budget that was reached."""
+    up to a cent; never less than half again the budget that was reached, nor than what
+    the request it stopped at needed (``wanted``)."""
     projection = projected(spent, done, pending)
-    wanted = max(limit * 1.5, (projection or 0.0) * 1.1)
-    return -(-wanted * 100 // 1) / 100
+    budget = max(limit * 1.5, (projection or 0.0) * 1.1, wanted * 1.1)
+    return -(-budget * 100 // 1) / 100
 
 
 def budget_reached(stats: Stats) -> BudgetReached:

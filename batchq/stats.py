@@ -74,6 +74,7 @@ class Stats:
     run_cost: float = 0.0  # of which this run's
     budget: float | None = None  # --max-cost
     budget_reached: bool = False  # the next request could have crossed it: sending stopped
+    budget_wanted: float = 0.0  # what the job would have needed to send that request
     interrupted: bool = False
 
     @property

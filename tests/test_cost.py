@@ -144,6 +144,7 @@ def test_projection_and_the_suggested_budget() -> None:
     assert projected(2.0, 20, 80) == pytest.approx(10.0)
     assert suggested_budget(2.0, 20, 80, 2.0) == pytest.approx(11.0)
     assert suggested_budget(2.0, 20, 0, 2.0) == pytest.approx(3.0)  # never below 1.5x
+    assert suggested_budget(0.0, 0, 10, 2.0, wanted=10.0) == pytest.approx(11.0)
 
 
 def test_a_tally_round_trips_through_json() -> None:
@@ -401,3 +402,21 @@ def test_cached_prompt_tokens_are_priced_apart_end_to_end(
     assert done.returncode == 0, done.stderr
     each = (400 * 2 + 600 * 0.5 + 100 * 8) / 1e6
     assert orjson.loads(done.stdout)["cost"]["spent"] == pytest.approx(5 * each)
+
+
+def test_a_budget_too_small_for_one_request_sends_nothing_and_says_what_would_do(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server()
+    write_jsonl(tmp_path / "in.jsonl", _lines(3))
+    prices = ["--price-in", str(PRICE_IN), "--price-out", str(PRICE_OUT)]
+    args = ["run", "in.jsonl", "--base-url", server.url, "--model", "m", *prices]
+    done = batchq(*args, "--max-cost", "0.01", cwd=tmp_path)
+    assert done.returncode == 4, done.stderr
+    assert server.stats()["requests"] == 0
+    assert "$0.00 spent of $0.0100 (--max-cost), 3 lines pending" in done.stderr
+    command = shlex.split(done.stderr.strip().splitlines()[-1].partition("to go on: ")[2])
+    budget = float(command[command.index("--max-cost") + 1])
+    assert budget >= _bill(104, 50)  # the worst of one request: its prompt and max_tokens
+    assert batchq(*command[1:], cwd=tmp_path).returncode in (0, 4)
+    assert server.stats()["requests"] >= 1

@@ -448,6 +448,7 @@ class Pipeline:
         if (meter := self.meter) is not None:
             s = self.stats
             s.cost, s.run_cost, s.budget = meter.total, meter.spent, meter.limit
+            s.budget_wanted = meter.wanted
 
     async def _tick(self) -> None:
         """Commit the checkpoint a few times a second; show progress when it is due."""
