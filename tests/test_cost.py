@@ -420,3 +420,15 @@ def test_a_budget_too_small_for_one_request_sends_nothing_and_says_what_would_do
     assert budget >= _bill(104, 50)  # the worst of one request: its prompt and max_tokens
     assert batchq(*command[1:], cwd=tmp_path).returncode in (0, 4)
     assert server.stats()["requests"] >= 1
+
+
+def test_status_sums_the_cost_of_a_sharded_job(tmp_path: Path, mock_server: MockFactory) -> None:
+    server = mock_server()
+    write_jsonl(tmp_path / "in.jsonl", _lines(20))
+    prices = ["--price-in", str(PRICE_IN), "--price-out", str(PRICE_OUT)]
+    for shard in ("0/2", "1/2"):
+        args = ["run", "in.jsonl", "--base-url", server.url, "--model", "m", "--shard", shard]
+        assert batchq(*args, *prices, cwd=tmp_path).returncode == 0
+    status = orjson.loads(batchq("status", "jobs/in", "--json", cwd=tmp_path).stdout)
+    assert status["cost"]["spent"] == pytest.approx(_mock_bill(server.stats()))
+    assert all(s["spent"] > 0 for s in status["shards"]) and len(status["shards"]) == 2
