@@ -432,3 +432,20 @@ def test_status_sums_the_cost_of_a_sharded_job(tmp_path: Path, mock_server: Mock
     status = orjson.loads(batchq("status", "jobs/in", "--json", cwd=tmp_path).stdout)
     assert status["cost"]["spent"] == pytest.approx(_mock_bill(server.stats()))
     assert all(s["spent"] > 0 for s in status["shards"]) and len(status["shards"]) == 2
+
+
+def test_a_prices_table_added_to_job_toml_by_hand_prices_the_job(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server()
+    write_jsonl(tmp_path / "in.jsonl", _lines(10))
+    assert (
+        batchq("run", "in.jsonl", "--base-url", server.url, "--model", "m", cwd=tmp_path).returncode
+        == 0
+    )
+    toml = tmp_path / "jobs" / "in" / "job.toml"
+    assert "prices" not in toml.read_text()  # no empty table in the way of the user's
+    with toml.open("a") as f:
+        f.write(f'\n[prices."m"]\nin = {PRICE_IN}\nout = {PRICE_OUT}\n')
+    status = orjson.loads(batchq("status", "jobs/in", "--json", cwd=tmp_path).stdout)
+    assert status["cost"]["spent"] == pytest.approx(_mock_bill(server.stats()))
