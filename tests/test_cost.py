@@ -449,3 +449,21 @@ def test_a_prices_table_added_to_job_toml_by_hand_prices_the_job(
         f.write(f'\n[prices."m"]\nin = {PRICE_IN}\nout = {PRICE_OUT}\n')
     status = orjson.loads(batchq("status", "jobs/in", "--json", cwd=tmp_path).stdout)
     assert status["cost"]["spent"] == pytest.approx(_mock_bill(server.stats()))
+
+
+def test_many_in_flight_wait_for_room_and_the_budget_is_used_up_to_one_request(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server(latency=0.05)
+    write_jsonl(tmp_path / "in.jsonl", _lines(200))
+    prices = ["--price-in", str(PRICE_IN), "--price-out", str(PRICE_OUT)]
+    args = ["run", "in.jsonl", "--base-url", server.url, "--model", "m", "--concurrency", "32"]
+    done = batchq(*args, *prices, "--max-cost", "5", cwd=tmp_path)
+    assert done.returncode == 4, done.stderr
+    billed = _mock_bill(server.stats())
+    worst = _bill(104, 50)
+    # 32 in flight at their worst would be 6.5: the gate held requests back until the
+    # answers (each under its worst) made room, and stopped only when one more could not fit
+    # even with nothing in flight.
+    assert 5.0 - worst < billed <= 5.0
+    assert server.stats()["max_in_flight"] > 1
