@@ -182,6 +182,7 @@ class Meter:
     spent_before: float = 0.0
     spent: float = 0.0  # this run's
     reserved: float = 0.0  # worst cost of the requests in flight
+    reservations: int = 0  # requests in flight (with a budget)
     prompt_ratio: float = 1.0  # reported prompt tokens / estimated, at most, seen so far
     unpriced: set[str] = field(default_factory=set)  # models answered that have no price
     wanted: float = 0.0  # with the budget reached: what the job would have needed to go on
@@ -208,16 +209,20 @@ class Meter:
     def verdict(self, worst: float) -> Verdict:
         if self.limit is None or self.total + self.reserved + worst <= self.limit:
             return Verdict.SEND
-        if self.total + worst <= self.limit:
+        if self.reservations and self.total + worst <= self.limit:
             return Verdict.WAIT  # what is in flight will answer, and free its reservation
         self.wanted = max(self.wanted, self.total + worst)
         return Verdict.STOP
 
     def reserve(self, worst: float) -> None:
         self.reserved += worst
+        self.reservations += 1
 
     def release(self, worst: float) -> None:
-        self.reserved = max(0.0, self.reserved - worst)
+        self.reservations -= 1
+        # Exactly nothing once nothing is in flight: float sums do not cancel out exactly,
+        # and a crumb left over must never make a request wait for a release to come.
+        self.reserved = self.reserved - worst if self.reservations else 0.0
 
     def paid(self, request: Request, prompt: int, cached: int, completion: int) -> bool:
         """Count one 2xx answer's reported tokens; False the first time its model turns

@@ -123,9 +123,16 @@ def test_the_meter_sends_waits_for_what_is_in_flight_or_stops() -> None:
     meter.release(worst)
     meter.paid(request, 100, 0, 10)  # 0.12
     assert meter.verdict(worst) is Verdict.SEND
+    meter.release(worst)
+    meter.release(worst)
+    assert meter.reserved == 0.0 and meter.reservations == 0
     meter.spent = 0.9
-    meter.reserved = 0.0
     assert meter.verdict(worst) is Verdict.STOP  # would cross even with nothing in flight
+    for _ in range(1000):  # float crumbs of many reservations never outlive them
+        meter.reserve(0.1)
+    for _ in range(1000):
+        meter.release(0.1)
+    assert meter.reserved == 0.0
 
 
 def test_the_worst_case_assumes_a_stated_cap_and_learns_from_prompts_larger_than_estimated() -> (
