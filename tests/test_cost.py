@@ -474,3 +474,17 @@ def test_many_in_flight_wait_for_room_and_the_budget_is_used_up_to_one_request(
     # even with nothing in flight.
     assert 5.0 - worst < billed <= 5.0
     assert server.stats()["max_in_flight"] > 1
+    assert "sets no max_tokens" not in done.stderr
+
+
+def test_a_budget_warns_once_of_requests_that_set_no_max_tokens(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server()
+    write_jsonl(tmp_path / "in.jsonl", [chat(f"q{i}", f"q{i}") for i in range(5)])
+    prices = ["--price-in", "1", "--price-out", "1", "--max-cost", "100"]
+    done = batchq(
+        "run", "in.jsonl", "--base-url", server.url, "--model", "m", *prices, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("sets no max_tokens: the budget counts such requests at 4,096") == 1

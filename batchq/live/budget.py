@@ -11,20 +11,23 @@ finish and ends with exit 4.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 
-from batchq.cost import Meter, Verdict
-from batchq.errors import ConfigError
+from batchq.cost import WORST_COMPLETION_TOKENS, Meter, Verdict
+from batchq.errors import ConfigError, Notify
 from batchq.records import Request
 
 
 class BudgetGate:
     """Reserves each attempt's worst cost until it has answered."""
 
-    def __init__(self, meter: Meter, on_reached: Callable[[], None]) -> None:
+    def __init__(self, meter: Meter, on_reached: Callable[[], None], on_notice: Notify) -> None:
         self.meter = meter
         self.on_reached = on_reached
+        self.on_notice = on_notice
         self.stopped = False
+        self._told_no_cap = False
         self._room = asyncio.Event()  # set when a reservation is released
 
     async def reserve(self, request: Request) -> float | None:
@@ -35,6 +38,14 @@ class BudgetGate:
                 f"model {request.model or '(none named)'} has no price, so --max-cost cannot "
                 f'be kept: add [prices."{request.model or ""}"] to job.toml, or give '
                 "--price-in and --price-out"
+            )
+        if request.completion_cap is None and not self._told_no_cap:
+            self._told_no_cap = True
+            self.on_notice(
+                f"line {request.line_no} sets no max_tokens: the budget counts such requests "
+                f"at {WORST_COMPLETION_TOKENS:,} completion tokens, which their answers may "
+                "pass; set --max-tokens for a budget that holds",
+                logging.WARNING,
             )
         while not self.stopped:
             verdict = self.meter.verdict(worst)

@@ -137,7 +137,11 @@ class Pipeline:
         )
         self.meter = meter = open_meter(job, journal)  # None: no price, no cost shown
         budgeted = meter is not None and meter.limit is not None
-        self.budget = BudgetGate(meter, self._budget_reached) if meter and budgeted else None
+        self.budget = (
+            BudgetGate(meter, self._budget_reached, options.on_notice)
+            if meter and budgeted
+            else None
+        )
         if settings.hedge and budgeted:
             options.on_notice(
                 "no hedges under --max-cost: a hedge's losing copy is cancelled before the "
