@@ -51,6 +51,8 @@ def _tail(s: Stats, token_rate: float) -> str:
         text += f" · hedges {s.hedges:,}"
     if s.cost is not None:
         text += f" · {_spent(s)}"
+    if s.invalid_answers:
+        text += f" · invalid answers {s.invalid_answers:,}"
     return text + (f" · pace {s.pace}" if s.pace else "")
 
 
@@ -174,6 +176,7 @@ def summary(
             "rate_limited": s.rate_limited,
             "concurrency": {"peak_in_flight": s.peak_in_flight, "allowance": s.allowance},
             "hedges": {"sent": s.hedges, "estimated_tokens": s.hedge_tokens},
+            "invalid_answers": s.invalid_answers,  # asked again: extra requests
             "cost": _cost(s, *prices) if any(prices) or s.cost is not None else None,
             "batches": None
             if s.batches_open is None
@@ -265,6 +268,11 @@ def render_summary(figures: dict[str, Any]) -> str:
     if run["hedges"]["sent"]:
         hedges = run["hedges"]
         lines[-1] += f"; {hedges['sent']:,} hedges (~{hedges['estimated_tokens']:,} tokens extra)"
+    if run["invalid_answers"]:
+        lines.append(
+            f"  answers that did not parse or fit: {run['invalid_answers']:,} asked again "
+            "(extra requests, their tokens counted above)"
+        )
     lines.append(f"  results: {f['results']}")
     lines.append(f"  errors:  {f['errors']}")
     if f["resume"]:
