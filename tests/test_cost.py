@@ -488,3 +488,26 @@ def test_a_budget_warns_once_of_requests_that_set_no_max_tokens(
     )
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("sets no max_tokens: the budget counts such requests at 4,096") == 1
+
+
+def test_invalid_answers_asked_again_cost_and_count_against_the_budget(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server(invalid_json_rate=0.4, seed=11)
+    write_jsonl(tmp_path / "in.jsonl", _lines(60))
+    args = ["run", "in.jsonl", "--base-url", server.url, "--model", "m", "--json-mode"]
+    args += ["--reask", "--max-invalid", "3", "--json-summary", "-q"]
+    args += ["--price-in", str(PRICE_IN), "--price-out", str(PRICE_OUT)]
+    stopped = batchq(*args, "--max-cost", "4", cwd=tmp_path)
+    assert stopped.returncode == 4, stopped.stderr
+    figures = orjson.loads(stopped.stdout)
+    assert figures["this_run"]["invalid_answers"] > 0  # asked again: extra paid requests
+    billed = _mock_bill(server.stats())
+    assert billed <= 4.0
+    assert figures["cost"]["spent"] == pytest.approx(billed)
+    job = tmp_path / "jobs" / "in"
+    assert _spent_on_disk(job) == pytest.approx(billed)
+    done = batchq(*args, "--max-cost", "1000", cwd=tmp_path)
+    assert done.returncode in (0, 1), done.stderr
+    assert_exactly_once(job, [f"q{i}" for i in range(60)])
+    assert _spent_on_disk(job) == pytest.approx(_mock_bill(server.stats()))
