@@ -511,3 +511,19 @@ def test_invalid_answers_asked_again_cost_and_count_against_the_budget(
     assert done.returncode in (0, 1), done.stderr
     assert_exactly_once(job, [f"q{i}" for i in range(60)])
     assert _spent_on_disk(job) == pytest.approx(_mock_bill(server.stats()))
+
+
+def test_a_model_with_no_price_under_a_budget_stops_the_sending_nothing_lost(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server()
+    lines = _lines(30)
+    lines[20]["model"] = "other"
+    table = {"m": {"in": PRICE_IN, "out": PRICE_OUT}}
+    options: dict[str, Any] = {"base_url": server.url, "model": "m", "prices": table}
+    with pytest.raises(api.ConfigError, match="model other has no price"):
+        api.run(lines, job=tmp_path / "job", concurrency=2, max_cost=100.0, **options)
+    results = read_jsonl(tmp_path / "job" / "results.jsonl")
+    assert 0 < len(results) == server.stats()["requests"] < 30  # every answer paid for is kept
+    options["prices"] = {**table, "other": {"in": 1.0, "out": 1.0}}  # the budget stays
+    assert len(api.run(lines, job=tmp_path / "job", progress=False, **options)) == 30

@@ -27,18 +27,21 @@ class BudgetGate:
         self.on_reached = on_reached
         self.on_notice = on_notice
         self.stopped = False
+        self.unpriced: ConfigError | None = None  # a model with no price stopped the sending
         self._told_no_cap = False
         self._room = asyncio.Event()  # set when a reservation is released
 
     async def reserve(self, request: Request) -> float | None:
         """The worst cost reserved for this attempt; None if it must not be sent."""
         worst = self.meter.worst(request)
-        if worst is None:
-            raise ConfigError(
+        if worst is None:  # the budget cannot be kept: stop as at the budget, then say why
+            self.unpriced = self.unpriced or ConfigError(
                 f"model {request.model or '(none named)'} has no price, so --max-cost cannot "
                 f'be kept: add [prices."{request.model or ""}"] to job.toml, or give '
-                "--price-in and --price-out"
+                "--price-in and --price-out; nothing was lost"
             )
+            self.on_reached()
+            return None
         if request.completion_cap is None and not self._told_no_cap:
             self._told_no_cap = True
             self.on_notice(

@@ -180,6 +180,8 @@ class Pipeline:
                 return  # signalled while the job was opening: send nothing
             async with asyncio.TaskGroup() as tg:
                 self._main = tg.create_task(self._run())
+            if self.budget is not None and self.budget.unpriced is not None:
+                raise self.budget.unpriced  # once what was in flight is written
         except BaseExceptionGroup as group:
             raise _first_fatal(group) from None
         finally:
