@@ -224,10 +224,15 @@ class Pipeline:
             return
         self.stats.budget_reached = True
         self._stop_feeding()
-        assert self.meter is not None
+        assert self.meter is not None and self.budget is not None
+        why = (
+            "a model with no price"
+            if self.budget.unpriced
+            else f"the next request could cross the budget (--max-cost {self.meter.limit:g}, "
+            f"{money(self.meter.total)} spent)"
+        )
         self.options.on_notice(
-            f"the next request could cross the budget (--max-cost {self.meter.limit:g}, "
-            f"{money(self.meter.total)} spent): sending nothing more"
+            f"{why}: sending nothing more"
             + (f", waiting for the {n:,} requests in flight" if (n := self.pool.in_flight) else "")
         )
 
