@@ -527,3 +527,14 @@ def test_a_model_with_no_price_under_a_budget_stops_the_sending_nothing_lost(
     assert 0 < len(results) == server.stats()["requests"] < 30  # every answer paid for is kept
     options["prices"] = {**table, "other": {"in": 1.0, "out": 1.0}}  # the budget stays
     assert len(api.run(lines, job=tmp_path / "job", progress=False, **options)) == 30
+
+
+def test_a_damaged_spend_file_is_one_line_exit_2(tmp_path: Path, mock_server: MockFactory) -> None:
+    server = mock_server()
+    write_jsonl(tmp_path / "in.jsonl", _lines(3))
+    args = ["run", "in.jsonl", "--base-url", server.url, "--model", "m", "--price-in", "1"]
+    assert batchq(*args, cwd=tmp_path).returncode == 0
+    (tmp_path / "jobs" / "in" / "spend.json").write_bytes(b'{"tokens": {"m": {"answers": -1}}}')
+    for done in (batchq(*args, cwd=tmp_path), batchq("status", "jobs/in", cwd=tmp_path)):
+        assert done.returncode == 2
+        assert "spend.json is damaged" in done.stderr and "Traceback" not in done.stderr
