@@ -1,8 +1,8 @@
 """``spend.json``: the tokens a job was billed for, by model, across all its runs.
 
 The journal's totals count the tokens of the lines that are done; the bill also
-holds what no output line shows (a retried 2xx, an invalid answer asked again,
-a hedge), and the cached prompt tokens, and which model each went to. The live
+holds what no output line shows (a 2xx that was retried all the same), the cached
+prompt tokens, and which model each answer came from. The live
 runner counts them as answers arrive, and the journal saves them here, in its
 commit thread, *before* each commit record: every line the journal calls done
 has its cost in this file, so a budget still holds after a crash. (What was
