@@ -538,3 +538,21 @@ def test_a_damaged_spend_file_is_one_line_exit_2(tmp_path: Path, mock_server: Mo
     for done in (batchq(*args, cwd=tmp_path), batchq("status", "jobs/in", cwd=tmp_path)):
         assert done.returncode == 2
         assert "spend.json is damaged" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_status_shows_the_cost_of_a_running_job(tmp_path: Path, mock_server: MockFactory) -> None:
+    server = mock_server(latency=0.05)
+    write_jsonl(tmp_path / "in.jsonl", _lines(400))
+    args = ["run", "in.jsonl", "--base-url", server.url, "--model", "m", "-q"]
+    proc = start(*args, "--concurrency", "4", "--price-in", "1", "--price-out", "1", cwd=tmp_path)
+    try:
+        job = tmp_path / "jobs" / "in"
+        # spend.json is saved before each journal record: a line done is a cost on disk
+        wait_for(lambda: read_journal(job / "journal.bin")[1].ok > 0 or proc.poll() is not None)
+        status = orjson.loads(batchq("status", job, "--json", cwd=tmp_path).stdout)
+        assert status["state"] == "running"
+        assert status["cost"]["spent"] > 0 and status["cost"]["projected"] > 0
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    assert proc.returncode == 130
