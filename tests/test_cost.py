@@ -227,6 +227,7 @@ def test_the_budget_holds_across_resumes_from_the_jobs_files(
     server = mock_server()
     write_jsonl(tmp_path / "in.jsonl", _lines(40))
     args = ["run", "in.jsonl", "--base-url", server.url, "--model", "m", "--concurrency", "4"]
+    args.append("--no-fsync")  # spend.json is kept the same way without fsync
     prices = ["--price-in", str(PRICE_IN), "--price-out", str(PRICE_OUT)]
     hedged = batchq(*args, *prices, "--max-cost", "2", "--hedge", cwd=tmp_path)
     assert hedged.returncode == 4

@@ -48,7 +48,7 @@ def open_meter(job: Job, journal: Journal) -> Meter | None:
             "which cannot keep one budget; run the job unsharded, or as separate jobs"
         )
     tally, _ = read_spend(job.run_dir, journal.totals, settings.model)
-    journal.sidecar = SpendFile(job.run_dir, tally, settings.max_cost)
+    journal.sidecar = SpendFile(job.run_dir, tally, settings.max_cost, durable=journal.durable)
     return Meter.open(prices, tally, settings.max_cost)
 
 
@@ -88,10 +88,13 @@ class SpendFile:
     commit's thread, before the record is written.
     """
 
-    def __init__(self, run_dir: Path, tally: Tally, budget: float | None) -> None:
+    def __init__(
+        self, run_dir: Path, tally: Tally, budget: float | None, *, durable: bool = True
+    ) -> None:
         self.path = run_dir / SPEND_JSON
         self.tally = tally
         self.budget = budget
+        self.durable = durable
         self._saved: bytes | None = None
 
     def snapshot(self) -> bytes:
@@ -99,6 +102,16 @@ class SpendFile:
         return orjson.dumps(figures, option=orjson.OPT_SORT_KEYS)
 
     def save(self, snapshot: bytes) -> None:
-        if snapshot != self._saved:
+        if snapshot == self._saved:
+            return
+        if self.durable:
             durable_io.atomic_write(self.path, snapshot)
-            self._saved = snapshot
+        else:  # --no-fsync, for measurements: whole after a crash of the process, not of power
+            tmp = self.path.with_name(SPEND_JSON + ".new")
+            f = durable_io.open_file(tmp, truncate=True)
+            try:
+                durable_io.write(f, snapshot)
+            finally:
+                durable_io.close(f)
+            durable_io.replace(tmp, self.path)
+        self._saved = snapshot
