@@ -248,6 +248,18 @@ def projected(spent: float, done: int, pending: int | None) -> float | None:
     return spent + spent / done * pending
 
 
+def cost_figures(
+    spent: float, done: int, pending: int | None, budget: float | None
+) -> dict[str, Any]:
+    """The job's cost as the summary and ``status --json`` show it."""
+    total = projected(spent, done, pending)
+    return {
+        "spent": round(spent, 6),
+        "projected": None if total is None else round(total, 6),
+        "budget": budget,
+    }
+
+
 def suggested_budget(
     spent: float, done: int, pending: int | None, limit: float, wanted: float = 0.0
 ) -> float:

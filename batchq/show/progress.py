@@ -16,7 +16,7 @@ import time
 from collections import deque
 from typing import Any, Protocol, TextIO
 
-from batchq.cost import money, projected
+from batchq.cost import cost_figures, money, projected
 from batchq.stats import Stats, duration
 
 
@@ -192,11 +192,8 @@ def summary(
 def _job_cost(s: Stats) -> dict[str, Any]:
     """The job's spend, every run's, and the projection for every line (live runs)."""
     assert s.cost is not None
-    total = projected(s.cost, s.done, s.pending)
     return {
-        "spent": round(s.cost, 6),
-        "projected": None if total is None else round(total, 6),
-        "budget": s.budget,
+        **cost_figures(s.cost, s.done, s.pending, s.budget),
         "budget_reached": s.budget_reached,
     }
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from batchq.config import build_settings, window_hours
-from batchq.cost import Prices, money, projected
+from batchq.cost import Prices, cost_figures, money
 from batchq.errors import ConfigError
 from batchq.job.batches import read_ledger
 from batchq.job.folder import JOB_TOML, _resolve, read_progress, read_state, running_pid
@@ -114,14 +114,7 @@ def _spent(
 def _cost(
     spent: float | None, done: int, pending: int | None, budget: float | None
 ) -> dict[str, Any] | None:
-    if spent is None:
-        return None
-    total = projected(spent, done, pending)
-    return {
-        "spent": round(spent, 6),
-        "projected": None if total is None else round(total, 6),
-        "budget": budget,
-    }
+    return None if spent is None else cost_figures(spent, done, pending, budget)
 
 
 def _part(
