@@ -153,10 +153,9 @@ class Pipeline:
             else None
         )
         if settings.hedge and budgeted:
-            options.on_notice(
+            options.on_notice(  # INFO: a run asked for no more than it gets
                 "no hedges under --max-cost: a hedge's losing copy is cancelled before the "
-                "endpoint reports what it cost, so the budget could not count it",
-                logging.WARNING,
+                "endpoint reports what it cost, so the budget could not count it"
             )
         self.hedger = Hedger(stats.pending or 0) if settings.hedge and not budgeted else None
         self.exhausted = False  # every request has been taken by a worker
