@@ -153,7 +153,7 @@ class Pipeline:
             else None
         )
         if settings.hedge and budgeted:
-            options.on_notice(  # INFO: a run asked for no more than it gets
+            options.on_notice(  # INFO, not a warning: hedging may be on by default
                 "no hedges under --max-cost: a hedge's losing copy is cancelled before the "
                 "endpoint reports what it cost, so the budget could not count it"
             )
