@@ -557,3 +557,18 @@ def test_status_shows_the_cost_of_a_running_job(tmp_path: Path, mock_server: Moc
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=60)
     assert proc.returncode == 130
+
+
+def test_the_printed_command_replaces_a_budget_typed_with_an_equals_sign(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server()
+    write_jsonl(tmp_path / "in.jsonl", _lines(10))
+    prices = ["--price-in", str(PRICE_IN), "--price-out", str(PRICE_OUT)]
+    args = ["run", "in.jsonl", "--base-url", server.url, "--model", "m", *prices]
+    done = batchq(*args, "--max-cost=0.5", cwd=tmp_path)
+    assert done.returncode == 4, done.stderr
+    command = shlex.split(done.stderr.strip().splitlines()[-1].partition("to go on: ")[2])
+    assert [a for a in command if a.startswith("--max-cost")] == ["--max-cost"]
+    assert batchq(*command[1:], cwd=tmp_path).returncode == 0  # the projection, and a tenth
+    assert_exactly_once(tmp_path / "jobs" / "in", [f"q{i}" for i in range(10)])
