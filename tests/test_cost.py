@@ -43,9 +43,11 @@ from batchq.cost import (
     suggested_budget,
     usage_tokens,
 )
+from batchq.job.history import read_history
 from batchq.job.journal import read_journal
 from batchq.job.settings import read_job_toml
 from batchq.records import Request
+from batchq.show.picture import open_folder, picture
 from batchq.show.progress import PlainProgress
 from batchq.stats import Stats
 
@@ -410,6 +412,9 @@ def test_cached_prompt_tokens_are_priced_apart_end_to_end(
     assert done.returncode == 0, done.stderr
     each = (400 * 2 + 600 * 0.5 + 100 * 8) / 1e6
     assert orjson.loads(done.stdout)["cost"]["spent"] == pytest.approx(5 * each)
+    job = tmp_path / "jobs" / "in"  # batchq view and report, and the history they chart
+    assert picture(open_folder(job))["figures"]["cost"] == pytest.approx(5 * each)
+    assert read_history(job)[-1]["cost"] == pytest.approx(5 * each)
 
 
 def test_a_budget_too_small_for_one_request_sends_nothing_and_says_what_would_do(
