@@ -53,14 +53,14 @@ latency of the endpoint's growing queue up to the ceiling. So
 cut the pool the pace needs). It caps the pool only when two windows in a
 row fall short of the pace *and* even their fastest answers (the p10) take
 three times the lowest p10 seen, and more than the window before: a queue
-that grows delays every request, while an LLM's
-heavy tail (long answers) moves the median and the tail but leaves its short
-answers fast, and the first answers' bias toward the fast ones lowers the
-baseline, never raises a window. The cap is the knee (Little's law at the
-lowest mean latency), then probed as without a pace; a full window that
-keeps the pace again, unqueued, lifts it. A cap for overload answers grows
-by a quarter with each full window that has few of them and no queue. Until the queue shows (a window or
-two, about two seconds) the pool still opens as the pace asks.
+that grows delays every request, while an LLM's heavy tail (long answers)
+moves the median and the tail but leaves its short answers fast, and the
+first answers' bias toward the fast ones lowers the baseline, never raises a
+window. The cap is the knee (Little's law at the lowest mean latency), then
+probed as without a pace; a full window that keeps the pace again, unqueued,
+lifts it. A cap for overload answers grows by a quarter with each full
+window that has few of them and no queue. Until the queue shows (two
+windows, about three seconds) the pool still opens as the pace asks.
 Everything here but ``Gate`` is a pure function of the observations and
 the clock it is handed: float seconds.
 """
