@@ -1,4 +1,5 @@
-"""``--hedge``: a second copy of a straggler, once nothing is left to send.
+"""The tail hedge (on by default, ``--no-hedge``): a second copy of a straggler,
+once nothing is left to send.
 
 After "The Tail at Scale" (Dean and Barroso, 2013): when the input is
 exhausted, the job's end is decided by its slowest requests, and a request
@@ -9,14 +10,19 @@ cancelled; the request still yields exactly one outcome, so exactly one
 output line.
 
 Hedges cost requests and tokens, so they are bounded: at most ``SHARE`` of
-the job's requests, and none before ``MIN_SAMPLES`` answers have made the
-p95 worth trusting. Each is counted, with the tokens it was estimated to
-cost, and its result line says ``"hedged": true`` under ``batchq``.
+the job's requests; none before ``MIN_SAMPLES`` answers have made the p95
+worth trusting; none of a request out less than ``MIN_WAIT`` or twice the
+median (a copy then saves less than it costs: with a steady latency nothing
+is a straggler); none while the endpoint refuses (a 429 or 503 in the last
+``QUIET`` seconds: a copy would only add to its load); none once the run
+is stopping. Each is counted, with the tokens it was estimated to cost, and
+its result line says ``"hedged": true`` under ``batchq``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -24,8 +30,10 @@ from batchq.errors import RequestError
 from batchq.live.transport import Response, Transport
 from batchq.records import Request
 
-SHARE = 0.02  # of the job's requests: the most that may be hedged
+SHARE = 0.01  # of the job's requests: the most that may be hedged
 MIN_SAMPLES = 20
+MIN_WAIT = 1.0  # seconds: a request out less long is no straggler worth a copy
+QUIET = 5.0  # seconds since the endpoint's last 429 or 503 before a copy may go
 
 Answer = Response | RequestError
 
@@ -53,18 +61,27 @@ class Hedger:
         self.sent = 0  # copies that went: a chosen request may answer before its copy's turn
         self.tokens = 0  # estimated, of the copies sent
         self.stopped = False
+        self.refused_at = -math.inf  # the endpoint's last 429 or 503
         self._flights: set[_Flight] = set()
 
     def stop(self) -> None:
         """Send no more copies: the run is stopping, and what drains is not the job's tail."""
         self.stopped = True
 
-    def choose(self, now: float, p95: float | None, samples: int) -> None:
-        """Mark the requests out longer than ``p95`` for a second copy, oldest first."""
-        if p95 is None or samples < MIN_SAMPLES or self.stopped:
+    def refused(self, now: float) -> None:
+        """The endpoint answered 429 or 503 at ``now``: no copies for ``QUIET`` seconds."""
+        self.refused_at = now
+
+    def choose(self, now: float, p50: float | None, p95: float | None, samples: int) -> None:
+        """Mark the stragglers (out longer than ``p95``, twice ``p50`` and ``MIN_WAIT``) for a
+        second copy, oldest first."""
+        if p50 is None or p95 is None or samples < MIN_SAMPLES or self.stopped:
             return
+        if now - self.refused_at < QUIET:
+            return
+        late = max(p95, 2 * p50, MIN_WAIT)
         for flight in sorted(self._flights, key=lambda f: f.started):
-            if self.chosen >= self.budget or now - flight.started <= p95:
+            if self.chosen >= self.budget or now - flight.started <= late:
                 return
             if not flight.due.is_set():
                 flight.due.set()
