@@ -30,7 +30,7 @@ from support import (
     write_jsonl,
 )
 
-from batchq.live.hedge import QUIET
+from batchq.live.hedge import MIN_WAIT, QUIET
 
 pytestmark = pytest.mark.slow
 
@@ -117,10 +117,10 @@ def test_hedges_are_bounded_to_one_percent_of_the_jobs_requests(
     tmp_path: Path, mock_server: MockFactory
 ) -> None:
     server = mock_server(latency=0.01)
-    stragglers = [f"slow {i} [[mock:sleep=4:1]]" for i in range(6)]
+    stragglers = [f"slow {i} [[mock:sleep=8:1]]" for i in range(6)]
     lines = [chat(f"q{i}") for i in range(294)] + [chat(p) for p in stragglers]
     write_jsonl(tmp_path / "in.jsonl", lines)
-    done = run(tmp_path, server.url)
+    done = run(tmp_path, server.url, "--concurrency", "16")  # all six out at once
     assert done.returncode == 0, done.stderr
     assert summary(done)["this_run"]["hedges"]["sent"] == 3  # type: ignore[index]
     prompts = server.stats()["prompts"]
@@ -130,23 +130,27 @@ def test_hedges_are_bounded_to_one_percent_of_the_jobs_requests(
     assert_exactly_once(tmp_path / "jobs" / "in", [f"line-{i}" for i in range(1, 301)])
 
 
-@pytest.mark.parametrize("refusal", ["fail=30:429", "fail=5:503"])
+@pytest.mark.parametrize(("refusal", "lines"), [("fail=30:429", 1), ("fail=5:503", 10)])
 def test_no_hedge_goes_while_the_endpoint_refuses(
-    tmp_path: Path, mock_server: MockFactory, refusal: str
+    tmp_path: Path, mock_server: MockFactory, refusal: str, lines: int
 ) -> None:
-    # One line is refused for seconds (429s, each a 0.1 s pause; or 503s with backoff) while a
-    # straggler is out: its copy waits until no refusal has come for QUIET seconds.
+    # Lines refused for seconds (429s, each a 0.1 s pause; or 503s with backoff, a tenth of
+    # the answers) while a straggler is out: its copy waits until the endpoint has refused
+    # nothing for QUIET seconds (the odd 503 among many answers would not hold it).
     server = mock_server(latency=0.01)
-    refused, late = f"refused [[mock:{refusal}]]", "late [[mock:sleep=60:1]]"
-    lines = [chat(f"q{i}") for i in range(98)] + [chat(refused), chat(late)]
-    write_jsonl(tmp_path / "in.jsonl", lines)
+    refused = [f"refused {i} [[mock:{refusal}]]" for i in range(lines)]
+    late = "late [[mock:sleep=60:1]]"
+    inputs = [chat(f"q{i}") for i in range(99 - lines)] + [chat(p) for p in [*refused, late]]
+    write_jsonl(tmp_path / "in.jsonl", inputs)
     done = run(tmp_path, server.url)
     assert done.returncode == 0, done.stderr
     arrivals = server.stats()["arrivals"]
-    copy = [at for at, prompt in arrivals if prompt == late][1]  # hedged, once quiet
+    first, copy = [at for at, prompt in arrivals if prompt == late]  # hedged, once quiet
     count = int(refusal.removeprefix("fail=").partition(":")[0])
-    refusals = [at for at, prompt in arrivals if prompt == refused][:count]
-    assert copy - refusals[-1] >= QUIET  # (the last refusal is answered after it arrives)
+    refusals = [at for p in refused for at in [at for at, q in arrivals if q == p][:count]]
+    assert max(refusals) - first > 2 * MIN_WAIT  # a copy would have gone into refusals
+    last = max(at for at in refusals if at < copy)  # (it is answered after it arrives)
+    assert copy - last >= QUIET
     assert_exactly_once(tmp_path / "jobs" / "in", [f"line-{i}" for i in range(1, 101)])
 
 

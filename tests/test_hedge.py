@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import asyncio
 
-from batchq.live.hedge import MIN_SAMPLES, MIN_WAIT, QUIET, SHARE, Hedger, _Flight
+from batchq.live.hedge import (
+    MIN_SAMPLES,
+    MIN_WAIT,
+    QUIET,
+    REFUSED_SHARE,
+    SHARE,
+    Hedger,
+    _Flight,
+)
 from batchq.live.transport import Response
 from batchq.records import Request
 
@@ -59,14 +67,32 @@ def test_nothing_is_chosen_before_the_p95_is_worth_trusting() -> None:
     assert chosen(out) == [False]
 
 
-def test_nothing_is_chosen_while_the_endpoint_refuses() -> None:
+def test_nothing_is_chosen_for_a_while_after_a_429() -> None:
     hedger = Hedger(requests=10_000)
     out = flights(hedger, 0.0)
-    hedger.refused(now=50.0)  # a 429 or a 503
+    for _ in range(100):
+        hedger.answered(now=50.0, status=200)
+    hedger.answered(now=50.0, status=429)  # one in a hundred: the account is at its limit
     hedger.choose(now=50.0 + QUIET - 0.01, p50=0.2, p95=0.4, samples=100)
     assert chosen(out) == [False]
     hedger.choose(now=50.0 + QUIET, p50=0.2, p95=0.4, samples=100)
     assert chosen(out) == [True]
+
+
+def test_nothing_is_chosen_while_503s_are_more_than_a_few_recent_answers() -> None:
+    hedger = Hedger(requests=10_000)
+    out = flights(hedger, 0.0)
+    for i in range(100):  # the odd 503 of a busy endpoint is no refusal
+        hedger.answered(now=40.0, status=503 if i < REFUSED_SHARE * 100 else 200)
+    assert not hedger.refusing(now=40.0)
+    hedger.answered(now=41.0, status=503)  # one more is too many
+    hedger.choose(now=41.0, p50=0.2, p95=0.4, samples=100)
+    assert chosen(out) == [False]
+    hedger.answered(now=44.0, status=200)
+    hedger.choose(now=41.0 + QUIET - 0.01, p50=0.2, p95=0.4, samples=100)
+    assert chosen(out) == [False]  # 1 503 of 2 answers
+    hedger.choose(now=41.0 + QUIET, p50=0.2, p95=0.4, samples=100)
+    assert chosen(out) == [True]  # of the last QUIET seconds' answers, none refused
 
 
 def test_nothing_is_chosen_once_the_run_is_stopping() -> None:

@@ -327,8 +327,8 @@ class Pipeline:
             pool.gate.release()
         assert result is not None
         if isinstance(result, Response):
-            if self.hedger is not None and result.status in (429, 503):
-                self.hedger.refused(loop.time())  # the endpoint refuses: no copies into it
+            if self.hedger is not None:  # no copies into an endpoint that refuses
+                self.hedger.answered(loop.time(), result.status)
             self.pacer.observe(result.headers)
             if ok:
                 self.stats.latency.add(loop.time() - started)
