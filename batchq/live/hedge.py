@@ -86,9 +86,8 @@ class Hedger:
     def refusing(self, now: float) -> bool:
         """A 429 in the last ``QUIET`` seconds, or 503s more than ``REFUSED_SHARE`` of them."""
         self._forget(now)
-        return now - self.limited_at < QUIET or len(self._refusals) > REFUSED_SHARE * len(
-            self._answers
-        )
+        refused_503s = len(self._refusals) > REFUSED_SHARE * len(self._answers)
+        return now - self.limited_at < QUIET or refused_503s
 
     def _forget(self, now: float) -> None:
         for times in (self._answers, self._refusals):
