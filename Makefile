@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-floor lint redis-server bench bench-full bench-capacity bench-api bench-batch clean
+.PHONY: demo test test-floor lint redis-server chromium bench bench-full bench-capacity bench-api bench-batch clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,14 +27,21 @@ redis-server:
 		(apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) || true
 	@command -v redis-server >/dev/null || echo "redis-server not found: the Redis tests will be skipped (CI=true: they fail)"
 
-test: lint redis-server
+# The view's tests drive a real browser: Debian's chromium, through Playwright's Python
+# package (never `playwright install`). Installed like redis-server; skipped loudly without it.
+chromium:
+	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || \
+		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || true
+	@command -v chromium >/dev/null || echo "chromium not found: the browser tests will be skipped (CI=true: they fail)"
+
+test: lint redis-server chromium
 	$(BIN)/pytest -q
 
 # The lowest versions pyproject.toml allows ("x>=1.2" becomes "x==1.2"), in a venv of their
 # own, against the tests that touch each dependency: a floor that is declared is a floor
 # that is tested. .ci/run runs it after `make test`.
 FLOOR := .venv-floor
-FLOOR_PINS = $(shell sed -n 's/^ *"\(aiohttp\|orjson\|click\|tqdm\|redis\|pytest\|pytest-asyncio\|hypothesis\)>=\([0-9.]*\)",*$$/\1==\2/p' pyproject.toml)
+FLOOR_PINS = $(shell sed -n 's/^ *"\(aiohttp\|orjson\|click\|tqdm\|redis\|fastjsonschema\|pytest\|pytest-asyncio\|hypothesis\|jsonschema\)>=\([0-9.]*\)",*$$/\1==\2/p' pyproject.toml)
 
 $(FLOOR)/.installed: pyproject.toml
 	rm -rf $(FLOOR)
@@ -44,10 +51,11 @@ $(FLOOR)/.installed: pyproject.toml
 	touch $@
 
 test-floor: $(FLOOR)/.installed
-	$(FLOOR)/bin/pip list 2>/dev/null | grep -iE '^(aiohttp|orjson|click|tqdm|redis) '
+	$(FLOOR)/bin/pip list 2>/dev/null | grep -iE '^(aiohttp|orjson|click|tqdm|redis|fastjsonschema) '
 	$(FLOOR)/bin/pytest -q -p no:cacheprovider tests/test_pipeline.py tests/test_faults.py \
 		tests/test_mockserver.py tests/test_config.py tests/test_progress.py tests/test_api.py \
-		tests/test_limits_store.py tests/test_batch.py tests/test_mock_batches.py
+		tests/test_limits_store.py tests/test_batch.py tests/test_mock_batches.py \
+		tests/test_answers.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
