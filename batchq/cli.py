@@ -191,7 +191,7 @@ def _defaults(
     "--hedge/--no-hedge",
     default=None,
     help="Once nothing is left to send, send a second copy of requests slower than the "
-    "p95 latency; the first answer wins [default: off].",
+    "p95 latency (at most 1% of the job's requests); the first answer wins [default: on].",
 )
 @click.option(
     "--max-attempts",

@@ -50,7 +50,7 @@ class Settings:
     defaults: JSONObject = field(default_factory=dict)
     concurrency: int | str = "auto"  # "auto": sized to the pace or the endpoint's capacity
     max_concurrency: int = 1024  # the ceiling of an "auto" pool
-    hedge: bool = False  # duplicate stragglers once nothing is left to send
+    hedge: bool = True  # duplicate stragglers once nothing is left to send
     rpm: float = 0.0
     tpm: float = 0.0
     max_attempts: int = 8

@@ -426,6 +426,8 @@ class Pipeline:
             pool.gate.release()
         assert result is not None
         if isinstance(result, Response):
+            if self.hedger is not None:  # no copies into an endpoint that refuses
+                self.hedger.answered(loop.time(), result.status)
             self.pacer.observe(result.headers)
             if ok:
                 self.stats.latency.add(loop.time() - started)
@@ -478,7 +480,7 @@ class Pipeline:
         self.pool.resize(rate, now)
         if self.hedger is not None and self.exhausted and not self.pool.gate.waiting:
             latency = self.stats.latency
-            self.hedger.choose(now, latency.percentile(95), latency.total)
+            self.hedger.choose(now, latency.percentile(50), latency.percentile(95), latency.total)
         self._report(paced=rate is not None)
 
     def _report(self, *, paced: bool) -> None:
