@@ -98,7 +98,9 @@ def unloaded(shape: Shape) -> float:
     return shape.latency + LOOP_COST + ANSWER_COST
 
 
-def simulate(slots: int, shape: Shape, concurrency: int | str, seed: int = 1) -> Outcome:
+def simulate(
+    slots: int, shape: Shape, concurrency: int | str, seed: int = 1, trace: list[str] | None = None
+) -> Outcome:
     """Run the job through a ``Pool(concurrency)`` against the endpoint, on a fake clock."""
     rng = random.Random(seed)
     total = job_size(slots, shape)
@@ -215,7 +217,16 @@ def simulate(slots: int, shape: Shape, concurrency: int | str, seed: int = 1) ->
         elif kind == "tick":
             if probing and now >= PROBE_SECONDS:
                 probing = False
+            # The tick is a timer of the client's loop: it runs when the current pass ends.
+            pool.lagged(loop_busy_until - now if passing else 0.0)
             pool.resize(rate if known else None, now)
+            if trace is not None:  # what the controller did, for reading a cell
+                a = pool.adaptive
+                trace.append(
+                    f"{now:7.1f} s: allowance {pool.gate.limit:5,} in flight {pool.in_flight:5,} "
+                    f"answered {done:6,} slow start {a.slow_start:d} capping {a.capping:d} "
+                    f"client-bound {a.client_bound:d} opening {a.opening:,}"
+                )
             fill()
             push(now + TICK, "tick")
     out.makespan = now
@@ -242,7 +253,16 @@ class Cell:
 
     @property
     def share(self) -> float:
-        return self.auto.throughput / self.best_outcome.throughput
+        return self.auto.throughput / self.reference
+
+    @property
+    def reference(self) -> float:
+        """The best fixed pool's throughput; under a pace, no more than the pace (a fixed pool
+        sends unpaced until a stated pace is known, which a real endpoint would refuse)."""
+        best = self.best_outcome.throughput
+        if self.shape.pace is None:
+            return best
+        return min(best, self.shape.pace * capacity(self.slots, self.shape))
 
     @property
     def slowdown(self) -> float:

@@ -23,6 +23,7 @@ from batchq.live.concurrency import (
     GROWTH,
     HEADROOM,
     INITIAL,
+    PACED_MIN,
     AdaptiveLimit,
     Gate,
     Pool,
@@ -106,13 +107,15 @@ def test_paced_allowance_is_rate_times_latency_with_headroom_within_bounds() -> 
     assert paced_allowance(1000.0, 10.0, 8) == 8
 
 
-def test_under_a_pace_the_pool_opens_while_the_first_answers_are_awaited() -> None:
+def test_under_a_pace_the_pool_opens_no_faster_than_answers_show_room() -> None:
+    # Little's law at the pace, with the latency at least the time since the first request
+    # went, asks for 750 in flight after 10 s without an answer (50/s × 10 s × 1.5). That was
+    # the paced start's flood (issue 21): a slow endpoint got 750 before any answer said it
+    # had room. The pool opens from PACED_MIN, by slow start's steps, as windows show room.
     pool = Pool("auto", 1024)
     pool.sent(100.0)
-    pool.resize(rate=50.0, now=100.2)
-    opened = pool.gate.limit
-    pool.resize(rate=50.0, now=110.0)  # 10 s and no answer: the latency is at least that
-    assert opened < pool.gate.limit == 750
+    pool.resize(rate=50.0, now=110.0)
+    assert pool.gate.limit == PACED_MIN
 
 
 def test_under_a_pace_the_allowance_follows_the_measured_latency() -> None:
@@ -120,6 +123,7 @@ def test_under_a_pace_the_allowance_follows_the_measured_latency() -> None:
     for i in range(200):
         pool.sent(float(i))
         pool.answered(float(i), i + 0.5 + (i % 10) * 0.1, ok=True, overload=False)
+    pool.adaptive.opening = pool.ceiling  # windows have shown room (the test above: opening)
     pool.resize(rate=100.0, now=200.0)
     assert pool.gate.limit == math.ceil(100 * 1.4 * 1.5)  # p90 of 0.5..1.4 s
 
@@ -307,6 +311,34 @@ def test_probes_shed_a_queue_that_costs_no_throughput() -> None:
     assert limit.limit < 50
 
 
+def test_when_the_event_loop_lags_the_pool_grows_instead_of_settling() -> None:
+    # The answers' latency is mostly our own loop's lag: the endpoint's capacity is out of
+    # sight, and a larger pool hands each pass of the loop more answers (issue 21: probing
+    # read the lag as the endpoint's queue and settled ~0.7 of the best fixed pool).
+    lagging, steady = AdaptiveLimit(ceiling=1024), AdaptiveLimit(ceiling=1024)
+    for limit in (lagging, steady):
+        limit.limit, limit.slow_start = 16, False
+    for _ in range(3):
+        lagging.lagged(0.05)  # half the answers' 0.1 s
+        measure(lagging, 1000)
+        steady.lagged(0.001)
+        measure(steady, 1000)
+    assert lagging.client_bound and lagging.limit == 16 * 2**3
+    assert not steady.client_bound and steady.limit == 16
+
+
+def test_a_server_of_one_slot_gets_one_or_two_requests_within_a_few_dozen_answers() -> None:
+    # llama.cpp serves one request at a time: slow start's first allowance (4) queued three
+    # behind it, and the knee, taken at that queued latency, kept 5-6 in flight (p50 ~6×).
+    # The first request went alone: its latency is the unloaded one, and a first window
+    # whose median is twice that is a queue; slow start begins again below it.
+    server = SlotServer(1)
+    run = simulate_slots(server, AdaptiveLimit(ceiling=1024), seconds=24)  # 120 answers
+    assert len(run.answers) >= 110
+    assert max(limit for _, limit in run.limits[60:]) <= 2  # after slow start probed 4 again
+    assert run.p50(since=0) <= 2 * server.base + 1e-9
+
+
 # --- Under a pace, against an endpoint that cannot keep up with it --------------------------
 
 
@@ -384,8 +416,12 @@ def test_under_a_pace_an_endpoint_that_keeps_up_is_never_capped() -> None:
     draw = lognormal_latencies(0.8, 10)
     pace = 10_000 / 60
     run = simulate_paced(Pool("auto", 1024), pace, 120, lambda _: draw())
-    for t in (30.0, 60.0, 120.0):  # once the pool has opened (5 s), not one send is late
-        assert sum(1 for s in run.sent if 5 <= s < t) >= pace * (t - 5) - 2
+    # Once the pool has opened, not one send is late. It opens by slow start's steps, as the
+    # answers show room (issue 21: before, it opened as the pace asked, in 5 s here, and so
+    # flooded an endpoint that had no room); with this seed the probe's answer was a fast one,
+    # which costs a step.
+    for t in (30.0, 60.0, 120.0):
+        assert sum(1 for s in run.sent if 10 <= s < t) >= pace * (t - 10) - 2
     assert max(n for _, n in run.in_flight) >= 240  # the pace needs ~rate × mean latency
 
 

@@ -72,7 +72,7 @@ from collections import deque
 
 INITIAL = 4  # the unpaced pool's first allowance
 GROWTH = 4  # per window in slow start: 4 → 1,024 in four windows
-FLOOR = 2
+FLOOR = 1  # a server of one slot (llama.cpp) is best served one request at a time
 WINDOW = 1.0  # the shortest measurement of a limit's throughput
 WINDOW_LATENCIES = 4  # and at least this many median latencies
 KEEP = 0.98  # of the best throughput: a smaller pool that keeps this much is kept
@@ -88,6 +88,8 @@ OVERLOAD_SHARE = 0.05
 PACE_KEPT = 0.9  # of the pace: answers this fast mean the pace binds, not the endpoint
 QUEUED = 3.0  # a window's fastest answers (p10) this many times the lowest seen: a queue
 FD_RESERVE = 64  # descriptors kept for files, the resolver, the event loop
+CLIENT_BOUND = 0.2  # the event loop's lag, as a share of the median latency: batchq is the
+# bottleneck, not the endpoint (a timer waits for the loop's current pass, a part of it)
 
 
 class Gate:
@@ -182,6 +184,10 @@ class AdaptiveLimit:
         self.windows = 0  # measurements judged
         self.pace: float | None = None  # requests a second, when a pace sizes the pool
         self.capping = False  # under a pace: the endpoint fell behind, this limit caps the pool
+        self.first: float | None = None  # the first answer's latency: the probe's, sent alone
+        self.client_bound = False  # the last window's time went to our own event loop
+        self.opening = PACED_MIN  # under a pace, the most in flight the answers have made room for
+        self._opened = 0.0  # and the answers a second it brought
         self._probe = 1.0  # the factor of the last probe
         self._latency = RecentLatency(256)
         self._step(-math.inf)
@@ -201,6 +207,7 @@ class AdaptiveLimit:
         self._overloads = 0
         self._peak = 0  # the most in flight during the window
         self._sent = 0  # requests sent during the window
+        self._lag = 0.0  # the event loop's longest lag in the window
 
     def sent(self, in_flight: int, now: float) -> None:
         """A request went out at ``now``; ``in_flight`` counts it."""
@@ -216,6 +223,11 @@ class AdaptiveLimit:
             self._overloads += now >= self._from
             return
         self._latency.add(latency)
+        if self.first is None:  # the probe's: the first window measures the pool after it
+            self.first = self.base_fast = latency  # (a queue delays even the fastest)
+            self._from = now + latency
+            self._until = self._from + max(WINDOW / 2, 2 * latency)
+            return
         if now < self._from:
             return
         if not self._window:
@@ -225,15 +237,24 @@ class AdaptiveLimit:
         if now >= self._until and len(self._window) >= MIN_ANSWERS:
             self._decide(now)
 
+    def lagged(self, seconds: float) -> None:
+        """The event loop ran a timer ``seconds`` late: time our own CPU took, not the endpoint."""
+        self._lag = max(self._lag, seconds)
+
     def _decide(self, now: float) -> None:
         # Between the first and the last answer: a window's edges would cut batches
         # of answers (a GPU server's come together) into a noisy count.
         answers = len(self._window)
         rate = (answers - 1) / max(self._last - self._first, 1e-9)
-        median = sorted(self._window)[answers // 2]
+        ordered = sorted(self._window)
+        median, fast = ordered[answers // 2], ordered[answers // 10]
         mean = sum(self._window) / answers
-        fast = sorted(self._window)[answers // 10]
         queued = fast > QUEUED * self.base_fast
+        # The first request went alone, so its latency is the endpoint's unloaded one (a
+        # sample of it). A first window whose median takes twice that is a queue already: a
+        # server of a slot or two, which the first allowance overfills.
+        started_full = self.windows == 0 and median > QUEUEING * (self.first or math.inf)
+        self.client_bound = self._lag >= CLIENT_BOUND * median
         self.base = min(self.base, median)
         self.base_mean = min(self.base_mean, mean)
         self.base_fast = min(self.base_fast, fast)
@@ -246,14 +267,52 @@ class AdaptiveLimit:
         elif self.watching:
             assert self.pace is not None
             # (Sending went on: at the tail only the slowest answers are left, and retries.)
-            if rate < PACE_KEPT * self.pace and queued and self._sent >= answers / 2:
+            if started_full:  # open again from the pool that was not queued, as without a pace
+                assert self.first is not None
+                self.opening = max(FLOOR, _unqueued(self._peak, self.first, median))
+                limit, self._opened = self.opening, 0.0
+            elif rate < PACE_KEPT * self.pace and queued and self._sent >= answers / 2:
                 # Short of the pace, and even the fastest answers wait: the endpoint holds a
                 # queue, which more in flight would only lengthen. Cap the pool at its knee.
-                limit, self.best, self.capping = self._knee(rate, limit), None, True
+                # Little's law at the fastest answers' unqueued latency: the knee's estimate
+                # (the lowest mean seen) would include the queue the start built.
+                unqueued = _unqueued(self._peak, self.base_fast, fast)
+                limit, self.best, self.capping = max(FLOOR, unqueued), None, True
+            elif rate >= PACE_KEPT * self.pace:
+                self.opening = self.ceiling  # the pace binds: Little's law sizes the pool
+            elif self._peak >= 0.9 * self.opening:
+                # Short of the pace, the pool full: open no faster than answers show room
+                # (slow start's steps, and its test), or a pace far above a slow endpoint's
+                # capacity would flood it before a window could show it full.
+                if rate >= SLOW_START_GAIN * self._opened:
+                    self._opened, self.opening = rate, min(self.ceiling, self.opening * GROWTH)
+                else:  # more in flight brought no more answers: the endpoint is full
+                    limit, self.capping = self._knee(max(rate, self._opened), self.opening), True
         elif self._peak < 0.9 * limit:
             pass  # the pool was not full (the input ran dry, or the tail): nothing learnt
         elif self.pace is not None and rate >= PACE_KEPT * self.pace and not queued:
             self.capping, self.best = False, None  # the endpoint keeps up: the pace sizes the pool
+        elif self.client_bound:
+            # Our own event loop is the bottleneck: what the endpoint could serve is out of
+            # sight, and a larger pool hands the loop more answers a pass. Double it while that
+            # costs no throughput; go back to the best pool when it does.
+            self.slow_start = False
+            if best is None or rate >= KEEP * best[1]:
+                self.best = (limit, max(rate, best[1] if best else 0.0))
+                limit *= 2
+            else:
+                limit = best[0]
+        elif started_full:
+            # Slow start again from the pool that Little's law says was not queued: if the
+            # probe's was only a fast answer of a heavy tail, that costs a window, no more.
+            assert self.first is not None
+            limit, self.best = _unqueued(limit, self.first, median), None
+        elif not self.watching and not self.slow_start and queued and median > QUEUEING * self.base:
+            # Even the fastest answers wait, and the median with them (a heavy tail moves only
+            # the median): the endpoint holds a queue (its capacity fell, or a probe
+            # overshot), which a smaller pool sheds at no cost in throughput. A fifth less
+            # each window while it shows: the lowest latencies seen are estimates, biased low.
+            limit, self.best = min(limit - 1, math.ceil(limit * SHRINK)), None
         elif best is None:
             self.best = (limit, rate)
             limit = limit * GROWTH if self.slow_start else limit
@@ -300,13 +359,25 @@ class AdaptiveLimit:
         law wants ``allowance``: that, until the endpoint falls behind the pace."""
         self.pace = rate
         if not self.capping:
-            self.limit, self.slow_start = allowance, False
+            self.limit, self.slow_start = min(allowance, self.opening), False
         return min(allowance, self.limit)
 
     def _knee(self, capacity: float, high: int) -> int:
         """Little's law at the unloaded latency: the pool that fills an endpoint serving
         ``capacity`` a second, with headroom for a batch's slower answers."""
-        return min(high, math.ceil(capacity * self.base_mean * HEADROOM))
+        return min(high, _nearest(capacity * self.base_mean * HEADROOM))
+
+
+def _unqueued(limit: int, unloaded: float, queued: float) -> int:
+    """The pool at which the fastest answers, ``queued`` seconds at ``limit`` in flight, would
+    take ``unloaded`` (Little's law), with headroom for a batch's slower answers."""
+    return _nearest(limit * unloaded / queued * HEADROOM)
+
+
+def _nearest(pool: float) -> int:
+    """The nearest pool, a half rounded down (a server of one slot gets one request, not
+    the two that Little's law with headroom asks: 1.5)."""
+    return math.floor(pool + 0.45)
 
 
 def descriptor_ceiling(wanted: int) -> int:
@@ -376,6 +447,11 @@ class Pool:
             latency = max(latency, now - self._first_sent)
         allowance = paced_allowance(rate, latency, self.ceiling)
         self.gate.set_limit(self.adaptive.under_pace(rate, allowance))
+
+    def lagged(self, seconds: float) -> None:
+        """The event loop ran a timer ``seconds`` late (the runner's tick measures it)."""
+        if not self.fixed:
+            self.adaptive.lagged(seconds)
 
     def binding(self, paced: bool) -> str:
         """What holds the sending back now: the pool, the pace, or the endpoint's capacity."""
