@@ -188,6 +188,7 @@ class AdaptiveLimit:
         self.client_bound = False  # the last window's time went to our own event loop
         self.opening = PACED_MIN  # under a pace, the most in flight the answers have made room for
         self._opened = 0.0  # and the answers a second it brought
+        self._suspect = False  # under a pace, the last window looked like a queue
         self._probe = 1.0  # the factor of the last probe
         self._latency = RecentLatency(256)
         self._step(-math.inf)
@@ -273,13 +274,18 @@ class AdaptiveLimit:
                 limit, self._opened = self.opening, 0.0
             elif rate < PACE_KEPT * self.pace and queued and self._sent >= answers / 2:
                 # Short of the pace, and even the fastest answers wait: the endpoint holds a
-                # queue, which more in flight would only lengthen. Cap the pool at its knee.
+                # queue, which more in flight would only lengthen. Cap the pool at its knee,
+                # if the last window said so too: one window of a heavy tail can look like
+                # that (a cap there held the pool far below the pace for good).
                 # Little's law at the fastest answers' unqueued latency: the knee's estimate
                 # (the lowest mean seen) would include the queue the start built.
-                unqueued = _unqueued(self._peak, self.base_fast, fast)
-                limit, self.best, self.capping = max(FLOOR, unqueued), None, True
+                if self._suspect:
+                    unqueued = _unqueued(self._peak, self.base_fast, fast)
+                    limit, self.best, self.capping = max(FLOOR, unqueued), None, True
+                self._suspect = not self._suspect
             elif rate >= PACE_KEPT * self.pace:
                 self.opening = self.ceiling  # the pace binds: Little's law sizes the pool
+                self._suspect = False
             elif self._peak >= 0.9 * self.opening:
                 # Short of the pace, the pool full: open no faster than answers show room
                 # (slow start's steps, and its test), or a pace far above a slow endpoint's
