@@ -23,6 +23,7 @@ import argparse
 import heapq
 import math
 import random
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -243,30 +244,46 @@ def fixed_pools(slots: int, shape: Shape) -> list[int]:
 
 
 @dataclass
-class Cell:
-    slots: int
-    shape: Shape
+class Run:
+    """One seed of a cell: auto's outcome, and the best fixed pool's."""
+
     auto: Outcome
     best: int
     best_outcome: Outcome
+
+
+@dataclass
+class Cell:
+    """A shape at a slot count, run with a few seeds: medians, and their spread."""
+
+    slots: int
+    shape: Shape
+    runs: list[Run]
     cpu: float
 
-    @property
-    def share(self) -> float:
-        return self.auto.throughput / self.reference
-
-    @property
-    def reference(self) -> float:
+    def _reference(self, run: Run) -> float:
         """The best fixed pool's throughput; under a pace, no more than the pace (a fixed pool
         sends unpaced until a stated pace is known, which a real endpoint would refuse)."""
-        best = self.best_outcome.throughput
+        best = run.best_outcome.throughput
         if self.shape.pace is None:
             return best
         return min(best, self.shape.pace * capacity(self.slots, self.shape))
 
     @property
+    def shares(self) -> list[float]:
+        return sorted(r.auto.throughput / self._reference(r) for r in self.runs)
+
+    @property
+    def slowdowns(self) -> list[float]:
+        return sorted(r.auto.p50 / unloaded(self.shape) for r in self.runs)
+
+    @property
+    def share(self) -> float:
+        return statistics.median(self.shares)
+
+    @property
     def slowdown(self) -> float:
-        return self.auto.p50 / unloaded(self.shape)
+        return statistics.median(self.slowdowns)
 
     @property
     def verdict(self) -> str:
@@ -275,12 +292,15 @@ class Cell:
         return "ok" if self.share >= GOAL[0] and self.slowdown <= GOAL[1] else "MISS"
 
 
-def cell(slots: int, shape: Shape, seed: int = 1) -> Cell:
+def cell(slots: int, shape: Shape, seeds: int = 1) -> Cell:
     started = time.process_time()
-    auto = simulate(slots, shape, "auto", seed)
-    fixed = {n: simulate(slots, shape, n, seed) for n in fixed_pools(slots, shape)}
-    best = max(fixed, key=lambda n: fixed[n].throughput)
-    return Cell(slots, shape, auto, best, fixed[best], time.process_time() - started)
+    runs = []
+    for seed in range(1, seeds + 1):
+        auto = simulate(slots, shape, "auto", seed)
+        fixed = {n: simulate(slots, shape, n, seed) for n in fixed_pools(slots, shape)}
+        best = max(fixed, key=lambda n: fixed[n].throughput)
+        runs.append(Run(auto, best, fixed[best]))
+    return Cell(slots, shape, runs, time.process_time() - started)
 
 
 LOGNORMAL = math.log(10 / 0.8) / 2.326  # p50 0.8 s, p99 10 s: capacity.py's case 1
@@ -304,8 +324,10 @@ SHAPES = (
 )
 
 
-def matrix(shapes: tuple[Shape, ...] = SHAPES, slots: tuple[int, ...] = SLOTS) -> list[Cell]:
-    return [cell(n, shape) for shape in shapes for n in slots]
+def matrix(
+    shapes: tuple[Shape, ...] = SHAPES, slots: tuple[int, ...] = SLOTS, seeds: int = 1
+) -> list[Cell]:
+    return [cell(n, shape, seeds) for shape in shapes for n in slots]
 
 
 def table(cells: list[Cell]) -> str:
@@ -331,15 +353,18 @@ def table(cells: list[Cell]) -> str:
 
 def details(cells: list[Cell]) -> str:
     lines = [
-        "| endpoint | slots | requests | auto req/s | best fixed | its req/s | share "
-        "| p50 × unloaded | auto peak | retries | CPU s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| endpoint | slots | requests | share of best fixed (spread) | p50 × unloaded (spread) "
+        "| best fixed pool | its p50 × unloaded | auto's peak | auto's retries | CPU s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for c in cells:
+        first, unloaded_p50 = c.runs[0], unloaded(c.shape)
         lines.append(
-            f"| {c.shape.name} | {c.slots:,} | {c.auto.requests:,} | {c.auto.throughput:,.1f} "
-            f"| {c.best:,} | {c.best_outcome.throughput:,.1f} | {c.share:.3f} "
-            f"| {c.slowdown:.2f} | {c.auto.peak:,} | {c.auto.retries:,} | {c.cpu:.2f} |"
+            f"| {c.shape.name} | {c.slots:,} | {first.auto.requests:,} "
+            f"| {c.share:.2f} ({c.shares[0]:.2f}–{c.shares[-1]:.2f}) "
+            f"| {c.slowdown:.2f} ({c.slowdowns[0]:.2f}–{c.slowdowns[-1]:.2f}) "
+            f"| {first.best:,} | {first.best_outcome.p50 / unloaded_p50:.2f} "
+            f"| {first.auto.peak:,} | {first.auto.retries:,} | {c.cpu:.2f} |"
         )
     return "\n".join(lines)
 
@@ -349,11 +374,12 @@ def main() -> None:
     parser.add_argument("--rows", help="only the shapes whose name contains this")
     parser.add_argument("--slots", help="comma-separated slot counts (default: all)")
     parser.add_argument("--details", action="store_true", help="a line per cell too")
+    parser.add_argument("--seeds", type=int, default=3, help="runs per cell (medians)")
     args = parser.parse_args()
     shapes = tuple(s for s in SHAPES if not args.rows or args.rows in s.name)
     slots = tuple(int(n) for n in args.slots.split(",")) if args.slots else SLOTS
     started = time.process_time()
-    cells = matrix(shapes, slots)
+    cells = matrix(shapes, slots, args.seeds)
     print(table(cells))
     if args.details:
         print()
@@ -362,7 +388,7 @@ def main() -> None:
     print(
         f"\n{len(cells)} cells: {verdicts.count('good')} good (≥ {GOOD[0]}, ≤ {GOOD[1]}×), "
         f"{verdicts.count('ok')} ok (≥ {GOAL[0]}, ≤ {GOAL[1]}×), {verdicts.count('MISS')} miss; "
-        f"{time.process_time() - started:.1f} s of CPU"
+        f"medians of {args.seeds} seeds; {time.process_time() - started:.1f} s of CPU"
     )
 
 
