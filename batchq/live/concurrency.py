@@ -57,8 +57,20 @@ heavy tail (long answers) moves the median and the tail but leaves its short
 answers fast, and the first answers' bias toward the fast ones lowers the
 baseline, never raises a window. The cap is the knee (Little's law at the
 lowest mean latency), then probed as without a pace; a full window that
-keeps the pace again, unqueued, lifts it. Until the queue shows (a window or
-two, about two seconds) the pool still opens as the pace asks.
+keeps the pace again, unqueued, lifts it, and a cap needs two such windows in
+a row (one window of a heavy tail can look queued). The paced pool opens from
+``PACED_MIN`` by slow start's steps, while more in flight brings more answers,
+not as the pace asks before any answer says the endpoint has room.
+
+The first request goes alone (the limiter's probe), so its latency is the
+endpoint's unloaded one: a first window whose median is twice that is a queue
+(a server of one or two slots, which the first allowance overfills), and the
+pool starts again from what Little's law says was not queued. An unpaced
+pool whose fastest answers and median both wait sheds a fifth a window. When
+the event loop's lag (the runner's tick measures it) is a fifth of the median
+latency, batchq is the bottleneck, not the endpoint: the pool doubles while
+throughput holds rather than reading its own lag as the endpoint's queue.
+``benchmarks/capacity_sim.py`` runs all of this against simulated endpoints.
 Everything here but ``Gate`` is a pure function of the observations and
 the clock it is handed: float seconds.
 """
