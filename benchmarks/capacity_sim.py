@@ -58,6 +58,7 @@ class Shape:
     pace: float | None = None  # --rpm, as a multiple of the endpoint's capacity
     stated: bool = False  # the pace is learnt from the first answer's headers
     requests: int | None = None  # the job; None: a minute of the endpoint at capacity
+    refused: float = 0.0  # this share of requests is answered 503 at once, whatever the load
 
 
 @dataclass
@@ -138,7 +139,9 @@ def simulate(
     def arrive(sent_at: float) -> None:
         nonlocal queue
         pool.sent(sent_at)
-        if busy < room:
+        if shape.refused and rng.random() < shape.refused:
+            push(now + 0.001, "refused", sent_at)
+        elif busy < room:
             serve(sent_at)
         elif shape.queue is not None and queue >= shape.queue * room:
             push(now + 0.001, "refused", sent_at)
@@ -318,6 +321,8 @@ SHAPES = (
     Shape("0.2 s, --rpm at 0.5× capacity", 0.2, pace=0.5),
     Shape("0.2 s, --rpm at 3× capacity", 0.2, pace=3.0),
     Shape("lognormal 0.8 s, stated pace 0.5×", 0.8, sigma=LOGNORMAL, pace=0.5, stated=True),
+    # capacity.py's case 1: 10,000 RPM far below what the endpoint serves, 1% 503s
+    Shape("lognormal 0.8 s, --rpm at 0.1×, 1% 503s", 0.8, sigma=LOGNORMAL, pace=0.1, refused=0.01),
     Shape("2 s, stated pace at 3× capacity", 2.0, pace=3.0, stated=True),
     Shape("short job: 120 × 0.2 s", 0.2, requests=120),
     Shape("short job: 120 × 2 s", 2.0, requests=120),

@@ -284,7 +284,12 @@ class AdaptiveLimit:
                 assert self.first is not None
                 self.opening = max(FLOOR, _unqueued(self._peak, self.first, median))
                 limit, self._opened = self.opening, 0.0
-            elif rate < PACE_KEPT * self.pace and queued and self._sent >= answers / 2:
+            elif (
+                rate < PACE_KEPT * self.pace
+                and self._peak >= 0.9 * limit  # (with room in the pool, the pace held sending)
+                and queued
+                and self._sent >= answers / 2
+            ):
                 # Short of the pace, and even the fastest answers wait: the endpoint holds a
                 # queue, which more in flight would only lengthen. Cap the pool at its knee,
                 # if the last window said so too: one window of a heavy tail can look like
@@ -325,7 +330,7 @@ class AdaptiveLimit:
             # probe's was only a fast answer of a heavy tail, that costs a window, no more.
             assert self.first is not None
             limit, self.best = _unqueued(limit, self.first, median), None
-        elif not self.watching and not self.slow_start and queued and median > QUEUEING * self.base:
+        elif not paced and not self.slow_start and queued and median > QUEUEING * self.base:
             # Even the fastest answers wait, and the median with them (a heavy tail moves only
             # the median): the endpoint holds a queue (its capacity fell, or a probe
             # overshot), which a smaller pool sheds at no cost in throughput. A fifth less
