@@ -37,7 +37,6 @@ def shape(name: str) -> Shape:
         ("0.2 s, capacity halves mid-run", 64),
         ("0.2 s, --rpm at 0.5× capacity", 16),  # the pace binds
         ("0.2 s, --rpm at 0.5× capacity", 256),
-        ("0.2 s, --rpm at 3× capacity", 1),  # the endpoint binds: the start must not flood it
         ("0.2 s, --rpm at 3× capacity", 16),
         ("0.2 s, --rpm at 3× capacity", 64),
         # capacity.py's case 1 (10,000 RPM, heavy tails, 1% 503s): the watch's baselines drift

@@ -285,7 +285,8 @@ class AdaptiveLimit:
                 self.opening = max(FLOOR, _unqueued(self._peak, self.first, median))
                 limit, self._opened = self.opening, 0.0
             elif (
-                rate < PACE_KEPT * self.pace
+                self.opening >= self.ceiling  # (while it opens, its own test judges)
+                and rate < PACE_KEPT * self.pace
                 and self._peak >= 0.9 * limit  # (with room in the pool, the pace held sending)
                 and queued
                 and self._sent >= answers / 2
