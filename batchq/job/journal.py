@@ -44,7 +44,7 @@ from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -121,10 +121,29 @@ def read_journal(path: Path) -> tuple[DoneSet, Totals, int]:
     that never finished, and counts as not made.
     """
     done, totals = DoneSet(), Totals()
+    length = 0
+    for end, lines in _records(path, totals):
+        done.add_all(lines)
+        length = end
+    return done, totals, length
+
+
+def read_totals(path: Path) -> Totals:
+    """The totals of every complete record, without the done-set (whose bits cost a Python
+    step a line): for a reader that looks at a running job every few seconds."""
+    totals = Totals()
+    for _ in _records(path, totals, lines=False):
+        pass
+    return totals
+
+
+def _records(path: Path, totals: Totals, *, lines: bool = True) -> Iterator[tuple[int, array[int]]]:
+    """Each complete record of the journal at ``path``, added to ``totals``: where it ends,
+    and the line numbers it names (left empty unless ``lines``)."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return done, totals, 0
+        return
     except OSError as exc:
         raise JournalError(f"cannot read {path}: {exc.strerror}") from exc
     pos = 0
@@ -136,16 +155,16 @@ def read_journal(path: Path) -> tuple[DoneSet, Totals, int]:
         (crc,) = _CRC.unpack_from(data, end)
         if crc != zlib.crc32(memoryview(data)[pos:end]):
             break
-        lines = array(_LINE)
-        lines.frombytes(data[pos + _HEADER.size : end])
-        done.add_all(lines)
+        named = array(_LINE)
+        if lines:
+            named.frombytes(data[pos + _HEADER.size : end])
         totals.ok += ok
         totals.failed += failed
         totals.prompt_tokens += p_tok
         totals.completion_tokens += c_tok
         totals.results_len, totals.errors_len = results_len, errors_len
         pos = end + _CRC.size
-    return done, totals, pos
+        yield pos, named
 
 
 def _record(totals: Totals, lines: array[int], delta: Totals) -> bytes:
@@ -160,6 +179,14 @@ def _record(totals: Totals, lines: array[int], delta: Totals) -> bytes:
     )
     body = header + lines.tobytes()
     return body + _CRC.pack(zlib.crc32(body))
+
+
+class Sidecar(Protocol):
+    """A small file kept in step with the journal (job/spend.py): ``snapshot`` is taken
+    when a commit takes its lines, ``save``d in the commit's thread before its record."""
+
+    def snapshot(self) -> bytes: ...
+    def save(self, snapshot: bytes) -> None: ...
 
 
 class Journal:
@@ -203,6 +230,7 @@ class Journal:
         self._pending = array(_LINE)
         self._delta = Totals()
         self._lock = threading.Lock()  # one commit at a time, records in order
+        self.sidecar: Sidecar | None = None
 
     def append(self, outcomes: Sequence[Outcome]) -> None:
         """Write the outcomes' lines (one write per file); durable only after ``commit``."""
@@ -262,7 +290,10 @@ class Journal:
         if not self._pending or self.failed is not None:
             return None
         taken = _Commit(
-            _record(self.totals, self._pending, self._delta), self._pending, self._delta
+            _record(self.totals, self._pending, self._delta),
+            self._pending,
+            self._delta,
+            None if self.sidecar is None else self.sidecar.snapshot(),
         )
         self._pending = array(_LINE)
         self._delta = Totals()
@@ -280,6 +311,8 @@ class Journal:
             if self.durable:
                 durable_io.fsync(self._results)
                 durable_io.fsync(self._errors)
+            if taken.sidecar is not None and self.sidecar is not None:
+                self.sidecar.save(taken.sidecar)  # what the lines cost is on disk before them
             # The record is written only after the lines it vouches for are on disk.
             durable_io.write(self._journal, taken.record)
             if self.durable:
@@ -299,6 +332,8 @@ class Journal:
         """Commit what is left and close the files; raises the run's storage failure, if any."""
         try:
             self.commit()
+            if self.sidecar is not None and self.failed is None:  # answers with no line too
+                self.sidecar.save(self.sidecar.snapshot())
         finally:
             for f in (self._results, self._errors, self._journal):
                 durable_io.close(f)
@@ -321,6 +356,7 @@ class _Commit:
     record: bytes
     lines: array[int]
     delta: Totals
+    sidecar: bytes | None = None
 
 
 def _still_there(f: durable_io.File) -> None:

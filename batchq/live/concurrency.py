@@ -50,27 +50,28 @@ self-hosted server behind a gateway's limit), Little's law would follow the
 latency of the endpoint's growing queue up to the ceiling. So
 ``AdaptiveLimit`` watches the paced pool too, judging nothing by throughput
 (the pace caps it, so a larger pool never seems to gain, and a probe would
-cut the pool the pace needs). It caps the pool only when a window's answers
-fall short of the pace *and* even its fastest answers (the p10) take three
-times the lowest p10 seen: a queue delays every request, while an LLM's
-heavy tail (long answers) moves the median and the tail but leaves its short
-answers fast, and the first answers' bias toward the fast ones lowers the
-baseline, never raises a window. The cap is the knee (Little's law at the
-lowest mean latency), then probed as without a pace; a full window that
-keeps the pace again, unqueued, lifts it, and a cap needs two such windows in
-a row (one window of a heavy tail can look queued). The paced pool opens from
-``PACED_MIN`` by slow start's steps, while more in flight brings more answers,
-not as the pace asks before any answer says the endpoint has room.
+cut the pool the pace needs). It caps the pool only when two windows in a
+row fall short of the pace *and* even their fastest answers (the p10) take
+three times the lowest p10 seen, and more than the window before: a queue
+that grows delays every request, while an LLM's heavy tail (long answers)
+moves the median and the tail but leaves its short answers fast, and the
+first answers' bias toward the fast ones lowers the baseline, never raises a
+window. The cap is the knee (Little's law at the lowest mean latency), then
+probed as without a pace; a full window that keeps the pace again, unqueued,
+lifts it. A cap for overload answers grows by a quarter with each full
+window that has few of them and no queue. Until the queue shows (two
+windows, about three seconds) the pool still opens as the pace asks.
 
 The first request goes alone (the limiter's probe), so its latency is the
-endpoint's unloaded one: a first window whose median is twice that is a queue
-(a server of one or two slots, which the first allowance overfills), and the
-pool starts again from what Little's law says was not queued. An unpaced
-pool whose fastest answers and median both wait sheds a fifth a window. When
-the event loop's lag (the runner's tick measures it) is a fifth of the median
-latency, batchq is the bottleneck, not the endpoint: the pool doubles while
-throughput holds rather than reading its own lag as the endpoint's queue.
-``benchmarks/capacity_sim.py`` runs all of this against simulated endpoints.
+endpoint's unloaded one: without a pace, a first window whose median is twice
+that is a queue (a server of one or two slots, which the first allowance
+overfills), and slow start begins again from what Little's law says was not
+queued. An unpaced pool whose fastest answers and median both wait sheds a
+fifth a window. When the event loop's lag (the runner's tick measures it) is
+a fifth of the median latency, batchq is the bottleneck, not the endpoint:
+the unpaced pool doubles while throughput holds rather than reading its own
+lag as the endpoint's queue. ``benchmarks/capacity_sim.py`` runs all of this
+against simulated endpoints.
 Everything here but ``Gate`` is a pure function of the observations and
 the clock it is handed: float seconds.
 """
@@ -99,6 +100,7 @@ PACED_MIN = 16
 OVERLOAD_SHARE = 0.05
 PACE_KEPT = 0.9  # of the pace: answers this fast mean the pace binds, not the endpoint
 QUEUED = 3.0  # a window's fastest answers (p10) this many times the lowest seen: a queue
+GROWING = 1.25  # and this many times the last window's: a queue that grows
 FD_RESERVE = 64  # descriptors kept for files, the resolver, the event loop
 CLIENT_BOUND = 0.2  # the event loop's lag, as a share of the median latency: batchq is the
 # bottleneck, not the endpoint (a timer waits for the loop's current pass, a part of it)
@@ -196,11 +198,11 @@ class AdaptiveLimit:
         self.windows = 0  # measurements judged
         self.pace: float | None = None  # requests a second, when a pace sizes the pool
         self.capping = False  # under a pace: the endpoint fell behind, this limit caps the pool
+        self.overloaded = False  # and what showed it: overload answers (else a queue)
+        self._behind = False  # the last paced window showed a growing queue, short of the pace
+        self._last_fast = math.inf  # the last window's p10
         self.first: float | None = None  # the first answer's latency: the probe's, sent alone
         self.client_bound = False  # the last window's time went to our own event loop
-        self.opening = PACED_MIN  # under a pace, the most in flight the answers have made room for
-        self._opened = 0.0  # and the answers a second it brought
-        self._suspect = False  # under a pace, the last window looked like a queue
         self._probe = 1.0  # the factor of the last probe
         self._latency = RecentLatency(256)
         self._step(-math.inf)
@@ -236,11 +238,12 @@ class AdaptiveLimit:
             self._overloads += now >= self._from
             return
         self._latency.add(latency)
-        if self.first is None:  # the probe's: the first window measures the pool after it
-            self.first = self.base_fast = latency  # (a queue delays even the fastest)
-            self._from = now + latency
-            self._until = self._from + max(WINDOW / 2, 2 * latency)
-            return
+        if self.first is None:
+            self.first = latency
+            if self.pace is None:  # the probe's: the first window measures the pool after it
+                self._from = now + latency
+                self._until = self._from + max(WINDOW / 2, 2 * latency)
+                return
         if now < self._from:
             return
         if not self._window:
@@ -268,55 +271,45 @@ class AdaptiveLimit:
         # server of a slot or two, which the first allowance overfills.
         started_full = self.windows == 0 and median > QUEUEING * (self.first or math.inf)
         self.client_bound = self._lag >= CLIENT_BOUND * median
+        last_fast, self._last_fast = self._last_fast, fast
         self.base = min(self.base, median)
         self.base_mean = min(self.base_mean, mean)
         self.base_fast = min(self.base_fast, fast)
         limit, best = self.limit, self.best
         answers += self._overloads
         paced = self.pace is not None
-        if self._overloads >= 3 and self._overloads > OVERLOAD_SHARE * answers:
+        overloaded = self._overloads >= 3 and self._overloads > OVERLOAD_SHARE * answers
+        behind, self._behind = self._behind, False
+        if overloaded:
             limit, self.best, self.slow_start = math.floor(limit * 0.75), None, False
-            self.capping = paced
+            self.capping = self.overloaded = paced
         elif self.watching:
             assert self.pace is not None
             # (Sending went on: at the tail only the slowest answers are left, and retries.)
-            if started_full:  # open again from the pool that was not queued, as without a pace
-                assert self.first is not None
-                self.opening = max(FLOOR, _unqueued(self._peak, self.first, median))
-                limit, self._opened = self.opening, 0.0
-            elif (
-                self.opening >= self.ceiling  # (while it opens, its own test judges)
-                and rate < PACE_KEPT * self.pace
-                and self._peak >= 0.9 * limit  # (with room in the pool, the pace held sending)
-                and queued
-                and self._sent >= answers / 2
-            ):
-                # Short of the pace, and even the fastest answers wait: the endpoint holds a
-                # queue, which more in flight would only lengthen. Cap the pool at its knee,
-                # if the last window said so too: one window of a heavy tail can look like
-                # that (a cap there held the pool far below the pace for good).
-                # Little's law at the fastest answers' unqueued latency: the knee's estimate
-                # (the lowest mean seen) would include the queue the start built.
-                if self._suspect:
-                    unqueued = _unqueued(self._peak, self.base_fast, fast)
-                    limit, self.best, self.capping = max(FLOOR, unqueued), None, True
-                self._suspect = not self._suspect
-            elif rate >= PACE_KEPT * self.pace:
-                self.opening = self.ceiling  # the pace binds: Little's law sizes the pool
-                self._suspect = False
-            elif self._peak >= 0.9 * self.opening:
-                # Short of the pace, the pool full: open no faster than answers show room
-                # (slow start's steps, and its test), or a pace far above a slow endpoint's
-                # capacity would flood it before a window could show it full.
-                if rate >= SLOW_START_GAIN * self._opened:
-                    self._opened, self.opening = rate, min(self.ceiling, self.opening * GROWTH)
-                else:  # more in flight brought no more answers: the endpoint is full
-                    limit, self.capping = self._knee(max(rate, self._opened), self.opening), True
+            growing = fast > GROWING * last_fast
+            if rate < PACE_KEPT * self.pace and queued and growing and self._sent >= answers / 2:
+                # Short of the pace, and even the fastest answers wait longer and longer: the
+                # endpoint holds a growing queue, which more in flight would only lengthen.
+                # Two windows in a row: the first seconds' answers, the fast ones, set a p10
+                # baseline far too low for a heavy tail (0.06 s against 0.2 s), whose windows
+                # then fall 10% short of the pace by chance (one in twenty), or as the pipe
+                # fills; the cap at the knee that followed stalled capacity.py's case 1.
+                if behind:
+                    limit, self.best, self.capping = self._knee(rate, limit), None, True
+                    self.overloaded = False
+                self._behind = True
         elif self._peak < 0.9 * limit:
             pass  # the pool was not full (the input ran dry, or the tail): nothing learnt
         elif self.pace is not None and rate >= PACE_KEPT * self.pace and not queued:
-            self.capping, self.best = False, None  # the endpoint keeps up: the pace sizes the pool
-        elif self.client_bound:
+            self.capping = self.overloaded = False  # the endpoint keeps up: the pace sizes the pool
+            self.best = None
+        elif self.overloaded and not queued:
+            # Capped for overload answers, and this full window had few of them and no queue:
+            # the endpoint takes more. Grow at once; waiting for the probes kept a cap that the
+            # first seconds' chance 503s set (a few in a small window) below the pace for
+            # minutes, as the pace can never be kept under it.
+            limit, self.best = math.ceil(limit * GROW), None
+        elif self.client_bound and not paced:
             # Our own event loop is the bottleneck: what the endpoint could serve is out of
             # sight, and a larger pool hands the loop more answers a pass. Double it while that
             # costs no throughput; go back to the best pool when it does.
@@ -326,7 +319,7 @@ class AdaptiveLimit:
                 limit *= 2
             else:
                 limit = best[0]
-        elif started_full:
+        elif started_full and not paced:
             # Slow start again from the pool that Little's law says was not queued: if the
             # probe's was only a fast answer of a heavy tail, that costs a window, no more.
             assert self.first is not None
@@ -383,7 +376,7 @@ class AdaptiveLimit:
         law wants ``allowance``: that, until the endpoint falls behind the pace."""
         self.pace = rate
         if not self.capping:
-            self.limit, self.slow_start = min(allowance, self.opening), False
+            self.limit, self.slow_start = allowance, False
         return min(allowance, self.limit)
 
     def _knee(self, capacity: float, high: int) -> int:
