@@ -609,9 +609,10 @@ class Pipeline:
                 await asyncio.sleep(COMMIT_INTERVAL)
                 # How late the timer ran: our own event loop's lag (--concurrency auto grows
                 # the pool when it, not the endpoint, is the bottleneck).
-                self.pool.lagged(loop.time() - slept - COMMIT_INTERVAL)
+                lag = loop.time() - slept - COMMIT_INTERVAL
                 await self.journal.commit_in_thread()
                 for d in self.deployments:
+                    d.pool.lagged(lag)
                     d.pacer.tick(COMMIT_INTERVAL)
                 if self.multi:  # pauses ended, allowances grew, breaks ran out
                     self.router.released(everyone=True)
