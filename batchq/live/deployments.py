@@ -242,14 +242,22 @@ class Router:
             if not waiter.done():
                 self._waiters.remove(waiter)
 
-    def released(self, everyone: bool = False) -> None:
-        """A slot was freed (wake one waiter), or limits and breaks moved (wake all)."""
-        while self._waiters:
+    def released(self, count: int | None = 1) -> None:
+        """Wake ``count`` waiters (None: all): one when a slot is freed; as many as there is
+        room when limits, pauses and breaks moved (waking thousands each tick for a few
+        slots cost the pool's process most of its CPU)."""
+        while self._waiters and (count is None or count > 0):
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-                if not everyone:
-                    return
+                count = None if count is None else count - 1
+
+    def room(self, now: float) -> int:
+        """Requests the pool could take now, a due probe counting one."""
+        return sum(
+            max(0, d.room(now)) if d.breaker.state == "in" else int(d.breaker.due(now))
+            for d in self.deployments
+        )
 
     def observe(
         self, d: Deployment, probe: bool, answer: Response | RequestError, now: float
