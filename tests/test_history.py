@@ -63,6 +63,18 @@ def test_a_torn_last_line_is_skipped(tmp_path: Path) -> None:
     assert [r["ok"] for r in read_history(tmp_path)] == [1, 2, 3]
 
 
+def test_a_damaged_record_s_fields_count_as_missing(tmp_path: Path) -> None:
+    """A line edited by hand or by another tool: a report of it, not a crash (exit 70)."""
+    good = {"t": 1.0, "run": 1.0, "done": 1, "retries": {"429": 1}, "in_flight": 2, "pace": 1.0}
+    hostile = {"t": 2.0, "run": 1.0, "done": 2, "retries": [1], "in_flight": "x", "pace": {}}
+    other = {"t": 3.0, "run": 1.0, "done": 3, "retries": "x", "p50": "slow", "allowance": []}
+    series = job_series([[good, hostile, other]])
+    assert series["done"] == [1, 2, 3]
+    assert series["in_flight"] == [2, None, None]
+    sharded = job_series([[good, hostile], [good, other]])  # shards add their gauges up
+    assert sharded["done"][-1] == 5 and sharded["in_flight"][-1] is None
+
+
 def test_a_resumed_run_keeps_the_interval_and_adds_to_the_counts(tmp_path: Path) -> None:
     clock = Clock()
     first = History(tmp_path, max_records=4, clock=clock)
