@@ -37,6 +37,7 @@ from batchq.errors import BatchqError
 if TYPE_CHECKING:  # pragma: no cover
     from batchq.batch.executor import BatchOptions
     from batchq.config import Settings
+    from batchq.reader import RequestTemplate
     from batchq.show.preflight import Preflight
     from batchq.show.validate import Report
     from batchq.stats import Stats
@@ -746,6 +747,7 @@ def validate(
     completion. Exit status 0 if every line is a usable request that the endpoint would
     take, 1 if some are not; 3 if the endpoint cannot be asked.
     """
+    from batchq.answers import load_answers
     from batchq.config import build_settings
     from batchq.job.folder import JOB_TOML
     from batchq.job.settings import read_job_toml
@@ -765,15 +767,18 @@ def validate(
         overrides = {**settings, "defaults": {**stored.get("defaults", {}), **given}}
         job_settings = build_settings(stored, overrides)
         path = target / job_settings.input if target.is_dir() else target
+        # A job folder's --json-schema is added to each body at send time: judge those bodies.
+        answers = load_answers(job_settings, target) if target.is_dir() else None
+        template = RequestTemplate.from_settings(job_settings, answers)
         report = check(
             path,
-            RequestTemplate.from_settings(job_settings),
+            template,
             price_in=price_in or job_settings.price_in,
             price_out=price_out or job_settings.price_out,
         )
         preflight = None
         if check_endpoint:
-            preflight = _preflight(path, job_settings, report, split_out)
+            preflight = _preflight(path, job_settings, template, report, split_out)
             # The endpoint's count replaces the estimate, in the cost too.
             report.prompt_tokens, report.prompt_counted = preflight.prompt_tokens, preflight.counted
         figures = report.as_dict()
@@ -797,10 +802,15 @@ def validate(
     sys.exit(EXIT_OK if report.bad == 0 and not refused else EXIT_FAILED)
 
 
-def _preflight(path: Path, settings: Settings, report: Report, split_out: Path | None) -> Preflight:
+def _preflight(
+    path: Path,
+    settings: Settings,
+    template: RequestTemplate,
+    report: Report,
+    split_out: Path | None,
+) -> Preflight:
     """``validate --check-endpoint``: the endpoint's verdict on every line."""
     from batchq.live.preflight import check_endpoint
-    from batchq.reader import RequestTemplate
 
     def progress(line: str) -> None:
         _notice(f"validate: {line}")
@@ -808,7 +818,7 @@ def _preflight(path: Path, settings: Settings, report: Report, split_out: Path |
     return asyncio.run(
         check_endpoint(
             path,
-            RequestTemplate.from_settings(settings),
+            template,
             base_url=settings.base_url,
             api_key=os.environ.get(settings.api_key_env) or None,
             key_env=settings.api_key_env,
