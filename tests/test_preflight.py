@@ -330,6 +330,22 @@ def test_a_job_folder_s_json_schema_is_in_the_requests_checked(
     assert "label.json is not JSON" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_a_user_and_password_in_the_url_beside_a_key_is_one_line_exit_2(
+    mock_server: MockFactory, tmp_path: Path
+) -> None:
+    """aiohttp refuses a Bearer header beside a URL's credentials: that was exit 70."""
+    server = mock_server()
+    source = write_jsonl(tmp_path / "in.jsonl", [chat("hi", "a")])
+    url = server.url.replace("http://", "http://user:hunter2@")
+    env = clean_env(OPENAI_API_KEY=KEY)
+    for command in (["validate", source, "--check-endpoint"], ["run", source, "--quiet"]):
+        done = batchq(*command, "--model", "mock", "--base-url", url, cwd=tmp_path, env=env)
+        assert done.returncode == 2, done.stderr
+        assert "user and password" in done.stderr and "Traceback" not in done.stderr
+        assert KEY not in done.stderr and "hunter2" not in done.stderr
+    assert server.stats()["requests"] == 0
+
+
 def test_tokenizer_calls_overlap_but_at_most_16_at_once(hostile: Hostile, tmp_path: Path) -> None:
     inside, most = 0, 0
 
