@@ -95,7 +95,7 @@ def figures(folder: JobFolder, series: dict[str, Any], journals: list[Totals]) -
         spent = float(read_state(run_dir).get("elapsed_s") or 0)  # by the runs that ended
         if _alive(live, now):
             running.append(live)
-            spent += float(live.get("elapsed_s") or 0)
+            spent += _num(live.get("elapsed_s"))  # a damaged figure counts as none
         elapsed = max(elapsed, spent)  # shards run side by side
     total = read_state(folder.dir).get("input_requests")
     done = ok + failed
@@ -138,7 +138,7 @@ def figures(folder: JobFolder, series: dict[str, Any], journals: list[Totals]) -
         "rate": None if rate is None else round(rate, 2),
         "mean_rate": _mean_rate(series) or (round(done / elapsed, 2) if elapsed else None),
         "eta": duration(pending / rate) if phase == "running" and pending and rate else None,
-        "in_flight": sum(int(r.get("in_flight") or 0) for r in running) if running else None,
+        "in_flight": sum(int(_num(r.get("in_flight"))) for r in running) if running else None,
         "binding": running[0].get("binding") if len(running) == 1 else None,
         "shards": len(folder.parts) if folder.sharded else None,
         "resume_command": f"batchq run {shlex.quote(str(folder.dir))}"
