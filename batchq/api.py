@@ -288,6 +288,7 @@ class _Prepared:
 
     async def run(self) -> Stats:
         from batchq.live.runner import RunOptions, run_job
+        from batchq.show.metrics import metrics_of, served
 
         options = self.options
         api_key = options.pop("api_key", None)
@@ -329,6 +330,8 @@ class _Prepared:
             _notify(note)
         if api_key is None:
             api_key = os.environ.get(job.settings.api_key_env) or None
+        metrics = metrics_of(job)  # None without metrics_port=
+        watch = None if metrics is None else metrics.watch
         run_options = RunOptions(
             api_key=api_key,
             limits_store_password=password,
@@ -340,11 +343,12 @@ class _Prepared:
             on_notice=_notify,
             on_outcomes=self.on_outcomes,
             on_open=self.on_open,
+            on_stats=watch,
         )
         # No signal handlers (they are the application's), so nothing sets stats.interrupted:
         # a Ctrl-C reaches the engine as cancellation, and leaves as KeyboardInterrupt.
         if job.settings.via == "live":
-            return await run_job(job, run_options)
+            return await served(metrics, run_job(job, run_options), _notify)
         if transport is not None:
             raise ConfigError("transport= goes with via='live': batches go to the provider's API")
         from batchq.auto import run_auto  # here: a live run does not pay for their import
@@ -356,10 +360,11 @@ class _Prepared:
             on_notice=_notify,
             on_outcomes=self.on_outcomes,
             on_open=self.on_open,
+            on_stats=watch,
         )
         if job.settings.via == "batch":
-            return await run_batches(job, batch_options)
-        return await run_auto(job, run_options, batch_options)
+            return await served(metrics, run_batches(job, batch_options), _notify)
+        return await served(metrics, run_auto(job, run_options, batch_options), _notify)
 
     def index(self) -> OutputIndex:
         assert self.job is not None

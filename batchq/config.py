@@ -70,6 +70,8 @@ class Settings:
     batch_poll: float = 30.0  # seconds between looks at the open batches
     price_in: float = 0.0  # per million prompt tokens, for the summary's cost; 0: not shown
     price_out: float = 0.0  # per million completion tokens
+    metrics_port: int | None = None  # serve Prometheus metrics while running; 0: a free port
+    metrics_host: str = "127.0.0.1"  # where to bind them: loopback unless said otherwise
 
     def __post_init__(self) -> None:
         for name in _TEXT:
@@ -131,6 +133,10 @@ class Settings:
         _check_range("batch_poll", self.batch_poll, 0, 86_400, open_low=True)
         for name in ("price_in", "price_out"):
             _check_range(name, getattr(self, name), 0, 1e9)
+        if self.metrics_port is not None:
+            _check_range("metrics_port", self.metrics_port, 0, 65535, integer=True)
+        if not self.metrics_host.strip():
+            raise ConfigError("metrics_host must name an address, such as 127.0.0.1 or 0.0.0.0")
 
     @property
     def request_key(self) -> dict[str, Any]:
@@ -141,6 +147,7 @@ class Settings:
 _TEXT = (
     *("input", "output", "errors", "base_url", "api_key_env", "endpoint", "model", "system"),
     *("limits_store", "limits_key", "via", "batch_dialect", "completion_window", "deadline"),
+    "metrics_host",
 )
 _OPTIONAL_TEXT = ("model", "system", "limits_store", "limits_key", "batch_dialect", "deadline")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")

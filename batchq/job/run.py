@@ -55,6 +55,8 @@ class RunOptions(Protocol):
     def handle_signals(self) -> bool: ...
     @property
     def on_open(self) -> Callable[[], Awaitable[None]] | None: ...  # open, nothing sent yet
+    @property
+    def on_stats(self) -> Callable[[Stats], None] | None: ...  # the counters, as they are made
 
 
 @contextlib.asynccontextmanager
@@ -84,6 +86,8 @@ async def open_run(job: Job, options: RunOptions) -> AsyncIterator[OpenRun]:
         stats = Stats(
             ok_before=journal.totals.ok, failed_before=journal.totals.failed, total=span.requests
         )
+        if options.on_stats is not None:  # e.g. --metrics-port, which reads them while we run
+            options.on_stats(stats)
         with _signals_noted(stats, options.handle_signals):
             try:
                 if stats.done:

@@ -83,6 +83,7 @@ class RunOptions:
     transport: Transport | None = None  # None: aiohttp, to the job's base URL
     on_outcomes: Callable[[list[bytes]], Awaitable[None]] | None = None  # lines written
     on_open: Callable[[], Awaitable[None]] | None = None  # the job is open, nothing sent yet
+    on_stats: Callable[[Stats], None] | None = None  # this run's counters, once the job is open
 
 
 async def run_job(job: Job, options: RunOptions) -> Stats:
@@ -387,6 +388,8 @@ class Pipeline:
         stats, pool = self.stats, self.pool
         stats.in_flight, stats.peak_in_flight = pool.in_flight, pool.peak
         stats.allowance, stats.binding = pool.gate.limit, pool.binding(paced)
+        limits = self.pacer.limits.items()
+        stats.pace_rates = {kind: lim.pace.rate for kind, lim in limits if lim is not None}
         if self.hedger is not None:
             stats.hedges, stats.hedge_tokens = self.hedger.sent, self.hedger.tokens
 

@@ -1,0 +1,236 @@
+"""Prometheus metrics of a running job: ``batchq run --metrics-port PORT``.
+
+While the job runs, ``http://HOST:PORT/metrics`` answers in the Prometheus
+text exposition format 0.0.4, rendered from the run's ``Stats`` (stats.py)
+when it is scraped: nothing is added to the request path, and a scrape
+costs one pass over a few dozen counters on the run's own event loop.
+
+Every series is labelled ``job`` (the job folder's name) and ``shard``
+(``I/N``; ``0/1`` when the job is not sharded), so the processes of a
+Kubernetes Indexed Job or a Slurm array add up on one dashboard
+(``sum by (job) (rate(batchq_requests_total[5m]))``).
+
+Counters (``*_total``, the histogram) count what this process did, from
+zero, as Prometheus expects of a counter: a resumed job starts them again,
+and ``rate()`` and ``increase()`` read that as the restart it is. What the
+job did before is in the gauges ``batchq_job_requests_done`` and
+``batchq_job_requests``. Under ``--via auto`` the batch phase's counters and
+the live phase's add up, so nothing goes backwards between the two.
+
+Written to the format's specification rather than with ``prometheus_client``:
+the format is a few lines of text, and the client would bring a process-wide
+registry (two runs in one Python process would collide in it) and an HTTP
+server on threads of its own, where this one serves from the run's loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import time
+from collections import Counter
+from collections.abc import Coroutine, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from batchq.errors import ConfigError, Notify
+from batchq.show.progress import _cost  # the summary's own cost, so the two always agree
+from batchq.stats import LatencyHistogram, Stats
+
+if TYPE_CHECKING:  # pragma: no cover
+    from aiohttp import web
+
+    from batchq.job.folder import Job
+
+T = TypeVar("T")
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: Of stats' latency buckets (~5% wide), the bounds exported: every tenth (each ~1.65x the
+#: last), from 1 ms to ~1 h. Cumulative counts at a subset of the bounds are still exact; 31
+#: series instead of 381 keep a scrape of a hundred shards light.
+_EXPORTED = range(46, 349, 10)
+
+
+class Metrics:
+    """The counters of one process's runs of a job (the phases of ``--via auto`` add up)."""
+
+    def __init__(self, job: Job) -> None:
+        shard = "0/1" if job.shard is None else str(job.shard)
+        self.host = job.settings.metrics_host
+        self.port = job.settings.metrics_port or 0
+        self.labels = {"job": job.dir.resolve().name, "shard": shard}
+        self.prices = (job.settings.price_in, job.settings.price_out)
+        self.started = time.time()
+        self.runs: list[Stats] = []
+
+    def watch(self, stats: Stats) -> None:
+        """Count ``stats`` too: the counters of a run (or phase) that has just opened."""
+        self.runs.append(stats)
+
+    def render(self) -> bytes:
+        """Every metric, in the text exposition format 0.0.4."""
+        out = _Exposition(self.labels)
+        runs, last = self.runs, (self.runs[-1] if self.runs else Stats(started=0.0))
+        out.family(
+            "batchq_requests_total", "counter", "Requests this process finished, by outcome."
+        )
+        out.sample("batchq_requests_total", sum(s.ok for s in runs), status="ok")
+        out.sample("batchq_requests_total", sum(s.failed for s in runs), status="failed")
+        out.family("batchq_retries_total", "counter", "Attempts sent again, by cause.")
+        for cause, n in sorted(sum((s.retry_causes for s in runs), Counter[str]()).items()):
+            out.sample("batchq_retries_total", n, cause=cause)
+        out.counter(
+            "batchq_rate_limited_total", "Answers 429 (rate limited).", runs, "rate_limited"
+        )
+        out.family("batchq_tokens_total", "counter", "Tokens of the answered requests, by kind.")
+        out.sample("batchq_tokens_total", sum(s.prompt_tokens for s in runs), kind="prompt")
+        out.sample("batchq_tokens_total", sum(s.completion_tokens for s in runs), kind="completion")
+        out.counter("batchq_hedges_total", "Second copies of stragglers sent.", runs, "hedges")
+        if any(self.prices):
+            spent = sum(_cost(s, *self.prices)["spent"] for s in runs)
+            out.family("batchq_cost_total", "counter", "Spent, in the prices' unit.")
+            out.sample("batchq_cost_total", spent)
+        out.histogram(
+            "batchq_request_duration_seconds",
+            "Latency of the attempts answered 2xx.",
+            [s.latency for s in runs],
+        )
+        out.gauge("batchq_in_flight", "Requests at the endpoint now.", last.in_flight)
+        out.gauge(
+            "batchq_in_flight_allowance",
+            "Requests the pool may have in flight now.",
+            last.allowance,
+        )
+        if last.binding:
+            out.family("batchq_held_by", "gauge", "What holds sending back now (1 for the one).")
+            out.sample("batchq_held_by", 1, reason=last.binding)
+        if last.pace_rates:
+            out.family("batchq_pace_per_second", "gauge", "The pace now, in units a second.")
+            for limit, rate in sorted(last.pace_rates.items()):
+                out.sample("batchq_pace_per_second", rate, limit=limit)
+        opened = [s for s in runs if s.batches_open is not None]
+        if opened:
+            out.counter(
+                "batchq_batches_created_total",
+                "Provider batches created.",
+                opened,
+                "batches_created",
+            )
+            out.gauge(
+                "batchq_batches_open", "Provider batches still open.", opened[-1].batches_open or 0
+            )
+        if last.total is not None:
+            out.gauge("batchq_job_requests", "Requests in the input (this shard's).", last.total)
+        out.gauge("batchq_job_requests_done", "Done, earlier runs included.", last.done)
+        out.gauge(
+            "batchq_start_time_seconds",
+            "When this process began serving (Unix time).",
+            self.started,
+        )
+        return out.text()
+
+    async def start(self, on_notice: Notify) -> web.AppRunner:
+        """Listen, and say where; ConfigError (exit 2) if the port cannot be had."""
+        from aiohttp import web
+
+        async def metrics(request: web.Request) -> web.Response:
+            return web.Response(body=self.render(), headers={"Content-Type": CONTENT_TYPE})
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self.host, self.port).start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise ConfigError(_unavailable(self.host, self.port, exc)) from None
+        except BaseException:
+            await runner.cleanup()
+            raise
+        host, port = runner.addresses[0][:2]
+        on_notice(f"metrics: http://{f'[{host}]' if ':' in host else host}:{port}/metrics")
+        return runner
+
+
+def metrics_of(job: Job) -> Metrics | None:
+    """The metrics ``job`` is to serve; None without a metrics port."""
+    return None if job.settings.metrics_port is None else Metrics(job)
+
+
+async def served(metrics: Metrics | None, run: Coroutine[Any, Any, T], on_notice: Notify) -> T:
+    """``run``, awaited while ``metrics`` are served; the port is had before it starts."""
+    if metrics is None:
+        return await run
+    try:
+        runner = await metrics.start(on_notice)
+    except BaseException:
+        run.close()  # never started: nothing to wait for
+        raise
+    try:
+        return await run
+    finally:
+        await runner.cleanup()
+
+
+def _unavailable(host: str, port: int, exc: OSError) -> str:
+    where = f"--metrics-port {port} on {host}"
+    if exc.errno == errno.EADDRINUSE:
+        return f"{where}: the port is in use; choose another, or 0 for a free one"
+    if exc.errno == errno.EACCES:
+        return f"{where}: permission denied (ports below 1024 need privileges); choose another"
+    return f"{where}: cannot listen there ({exc.strerror or exc}); check --metrics-host"
+
+
+class _Exposition:
+    """Lines of the text format: a HELP and TYPE per family, then its samples."""
+
+    def __init__(self, labels: dict[str, str]) -> None:
+        self.base = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, doc: str) -> None:
+        doc = doc.replace("\\", "\\\\").replace("\n", "\\n")
+        self.lines += [f"# HELP {name} {doc}", f"# TYPE {name} {kind}"]
+
+    def sample(self, name: str, value: float, **labels: str) -> None:
+        more = "".join(f',{k}="{_escape(v)}"' for k, v in labels.items())
+        self.lines.append(f"{name}{{{self.base}{more}}} {_number(value)}")
+
+    def counter(self, name: str, doc: str, runs: Iterable[Stats], field: str) -> None:
+        self.family(name, "counter", doc)
+        self.sample(name, sum(getattr(s, field) for s in runs))
+
+    def gauge(self, name: str, doc: str, value: float) -> None:
+        self.family(name, "gauge", doc)
+        self.sample(name, value)
+
+    def histogram(self, name: str, doc: str, parts: list[LatencyHistogram]) -> None:
+        """Cumulative ``le`` buckets at the exported bounds, then ``+Inf``, ``_sum``, ``_count``."""
+        self.family(name, "histogram", doc)
+        counts = [sum(column) for column in zip(*(h.counts for h in parts), strict=True)]
+        bounds = LatencyHistogram.bounds()
+        below = 0  # stats' bucket i holds latencies under bounds[i]
+        done = 0
+        for i in _EXPORTED:
+            below += sum(counts[done : i + 1])
+            done = i + 1
+            self.sample(f"{name}_bucket", below, le=f"{bounds[i]:.4g}")
+        self.sample(f"{name}_bucket", sum(counts), le="+Inf")
+        self.sample(f"{name}_sum", sum(h.seconds for h in parts))
+        self.sample(f"{name}_count", sum(h.total for h in parts))
+
+    def text(self) -> bytes:
+        return ("\n".join(self.lines) + "\n").encode()
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)
