@@ -29,7 +29,7 @@ import errno
 import math
 import time
 from collections import Counter
-from collections.abc import Coroutine, Iterable
+from collections.abc import Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from batchq.errors import ConfigError, Notify
@@ -68,64 +68,88 @@ class Metrics:
     def render(self) -> bytes:
         """Every metric, in the text exposition format 0.0.4."""
         out = _Exposition(self.labels)
-        runs, last = self.runs, (self.runs[-1] if self.runs else Stats(started=0.0))
-        out.family(
-            "batchq_requests_total", "counter", "Requests this process finished, by outcome."
+        self._counters(out, self.runs)
+        self._gauges(out, self.runs[-1] if self.runs else Stats(started=0.0))
+        return out.text()
+
+    def _counters(self, out: _Exposition, runs: list[Stats]) -> None:
+        """What this process did: sums over its runs, so they never go back."""
+
+        def total(field: str) -> int:
+            return sum(getattr(s, field) for s in runs)
+
+        ok, failed = total("ok"), total("failed")
+        out.each(
+            "batchq_requests_total",
+            "counter",
+            "Requests finished, by outcome.",
+            "status",
+            {"ok": ok, "failed": failed},
         )
-        out.sample("batchq_requests_total", sum(s.ok for s in runs), status="ok")
-        out.sample("batchq_requests_total", sum(s.failed for s in runs), status="failed")
-        out.family("batchq_retries_total", "counter", "Attempts sent again, by cause.")
-        for cause, n in sorted(sum((s.retry_causes for s in runs), Counter[str]()).items()):
-            out.sample("batchq_retries_total", n, cause=cause)
-        out.counter(
-            "batchq_rate_limited_total", "Answers 429 (rate limited).", runs, "rate_limited"
+        causes = sum((s.retry_causes for s in runs), Counter[str]())
+        out.each(
+            "batchq_retries_total",
+            "counter",
+            "Attempts sent again, by cause.",
+            "cause",
+            dict(sorted(causes.items())),
         )
-        out.family("batchq_tokens_total", "counter", "Tokens of the answered requests, by kind.")
-        out.sample("batchq_tokens_total", sum(s.prompt_tokens for s in runs), kind="prompt")
-        out.sample("batchq_tokens_total", sum(s.completion_tokens for s in runs), kind="completion")
-        out.counter("batchq_hedges_total", "Second copies of stragglers sent.", runs, "hedges")
+        out.one("batchq_rate_limited_total", "counter", "Answers 429.", total("rate_limited"))
+        tokens = {"prompt": total("prompt_tokens"), "completion": total("completion_tokens")}
+        out.each("batchq_tokens_total", "counter", "Tokens of the answers.", "kind", tokens)
+        out.one("batchq_hedges_total", "counter", "Second copies of stragglers.", total("hedges"))
         if any(self.prices):
             spent = sum(_cost(s, *self.prices)["spent"] for s in runs)
-            out.family("batchq_cost_total", "counter", "Spent, in the prices' unit.")
-            out.sample("batchq_cost_total", spent)
+            out.one("batchq_cost_total", "counter", "Spent, in the prices' unit.", spent)
         out.histogram(
             "batchq_request_duration_seconds",
             "Latency of the attempts answered 2xx.",
             [s.latency for s in runs],
         )
-        out.gauge("batchq_in_flight", "Requests at the endpoint now.", last.in_flight)
-        out.gauge(
+        if any(s.batches_open is not None for s in runs):
+            out.one(
+                "batchq_batches_created_total",
+                "counter",
+                "Provider batches created.",
+                total("batches_created"),
+            )
+
+    def _gauges(self, out: _Exposition, last: Stats) -> None:
+        """How things stand now: the latest run's (or phase's) figures."""
+        out.one("batchq_in_flight", "gauge", "Requests at the endpoint now.", last.in_flight)
+        out.one(
             "batchq_in_flight_allowance",
-            "Requests the pool may have in flight now.",
+            "gauge",
+            "Requests the pool may have in flight.",
             last.allowance,
         )
         if last.binding:
-            out.family("batchq_held_by", "gauge", "What holds sending back now (1 for the one).")
-            out.sample("batchq_held_by", 1, reason=last.binding)
+            out.each(
+                "batchq_held_by",
+                "gauge",
+                "What holds sending back (1 for the one).",
+                "reason",
+                {last.binding: 1},
+            )
         if last.pace_rates:
-            out.family("batchq_pace_per_second", "gauge", "The pace now, in units a second.")
-            for limit, rate in sorted(last.pace_rates.items()):
-                out.sample("batchq_pace_per_second", rate, limit=limit)
-        opened = [s for s in runs if s.batches_open is not None]
+            out.each(
+                "batchq_pace_per_second",
+                "gauge",
+                "The pace now, in units a second.",
+                "limit",
+                dict(sorted(last.pace_rates.items())),
+            )
+        opened = [s.batches_open for s in self.runs if s.batches_open is not None]
         if opened:
-            out.counter(
-                "batchq_batches_created_total",
-                "Provider batches created.",
-                opened,
-                "batches_created",
-            )
-            out.gauge(
-                "batchq_batches_open", "Provider batches still open.", opened[-1].batches_open or 0
-            )
+            out.one("batchq_batches_open", "gauge", "Provider batches still open.", opened[-1])
         if last.total is not None:
-            out.gauge("batchq_job_requests", "Requests in the input (this shard's).", last.total)
-        out.gauge("batchq_job_requests_done", "Done, earlier runs included.", last.done)
-        out.gauge(
-            "batchq_start_time_seconds",
-            "When this process began serving (Unix time).",
-            self.started,
+            out.one(
+                "batchq_job_requests", "gauge", "Requests in the input (the shard's).", last.total
+            )
+        out.one("batchq_job_requests_done", "gauge", "Done, earlier runs included.", last.done)
+        out.one(
+            "batchq_start_time_seconds", "gauge", "When this process began serving.", self.started
         )
-        return out.text()
 
     async def start(self, on_notice: Notify) -> web.AppRunner:
         """Listen, and say where; ConfigError (exit 2) if the port cannot be had."""
@@ -195,13 +219,14 @@ class _Exposition:
         more = "".join(f',{k}="{_escape(v)}"' for k, v in labels.items())
         self.lines.append(f"{name}{{{self.base}{more}}} {_number(value)}")
 
-    def counter(self, name: str, doc: str, runs: Iterable[Stats], field: str) -> None:
-        self.family(name, "counter", doc)
-        self.sample(name, sum(getattr(s, field) for s in runs))
-
-    def gauge(self, name: str, doc: str, value: float) -> None:
-        self.family(name, "gauge", doc)
+    def one(self, name: str, kind: str, doc: str, value: float) -> None:
+        self.family(name, kind, doc)
         self.sample(name, value)
+
+    def each(self, name: str, kind: str, doc: str, label: str, values: Mapping[str, float]) -> None:
+        self.family(name, kind, doc)
+        for key, value in values.items():
+            self.sample(name, value, **{label: key})
 
     def histogram(self, name: str, doc: str, parts: list[LatencyHistogram]) -> None:
         """Cumulative ``le`` buckets at the exported bounds, then ``+Inf``, ``_sum``, ``_count``."""
