@@ -94,7 +94,7 @@ def run(requests: Requests, **options: Any) -> list[Result]:
             ``base_url``, ``api_key_env``, ``endpoint``, ``system``,
             ``max_tokens``, ``temperature``, ``params``, ``rpm``, ``tpm``,
             ``concurrency``, ``max_attempts``, ``timeout``, ``hedge``,
-            ``retry_failed``, ``force``, ``limits_store``, ...), plus ``job``
+            ``retry_failed``, ``force``, ``limits_store``, ``metrics_port``, ...), plus ``job``
             (a folder), ``shard`` (``"I/N"``, ``(I, N)`` or ``"auto"``: this
             part of the job, whose results are returned), ``api_key`` (the
             key itself), ``progress`` (default True) and ``transport`` (an
