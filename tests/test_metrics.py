@@ -8,12 +8,14 @@ the process prints at the end.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import math
 import re
 import socket
 import subprocess
+import time
 import urllib.request
 from collections import defaultdict
 from pathlib import Path
@@ -282,7 +284,7 @@ async def test_the_api_serves_a_shard_s_metrics_while_it_streams(
     job = tmp_path / "colours"
     stream = api.stream(
         requests, job=job, shard="1/2", model="m", base_url=server.url, metrics_port=0,
-        progress=False,
+        rpm=6000, progress=False,
     )  # fmt: skip
     async with stream as results, aiohttp.ClientSession() as client:
         seen = 0
@@ -291,12 +293,20 @@ async def test_the_api_serves_a_shard_s_metrics_while_it_streams(
             if seen == 5:
                 break
         [url] = [m[1] for r in caplog.records if (m := re.search(r"(http://\S+)", r.message))]
-        async with client.get(url) as answer:
-            assert answer.headers["Content-Type"] == CONTENT_TYPE
-            series, _ = parse(await answer.text())
+        deadline = time.monotonic() + 30
+        while True:  # until the runner's timer (every 0.2 s) has reported the pace
+            async with client.get(url) as answer:
+                assert answer.headers["Content-Type"] == CONTENT_TYPE
+                series, kinds = parse(await answer.text())
+            if "batchq_pace_per_second" in kinds:
+                break
+            assert time.monotonic() < deadline, "the pace was never reported"
+            await asyncio.sleep(0.01)
     labels = {"job": "colours", "shard": "1/2"}
     assert 0 < value(series, "batchq_job_requests", **labels) < 40
     assert value(series, "batchq_requests_total", status="ok", **labels) >= 5  # those yielded
+    # --rpm 6000 paced 2% under the limit (limiter.MARGIN), as the runner reports it
+    assert value(series, "batchq_pace_per_second", limit="requests") == pytest.approx(98)
     assert "metrics_port = 0" in (job / "job.toml").read_text()
 
 
@@ -363,3 +373,33 @@ def test_label_values_are_escaped_and_an_unopened_run_renders(tmp_path: Path) ->
     assert value(series, "batchq_request_duration_seconds_sum") == pytest.approx(5000.2)
     assert value(series, "batchq_retries_total", cause="timeout") == 1
     assert value(series, "batchq_job_requests_done") == 3
+
+
+GOOD = (
+    "# HELP x_total Things.\n# TYPE x_total counter\n"
+    'x_total{job="j"} 1\n'
+    "# TYPE h histogram\n"
+    'h_bucket{le="0.5"} 1\nh_bucket{le="+Inf"} 2\nh_sum 3.5\nh_count 2\n'
+)
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        GOOD.removesuffix("\n"),  # no newline at the end
+        GOOD.replace("# TYPE x_total counter\n", ""),  # a sample without its TYPE
+        GOOD.replace("x_total counter", "x counter").replace("x_total{", "x{"),  # no _total
+        GOOD + 'x_total{job="j"} 2\n',  # a series twice (and outside its family)
+        GOOD.replace('job="j"', 'job="a\\q"'),  # an escape the format does not have
+        GOOD.replace('job="j"', "job=j"),  # a label value without quotes
+        GOOD.replace("} 1\n", "} 1_000\n", 1),  # Python reads it; Prometheus does not
+        GOOD.replace('le="0.5"} 1', 'le="0.5"} 3'),  # buckets not cumulative
+        GOOD.replace("h_count 2", "h_count 3"),  # +Inf is not the count
+        GOOD.replace('h_bucket{le="+Inf"} 2\n', ""),  # no +Inf bucket
+        GOOD.replace("# HELP x_total Things.\n", "# HELP x_total A.\n# HELP x_total B.\n"),
+    ],
+)
+def test_the_parser_refuses_what_prometheus_would(broken: str) -> None:
+    parse(GOOD)
+    with pytest.raises(AssertionError):
+        parse(broken)
