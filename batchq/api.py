@@ -330,7 +330,7 @@ class _Prepared:
             _notify(note)
         if api_key is None:
             api_key = os.environ.get(job.settings.api_key_env) or None
-        metrics = metrics_of(job)  # None without metrics_port=
+        metrics = metrics_of(job, _notify)  # None without metrics_port=
         watch = None if metrics is None else metrics.watch
         run_options = RunOptions(
             api_key=api_key,
@@ -348,7 +348,7 @@ class _Prepared:
         # No signal handlers (they are the application's), so nothing sets stats.interrupted:
         # a Ctrl-C reaches the engine as cancellation, and leaves as KeyboardInterrupt.
         if job.settings.via == "live":
-            return await served(metrics, run_job(job, run_options), _notify)
+            return await served(metrics, run_job(job, run_options))
         if transport is not None:
             raise ConfigError("transport= goes with via='live': batches go to the provider's API")
         from batchq.auto import run_auto  # here: a live run does not pay for their import
@@ -363,8 +363,8 @@ class _Prepared:
             on_stats=watch,
         )
         if job.settings.via == "batch":
-            return await served(metrics, run_batches(job, batch_options), _notify)
-        return await served(metrics, run_auto(job, run_options, batch_options), _notify)
+            return await served(metrics, run_batches(job, batch_options))
+        return await served(metrics, run_auto(job, run_options, batch_options))
 
     def index(self) -> OutputIndex:
         assert self.job is not None

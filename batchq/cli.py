@@ -366,7 +366,7 @@ def run(
         via = job.settings.via
         if detach and via != "batch":
             raise click.UsageError("--detach goes with --via batch: nothing else can detach")
-        metrics = metrics_of(job)  # None without --metrics-port
+        metrics = metrics_of(job, _notice)  # None without --metrics-port
         watch = None if metrics is None else metrics.watch
         live = RunOptions(
             api_key=api_key,
@@ -379,7 +379,7 @@ def run(
             on_stats=watch,
         )
         if via == "live":
-            stats = asyncio.run(served(metrics, run_job(job, live), _notice))
+            stats = asyncio.run(served(metrics, run_job(job, live)))
         else:  # imported only here: a live run's start does not pay for them (~0.1 s)
             from batchq.auto import run_auto
             from batchq.batch.executor import run_batches
@@ -387,9 +387,9 @@ def run(
             batch = _batching(api_key, retry_failed=retry_failed, detach=detach, fsync=fsync)
             batch = dataclasses.replace(batch, on_stats=watch)
             if via == "batch":
-                stats = asyncio.run(served(metrics, run_batches(job, batch), _notice))
+                stats = asyncio.run(served(metrics, run_batches(job, batch)))
             else:
-                stats = asyncio.run(served(metrics, run_auto(job, live, batch), _notice))
+                stats = asyncio.run(served(metrics, run_auto(job, live, batch)))
     except BatchqError as exc:
         raise Failure(exc) from None
     except Interrupted:  # a signal while the pipeline was not handling them

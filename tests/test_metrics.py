@@ -259,7 +259,29 @@ def test_a_port_in_use_is_one_line_and_exit_2_before_anything_is_sent(
     ]
     assert "Traceback" not in done.stderr
     assert server.stats()["requests"] == 0
-    assert not (tmp_path / "jobs" / "in" / "results.jsonl").exists()
+    status = batchq("status", "jobs/in", "--json", cwd=tmp_path)
+    assert orjson.loads(status.stdout)["pending"] == 1  # nothing lost, nothing done
+
+
+def test_a_second_run_of_a_running_job_is_told_it_runs_not_that_the_port_is_taken(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server()
+    write_jsonl(tmp_path / "in.jsonl", [chat("[[mock:sleep=30]] held")])
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    args = ["run", "in.jsonl", "--base-url", server.url, "--model", "m", "--metrics-port", port]
+    first = start(*args, cwd=tmp_path)
+    try:
+        _metrics_url(first)  # it holds the job, and the port
+        second = batchq(*args, cwd=tmp_path)
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode == 2
+    assert "is already being run by process" in second.stderr
+    assert "port" not in second.stderr
 
 
 def test_a_port_out_of_range_is_a_usage_error(tmp_path: Path) -> None:
@@ -332,11 +354,11 @@ async def test_the_phases_of_via_auto_add_up_and_agree_with_the_summary(
         default_base_url=None,
         force=False,
     )
-    metrics = metrics_of(job)
+    notices: list[str] = []
+    metrics = metrics_of(job, lambda message, level=0: notices.append(message))
     assert metrics is not None
     live, batch = RunOptions(on_stats=metrics.watch), BatchOptions(on_stats=metrics.watch)
-    notices: list[str] = []
-    stats = await served(metrics, run_auto(job, live, batch), lambda m, level=0: notices.append(m))
+    stats = await served(metrics, run_auto(job, live, batch))
     assert [s.ok for s in metrics.runs] == [29, 1]  # the batch phase, then the live one
     series, _ = parse(metrics.render().decode())
     run = summary(stats, results="", errors="", resume="", prices=(1.0, 1.0))["this_run"]
@@ -346,10 +368,10 @@ async def test_the_phases_of_via_auto_add_up_and_agree_with_the_summary(
     assert value(series, "batchq_cost_total") == pytest.approx(run["cost"]["spent"], abs=1e-5)
     assert value(series, "batchq_batches_created_total") == run["batches"]["created"] == 1
     assert value(series, "batchq_batches_open") == 0
-    assert any(n.startswith("metrics: http://127.0.0.1:") for n in notices)
+    assert sum(n.startswith("metrics: http://127.0.0.1:") for n in notices) == 1  # one port
 
 
-def test_label_values_are_escaped_and_an_unopened_run_renders(tmp_path: Path) -> None:
+async def test_label_values_are_escaped_and_an_unopened_run_renders(tmp_path: Path) -> None:
     name = 'a "quoted"\\job\nname'
     job = Job(
         dir=tmp_path / name,
@@ -358,14 +380,15 @@ def test_label_values_are_escaped_and_an_unopened_run_renders(tmp_path: Path) ->
         results=tmp_path / "r",
         errors=tmp_path / "e",
     )
-    metrics = Metrics(job)
+    metrics = Metrics(job, lambda message, level=0: None)
     series, _ = parse(metrics.render().decode())  # nothing opened yet: zeros, still valid
     assert value(series, "batchq_requests_total", status="ok", job=name) == 0
     stats = Stats(total=10, ok_before=3)
     stats.latency.add(0.2)
     stats.latency.add(5000.0)  # past the last exported bound: only in +Inf
     stats.retried("timeout")
-    metrics.watch(stats)
+    await metrics.watch(stats)
+    await metrics.aclose()
     series, _ = parse(metrics.render().decode())
     assert value(series, "batchq_request_duration_seconds_bucket", le="0.2441") == 1
     assert value(series, "batchq_request_duration_seconds_bucket", le="3261") == 1

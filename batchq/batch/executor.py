@@ -87,7 +87,7 @@ class BatchOptions:
     handle_signals: bool = False  # SIGINT/SIGTERM stop waiting: for the command line
     on_outcomes: Callable[[list[bytes]], Awaitable[None]] | None = None  # lines committed
     on_open: Callable[[], Awaitable[None]] | None = None  # the job is open, nothing sent yet
-    on_stats: Callable[[Stats], None] | None = None  # this run's counters, once the job is open
+    on_stats: Callable[[Stats], Awaitable[None]] | None = None  # its counters, once open
 
 
 async def run_batches(job: Job, options: BatchOptions) -> Stats:

@@ -56,7 +56,7 @@ class RunOptions(Protocol):
     @property
     def on_open(self) -> Callable[[], Awaitable[None]] | None: ...  # open, nothing sent yet
     @property
-    def on_stats(self) -> Callable[[Stats], None] | None: ...  # the counters, as they are made
+    def on_stats(self) -> Callable[[Stats], Awaitable[None]] | None: ...  # the run's counters
 
 
 @contextlib.asynccontextmanager
@@ -86,12 +86,12 @@ async def open_run(job: Job, options: RunOptions) -> AsyncIterator[OpenRun]:
         stats = Stats(
             ok_before=journal.totals.ok, failed_before=journal.totals.failed, total=span.requests
         )
-        if options.on_stats is not None:  # e.g. --metrics-port, which reads them while we run
-            options.on_stats(stats)
         with _signals_noted(stats, options.handle_signals):
             try:
                 if stats.done:
                     on_notice(f"resuming: {stats.done:,} of {stats.total:,} done")
+                if options.on_stats is not None:  # --metrics-port: it serves them from now on
+                    await options.on_stats(stats)
                 if options.on_open is not None:
                     await options.on_open()
                 yield OpenRun(span, journal, stats)

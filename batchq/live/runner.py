@@ -83,7 +83,7 @@ class RunOptions:
     transport: Transport | None = None  # None: aiohttp, to the job's base URL
     on_outcomes: Callable[[list[bytes]], Awaitable[None]] | None = None  # lines written
     on_open: Callable[[], Awaitable[None]] | None = None  # the job is open, nothing sent yet
-    on_stats: Callable[[Stats], None] | None = None  # this run's counters, once the job is open
+    on_stats: Callable[[Stats], Awaitable[None]] | None = None  # its counters, once open
 
 
 async def run_job(job: Job, options: RunOptions) -> Stats:

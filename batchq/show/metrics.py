@@ -29,8 +29,8 @@ import errno
 import math
 import time
 from collections import Counter
-from collections.abc import Coroutine, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Awaitable, Mapping
+from typing import TYPE_CHECKING, TypeVar
 
 from batchq.errors import ConfigError, Notify
 from batchq.show.progress import _cost  # the summary's own cost, so the two always agree
@@ -52,18 +52,33 @@ _EXPORTED = range(46, 349, 10)
 class Metrics:
     """The counters of one process's runs of a job (the phases of ``--via auto`` add up)."""
 
-    def __init__(self, job: Job) -> None:
+    def __init__(self, job: Job, on_notice: Notify) -> None:
         shard = "0/1" if job.shard is None else str(job.shard)
         self.host = job.settings.metrics_host
         self.port = job.settings.metrics_port or 0
         self.labels = {"job": job.dir.resolve().name, "shard": shard}
         self.prices = (job.settings.price_in, job.settings.price_out)
+        self.on_notice = on_notice
         self.started = time.time()
         self.runs: list[Stats] = []
+        self._runner: web.AppRunner | None = None
 
-    def watch(self, stats: Stats) -> None:
-        """Count ``stats`` too: the counters of a run (or phase) that has just opened."""
+    async def watch(self, stats: Stats) -> None:
+        """Count ``stats`` too: a run's (or phase's), whose job has just been opened.
+
+        The first one opens the port: after the job's lock, so a second run of a
+        running job is told so, and before anything is sent. ConfigError (exit 2)
+        if the port cannot be had.
+        """
+        if self._runner is None:
+            self._runner = await self._listen()
         self.runs.append(stats)
+
+    async def aclose(self) -> None:
+        """Stop serving; does nothing if not serving."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
 
     def render(self) -> bytes:
         """Every metric, in the text exposition format 0.0.4."""
@@ -151,8 +166,7 @@ class Metrics:
             "batchq_start_time_seconds", "gauge", "When this process began serving.", self.started
         )
 
-    async def start(self, on_notice: Notify) -> web.AppRunner:
-        """Listen, and say where; ConfigError (exit 2) if the port cannot be had."""
+    async def _listen(self) -> web.AppRunner:
         from aiohttp import web
 
         async def metrics(request: web.Request) -> web.Response:
@@ -171,28 +185,24 @@ class Metrics:
             await runner.cleanup()
             raise
         host, port = runner.addresses[0][:2]
-        on_notice(f"metrics: http://{f'[{host}]' if ':' in host else host}:{port}/metrics")
+        self.started = time.time()
+        self.on_notice(f"metrics: http://{f'[{host}]' if ':' in host else host}:{port}/metrics")
         return runner
 
 
-def metrics_of(job: Job) -> Metrics | None:
+def metrics_of(job: Job, on_notice: Notify) -> Metrics | None:
     """The metrics ``job`` is to serve; None without a metrics port."""
-    return None if job.settings.metrics_port is None else Metrics(job)
+    return None if job.settings.metrics_port is None else Metrics(job, on_notice)
 
 
-async def served(metrics: Metrics | None, run: Coroutine[Any, Any, T], on_notice: Notify) -> T:
-    """``run``, awaited while ``metrics`` are served; the port is had before it starts."""
+async def served(metrics: Metrics | None, run: Awaitable[T]) -> T:
+    """``run``, then the metrics' port closed (``Metrics.watch`` opened it with the job)."""
     if metrics is None:
         return await run
     try:
-        runner = await metrics.start(on_notice)
-    except BaseException:
-        run.close()  # never started: nothing to wait for
-        raise
-    try:
         return await run
     finally:
-        await runner.cleanup()
+        await metrics.aclose()
 
 
 def _unavailable(host: str, port: int, exc: OSError) -> str:
