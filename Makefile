@@ -34,7 +34,7 @@ test: lint redis-server
 # own, against the tests that touch each dependency: a floor that is declared is a floor
 # that is tested. .ci/run runs it after `make test`.
 FLOOR := .venv-floor
-FLOOR_PINS = $(shell sed -n 's/^ *"\(aiohttp\|orjson\|click\|tqdm\|redis\|pytest\|pytest-asyncio\|hypothesis\)>=\([0-9.]*\)",*$$/\1==\2/p' pyproject.toml)
+FLOOR_PINS = $(shell sed -n 's/^ *"\(aiohttp\|orjson\|click\|tqdm\|redis\|fastjsonschema\|pytest\|pytest-asyncio\|hypothesis\|jsonschema\)>=\([0-9.]*\)",*$$/\1==\2/p' pyproject.toml)
 
 $(FLOOR)/.installed: pyproject.toml
 	rm -rf $(FLOOR)
@@ -44,10 +44,11 @@ $(FLOOR)/.installed: pyproject.toml
 	touch $@
 
 test-floor: $(FLOOR)/.installed
-	$(FLOOR)/bin/pip list 2>/dev/null | grep -iE '^(aiohttp|orjson|click|tqdm|redis) '
+	$(FLOOR)/bin/pip list 2>/dev/null | grep -iE '^(aiohttp|orjson|click|tqdm|redis|fastjsonschema) '
 	$(FLOOR)/bin/pytest -q -p no:cacheprovider tests/test_pipeline.py tests/test_faults.py \
 		tests/test_mockserver.py tests/test_config.py tests/test_progress.py tests/test_api.py \
-		tests/test_limits_store.py tests/test_batch.py tests/test_mock_batches.py
+		tests/test_limits_store.py tests/test_batch.py tests/test_mock_batches.py \
+		tests/test_answers.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py

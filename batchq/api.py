@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -73,6 +74,7 @@ log = logging.getLogger("batchq")
 Requests = Iterable[str | dict[str, Any]] | str | os.PathLike[str]
 
 INPUT = "input.jsonl"
+SCHEMA = "schema.json"  # json_schema= or response_model='s schema, in the job folder
 STREAM_BUFFER = 1024  # results a stream holds that its reader has not taken yet
 _REQUEST_DEFAULTS = ("max_tokens", "temperature")
 _STRING_BODY = {"/v1/embeddings": "input", "/v1/responses": "input"}
@@ -113,7 +115,7 @@ async def arun(requests: Requests, **options: Any) -> list[Result]:
     async with _Prepared(requests, options) as prepared:
         await prepared.run()
         with prepared.index() as index:
-            return list(index.results())
+            return [prepared.shaped(r) for r in index.results()]
 
 
 class stream:  # a function by its use: ``async with batchq.stream(...) as results``
@@ -170,11 +172,11 @@ class stream:  # a function by its use: ``async with batchq.stream(...) as resul
         self._done_delivered = True
         index = await jobs.to_thread_to_the_end(self._prepared.index)
         for result in index.results():
-            await self._queue.put(result)
+            await self._queue.put(self._prepared.shaped(result))
 
     async def _deliver(self, lines: list[bytes]) -> None:
         for line in lines:
-            await self._queue.put(Result.from_output(orjson.loads(line)))
+            await self._queue.put(self._prepared.shaped(Result.from_output(orjson.loads(line))))
 
     async def _results(self) -> AsyncIterator[Result]:
         assert self._task is not None
@@ -268,6 +270,22 @@ class _Prepared:
         self.on_open: Callable[[], Awaitable[None]] | None = None
         self._temporary: tempfile.TemporaryDirectory[str] | None = None
         self.job: Job | None = None
+        self.response_model: Any = None  # a pydantic model class: Result.parsed is one
+
+    def shaped(self, result: Result) -> Result:
+        """``result`` with its parsed answer as an instance of ``response_model``, if given.
+
+        A live run checked every answer with the model; one that does not pass it (an
+        answer from a batch, or from a run with another model) keeps the plain parsed
+        JSON, rather than raising from the middle of the results.
+        """
+        if self.response_model is None or result.parsed is None:
+            return result
+        try:
+            instance = self.response_model.model_validate(result.parsed)
+        except ValueError:  # pydantic's ValidationError is one
+            return result
+        return dataclasses.replace(result, parsed=instance)
 
     async def __aenter__(self) -> _Prepared:
         folder = self.options.pop("job", None)
@@ -304,6 +322,13 @@ class _Prepared:
                 f"via={options['via']!r} needs job=DIR: the provider's batches outlive the call, "
                 "and the job folder is the only record of what they bill"
             )
+        self.response_model = options.pop("response_model", None)
+        schema = _schema_option(options.pop("json_schema", None), self.response_model)
+        if isinstance(schema, dict):  # kept in the job folder, where job.toml can name it
+            await asyncio.to_thread(durable.make_dirs, self.dir)
+            options["json_schema"] = str(await asyncio.to_thread(_keep_schema, self.dir, schema))
+        elif schema is not None:
+            options["json_schema"] = str(_absolute(schema))
         defaults = dict(options.pop("params", None) or {})
         defaults.update({k: options.pop(k) for k in _REQUEST_DEFAULTS if k in options})
         if options.get("limits_store") is None:  # as the command line's --limits-store
@@ -344,6 +369,7 @@ class _Prepared:
             on_outcomes=self.on_outcomes,
             on_open=self.on_open,
             on_stats=watch,
+            response_model=self.response_model,
         )
         # No signal handlers (they are the application's), so nothing sets stats.interrupted:
         # a Ctrl-C reaches the engine as cancellation, and leaves as KeyboardInterrupt.
@@ -394,6 +420,36 @@ def _notify(message: str, level: int = logging.INFO) -> None:
     count) after ``logging.basicConfig(level=logging.INFO)``.
     """
     log.log(level, "%s", message)
+
+
+def _schema_option(schema: object, model: Any) -> dict[str, Any] | str | os.PathLike[str] | None:
+    """``json_schema=`` (a dict or a file) or ``response_model=`` (a pydantic model class)."""
+    if model is not None:
+        if schema is not None:
+            raise ConfigError("give json_schema= or response_model=, not both")
+        if not callable(getattr(model, "model_json_schema", None)):
+            raise ConfigError(
+                f"response_model= takes a pydantic model class, not {type(model).__name__}"
+            )
+        return cast(dict[str, Any], model.model_json_schema())
+    if schema is None or isinstance(schema, dict | str | os.PathLike):
+        return schema
+    raise ConfigError(f"json_schema= takes a dict or a file path, not {type(schema).__name__}")
+
+
+def _absolute(path: str | os.PathLike[str]) -> Path:
+    return Path(path).absolute()
+
+
+def _keep_schema(folder: Path, schema: dict[str, Any]) -> Path:
+    """``schema`` as the job folder's schema.json, rewritten only if it changed."""
+    path = folder / SCHEMA
+    data = orjson.dumps(schema, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
+    with _reading(path):
+        same = path.exists() and path.read_bytes() == data
+    if not same:
+        durable.atomic_write(path, data)
+    return path
 
 
 def _shard(spec: object) -> Shard:

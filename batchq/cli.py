@@ -37,6 +37,7 @@ from batchq.errors import BatchqError
 if TYPE_CHECKING:  # pragma: no cover
     from batchq.batch.executor import BatchOptions
     from batchq.config import Settings
+    from batchq.show.preflight import Preflight
     from batchq.show.validate import Report
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -289,12 +290,37 @@ def _defaults(
     "(the metrics hold counts, no secrets) [default: 127.0.0.1].",
 )
 @click.option(
+    "--json-schema",
+    type=click.Path(exists=True, dir_okay=False),
+    help="A JSON Schema file: ask for answers that fit it, and check every one.",
+)
+@click.option(
+    "--json-mode/--no-json-mode",
+    default=None,
+    help='Ask for JSON answers ({"type": "json_object"}) and check that each parses.',
+)
+@click.option(
+    "--max-invalid",
+    type=click.IntRange(0, 100),
+    help="Times an answer that does not parse or fit is asked again [default: 2].",
+)
+@click.option(
+    "--reask/--no-reask",
+    default=None,
+    help="Ask again with the answer and what is wrong with it as a follow-up turn "
+    "[default: off: as the request was].",
+)
+@click.option(
     "--detach",
     is_flag=True,
     help="With --via batch: return once every batch is created; the same command collects them.",
 )
 @click.option("--retry-failed", is_flag=True, help="Send the retryable failures again first.")
-@click.option("--force", is_flag=True, help="Allow changing model, endpoint, system or defaults.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Allow changing model, endpoint, system, defaults or the JSON schema of a begun job.",
+)
 @click.option(
     "--shard",
     "shard_spec",
@@ -538,20 +564,28 @@ def status(job_dir: Path, as_json: bool) -> None:
 @click.option(
     "--fields",
     help="CSV columns, comma-separated [default: custom_id,text,prompt_tokens,"
-    "completion_tokens,error]; also line, ok, status_code, attempts, error_code.",
+    "completion_tokens,error]; also line, ok, status_code, attempts, error_code, and "
+    "parsed.KEY (a field of the answer read as JSON, e.g. parsed.label).",
 )
 def export(job_dir: Path, output: Path | None, fmt: str | None, fields: str | None) -> None:
     """Every done request of the job in JOB_DIR once, in input order: results and
     errors merged, as JSONL (the output lines) or CSV."""
     from batchq.api import open_job
-    from batchq.job.results import CSV_FIELDS, DEFAULT_CSV_FIELDS, write_csv, write_jsonl
+    from batchq.job.results import (
+        CSV_FIELDS,
+        DEFAULT_CSV_FIELDS,
+        known_field,
+        write_csv,
+        write_jsonl,
+    )
 
     fmt = fmt or ("csv" if output is not None and output.suffix == ".csv" else "jsonl")
     columns = tuple(f.strip() for f in fields.split(",")) if fields else DEFAULT_CSV_FIELDS
-    unknown = [c for c in columns if c not in CSV_FIELDS]
+    unknown = [c for c in columns if not known_field(c)]
     if unknown:
         raise click.BadParameter(
-            f"unknown field(s) {', '.join(unknown)}; choose from {', '.join(CSV_FIELDS)}",
+            f"unknown field(s) {', '.join(unknown)}; choose from {', '.join(CSV_FIELDS)}, "
+            "or parsed.KEY",
             param_hint="--fields",
         )
     try:
@@ -608,6 +642,23 @@ def _opened(path: Path | None, mode: str) -> Iterator[Any]:
 @click.option("--batch-dialect", type=click.Choice(["openai", "dashscope"]))
 @click.option("--batch-max-lines", type=click.IntRange(min=1))
 @click.option("--batch-max-bytes", type=click.IntRange(min=1024))
+@click.option(
+    "--check-endpoint",
+    is_flag=True,
+    help="Also ask the endpoint (models, context length, tokenizer, paths served) which "
+    "lines it would refuse; no completion is called.",
+)
+@click.option(
+    "--api-key-env",
+    metavar="NAME",
+    help="With --check-endpoint: the variable holding the API key [default: job's, "
+    "else OPENAI_API_KEY].",
+)
+@click.option(
+    "--split-out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="With --check-endpoint: write the lines that would fail to FILE.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 def validate(
     target: Path,
@@ -616,12 +667,17 @@ def validate(
     params: dict[str, Any],
     price_in: float,
     price_out: float,
+    check_endpoint: bool,
+    split_out: Path | None,
     as_json: bool,
     **settings: Any,
 ) -> None:
     """Check TARGET (an input .jsonl or a job folder) as a run would, sending nothing.
 
-    Exit status 0 if every line is a usable request, 1 if some are not.
+    With --check-endpoint, also ask the endpoint which lines it would refuse (prompt and
+    max_tokens past the context, a model or path it does not serve), calling no
+    completion. Exit status 0 if every line is a usable request that the endpoint would
+    take, 1 if some are not; 3 if the endpoint cannot be asked.
     """
     from batchq.config import build_settings
     from batchq.job.folder import JOB_TOML
@@ -634,6 +690,10 @@ def validate(
         stored: dict[str, Any] = {"input": str(target)}
         if target.is_dir():
             stored = read_job_toml(target / JOB_TOML)
+        elif settings["base_url"] is None:  # as run's new job would take it
+            settings["base_url"] = os.environ.get("OPENAI_BASE_URL") or None
+        if split_out is not None and not check_endpoint:
+            raise click.UsageError("--split-out goes with --check-endpoint")
         given = _defaults(params, max_tokens, temperature)
         overrides = {**settings, "defaults": {**stored.get("defaults", {}), **given}}
         job_settings = build_settings(stored, overrides)
@@ -644,9 +704,16 @@ def validate(
             price_in=price_in or job_settings.price_in,
             price_out=price_out or job_settings.price_out,
         )
+        preflight = None
+        if check_endpoint:
+            preflight = _preflight(path, job_settings, report, split_out)
+            # The endpoint's count replaces the estimate, in the cost too.
+            report.prompt_tokens, report.prompt_counted = preflight.prompt_tokens, preflight.counted
         figures = report.as_dict()
         if job_settings.via != "live":
             figures["batch"] = _batch_plan(report, job_settings)
+        if preflight is not None:
+            figures["endpoint"] = preflight.as_dict()
     except BatchqError as exc:
         raise Failure(exc) from None
     if as_json:
@@ -655,7 +722,35 @@ def validate(
         click.echo(render_report(report))
         if "batch" in figures:
             click.echo(_render_batch_plan(figures["batch"]))
-    sys.exit(EXIT_OK if report.bad == 0 else EXIT_FAILED)
+        if preflight is not None:
+            from batchq.show.preflight import render_preflight
+
+            click.echo(render_preflight(preflight))
+    refused = preflight is not None and preflight.would_fail > 0
+    sys.exit(EXIT_OK if report.bad == 0 and not refused else EXIT_FAILED)
+
+
+def _preflight(path: Path, settings: Settings, report: Report, split_out: Path | None) -> Preflight:
+    """``validate --check-endpoint``: the endpoint's verdict on every line."""
+    from batchq.live.preflight import check_endpoint
+    from batchq.reader import RequestTemplate
+
+    def progress(line: str) -> None:
+        _notice(f"validate: {line}")
+
+    return asyncio.run(
+        check_endpoint(
+            path,
+            RequestTemplate.from_settings(settings),
+            base_url=settings.base_url,
+            api_key=os.environ.get(settings.api_key_env) or None,
+            key_env=settings.api_key_env,
+            urls=report.endpoints,
+            connect_timeout=settings.connect_timeout,
+            split_out=split_out,
+            progress=progress,
+        )
+    )
 
 
 def _batch_plan(report: Report, settings: Settings) -> dict[str, Any]:
@@ -819,6 +914,27 @@ def _batch_options(command: Callable[..., None]) -> Callable[..., None]:
     default=True,
     show_default=True,
     help="Send x-ratelimit-* headers; without them, limits show only as 429s (like vLLM).",
+)
+@click.option(
+    "--max-model-len",
+    type=click.IntRange(min=0),
+    default=0,
+    help="A context length, as vLLM reports it in /v1/models and /tokenize; a prompt plus "
+    "max_tokens past it is answered 400 (0: no limit).",
+)
+@click.option(
+    "--served-model",
+    "models",
+    multiple=True,
+    metavar="NAME",
+    help="Serve only this model (repeatable); others are answered 404 [default: any "
+    "model, though /v1/models lists four].",
+)
+@click.option(
+    "--invalid-json-rate",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    help="Fraction of answers to JSON requests that do not parse or fit their schema.",
 )
 @click.option("--seed", type=int, help="Seed of the random faults and latencies.")
 @click.option(

@@ -32,7 +32,7 @@ JSONObject = dict[str, Any]
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
 #: Settings that change what is sent; a resumed job keeps them unless forced.
-REQUEST_SETTINGS = ("endpoint", "model", "system", "defaults")
+REQUEST_SETTINGS = ("endpoint", "model", "system", "defaults", "json_schema", "json_mode")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -72,6 +72,10 @@ class Settings:
     price_out: float = 0.0  # per million completion tokens
     metrics_port: int | None = None  # serve Prometheus metrics while running; 0: a free port
     metrics_host: str = "127.0.0.1"  # where to bind them: loopback unless said otherwise
+    json_schema: str | None = None  # a JSON Schema file every answer must fit (answers.py)
+    json_mode: bool = False  # answers must be JSON ({"type": "json_object"}), of no schema
+    max_invalid: int = 2  # times an answer that does not fit is asked again
+    reask: bool = False  # ask again showing the model its answer and what is wrong with it
 
     def __post_init__(self) -> None:
         for name in _TEXT:
@@ -137,6 +141,14 @@ class Settings:
             _check_range("metrics_port", self.metrics_port, 0, 65535, integer=True)
         if not self.metrics_host.strip():
             raise ConfigError("metrics_host must name an address, such as 127.0.0.1 or 0.0.0.0")
+        for name in ("json_mode", "reask"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, not {show(getattr(self, name))}")
+        _check_range("max_invalid", self.max_invalid, 0, 100, integer=True)
+        if (self.json_schema is not None or self.json_mode) and self.endpoint == "/v1/embeddings":
+            raise ConfigError(
+                "--json-schema and --json-mode check text answers: embeddings have none"
+            )
 
     @property
     def request_key(self) -> dict[str, Any]:
@@ -148,8 +160,12 @@ _TEXT = (
     *("input", "output", "errors", "base_url", "api_key_env", "endpoint", "model", "system"),
     *("limits_store", "limits_key", "via", "batch_dialect", "completion_window", "deadline"),
     "metrics_host",
+    "json_schema",
 )
-_OPTIONAL_TEXT = ("model", "system", "limits_store", "limits_key", "batch_dialect", "deadline")
+_OPTIONAL_TEXT: tuple[str, ...] = (
+    *("model", "system", "limits_store", "limits_key", "batch_dialect", "deadline"),
+    "json_schema",
+)
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 #: What API keys start with (OpenAI, Groq, Hugging Face, xAI, ...), never an env var name.
 _KEY_LIKE = re.compile(r"(sk|gsk|hf|xai|pk|rk|key)[-_][A-Za-z0-9]{8}|AIza", re.IGNORECASE)

@@ -23,13 +23,16 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import orjson
 
 from batchq.config import ENDPOINTS, JSONObject, Settings, show
 from batchq.errors import InputError
 from batchq.records import Outcome, Request, error_line
+
+if TYPE_CHECKING:  # pragma: no cover
+    from batchq.answers import Answers
 
 #: Completion tokens assumed for --tpm when neither the body nor the job sets a maximum.
 FALLBACK_COMPLETION_TOKENS = 256
@@ -57,11 +60,15 @@ class RequestTemplate:
     defaults: JSONObject
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> RequestTemplate:
+    def from_settings(cls, settings: Settings, answers: Answers | None = None) -> RequestTemplate:
+        """The template of ``settings``; with ``answers``, its bodies ask for structured output
+        (unless a body, or the job's defaults, already say how)."""
         defaults = dict(settings.defaults)
         if settings.endpoint == "/v1/responses" and "max_tokens" in defaults:
             # --max-tokens means the same there, under the name the Responses API accepts.
             defaults.setdefault("max_output_tokens", defaults.pop("max_tokens"))
+        if answers is not None:
+            defaults = {**answers.request_fields(settings.endpoint), **defaults}
         return cls(settings.endpoint, settings.model, settings.system, defaults)
 
 

@@ -190,6 +190,40 @@ def _count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
+def answer_text(body: dict[str, Any]) -> str | None:
+    """The generated text of a chat, completions or responses answer; None if it has none."""
+    choices = body.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        choice = choices[0]
+        message = choice.get("message")
+        if isinstance(message, dict):
+            content = message.get("content")
+            return content if isinstance(content, str) else None
+        text = choice.get("text")
+        return text if isinstance(text, str) else None
+    if isinstance(body.get("output_text"), str):
+        return str(body["output_text"])
+    parts = [
+        part.get("text")
+        for item in body.get("output") or []
+        if isinstance(item, dict) and item.get("type") == "message"
+        for part in item.get("content") or []
+        if isinstance(part, dict) and part.get("type") == "output_text"
+    ]
+    texts = [p for p in parts if isinstance(p, str)]
+    return "".join(texts) if texts else None
+
+
+def with_extra(line: bytes, extra: dict[str, Any]) -> bytes:
+    """An output line with more keys under its ``batchq`` key, which every line ends with.
+
+    Spliced, not decoded and written again: the line may hold an answer nested
+    deeper than orjson writes.
+    """
+    assert line.endswith(b"}}\n"), line[-40:]
+    return b"".join((line[:-3], b",", orjson.dumps(extra)[1:], b"}\n"))
+
+
 #: What an API key is replaced with wherever it would be written.
 KEY_REMOVED = "[api key removed]"
 _REMOVED = KEY_REMOVED.encode()

@@ -69,6 +69,7 @@ class Stats:
     binding: str | None = None  # what holds sending back: "pace", "endpoint capacity", ...
     hedges: int = 0  # second copies sent (--hedge)
     hedge_tokens: int = 0  # their estimated tokens
+    invalid_answers: int = 0  # answers that did not fit the schema, asked again (extra requests)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)

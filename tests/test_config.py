@@ -50,6 +50,12 @@ from batchq.job.settings import read_job_toml, write_job_toml
         ({"timeout": 0.0}, ["timeout", "> 0"]),
         ({"connect_timeout": -1.0}, ["connect_timeout", "> 0"]),
         ({"drain_timeout": -0.1}, ["drain_timeout", ">= 0"]),
+        ({"max_invalid": -1}, ["max_invalid", ">= 0"]),
+        ({"max_invalid": 1.5}, ["max_invalid", "whole number"]),
+        ({"json_mode": "yes"}, ["json_mode must be true or false"]),
+        ({"reask": 1}, ["reask must be true or false"]),
+        ({"json_schema": 3}, ["json_schema in job.toml must be a string"]),
+        ({"json_mode": True, "endpoint": "/v1/embeddings"}, ["embeddings have none"]),
     ],
 )
 def test_bad_settings_raise_config_error(changes: dict[str, Any], fragments: list[str]) -> None:
@@ -146,7 +152,11 @@ def test_defaults() -> None:
         None,
         {},
     )
-    assert s.request_key == {"endpoint": s.endpoint, "model": None, "system": None, "defaults": {}}
+    assert s.request_key == {
+        **{"endpoint": s.endpoint, "model": None, "system": None, "defaults": {}},
+        **{"json_schema": None, "json_mode": False},  # what is asked of the answers, too
+    }
+    assert (s.max_invalid, s.reask) == (2, False)
 
 
 # --- build_settings ------------------------------------------------------------------

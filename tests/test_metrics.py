@@ -387,6 +387,7 @@ async def test_label_values_are_escaped_and_an_unopened_run_renders(tmp_path: Pa
     stats.latency.add(0.2)
     stats.latency.add(5000.0)  # past the last exported bound: only in +Inf
     stats.retried("timeout")
+    stats.invalid_answers = 2
     await metrics.watch(stats)
     await metrics.aclose()
     series, _ = parse(metrics.render().decode())
@@ -395,6 +396,7 @@ async def test_label_values_are_escaped_and_an_unopened_run_renders(tmp_path: Pa
     assert value(series, "batchq_request_duration_seconds_bucket", le="+Inf") == 2
     assert value(series, "batchq_request_duration_seconds_sum") == pytest.approx(5000.2)
     assert value(series, "batchq_retries_total", cause="timeout") == 1
+    assert value(series, "batchq_invalid_answers_total") == 2
     assert value(series, "batchq_job_requests_done") == 3
 
 

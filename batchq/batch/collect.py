@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 
+from batchq.answers import Answers
 from batchq.errors import StorageError
 from batchq.job.batches import Chunk, in_ranges
 from batchq.records import Outcome, Request, error_line, result_line, usage_tokens
@@ -73,12 +74,15 @@ def collect(
     emit: Callable[[Outcome], None],
     rejected: dict[int, tuple[str, str]] | None = None,
     free: bool = False,
+    answers: Answers | None = None,
 ) -> Collected:
     """Hand every answered line of ``chunk`` to ``emit``; say what is left to do.
 
     ``rejected``: lines a batch that failed validation named as bad (input line:
     code, message); they fail for good, the batch's other lines go again.
     ``free``: this batch does not count as a try of its lines (the account was full).
+    ``answers``: the job's check of every answer (--json-schema); an answer that does
+    not fit is an ``invalid_output`` failure, retryable: no batch is made to ask again.
     """
     result = Collected()
     seen: set[int] = set()
@@ -98,6 +102,10 @@ def collect(
             if line_no in done:  # committed before a crash, the batch not yet marked collected
                 continue
             outcome, retryable = _outcome(obj, line_no, custom_id, chunk)
+            if answers is not None and outcome.ok and answers.checks(chunk.url):
+                verdict = answers.check_line(outcome.line)
+                if not verdict.fits:
+                    outcome = answers.invalid_outcome(outcome, verdict, 1)
             if retryable and not last_try:
                 result.retry.append(line_no)
             else:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from batchq.answers import Answers, load_answers
 from batchq.batch.collect import (
     Damaged,
     check,
@@ -98,6 +99,7 @@ async def run_batches(job: Job, options: BatchOptions) -> Stats:
     """
     dialect = dialect_of(job.settings)
     check_window(job.settings.completion_window, dialect)
+    answers = load_answers(job.settings, job.dir)  # a bad schema is refused before anything
     async with open_run(job, options) as opened:
         s = job.settings
         provider = Provider(
@@ -110,7 +112,7 @@ async def run_batches(job: Job, options: BatchOptions) -> Stats:
         ledger = Ledger(job.run_dir)
         try:
             async with provider:
-                run = BatchRun(job, opened, ledger, provider, options, dialect)
+                run = BatchRun(job, opened, ledger, provider, options, dialect, answers)
                 with run.signals():
                     await run.run()
         finally:
@@ -129,8 +131,10 @@ class BatchRun:
         provider: Provider,
         options: BatchOptions,
         dialect: Dialect,
+        answers: Answers | None = None,
     ) -> None:
         self.job = job
+        self.answers = answers  # the check of every answer (--json-schema, --json-mode)
         self.span, self.journal, self.stats = opened.span, opened.journal, opened.stats
         self.ledger, self.provider, self.options, self.dialect = ledger, provider, options, dialect
         self.notice = options.on_notice
@@ -209,6 +213,7 @@ class BatchRun:
             self.ledger.folder,
             self.ledger.next_number(),
             self.dialect,
+            self.answers,
         )
         if planned.refused_count and self.options.live_after:
             self.notice(
@@ -443,6 +448,7 @@ class BatchRun:
         collected = collect(
             files, chunk, ids, self.journal.done,
             max_attempts=self.job.settings.max_attempts, emit=emit, rejected=rejected, free=full,
+            answers=self.answers,
         )  # fmt: skip
         if status == "failed":
             self._say_failed(chunk, batch, len(rejected))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import orjson
 
+from batchq.answers import Answers
 from batchq.config import Settings, show, window_hours
 from batchq.errors import ConfigError
 from batchq.job import durable
@@ -146,6 +147,7 @@ async def plan(
     folder: Path,
     first_number: int,
     dialect: Dialect,
+    answers: Answers | None = None,
 ) -> Plan:
     """Split every line of ``span`` that ``skip`` does not exclude into chunk files."""
     durable.make_dirs(folder)
@@ -182,7 +184,7 @@ async def plan(
         result.rejected.append(outcome)
 
     try:
-        template = RequestTemplate.from_settings(settings)
+        template = RequestTemplate.from_settings(settings, answers)
         await feed(
             input_path, span.end, skip, template, send, reject,
             start=span.start, first_line=span.first_line,

@@ -143,6 +143,8 @@ def open_job(
         overrides["base_url"] = default_base_url
     if input_override is not None:
         overrides["input"] = _input_setting(input_override, job_dir)
+    if overrides.get("json_schema") is not None:  # as given, relative to the cwd
+        overrides["json_schema"] = _input_setting(Path(overrides["json_schema"]), job_dir)
     if stored is None:
         settings = build_settings({}, overrides)
         job = _resolve(job_dir, settings, save=True)
@@ -461,6 +463,7 @@ def write_progress(job_dir: Path, stats: Stats) -> None:
         "peak_in_flight": stats.peak_in_flight,
         "binding": stats.binding,
         "hedges": stats.hedges,
+        "invalid_answers": stats.invalid_answers,
         "retries": stats.retries,
         "rate_limited": stats.rate_limited,
         "pace": stats.pace,

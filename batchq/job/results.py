@@ -21,6 +21,7 @@ from typing import IO, Any
 import orjson
 
 from batchq.job.journal import JOURNAL_NAME, read_journal
+from batchq.records import answer_text
 
 JSONObject = dict[str, Any]
 
@@ -61,7 +62,10 @@ class Result:
 
     ``body`` is the endpoint's JSON answer (None where it gave none); ``text``
     the generated text of a chat, completions or responses answer, and
-    ``embedding`` the vector of an embeddings answer.
+    ``embedding`` the vector of an embeddings answer. ``parsed`` is a
+    succeeded answer's text read as JSON (None if it is not JSON): with
+    ``--json-schema`` an object that fits the schema; in the Python API with
+    ``response_model=``, an instance of that model.
     """
 
     line: int
@@ -71,6 +75,7 @@ class Result:
     body: JSONObject | None
     error: Error | None
     attempts: int
+    parsed: Any = None
 
     @classmethod
     def from_output(cls, output: JSONObject) -> Result:
@@ -87,6 +92,7 @@ class Result:
             body=body if isinstance(body, dict) else None,
             error=None if error is None else Error(str(error["code"]), str(error["message"])),
             attempts=int(extra.get("attempts", 0)),
+            parsed=_json_answer(body) if error is None and isinstance(body, dict) else None,
         )
 
     @property
@@ -105,27 +111,7 @@ class Result:
     @property
     def text(self) -> str | None:
         """The generated text: chat, completions and responses answers; else None."""
-        body = self.body or {}
-        choices = body.get("choices")
-        if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-            choice = choices[0]
-            message = choice.get("message")
-            if isinstance(message, dict):
-                content = message.get("content")
-                return content if isinstance(content, str) else None
-            text = choice.get("text")
-            return text if isinstance(text, str) else None
-        if isinstance(body.get("output_text"), str):
-            return str(body["output_text"])
-        parts = [
-            part.get("text")
-            for item in body.get("output") or []
-            if isinstance(item, dict) and item.get("type") == "message"
-            for part in item.get("content") or []
-            if isinstance(part, dict) and part.get("type") == "output_text"
-        ]
-        texts = [p for p in parts if isinstance(p, str)]
-        return "".join(texts) if texts else None
+        return answer_text(self.body or {})
 
     @property
     def embedding(self) -> list[float] | None:
@@ -134,6 +120,39 @@ class Result:
             vector = data[0].get("embedding")
             return vector if isinstance(vector, list) else None
         return None
+
+
+def _json_answer(body: JSONObject) -> Any:
+    """An answer's text read as JSON; None if it is not JSON (most answers of a job with no
+    schema, which a look at the first character tells without parsing)."""
+    text = answer_text(body)
+    if text is None or text.lstrip()[:1] not in ("{", "["):
+        return None
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _path(value: Any, keys: Sequence[str]) -> Any:
+    """The value at ``keys`` inside a parsed answer; None where there is none."""
+    for key in keys:
+        if isinstance(value, dict):
+            value = value.get(key)
+        elif isinstance(value, list) and key.isdigit() and int(key) < len(value):
+            value = value[int(key)]
+        else:
+            return None
+    return value
+
+
+def _cell(value: Any) -> object:
+    """A parsed value as a CSV cell: text as it is, anything else as JSON, nothing empty."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return orjson.dumps(value).decode()
 
 
 def _count(usage: JSONObject | None, *keys: str) -> int | None:
@@ -246,7 +265,15 @@ def write_csv(index: OutputIndex, out: IO[str], fields: Sequence[str]) -> int:
     return written
 
 
+def known_field(name: str) -> bool:
+    """Whether ``--fields`` can name ``name``: a CSV field, ``parsed``, or a path into the
+    parsed answer such as ``parsed.label`` or ``parsed.items.0.name``."""
+    return name in CSV_FIELDS or name == "parsed" or (name.startswith("parsed.") and name[7:] != "")
+
+
 def _field(result: Result, name: str) -> object:
+    if name == "parsed" or name.startswith("parsed."):
+        return _cell(_path(result.parsed, name.split(".")[1:]))
     if name == "error":
         return "" if result.error is None else result.error.message
     if name == "error_code":

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from batchq.answers import Answers, Invalid, load_answers
 from batchq.config import show
 from batchq.errors import (
     BatchqError,
@@ -84,6 +85,7 @@ class RunOptions:
     on_outcomes: Callable[[list[bytes]], Awaitable[None]] | None = None  # lines written
     on_open: Callable[[], Awaitable[None]] | None = None  # the job is open, nothing sent yet
     on_stats: Callable[[Stats], Awaitable[None]] | None = None  # its counters, once open
+    response_model: Any = None  # a pydantic model class every answer must also pass (api.py)
 
 
 async def run_job(job: Job, options: RunOptions) -> Stats:
@@ -92,8 +94,10 @@ async def run_job(job: Job, options: RunOptions) -> Stats:
     Raises FatalEndpointError (exit 3) when the endpoint refuses the job as
     a whole; the other BatchqErrors (exit 2) before anything is sent.
     """
+    # A bad schema is refused before anything is opened or sent.
+    answers = load_answers(job.settings, job.dir, options.response_model)
     async with open_run(job, options) as opened:
-        pipeline = Pipeline(job, opened.journal, opened.stats, opened.span, options)
+        pipeline = Pipeline(job, opened.journal, opened.stats, opened.span, options, answers)
         await pipeline.run()
     return opened.stats
 
@@ -102,7 +106,13 @@ class Pipeline:
     """One run's tasks and queues; ``stop`` is what a signal calls."""
 
     def __init__(
-        self, job: Job, journal: Journal, stats: Stats, span: Span, options: RunOptions
+        self,
+        job: Job,
+        journal: Journal,
+        stats: Stats,
+        span: Span,
+        options: RunOptions,
+        answers: Answers | None = None,
     ) -> None:
         settings = job.settings
         self.job = job
@@ -137,7 +147,8 @@ class Pipeline:
         self.exhausted = False  # every request has been taken by a worker
         self.policy = RetryPolicy(max_attempts=settings.max_attempts, max_wait=settings.max_wait)
         self.scrubber = key_scrubber(options.api_key)
-        self.template = RequestTemplate.from_settings(settings)
+        self.answers = answers  # the check of every answer (--json-schema, --json-mode)
+        self.template = RequestTemplate.from_settings(settings, answers)
         # Looked up once: asyncio.get_running_loop() makes a getpid() system call each time.
         self.loop = asyncio.get_running_loop()
         self._feeder: asyncio.Task[None] | None = None
@@ -252,8 +263,9 @@ class Pipeline:
         await self.requests.put(None)  # the end, which each worker passes on
 
     async def _process(self, transport: Transport) -> None:
+        call = self._call if self.answers is None else self._ask
         while (request := await self.requests.get()) is not None:
-            if (outcome := await self._call(transport, request)) is not None:
+            if (outcome := await call(transport, request)) is not None:
                 await self.outcomes.put(outcome)
         # One end for all workers, not one each: the queue is smaller than the pool. Nothing
         # is put after it, and this worker just took it, so it fits.
@@ -291,6 +303,25 @@ class Pipeline:
                 self.pacer.rate_limited(limit_kind(result), started)
             else:
                 await asyncio.sleep(decision.delay)  # off the pool: the slot serves another
+
+    async def _ask(self, transport: Transport, request: Request) -> Outcome | None:
+        """``_call``, its answer checked: one that does not fit is asked again (answers.py)."""
+        answers = self.answers
+        assert answers is not None
+        if not answers.checks(request.url):
+            return await self._call(transport, request)
+        sent, invalid = request, Invalid()  # invalid: the answers asked again, so far
+        while (outcome := await self._call(transport, sent)) is not None and outcome.ok:
+            verdict = answers.check_line(outcome.line)
+            if verdict.fits:
+                return invalid.record(outcome, sent, request)
+            if verdict.final or invalid.answers >= answers.max_invalid:
+                failed = answers.invalid_outcome(outcome, verdict, invalid.answers + 1)
+                return invalid.record(failed, sent, request)
+            invalid.add(outcome)
+            self.stats.invalid_answers += 1  # one extra request
+            sent = answers.again(request, verdict)
+        return None if outcome is None else invalid.record(outcome, sent, request)
 
     def _stopping(self) -> bool:
         return self.stats.interrupted

@@ -77,6 +77,7 @@ from batchq.mockserver.live import (
     _Mock,
     _status_body,
 )
+from batchq.mockserver.structured import requested_schema
 
 __all__ = ["BatchAPI", "VirtualClock"]
 
@@ -641,6 +642,8 @@ class BatchAPI:
         status = status or max(0, mock._random_fault())  # a dropped connection has no batch meaning
         if status:
             return _Line(custom_id, key, status, _status_body(status), call.budget)
+        if (schema := requested_schema(call.body)) is not None:
+            call = mock._structured(call, schema)  # fitting JSON, or not at the set rate
         reply, _, _ = endpoint.reply(call, mock._request_id())
         return _Line(custom_id, key, 200, orjson.dumps(reply), call.budget)
 

@@ -3,10 +3,14 @@
 It answers `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/responses` and
 `/v1/models` with deterministic, OpenAI-shaped replies: the reply text is "Echo: " plus the
 first 100 characters of the prompt, and a token is four characters. Times are float seconds.
+Like vLLM it also serves `POST /tokenize` (the count a completion's usage would report) and,
+with `max_model_len`, reports the context length in `/v1/models` and answers a request past
+it with vLLM's 400; with `models`, a model it does not serve gets vLLM's 404.
 
 One method, `_Mock._decide`, chooses every answer, in the order a real endpoint reaches it:
 
-    auth (401) -> quota (429) -> body (400) -> scripted faults -> RPM/TPM (429)
+    auth (401) -> quota (429) -> body (400) -> model (404) -> context (400)
+    -> scripted faults -> RPM/TPM (429)
     -> random faults (500, 503, drop) -> the reply
 
 `_Mock._send` then waits for the latency and sends it, or dribbles it out slowly.
@@ -22,6 +26,10 @@ and in its queue of a uniform sample of its 200 answers, and the TPM charge of i
 answers (`accepted_tokens`, counted whether or not a TPM is enforced). With `record` they
 also list every arrival and every 200's arrival time and charge (`accepted`), all
 `time.time()`, as `first_at` and `last_at` are.
+
+A request that asks for JSON (`response_format`, or `text.format` on `/v1/responses`) is
+answered with JSON that fits its schema, or, at `invalid_json_rate`, with an answer that does
+not parse or fit (structured.py); the stats count both (`structured`, `invalid_answers`).
 
 Scripted faults are directives inside the prompt, so a test writes the fault beside the
 request that meets it: `[[mock:fail=2]]` (the first 2 arrivals of this exact prompt get 503;
@@ -62,6 +70,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
+from batchq.mockserver.structured import fitting, requested_schema, unfitting
+
 if TYPE_CHECKING:  # mockserver.batches builds on this module, so it is imported where it is used
     from batchq.mockserver.batches import BatchAPI
 
@@ -91,6 +101,11 @@ class MockOptions:
     rate_limit_headers: bool = True  # send x-ratelimit-* (vLLM-like servers do not)
     seed: int | None = None  # for the random faults, jitter and lognormal draws
     record: bool = False  # keep per-prompt arrivals and 200s in stats(); memory grows
+    # vLLM's context length: in /v1/models and /tokenize, and a prompt + max_tokens past it
+    # is answered 400 as vLLM answers it (0 = no limit, nothing reported).
+    max_model_len: int = 0
+    models: tuple[str, ...] = ()  # serve only these, others 404 as vLLM does (): any model)
+    invalid_json_rate: float = 0.0  # structured answers that do not parse or fit (structured.py)
     # The Files + Batches API (batchq.mockserver.batches); its times are virtual seconds.
     batch_time_scale: float = 60.0  # virtual seconds per real second
     batch_lines_per_second: float = 10.0  # a batch's pace, in lines per virtual second
@@ -108,7 +123,8 @@ class MockOptions:
     batch_rate_5xx: float = 0.0  # ... and 500
 
     def __post_init__(self) -> None:
-        rates = ("rate_500", "rate_503", "drop_rate", "batch_rate_429", "batch_rate_5xx")
+        rates: tuple[str, ...] = ("rate_500", "rate_503", "drop_rate", "batch_rate_429")
+        rates += ("batch_rate_5xx", "invalid_json_rate")
         faults = ("lost_upload", "lost_create", "lost_cancel", "late_failure", "expire")
         faults_rates = (f"batch_{fault}_rate" for fault in (*faults, "truncated_download"))
         for name in (*rates, *faults_rates):
@@ -122,7 +138,8 @@ class MockOptions:
             raise ValueError("rate_500 + rate_503 + drop_rate must not exceed 1")
         numbers = ("latency", "latency_jitter", "latency_p50", "latency_p99", "slow_body")
         batch_numbers = ("batch_step_seconds", "batch_max_file_bytes", "batch_enqueued_tokens")
-        for name in (*numbers, *batch_numbers, "slot_load_factor", "slots", "rpm", "tpm"):
+        limits = ("slot_load_factor", "slots", "rpm", "tpm", "max_model_len")
+        for name in (*numbers, *batch_numbers, *limits):
             if not 0 <= getattr(self, name) < math.inf:
                 raise ValueError(
                     f"{name} must be a non-negative number, got {getattr(self, name)!r}"
@@ -262,6 +279,7 @@ class _Call:
     prompt: str
     max_tokens: int | None
     script: _Script | None
+    answer: str | None = None  # the text to answer with, when the request asks for JSON
 
     @property
     def budget(self) -> int:
@@ -276,7 +294,7 @@ _Reply = tuple[JSONObject, int, int]
 
 def _completion(call: _Call) -> tuple[str, int, str]:
     """The reply text, its tokens and finish reason, cut short by max tokens."""
-    text = "Echo: " + call.prompt[:100]
+    text = "Echo: " + call.prompt[:100] if call.answer is None else call.answer
     if call.max_tokens is not None and call.max_tokens < _tokens(text):
         return text[: call.max_tokens * 4], call.max_tokens, "length"
     return text, _tokens(text), "stop"
@@ -345,6 +363,7 @@ class _Endpoint:
     prompt: Callable[[Any, str], str]
     reply: Callable[[_Call, str], _Reply]
     renamed: Mapping[str, str] = field(default_factory=dict)  # refused, as OpenAI refuses them
+    generates: bool = True  # embeddings do not: their prompt alone must fit the context
 
     def parse(self, raw: bytes) -> _Call:
         try:
@@ -374,18 +393,66 @@ def _joined(value: Any, param: str) -> str:
 _ENDPOINTS = {
     "/v1/chat/completions": _Endpoint("messages", _messages_text, _chat_reply),
     "/v1/completions": _Endpoint("prompt", _joined, _text_reply),
-    "/v1/embeddings": _Endpoint("input", _joined, _embeddings_reply),
+    "/v1/embeddings": _Endpoint("input", _joined, _embeddings_reply, generates=False),
     "/v1/responses": _Endpoint(
         "input", _messages_text, _responses_reply, {"max_tokens": "max_output_tokens"}
     ),
 }
 _MODEL_IDS = ("gpt-4o-mini", "gpt-4o", "text-embedding-3-small", "mock")
-_MODELS = orjson.dumps(
-    {
-        "object": "list",
-        "data": [{"id": m, "object": "model", "owned_by": "batchq"} for m in _MODEL_IDS],
-    }
-)
+
+
+def _models_body(options: MockOptions) -> bytes:
+    """/v1/models: with a context length, each model reports it as vLLM does."""
+    extra = {"max_model_len": options.max_model_len} if options.max_model_len else {}
+    data = [
+        {"id": m, "object": "model", "owned_by": "batchq", **extra}
+        for m in options.models or _MODEL_IDS
+    ]
+    return orjson.dumps({"object": "list", "data": data})
+
+
+def _context_error(call: _Call, endpoint: _Endpoint, max_model_len: int) -> bytes | None:
+    """vLLM's 400 for a request past the context: prompt + max_tokens, or the prompt alone
+    when no max_tokens is set (vLLM then generates up to the context's end)."""
+    used = _tokens(call.prompt)
+    cap = call.max_tokens if endpoint.generates else 0
+    if cap is None and used >= max_model_len:
+        message = (
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {used} tokens in the messages, Please reduce the length of the messages."
+        )
+    elif cap is not None and used + cap > max_model_len:
+        message = (
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {used + cap} tokens ({used} in the messages, {cap} in the completion). "
+            "Please reduce the length of the messages or completion."
+        )
+    else:
+        return None
+    return _error_body(message, "BadRequestError")
+
+
+def _tokenize_reply(raw: bytes, max_model_len: int) -> bytes:
+    """vLLM's /tokenize: the tokens of a prompt or of chat messages, counted exactly as the
+    completion's usage.prompt_tokens counts them (four characters a token)."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise _BadRequest("We could not parse the JSON body of your request.") from exc
+    if not isinstance(body, dict) or ("messages" in body) == ("prompt" in body):
+        raise _BadRequest("Expected a JSON object with either 'prompt' or 'messages'.")
+    if "messages" in body:
+        text = _messages_text(body["messages"], "messages")
+    else:
+        text = _joined(body["prompt"], "prompt")
+    count = _tokens(text)
+    # A token id per four characters (its first one's code point): the same text, the same
+    # tokens; cheap, as a benchmark of clients asks thousands a second.
+    tokens = [ord(c) for c in text[::4]] or [0]
+    answer: JSONObject = {"count": count, "tokens": tokens, "token_strs": None}
+    if max_model_len:
+        answer["max_model_len"] = max_model_len
+    return orjson.dumps(answer)
 
 
 # --- Error bodies ------------------------------------------------------------------------
@@ -570,6 +637,8 @@ class _Stats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     accepted_tokens: int = 0  # the TPM charge of the 200 answers (`_Call.budget`)
+    structured: int = 0  # 200 answers to requests that asked for JSON (structured.py)
+    invalid_answers: int = 0  # of those, answered with JSON that does not parse or fit
     first_at: float | None = None
     last_at: float | None = None
     by_status: Counter[int] = field(default_factory=Counter)
@@ -616,6 +685,8 @@ class _Stats:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "accepted_tokens": self.accepted_tokens,
+            "structured": self.structured,
+            "invalid_answers": self.invalid_answers,
             "first_at": self.first_at,
             "last_at": self.last_at,
         }
@@ -652,6 +723,7 @@ class _Mock:
         self._serving = 0  # slots busy now
         self._slowdown = options.slot_load_factor / options.slots if options.slots else 0.0
         self.batches: BatchAPI | None = None  # the Files + Batches routes, once added
+        self._models = _models_body(options)
 
     def reset(self) -> None:
         in_flight = self.stats.in_flight
@@ -757,6 +829,13 @@ class _Mock:
             return 429, _QUOTA_BODY, 0.0
         if isinstance(call, _BadRequest):
             return 400, _error_body(str(call), "invalid_request_error", call.param), 0.0
+        if self.options.models and call.model not in self.options.models:
+            message = f"The model `{call.model}` does not exist."
+            return 404, _error_body(message, "NotFoundError", "model", "model_not_found"), 0.0
+        if self.options.max_model_len and (
+            too_long := _context_error(call, endpoint, self.options.max_model_len)
+        ):
+            return 400, too_long, 0.0
         script = call.script or _Script()
         sleep = script.sleep
         if call.script is not None:
@@ -784,10 +863,21 @@ class _Mock:
             return 429, body, sleep
         if fault := self._random_fault():
             return fault, None if fault < 0 else _status_body(fault), sleep
+        if (schema := requested_schema(call.body)) is not None:
+            call = self._structured(call, schema)
         reply, used, done = endpoint.reply(call, rid)
         self.stats.prompt_tokens += used
         self.stats.completion_tokens += done
         return 200, orjson.dumps(reply), sleep
+
+    def _structured(self, call: _Call, schema: JSONObject) -> _Call:
+        """``call`` to be answered with JSON: fitting its schema, or not at the set rate."""
+        self.stats.structured += 1
+        rate = self.options.invalid_json_rate
+        if rate and self._rng.random() < rate:
+            self.stats.invalid_answers += 1
+            return replace(call, answer=unfitting(schema, self._rng.random()))
+        return replace(call, answer=orjson.dumps(fitting(schema, call.prompt)).decode())
 
     def _random_fault(self) -> int:
         """-1 to drop, 500 or 503 for a random fault, else 0; one draw picks among them."""
@@ -837,7 +927,19 @@ class _Mock:
         headers = {"x-request-id": f"req_{self._request_id()}"}
         if not self._authorized(request):
             return await self._send(request, 401, _status_body(401), headers, self._delay(0.0))
-        return await self._send(request, 200, _MODELS, headers, self._delay(0.0))
+        return await self._send(request, 200, self._models, headers, self._delay(0.0))
+
+    async def tokenize(self, request: web.Request) -> web.StreamResponse:
+        self.stats.arrive(request.path, None)
+        headers = {"x-request-id": f"req_{self._request_id()}"}
+        if not self._authorized(request):
+            return await self._send(request, 401, _status_body(401), headers, 0.0)
+        try:
+            body = _tokenize_reply(await request.read(), self.options.max_model_len)
+        except _BadRequest as exc:
+            error = _error_body(str(exc), "invalid_request_error", exc.param)
+            return await self._send(request, 400, error, headers, 0.0)
+        return await self._send(request, 200, body, headers, 0.0)
 
     async def not_found(self, request: web.Request) -> web.StreamResponse:
         self.stats.arrive(request.path, None)
@@ -891,6 +993,7 @@ def build_app(options: MockOptions) -> web.Application:
         for path, endpoint in _ENDPOINTS.items():
             app.router.add_post(prefix + path, _route(mock, endpoint))
         app.router.add_get(prefix + "/v1/models", mock.models)
+    app.router.add_post("/tokenize", mock.tokenize)  # vLLM's, beside /v1 as vLLM serves it
     mock.batches = BatchAPI(mock)
     mock.batches.add_routes(app.router)
     app.router.add_get("/_mock/stats", mock.stats_view)

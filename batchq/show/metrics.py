@@ -113,6 +113,12 @@ class Metrics:
         tokens = {"prompt": total("prompt_tokens"), "completion": total("completion_tokens")}
         out.each("batchq_tokens_total", "counter", "Tokens of the answers.", "kind", tokens)
         out.one("batchq_hedges_total", "counter", "Second copies of stragglers.", total("hedges"))
+        out.one(
+            "batchq_invalid_answers_total",
+            "counter",
+            "Answers that did not parse or fit the schema, asked again.",
+            total("invalid_answers"),
+        )
         if any(self.prices):
             spent = sum(_cost(s, *self.prices)["spent"] for s in runs)
             out.one("batchq_cost_total", "counter", "Spent, in the prices' unit.", spent)

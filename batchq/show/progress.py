@@ -48,6 +48,8 @@ def _tail(s: Stats, token_rate: float) -> str:
     )
     if s.hedges:
         text += f" · hedges {s.hedges:,}"
+    if s.invalid_answers:
+        text += f" · invalid answers {s.invalid_answers:,}"
     return text + (f" · pace {s.pace}" if s.pace else "")
 
 
@@ -160,6 +162,7 @@ def summary(
             "rate_limited": s.rate_limited,
             "concurrency": {"peak_in_flight": s.peak_in_flight, "allowance": s.allowance},
             "hedges": {"sent": s.hedges, "estimated_tokens": s.hedge_tokens},
+            "invalid_answers": s.invalid_answers,  # asked again: extra requests
             "cost": _cost(s, *prices) if any(prices) else None,
             "batches": None
             if s.batches_open is None
@@ -222,6 +225,11 @@ def render_summary(figures: dict[str, Any]) -> str:
     if run["hedges"]["sent"]:
         hedges = run["hedges"]
         lines[-1] += f"; {hedges['sent']:,} hedges (~{hedges['estimated_tokens']:,} tokens extra)"
+    if run["invalid_answers"]:
+        lines.append(
+            f"  answers that did not parse or fit: {run['invalid_answers']:,} asked again "
+            "(extra requests, their tokens counted above)"
+        )
     lines.append(f"  results: {f['results']}")
     lines.append(f"  errors:  {f['errors']}")
     if f["resume"]:

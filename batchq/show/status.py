@@ -22,7 +22,8 @@ from batchq.job.shard import read_cut, shard_folders
 from batchq.stats import duration
 
 #: Figures of a running process, from its progress.json; summed over running shards.
-_LIVE_SUMS = ("in_flight", "allowance", "peak_in_flight", "hedges", "retries", "rate_limited")
+_LIVE_SUMS: tuple[str, ...] = ("in_flight", "allowance", "peak_in_flight", "hedges", "retries")
+_LIVE_SUMS += ("rate_limited", "invalid_answers")
 
 
 def job_status(job_dir: Path) -> dict[str, Any]:
@@ -118,6 +119,7 @@ def _part(
         "peak_in_flight": live.get("peak_in_flight"),
         "binding": live.get("binding"),
         "hedges": live.get("hedges"),
+        "invalid_answers": live.get("invalid_answers"),
         "elapsed_s": live.get("elapsed_s", read_state(run_dir).get("elapsed_s")),
         "retries": live.get("retries"),
         "rate_limited": live.get("rate_limited"),
@@ -166,6 +168,7 @@ def render_status(f: dict[str, Any]) -> str:
             f"  running for {duration(f['elapsed_s'])}: {f['in_flight']}/{f['allowance']} "
             f"in flight" + (f" ({f['binding']})" if f["binding"] else "") + ", "
             f"{f['retries']:,} retries, {f['rate_limited']:,} 429s"
+            + (f", {f['invalid_answers']:,} invalid answers" if f.get("invalid_answers") else "")
             + (f", pace {f['pace']}" if f["pace"] else "")
         )
     elif f["elapsed_s"] is not None:

@@ -49,6 +49,7 @@ class Report:
     endpoints: Counter[str] = field(default_factory=Counter)
     models: Counter[str] = field(default_factory=Counter)
     prompt_tokens: int = 0
+    prompt_counted: int = 0  # requests whose prompt the endpoint counted (--check-endpoint)
     completion_tokens: int = 0  # at most: the sum of the caps
     uncapped: int = 0  # requests with no completion cap, counted at 0 above
     price_in: float = 0.0  # per million tokens
@@ -83,6 +84,7 @@ class Report:
             "endpoints": dict(self.endpoints.most_common()),
             "models": dict(self.models.most_common()),
             "prompt_tokens": self.prompt_tokens,
+            "prompt_tokens_counted_by_endpoint": self.prompt_counted,
             "max_completion_tokens": self.completion_tokens,
             "requests_without_max_tokens": self.uncapped,
             "cost": self.cost,
@@ -160,8 +162,12 @@ def render_report(report: Report) -> str:
         lines += [f"    {show(cid)} on lines {a} and {b}" for cid, a, b in r.duplicate_ids]
     lines.append("  endpoints: " + _counts(r.endpoints))
     lines.append("  models: " + _counts(r.models))
+    how = "estimated"
+    if r.prompt_counted:
+        how = "prompt counted by the endpoint"
+        how += f" for {r.prompt_counted:,} of {r.good:,}" if r.prompt_counted < r.good else ""
     lines.append(
-        f"  tokens (estimated): {r.prompt_tokens:,} prompt + at most "
+        f"  tokens ({how}): {r.prompt_tokens:,} prompt + at most "
         f"{r.completion_tokens:,} completion"
         + (f" ({r.uncapped:,} requests set no max_tokens)" if r.uncapped else "")
     )
