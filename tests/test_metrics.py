@@ -238,6 +238,36 @@ def test_scraped_during_a_run_the_counters_agree_with_the_summary(
         urllib.request.urlopen(url, timeout=5)
 
 
+def test_a_run_by_batch_shows_its_open_batches_while_they_run(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    # A minute a real second: validating and finalizing take half a second each.
+    server = mock_server(batch_time_scale=60.0, batch_lines_per_second=10.0)
+    write_jsonl(tmp_path / "in.jsonl", [chat(f"q{i}", custom_id=f"q{i}") for i in range(40)])
+    process = start(
+        "run", "in.jsonl", "--base-url", server.url, "--model", "m", "--via", "batch",
+        "--batch-max-lines", "20", "--batch-poll", "0.02", "--metrics-port", "0",
+        "--json-summary", cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        url = _metrics_url(process)
+        scrapes = [scrape(url)[0]]
+
+        def batches_open() -> bool:
+            scrapes.append(scrape(url)[0])
+            return value(scrapes[-1], "batchq_batches_open") == 2
+
+        wait_for(batches_open, timeout=60)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 0, err
+    run = orjson.loads(out)["this_run"]
+    assert value(scrapes[-1], "batchq_batches_created_total") == run["batches"]["created"] == 2
+    assert value(scrapes[-1], "batchq_requests_total", status="ok") < run["succeeded"] == 40
+
+
 def test_a_port_in_use_is_one_line_and_exit_2_before_anything_is_sent(
     tmp_path: Path, mock_server: MockFactory
 ) -> None:

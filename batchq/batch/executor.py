@@ -319,6 +319,7 @@ class BatchRun:
         self._show()
         for chunk, batch in finished:
             await self.collect(chunk, batch)
+        self.stats.batches_open = len(self.ledger.open_chunks())  # for --metrics-port, as it goes
         return bool(finished)
 
     async def _retrieve(self, chunk: Chunk) -> dict[str, Any]:

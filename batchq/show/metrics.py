@@ -59,6 +59,7 @@ class Metrics:
         self.port = job.settings.metrics_port or 0
         self.labels = {"job": job.dir.resolve().name, "shard": shard}
         self.prices = (job.settings.price_in, job.settings.price_out)
+        self.batching = job.settings.via != "live"
         self.on_notice = on_notice
         self.started = time.time()
         self.runs: list[Stats] = []
@@ -128,7 +129,7 @@ class Metrics:
             "Latency of the attempts answered 2xx.",
             [s.latency for s in runs],
         )
-        if any(s.batches_open is not None for s in runs):
+        if self.batching:
             out.one(
                 "batchq_batches_created_total",
                 "counter",
@@ -161,9 +162,9 @@ class Metrics:
                 "limit",
                 dict(sorted(last.pace_rates.items())),
             )
-        opened = [s.batches_open for s in self.runs if s.batches_open is not None]
-        if opened:
-            out.one("batchq_batches_open", "gauge", "Provider batches still open.", opened[-1])
+        if self.batching:  # the batch phase's last count, under --via auto
+            opened = [s.batches_open for s in self.runs if s.batches_open is not None]
+            out.one("batchq_batches_open", "gauge", "Provider batches open.", (opened or [0])[-1])
         if last.total is not None:
             out.one(
                 "batchq_job_requests", "gauge", "Requests in the input (the shard's).", last.total
