@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-floor lint redis-server bench bench-full bench-capacity bench-api bench-batch clean
+.PHONY: demo test test-floor lint redis-server chromium bench bench-full bench-capacity bench-api bench-batch clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,14 @@ redis-server:
 		(apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) || true
 	@command -v redis-server >/dev/null || echo "redis-server not found: the Redis tests will be skipped (CI=true: they fail)"
 
-test: lint redis-server
+# The view's tests drive a real browser: Debian's chromium, through Playwright's Python
+# package (never `playwright install`). Installed like redis-server; skipped loudly without it.
+chromium:
+	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || \
+		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || true
+	@command -v chromium >/dev/null || echo "chromium not found: the browser tests will be skipped (CI=true: they fail)"
+
+test: lint redis-server chromium
 	$(BIN)/pytest -q
 
 # The lowest versions pyproject.toml allows ("x>=1.2" becomes "x==1.2"), in a venv of their

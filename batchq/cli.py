@@ -606,6 +606,51 @@ def export(job_dir: Path, output: Path | None, fmt: str | None, fields: str | No
     _notice(f"exported {written:,} requests in input order")
 
 
+@cli.command()
+@click.argument("job_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--port", type=click.IntRange(0, 65535), default=0, help="[default: 0, a free port]")
+@click.option("--no-open", is_flag=True, help="Print the URL only; do not open a browser.")
+def view(job_dir: Path, port: int, no_open: bool) -> None:
+    """Serve a read-only page of the job in JOB_DIR on 127.0.0.1: charts over its life,
+    failures by code, results beside their prompts. Works while the job runs; Ctrl-C stops."""
+    from batchq.show.view import serve
+
+    def ready(url: str) -> None:
+        click.echo(f"batchq view: {url}  (Ctrl-C to stop)", err=True)
+        if not no_open:
+            import webbrowser
+
+            webbrowser.open(url)
+
+    try:
+        asyncio.run(serve(job_dir, port, ready))
+    except BatchqError as exc:
+        raise Failure(exc) from None
+
+
+@cli.command()
+@click.argument("job_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The HTML file to write.",
+)
+def report(job_dir: Path, output: Path) -> None:
+    """Write the charts and failures of the job in JOB_DIR as one self-contained HTML file
+    (no server, no network needed to open it)."""
+    from batchq.show.view import write_report
+
+    try:
+        write_report(job_dir, output)
+    except BatchqError as exc:
+        raise Failure(exc) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {output}: {exc.strerror}") from None
+    _notice(f"wrote {output}")
+
+
 @contextlib.contextmanager
 def _opened(path: Path | None, mode: str) -> Iterator[Any]:
     """``path`` opened for writing, or stdout (text or binary as ``mode`` says)."""

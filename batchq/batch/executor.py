@@ -43,6 +43,7 @@ from batchq.errors import ConfigError, Notify, StorageError
 from batchq.job import durable
 from batchq.job.batches import Chunk, Ledger, in_ranges, to_ranges
 from batchq.job.folder import Job
+from batchq.job.history import History
 from batchq.job.journal import DoneSet
 from batchq.job.run import SIGNALS, OpenRun, open_run
 from batchq.reader import RequestTemplate, feed
@@ -114,7 +115,11 @@ async def run_batches(job: Job, options: BatchOptions) -> Stats:
             async with provider:
                 run = BatchRun(job, opened, ledger, provider, options, dialect, answers)
                 with run.signals():
-                    await run.run()
+                    try:
+                        await run.run()
+                    finally:  # the last point of `batchq view`'s charts
+                        run.history.record(run.stats, time.monotonic(), pace=None)
+                        run.history.close()
         finally:
             ledger.close()
     return opened.stats
@@ -148,6 +153,7 @@ class BatchRun:
         self._late: dict[int, int] = {}  # looks at final batches that named no file yet
         self._resubmit_at = 0.0  # time.monotonic() before which nothing is planned again
         self._reserve = 0.0 if options.deadline is None else 0.1 * (options.deadline - time.time())
+        self.history = History(job.run_dir, prices=(job.settings.price_in, job.settings.price_out))
 
     async def run(self) -> None:
         elsewhere = {c.base for c in self.ledger.open_chunks() if c.base not in (None, self.base)}
@@ -302,6 +308,7 @@ class BatchRun:
     async def wait_and_collect(self) -> None:
         """Poll the open batches until one or more has finished; collect those."""
         while not self.stopping.is_set() and not await self.collect_finished():
+            self._record()
             await self._sleep(self.job.settings.batch_poll)
 
     async def collect_finished(self) -> bool:
@@ -542,9 +549,15 @@ class BatchRun:
         then hand all of them to ``on_outcomes``."""
         self._append(outcomes)
         await self.journal.commit_in_thread()
+        self._record()
         lines = [*appended, *(o.line for o in outcomes)]
         if lines and self.options.on_outcomes is not None:
             await self.options.on_outcomes(lines)
+
+    def _record(self) -> None:
+        """A point of the job's history (job/history.py), when one is due."""
+        if self.history.due(now := time.monotonic()):
+            self.history.record(self.stats, now, pace=None)
 
     def _append(self, outcomes: list[Outcome]) -> None:
         if not outcomes:

@@ -41,6 +41,7 @@ from batchq.config import REQUEST_SETTINGS, Settings, build_settings
 from batchq.errors import ConfigError, InputError, JobLocked, StorageError
 from batchq.job import durable
 from batchq.job.batches import CHUNKS, LEDGER
+from batchq.job.history import HISTORY
 from batchq.job.journal import JOURNAL_NAME
 from batchq.job.settings import read_job_toml, write_job_toml
 from batchq.job.shard import (
@@ -321,6 +322,7 @@ _OWN_FILES = (
     SETUP_LOCK,
     JOURNAL_NAME,
     LEDGER,
+    HISTORY,
 )
 
 

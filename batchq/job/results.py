@@ -222,13 +222,27 @@ class OutputIndex:
         """(line number, its output line or None if not done), lines 1 to ``upto``."""
         last = len(self._where) - 1 if upto is None else upto
         for line in range(1, last + 1):
-            where = self._where[line] if line < len(self._where) else 0
-            if not where:
-                yield line, None
-                continue
-            f = self._handles[where >> _FILE_SHIFT]
-            f.seek((where & _OFFSET_MASK) - 1)
-            yield line, f.readline()
+            yield line, self.output(line)
+
+    @property
+    def last(self) -> int:
+        """The highest line number that has an output line (0: none)."""
+        return max(0, len(self._where) - 1)
+
+    def ok(self, line: int) -> bool | None:
+        """Whether ``line`` succeeded (True), failed (False), or is not done (None), without
+        reading its output line: results and errors files alternate in ``files``."""
+        where = self._where[line] if 0 < line < len(self._where) else 0
+        return None if not where else (where >> _FILE_SHIFT) % 2 == 0
+
+    def output(self, line: int) -> bytes | None:
+        """The output line of input line ``line``, or None if it is not done."""
+        where = self._where[line] if 0 < line < len(self._where) else 0
+        if not where:
+            return None
+        f = self._handles[where >> _FILE_SHIFT]
+        f.seek((where & _OFFSET_MASK) - 1)
+        return f.readline()
 
     def results(self) -> Iterator[Result]:
         """Every done line's Result, in input order."""

@@ -42,6 +42,7 @@ from batchq.errors import (
 )
 from batchq.job.batches import held_lines
 from batchq.job.folder import Job, write_progress
+from batchq.job.history import History
 from batchq.job.journal import Journal
 from batchq.job.run import SIGNALS, open_run
 from batchq.job.shard import Span
@@ -153,6 +154,7 @@ class Pipeline:
         self.loop = asyncio.get_running_loop()
         self._feeder: asyncio.Task[None] | None = None
         self._main: asyncio.Task[None] | None = None
+        self.history = History(job.run_dir, prices=(settings.price_in, settings.price_out))
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -172,6 +174,9 @@ class Pipeline:
                 loop.remove_signal_handler(sig)
                 # which left SIGTERM at its default: a signal during the final commit killed us
                 signal.signal(sig, handler)
+            # the last point, once every outcome is counted
+            self.history.record(self.stats, loop.time(), pace=self.pacer.request_rate())
+            self.history.close()
 
     def stop(self) -> None:
         """First call: stop feeding and let in-flight requests drain. Second: stop now."""
@@ -431,6 +436,7 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         next_progress = loop.time() + (every or 0)
         next_snapshot = loop.time()
+        history = self.history
         try:
             while True:
                 await asyncio.sleep(COMMIT_INTERVAL)
@@ -445,6 +451,8 @@ class Pipeline:
                 if now >= next_snapshot:
                     write_progress(self.job.run_dir, self.stats)
                     next_snapshot = now + SNAPSHOT_INTERVAL
+                if history.due(now):  # for `batchq view` and `report`
+                    history.record(self.stats, now, pace=self.pacer.request_rate())
         finally:
             if progress is not None:
                 progress.close()
