@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from batchq.config import Settings
 from batchq.errors import (
     BatchqError,
+    BudgetReached,
     ConfigError,
     FatalEndpointError,
     InputError,
@@ -52,6 +53,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "BatchqError",
+    "BudgetReached",
     "ConfigError",
     "Error",
     "FatalEndpointError",

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -168,11 +168,14 @@ class Answers:
             body["input"] = [*start, *turns]
         else:  # /v1/completions has no turns: send it as it was
             return request
-        added = sum(len(turn["content"]) for turn in turns)
-        return Request(
-            request.line_no, request.custom_id, request.url, orjson.dumps(body),
-            request.tokens + (added + 3) // 4,
-        )  # fmt: skip
+        added = (sum(len(turn["content"]) for turn in turns) + 3) // 4
+        # replace(): the model, the prompt's estimate and the cap are the budget's (cost.py)
+        return replace(
+            request,
+            body=orjson.dumps(body),
+            tokens=request.tokens + added,
+            prompt_estimate=request.prompt_estimate + added,
+        )
 
     def invalid_outcome(self, last: Outcome, verdict: Verdict, answers: int) -> Outcome:
         """The errors.jsonl line of a request whose every answer (``answers``) did not fit,

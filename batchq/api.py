@@ -20,8 +20,10 @@ results, those that earlier runs of the job left done first, the others as
 they complete. Options carry the command line's names (``model``,
 ``base_url``, ``rpm``, ``concurrency``, ``max_tokens``, ...). A request that
 fails is a Result with ``ok == False``; only bad settings and conditions that
-stop a job raise, from the ``BatchqError`` tree (``exit_code`` 2 or 3, as the
-command line would exit), never ``SystemExit``.
+stop a job raise, from the ``BatchqError`` tree (``exit_code`` 2, 3 or 4, as the
+command line would exit), never ``SystemExit``: ``max_cost=`` reached raises
+``BudgetReached`` once what was in flight is written, and the same call with
+a higher ``max_cost`` goes on.
 
 With ``job=DIR`` the requests are written to ``DIR/input.jsonl`` and the run
 is checkpointed there exactly as ``batchq run`` does: the same call after a
@@ -96,7 +98,9 @@ def run(requests: Requests, **options: Any) -> list[Result]:
             ``base_url``, ``api_key_env``, ``endpoint``, ``system``,
             ``max_tokens``, ``temperature``, ``params``, ``rpm``, ``tpm``,
             ``concurrency``, ``max_attempts``, ``timeout``, ``hedge``,
-            ``retry_failed``, ``force``, ``limits_store``, ``metrics_port``, ...), plus ``job``
+            ``retry_failed``, ``force``, ``limits_store``, ``price_in``,
+            ``price_out``, ``price_cached_in``, ``prices`` (by model: ``{"m":
+            {"in": 2.4, "out": 9.6}}``), ``max_cost``, ``metrics_port``, ...), plus ``job``
             (a folder), ``shard`` (``"I/N"``, ``(I, N)`` or ``"auto"``: this
             part of the job, whose results are returned), ``api_key`` (the
             key itself), ``progress`` (default True) and ``transport`` (an
@@ -105,7 +109,8 @@ def run(requests: Requests, **options: Any) -> list[Result]:
     Raises:
         BatchqError: ``ConfigError``, ``InputError``, ``JobLocked``,
             ``JournalError`` for what the command line exits 2 for;
-            ``FatalEndpointError`` and the machine's failures for exit 3.
+            ``FatalEndpointError`` and the machine's failures for exit 3;
+            ``BudgetReached`` (exit 4) when ``max_cost`` stopped the run.
     """
     return _run_sync(lambda: arun(requests, **options))
 
@@ -374,7 +379,12 @@ class _Prepared:
         # No signal handlers (they are the application's), so nothing sets stats.interrupted:
         # a Ctrl-C reaches the engine as cancellation, and leaves as KeyboardInterrupt.
         if job.settings.via == "live":
-            return await served(metrics, run_job(job, run_options))
+            stats = await served(metrics, run_job(job, run_options))
+            if stats.budget_reached:
+                from batchq.cost import budget_reached
+
+                raise budget_reached(stats)
+            return stats
         if transport is not None:
             raise ConfigError("transport= goes with via='live': batches go to the provider's API")
         from batchq.auto import run_auto  # here: a live run does not pay for their import

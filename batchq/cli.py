@@ -4,7 +4,8 @@ No module below this one imports click. Exit statuses: 0 every request
 succeeded; 1 finished with some in errors.jsonl; 2 bad usage, settings or
 input; 3 stopped by the endpoint (bad key, no quota, unreachable, a wait
 longer than --max-wait) or the machine (full disk, I/O error, permission),
-resumable; 130 interrupted, resumable; 70 a bug in batchq.
+resumable; 4 stopped at the budget (--max-cost), resumable with a higher one;
+130 interrupted, resumable; 70 a bug in batchq.
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from batchq.config import Settings
     from batchq.show.preflight import Preflight
     from batchq.show.validate import Report
+    from batchq.stats import Stats
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_BUDGET = 4
 
 
 class Failure(click.ClickException):
@@ -189,7 +192,7 @@ def _defaults(
     "--hedge/--no-hedge",
     default=None,
     help="Once nothing is left to send, send a second copy of requests slower than the "
-    "p95 latency; the first answer wins [default: off].",
+    "p95 latency (at most 1% of the job's requests); the first answer wins [default: on].",
 )
 @click.option(
     "--max-attempts",
@@ -288,6 +291,18 @@ def _defaults(
     metavar="ADDRESS",
     help="Where --metrics-port listens; 0.0.0.0 for a scraper on another host or pod "
     "(the metrics hold counts, no secrets) [default: 127.0.0.1].",
+)
+@click.option(
+    "--price-cached-in",
+    type=click.FloatRange(min=0),
+    help="Price of a million cached prompt tokens [default: as --price-in]. Prices by "
+    'model go in job.toml: [prices."MODEL"] in = ..., out = ..., cached_in = ...',
+)
+@click.option(
+    "--max-cost",
+    type=click.FloatRange(min=0, min_open=True),
+    help="The job's budget, in the prices' currency: no request goes that could take the "
+    "job past it, counting what is in flight at its worst; reached, the run stops (exit 4).",
 )
 @click.option(
     "--json-schema",
@@ -421,11 +436,13 @@ def run(
     except Interrupted:  # a signal while the pipeline was not handling them
         _notice(f"interrupted; to resume: {_resume()}")
         sys.exit(EXIT_INTERRUPTED)
+    at_budget = stats.budget_reached and not stats.interrupted
+    resume = _resume_with_more(stats) if at_budget else _resume()
     figures = summary(
         stats,
         results=str(job.results),
         errors=str(job.errors),
-        resume=_resume(),
+        resume=resume,
         prices=(job.settings.price_in, job.settings.price_out),
     )
     click.echo(render_summary(figures), err=True)
@@ -433,7 +450,31 @@ def run(
         click.echo(orjson.dumps(figures).decode())
     if stats.interrupted:
         sys.exit(EXIT_INTERRUPTED)
+    if at_budget:  # one line: spent, pending, and the command that goes on
+        from batchq.cost import budget_reached
+
+        click.echo(f"batchq: {budget_reached(stats)}; to go on: {resume}", err=True)
+        sys.exit(EXIT_BUDGET)
     sys.exit(EXIT_FAILED if stats.failed_before + stats.failed else EXIT_OK)
+
+
+def _resume_with_more(stats: Stats) -> str:
+    """The command that continues a job stopped at its budget, with a budget that should
+    see it through (its projected cost and a tenth more)."""
+    from batchq.cost import suggested_budget
+
+    more = suggested_budget(
+        stats.cost or 0.0, stats.done, stats.pending, stats.budget or 0.0, stats.budget_wanted
+    )
+    args = shlex.split(_resume())
+    for i, arg in enumerate(args):  # the budget typed this time gives way to the higher one
+        if arg == "--max-cost" and i + 1 < len(args):
+            del args[i : i + 2]
+            break
+        if arg.startswith("--max-cost="):
+            del args[i]
+            break
+    return shlex.join([*args, "--max-cost", f"{more:.2f}"])
 
 
 def _batching(

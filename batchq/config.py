@@ -50,7 +50,7 @@ class Settings:
     defaults: JSONObject = field(default_factory=dict)
     concurrency: int | str = "auto"  # "auto": sized to the pace or the endpoint's capacity
     max_concurrency: int = 1024  # the ceiling of an "auto" pool
-    hedge: bool = False  # duplicate stragglers once nothing is left to send
+    hedge: bool = True  # duplicate stragglers once nothing is left to send
     rpm: float = 0.0
     tpm: float = 0.0
     max_attempts: int = 8
@@ -72,6 +72,9 @@ class Settings:
     price_out: float = 0.0  # per million completion tokens
     metrics_port: int | None = None  # serve Prometheus metrics while running; 0: a free port
     metrics_host: str = "127.0.0.1"  # where to bind them: loopback unless said otherwise
+    price_cached_in: float | None = None  # per million cached prompt tokens; None: as price_in
+    prices: dict[str, dict[str, float]] = field(default_factory=dict)  # by model: in, out, ...
+    max_cost: float | None = None  # the job's budget, in the prices' currency (live runs)
     json_schema: str | None = None  # a JSON Schema file every answer must fit (answers.py)
     json_mode: bool = False  # answers must be JSON ({"type": "json_object"}), of no schema
     max_invalid: int = 2  # times an answer that does not fit is asked again
@@ -148,6 +151,34 @@ class Settings:
         if (self.json_schema is not None or self.json_mode) and self.endpoint == "/v1/embeddings":
             raise ConfigError(
                 "--json-schema and --json-mode check text answers: embeddings have none"
+            )
+        self._check_prices()
+
+    def _check_prices(self) -> None:
+        if self.price_cached_in is not None:
+            _check_range("price_cached_in", self.price_cached_in, 0, 1e9)
+        if not isinstance(self.prices, dict):
+            raise ConfigError('prices in job.toml must be a table, e.g. [prices."gpt-4o-mini"]')
+        for model, row in self.prices.items():
+            if not isinstance(row, dict) or not set(row) <= {"in", "out", "cached_in"}:
+                raise ConfigError(
+                    f"prices.{show(model)} must be a table of in, out and cached_in "
+                    "(per million tokens), e.g. { in = 0.15, out = 0.6 }"
+                )
+            for name, value in row.items():
+                _check_range(f"prices.{show(model)}.{name}", value, 0, 1e9)
+        if self.max_cost is None:
+            return
+        _check_range("max_cost", self.max_cost, 0, 1e12, open_low=True)
+        if not (self.price_in or self.price_out or self.prices):
+            raise ConfigError(
+                "--max-cost needs prices: --price-in and --price-out (per million tokens), "
+                "or a [prices] table in job.toml"
+            )
+        if self.via != "live":
+            raise ConfigError(
+                f"--max-cost goes with --via live: a provider batch is billed as a whole once "
+                f"it is sent, so no budget can stop it halfway (this job has via {self.via})"
             )
 
     @property

@@ -10,6 +10,7 @@
     ├── LimitsStoreError                       --limits-store unreachable at start -> exit 2
     ├── FatalEndpointError                     bad key, no quota, endpoint gone    -> exit 3
     ├── StorageError                           full disk, I/O error, permission    -> exit 3
+    ├── BudgetReached                          the next request could cross --max-cost -> exit 4
     └── RequestError                           one request failed; becomes an error line
         ├── TransportError                     connect/read failure (retryable)
         │   ├── EndpointUnreachable            could not connect at all
@@ -88,6 +89,19 @@ class StorageError(BatchqError):
             path=path,
             errno=exc.errno,
         )
+
+
+class BudgetReached(BatchqError):
+    """The job stopped at its budget (--max-cost): nothing is lost, and a higher budget
+    continues it. ``spent`` is the job's, every run's; ``pending`` the lines not yet done."""
+
+    exit_code = 4
+
+    def __init__(self, message: str, *, spent: float, limit: float, pending: int | None) -> None:
+        super().__init__(message)
+        self.spent = spent
+        self.limit = limit
+        self.pending = pending
 
 
 _VERBS = {"fsync": "write", "fsync_dir": "write to folder", "mkdir": "create folder"}

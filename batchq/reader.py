@@ -104,7 +104,10 @@ def _parse(raw: bytes, line_no: int, template: RequestTemplate) -> Request:
         encoded = orjson.dumps(body)
     except orjson.JSONEncodeError as exc:  # e.g. nested deeper than orjson writes
         raise BadLine("invalid_request", f"cannot be sent as JSON ({exc})", custom_id) from None
-    return Request(line_no, custom_id, url, encoded, estimate_tokens(body, url))
+    prompt, cap = prompt_tokens(body), completion_cap(body, url)
+    model = body.get("model")
+    model = model if isinstance(model, str) else None
+    return Request(line_no, custom_id, url, encoded, _estimate(prompt, cap), model, prompt, cap)
 
 
 _JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
@@ -188,8 +191,11 @@ def estimate_tokens(body: JSONObject, url: str) -> int:
     OpenAI reserves a request's ``max_tokens`` when it arrives, whatever the
     answer turns out to be, so the cap belongs in the estimate.
     """
-    cap = completion_cap(body, url)
-    return max(1, prompt_tokens(body) + (FALLBACK_COMPLETION_TOKENS if cap is None else cap))
+    return _estimate(prompt_tokens(body), completion_cap(body, url))
+
+
+def _estimate(prompt: int, cap: int | None) -> int:
+    return max(1, prompt + (FALLBACK_COMPLETION_TOKENS if cap is None else cap))
 
 
 def prompt_tokens(body: JSONObject) -> int:

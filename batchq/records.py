@@ -33,6 +33,9 @@ class Request:
     url: str  # endpoint path, e.g. "/v1/chat/completions"
     body: bytes  # JSON, serialised once
     tokens: int  # estimated prompt + completion tokens, for --tpm
+    model: str | None = None  # the body's, for the price of a job that mixes models
+    prompt_estimate: int = 0  # of ``tokens``, the prompt's
+    completion_cap: int | None = None  # max_tokens or its kin; None: the request sets none
 
 
 @dataclass(slots=True)
@@ -44,6 +47,7 @@ class Outcome:
     line: bytes  # the rendered JSONL line, newline included
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, those the endpoint served from its cache
 
 
 def result_line(

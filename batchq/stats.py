@@ -80,6 +80,11 @@ class Stats:
     by_batch: int | None = None  # --via auto: of this run's lines, those a batch answered
     batch_prompt_tokens: int = 0  # of this run's tokens, those answered by batch (half price)
     batch_completion_tokens: int = 0
+    cost: float | None = None  # the job's spend so far, every run's (None: no price)
+    run_cost: float = 0.0  # of which this run's
+    budget: float | None = None  # --max-cost
+    budget_reached: bool = False  # the next request could have crossed it: sending stopped
+    budget_wanted: float = 0.0  # what the job would have needed to send that request
     interrupted: bool = False
 
     @property

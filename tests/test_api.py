@@ -42,6 +42,17 @@ def options(url: str, **more: Any) -> dict[str, Any]:
     return {"base_url": url, "model": "m", "progress": False, **more}
 
 
+@pytest.mark.parametrize(("hedge", "copies"), [({}, 2), ({"hedge": False}, 1)])
+def test_the_tail_hedge_is_on_by_default_and_hedge_false_turns_it_off(
+    mock_server: MockFactory, hedge: dict[str, bool], copies: int
+) -> None:
+    server = mock_server(latency=0.01)
+    late = "late [[mock:sleep=3:1]]"  # only its first copy is slow
+    results = bq.run([*(f"q{i}" for i in range(59)), late], **options(server.url, **hedge))
+    assert all(r.ok for r in results) and len(results) == 60
+    assert server.stats()["prompts"][late] == copies
+
+
 def test_run_returns_one_result_per_request_in_input_order(mock_server: MockFactory) -> None:
     server = mock_server(latency_jitter=0.02, seed=3)  # answers come back out of order
     requests: list[Any] = [f"question {i}" for i in range(40)]

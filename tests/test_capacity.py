@@ -30,6 +30,8 @@ from support import (
     write_jsonl,
 )
 
+from batchq.live.hedge import MIN_WAIT, QUIET
+
 pytestmark = pytest.mark.slow
 
 
@@ -81,14 +83,14 @@ def test_a_slow_first_answer_does_not_hold_the_pool_back(
     assert arrivals[-1] - arrivals[0] < 3.0  # all four went before the first answer came
 
 
-def test_hedge_sends_a_straggler_twice_and_writes_it_once(
+def test_by_default_a_straggler_is_sent_twice_and_written_once(
     tmp_path: Path, mock_server: MockFactory
 ) -> None:
     server = mock_server(latency=0.01)
     lines = [chat(f"q{i}", custom_id=f"c{i}") for i in range(99)]
-    lines.append(chat("late [[mock:sleep=60:1]]", custom_id="late"))  # only its first copy
+    lines.append(chat("late [[mock:sleep=3:1]]", custom_id="late"))  # only its first copy
     write_jsonl(tmp_path / "in.jsonl", lines)
-    done = run(tmp_path, server.url, "--hedge")
+    done = run(tmp_path, server.url)  # no flag: the tail hedge is on by default
     assert done.returncode == 0, done.stderr
     results, errors = outputs(tmp_path / "jobs" / "in")
     assert errors == []
@@ -96,18 +98,60 @@ def test_hedge_sends_a_straggler_twice_and_writes_it_once(
     assert len(lines_by_id) == 100
     assert lines_by_id["late"]["batchq"]["hedged"] is True
     assert sum(1 for r in results if r["batchq"].get("hedged")) == 1
-    assert server.stats()["prompts"]["late [[mock:sleep=60:1]]"] == 2
+    assert server.stats()["prompts"]["late [[mock:sleep=3:1]]"] == 2
     hedges = summary(done)["this_run"]["hedges"]  # type: ignore[index]
     assert hedges["sent"] == 1 and hedges["estimated_tokens"] > 0  # type: ignore[index]
 
 
-def test_without_hedge_a_request_is_sent_once(tmp_path: Path, mock_server: MockFactory) -> None:
+def test_with_no_hedge_a_straggler_is_sent_once(tmp_path: Path, mock_server: MockFactory) -> None:
     server = mock_server(latency=0.01)
-    lines = [chat(f"q{i}") for i in range(59)] + [chat("late [[mock:sleep=1:1]]")]
+    lines = [chat(f"q{i}") for i in range(59)] + [chat("late [[mock:sleep=3:1]]")]
     write_jsonl(tmp_path / "in.jsonl", lines)
+    done = run(tmp_path, server.url, "--no-hedge")
+    assert done.returncode == 0, done.stderr
+    assert server.stats()["prompts"]["late [[mock:sleep=3:1]]"] == 1
+    assert summary(done)["this_run"]["hedges"]["sent"] == 0  # type: ignore[index]
+
+
+def test_hedges_are_bounded_to_one_percent_of_the_jobs_requests(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server(latency=0.01)
+    stragglers = [f"slow {i} [[mock:sleep=8:1]]" for i in range(6)]
+    lines = [chat(f"q{i}") for i in range(294)] + [chat(p) for p in stragglers]
+    write_jsonl(tmp_path / "in.jsonl", lines)
+    done = run(tmp_path, server.url, "--concurrency", "16")  # all six out at once
+    assert done.returncode == 0, done.stderr
+    assert summary(done)["this_run"]["hedges"]["sent"] == 3  # type: ignore[index]
+    prompts = server.stats()["prompts"]
+    assert sorted(prompts[p] for p in stragglers) == [1, 1, 1, 2, 2, 2]
+    results, _ = outputs(tmp_path / "jobs" / "in")
+    assert sum(1 for r in results if r["batchq"].get("hedged")) == 3
+    assert_exactly_once(tmp_path / "jobs" / "in", [f"line-{i}" for i in range(1, 301)])
+
+
+@pytest.mark.parametrize(("refusal", "lines"), [("fail=30:429", 1), ("fail=5:503", 10)])
+def test_no_hedge_goes_while_the_endpoint_refuses(
+    tmp_path: Path, mock_server: MockFactory, refusal: str, lines: int
+) -> None:
+    # Lines refused for seconds (429s, each a 0.1 s pause; or 503s with backoff, a tenth of
+    # the answers) while a straggler is out: its copy waits until the endpoint has refused
+    # nothing for QUIET seconds (the odd 503 among many answers would not hold it).
+    server = mock_server(latency=0.01)
+    refused = [f"refused {i} [[mock:{refusal}]]" for i in range(lines)]
+    late = "late [[mock:sleep=60:1]]"
+    inputs = [chat(f"q{i}") for i in range(99 - lines)] + [chat(p) for p in [*refused, late]]
+    write_jsonl(tmp_path / "in.jsonl", inputs)
     done = run(tmp_path, server.url)
     assert done.returncode == 0, done.stderr
-    assert server.stats()["prompts"]["late [[mock:sleep=1:1]]"] == 1
+    arrivals = server.stats()["arrivals"]
+    first, copy = [at for at, prompt in arrivals if prompt == late]  # hedged, once quiet
+    count = int(refusal.removeprefix("fail=").partition(":")[0])
+    refusals = [at for p in refused for at in [at for at, q in arrivals if q == p][:count]]
+    assert max(refusals) - first > 2 * MIN_WAIT  # a copy would have gone into refusals
+    last = max(at for at in refusals if at < copy)  # (it is answered after it arrives)
+    assert copy - last >= QUIET
+    assert_exactly_once(tmp_path / "jobs" / "in", [f"line-{i}" for i in range(1, 101)])
 
 
 def test_kill_during_hedged_tail_then_resume_writes_each_line_once(
@@ -119,7 +163,7 @@ def test_kill_during_hedged_tail_then_resume_writes_each_line_once(
     stragglers = ["slow a [[mock:sleep=60:2]]", "slow b [[mock:sleep=60:2]]"]
     lines += [chat(p, custom_id=cid) for p, cid in zip(stragglers, ids[-2:], strict=True)]
     write_jsonl(tmp_path / "in.jsonl", lines)
-    args = ["run", "in.jsonl", "--base-url", server.url, "--model", "m", "-q", "--hedge"]
+    args = ["run", "in.jsonl", "--base-url", server.url, "--model", "m", "-q"]
     proc = start(*args, cwd=tmp_path)
     # Both stragglers and their second copies are out, and sleeping: the tail.
     wait_for(lambda: all(server.stats()["prompts"].get(p) == 2 for p in stragglers))
@@ -225,7 +269,7 @@ def test_a_stopped_run_sends_no_second_copy_of_its_stragglers(
     stragglers = ["slow a [[mock:sleep=3:1]]", "slow b [[mock:sleep=3:1]]"]
     lines = [chat(p) for p in stragglers] + [chat(f"q{i}") for i in range(2000)]
     write_jsonl(tmp_path / "in.jsonl", lines)
-    args = ["run", "in.jsonl", "--base-url", server.url, "--model", "m", "-q", "--hedge"]
+    args = ["run", "in.jsonl", "--base-url", server.url, "--model", "m", "-q"]  # hedged
     proc = start(*args, "--concurrency", "8", cwd=tmp_path)
 
     def stragglers_out_and_p95_known() -> bool:

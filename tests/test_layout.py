@@ -4,7 +4,7 @@ api cli demo            the faces (and the package's __init__)
 live/  batch/  mockserver/    the executors and the built-in endpoint; none knows another
 show/                   what a user sees of a job
 job/                    the job folder as durable state
-errors records reader config stats answers    the ground floor
+errors records reader config stats answers cost    the ground floor
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "batchq"
 
-GROUND = {"errors", "records", "reader", "config", "stats", "answers"}
+GROUND = {"errors", "records", "reader", "config", "stats", "answers", "cost"}
 LAYERS = {"job": 1, "show": 2, "live": 3, "batch": 3, "mockserver": 3}
 FACES = {"api", "cli", "demo", "auto", "__init__", "__main__"}
 

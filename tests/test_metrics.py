@@ -184,7 +184,7 @@ def test_scraped_during_a_run_the_counters_agree_with_the_summary(
     process = start(
         "run", _input(tmp_path), "--job", job, "--base-url", server.url, "--model", "m",
         "--metrics-port", "0", "--no-hedge", "--price-in", "1", "--price-out", "2",
-        "--json-summary", cwd=tmp_path,
+        "--max-cost", "100", "--json-summary", cwd=tmp_path,
     )  # fmt: skip
     try:
         url = _metrics_url(process)
@@ -194,7 +194,14 @@ def test_scraped_during_a_run_the_counters_agree_with_the_summary(
             scrapes.append(scrape(url))
             series = scrapes[-1][0]
             done = value(series, "batchq_job_requests_done")
-            return done == N - 1 and value(series, "batchq_in_flight") == 1
+            # The cost, like the gauges, is copied from the meter by the runner's timer (every
+            # 0.2 s): wait for the copy made after the last answer's tokens were counted.
+            tokens = value(series, "batchq_tokens_total", kind="prompt") + 2 * value(
+                series, "batchq_tokens_total", kind="completion"
+            )
+            cost = value(series, "batchq_cost_total")
+            caught_up = abs(cost - tokens / 1e6) < 2e-6
+            return done == N - 1 and value(series, "batchq_in_flight") == 1 and caught_up
 
         wait_for(only_the_straggler_left, timeout=60)
         out, err = process.communicate(timeout=60)
@@ -225,6 +232,9 @@ def test_scraped_during_a_run_the_counters_agree_with_the_summary(
     assert value(held, "batchq_cost_total") == pytest.approx(
         run["cost"]["spent"] - last_cost, abs=1e-5
     )
+    # a new job: what it spent is what this process spent
+    assert value(held, "batchq_job_cost") == pytest.approx(value(held, "batchq_cost_total"))
+    assert value(held, "batchq_job_budget") == 100
     assert value(held, "batchq_request_duration_seconds_count") == run["succeeded"] - 1
     assert value(held, "batchq_request_duration_seconds_sum") > 0
     assert value(held, "batchq_job_requests") == N

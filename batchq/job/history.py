@@ -131,7 +131,9 @@ class History:
         for p in (50, 95, 99):
             value = latency.percentile(p)
             figures[f"p{p}"] = None if value is None else round(value, 4)
-        if price_in or price_out:
+        if stats.cost is not None:  # counted answer by answer (cost.py), this run's
+            figures["cost"] = round(stats.run_cost, 6)
+        elif price_in or price_out:
             cost = stats.prompt_tokens * price_in + stats.completion_tokens * price_out
             figures["cost"] = round(cost / 1e6, 6)
         return figures

@@ -44,7 +44,7 @@ from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -181,6 +181,14 @@ def _record(totals: Totals, lines: array[int], delta: Totals) -> bytes:
     return body + _CRC.pack(zlib.crc32(body))
 
 
+class Sidecar(Protocol):
+    """A small file kept in step with the journal (job/spend.py): ``snapshot`` is taken
+    when a commit takes its lines, ``save``d in the commit's thread before its record."""
+
+    def snapshot(self) -> bytes: ...
+    def save(self, snapshot: bytes) -> None: ...
+
+
 class Journal:
     """Owns the two output files and the journal of one job while it runs.
 
@@ -222,6 +230,7 @@ class Journal:
         self._pending = array(_LINE)
         self._delta = Totals()
         self._lock = threading.Lock()  # one commit at a time, records in order
+        self.sidecar: Sidecar | None = None
 
     def append(self, outcomes: Sequence[Outcome]) -> None:
         """Write the outcomes' lines (one write per file); durable only after ``commit``."""
@@ -281,7 +290,10 @@ class Journal:
         if not self._pending or self.failed is not None:
             return None
         taken = _Commit(
-            _record(self.totals, self._pending, self._delta), self._pending, self._delta
+            _record(self.totals, self._pending, self._delta),
+            self._pending,
+            self._delta,
+            None if self.sidecar is None else self.sidecar.snapshot(),
         )
         self._pending = array(_LINE)
         self._delta = Totals()
@@ -299,6 +311,8 @@ class Journal:
             if self.durable:
                 durable_io.fsync(self._results)
                 durable_io.fsync(self._errors)
+            if taken.sidecar is not None and self.sidecar is not None:
+                self.sidecar.save(taken.sidecar)  # what the lines cost is on disk before them
             # The record is written only after the lines it vouches for are on disk.
             durable_io.write(self._journal, taken.record)
             if self.durable:
@@ -318,6 +332,8 @@ class Journal:
         """Commit what is left and close the files; raises the run's storage failure, if any."""
         try:
             self.commit()
+            if self.sidecar is not None and self.failed is None:  # answers with no line too
+                self.sidecar.save(self.sidecar.snapshot())
         finally:
             for f in (self._results, self._errors, self._journal):
                 durable_io.close(f)
@@ -340,6 +356,7 @@ class _Commit:
     record: bytes
     lines: array[int]
     delta: Totals
+    sidecar: bytes | None = None
 
 
 def _still_there(f: durable_io.File) -> None:

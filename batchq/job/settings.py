@@ -41,11 +41,14 @@ def write_job_toml(path: Path, settings: Settings) -> None:
         value = getattr(settings, f.name)
         if f.name == "limits_store" and value is not None:
             value = strip_secrets(value)[0]  # a password typed into job.toml by hand, too
-        if f.name != "defaults" and value is not None:
+        if f.name not in ("defaults", "prices") and value is not None:
             lines.append(f"{_toml_key(f.name)} = {_toml_value(value)}")
     lines.append("")
     lines.append("[defaults]  # request parameters a line's own body does not set")
     lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in settings.defaults.items())
+    for model, row in settings.prices.items():  # tables, so that more are added as tables
+        lines += ["", f"[prices.{_toml_string(model)}]  # per million tokens"]
+        lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in row.items())
     # fsynced, then renamed, then the folder fsynced: a power cut must never leave an empty
     # job.toml, which no later run could resume from.
     atomic_write(path, ("\n".join(lines) + "\n").encode())

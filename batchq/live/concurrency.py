@@ -50,15 +50,17 @@ self-hosted server behind a gateway's limit), Little's law would follow the
 latency of the endpoint's growing queue up to the ceiling. So
 ``AdaptiveLimit`` watches the paced pool too, judging nothing by throughput
 (the pace caps it, so a larger pool never seems to gain, and a probe would
-cut the pool the pace needs). It caps the pool only when a window's answers
-fall short of the pace *and* even its fastest answers (the p10) take three
-times the lowest p10 seen: a queue delays every request, while an LLM's
-heavy tail (long answers) moves the median and the tail but leaves its short
-answers fast, and the first answers' bias toward the fast ones lowers the
-baseline, never raises a window. The cap is the knee (Little's law at the
-lowest mean latency), then probed as without a pace; a full window that
-keeps the pace again, unqueued, lifts it. Until the queue shows (a window or
-two, about two seconds) the pool still opens as the pace asks.
+cut the pool the pace needs). It caps the pool only when two windows in a
+row fall short of the pace *and* even their fastest answers (the p10) take
+three times the lowest p10 seen, and more than the window before: a queue
+that grows delays every request, while an LLM's heavy tail (long answers)
+moves the median and the tail but leaves its short answers fast, and the
+first answers' bias toward the fast ones lowers the baseline, never raises a
+window. The cap is the knee (Little's law at the lowest mean latency), then
+probed as without a pace; a full window that keeps the pace again, unqueued,
+lifts it. A cap for overload answers grows by a quarter with each full
+window that has few of them and no queue. Until the queue shows (two
+windows, about three seconds) the pool still opens as the pace asks.
 Everything here but ``Gate`` is a pure function of the observations and
 the clock it is handed: float seconds.
 """
@@ -87,6 +89,7 @@ PACED_MIN = 16
 OVERLOAD_SHARE = 0.05
 PACE_KEPT = 0.9  # of the pace: answers this fast mean the pace binds, not the endpoint
 QUEUED = 3.0  # a window's fastest answers (p10) this many times the lowest seen: a queue
+GROWING = 1.25  # and this many times the last window's: a queue that grows
 FD_RESERVE = 64  # descriptors kept for files, the resolver, the event loop
 
 
@@ -182,6 +185,9 @@ class AdaptiveLimit:
         self.windows = 0  # measurements judged
         self.pace: float | None = None  # requests a second, when a pace sizes the pool
         self.capping = False  # under a pace: the endpoint fell behind, this limit caps the pool
+        self.overloaded = False  # and what showed it: overload answers (else a queue)
+        self._behind = False  # the last paced window showed a growing queue, short of the pace
+        self._last_fast = math.inf  # the last window's p10
         self._probe = 1.0  # the factor of the last probe
         self._latency = RecentLatency(256)
         self._step(-math.inf)
@@ -234,26 +240,44 @@ class AdaptiveLimit:
         mean = sum(self._window) / answers
         fast = sorted(self._window)[answers // 10]
         queued = fast > QUEUED * self.base_fast
+        last_fast, self._last_fast = self._last_fast, fast
         self.base = min(self.base, median)
         self.base_mean = min(self.base_mean, mean)
         self.base_fast = min(self.base_fast, fast)
         limit, best = self.limit, self.best
         answers += self._overloads
         paced = self.pace is not None
-        if self._overloads >= 3 and self._overloads > OVERLOAD_SHARE * answers:
+        overloaded = self._overloads >= 3 and self._overloads > OVERLOAD_SHARE * answers
+        behind, self._behind = self._behind, False
+        if overloaded:
             limit, self.best, self.slow_start = math.floor(limit * 0.75), None, False
-            self.capping = paced
+            self.capping = self.overloaded = paced
         elif self.watching:
             assert self.pace is not None
             # (Sending went on: at the tail only the slowest answers are left, and retries.)
-            if rate < PACE_KEPT * self.pace and queued and self._sent >= answers / 2:
-                # Short of the pace, and even the fastest answers wait: the endpoint holds a
-                # queue, which more in flight would only lengthen. Cap the pool at its knee.
-                limit, self.best, self.capping = self._knee(rate, limit), None, True
+            growing = fast > GROWING * last_fast
+            if rate < PACE_KEPT * self.pace and queued and growing and self._sent >= answers / 2:
+                # Short of the pace, and even the fastest answers wait longer and longer: the
+                # endpoint holds a growing queue, which more in flight would only lengthen.
+                # Two windows in a row: the first seconds' answers, the fast ones, set a p10
+                # baseline far too low for a heavy tail (0.06 s against 0.2 s), whose windows
+                # then fall 10% short of the pace by chance (one in twenty), or as the pipe
+                # fills; the cap at the knee that followed stalled capacity.py's case 1.
+                if behind:
+                    limit, self.best, self.capping = self._knee(rate, limit), None, True
+                    self.overloaded = False
+                self._behind = True
         elif self._peak < 0.9 * limit:
             pass  # the pool was not full (the input ran dry, or the tail): nothing learnt
         elif self.pace is not None and rate >= PACE_KEPT * self.pace and not queued:
-            self.capping, self.best = False, None  # the endpoint keeps up: the pace sizes the pool
+            self.capping = self.overloaded = False  # the endpoint keeps up: the pace sizes the pool
+            self.best = None
+        elif self.overloaded and not queued:
+            # Capped for overload answers, and this full window had few of them and no queue:
+            # the endpoint takes more. Grow at once; waiting for the probes kept a cap that the
+            # first seconds' chance 503s set (a few in a small window) below the pace for
+            # minutes, as the pace can never be kept under it.
+            limit, self.best = math.ceil(limit * GROW), None
         elif best is None:
             self.best = (limit, rate)
             limit = limit * GROWTH if self.slow_start else limit

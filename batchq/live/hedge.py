@@ -1,4 +1,5 @@
-"""``--hedge``: a second copy of a straggler, once nothing is left to send.
+"""The tail hedge (on by default, ``--no-hedge``): a second copy of a straggler,
+once nothing is left to send.
 
 After "The Tail at Scale" (Dean and Barroso, 2013): when the input is
 exhausted, the job's end is decided by its slowest requests, and a request
@@ -9,14 +10,22 @@ cancelled; the request still yields exactly one outcome, so exactly one
 output line.
 
 Hedges cost requests and tokens, so they are bounded: at most ``SHARE`` of
-the job's requests, and none before ``MIN_SAMPLES`` answers have made the
-p95 worth trusting. Each is counted, with the tokens it was estimated to
-cost, and its result line says ``"hedged": true`` under ``batchq``.
+the job's requests; none before ``MIN_SAMPLES`` answers have made the p95
+worth trusting; none of a request out less than ``MIN_WAIT`` or twice the
+median (a copy then saves less than it costs: with a steady latency nothing
+is a straggler); none while the endpoint refuses (a 429 in the last
+``QUIET`` seconds, or 503s more than ``REFUSED_SHARE`` of its answers then: a
+copy would only add to its load, while the odd 503 of a busy endpoint is no
+refusal); none once the run is stopping. Each is counted, with the tokens it
+was estimated to cost, and its result line says ``"hedged": true`` under
+``batchq``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -24,8 +33,11 @@ from batchq.errors import RequestError
 from batchq.live.transport import Response, Transport
 from batchq.records import Request
 
-SHARE = 0.02  # of the job's requests: the most that may be hedged
+SHARE = 0.01  # of the job's requests: the most that may be hedged
 MIN_SAMPLES = 20
+MIN_WAIT = 1.0  # seconds: a request out less long is no straggler worth a copy
+QUIET = 5.0  # seconds: what the endpoint refused in as many is recent
+REFUSED_SHARE = 0.05  # of the recent answers: more 503s than this, and it refuses
 
 Answer = Response | RequestError
 
@@ -53,18 +65,45 @@ class Hedger:
         self.sent = 0  # copies that went: a chosen request may answer before its copy's turn
         self.tokens = 0  # estimated, of the copies sent
         self.stopped = False
+        self.limited_at = -math.inf  # the endpoint's last 429
+        self._answers: deque[float] = deque()  # when, over the last QUIET seconds
+        self._refusals: deque[float] = deque()  # and which of them were 503s
         self._flights: set[_Flight] = set()
 
     def stop(self) -> None:
         """Send no more copies: the run is stopping, and what drains is not the job's tail."""
         self.stopped = True
 
-    def choose(self, now: float, p95: float | None, samples: int) -> None:
-        """Mark the requests out longer than ``p95`` for a second copy, oldest first."""
-        if p95 is None or samples < MIN_SAMPLES or self.stopped:
+    def answered(self, now: float, status: int) -> None:
+        """The endpoint answered ``status`` at ``now``: a 429 or 503 counts as a refusal."""
+        if status == 429:
+            self.limited_at = now
+        self._answers.append(now)
+        if status == 503:
+            self._refusals.append(now)
+        self._forget(now)
+
+    def refusing(self, now: float) -> bool:
+        """A 429 in the last ``QUIET`` seconds, or 503s more than ``REFUSED_SHARE`` of them."""
+        self._forget(now)
+        refused_503s = len(self._refusals) > REFUSED_SHARE * len(self._answers)
+        return now - self.limited_at < QUIET or refused_503s
+
+    def _forget(self, now: float) -> None:
+        for times in (self._answers, self._refusals):
+            while times and times[0] <= now - QUIET:
+                times.popleft()
+
+    def choose(self, now: float, p50: float | None, p95: float | None, samples: int) -> None:
+        """Mark the stragglers (out longer than ``p95``, twice ``p50`` and ``MIN_WAIT``) for a
+        second copy, oldest first."""
+        if p50 is None or p95 is None or samples < MIN_SAMPLES or self.stopped:
             return
+        if self.refusing(now):
+            return
+        late = max(p95, 2 * p50, MIN_WAIT)
         for flight in sorted(self._flights, key=lambda f: f.started):
-            if self.chosen >= self.budget or now - flight.started <= p95:
+            if self.chosen >= self.budget or now - flight.started <= late:
                 return
             if not flight.due.is_set():
                 flight.due.set()

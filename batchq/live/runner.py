@@ -32,6 +32,7 @@ import orjson
 
 from batchq.answers import Answers, Invalid, load_answers
 from batchq.config import show
+from batchq.cost import money, usage_tokens
 from batchq.errors import (
     BatchqError,
     FatalEndpointError,
@@ -46,6 +47,8 @@ from batchq.job.history import History
 from batchq.job.journal import Journal
 from batchq.job.run import SIGNALS, open_run
 from batchq.job.shard import Span
+from batchq.job.spend import open_meter
+from batchq.live.budget import BudgetGate
 from batchq.live.concurrency import Pool
 from batchq.live.hedge import Answer, Hedger, answer
 from batchq.live.limiter import Kind, Pacer
@@ -144,7 +147,19 @@ class Pipeline:
             on_notice=options.on_notice,
             max_pause=settings.max_wait,
         )
-        self.hedger = Hedger(stats.pending or 0) if settings.hedge else None
+        self.meter = meter = open_meter(job, journal)  # None: no price, no cost shown
+        budgeted = meter is not None and meter.limit is not None
+        self.budget = (
+            BudgetGate(meter, self._budget_reached, options.on_notice)
+            if meter and budgeted
+            else None
+        )
+        if settings.hedge and budgeted:
+            options.on_notice(  # INFO, not a warning: hedging may be on by default
+                "no hedges under --max-cost: a hedge's losing copy is cancelled before the "
+                "endpoint reports what it cost, so the budget could not count it"
+            )
+        self.hedger = Hedger(stats.pending or 0) if settings.hedge and not budgeted else None
         self.exhausted = False  # every request has been taken by a worker
         self.policy = RetryPolicy(max_attempts=settings.max_attempts, max_wait=settings.max_wait)
         self.scrubber = key_scrubber(options.api_key)
@@ -167,9 +182,12 @@ class Pipeline:
                 return  # signalled while the job was opening: send nothing
             async with asyncio.TaskGroup() as tg:
                 self._main = tg.create_task(self._run())
+            if self.budget is not None and self.budget.unpriced is not None:
+                raise self.budget.unpriced  # once what was in flight is written
         except BaseExceptionGroup as group:
             raise _first_fatal(group) from None
         finally:
+            self._report_cost()
             for sig, handler in previous.items():
                 loop.remove_signal_handler(sig)
                 # which left SIGTERM at its default: a signal during the final commit killed us
@@ -186,18 +204,41 @@ class Pipeline:
             self._main.cancel()
             return
         self.stats.interrupted = True
-        if self.hedger is not None:  # the end of the feeding is no tail: nothing to hedge
-            self.hedger.stop()
-        if self._feeder is not None:
-            self._feeder.cancel()
-        while not self.requests.empty():
-            self.requests.get_nowait()  # not started: they stay pending
-        self.requests.put_nowait(None)  # the end, which each worker passes on
+        self._stop_feeding()
         drain = self.job.settings.drain_timeout
         asyncio.get_running_loop().call_later(drain, self._main.cancel)
         self.options.on_notice(
             f"stopping: waiting up to {drain:g}s for {self.pool.in_flight} requests in flight "
             "(Ctrl-C again to stop at once)"
+        )
+
+    def _stop_feeding(self) -> None:
+        if self.hedger is not None:  # the end of the feeding is no tail: nothing to hedge
+            self.hedger.stop()
+        if self.budget is not None:
+            self.budget.stop()
+        if self._feeder is not None:
+            self._feeder.cancel()
+        while not self.requests.empty():
+            self.requests.get_nowait()  # not started: they stay pending
+        self.requests.put_nowait(None)  # the end, which each worker passes on
+
+    def _budget_reached(self) -> None:
+        """The next request could cross --max-cost: send nothing more, let in flight finish."""
+        if self._stopping():
+            return
+        self.stats.budget_reached = True
+        self._stop_feeding()
+        assert self.meter is not None and self.budget is not None
+        why = (
+            "a model with no price"
+            if self.budget.unpriced
+            else f"the next request could cross the budget (--max-cost {self.meter.limit:g}, "
+            f"{money(self.meter.total)} spent)"
+        )
+        self.options.on_notice(
+            f"{why}: sending nothing more"
+            + (f", waiting for the {n:,} requests in flight" if (n := self.pool.in_flight) else "")
         )
 
     async def _run(self) -> None:
@@ -290,9 +331,12 @@ class Pipeline:
             started, result, hedged = attempt
             if isinstance(result, Response) and 200 <= result.status < 300:
                 try:
-                    return _success(request, result, attempts, hedged)
+                    outcome = _success(request, result, attempts, hedged)
                 except InvalidResponse as exc:
                     result = exc
+                else:
+                    self._paid(request, outcome)
+                    return outcome
             elif isinstance(result, Response):
                 result = status_error(result.status, result.body, result.headers, result.request_id)
             decision = decide(result, attempts, rate_limited, self.policy)
@@ -308,6 +352,18 @@ class Pipeline:
                 self.pacer.rate_limited(limit_kind(result), started)
             else:
                 await asyncio.sleep(decision.delay)  # off the pool: the slot serves another
+
+    def _paid(self, request: Request, o: Outcome) -> None:
+        """Count what a 2xx answer cost (every one: a retry's, a re-ask's)."""
+        meter = self.meter
+        if meter is not None and not meter.paid(
+            request, o.prompt_tokens, o.cached_tokens, o.completion_tokens
+        ):
+            self.options.on_notice(
+                f"model {request.model or '(none named)'} has no price: its tokens are not in "
+                f'the cost shown (add [prices."{request.model or ""}"] to job.toml)',
+                logging.WARNING,
+            )
 
     async def _ask(self, transport: Transport, request: Request) -> Outcome | None:
         """``_call``, its answer checked: one that does not fit is asked again (answers.py)."""
@@ -329,7 +385,7 @@ class Pipeline:
         return None if outcome is None else invalid.record(outcome, sent, request)
 
     def _stopping(self) -> bool:
-        return self.stats.interrupted
+        return self.stats.interrupted or self.stats.budget_reached
 
     async def _attempt(
         self, transport: Transport, request: Request
@@ -337,10 +393,15 @@ class Pipeline:
         """One attempt within the pool's allowance and the pace: when it went, the answer,
         and whether a second copy was sent."""
         pool, loop = self.pool, self.loop
+        reserved = 0.0  # of the budget, until the answer: released before _paid counts it
         await pool.gate.acquire()
         try:
             if self._stopping():  # stopped while it waited for a slot
                 return None
+            if self.budget is not None:
+                if (worst := await self.budget.reserve(request)) is None:
+                    return None  # the budget is reached: the request stays pending
+                reserved = worst
             started = await self.pacer.wait_turn(request.tokens)
             if self._stopping():  # or for its turn in the pace
                 return None
@@ -361,9 +422,13 @@ class Pipeline:
                 ok = isinstance(result, Response) and 200 <= result.status < 300
                 pool.answered(started, loop.time(), ok=ok, overload=_overload(result))
         finally:
+            if reserved and self.budget is not None:
+                self.budget.release(reserved)
             pool.gate.release()
         assert result is not None
         if isinstance(result, Response):
+            if self.hedger is not None:  # no copies into an endpoint that refuses
+                self.hedger.answered(loop.time(), result.status)
             self.pacer.observe(result.headers)
             if ok:
                 self.stats.latency.add(loop.time() - started)
@@ -416,7 +481,7 @@ class Pipeline:
         self.pool.resize(rate, now)
         if self.hedger is not None and self.exhausted and not self.pool.gate.waiting:
             latency = self.stats.latency
-            self.hedger.choose(now, latency.percentile(95), latency.total)
+            self.hedger.choose(now, latency.percentile(50), latency.percentile(95), latency.total)
         self._report(paced=rate is not None)
 
     def _report(self, *, paced: bool) -> None:
@@ -428,6 +493,13 @@ class Pipeline:
         stats.pace_rates = {kind: lim.pace.rate for kind, lim in limits if lim is not None}
         if self.hedger is not None:
             stats.hedges, stats.hedge_tokens = self.hedger.sent, self.hedger.tokens
+        self._report_cost()
+
+    def _report_cost(self) -> None:
+        if (meter := self.meter) is not None:
+            s = self.stats
+            s.cost, s.run_cost, s.budget = meter.total, meter.spent, meter.limit
+            s.budget_wanted = meter.wanted
 
     async def _tick(self) -> None:
         """Commit the checkpoint a few times a second; show progress when it is due."""
@@ -463,15 +535,11 @@ def _success(request: Request, response: Response, attempts: int, hedged: bool) 
     nested too deeply for its result line to be read back."""
     raw = response.body
     body = _json_object(response)
-    usage = body.get("usage")
-    prompt = completion = 0
-    if isinstance(usage, dict):
-        prompt = _int(usage.get("prompt_tokens", usage.get("input_tokens")))
-        completion = _int(usage.get("completion_tokens", usage.get("output_tokens")))
+    prompt, cached, completion = usage_tokens(body)
     line = result_line(
         request, response.status, response.request_id, raw, body, attempts=attempts, hedged=hedged
     )
-    return Outcome(request.line_no, True, line, prompt, completion)
+    return Outcome(request.line_no, True, line, prompt, completion, cached)
 
 
 def _overload(result: Answer | None) -> bool:
@@ -518,10 +586,6 @@ def limit_kind(exc: RequestError) -> Kind | None:
     if kind == "requests" or "requests per min" in text:
         return "requests"
     return None
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _failure(request: Request, code: str, message: str, *, attempts: int) -> Outcome:

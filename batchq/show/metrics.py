@@ -121,7 +121,7 @@ class Metrics:
             "Answers that did not parse or fit the schema, asked again.",
             total("invalid_answers"),
         )
-        if any(self.prices):
+        if any(self.prices) or any(s.cost is not None for s in runs):  # prices by model too
             spent = sum(_cost(s, *self.prices)["spent"] for s in runs)
             out.one("batchq_cost_total", "counter", "Spent, in the prices' unit.", spent)
         out.histogram(
@@ -170,6 +170,10 @@ class Metrics:
                 "batchq_job_requests", "gauge", "Requests in the input (the shard's).", last.total
             )
         out.one("batchq_job_requests_done", "gauge", "Done, earlier runs included.", last.done)
+        if last.cost is not None:
+            out.one("batchq_job_cost", "gauge", "Spent, earlier runs included.", last.cost)
+        if last.budget is not None:
+            out.one("batchq_job_budget", "gauge", "--max-cost, in the prices' unit.", last.budget)
         out.one(
             "batchq_start_time_seconds", "gauge", "When this process began serving.", self.started
         )

@@ -27,6 +27,7 @@ from batchq.job.history import read_history
 from batchq.job.journal import JOURNAL_NAME, Totals, read_totals
 from batchq.job.settings import read_job_toml
 from batchq.job.shard import read_cut, shard_folders
+from batchq.job.spend import job_prices, read_spend
 from batchq.stats import duration
 
 #: A folder holding a journal, and the results and errors files it commits.
@@ -110,7 +111,12 @@ def figures(folder: JobFolder, series: dict[str, Any], journals: list[Totals]) -
     rate = sum(rates) / len(rates) if rates else None
     pending = None if total is None else max(0, total - done)
     cost = None
-    if s.price_in or s.price_out:
+    if (prices := job_prices(s) if s.via == "live" else None) is not None:
+        # as billed (spend.json): cached tokens, prices by model, 2xx answers asked again
+        parts = zip(folder.parts, journals, strict=True)
+        spent = sum(prices.cost(read_spend(d, t, s.model)[0]) for (d, _, _), t in parts)
+        cost = round(spent, 6)
+    elif s.price_in or s.price_out:
         cost = round((prompt * s.price_in + completion * s.price_out) / 1e6, 6)
     return {
         "job": str(folder.dir),

@@ -16,6 +16,7 @@ import time
 from collections import deque
 from typing import Any, Protocol, TextIO
 
+from batchq.cost import cost_figures, money, projected
 from batchq.stats import Stats, duration
 
 
@@ -48,9 +49,19 @@ def _tail(s: Stats, token_rate: float) -> str:
     )
     if s.hedges:
         text += f" · hedges {s.hedges:,}"
+    if s.cost is not None:
+        text += f" · {_spent(s)}"
     if s.invalid_answers:
         text += f" · invalid answers {s.invalid_answers:,}"
     return text + (f" · pace {s.pace}" if s.pace else "")
+
+
+def _spent(s: Stats) -> str:
+    """``$1.20 spent, ~$4.80 in all (budget $5.00)``: the job's, every run's."""
+    assert s.cost is not None
+    total = projected(s.cost, s.done, s.pending)
+    text = f"{money(s.cost)} spent" + (f", ~{money(total)} in all" if total is not None else "")
+    return text + (f" (budget {money(s.budget)})" if s.budget is not None else "")
 
 
 class Progress(Protocol):
@@ -143,11 +154,14 @@ def summary(
     s = stats
     failed = s.failed_before + s.failed
     return {
-        "state": "interrupted" if s.interrupted else "finished",
+        "state": "interrupted"
+        if s.interrupted
+        else ("budget_reached" if s.budget_reached else "finished"),
         "total": s.total,
         "succeeded": s.ok_before + s.ok,
         "failed": failed,
         "pending": s.pending,
+        "cost": None if s.cost is None else _job_cost(s),
         "this_run": {
             "succeeded": s.ok,
             "failed": s.failed,
@@ -163,7 +177,7 @@ def summary(
             "concurrency": {"peak_in_flight": s.peak_in_flight, "allowance": s.allowance},
             "hedges": {"sent": s.hedges, "estimated_tokens": s.hedge_tokens},
             "invalid_answers": s.invalid_answers,  # asked again: extra requests
-            "cost": _cost(s, *prices) if any(prices) else None,
+            "cost": _cost(s, *prices) if any(prices) or s.cost is not None else None,
             "batches": None
             if s.batches_open is None
             else {"created": s.batches_created, "open": s.batches_open, "lines": s.by_batch},
@@ -175,15 +189,38 @@ def summary(
     }
 
 
+def _job_cost(s: Stats) -> dict[str, Any]:
+    """The job's spend, every run's, and the projection for every line (live runs)."""
+    assert s.cost is not None
+    return {
+        **cost_figures(s.cost, s.done, s.pending, s.budget),
+        "budget_reached": s.budget_reached,
+    }
+
+
 def _cost(s: Stats, price_in: float, price_out: float) -> dict[str, float]:
     """This run's cost, lines answered by batch at half price; and the same all live."""
+    if s.cost is not None:  # live: counted answer by answer (cached tokens, retries, prices)
+        return {"spent": round(s.run_cost, 6), "all_live": round(s.run_cost, 6)}
     live = (s.prompt_tokens * price_in + s.completion_tokens * price_out) / 1e6
     by_batch = (s.batch_prompt_tokens * price_in + s.batch_completion_tokens * price_out) / 1e6
     return {"spent": round(live - by_batch / 2, 6), "all_live": round(live, 6)}
 
 
+def _render_cost(cost: dict[str, Any], this_run: float) -> str:
+    text = f"{money(cost['spent'])} spent ({money(this_run)} this run)"
+    if cost["projected"] is not None:
+        text += f", ~{money(cost['projected'])} for the whole job"
+    if cost["budget"] is not None:
+        text += f"; budget {money(cost['budget'])}" + (" reached" if cost["budget_reached"] else "")
+    return text
+
+
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
+
+
+_STATES = {"budget_reached": "stopped at the budget"}
 
 
 def render_summary(figures: dict[str, Any]) -> str:
@@ -192,7 +229,8 @@ def render_summary(figures: dict[str, Any]) -> str:
     pending = "?" if f["pending"] is None else f"{f['pending']:,}"
     causes = ", ".join(f"{n:,} × {cause}" for cause, n in run["retries_by_cause"].items())
     lines = [
-        f"batchq: {f['state']} in {duration(run['elapsed_s'])} — {f['succeeded']:,} succeeded, "
+        f"batchq: {_STATES.get(f['state'], f['state'])} in {duration(run['elapsed_s'])} — "
+        f"{f['succeeded']:,} succeeded, "
         f"{f['failed']:,} failed, {pending} pending",
         f"  this run: {run['succeeded']:,} succeeded, {run['failed']:,} failed, "
         f"{run['requests_per_s']:,.1f} req/s; {run['retries']:,} retries"
@@ -200,7 +238,9 @@ def render_summary(figures: dict[str, Any]) -> str:
         f"  tokens: {run['prompt_tokens']:,} prompt + {run['completion_tokens']:,} completion"
         f" = {run['total_tokens']:,}",
     ]
-    if cost := run["cost"]:
+    if job_cost := f["cost"]:
+        lines.append(f"  cost: {_render_cost(job_cost, run['cost']['spent'])}")
+    elif cost := run["cost"]:
         lines.append(f"  cost: ${cost['spent']:,.2f} (all live: ${cost['all_live']:,.2f})")
     latency = run["latency_s"]
     if latency["p50"] is not None:

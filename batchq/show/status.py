@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from batchq.config import build_settings, window_hours
+from batchq.cost import Prices, cost_figures, money
 from batchq.errors import ConfigError
 from batchq.job.batches import read_ledger
 from batchq.job.folder import JOB_TOML, _resolve, read_progress, read_state, running_pid
-from batchq.job.journal import JOURNAL_NAME, read_journal
+from batchq.job.journal import JOURNAL_NAME, Totals, read_journal
 from batchq.job.settings import read_job_toml
 from batchq.job.shard import read_cut, shard_folders
+from batchq.job.spend import SPEND_JSON, job_prices, read_spend
 from batchq.stats import duration
 
 #: Figures of a running process, from its progress.json; summed over running shards.
@@ -39,9 +41,13 @@ def job_status(job_dir: Path) -> dict[str, Any]:
     state = read_state(job_dir)
     total = state.get("input_requests")
     cut = read_cut(job_dir, state)
+    prices = job_prices(job.settings) if job.settings.via == "live" else None
+    model = job.settings.model
     if cut is None:
         part = _part(job_dir, job.results, job.errors, total, started=bool(state))
         part["batches"] = _batches(job_dir, job.settings.completion_window)
+        spent, budget = _spent(job_dir, prices, model)
+        part["cost"] = _cost(spent, part["done"], part["pending"], budget)
         return {"job": str(job_dir), "input": str(job.input), **part}
     parts = []
     count = cut.count
@@ -54,6 +60,7 @@ def job_status(job_dir: Path) -> dict[str, Any]:
             shard_state.get("requests"),
             started=bool(shard_state),
         )
+        part["spent"] = _spent(folder, prices, model)[0]
         parts.append({"shard": f"{index}/{count}", **part})
     done = sum(p["done"] for p in parts)
     running = [p for p in parts if p["pid"] is not None]
@@ -80,12 +87,34 @@ def job_status(job_dir: Path) -> dict[str, Any]:
         figures[name] = sum(p[name] or 0 for p in running) if running else None
     figures["binding"] = None
     figures["pace"] = None
+    spent = None if prices is None else sum(p["spent"] for p in parts)
+    figures["cost"] = _cost(spent, done, figures["pending"], None)  # no budget with shards
     elapsed = [p["elapsed_s"] for p in parts if p["elapsed_s"] is not None]
     figures["elapsed_s"] = max(elapsed) if elapsed else None  # the shards run side by side
     figures["results"] = str(job_dir / "shard-*" / "results.jsonl")
     figures["errors"] = str(job_dir / "shard-*" / "errors.jsonl")
     figures["shards"] = parts
     return figures
+
+
+def _spent(
+    run_dir: Path, prices: Prices | None, model: str | None
+) -> tuple[float | None, float | None]:
+    """What a folder's runs have spent, from its spend.json (None: the job has no price),
+    and the budget its last run kept."""
+    if prices is None:
+        return None, None
+    totals = Totals()  # the journal's are read only for a job that never had a price
+    if not (run_dir / SPEND_JSON).exists():
+        _, totals, _ = read_journal(run_dir / JOURNAL_NAME)
+    tally, budget = read_spend(run_dir, totals, model)
+    return prices.cost(tally), budget
+
+
+def _cost(
+    spent: float | None, done: int, pending: int | None, budget: float | None
+) -> dict[str, Any] | None:
+    return None if spent is None else cost_figures(spent, done, pending, budget)
 
 
 def _part(
@@ -163,6 +192,11 @@ def render_status(f: dict[str, Any]) -> str:
         f"{f['failed']:,} failed, {pending} pending",
         f"  tokens: {f['prompt_tokens']:,} prompt + {f['completion_tokens']:,} completion",
     ]
+    if (cost := f.get("cost")) is not None:
+        line = f"  cost: {money(cost['spent'])} spent"
+        if cost["projected"] is not None:
+            line += f", ~{money(cost['projected'])} for the whole job"
+        lines.append(line + (f"; budget {money(cost['budget'])}" if cost["budget"] else ""))
     if f["state"] == "running" and f["in_flight"] is not None:
         lines.append(
             f"  running for {duration(f['elapsed_s'])}: {f['in_flight']}/{f['allowance']} "

@@ -26,3 +26,14 @@ def exported(job: str) -> list[str | None]:
         return [r.custom_id for r in batchq.open_job(job).results()]
     except batchq.BatchqError as exc:
         raise SystemExit(exc.exit_code) from exc
+
+
+def within_budget(questions: list[str], budget: float) -> float | None:
+    prices = {"qwen-max": {"in": 2.4, "out": 9.6}}
+    try:
+        batchq.run(questions, model="m", job="jobs/q", prices=prices, max_cost=budget)
+    except batchq.BudgetReached as exc:
+        spent: float = exc.spent
+        pending: int | None = exc.pending
+        return spent if pending else None
+    return None
