@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-floor lint redis-server chromium bench bench-full bench-capacity bench-api bench-batch clean
+.PHONY: demo test test-floor lint redis-server chromium bench bench-full bench-capacity bench-capacity-sim bench-api bench-batch clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,11 @@ bench-full: $(STAMP)
 # Issue 11's figures (a few minutes); ARGS=--full for the issue's sizes, 3 runs each.
 bench-capacity: $(STAMP)
 	$(BIN)/python benchmarks/capacity.py $(ARGS)
+
+# Issue 21's matrix: --concurrency auto against simulated endpoints (~15 s of CPU, no sockets).
+# ARGS=--details for a line per cell; --rows WORD, --slots 1,16 for part of it.
+bench-capacity-sim: $(STAMP)
+	$(BIN)/python benchmarks/capacity_sim.py $(ARGS)
 
 # Issue 14's figures: batchq.run against batchq run, and batchq export of a 1,000,000-line
 # job (~2 minutes; appended to benchmarks/API.md). ARGS=--quick for a smoke run that prints.

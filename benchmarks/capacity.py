@@ -67,6 +67,7 @@ GPU = ("--latency", str(BASE_LATENCY), "--no-rate-limit-headers")  # what vLLM l
 SWEEP_256 = (64, 128, 256, 384, 512)
 SWEEP_16 = (8, 16, 24, 32, 64)
 UNLOADED_LINES = 20
+ONE_SLOT_LINES = 120  # issue 21's short job
 SEED = 11  # of the mock's faults and latencies: every run draws the same sequence
 ATTEMPTS = 3  # of a run that fails
 
@@ -396,7 +397,41 @@ def paced_16(bench: Bench) -> str:
     )
 
 
-CASES = {"1": makespan, "2": slots_256, "3": slots_16, "4": paced_16}
+def one_slot(bench: Bench) -> str:
+    """llama.cpp serves one request at a time; a short job (issue 21: p50 7.4× a
+    one-at-a-time run)."""
+    lines, mock = ONE_SLOT_LINES, ("--slots", "1", *GPU)
+    unloaded = unloaded_p50(bench, mock)
+    found = bench.runs(lines, mock, [DEFAULT, fixed(1), fixed(2)])
+    alone = median(found[fixed(1)[0]], lambda o: o.rate)
+    rows = []
+    for label, outcomes in found.items():
+        p50 = median(outcomes, lambda o: o.stats["latency_p50"])
+        rows.append(
+            [
+                label,
+                f"{median(outcomes, lambda o: o.rate):,.2f}",
+                f"{median(outcomes, lambda o: o.rate) / alone:.2f}×",
+                f"{p50:.3f}",
+                f"{p50 / unloaded:.1f}×",
+                f"{median(outcomes, lambda o: o.stats['max_in_flight']):,.0f}",
+            ]
+        )
+    default = found[DEFAULT[0]]
+    ratio = median(default, lambda o: o.rate) / alone
+    inflation = median(default, lambda o: o.stats["latency_p50"]) / unloaded
+    ok = ratio >= 0.95 and inflation <= 2
+    headers = ["batchq", "req/s", "of one at a time", "server p50 s", "× unloaded"]
+    headers += ["max in flight"]
+    return (
+        f"### 5. One slot (llama.cpp), {BASE_LATENCY:g} s, {lines:,} requests (unloaded server "
+        f"p50 {unloaded:.3f} s)\n\n{table(headers, rows)}\n\n"
+        f"Default: **{ratio:.2f}×** the throughput of one at a time, server p50 "
+        f"**{inflation:.1f}×** the unloaded latency (goal ≥ 0.95× and ≤ 2×: {verdict(ok)})."
+    )
+
+
+CASES = {"1": makespan, "2": slots_256, "3": slots_16, "4": paced_16, "5": one_slot}
 
 
 # --- main ----------------------------------------------------------------------------------

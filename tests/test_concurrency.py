@@ -307,6 +307,34 @@ def test_probes_shed_a_queue_that_costs_no_throughput() -> None:
     assert limit.limit < 50
 
 
+def test_when_the_event_loop_lags_the_pool_grows_instead_of_settling() -> None:
+    # The answers' latency is mostly our own loop's lag: the endpoint's capacity is out of
+    # sight, and a larger pool hands each pass of the loop more answers (issue 21: probing
+    # read the lag as the endpoint's queue and settled ~0.7 of the best fixed pool).
+    lagging, steady = AdaptiveLimit(ceiling=1024), AdaptiveLimit(ceiling=1024)
+    for limit in (lagging, steady):
+        limit.limit, limit.slow_start = 16, False
+    for _ in range(3):
+        lagging.lagged(0.05)  # half the answers' 0.1 s
+        measure(lagging, 1000)
+        steady.lagged(0.001)
+        measure(steady, 1000)
+    assert lagging.client_bound and lagging.limit == 16 * 2**3
+    assert not steady.client_bound and steady.limit == 16
+
+
+def test_a_server_of_one_slot_gets_one_or_two_requests_within_a_few_dozen_answers() -> None:
+    # llama.cpp serves one request at a time: slow start's first allowance (4) queued three
+    # behind it, and the knee, taken at that queued latency, kept 5-6 in flight (p50 ~6×).
+    # The first request went alone: its latency is the unloaded one, and a first window
+    # whose median is twice that is a queue; slow start begins again below it.
+    server = SlotServer(1)
+    run = simulate_slots(server, AdaptiveLimit(ceiling=1024), seconds=24)  # 120 answers
+    assert len(run.answers) >= 110
+    assert max(limit for _, limit in run.limits[60:]) <= 2  # after slow start probed 4 again
+    assert run.p50(since=0) <= 2 * server.base + 1e-9
+
+
 # --- Under a pace, against an endpoint that cannot keep up with it --------------------------
 
 

@@ -61,6 +61,17 @@ probed as without a pace; a full window that keeps the pace again, unqueued,
 lifts it. A cap for overload answers grows by a quarter with each full
 window that has few of them and no queue. Until the queue shows (two
 windows, about three seconds) the pool still opens as the pace asks.
+
+The first request goes alone (the limiter's probe), so its latency is the
+endpoint's unloaded one: without a pace, a first window whose median is twice
+that is a queue (a server of one or two slots, which the first allowance
+overfills), and slow start begins again from what Little's law says was not
+queued. An unpaced pool whose fastest answers and median both wait sheds a
+fifth a window. When the event loop's lag (the runner's tick measures it) is
+a fifth of the median latency, batchq is the bottleneck, not the endpoint:
+the unpaced pool doubles while throughput holds rather than reading its own
+lag as the endpoint's queue. ``benchmarks/capacity_sim.py`` runs all of this
+against simulated endpoints.
 Everything here but ``Gate`` is a pure function of the observations and
 the clock it is handed: float seconds.
 """
@@ -74,7 +85,7 @@ from collections import deque
 
 INITIAL = 4  # the unpaced pool's first allowance
 GROWTH = 4  # per window in slow start: 4 → 1,024 in four windows
-FLOOR = 2
+FLOOR = 1  # a server of one slot (llama.cpp) is best served one request at a time
 WINDOW = 1.0  # the shortest measurement of a limit's throughput
 WINDOW_LATENCIES = 4  # and at least this many median latencies
 KEEP = 0.98  # of the best throughput: a smaller pool that keeps this much is kept
@@ -91,6 +102,8 @@ PACE_KEPT = 0.9  # of the pace: answers this fast mean the pace binds, not the e
 QUEUED = 3.0  # a window's fastest answers (p10) this many times the lowest seen: a queue
 GROWING = 1.25  # and this many times the last window's: a queue that grows
 FD_RESERVE = 64  # descriptors kept for files, the resolver, the event loop
+CLIENT_BOUND = 0.2  # the event loop's lag, as a share of the median latency: batchq is the
+# bottleneck, not the endpoint (a timer waits for the loop's current pass, a part of it)
 
 
 class Gate:
@@ -188,6 +201,8 @@ class AdaptiveLimit:
         self.overloaded = False  # and what showed it: overload answers (else a queue)
         self._behind = False  # the last paced window showed a growing queue, short of the pace
         self._last_fast = math.inf  # the last window's p10
+        self.first: float | None = None  # the first answer's latency: the probe's, sent alone
+        self.client_bound = False  # the last window's time went to our own event loop
         self._probe = 1.0  # the factor of the last probe
         self._latency = RecentLatency(256)
         self._step(-math.inf)
@@ -207,6 +222,7 @@ class AdaptiveLimit:
         self._overloads = 0
         self._peak = 0  # the most in flight during the window
         self._sent = 0  # requests sent during the window
+        self._lag = 0.0  # the event loop's longest lag in the window
 
     def sent(self, in_flight: int, now: float) -> None:
         """A request went out at ``now``; ``in_flight`` counts it."""
@@ -222,6 +238,12 @@ class AdaptiveLimit:
             self._overloads += now >= self._from
             return
         self._latency.add(latency)
+        if self.first is None:
+            self.first = latency
+            if self.pace is None:  # the probe's: the first window measures the pool after it
+                self._from = now + latency
+                self._until = self._from + max(WINDOW / 2, 2 * latency)
+                return
         if now < self._from:
             return
         if not self._window:
@@ -231,15 +253,24 @@ class AdaptiveLimit:
         if now >= self._until and len(self._window) >= MIN_ANSWERS:
             self._decide(now)
 
+    def lagged(self, seconds: float) -> None:
+        """The event loop ran a timer ``seconds`` late: time our own CPU took, not the endpoint."""
+        self._lag = max(self._lag, seconds)
+
     def _decide(self, now: float) -> None:
         # Between the first and the last answer: a window's edges would cut batches
         # of answers (a GPU server's come together) into a noisy count.
         answers = len(self._window)
         rate = (answers - 1) / max(self._last - self._first, 1e-9)
-        median = sorted(self._window)[answers // 2]
+        ordered = sorted(self._window)
+        median, fast = ordered[answers // 2], ordered[answers // 10]
         mean = sum(self._window) / answers
-        fast = sorted(self._window)[answers // 10]
         queued = fast > QUEUED * self.base_fast
+        # The first request went alone, so its latency is the endpoint's unloaded one (a
+        # sample of it). A first window whose median takes twice that is a queue already: a
+        # server of a slot or two, which the first allowance overfills.
+        started_full = self.windows == 0 and median > QUEUEING * (self.first or math.inf)
+        self.client_bound = self._lag >= CLIENT_BOUND * median
         last_fast, self._last_fast = self._last_fast, fast
         self.base = min(self.base, median)
         self.base_mean = min(self.base_mean, mean)
@@ -278,6 +309,27 @@ class AdaptiveLimit:
             # first seconds' chance 503s set (a few in a small window) below the pace for
             # minutes, as the pace can never be kept under it.
             limit, self.best = math.ceil(limit * GROW), None
+        elif self.client_bound and not paced:
+            # Our own event loop is the bottleneck: what the endpoint could serve is out of
+            # sight, and a larger pool hands the loop more answers a pass. Double it while that
+            # costs no throughput; go back to the best pool when it does.
+            self.slow_start = False
+            if best is None or rate >= KEEP * best[1]:
+                self.best = (limit, max(rate, best[1] if best else 0.0))
+                limit *= 2
+            else:
+                limit = best[0]
+        elif started_full and not paced:
+            # Slow start again from the pool that Little's law says was not queued: if the
+            # probe's was only a fast answer of a heavy tail, that costs a window, no more.
+            assert self.first is not None
+            limit, self.best = _unqueued(limit, self.first, median), None
+        elif not paced and not self.slow_start and queued and median > QUEUEING * self.base:
+            # Even the fastest answers wait, and the median with them (a heavy tail moves only
+            # the median): the endpoint holds a queue (its capacity fell, or a probe
+            # overshot), which a smaller pool sheds at no cost in throughput. A fifth less
+            # each window while it shows: the lowest latencies seen are estimates, biased low.
+            limit, self.best = min(limit - 1, math.ceil(limit * SHRINK)), None
         elif best is None:
             self.best = (limit, rate)
             limit = limit * GROWTH if self.slow_start else limit
@@ -330,7 +382,19 @@ class AdaptiveLimit:
     def _knee(self, capacity: float, high: int) -> int:
         """Little's law at the unloaded latency: the pool that fills an endpoint serving
         ``capacity`` a second, with headroom for a batch's slower answers."""
-        return min(high, math.ceil(capacity * self.base_mean * HEADROOM))
+        return min(high, _nearest(capacity * self.base_mean * HEADROOM))
+
+
+def _unqueued(limit: int, unloaded: float, queued: float) -> int:
+    """The pool at which the fastest answers, ``queued`` seconds at ``limit`` in flight, would
+    take ``unloaded`` (Little's law), with headroom for a batch's slower answers."""
+    return _nearest(limit * unloaded / queued * HEADROOM)
+
+
+def _nearest(pool: float) -> int:
+    """The nearest pool, a half rounded down (a server of one slot gets one request, not
+    the two that Little's law with headroom asks: 1.5)."""
+    return math.floor(pool + 0.45)
 
 
 def descriptor_ceiling(wanted: int) -> int:
@@ -400,6 +464,11 @@ class Pool:
             latency = max(latency, now - self._first_sent)
         allowance = paced_allowance(rate, latency, self.ceiling)
         self.gate.set_limit(self.adaptive.under_pace(rate, allowance))
+
+    def lagged(self, seconds: float) -> None:
+        """The event loop ran a timer ``seconds`` late (the runner's tick measures it)."""
+        if not self.fixed:
+            self.adaptive.lagged(seconds)
 
     def binding(self, paced: bool) -> str:
         """What holds the sending back now: the pool, the pace, or the endpoint's capacity."""

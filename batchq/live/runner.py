@@ -511,7 +511,11 @@ class Pipeline:
         history = self.history
         try:
             while True:
+                slept = loop.time()
                 await asyncio.sleep(COMMIT_INTERVAL)
+                # How late the timer ran: our own event loop's lag (--concurrency auto grows
+                # the pool when it, not the endpoint, is the bottleneck).
+                self.pool.lagged(loop.time() - slept - COMMIT_INTERVAL)
                 await self.journal.commit_in_thread()
                 self.pacer.tick(COMMIT_INTERVAL)
                 now = loop.time()

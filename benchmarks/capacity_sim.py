@@ -1,0 +1,401 @@
+"""The `--concurrency auto` controller against simulated endpoints: a matrix of shapes.
+
+A discrete-event simulation on a fake clock drives the real controller
+(``batchq.live.concurrency.Pool``: its gate, ``sent``/``answered`` and the
+runner's ``resize`` every 0.2 s) and the limiter's real ``Pace``, against an
+endpoint of ``slots`` served at once (a full batch answers half as slowly
+again), an optional waiting room (503 beyond it, retried a second later),
+latency fixed or lognormal, a pace given (``--rpm``) or stated by the first
+answer's headers, capacity that changes halfway through the job; and a client
+whose event loop costs CPU per answer (so a 1 ms endpoint makes batchq the
+bottleneck, as it is on a real machine).
+
+Each cell runs the job with ``auto`` and with fixed pools around the
+endpoint's capacity, and reports the share of the best fixed pool's
+throughput (requests / makespan) and the p50 latency against an unloaded
+request's. ``python benchmarks/capacity_sim.py`` (``make bench-capacity-sim``)
+prints the matrix; tests/test_capacity_sim.py asserts its floor on a subset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import math
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from batchq.live.concurrency import Pool
+from batchq.live.limiter import BURST_SECONDS, Pace
+
+TICK = 0.2  # the runner's COMMIT_INTERVAL: Pool.resize runs this often
+PROBE_SECONDS = 1.0  # the first request goes alone this long at most (the limiter's)
+BATCHING = 0.5  # a full batch answers this much more slowly than a lone request
+RETRY_AFTER = 1.0  # a 503 is sent again this long after
+LOOP_COST = 0.3e-3  # CPU seconds of one event-loop pass (epoll, the tick's bookkeeping)
+ANSWER_COST = 0.15e-3  # and of one answer (parse, checkpoint, write, send the next)
+CEILING = 1024  # --max-concurrency's default
+SLOTS = (1, 2, 4, 16, 64, 256, 1024)
+GOAL = (0.9, 2.0)  # every cell: share of the best fixed pool, p50 × unloaded
+GOOD = (0.95, 1.5)  # most cells
+
+
+@dataclass(frozen=True)
+class Shape:
+    """An endpoint's shape and the job sent to it; ``slots`` is the matrix's column."""
+
+    name: str
+    latency: float  # an unloaded request's (the median, if heavy-tailed), seconds
+    sigma: float = 0.0  # lognormal σ of the latency; 0: fixed
+    queue: float | None = None  # waiting room, as a multiple of the slots; full: 503
+    change: float = 1.0  # the slots are multiplied by this halfway through the job
+    pace: float | None = None  # --rpm, as a multiple of the endpoint's capacity
+    stated: bool = False  # the pace is learnt from the first answer's headers
+    requests: int | None = None  # the job; None: a minute of the endpoint at capacity
+    refused: float = 0.0  # this share of requests is answered 503 at once, whatever the load
+
+
+@dataclass
+class Outcome:
+    requests: int
+    makespan: float
+    latencies: list[float] = field(default_factory=list)
+    retries: int = 0
+    peak: int = 0
+
+    @property
+    def throughput(self) -> float:
+        return self.requests / self.makespan
+
+    @property
+    def p50(self) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[len(ordered) // 2]
+
+
+def capacity(slots: int, shape: Shape) -> float:
+    """Answers a second with every slot busy (the lognormal's mean, not its median)."""
+    mean = shape.latency * math.exp(shape.sigma**2 / 2)
+    return slots / (mean * (1 + BATCHING * (slots - 1) / slots))
+
+
+def job_size(slots: int, shape: Shape) -> int:
+    if shape.requests is not None:
+        return shape.requests
+    rate = capacity(slots, shape)
+    if shape.pace is not None:
+        rate = min(rate, shape.pace * capacity(slots, shape))
+    # A minute of the endpoint at capacity (a large job), and ~30 rounds of it at least.
+    return int(min(40_000, max(1_000, 30 * slots, 60 * rate)))
+
+
+def unloaded(shape: Shape) -> float:
+    """A lone request's latency as the client sees it: the endpoint's and one loop pass."""
+    return shape.latency + LOOP_COST + ANSWER_COST
+
+
+def simulate(
+    slots: int, shape: Shape, concurrency: int | str, seed: int = 1, trace: list[str] | None = None
+) -> Outcome:
+    """Run the job through a ``Pool(concurrency)`` against the endpoint, on a fake clock."""
+    rng = random.Random(seed)
+    total = job_size(slots, shape)
+    pool = Pool(concurrency, CEILING)
+    rate = None if shape.pace is None else shape.pace * capacity(slots, shape)
+    pace = None if rate is None else Pace(rate)
+    known = rate is not None and not shape.stated  # a pace the client is told up front
+    now, seq = 0.0, 0
+    events: list[tuple[float, int, str, float]] = []  # (at, seq, kind, a request's sent-at)
+    ready, done, sent_total = total, 0, 0
+    busy, queue, room = 0, 0, slots
+    waiting: list[float] = []  # requests queued at the endpoint: their sent-at, FIFO
+    qhead = 0
+    inbox: list[tuple[float, bool]] = []  # answers the client's loop has yet to handle
+    passing: list[tuple[float, bool]] = []  # those it handles in its current pass
+    loop_busy_until = 0.0
+    probing = True  # the first request goes alone until answered, or a second
+    answered = False
+    out = Outcome(total, 0.0)
+
+    def push(at: float, kind: str, sent_at: float = 0.0) -> None:
+        nonlocal seq
+        seq += 1
+        heapq.heappush(events, (at, seq, kind, sent_at))
+
+    def serve(sent_at: float) -> None:
+        nonlocal busy
+        busy += 1
+        draw = shape.latency
+        if shape.sigma:
+            draw = rng.lognormvariate(math.log(shape.latency), shape.sigma)
+        push(now + draw * (1 + BATCHING * (busy - 1) / room), "served", sent_at)
+
+    def arrive(sent_at: float) -> None:
+        nonlocal queue
+        pool.sent(sent_at)
+        if shape.refused and rng.random() < shape.refused:
+            push(now + 0.001, "refused", sent_at)
+        elif busy < room:
+            serve(sent_at)
+        elif shape.queue is not None and queue >= shape.queue * room:
+            push(now + 0.001, "refused", sent_at)
+        else:
+            waiting.append(sent_at)
+            queue += 1
+
+    def fill() -> None:
+        nonlocal ready, sent_total
+        gate = pool.gate
+        while ready and gate.used < gate.limit:
+            if probing and sent_total:
+                return
+            gate.used += 1
+            ready -= 1
+            sent_total += 1
+            at = now if pace is None or not known else max(now, pace.reserve(1, now))
+            at = max(now, at - BURST_SECONDS)
+            if at > now:
+                push(at, "send")
+            else:
+                arrive(now)
+        out.peak = max(out.peak, pool.in_flight)
+
+    def handle_loop() -> None:
+        """The client's loop handles every answer in at once: one pass, its CPU."""
+        nonlocal loop_busy_until
+        if not inbox or passing:
+            return
+        passing.extend(inbox)
+        inbox.clear()
+        loop_busy_until = now + LOOP_COST + ANSWER_COST * len(passing)
+        push(loop_busy_until, "handled")
+
+    def handled() -> None:
+        nonlocal done, probing, known, answered
+        for sent_at, ok in passing:
+            pool.answered(sent_at, now, ok=ok, overload=not ok)
+            pool.gate.used -= 1
+            if ok:
+                done += 1
+                out.latencies.append(now - sent_at)
+            else:
+                out.retries += 1
+                push(now + RETRY_AFTER, "retry")
+        passing.clear()
+        if not answered:  # its headers state the pace, if the endpoint states one
+            probing, answered, known = False, True, rate is not None
+        fill()
+        handle_loop()
+
+    push(0.0, "tick")
+    changed = False
+    while done < total:
+        now, _, kind, sent_at = heapq.heappop(events)
+        if kind == "served" or kind == "refused":
+            if kind == "served":
+                busy -= 1
+                while queue and busy < room:
+                    queue -= 1
+                    qhead += 1
+                    serve(waiting[qhead - 1])
+                if qhead > 4096:
+                    del waiting[:qhead]
+                    qhead = 0
+            inbox.append((sent_at, kind == "served"))
+            handle_loop()
+        elif kind == "handled":
+            handled()
+            if not changed and shape.change != 1.0 and done >= total // 2:
+                changed, room = True, max(1, round(slots * shape.change))
+        elif kind == "send":
+            arrive(now)
+        elif kind == "retry":
+            ready += 1
+            fill()
+        elif kind == "tick":
+            if probing and now >= PROBE_SECONDS:
+                probing = False
+            # The tick is a timer of the client's loop: it runs when the current pass ends.
+            pool.lagged(loop_busy_until - now if passing else 0.0)
+            pool.resize(rate if known else None, now)
+            if trace is not None:  # what the controller did, for reading a cell
+                a = pool.adaptive
+                trace.append(
+                    f"{now:7.1f} s: allowance {pool.gate.limit:5,} in flight {pool.in_flight:5,} "
+                    f"answered {done:6,} slow start {a.slow_start:d} capping {a.capping:d} "
+                    f"client-bound {a.client_bound:d} opening {a.opening:,}"
+                )
+            fill()
+            push(now + TICK, "tick")
+    out.makespan = now
+    return out
+
+
+def fixed_pools(slots: int, shape: Shape) -> list[int]:
+    """The fixed pools to beat: powers of two around what the endpoint can hold."""
+    hold = slots * max(1.0, shape.change)
+    if shape.pace is not None or shape.sigma:
+        hold = max(hold, min(CEILING, capacity(slots, shape) * shape.latency * 8))
+    low, high = max(1, hold / 2), min(CEILING, max(4 * hold, 64))
+    return [2**k for k in range(11) if low <= 2**k <= high]
+
+
+@dataclass
+class Run:
+    """One seed of a cell: auto's outcome, and the best fixed pool's."""
+
+    auto: Outcome
+    best: int
+    best_outcome: Outcome
+
+
+@dataclass
+class Cell:
+    """A shape at a slot count, run with a few seeds: medians, and their spread."""
+
+    slots: int
+    shape: Shape
+    runs: list[Run]
+    cpu: float
+
+    def _reference(self, run: Run) -> float:
+        """The best fixed pool's throughput; under a pace, no more than the pace (a fixed pool
+        sends unpaced until a stated pace is known, which a real endpoint would refuse)."""
+        best = run.best_outcome.throughput
+        if self.shape.pace is None:
+            return best
+        return min(best, self.shape.pace * capacity(self.slots, self.shape))
+
+    @property
+    def shares(self) -> list[float]:
+        return sorted(r.auto.throughput / self._reference(r) for r in self.runs)
+
+    @property
+    def slowdowns(self) -> list[float]:
+        return sorted(r.auto.p50 / unloaded(self.shape) for r in self.runs)
+
+    @property
+    def share(self) -> float:
+        return statistics.median(self.shares)
+
+    @property
+    def slowdown(self) -> float:
+        return statistics.median(self.slowdowns)
+
+    @property
+    def verdict(self) -> str:
+        if self.share >= GOOD[0] and self.slowdown <= GOOD[1]:
+            return "good"
+        return "ok" if self.share >= GOAL[0] and self.slowdown <= GOAL[1] else "MISS"
+
+
+def cell(slots: int, shape: Shape, seeds: int = 1) -> Cell:
+    started = time.process_time()
+    runs = []
+    for seed in range(1, seeds + 1):
+        auto = simulate(slots, shape, "auto", seed)
+        fixed = {n: simulate(slots, shape, n, seed) for n in fixed_pools(slots, shape)}
+        best = max(fixed, key=lambda n: fixed[n].throughput)
+        runs.append(Run(auto, best, fixed[best]))
+    return Cell(slots, shape, runs, time.process_time() - started)
+
+
+LOGNORMAL = math.log(10 / 0.8) / 2.326  # p50 0.8 s, p99 10 s: capacity.py's case 1
+
+SHAPES = (
+    Shape("fixed 1 ms", 0.001),
+    Shape("fixed 0.2 s", 0.2),
+    Shape("fixed 2 s", 2.0),
+    Shape("fixed 10 s", 10.0),
+    Shape("lognormal 0.8 s σ1.09", 0.8, sigma=LOGNORMAL),
+    Shape("lognormal 0.05 s σ0.5", 0.05, sigma=0.5),
+    Shape("0.2 s, queue = slots, 503 past it", 0.2, queue=1.0),
+    Shape("0.2 s, capacity halves mid-run", 0.2, change=0.5),
+    Shape("0.2 s, capacity doubles mid-run", 0.2, change=2.0),
+    Shape("0.2 s, --rpm at 0.5× capacity", 0.2, pace=0.5),
+    Shape("0.2 s, --rpm at 3× capacity", 0.2, pace=3.0),
+    Shape("lognormal 0.8 s, stated pace 0.5×", 0.8, sigma=LOGNORMAL, pace=0.5, stated=True),
+    # capacity.py's case 1: 10,000 RPM far below what the endpoint serves, 1% 503s
+    Shape("lognormal 0.8 s, --rpm at 0.1×, 1% 503s", 0.8, sigma=LOGNORMAL, pace=0.1, refused=0.01),
+    Shape("2 s, stated pace at 3× capacity", 2.0, pace=3.0, stated=True),
+    Shape("short job: 120 × 0.2 s", 0.2, requests=120),
+    Shape("short job: 120 × 2 s", 2.0, requests=120),
+)
+
+
+def matrix(
+    shapes: tuple[Shape, ...] = SHAPES, slots: tuple[int, ...] = SLOTS, seeds: int = 1
+) -> list[Cell]:
+    return [cell(n, shape, seeds) for shape in shapes for n in slots]
+
+
+def table(cells: list[Cell]) -> str:
+    """Rows: shapes; columns: slots; each cell: share of best fixed / p50 × unloaded."""
+    columns = sorted({c.slots for c in cells})
+    rows: dict[str, dict[int, Cell]] = {}
+    for c in cells:
+        rows.setdefault(c.shape.name, {})[c.slots] = c
+    head = "| endpoint \\ slots | " + " | ".join(f"{n:,}" for n in columns) + " |"
+    lines = [head, "| --- |" + " ---: |" * len(columns)]
+    for name, by_slots in rows.items():
+        shown = []
+        for n in columns:
+            c = by_slots.get(n)
+            if c is None:
+                shown.append("")
+                continue
+            mark = "" if c.verdict == "good" else " ✗" if c.verdict == "MISS" else " ~"
+            shown.append(f"{c.share:.2f} / {c.slowdown:.1f}×{mark}")
+        lines.append(f"| {name} | " + " | ".join(shown) + " |")
+    return "\n".join(lines)
+
+
+def details(cells: list[Cell]) -> str:
+    lines = [
+        "| endpoint | slots | requests | share of best fixed (spread) | p50 × unloaded (spread) "
+        "| best fixed pool | its p50 × unloaded | auto's peak | auto's retries | CPU s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for c in cells:
+        first, unloaded_p50 = c.runs[0], unloaded(c.shape)
+        lines.append(
+            f"| {c.shape.name} | {c.slots:,} | {first.auto.requests:,} "
+            f"| {c.share:.2f} ({c.shares[0]:.2f}–{c.shares[-1]:.2f}) "
+            f"| {c.slowdown:.2f} ({c.slowdowns[0]:.2f}–{c.slowdowns[-1]:.2f}) "
+            f"| {first.best:,} | {first.best_outcome.p50 / unloaded_p50:.2f} "
+            f"| {first.auto.peak:,} | {first.auto.retries:,} | {c.cpu:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", help="only the shapes whose name contains this")
+    parser.add_argument("--slots", help="comma-separated slot counts (default: all)")
+    parser.add_argument("--details", action="store_true", help="a line per cell too")
+    parser.add_argument("--seeds", type=int, default=3, help="runs per cell (medians)")
+    args = parser.parse_args()
+    shapes = tuple(s for s in SHAPES if not args.rows or args.rows in s.name)
+    slots = tuple(int(n) for n in args.slots.split(",")) if args.slots else SLOTS
+    started = time.process_time()
+    cells = matrix(shapes, slots, args.seeds)
+    print(table(cells))
+    if args.details:
+        print()
+        print(details(cells))
+    verdicts = [c.verdict for c in cells]
+    print(
+        f"\n{len(cells)} cells: {verdicts.count('good')} good (≥ {GOOD[0]}, ≤ {GOOD[1]}×), "
+        f"{verdicts.count('ok')} ok (≥ {GOAL[0]}, ≤ {GOAL[1]}×), {verdicts.count('MISS')} miss; "
+        f"medians of {args.seeds} seeds; {time.process_time() - started:.1f} s of CPU"
+    )
+
+
+if __name__ == "__main__":
+    main()

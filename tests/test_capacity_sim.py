@@ -1,0 +1,74 @@
+"""The capacity matrix's floor on a subset of its cells (benchmarks/capacity_sim.py).
+
+Each cell runs a job through the real ``--concurrency auto`` controller and
+through fixed pools against a simulated endpoint on a fake clock: no sockets,
+no sleeps, a fraction of a second of CPU each. The floor is issue 21's goal
+for every cell: at least 0.9 of the best fixed pool's throughput, and a p50
+latency at most twice an unloaded request's. The cells are the shapes the
+controller must get right; the full matrix (`make bench-capacity-sim`) names
+the cells that cannot meet it, and why, in benchmarks/CAPACITY.md.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from capacity_sim import GOAL, SHAPES, Shape, cell
+
+FLOOD = pytest.mark.xfail(strict=True, reason="the paced start's flood (CAPACITY.md)")
+DRIFT = pytest.mark.xfail(strict=True, reason="the watch's drifting baseline (CAPACITY.md)")
+
+
+def shape(name: str) -> Shape:
+    return next(s for s in SHAPES if s.name == name)
+
+
+@pytest.mark.parametrize(
+    ("name", "slots"),
+    [
+        ("fixed 0.2 s", 4),
+        ("fixed 0.2 s", 16),
+        ("fixed 0.2 s", 64),  # a GPU-like server
+        ("fixed 0.2 s", 256),
+        ("lognormal 0.8 s σ1.09", 16),  # heavy tails on a server of slots
+        ("0.2 s, queue = slots, 503 past it", 64),
+        ("0.2 s, capacity halves mid-run", 64),
+        ("0.2 s, --rpm at 0.5× capacity", 16),  # the pace binds
+        ("0.2 s, --rpm at 0.5× capacity", 256),
+        # Known misses (benchmarks/CAPACITY.md): a pace far above the endpoint still opens the
+        # pool as the pace asks before any answer (p50 ~2.8x); opening by slow start's steps
+        # fixed it but, with the watch's drift below, stalled heavy tails, and was undone.
+        pytest.param("0.2 s, --rpm at 3× capacity", 16, marks=FLOOD),
+        pytest.param("0.2 s, --rpm at 3× capacity", 64, marks=FLOOD),
+        # capacity.py's case 1 (10,000 RPM, heavy tails, 1% 503s): over a long job the watch's
+        # lowest p10 drifts low until a window short of the pace by chance looks queued, and
+        # the cap holds the pool far below the pace (this seed; medians of 3 seeds keep it).
+        pytest.param("lognormal 0.8 s, --rpm at 0.1×, 1% 503s", 256, marks=DRIFT),
+    ],
+)
+def test_auto_meets_the_floor_of_the_capacity_matrix(name: str, slots: int) -> None:
+    result = cell(slots, shape(name))
+    share, slowdown = GOAL
+    assert result.share >= share, f"{result.share:.3f} of the best fixed pool"
+    assert result.slowdown <= slowdown, f"p50 {result.slowdown:.2f}× unloaded"
+
+
+def test_a_server_of_one_slot_is_not_kept_queued() -> None:
+    # llama.cpp: a 120-request job. Before issue 21 the pool stayed at 4-6 on the one slot
+    # (p50 6× a lone request's); now at most one request waits behind the one served.
+    result = cell(1, shape("short job: 120 × 2 s"))
+    assert result.share >= 0.95
+    assert result.runs[0].auto.p50 <= 2 * shape("short job: 120 × 2 s").latency + 0.01
+
+
+def test_when_the_client_is_the_bottleneck_the_pool_grows() -> None:
+    # An endpoint answering in 1 ms: batchq's own event loop binds, and probing read its
+    # lag as the endpoint's queue (the pool settled at ~16, 0.6-0.8 of the best fixed).
+    result = cell(64, shape("fixed 1 ms"))
+    assert result.share >= GOAL[0]
+    assert result.runs[0].auto.peak >= 256
