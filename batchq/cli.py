@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import shlex
@@ -280,6 +281,19 @@ def _defaults(
     help="Price of a million completion tokens.",
 )
 @click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    metavar="PORT",
+    help="While running, serve Prometheus metrics at http://127.0.0.1:PORT/metrics "
+    "(0: a free port, printed).",
+)
+@click.option(
+    "--metrics-host",
+    metavar="ADDRESS",
+    help="Where --metrics-port listens; 0.0.0.0 for a scraper on another host or pod "
+    "(the metrics hold counts, no secrets) [default: 127.0.0.1].",
+)
+@click.option(
     "--price-cached-in",
     type=click.FloatRange(min=0),
     help="Price of a million cached prompt tokens [default: as --price-in]. Prices by "
@@ -363,6 +377,7 @@ def run(
     from batchq.job.folder import open_job, with_shard
     from batchq.job.shard import parse_shard
     from batchq.live.runner import RunOptions, run_job
+    from batchq.show.metrics import metrics_of, served
     from batchq.show.progress import render_summary, summary
 
     defaults = _defaults(params, max_tokens, temperature)
@@ -393,6 +408,8 @@ def run(
         via = job.settings.via
         if detach and via != "batch":
             raise click.UsageError("--detach goes with --via batch: nothing else can detach")
+        metrics = metrics_of(job, _notice)  # None without --metrics-port
+        watch = None if metrics is None else metrics.watch
         live = RunOptions(
             api_key=api_key,
             limits_store_password=password,
@@ -401,18 +418,20 @@ def run(
             progress_every=None if quiet else progress_every,
             on_notice=_notice,
             handle_signals=True,
+            on_stats=watch,
         )
         if via == "live":
-            stats = asyncio.run(run_job(job, live))
+            stats = asyncio.run(served(metrics, run_job(job, live)))
         else:  # imported only here: a live run's start does not pay for them (~0.1 s)
             from batchq.auto import run_auto
             from batchq.batch.executor import run_batches
 
             batch = _batching(api_key, retry_failed=retry_failed, detach=detach, fsync=fsync)
+            batch = dataclasses.replace(batch, on_stats=watch)
             if via == "batch":
-                stats = asyncio.run(run_batches(job, batch))
+                stats = asyncio.run(served(metrics, run_batches(job, batch)))
             else:
-                stats = asyncio.run(run_auto(job, live, batch))
+                stats = asyncio.run(served(metrics, run_auto(job, live, batch)))
     except BatchqError as exc:
         raise Failure(exc) from None
     except Interrupted:  # a signal while the pipeline was not handling them
