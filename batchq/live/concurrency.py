@@ -308,7 +308,13 @@ class AdaptiveLimit:
                     limit = self._knee(max(rate, self._opened), self.opening)
                     self.best, self.capping, self.overloaded = None, True, False
                     self.opening = self.ceiling
-            elif rate < PACE_KEPT * self.pace and queued and growing and self._sent >= answers / 2:
+            elif (
+                rate < PACE_KEPT * self.pace
+                and self._peak >= 0.9 * limit  # (with room in the pool, the pace held sending)
+                and queued
+                and growing
+                and self._sent >= answers / 2
+            ):
                 # Short of the pace, and even the fastest answers wait longer and longer: the
                 # endpoint holds a growing queue, which more in flight would only lengthen.
                 # Two windows in a row: the first seconds' answers, the fast ones, set a p10
