@@ -100,7 +100,7 @@ def run(requests: Requests, **options: Any) -> list[Result]:
             ``concurrency``, ``max_attempts``, ``timeout``, ``hedge``,
             ``retry_failed``, ``force``, ``limits_store``, ``price_in``,
             ``price_out``, ``price_cached_in``, ``prices`` (by model: ``{"m":
-            {"in": 2.4, "out": 9.6}}``), ``max_cost``, ...), plus ``job``
+            {"in": 2.4, "out": 9.6}}``), ``max_cost``, ``metrics_port``, ...), plus ``job``
             (a folder), ``shard`` (``"I/N"``, ``(I, N)`` or ``"auto"``: this
             part of the job, whose results are returned), ``api_key`` (the
             key itself), ``progress`` (default True) and ``transport`` (an
@@ -311,6 +311,7 @@ class _Prepared:
 
     async def run(self) -> Stats:
         from batchq.live.runner import RunOptions, run_job
+        from batchq.show.metrics import metrics_of, served
 
         options = self.options
         api_key = options.pop("api_key", None)
@@ -359,6 +360,8 @@ class _Prepared:
             _notify(note)
         if api_key is None:
             api_key = os.environ.get(job.settings.api_key_env) or None
+        metrics = metrics_of(job, _notify)  # None without metrics_port=
+        watch = None if metrics is None else metrics.watch
         run_options = RunOptions(
             api_key=api_key,
             limits_store_password=password,
@@ -370,12 +373,13 @@ class _Prepared:
             on_notice=_notify,
             on_outcomes=self.on_outcomes,
             on_open=self.on_open,
+            on_stats=watch,
             response_model=self.response_model,
         )
         # No signal handlers (they are the application's), so nothing sets stats.interrupted:
         # a Ctrl-C reaches the engine as cancellation, and leaves as KeyboardInterrupt.
         if job.settings.via == "live":
-            stats = await run_job(job, run_options)
+            stats = await served(metrics, run_job(job, run_options))
             if stats.budget_reached:
                 from batchq.cost import budget_reached
 
@@ -392,10 +396,11 @@ class _Prepared:
             on_notice=_notify,
             on_outcomes=self.on_outcomes,
             on_open=self.on_open,
+            on_stats=watch,
         )
         if job.settings.via == "batch":
-            return await run_batches(job, batch_options)
-        return await run_auto(job, run_options, batch_options)
+            return await served(metrics, run_batches(job, batch_options))
+        return await served(metrics, run_auto(job, run_options, batch_options))
 
     def index(self) -> OutputIndex:
         assert self.job is not None

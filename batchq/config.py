@@ -70,6 +70,8 @@ class Settings:
     batch_poll: float = 30.0  # seconds between looks at the open batches
     price_in: float = 0.0  # per million prompt tokens, for the summary's cost; 0: not shown
     price_out: float = 0.0  # per million completion tokens
+    metrics_port: int | None = None  # serve Prometheus metrics while running; 0: a free port
+    metrics_host: str = "127.0.0.1"  # where to bind them: loopback unless said otherwise
     price_cached_in: float | None = None  # per million cached prompt tokens; None: as price_in
     prices: dict[str, dict[str, float]] = field(default_factory=dict)  # by model: in, out, ...
     max_cost: float | None = None  # the job's budget, in the prices' currency (live runs)
@@ -138,6 +140,10 @@ class Settings:
         _check_range("batch_poll", self.batch_poll, 0, 86_400, open_low=True)
         for name in ("price_in", "price_out"):
             _check_range(name, getattr(self, name), 0, 1e9)
+        if self.metrics_port is not None:
+            _check_range("metrics_port", self.metrics_port, 0, 65535, integer=True)
+        if not self.metrics_host.strip():
+            raise ConfigError("metrics_host must name an address, such as 127.0.0.1 or 0.0.0.0")
         for name in ("json_mode", "reask"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, not {show(getattr(self, name))}")
@@ -184,6 +190,7 @@ class Settings:
 _TEXT = (
     *("input", "output", "errors", "base_url", "api_key_env", "endpoint", "model", "system"),
     *("limits_store", "limits_key", "via", "batch_dialect", "completion_window", "deadline"),
+    "metrics_host",
     "json_schema",
 )
 _OPTIONAL_TEXT: tuple[str, ...] = (

@@ -88,6 +88,7 @@ class RunOptions:
     transport: Transport | None = None  # None: aiohttp, to the job's base URL
     on_outcomes: Callable[[list[bytes]], Awaitable[None]] | None = None  # lines written
     on_open: Callable[[], Awaitable[None]] | None = None  # the job is open, nothing sent yet
+    on_stats: Callable[[Stats], Awaitable[None]] | None = None  # its counters, once open
     response_model: Any = None  # a pydantic model class every answer must also pass (api.py)
 
 
@@ -488,6 +489,8 @@ class Pipeline:
         stats, pool = self.stats, self.pool
         stats.in_flight, stats.peak_in_flight = pool.in_flight, pool.peak
         stats.allowance, stats.binding = pool.gate.limit, pool.binding(paced)
+        limits = self.pacer.limits.items()
+        stats.pace_rates = {kind: lim.pace.rate for kind, lim in limits if lim is not None}
         if self.hedger is not None:
             stats.hedges, stats.hedge_tokens = self.hedger.sent, self.hedger.tokens
         self._report_cost()
