@@ -96,7 +96,10 @@ class Answers:
         self._unfit = fastjsonschema.JsonSchemaValueException
         try:
             self._validate = None if schema is None else fastjsonschema.compile(schema)
-        except (fastjsonschema.JsonSchemaDefinitionException, TypeError, ValueError) as exc:
+        except Exception as exc:
+            # Whatever compiling the user's schema raises is the schema's fault: fastjsonschema
+            # lets through re.error (a bad "pattern"), AttributeError ("properties": []) and
+            # URLError (a remote "$ref" it could not fetch), besides its own exception.
             raise ConfigError(f"the JSON schema {self.name} is not a valid schema: {exc}") from None
 
     def request_fields(self, endpoint: str) -> JSONObject:

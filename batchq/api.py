@@ -106,8 +106,8 @@ def run(requests: Requests, **options: Any) -> list[Result]:
             ``concurrency``, ``max_attempts``, ``timeout``, ``hedge``,
             ``retry_failed``, ``force``, ``limits_store``, ``price_in``,
             ``price_out``, ``price_cached_in``, ``prices`` (by model: ``{"m":
-            {"in": 2.4, "out": 9.6}}``), ``max_cost``, ``deployments`` (a list of
-            dicts, as the ``[[deployments]]`` tables of job.toml), ...), plus ``job``
+            {"in": 2.4, "out": 9.6}}``), ``max_cost``, ``metrics_port``, ``deployments``
+            (a list of dicts, as the ``[[deployments]]`` tables of job.toml), ...), plus ``job``
             (a folder), ``shard`` (``"I/N"``, ``(I, N)`` or ``"auto"``: this
             part of the job, whose results are returned), ``api_key`` (the
             key itself), ``progress`` (default True) and ``transport`` (an
@@ -318,6 +318,7 @@ class _Prepared:
 
     async def run(self) -> Stats:
         from batchq.live.runner import RunOptions, run_job
+        from batchq.show.metrics import metrics_of, served
 
         options = self.options
         api_key = options.pop("api_key", None)
@@ -370,6 +371,8 @@ class _Prepared:
             options.get("base_url") or os.environ.get("OPENAI_BASE_URL")
         ):
             _notify(ignored_base_url(job.settings))
+        metrics = metrics_of(job, _notify)  # None without metrics_port=
+        watch = None if metrics is None else metrics.watch
         run_options = RunOptions(
             api_key=api_key,
             deployment_keys=deployment_keys(job.settings, os.environ),
@@ -382,12 +385,13 @@ class _Prepared:
             on_notice=_notify,
             on_outcomes=self.on_outcomes,
             on_open=self.on_open,
+            on_stats=watch,
             response_model=self.response_model,
         )
         # No signal handlers (they are the application's), so nothing sets stats.interrupted:
         # a Ctrl-C reaches the engine as cancellation, and leaves as KeyboardInterrupt.
         if job.settings.via == "live":
-            stats = await run_job(job, run_options)
+            stats = await served(metrics, run_job(job, run_options))
             if stats.budget_reached:
                 from batchq.cost import budget_reached
 
@@ -404,10 +408,11 @@ class _Prepared:
             on_notice=_notify,
             on_outcomes=self.on_outcomes,
             on_open=self.on_open,
+            on_stats=watch,
         )
         if job.settings.via == "batch":
-            return await run_batches(job, batch_options)
-        return await run_auto(job, run_options, batch_options)
+            return await served(metrics, run_batches(job, batch_options))
+        return await served(metrics, run_auto(job, run_options, batch_options))
 
     def index(self) -> OutputIndex:
         assert self.job is not None

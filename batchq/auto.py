@@ -44,7 +44,10 @@ async def run_auto(job: Job, live: RunOptions, batch: BatchOptions) -> Stats:
     )
     if by_batch.interrupted:
         return by_batch
-    stats = await run_job(job, replace(live, retry_failed=False))  # retried in the first phase
+    live_stats = await run_job(job, replace(live, retry_failed=False))  # retried in phase 1
+    # A copy, to add the two phases up in: each phase's own counters stay as they were
+    # counted, for --metrics-port, which adds them up itself while the run goes on.
+    stats = replace(live_stats)
     stats.started = by_batch.started
     stats.ok_before, stats.failed_before = by_batch.ok_before, by_batch.failed_before
     stats.ok += by_batch.ok

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import shlex
@@ -40,6 +41,7 @@ from batchq.errors import BatchqError
 if TYPE_CHECKING:  # pragma: no cover
     from batchq.batch.executor import BatchOptions
     from batchq.config import Settings
+    from batchq.reader import RequestTemplate
     from batchq.show.preflight import Preflight
     from batchq.show.validate import Report
     from batchq.stats import Stats
@@ -288,6 +290,19 @@ def _defaults(
     help="Price of a million completion tokens.",
 )
 @click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    metavar="PORT",
+    help="While running, serve Prometheus metrics at http://127.0.0.1:PORT/metrics "
+    "(0: a free port, printed).",
+)
+@click.option(
+    "--metrics-host",
+    metavar="ADDRESS",
+    help="Where --metrics-port listens; 0.0.0.0 for a scraper on another host or pod "
+    "(the metrics hold counts, no secrets) [default: 127.0.0.1].",
+)
+@click.option(
     "--price-cached-in",
     type=click.FloatRange(min=0),
     help="Price of a million cached prompt tokens [default: as --price-in]. Prices by "
@@ -371,6 +386,7 @@ def run(
     from batchq.job.folder import open_job, with_shard
     from batchq.job.shard import parse_shard
     from batchq.live.runner import RunOptions, run_job
+    from batchq.show.metrics import metrics_of, served
     from batchq.show.progress import render_summary, summary
 
     defaults = _defaults(params, max_tokens, temperature)
@@ -410,6 +426,8 @@ def run(
         via = job.settings.via
         if detach and via != "batch":
             raise click.UsageError("--detach goes with --via batch: nothing else can detach")
+        metrics = metrics_of(job, _notice)  # None without --metrics-port
+        watch = None if metrics is None else metrics.watch
         live = RunOptions(
             api_key=api_key,
             deployment_keys=deployment_keys(job.settings, os.environ),
@@ -419,18 +437,20 @@ def run(
             progress_every=None if quiet else progress_every,
             on_notice=_notice,
             handle_signals=True,
+            on_stats=watch,
         )
         if via == "live":
-            stats = asyncio.run(run_job(job, live))
+            stats = asyncio.run(served(metrics, run_job(job, live)))
         else:  # imported only here: a live run's start does not pay for them (~0.1 s)
             from batchq.auto import run_auto
             from batchq.batch.executor import run_batches
 
             batch = _batching(api_key, retry_failed=retry_failed, detach=detach, fsync=fsync)
+            batch = dataclasses.replace(batch, on_stats=watch)
             if via == "batch":
-                stats = asyncio.run(run_batches(job, batch))
+                stats = asyncio.run(served(metrics, run_batches(job, batch)))
             else:
-                stats = asyncio.run(run_auto(job, live, batch))
+                stats = asyncio.run(served(metrics, run_auto(job, live, batch)))
     except BatchqError as exc:
         raise Failure(exc) from None
     except Interrupted:  # a signal while the pipeline was not handling them
@@ -765,6 +785,7 @@ def validate(
     completion. Exit status 0 if every line is a usable request that the endpoint would
     take, 1 if some are not; 3 if the endpoint cannot be asked.
     """
+    from batchq.answers import load_answers
     from batchq.config import build_settings
     from batchq.job.folder import JOB_TOML
     from batchq.job.settings import read_job_toml
@@ -784,9 +805,12 @@ def validate(
         overrides = {**settings, "defaults": {**stored.get("defaults", {}), **given}}
         job_settings = build_settings(stored, overrides)
         path = target / job_settings.input if target.is_dir() else target
+        # A job folder's --json-schema is added to each body at send time: judge those bodies.
+        answers = load_answers(job_settings, target) if target.is_dir() else None
+        template = RequestTemplate.from_settings(job_settings, answers)
         report = check(
             path,
-            RequestTemplate.from_settings(job_settings),
+            template,
             price_in=price_in or job_settings.price_in,
             price_out=price_out or job_settings.price_out,
         )
@@ -796,9 +820,11 @@ def validate(
             if split_out is not None:
                 raise click.UsageError("--split-out goes with one endpoint, not [[deployments]]")
             for spec in job_settings.deployments:
-                pool[spec.name] = _preflight(path, as_deployment(job_settings, spec), report, None)
+                one = as_deployment(job_settings, spec)
+                served = RequestTemplate.from_settings(one, answers)  # under its model name
+                pool[spec.name] = _preflight(path, one, served, report, None)
         elif check_endpoint:
-            preflight = _preflight(path, job_settings, report, split_out)
+            preflight = _preflight(path, job_settings, template, report, split_out)
             # The endpoint's count replaces the estimate, in the cost too.
             report.prompt_tokens, report.prompt_counted = preflight.prompt_tokens, preflight.counted
         figures = report.as_dict()
@@ -826,10 +852,15 @@ def validate(
     sys.exit(EXIT_OK if report.bad == 0 and not refused else EXIT_FAILED)
 
 
-def _preflight(path: Path, settings: Settings, report: Report, split_out: Path | None) -> Preflight:
+def _preflight(
+    path: Path,
+    settings: Settings,
+    template: RequestTemplate,
+    report: Report,
+    split_out: Path | None,
+) -> Preflight:
     """``validate --check-endpoint``: the endpoint's verdict on every line."""
     from batchq.live.preflight import check_endpoint
-    from batchq.reader import RequestTemplate
 
     def progress(line: str) -> None:
         _notice(f"validate: {line}")
@@ -837,7 +868,7 @@ def _preflight(path: Path, settings: Settings, report: Report, split_out: Path |
     return asyncio.run(
         check_endpoint(
             path,
-            RequestTemplate.from_settings(settings),
+            template,
             base_url=settings.base_url,
             api_key=os.environ.get(settings.api_key_env) or None,
             key_env=settings.api_key_env,

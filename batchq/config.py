@@ -71,6 +71,8 @@ class Settings:
     price_in: float = 0.0  # per million prompt tokens, for the summary's cost; 0: not shown
     price_out: float = 0.0  # per million completion tokens
     deployments: tuple[DeploymentSpec, ...] = ()  # several endpoints as one pool; (): base_url
+    metrics_port: int | None = None  # serve Prometheus metrics while running; 0: a free port
+    metrics_host: str = "127.0.0.1"  # where to bind them: loopback unless said otherwise
     price_cached_in: float | None = None  # per million cached prompt tokens; None: as price_in
     prices: dict[str, dict[str, float]] = field(default_factory=dict)  # by model: in, out, ...
     max_cost: float | None = None  # the job's budget, in the prices' currency (live runs)
@@ -142,6 +144,10 @@ class Settings:
                     f"deployment {spec.name!r} does not serve {self.endpoint} (its endpoints: "
                     f"{', '.join(spec.endpoints)}): every deployment must serve the job's lines"
                 )
+        if self.metrics_port is not None:
+            _check_range("metrics_port", self.metrics_port, 0, 65535, integer=True)
+        if not self.metrics_host.strip():
+            raise ConfigError("metrics_host must name an address, such as 127.0.0.1 or 0.0.0.0")
         for name in ("json_mode", "reask"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, not {show(getattr(self, name))}")
@@ -329,6 +335,7 @@ def ignored_base_url(settings: Settings) -> str:
 _TEXT = (
     *("input", "output", "errors", "base_url", "api_key_env", "endpoint", "model", "system"),
     *("limits_store", "limits_key", "via", "batch_dialect", "completion_window", "deadline"),
+    "metrics_host",
     "json_schema",
 )
 _OPTIONAL_TEXT: tuple[str, ...] = (

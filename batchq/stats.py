@@ -11,6 +11,7 @@ import bisect
 import math
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 # Latency buckets ~5% wide from 0.1 ms to ~14 hours: constant memory, ~5% error.
@@ -23,10 +24,17 @@ class LatencyHistogram:
 
     counts: list[int] = field(default_factory=lambda: [0] * (len(_BOUNDS) + 1))
     total: int = 0
+    seconds: float = 0.0  # the sum of every latency added (Prometheus' histogram ``_sum``)
 
     def add(self, seconds: float) -> None:
         self.counts[bisect.bisect_right(_BOUNDS, seconds)] += 1
         self.total += 1
+        self.seconds += seconds
+
+    @staticmethod
+    def bounds() -> Sequence[float]:
+        """The buckets' upper bounds (exclusive); the last bucket has none."""
+        return _BOUNDS
 
     def percentile(self, p: float) -> float | None:
         if not self.total:
@@ -99,6 +107,7 @@ class Stats:
     completion_tokens: int = 0
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     pace: str | None = None  # the current pace, while rate limits slow it down
+    pace_rates: dict[str, float] = field(default_factory=dict)  # a second, by limit: "requests"
     batches_created: int = 0  # provider batches this run created (--via batch)
     batches_open: int | None = None  # left running at the provider; None: a live run
     by_batch: int | None = None  # --via auto: of this run's lines, those a batch answered

@@ -124,9 +124,18 @@ def test_reask_shows_the_model_its_answer_and_what_is_wrong() -> None:
     assert [t["role"] for t in turns] == ["user", "assistant", "user"]
 
 
-def test_a_schema_that_is_no_schema_is_refused_in_one_line() -> None:
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "no-such-type"},
+        {"properties": {"a": {"type": "string", "pattern": "("}}},  # re.error before
+        {"properties": []},  # AttributeError before
+        {"$ref": "http://127.0.0.1:9/schema.json"},  # URLError before (nothing listens)
+    ],
+)
+def test_a_schema_that_is_no_schema_is_refused_in_one_line(schema: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match="not a valid schema"):
-        Answers({"type": "no-such-type"})
+        Answers(schema)
 
 
 # --- The built-in endpoint's answers -------------------------------------------------------

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import time
 from pathlib import Path
 
 import orjson
@@ -61,6 +63,33 @@ def test_a_torn_last_line_is_skipped(tmp_path: Path) -> None:
     with (tmp_path / HISTORY).open("ab") as f:
         f.write(b'{"t": 17960, "done": 4')  # a crash in the middle of a record
     assert [r["ok"] for r in read_history(tmp_path)] == [1, 2, 3]
+
+
+def test_a_damaged_record_s_fields_count_as_missing(tmp_path: Path) -> None:
+    """A line edited by hand or by another tool: a report of it, not a crash (exit 70)."""
+    good = {"t": 1.0, "run": 1.0, "done": 1, "retries": {"429": 1}, "in_flight": 2, "pace": 1.0}
+    hostile = {"t": 2.0, "run": 1.0, "done": 2, "retries": [1], "in_flight": "x", "pace": {}}
+    other = {"t": 3.0, "run": 1.0, "done": 3, "retries": "x", "p50": "slow", "allowance": []}
+    series = job_series([[good, hostile, other]])
+    assert series["done"] == [1, 2, 3]
+    assert series["in_flight"] == [2, None, None]
+    sharded = job_series([[good, hostile], [good, other]])  # shards add their gauges up
+    assert sharded["done"][-1] == 5 and sharded["in_flight"][-1] is None
+
+
+def test_a_damaged_progress_json_of_a_live_process_is_no_crash(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    """progress.json edited outside batchq: its figures count as missing (exit 70 before)."""
+    server = mock_server()
+    write_jsonl(tmp_path / "in.jsonl", [chat("q", "r")])
+    done = batchq("run", "in.jsonl", "--base-url", server.url, "--model", "m", "-q", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    job = tmp_path / "jobs" / "in"
+    live = {"pid": os.getpid(), "updated": time.time(), "elapsed_s": "x", "in_flight": "y"}
+    (job / "progress.json").write_bytes(orjson.dumps(live))  # this process: alive
+    shown = picture(open_folder(job))["figures"]
+    assert shown["state"] == "running" and shown["in_flight"] == 0
 
 
 def test_a_resumed_run_keeps_the_interval_and_adds_to_the_counts(tmp_path: Path) -> None:

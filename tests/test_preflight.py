@@ -309,6 +309,43 @@ def test_a_job_folder_is_checked_against_its_own_endpoint_and_key_variable(
     assert figures["prompt_tokens_counted_by_endpoint"] == 2
 
 
+def test_a_job_folder_s_json_schema_is_in_the_requests_checked(
+    mock_server: MockFactory, tmp_path: Path
+) -> None:
+    """answers.py adds the schema at send time: validate must judge the bodies run sends."""
+    server = mock_server()
+    source = write_jsonl(tmp_path / "in.jsonl", [chat("hi", "a"), chat("ho", "b")])
+    schema = {"type": "object", "properties": {"label": {"type": "string"}}}
+    (tmp_path / "label.json").write_bytes(orjson.dumps(schema))
+    run = batchq("run", source, "--model", "mock", "--base-url", server.url,
+                 "--json-schema", "label.json", "--quiet", cwd=tmp_path)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    job = tmp_path / "jobs" / "in"
+    done = batchq("validate", job, "--check-endpoint", "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert _figures(done)["endpoint"]["schemas_not_checked"] == 2  # 0 before: not seen
+    (tmp_path / "label.json").write_text("{not json")  # as run would, validate refuses it
+    done = batchq("validate", job, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "label.json is not JSON" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_user_and_password_in_the_url_beside_a_key_is_one_line_exit_2(
+    mock_server: MockFactory, tmp_path: Path
+) -> None:
+    """aiohttp refuses a Bearer header beside a URL's credentials: that was exit 70."""
+    server = mock_server()
+    source = write_jsonl(tmp_path / "in.jsonl", [chat("hi", "a")])
+    url = server.url.replace("http://", "http://user:hunter2@")
+    env = clean_env(OPENAI_API_KEY=KEY)
+    for command in (["validate", source, "--check-endpoint"], ["run", source, "--quiet"]):
+        done = batchq(*command, "--model", "mock", "--base-url", url, cwd=tmp_path, env=env)
+        assert done.returncode == 2, done.stderr
+        assert "user and password" in done.stderr and "Traceback" not in done.stderr
+        assert KEY not in done.stderr and "hunter2" not in done.stderr
+    assert server.stats()["requests"] == 0
+
+
 def test_tokenizer_calls_overlap_but_at_most_16_at_once(hostile: Hostile, tmp_path: Path) -> None:
     inside, most = 0, 0
 

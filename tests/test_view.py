@@ -343,6 +343,30 @@ def test_the_api_answers_json_of_the_job(big_job: Path, viewer: Callable[[Path],
     assert refused.value.code == 403
 
 
+def test_a_file_damaged_while_the_view_runs_is_one_line_not_a_traceback(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    import urllib.error
+    import urllib.request
+
+    server = mock_server()
+    write_jsonl(tmp_path / "in.jsonl", [chat("q", "r")])
+    done = batchq("run", "in.jsonl", "--base-url", server.url, "--model", "m",
+                  "--price-in", "1", "--price-out", "1", "-q", cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    job = tmp_path / "jobs" / "in"
+    view = Viewer(job)
+    try:
+        (job / "spend.json").write_text("{damaged")
+        with pytest.raises(urllib.error.HTTPError) as failed:
+            urllib.request.urlopen(view.url + "api/picture")
+        assert "spend.json is damaged" in orjson.loads(failed.value.read())["error"]
+    finally:
+        view.stop()
+    assert view.process.stderr is not None
+    assert "Traceback" not in view.process.stderr.read()  # aiohttp logged one before
+
+
 def test_a_taken_port_is_a_usage_error(big_job: Path, tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

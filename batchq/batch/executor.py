@@ -89,6 +89,7 @@ class BatchOptions:
     handle_signals: bool = False  # SIGINT/SIGTERM stop waiting: for the command line
     on_outcomes: Callable[[list[bytes]], Awaitable[None]] | None = None  # lines committed
     on_open: Callable[[], Awaitable[None]] | None = None  # the job is open, nothing sent yet
+    on_stats: Callable[[Stats], Awaitable[None]] | None = None  # its counters, once open
 
 
 async def run_batches(job: Job, options: BatchOptions) -> Stats:
@@ -325,6 +326,7 @@ class BatchRun:
         self._show()
         for chunk, batch in finished:
             await self.collect(chunk, batch)
+        self.stats.batches_open = len(self.ledger.open_chunks())  # for --metrics-port, as it goes
         return bool(finished)
 
     async def _retrieve(self, chunk: Chunk) -> dict[str, Any]:

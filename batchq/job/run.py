@@ -55,6 +55,8 @@ class RunOptions(Protocol):
     def handle_signals(self) -> bool: ...
     @property
     def on_open(self) -> Callable[[], Awaitable[None]] | None: ...  # open, nothing sent yet
+    @property
+    def on_stats(self) -> Callable[[Stats], Awaitable[None]] | None: ...  # the run's counters
 
 
 @contextlib.asynccontextmanager
@@ -88,6 +90,8 @@ async def open_run(job: Job, options: RunOptions) -> AsyncIterator[OpenRun]:
             try:
                 if stats.done:
                     on_notice(f"resuming: {stats.done:,} of {stats.total:,} done")
+                if options.on_stats is not None:  # --metrics-port: it serves them from now on
+                    await options.on_stats(stats)
                 if options.on_open is not None:
                     await options.on_open()
                 yield OpenRun(span, journal, stats)

@@ -51,16 +51,20 @@ latency of the endpoint's growing queue up to the ceiling. So
 ``AdaptiveLimit`` watches the paced pool too, judging nothing by throughput
 (the pace caps it, so a larger pool never seems to gain, and a probe would
 cut the pool the pace needs). It caps the pool only when two windows in a
-row fall short of the pace *and* even their fastest answers (the p10) take
-three times the lowest p10 seen, and more than the window before: a queue
-that grows delays every request, while an LLM's heavy tail (long answers)
-moves the median and the tail but leaves its short answers fast, and the
-first answers' bias toward the fast ones lowers the baseline, never raises a
-window. The cap is the knee (Little's law at the lowest mean latency), then
-probed as without a pace; a full window that keeps the pace again, unqueued,
-lifts it. A cap for overload answers grows by a quarter with each full
-window that has few of them and no queue. Until the queue shows (two
-windows, about three seconds) the pool still opens as the pace asks.
+row fall short of the pace with the pool full (with room in it, the pace
+held sending, not the endpoint) *and* even their fastest answers (the p10)
+take three times the lowest p10 seen, and more than the window before: a
+queue that grows delays every request, while an LLM's heavy tail (long
+answers) moves the median and the tail but leaves its short answers fast,
+and the first answers' bias toward the fast ones lowers the baseline, never
+raises a window. The cap is the knee (Little's law at the lowest mean
+latency), then probed as without a pace; a full window that keeps the pace
+again, unqueued, lifts it. A cap for overload answers grows by a quarter
+with each full window that has few of them and no queue. The paced pool
+opens from ``PACED_MIN`` by slow start's steps (fourfold a window while the
+answers grow by half), not as the pace asks before any answer says the
+endpoint has room; when they stop growing short of the pace, the pool is
+capped at the knee, and once a window keeps the pace, Little's law sizes it.
 
 The first request goes alone (the limiter's probe), so its latency is the
 endpoint's unloaded one: without a pace, a first window whose median is twice
@@ -201,6 +205,9 @@ class AdaptiveLimit:
         self.overloaded = False  # and what showed it: overload answers (else a queue)
         self._behind = False  # the last paced window showed a growing queue, short of the pace
         self._last_fast = math.inf  # the last window's p10
+        self.opening = PACED_MIN  # under a pace, the most in flight the answers have made room for
+        self._opened = 0.0  # and the answers a second it brought
+        self.open = False  # and it is done: a window kept the pace, or the endpoint's knee showed
         self.first: float | None = None  # the first answer's latency: the probe's, sent alone
         self.client_bound = False  # the last window's time went to our own event loop
         self._probe = 1.0  # the factor of the last probe
@@ -280,14 +287,39 @@ class AdaptiveLimit:
         paced = self.pace is not None
         overloaded = self._overloads >= 3 and self._overloads > OVERLOAD_SHARE * answers
         behind, self._behind = self._behind, False
-        if overloaded:
+        if overloaded and self.watching and not self.open:
+            # While the paced pool opens, a cut narrows the opening and it goes on: a cap
+            # there (a few chance 503s in a small window) grew back a quarter a long window,
+            # minutes below the pace.
+            self.opening = limit = max(PACED_MIN, math.floor(limit * 0.75))
+        elif overloaded:
             limit, self.best, self.slow_start = math.floor(limit * 0.75), None, False
             self.capping = self.overloaded = paced
         elif self.watching:
             assert self.pace is not None
             # (Sending went on: at the tail only the slowest answers are left, and retries.)
             growing = fast > GROWING * last_fast
-            if rate < PACE_KEPT * self.pace and queued and growing and self._sent >= answers / 2:
+            if rate >= PACE_KEPT * self.pace:
+                self.open, self.opening = True, self.ceiling  # the pace binds: Little's law
+            elif not self.open and limit >= self.opening:  # the opening binds, not the pace
+                if self._peak < 0.9 * limit:
+                    pass  # the pool was not full: the opening learnt nothing
+                elif rate >= SLOW_START_GAIN * self._opened:
+                    # Short of the pace, the pool full: open no faster than answers show room
+                    # (slow start's steps and test), or a pace far above a slow endpoint's
+                    # capacity floods it before a window can show it full.
+                    self._opened, self.opening = rate, min(self.ceiling, self.opening * GROWTH)
+                else:  # more in flight brought no more answers: the endpoint is full
+                    limit = self._knee(max(rate, self._opened), self.opening)
+                    self.best, self.capping, self.overloaded = None, True, False
+                    self.open, self.opening = True, self.ceiling
+            elif (
+                rate < PACE_KEPT * self.pace
+                and self._peak >= 0.9 * limit  # (with room in the pool, the pace held sending)
+                and queued
+                and growing
+                and self._sent >= answers / 2
+            ):
                 # Short of the pace, and even the fastest answers wait longer and longer: the
                 # endpoint holds a growing queue, which more in flight would only lengthen.
                 # Two windows in a row: the first seconds' answers, the fast ones, set a p10
@@ -376,7 +408,7 @@ class AdaptiveLimit:
         law wants ``allowance``: that, until the endpoint falls behind the pace."""
         self.pace = rate
         if not self.capping:
-            self.limit, self.slow_start = allowance, False
+            self.limit, self.slow_start = min(allowance, self.opening), False
         return min(allowance, self.limit)
 
     def _knee(self, capacity: float, high: int) -> int:

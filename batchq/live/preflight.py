@@ -42,6 +42,7 @@ from yarl import URL
 from batchq import __version__
 from batchq.config import JSONObject, strip_secrets
 from batchq.errors import FatalEndpointError, InputError, StorageError
+from batchq.live.transport import authorization
 from batchq.reader import RequestTemplate, parse_line, prompt_tokens, without_bom
 from batchq.records import Request
 from batchq.show.preflight import (
@@ -105,8 +106,7 @@ class Endpoint:
         self.root = self.base.removesuffix("/v1")  # vLLM and llama.cpp serve /tokenize there
         self.shown = strip_secrets(self.base, mask="***")[0]
         self._headers = {"User-Agent": f"batchq/{__version__}"}
-        if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._headers.update(authorization(self.base, api_key))
         self._timeout = aiohttp.ClientTimeout(total=ASK_TIMEOUT, connect=connect_timeout)
         self._session: aiohttp.ClientSession | None = None
         self._slots = asyncio.Semaphore(TOKENIZE_CONCURRENCY)

@@ -90,6 +90,7 @@ class RunOptions:
     transport: Transport | None = None  # None: aiohttp, to the job's base URL
     on_outcomes: Callable[[list[bytes]], Awaitable[None]] | None = None  # lines written
     on_open: Callable[[], Awaitable[None]] | None = None  # the job is open, nothing sent yet
+    on_stats: Callable[[Stats], Awaitable[None]] | None = None  # its counters, once open
     response_model: Any = None  # a pydantic model class every answer must also pass (api.py)
 
 
@@ -585,6 +586,8 @@ class Pipeline:
             stats.in_flight = sum(p.in_flight for p in pools)
             stats.peak_in_flight = max(stats.peak_in_flight, stats.in_flight)
             stats.allowance = sum(p.gate.limit for p in pools)
+        limits = self.pacer.limits.items()
+        stats.pace_rates = {kind: lim.pace.rate for kind, lim in limits if lim is not None}
         if self.hedger is not None:
             stats.hedges, stats.hedge_tokens = self.hedger.sent, self.hedger.tokens
         self._report_cost()

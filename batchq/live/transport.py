@@ -36,6 +36,7 @@ from yarl import URL
 from batchq import __version__
 from batchq.config import ENDPOINTS
 from batchq.errors import (
+    ConfigError,
     EndpointUnreachable,
     Redirected,
     RequestTimeout,
@@ -68,6 +69,24 @@ class Transport(Protocol):
     async def send(self, path: str, body: bytes) -> Response: ...
 
 
+def authorization(base_url: str, api_key: str | None) -> dict[str, str]:
+    """The header that carries ``api_key`` to ``base_url`` (none without a key).
+
+    Raises ConfigError when the URL holds a user and password too: aiohttp would send
+    them as the one Authorization header, and refuses the key's beside them.
+    """
+    if not api_key:
+        return {}
+    url = URL(base_url)
+    if url.user is not None or url.password is not None:
+        raise ConfigError(
+            "--base-url has a user and password in it and an API key is set too, and a "
+            "request carries only one of them: take the user:password out of --base-url, "
+            "or unset the key's variable (--api-key-env)"
+        )
+    return {"Authorization": f"Bearer {api_key}"}
+
+
 class AiohttpTransport:
     """One keep-alive ``ClientSession`` for the whole run, sized to the worker pool."""
 
@@ -88,8 +107,7 @@ class AiohttpTransport:
             "Content-Type": "application/json",
             "User-Agent": f"batchq/{__version__}",
         }
-        if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._headers.update(authorization(base, api_key))
         # What an endpoint echoes of the key is removed as it arrives, before any excerpt of
         # an answer could cut the key in two and leave half of it unrecognisable.
         self._scrubber = key_scrubber(api_key)

@@ -95,7 +95,7 @@ def figures(folder: JobFolder, series: dict[str, Any], journals: list[Totals]) -
         spent = float(read_state(run_dir).get("elapsed_s") or 0)  # by the runs that ended
         if _alive(live, now):
             running.append(live)
-            spent += float(live.get("elapsed_s") or 0)
+            spent += _num(live.get("elapsed_s"))  # a damaged figure counts as none
         elapsed = max(elapsed, spent)  # shards run side by side
     total = read_state(folder.dir).get("input_requests")
     done = ok + failed
@@ -138,7 +138,7 @@ def figures(folder: JobFolder, series: dict[str, Any], journals: list[Totals]) -
         "rate": None if rate is None else round(rate, 2),
         "mean_rate": _mean_rate(series) or (round(done / elapsed, 2) if elapsed else None),
         "eta": duration(pending / rate) if phase == "running" and pending and rate else None,
-        "in_flight": sum(int(r.get("in_flight") or 0) for r in running) if running else None,
+        "in_flight": sum(int(_num(r.get("in_flight"))) for r in running) if running else None,
         "binding": running[0].get("binding") if len(running) == 1 else None,
         "shards": len(folder.parts) if folder.sharded else None,
         "resume_command": f"batchq run {shlex.quote(str(folder.dir))}"
@@ -212,7 +212,7 @@ def _job_counters(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if last is not None and r.get("run") != last.get("run"):
             for name in _RUN_COUNTERS:
                 base[name] = base.get(name, 0) + _num(last.get(name))
-            for cause, n in (last.get("retries") or {}).items():
+            for cause, n in _causes(last).items():
                 base_retries[cause] = base_retries.get(cause, 0) + _num(n)
         point = {
             "t": r["t"],
@@ -221,14 +221,14 @@ def _job_counters(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "ok": _num(r.get("ok")),
             "failed": _num(r.get("failed")),
             "binding": r.get("binding"),
-            **{g: r.get(g) for g in _GAUGES},
-            **{p: r.get(p) for p in ("p50", "p95", "p99")},
+            **{g: _reading(r.get(g)) for g in _GAUGES},
+            **{p: _reading(r.get(p)) for p in ("p50", "p95", "p99")},
         }
         for name in _RUN_COUNTERS:
             if name in r or name in base:
                 point[name] = base.get(name, 0) + _num(r.get(name))
         retries = dict(base_retries)
-        for cause, n in (r.get("retries") or {}).items():
+        for cause, n in _causes(r).items():
             retries[cause] = retries.get(cause, 0) + _num(n)
         point["retries"] = retries
         points.append(point)
@@ -280,6 +280,17 @@ def _rate(
 
 def _num(value: object) -> float:
     return value if isinstance(value, int | float) and not isinstance(value, bool) else 0
+
+
+def _reading(value: object) -> float | None:
+    """A gauge or latency as recorded; None when missing or damaged (not a number)."""
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _causes(record: dict[str, Any]) -> dict[str, Any]:
+    """A record's retries by cause; none when missing or damaged (not an object)."""
+    retries = record.get("retries")
+    return retries if isinstance(retries, dict) else {}
 
 
 @dataclass

@@ -31,7 +31,7 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from batchq.errors import ConfigError
+from batchq.errors import BatchqError, ConfigError
 from batchq.job.folder import job_files, same_file
 from batchq.show.browse import Browser
 from batchq.show.picture import Failures, JobFolder, open_folder, picture
@@ -103,7 +103,7 @@ class View:
         self.failures = Failures(folder)
         self._picture_lock = asyncio.Lock()  # one picture at a time: it reads every file
         self._picture: tuple[float, bytes] | None = None  # until when it serves, and itself
-        self.app = web.Application(middlewares=[_local_only])
+        self.app = web.Application(middlewares=[_local_only, _one_line_errors])
         self.app.add_routes(
             [
                 web.get("/", self.index),
@@ -169,6 +169,17 @@ async def _local_only(request: web.Request, handler: Handler) -> web.StreamRespo
     if request.host.rsplit(":", 1)[0] not in ("127.0.0.1", "localhost"):
         raise web.HTTPForbidden(text="batchq view answers http://127.0.0.1 only")
     return await handler(request)
+
+
+@web.middleware
+async def _one_line_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A job file damaged while the view runs (spend.json, state.json): its one-line
+    reason to the page, not aiohttp's traceback on the terminal."""
+    try:
+        return await handler(request)
+    except BatchqError as exc:
+        return web.Response(body=orjson.dumps({"error": str(exc)}), status=500,
+                            content_type="application/json")  # fmt: skip
 
 
 def _json(data: Any) -> web.Response:
