@@ -24,13 +24,15 @@ from batchq.records import Request
 
 def flights(hedger: Hedger, *started: float) -> list[_Flight]:
     """Requests in flight since ``started``, as ``Hedger.send`` registers them."""
-    out = [_Flight(at) for at in started]
+    loop = asyncio.new_event_loop()  # only to make futures: choosing needs no running loop
+    out = [_Flight(at, loop.create_future()) for at in started]
+    loop.close()
     hedger._flights.update(out)
     return out
 
 
 def chosen(out: list[_Flight]) -> list[bool]:
-    return [f.due.is_set() for f in out]
+    return [f.chosen and f.wake.done() for f in out]
 
 
 def test_stragglers_are_chosen_oldest_first_up_to_one_percent_of_the_job() -> None:
@@ -55,7 +57,7 @@ def test_a_straggler_is_out_longer_than_the_p95_twice_the_median_and_a_second() 
         assert chosen(out) == [False], (p50, p95)
         hedger.choose(now=late + 0.01, p50=p50, p95=p95, samples=100)
         assert chosen(out) == [True], (p50, p95)
-        out[0].due.clear()
+        out[0].chosen = False
         hedger.chosen = 0
 
 
