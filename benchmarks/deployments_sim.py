@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import random
 import selectors
@@ -240,6 +241,8 @@ async def _run(case: Case, seed: int, trace: list[str] | None) -> Run:
     workers = sum(d.pool.ceiling for d in order)  # as the runner starts
     await asyncio.gather(*(worker() for _ in range(workers)))
     ticking.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await ticking
     return Run(case.lines, loop.time(), served)
 
 
