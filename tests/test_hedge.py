@@ -26,11 +26,39 @@ from batchq.live.transport import Response
 from batchq.records import Request
 
 
-def flights(hedger: Hedger, *started: float) -> list[_Flight]:
+class Latency:
+    """The latencies a flight is judged against, as percentiles given by the test."""
+
+    def __init__(self) -> None:
+        self.p50: float | None = None
+        self.p95: float | None = None
+        self.total = 0
+
+    def percentile(self, p: float) -> float | None:
+        return self.p50 if p == 50 else self.p95
+
+
+def flights(hedger: Hedger, *started: float, latency: Latency | None = None) -> list[_Flight]:
     """Requests in flight since ``started``, as ``Hedger.send`` registers them."""
-    out = [_Flight(at, None, None, None, None) for at in started]  # type: ignore[arg-type]
+    latency = latency or Latency()
+    out = [_Flight(at, latency, None, None, None, None) for at in started]  # type: ignore[arg-type]
     hedger._flights.update(out)
     return out
+
+
+def pick(
+    hedger: Hedger,
+    out: list[_Flight],
+    now: float,
+    p50: float | None,
+    p95: float | None,
+    samples: int,
+) -> None:
+    """``hedger.pick`` at ``now``, the flights' latencies having these percentiles."""
+    for flight in out:
+        latency = flight.latency
+        latency.p50, latency.p95, latency.total = p50, p95, samples  # type: ignore[attr-defined]
+    hedger.pick(now)
 
 
 def chosen(out: list[_Flight]) -> list[bool]:
@@ -41,9 +69,9 @@ def test_stragglers_are_chosen_oldest_first_up_to_one_percent_of_the_job() -> No
     hedger = Hedger(requests=300)
     assert hedger.budget == int(SHARE * 300) == 3
     out = flights(hedger, 0.0, 1.0, 2.0, 3.0, 4.0, 9.5)
-    hedger.pick(now=10.0, p50=0.2, p95=0.4, samples=100)
+    pick(hedger, out, now=10.0, p50=0.2, p95=0.4, samples=100)
     assert chosen(out) == [True, True, True, False, False, False]
-    hedger.pick(now=20.0, p50=0.2, p95=0.4, samples=100)  # the budget is spent
+    pick(hedger, out, now=20.0, p50=0.2, p95=0.4, samples=100)  # the budget is spent
     assert chosen(out) == [True, True, True, False, False, False]
 
 
@@ -55,19 +83,43 @@ def test_a_straggler_is_out_longer_than_the_p95_twice_the_median_and_a_second() 
     hedger = Hedger(requests=10_000)
     out = flights(hedger, 0.0)
     for p50, p95, late in ((0.2, 4.0, 4.0), (3.0, 4.0, 6.0), (0.01, 0.02, MIN_WAIT)):
-        hedger.pick(now=late, p50=p50, p95=p95, samples=100)
+        pick(hedger, out, now=late, p50=p50, p95=p95, samples=100)
         assert chosen(out) == [False], (p50, p95)
-        hedger.pick(now=late + 0.01, p50=p50, p95=p95, samples=100)
+        pick(hedger, out, now=late + 0.01, p50=p50, p95=p95, samples=100)
         assert chosen(out) == [True], (p50, p95)
         out[0].chosen = False
         hedger.chosen = 0
 
 
+def test_each_request_is_judged_by_the_latencies_of_its_own_deployment() -> None:
+    hedger = Hedger(requests=10_000)
+    slow, fast = Latency(), Latency()
+    slow.p50, slow.p95, slow.total = 3.0, 5.0, 100  # a box four times slower
+    fast.p50, fast.p95, fast.total = 0.2, 0.4, 100
+    on_slow = flights(hedger, 0.0, latency=slow)
+    on_fast = flights(hedger, 2.5, latency=fast)
+    hedger.pick(now=4.0)  # out 4 s on the slow box: usual there; 1.5 s on the fast: a straggler
+    assert chosen(on_slow + on_fast) == [False, True]
+    hedger.pick(now=6.01)
+    assert chosen(on_slow + on_fast) == [True, True]
+
+
+def test_a_request_to_a_deployment_with_too_few_answers_is_judged_by_the_jobs() -> None:
+    job = Latency()
+    job.p50, job.p95, job.total = 0.2, 0.4, 100
+    hedger = Hedger(requests=10_000, latency=job)  # type: ignore[arg-type]
+    stuck = Latency()  # a box that has answered nothing yet
+    stuck.p50, stuck.p95, stuck.total = 0.2, 0.4, MIN_SAMPLES - 1
+    out = flights(hedger, 0.0, latency=stuck)
+    hedger.pick(now=1.01)
+    assert chosen(out) == [True]
+
+
 def test_nothing_is_chosen_before_the_p95_is_worth_trusting() -> None:
     hedger = Hedger(requests=10_000)
     out = flights(hedger, 0.0)
-    hedger.pick(now=60.0, p50=0.2, p95=0.4, samples=MIN_SAMPLES - 1)
-    hedger.pick(now=60.0, p50=None, p95=None, samples=0)
+    pick(hedger, out, now=60.0, p50=0.2, p95=0.4, samples=MIN_SAMPLES - 1)
+    pick(hedger, out, now=60.0, p50=None, p95=None, samples=0)
     assert chosen(out) == [False]
 
 
@@ -77,9 +129,9 @@ def test_nothing_is_chosen_for_a_while_after_a_429() -> None:
     for _ in range(100):
         hedger.answered(now=50.0, status=200)
     hedger.answered(now=50.0, status=429)  # one in a hundred: the account is at its limit
-    hedger.pick(now=50.0 + QUIET - 0.01, p50=0.2, p95=0.4, samples=100)
+    pick(hedger, out, now=50.0 + QUIET - 0.01, p50=0.2, p95=0.4, samples=100)
     assert chosen(out) == [False]
-    hedger.pick(now=50.0 + QUIET, p50=0.2, p95=0.4, samples=100)
+    pick(hedger, out, now=50.0 + QUIET, p50=0.2, p95=0.4, samples=100)
     assert chosen(out) == [True]
 
 
@@ -90,12 +142,12 @@ def test_nothing_is_chosen_while_503s_are_more_than_a_few_recent_answers() -> No
         hedger.answered(now=40.0, status=503 if i < REFUSED_SHARE * 100 else 200)
     assert not hedger.refusing(now=40.0)
     hedger.answered(now=41.0, status=503)  # one more is too many
-    hedger.pick(now=41.0, p50=0.2, p95=0.4, samples=100)
+    pick(hedger, out, now=41.0, p50=0.2, p95=0.4, samples=100)
     assert chosen(out) == [False]
     hedger.answered(now=44.0, status=200)
-    hedger.pick(now=41.0 + QUIET - 0.01, p50=0.2, p95=0.4, samples=100)
+    pick(hedger, out, now=41.0 + QUIET - 0.01, p50=0.2, p95=0.4, samples=100)
     assert chosen(out) == [False]  # 1 503 of 2 answers
-    hedger.pick(now=41.0 + QUIET, p50=0.2, p95=0.4, samples=100)
+    pick(hedger, out, now=41.0 + QUIET, p50=0.2, p95=0.4, samples=100)
     assert chosen(out) == [True]  # of the last QUIET seconds' answers, none refused
 
 
@@ -103,7 +155,7 @@ def test_nothing_is_chosen_once_the_run_is_stopping() -> None:
     hedger = Hedger(requests=10_000)
     out = flights(hedger, 0.0)
     hedger.stop()
-    hedger.pick(now=60.0, p50=0.2, p95=0.4, samples=100)
+    pick(hedger, out, now=60.0, p50=0.2, p95=0.4, samples=100)
     assert chosen(out) == [False]
 
 
@@ -149,9 +201,13 @@ async def _hedged(
 ) -> asyncio.Task[tuple[object, bool]]:
     """A request sent through ``hedger``, out alone long enough to be chosen at once."""
     request = Request(line_no=1, custom_id="c1", url="/v1/chat/completions", body=b"{}", tokens=7)
-    sending = asyncio.ensure_future(hedger.send(transport, request, 0.0, turn or _no_wait))
+    latency = Latency()
+    latency.total, latency.p50, latency.p95 = 100, 0.2, 0.4
+    sending = asyncio.ensure_future(
+        hedger.send(transport, request, 0.0, turn or _no_wait, latency)  # type: ignore[arg-type]
+    )
     await transport.wait_out(1)
-    hedger.choose(now=60.0, p50=0.2, p95=0.4, samples=100)
+    hedger.choose(now=60.0)
     return sending
 
 

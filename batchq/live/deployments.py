@@ -11,8 +11,9 @@ The ``Router`` sends each attempt to the deployment with the most room: free
 slots of its pool's allowance, less the requests already waiting for one;
 a deployment whose pace is paused by a 429 has none. Weights break ties.
 When all are full, a worker waits for the first slot freed in any of them,
-not in one deployment's queue. A tail hedge's second copy (``Copies``) goes
-to another deployment than the first.
+not in one deployment's queue. The tail hedge judges a request by its
+deployment's latencies, and its second copy (``Copies``) goes to another
+deployment than the first.
 
 A ``Breaker`` takes a failing deployment out of the pool (after Nygard's
 circuit breaker, as Envoy's outlier detection and LiteLLM's cooldowns do):

@@ -33,6 +33,7 @@ from typing import Any
 from batchq.errors import RequestError
 from batchq.live.transport import Response, Transport
 from batchq.records import Request
+from batchq.stats import LatencyHistogram
 
 SHARE = 0.01  # of the job's requests: the most that may be hedged
 MIN_SAMPLES = 20
@@ -53,6 +54,7 @@ class _Flight:
     """
 
     started: float
+    latency: LatencyHistogram  # the answers its straggling is judged against
     worker: asyncio.Task[Any]
     transport: Transport
     request: Request
@@ -78,8 +80,9 @@ async def answer(transport: Transport, request: Request) -> Answer:
 class Hedger:
     """Which requests in flight get a second copy, and the copies' cost."""
 
-    def __init__(self, requests: int) -> None:
+    def __init__(self, requests: int, latency: LatencyHistogram | None = None) -> None:
         self.budget = max(1, int(SHARE * requests))
+        self.latency = latency or LatencyHistogram()  # the job's: a deployment's until it has some
         self.chosen = 0
         self.sent = 0  # copies that went: a chosen request may answer before its copy's turn
         self.tokens = 0  # estimated, of the copies sent
@@ -113,27 +116,35 @@ class Hedger:
             while times and times[0] <= now - QUIET:
                 times.popleft()
 
-    def choose(self, now: float, p50: float | None, p95: float | None, samples: int) -> None:
+    def choose(self, now: float) -> None:
         """Send a second copy of each straggler ``pick`` marks."""
-        for flight in self.pick(now, p50, p95, samples):
+        for flight in self.pick(now):
             flight.copy = asyncio.ensure_future(self._copy(flight))
 
-    def pick(self, now: float, p50: float | None, p95: float | None, samples: int) -> list[_Flight]:
-        """Mark the stragglers (out longer than ``p95``, twice ``p50`` and ``MIN_WAIT``) for a
-        second copy, oldest first; those marked now."""
-        if p50 is None or p95 is None or samples < MIN_SAMPLES or self.stopped:
+    def pick(self, now: float) -> list[_Flight]:
+        """Mark the stragglers for a second copy, oldest first; those marked now.
+
+        A straggler is out longer than the p95, twice the median and ``MIN_WAIT``
+        of the latencies it is judged against: its deployment's, in a pool of
+        several (a slow box's every request is no straggler beside a fast one's),
+        once that has ``MIN_SAMPLES`` answers, else the job's (a stuck box has none).
+        """
+        if self.stopped or self.refusing(now):
             return []
-        if self.refusing(now):
-            return []
-        late = max(p95, 2 * p50, MIN_WAIT)
+        lateness: dict[int, float] = {}
         picked = []
         for flight in sorted(self._flights, key=lambda f: f.started):
-            if self.chosen >= self.budget or now - flight.started <= late:
+            if self.chosen >= self.budget:
                 break
-            if not flight.chosen:
-                flight.chosen = True
-                picked.append(flight)
-                self.chosen += 1
+            own = flight.latency
+            judged = own if own.total >= MIN_SAMPLES else self.latency
+            if (key := id(judged)) not in lateness:
+                lateness[key] = _late(judged)
+            if flight.chosen or now - flight.started <= lateness[key]:
+                continue
+            flight.chosen = True
+            picked.append(flight)
+            self.chosen += 1
         return picked
 
     async def send(
@@ -142,6 +153,7 @@ class Hedger:
         request: Request,
         started: float,
         turn: Callable[[], Awaitable[object]],
+        latency: LatencyHistogram,
     ) -> tuple[Answer, bool]:
         """Send ``request``, and a second copy if chosen; the first answer, and if hedged.
 
@@ -150,7 +162,7 @@ class Hedger:
         """
         worker = asyncio.current_task()
         assert worker is not None
-        flight = _Flight(started, worker, transport, request, turn)
+        flight = _Flight(started, latency, worker, transport, request, turn)
         self._flights.add(flight)
         try:
             try:
@@ -187,3 +199,12 @@ class Hedger:
             flight.won = result
             flight.worker.cancel()  # its wait for the first copy, which is then cancelled
         return result
+
+
+def _late(latency: LatencyHistogram) -> float:
+    """How long a request may be out before it is a straggler (never, before ``MIN_SAMPLES``
+    answers make the p95 worth trusting)."""
+    p50, p95 = latency.percentile(50), latency.percentile(95)
+    if p50 is None or p95 is None or latency.total < MIN_SAMPLES:
+        return math.inf
+    return max(p95, 2 * p50, MIN_WAIT)

@@ -163,7 +163,8 @@ class Pipeline:
                 "no hedges under --max-cost: a hedge's losing copy is cancelled before the "
                 "endpoint reports what it cost, so the budget could not count it"
             )
-        self.hedger = Hedger(stats.pending or 0) if settings.hedge and not budgeted else None
+        hedging = settings.hedge and not budgeted
+        self.hedger = Hedger(stats.pending or 0, stats.latency) if hedging else None
         self.exhausted = False  # every request has been taken by a worker
         self.policy = RetryPolicy(max_attempts=settings.max_attempts, max_wait=settings.max_wait)
         keys = {options.api_key, *options.deployment_keys.values()}
@@ -453,10 +454,18 @@ class Pipeline:
                     result = await answer(transport, request)
                 elif not self.multi:
                     turn = partial(pacer.wait_turn, request.tokens)
-                    result, hedged = await self.hedger.send(transport, request, started, turn)
+                    latency = self.stats.latency
+                    result, hedged = await self.hedger.send(
+                        transport, request, started, turn, latency
+                    )
                 else:  # a second copy goes to another deployment
-                    copies = Copies(self.router, deployment, original)
-                    result, hedged = await self.hedger.send(copies, request, started, copies.turn)
+                    copies, latency = (
+                        Copies(self.router, deployment, original),
+                        deployment.stats.latency,
+                    )
+                    result, hedged = await self.hedger.send(
+                        copies, request, started, copies.turn, latency
+                    )
             finally:
                 pacer.answered()
                 ok = isinstance(result, Response) and 200 <= result.status < 300
@@ -569,8 +578,7 @@ class Pipeline:
         for d in self.deployments:
             d.pool.resize(rate if d.pacer is self.pacer else d.pacer.request_rate(), now)
         if self.hedger is not None and self.exhausted and not self.pool.gate.waiting:
-            latency = self.stats.latency
-            self.hedger.choose(now, latency.percentile(50), latency.percentile(95), latency.total)
+            self.hedger.choose(now)
         self._report(paced=rate is not None)
 
     def _report(self, *, paced: bool) -> None:
