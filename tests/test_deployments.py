@@ -569,3 +569,32 @@ def test_a_hedge_goes_to_another_deployment(tmp_path: Path, mock_server: MockFac
     hedged = [line for line in results if line["batchq"].get("hedged")]
     assert held == len(hedged) >= 1  # each stuck line was sent there once, never copied there
     assert {line["batchq"]["deployment"] for line in hedged} == {"fast"}
+
+
+def test_a_line_goes_only_to_deployments_that_serve_its_own_endpoint(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    chat_only, both = mock_server(), mock_server()
+    chat_lines = [chat(f"q {i}", f"c{i}") for i in range(40)]
+    embed = {"method": "POST", "url": "/v1/embeddings", "body": {"model": "m", "input": "x"}}
+    embed_lines = [{"custom_id": f"e{i}", **embed} for i in range(20)]
+    unserved = {"custom_id": "nowhere", "method": "POST", "url": "/v1/completions"}
+    unserved["body"] = {"model": "m", "prompt": "x"}
+    write_jsonl(tmp_path / "in.jsonl", [*chat_lines, *embed_lines, unserved])
+    chat_path = "/v1/chat/completions"
+    pool = _pool(
+        tmp_path,
+        {"name": "chat", "base_url": chat_only.url, "endpoints": [chat_path]},
+        {"name": "both", "base_url": both.url, "endpoints": [chat_path, "/v1/embeddings"]},
+    )
+    done = _run(tmp_path, pool)
+    assert done.returncode == 1, done.stderr  # the one line no deployment serves failed
+    results, errors = outputs(tmp_path / "job")
+    by_id = {line["custom_id"]: line for line in results}
+    assert {by_id[f"e{i}"]["batchq"]["deployment"] for i in range(20)} == {"both"}
+    assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [
+        ("nowhere", "endpoint_not_served")
+    ]
+    assert "/v1/embeddings" not in chat_only.stats()["by_path"]
+    assert "/v1/completions" not in {**chat_only.stats()["by_path"], **both.stats()["by_path"]}
+    assert len(results) == 60 and "Traceback" not in done.stderr

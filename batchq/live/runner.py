@@ -336,6 +336,9 @@ class Pipeline:
 
     async def _call(self, request: Request) -> Outcome | None:
         """Send one request until it succeeds or fails for good (None: stopped first)."""
+        if self.multi and not any(d.takes(request.url, 0) for d in self.deployments):
+            message = f"no deployment of the pool serves {request.url} (see their `endpoints`)"
+            return _failure(request, "endpoint_not_served", message, attempts=0)
         if all(d.pacer.never_fits(request.tokens) for d in self.deployments):
             message = f"needs ~{request.tokens:,} tokens, more than the whole --tpm budget"
             return _failure(request, "request_too_large", message, attempts=0)
@@ -420,7 +423,7 @@ class Pipeline:
         """One attempt within a deployment's allowance and pace: when it went, the answer,
         whether a second copy was sent, and the deployment that answered."""
         loop = self.loop
-        while (picked := self.router.pick(loop.time(), request.tokens)) is None:
+        while (picked := self.router.pick(loop.time(), request.tokens, request.url)) is None:
             await self.router.wait()  # every deployment is full: the first with room takes it
             if self._stopping():
                 return None
@@ -681,7 +684,9 @@ def _deployment(spec: DeploymentSpec, settings: Settings, options: RunOptions) -
 
     pacer = Pacer(rpm=spec.rpm, tpm=spec.tpm, on_notice=notice, max_pause=settings.max_wait)
     pool = Pool(concurrency, most)
-    return Deployment(spec.name, pacer, pool, weight=spec.weight, model=spec.model)
+    return Deployment(
+        spec.name, pacer, pool, weight=spec.weight, model=spec.model, endpoints=spec.endpoints
+    )
 
 
 def _overload(result: Answer | None) -> bool:
