@@ -12,6 +12,7 @@ import asyncio
 import signal
 import socket
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -119,10 +120,15 @@ def test_router_keeps_trying_the_soonest_back_when_all_are_out_for_a_while() -> 
     assert router.pick(0.6) == (a, False)  # as with one endpoint: retried with backoff
 
 
-def test_a_deployment_serves_the_model_under_its_own_name() -> None:
-    d = Deployment("local", Pacer(clock=lambda: 0.0), Pool(1, 1), model="qwen2.5-7b")
+def test_a_deployment_serves_the_jobs_model_under_its_own_name() -> None:
+    pool, pacer = Pool(1, 1), Pacer(clock=lambda: 0.0)
+    d = Deployment("local", pacer, pool, model="qwen2.5-7b", job_model="gpt")
     request = bq.records.Request(1, "r", "/v1/chat/completions", b'{"model":"gpt","x":1}', 5)
     assert orjson.loads(d.request(request).body) == {"model": "qwen2.5-7b", "x": 1}
+    other = replace(request, body=b'{"model":"gpt-mini","x":1}')  # a line naming its own
+    assert d.request(other) is other  # sent as named (as validate checks it), not renamed
+    unnamed = Deployment("local", pacer, pool, model="qwen2.5-7b")  # the lines name theirs
+    assert orjson.loads(unnamed.request(other).body)["model"] == "qwen2.5-7b"
 
 
 # -- settings --------------------------------------------------------------------------

@@ -111,6 +111,7 @@ class Deployment:
     pool: Pool
     weight: float = 1.0
     model: str | None = None  # the name it serves the job's model under
+    job_model: str | None = None  # that model's name in the job (None: the lines name theirs)
     endpoints: tuple[str, ...] | None = None  # the paths it serves; None: all
     transport: Transport | None = None  # set once the run opens it
     breaker: Breaker = field(default_factory=Breaker)
@@ -129,11 +130,14 @@ class Deployment:
         return served and not self.pacer.never_fits(tokens)
 
     def request(self, request: Request) -> Request:
-        """``request`` as this deployment serves it: under its own model name, if it has one."""
+        """``request`` as this deployment serves it: the job's model under the deployment's own
+        name for it, if it has one. A line that names another model is sent as it names it,
+        as ``validate`` checks it: which name a deployment gives another model is unknown."""
         if self.model is None:
             return request
         body = orjson.loads(request.body)
-        if body.get("model") == self.model:
+        named = body.get("model")
+        if named == self.model or (self.job_model is not None and named != self.job_model):
             return request
         body["model"] = self.model
         return replace(request, body=orjson.dumps(body))

@@ -685,7 +685,13 @@ def _deployment(spec: DeploymentSpec, settings: Settings, options: RunOptions) -
     pacer = Pacer(rpm=spec.rpm, tpm=spec.tpm, on_notice=notice, max_pause=settings.max_wait)
     pool = Pool(concurrency, most)
     return Deployment(
-        spec.name, pacer, pool, weight=spec.weight, model=spec.model, endpoints=spec.endpoints
+        spec.name,
+        pacer,
+        pool,
+        weight=spec.weight,
+        model=spec.model,
+        job_model=settings.model,
+        endpoints=spec.endpoints,
     )
 
 
