@@ -32,8 +32,8 @@ too, and nothing in a case sets ``--concurrency`` except the sweeps it is compar
 Quick (the default) runs 3,000 / 4,000 / 400 / 3,000 / 120 / 10,000 lines once per configuration,
 for a smoke run of a few minutes; ``--full`` runs 20,000 / 20,000 / 2,000 / 6,000 / 120 / 30,000
 lines three times. Figures are medians of ``--repeat`` runs (the configurations alternate,
-so drift on the machine hits all alike). The tables are printed and appended to ``benchmarks/CAPACITY.md``
-under the commit measured, newest last.
+so drift on the machine hits all alike). The tables are printed and appended to
+``benchmarks/CAPACITY.md`` under the commit measured, newest last.
 
     python benchmarks/capacity.py [--full] [--repeat N] [--cases 1,2,3] [--batchq-args ARGS]
 """
