@@ -26,8 +26,11 @@ import random
 import statistics
 import sys
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -44,6 +47,8 @@ CEILING = 1024  # --max-concurrency's default
 SLOTS = (1, 2, 4, 16, 64, 256, 1024)
 GOAL = (0.9, 2.0)  # every cell: share of the best fixed pool, p50 × unloaded
 GOOD = (0.95, 1.5)  # most cells
+
+T = TypeVar("T")  # what a simulated request or answer carries
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,77 @@ def unloaded(shape: Shape) -> float:
     return shape.latency + LOOP_COST + ANSWER_COST
 
 
+class Endpoint(Generic[T]):
+    """``slots`` served at once (a full batch answers ``BATCHING`` more slowly), the rest
+    queued FIFO or, past the waiting room, refused with a 503; ``push(at, kind, ticket)``
+    schedules a "served" or "refused" answer to the request ``ticket``."""
+
+    def __init__(
+        self, slots: int, shape: Shape, rng: random.Random, push: Callable[[float, str, T], None]
+    ) -> None:
+        self.shape, self.rng, self.push = shape, rng, push
+        self.room = slots  # the slots now (a change of capacity moves it)
+        self.busy = 0
+        self.waiting: deque[T] = deque()
+
+    def arrive(self, ticket: T, now: float) -> None:
+        shape = self.shape
+        if shape.refused and self.rng.random() < shape.refused:
+            self.push(now + 0.001, "refused", ticket)
+        elif self.busy < self.room:
+            self._serve(ticket, now)
+        elif shape.queue is not None and len(self.waiting) >= shape.queue * self.room:
+            self.push(now + 0.001, "refused", ticket)
+        else:
+            self.waiting.append(ticket)
+
+    def served(self, now: float) -> None:
+        """A "served" answer went: its slot takes the next queued request."""
+        self.busy -= 1
+        while self.waiting and self.busy < self.room:
+            self._serve(self.waiting.popleft(), now)
+
+    def _serve(self, ticket: T, now: float) -> None:
+        self.busy += 1
+        shape, draw = self.shape, self.shape.latency
+        if shape.sigma:
+            draw = self.rng.lognormvariate(math.log(shape.latency), shape.sigma)
+        self.push(now + draw * (1 + BATCHING * (self.busy - 1) / self.room), "served", ticket)
+
+
+class ClientLoop(Generic[T]):
+    """The client's event loop: it handles every answer in at once in one pass, which costs
+    ``LOOP_COST`` and ``ANSWER_COST`` an answer; ``push(at, "handled", None)`` schedules the
+    pass's end, when the caller ``take``s its answers and ``start``s the next pass."""
+
+    def __init__(self, push: Callable[[float, str, None], None]) -> None:
+        self.push = push
+        self.inbox: list[T] = []  # answers the loop has yet to handle
+        self.passing: list[T] = []  # those it handles in its current pass
+        self.busy_until = 0.0
+
+    def arrived(self, answer: T, now: float) -> None:
+        self.inbox.append(answer)
+        self.start(now)
+
+    def start(self, now: float) -> None:
+        if not self.inbox or self.passing:
+            return
+        self.passing.extend(self.inbox)
+        self.inbox.clear()
+        self.busy_until = now + LOOP_COST + ANSWER_COST * len(self.passing)
+        self.push(self.busy_until, "handled", None)
+
+    def take(self) -> list[T]:
+        """The pass is over: its answers."""
+        handled, self.passing = self.passing, []
+        return handled
+
+    def lag(self, now: float) -> float:
+        """How late a timer due ``now`` runs: the current pass must end first."""
+        return self.busy_until - now if self.passing else 0.0
+
+
 def simulate(
     slots: int, shape: Shape, concurrency: int | str, seed: int = 1, trace: list[str] | None = None
 ) -> Outcome:
@@ -113,41 +189,21 @@ def simulate(
     now, seq = 0.0, 0
     events: list[tuple[float, int, str, float]] = []  # (at, seq, kind, a request's sent-at)
     ready, done, sent_total = total, 0, 0
-    busy, queue, room = 0, 0, slots
-    waiting: list[float] = []  # requests queued at the endpoint: their sent-at, FIFO
-    qhead = 0
-    inbox: list[tuple[float, bool]] = []  # answers the client's loop has yet to handle
-    passing: list[tuple[float, bool]] = []  # those it handles in its current pass
-    loop_busy_until = 0.0
     probing = True  # the first request goes alone until answered, or a second
     answered = False
     out = Outcome(total, 0.0)
 
-    def push(at: float, kind: str, sent_at: float = 0.0) -> None:
+    def push(at: float, kind: str, sent_at: float | None = None) -> None:
         nonlocal seq
         seq += 1
-        heapq.heappush(events, (at, seq, kind, sent_at))
+        heapq.heappush(events, (at, seq, kind, sent_at or 0.0))
 
-    def serve(sent_at: float) -> None:
-        nonlocal busy
-        busy += 1
-        draw = shape.latency
-        if shape.sigma:
-            draw = rng.lognormvariate(math.log(shape.latency), shape.sigma)
-        push(now + draw * (1 + BATCHING * (busy - 1) / room), "served", sent_at)
+    endpoint = Endpoint(slots, shape, rng, push)
+    client: ClientLoop[tuple[float, bool]] = ClientLoop(push)
 
     def arrive(sent_at: float) -> None:
-        nonlocal queue
         pool.sent(sent_at)
-        if shape.refused and rng.random() < shape.refused:
-            push(now + 0.001, "refused", sent_at)
-        elif busy < room:
-            serve(sent_at)
-        elif shape.queue is not None and queue >= shape.queue * room:
-            push(now + 0.001, "refused", sent_at)
-        else:
-            waiting.append(sent_at)
-            queue += 1
+        endpoint.arrive(sent_at, now)
 
     def fill() -> None:
         nonlocal ready, sent_total
@@ -166,19 +222,9 @@ def simulate(
                 arrive(now)
         out.peak = max(out.peak, pool.in_flight)
 
-    def handle_loop() -> None:
-        """The client's loop handles every answer in at once: one pass, its CPU."""
-        nonlocal loop_busy_until
-        if not inbox or passing:
-            return
-        passing.extend(inbox)
-        inbox.clear()
-        loop_busy_until = now + LOOP_COST + ANSWER_COST * len(passing)
-        push(loop_busy_until, "handled")
-
     def handled() -> None:
         nonlocal done, probing, known, answered
-        for sent_at, ok in passing:
+        for sent_at, ok in client.take():
             pool.answered(sent_at, now, ok=ok, overload=not ok)
             pool.gate.used -= 1
             if ok:
@@ -187,11 +233,10 @@ def simulate(
             else:
                 out.retries += 1
                 push(now + RETRY_AFTER, "retry")
-        passing.clear()
         if not answered:  # its headers state the pace, if the endpoint states one
             probing, answered, known = False, True, rate is not None
         fill()
-        handle_loop()
+        client.start(now)
 
     push(0.0, "tick")
     changed = False
@@ -199,20 +244,12 @@ def simulate(
         now, _, kind, sent_at = heapq.heappop(events)
         if kind == "served" or kind == "refused":
             if kind == "served":
-                busy -= 1
-                while queue and busy < room:
-                    queue -= 1
-                    qhead += 1
-                    serve(waiting[qhead - 1])
-                if qhead > 4096:
-                    del waiting[:qhead]
-                    qhead = 0
-            inbox.append((sent_at, kind == "served"))
-            handle_loop()
+                endpoint.served(now)
+            client.arrived((sent_at, kind == "served"), now)
         elif kind == "handled":
             handled()
             if not changed and shape.change != 1.0 and done >= total // 2:
-                changed, room = True, max(1, round(slots * shape.change))
+                changed, endpoint.room = True, max(1, round(slots * shape.change))
         elif kind == "send":
             arrive(now)
         elif kind == "retry":
@@ -222,7 +259,7 @@ def simulate(
             if probing and now >= PROBE_SECONDS:
                 probing = False
             # The tick is a timer of the client's loop: it runs when the current pass ends.
-            pool.lagged(loop_busy_until - now if passing else 0.0)
+            pool.lagged(client.lag(now))
             pool.resize(rate if known else None, now)
             if trace is not None:  # what the controller did, for reading a cell
                 a = pool.adaptive

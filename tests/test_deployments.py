@@ -12,6 +12,7 @@ import asyncio
 import signal
 import socket
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -119,10 +120,15 @@ def test_router_keeps_trying_the_soonest_back_when_all_are_out_for_a_while() -> 
     assert router.pick(0.6) == (a, False)  # as with one endpoint: retried with backoff
 
 
-def test_a_deployment_serves_the_model_under_its_own_name() -> None:
-    d = Deployment("local", Pacer(clock=lambda: 0.0), Pool(1, 1), model="qwen2.5-7b")
+def test_a_deployment_serves_the_jobs_model_under_its_own_name() -> None:
+    pool, pacer = Pool(1, 1), Pacer(clock=lambda: 0.0)
+    d = Deployment("local", pacer, pool, model="qwen2.5-7b", job_model="gpt")
     request = bq.records.Request(1, "r", "/v1/chat/completions", b'{"model":"gpt","x":1}', 5)
     assert orjson.loads(d.request(request).body) == {"model": "qwen2.5-7b", "x": 1}
+    other = replace(request, body=b'{"model":"gpt-mini","x":1}')  # a line naming its own
+    assert d.request(other) is other  # sent as named (as validate checks it), not renamed
+    unnamed = Deployment("local", pacer, pool, model="qwen2.5-7b")  # the lines name theirs
+    assert orjson.loads(unnamed.request(other).body)["model"] == "qwen2.5-7b"
 
 
 # -- settings --------------------------------------------------------------------------
@@ -569,3 +575,32 @@ def test_a_hedge_goes_to_another_deployment(tmp_path: Path, mock_server: MockFac
     hedged = [line for line in results if line["batchq"].get("hedged")]
     assert held == len(hedged) >= 1  # each stuck line was sent there once, never copied there
     assert {line["batchq"]["deployment"] for line in hedged} == {"fast"}
+
+
+def test_a_line_goes_only_to_deployments_that_serve_its_own_endpoint(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    chat_only, both = mock_server(), mock_server()
+    chat_lines = [chat(f"q {i}", f"c{i}") for i in range(40)]
+    embed = {"method": "POST", "url": "/v1/embeddings", "body": {"model": "m", "input": "x"}}
+    embed_lines = [{"custom_id": f"e{i}", **embed} for i in range(20)]
+    unserved = {"custom_id": "nowhere", "method": "POST", "url": "/v1/completions"}
+    unserved["body"] = {"model": "m", "prompt": "x"}
+    write_jsonl(tmp_path / "in.jsonl", [*chat_lines, *embed_lines, unserved])
+    chat_path = "/v1/chat/completions"
+    pool = _pool(
+        tmp_path,
+        {"name": "chat", "base_url": chat_only.url, "endpoints": [chat_path]},
+        {"name": "both", "base_url": both.url, "endpoints": [chat_path, "/v1/embeddings"]},
+    )
+    done = _run(tmp_path, pool)
+    assert done.returncode == 1, done.stderr  # the one line no deployment serves failed
+    results, errors = outputs(tmp_path / "job")
+    by_id = {line["custom_id"]: line for line in results}
+    assert {by_id[f"e{i}"]["batchq"]["deployment"] for i in range(20)} == {"both"}
+    assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [
+        ("nowhere", "endpoint_not_served")
+    ]
+    assert "/v1/embeddings" not in chat_only.stats()["by_path"]
+    assert "/v1/completions" not in {**chat_only.stats()["by_path"], **both.stats()["by_path"]}
+    assert len(results) == 60 and "Traceback" not in done.stderr

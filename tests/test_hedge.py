@@ -8,7 +8,11 @@ promises (the server's arrivals, the output lines) are in test_capacity.py.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
+import pytest
+
+from batchq.errors import RequestError, TransportError
 from batchq.live.hedge import (
     MIN_SAMPLES,
     MIN_WAIT,
@@ -22,26 +26,52 @@ from batchq.live.transport import Response
 from batchq.records import Request
 
 
-def flights(hedger: Hedger, *started: float) -> list[_Flight]:
+class Latency:
+    """The latencies a flight is judged against, as percentiles given by the test."""
+
+    def __init__(self) -> None:
+        self.p50: float | None = None
+        self.p95: float | None = None
+        self.total = 0
+
+    def percentile(self, p: float) -> float | None:
+        return self.p50 if p == 50 else self.p95
+
+
+def flights(hedger: Hedger, *started: float, latency: Latency | None = None) -> list[_Flight]:
     """Requests in flight since ``started``, as ``Hedger.send`` registers them."""
-    loop = asyncio.new_event_loop()  # only to make futures: choosing needs no running loop
-    out = [_Flight(at, loop.create_future()) for at in started]
-    loop.close()
+    latency = latency or Latency()
+    out = [_Flight(at, latency, None, None, None, None) for at in started]  # type: ignore[arg-type]
     hedger._flights.update(out)
     return out
 
 
+def pick(
+    hedger: Hedger,
+    out: list[_Flight],
+    now: float,
+    p50: float | None,
+    p95: float | None,
+    samples: int,
+) -> None:
+    """``hedger.pick`` at ``now``, the flights' latencies having these percentiles."""
+    for flight in out:
+        latency = flight.latency
+        latency.p50, latency.p95, latency.total = p50, p95, samples  # type: ignore[attr-defined]
+    hedger.pick(now)
+
+
 def chosen(out: list[_Flight]) -> list[bool]:
-    return [f.chosen and f.wake.done() for f in out]
+    return [f.chosen for f in out]
 
 
 def test_stragglers_are_chosen_oldest_first_up_to_one_percent_of_the_job() -> None:
     hedger = Hedger(requests=300)
     assert hedger.budget == int(SHARE * 300) == 3
     out = flights(hedger, 0.0, 1.0, 2.0, 3.0, 4.0, 9.5)
-    hedger.choose(now=10.0, p50=0.2, p95=0.4, samples=100)
+    pick(hedger, out, now=10.0, p50=0.2, p95=0.4, samples=100)
     assert chosen(out) == [True, True, True, False, False, False]
-    hedger.choose(now=20.0, p50=0.2, p95=0.4, samples=100)  # the budget is spent
+    pick(hedger, out, now=20.0, p50=0.2, p95=0.4, samples=100)  # the budget is spent
     assert chosen(out) == [True, True, True, False, False, False]
 
 
@@ -53,19 +83,43 @@ def test_a_straggler_is_out_longer_than_the_p95_twice_the_median_and_a_second() 
     hedger = Hedger(requests=10_000)
     out = flights(hedger, 0.0)
     for p50, p95, late in ((0.2, 4.0, 4.0), (3.0, 4.0, 6.0), (0.01, 0.02, MIN_WAIT)):
-        hedger.choose(now=late, p50=p50, p95=p95, samples=100)
+        pick(hedger, out, now=late, p50=p50, p95=p95, samples=100)
         assert chosen(out) == [False], (p50, p95)
-        hedger.choose(now=late + 0.01, p50=p50, p95=p95, samples=100)
+        pick(hedger, out, now=late + 0.01, p50=p50, p95=p95, samples=100)
         assert chosen(out) == [True], (p50, p95)
         out[0].chosen = False
         hedger.chosen = 0
 
 
+def test_each_request_is_judged_by_the_latencies_of_its_own_deployment() -> None:
+    hedger = Hedger(requests=10_000)
+    slow, fast = Latency(), Latency()
+    slow.p50, slow.p95, slow.total = 3.0, 5.0, 100  # a box four times slower
+    fast.p50, fast.p95, fast.total = 0.2, 0.4, 100
+    on_slow = flights(hedger, 0.0, latency=slow)
+    on_fast = flights(hedger, 2.5, latency=fast)
+    hedger.pick(now=4.0)  # out 4 s on the slow box: usual there; 1.5 s on the fast: a straggler
+    assert chosen(on_slow + on_fast) == [False, True]
+    hedger.pick(now=6.01)
+    assert chosen(on_slow + on_fast) == [True, True]
+
+
+def test_a_request_to_a_deployment_with_too_few_answers_is_judged_by_the_jobs() -> None:
+    job = Latency()
+    job.p50, job.p95, job.total = 0.2, 0.4, 100
+    hedger = Hedger(requests=10_000, latency=job)  # type: ignore[arg-type]
+    stuck = Latency()  # a box that has answered nothing yet
+    stuck.p50, stuck.p95, stuck.total = 0.2, 0.4, MIN_SAMPLES - 1
+    out = flights(hedger, 0.0, latency=stuck)
+    hedger.pick(now=1.01)
+    assert chosen(out) == [True]
+
+
 def test_nothing_is_chosen_before_the_p95_is_worth_trusting() -> None:
     hedger = Hedger(requests=10_000)
     out = flights(hedger, 0.0)
-    hedger.choose(now=60.0, p50=0.2, p95=0.4, samples=MIN_SAMPLES - 1)
-    hedger.choose(now=60.0, p50=None, p95=None, samples=0)
+    pick(hedger, out, now=60.0, p50=0.2, p95=0.4, samples=MIN_SAMPLES - 1)
+    pick(hedger, out, now=60.0, p50=None, p95=None, samples=0)
     assert chosen(out) == [False]
 
 
@@ -75,9 +129,9 @@ def test_nothing_is_chosen_for_a_while_after_a_429() -> None:
     for _ in range(100):
         hedger.answered(now=50.0, status=200)
     hedger.answered(now=50.0, status=429)  # one in a hundred: the account is at its limit
-    hedger.choose(now=50.0 + QUIET - 0.01, p50=0.2, p95=0.4, samples=100)
+    pick(hedger, out, now=50.0 + QUIET - 0.01, p50=0.2, p95=0.4, samples=100)
     assert chosen(out) == [False]
-    hedger.choose(now=50.0 + QUIET, p50=0.2, p95=0.4, samples=100)
+    pick(hedger, out, now=50.0 + QUIET, p50=0.2, p95=0.4, samples=100)
     assert chosen(out) == [True]
 
 
@@ -88,12 +142,12 @@ def test_nothing_is_chosen_while_503s_are_more_than_a_few_recent_answers() -> No
         hedger.answered(now=40.0, status=503 if i < REFUSED_SHARE * 100 else 200)
     assert not hedger.refusing(now=40.0)
     hedger.answered(now=41.0, status=503)  # one more is too many
-    hedger.choose(now=41.0, p50=0.2, p95=0.4, samples=100)
+    pick(hedger, out, now=41.0, p50=0.2, p95=0.4, samples=100)
     assert chosen(out) == [False]
     hedger.answered(now=44.0, status=200)
-    hedger.choose(now=41.0 + QUIET - 0.01, p50=0.2, p95=0.4, samples=100)
+    pick(hedger, out, now=41.0 + QUIET - 0.01, p50=0.2, p95=0.4, samples=100)
     assert chosen(out) == [False]  # 1 503 of 2 answers
-    hedger.choose(now=41.0 + QUIET, p50=0.2, p95=0.4, samples=100)
+    pick(hedger, out, now=41.0 + QUIET, p50=0.2, p95=0.4, samples=100)
     assert chosen(out) == [True]  # of the last QUIET seconds' answers, none refused
 
 
@@ -101,41 +155,119 @@ def test_nothing_is_chosen_once_the_run_is_stopping() -> None:
     hedger = Hedger(requests=10_000)
     out = flights(hedger, 0.0)
     hedger.stop()
-    hedger.choose(now=60.0, p50=0.2, p95=0.4, samples=100)
+    pick(hedger, out, now=60.0, p50=0.2, p95=0.4, samples=100)
     assert chosen(out) == [False]
-
-
-class BothAnswer:
-    """A transport whose copies of a request all answer at the same instant, once the
-    second has been sent: the race the first answer wins, with both in."""
-
-    def __init__(self) -> None:
-        self.sent = 0
-        self.answered = 0
-        self.both_out = asyncio.Event()
-
-    async def send(self, path: str, body: bytes) -> Response:
-        self.sent += 1
-        if self.sent == 2:
-            self.both_out.set()
-        await self.both_out.wait()
-        self.answered += 1
-        return Response(200, {}, b'{"copy": %d}' % self.answered, f"req-{self.answered}")
-
-
-async def test_a_request_answered_twice_yields_one_answer() -> None:
-    hedger = Hedger(requests=100)
-    transport = BothAnswer()
-    request = Request(line_no=1, custom_id="c1", url="/v1/chat/completions", body=b"{}", tokens=7)
-    sending = asyncio.ensure_future(hedger.send(transport, request, 0.0, _no_wait))
-    for _ in range(5):
-        await asyncio.sleep(0)
-    hedger.choose(now=60.0, p50=0.2, p95=0.4, samples=100)
-    answer, hedged = await sending
-    assert transport.answered == 2  # both copies answered
-    assert isinstance(answer, Response) and answer.status == 200 and hedged
-    assert (hedger.sent, hedger.tokens) == (1, 7)
 
 
 async def _no_wait() -> None:
     pass
+
+
+class Scripted:
+    """A transport whose copies answer when the test says: ``copies[i]`` is the i-th
+    copy's answer (a Response, or a RequestError to raise); ``cancelled`` counts the
+    copies cancelled while out."""
+
+    def __init__(self) -> None:
+        self.copies: list[asyncio.Future[Response | RequestError]] = []
+        self.cancelled = 0
+        self.out = asyncio.Condition()
+
+    async def send(self, path: str, body: bytes) -> Response:
+        answer: asyncio.Future[Response | RequestError] = asyncio.get_running_loop().create_future()
+        self.copies.append(answer)
+        async with self.out:
+            self.out.notify_all()
+        try:
+            result = await answer
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        if isinstance(result, RequestError):
+            raise result
+        return result
+
+    async def wait_out(self, copies: int) -> None:
+        async with self.out:
+            await self.out.wait_for(lambda: len(self.copies) >= copies)
+
+
+def _ok(n: int) -> Response:
+    return Response(200, {}, b'{"copy": %d}' % n, f"req-{n}")
+
+
+async def _hedged(
+    hedger: Hedger, transport: Scripted, turn: Callable[[], Awaitable[object]] | None = None
+) -> asyncio.Task[tuple[object, bool]]:
+    """A request sent through ``hedger``, out alone long enough to be chosen at once."""
+    request = Request(line_no=1, custom_id="c1", url="/v1/chat/completions", body=b"{}", tokens=7)
+    latency = Latency()
+    latency.total, latency.p50, latency.p95 = 100, 0.2, 0.4
+    sending = asyncio.ensure_future(
+        hedger.send(transport, request, 0.0, turn or _no_wait, latency)  # type: ignore[arg-type]
+    )
+    await transport.wait_out(1)
+    hedger.choose(now=60.0)
+    return sending
+
+
+async def test_the_second_copy_answering_first_wins_and_the_first_is_cancelled() -> None:
+    hedger, transport = Hedger(requests=100), Scripted()
+    sending = await _hedged(hedger, transport)
+    await transport.wait_out(2)
+    transport.copies[1].set_result(_ok(2))
+    assert await sending == (_ok(2), True)
+    assert transport.cancelled == 1 and not sending.cancelled()
+    assert sending.cancelling() == 0  # the worker's own wait was interrupted, and let go
+
+
+@pytest.mark.parametrize("first", [0, 1])
+async def test_a_request_answered_twice_at_once_yields_one_answer(first: int) -> None:
+    hedger, transport = Hedger(requests=100), Scripted()
+    sending = await _hedged(hedger, transport)
+    await transport.wait_out(2)
+    for copy in (first, 1 - first):  # both answers arrive in one turn of the loop
+        transport.copies[copy].set_result(_ok(copy + 1))
+    assert await sending == (_ok(first + 1), True)
+    assert (hedger.sent, hedger.tokens) == (1, 7)
+    assert sending.cancelling() == 0
+
+
+async def test_a_first_copy_that_fails_waits_for_the_second() -> None:
+    hedger, transport = Hedger(requests=100), Scripted()
+    sending = await _hedged(hedger, transport)
+    await transport.wait_out(2)
+    transport.copies[0].set_result(TransportError("connection reset"))
+    transport.copies[1].set_result(_ok(2))
+    assert await sending == (_ok(2), True)
+    assert transport.cancelled == 0
+
+
+async def test_a_first_copy_answering_before_the_seconds_turn_sends_no_second() -> None:
+    hedger, transport = Hedger(requests=100), Scripted()
+    turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    sending = await _hedged(hedger, transport, lambda: turn)
+    transport.copies[0].set_result(_ok(1))
+    assert await sending == (_ok(1), False)
+    assert turn.cancelled()  # the copy stopped waiting for its turn
+    assert (len(transport.copies), hedger.chosen, hedger.sent) == (1, 1, 0)
+
+
+async def test_stopping_a_hedged_request_cancels_both_copies() -> None:
+    hedger, transport = Hedger(requests=100), Scripted()
+    sending = await _hedged(hedger, transport)
+    await transport.wait_out(2)
+    sending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await sending
+    assert transport.cancelled == 2
+
+
+async def test_a_stop_at_the_instant_the_second_copy_wins_still_stops() -> None:
+    hedger, transport = Hedger(requests=100), Scripted()
+    sending = await _hedged(hedger, transport)
+    await transport.wait_out(2)
+    transport.copies[1].set_result(_ok(2))
+    sending.cancel()  # before the copy's own step: both cancels reach the worker
+    with pytest.raises(asyncio.CancelledError):
+        await sending

@@ -369,6 +369,24 @@ def test_tokenizer_calls_overlap_but_at_most_16_at_once(hostile: Hostile, tmp_pa
     assert 2 <= most <= 16
 
 
+def test_a_context_length_of_true_is_no_context_length(hostile: Hostile, tmp_path: Path) -> None:
+    """JSON's ``true`` is an int to Python: taken as a length of 1, every line was listed."""
+
+    async def odd_vllm(request: web.Request, body: bytes) -> web.StreamResponse:
+        if request.path == "/v1/models":
+            model = {"id": "m", "object": "model", "max_model_len": True}
+            return web.json_response({"object": "list", "data": [model]})
+        if request.path == "/tokenize":
+            return web.json_response({"count": 7, "max_model_len": True, "tokens": [1] * 7})
+        return web.json_response({"error": {"message": "bad request"}}, status=400)
+
+    source = write_jsonl(tmp_path / "in.jsonl", [chat("hello", "a"), chat("world", "b")])
+    done = _validate(source, hostile(odd_vllm).url, "--model", "m", "--json")
+    assert done.returncode == 0, done.stderr
+    endpoint = _figures(done)["endpoint"]
+    assert not endpoint["context"] and _listed(_figures(done)) == set()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

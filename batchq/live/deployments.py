@@ -11,8 +11,9 @@ The ``Router`` sends each attempt to the deployment with the most room: free
 slots of its pool's allowance, less the requests already waiting for one;
 a deployment whose pace is paused by a 429 has none. Weights break ties.
 When all are full, a worker waits for the first slot freed in any of them,
-not in one deployment's queue. A tail hedge's second copy (``Copies``) goes
-to another deployment than the first.
+not in one deployment's queue. The tail hedge judges a request by its
+deployment's latencies, and its second copy (``Copies``) goes to another
+deployment than the first.
 
 A ``Breaker`` takes a failing deployment out of the pool (after Nygard's
 circuit breaker, as Envoy's outlier detection and LiteLLM's cooldowns do):
@@ -110,6 +111,8 @@ class Deployment:
     pool: Pool
     weight: float = 1.0
     model: str | None = None  # the name it serves the job's model under
+    job_model: str | None = None  # that model's name in the job (None: the lines name theirs)
+    endpoints: tuple[str, ...] | None = None  # the paths it serves; None: all
     transport: Transport | None = None  # set once the run opens it
     breaker: Breaker = field(default_factory=Breaker)
     stats: DeploymentStats = field(default_factory=DeploymentStats)
@@ -121,12 +124,20 @@ class Deployment:
         gate = self.pool.gate
         return gate.limit - gate.used - gate.waiting
 
+    def takes(self, url: str, tokens: int) -> bool:
+        """Whether it serves ``url`` at all, and a request of ``tokens`` fits its ``tpm``."""
+        served = self.endpoints is None or not url or url in self.endpoints  # "": unasked
+        return served and not self.pacer.never_fits(tokens)
+
     def request(self, request: Request) -> Request:
-        """``request`` as this deployment serves it: under its own model name, if it has one."""
+        """``request`` as this deployment serves it: the job's model under the deployment's own
+        name for it, if it has one. A line that names another model is sent as it names it,
+        as ``validate`` checks it: which name a deployment gives another model is unknown."""
         if self.model is None:
             return request
         body = orjson.loads(request.body)
-        if body.get("model") == self.model:
+        named = body.get("model")
+        if named == self.model or (self.job_model is not None and named != self.job_model):
             return request
         body["model"] = self.model
         return replace(request, body=orjson.dumps(body))
@@ -157,8 +168,10 @@ class Copies:
         for the copy's turn in its pace."""
         loop = asyncio.get_running_loop()
         router = self.router
-        while (other := router.elsewhere(self.first, loop.time())) is None and any(
-            d is not self.first and d.breaker.state == "in" for d in router.deployments
+        url = self.request.url
+        while (other := router.elsewhere(self.first, loop.time(), url)) is None and any(
+            d is not self.first and d.breaker.state == "in" and d.takes(url, 0)
+            for d in router.deployments
         ):
             await router.wait()
         self.second = other or self.first
@@ -192,10 +205,11 @@ class Router:
         self.single = deployments[0] if len(deployments) == 1 else None
         self._waiters: deque[asyncio.Future[None]] = deque()
 
-    def pick(self, now: float, tokens: int = 0) -> tuple[Deployment, bool] | None:
-        """The deployment for the next attempt of a request of ``tokens``, and whether the
-        attempt is its probe; None: every deployment in the pool is full (``wait``, then
-        pick again). A deployment whose whole ``tpm`` is smaller is never picked.
+    def pick(self, now: float, tokens: int = 0, url: str = "") -> tuple[Deployment, bool] | None:
+        """The deployment for the next attempt of a request of ``tokens`` to ``url``, and
+        whether the attempt is its probe; None: every deployment in the pool is full
+        (``wait``, then pick again). A deployment that does not serve ``url``, or whose
+        whole ``tpm`` is smaller, is never picked.
 
         Raises FatalEndpointError when every deployment is out for a reason that waiting
         cannot fix.
@@ -207,7 +221,7 @@ class Router:
         due: Deployment | None = None
         full = False
         for d in self.deployments:
-            if d.pacer.never_fits(tokens):
+            if not d.takes(url, tokens):
                 continue
             if d.breaker.state == "in":
                 key = (d.room(now), d.weight)
@@ -229,7 +243,7 @@ class Router:
             raise FatalEndpointError(self.verdict())
         # Every deployment is out: as with one endpoint, keep trying the one back soonest.
         waiting = [d for d in self.deployments if not d.breaker.fatal]
-        fits = [d for d in waiting if not d.pacer.never_fits(tokens)] or waiting
+        fits = [d for d in waiting if d.takes(url, tokens)] or waiting
         return min(fits, key=lambda d: d.breaker.until), False
 
     async def wait(self) -> None:
@@ -285,9 +299,14 @@ class Router:
         unreachable = isinstance(answer, EndpointUnreachable)
         breaker.failed(now, f"{answer.code}: {answer}"[:200], probe=probe, at_once=unreachable)
 
-    def elsewhere(self, first: Deployment, now: float) -> Deployment | None:
-        """Another deployment in the pool with room, the most first; None if none has."""
-        others = [d for d in self.deployments if d is not first and d.breaker.state == "in"]
+    def elsewhere(self, first: Deployment, now: float, url: str = "") -> Deployment | None:
+        """Another deployment in the pool serving ``url`` with room, the most first; None if
+        none has."""
+        others = [
+            d
+            for d in self.deployments
+            if d is not first and d.breaker.state == "in" and d.takes(url, 0)
+        ]
         best = max(others, key=lambda d: (d.room(now), d.weight), default=None)
         return best if best is not None and best.room(now) > 0 else None
 

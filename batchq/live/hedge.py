@@ -28,10 +28,12 @@ import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from batchq.errors import RequestError
 from batchq.live.transport import Response, Transport
 from batchq.records import Request
+from batchq.stats import LatencyHistogram
 
 SHARE = 0.01  # of the job's requests: the most that may be hedged
 MIN_SAMPLES = 20
@@ -44,12 +46,24 @@ Answer = Response | RequestError
 
 @dataclass(eq=False, slots=True)
 class _Flight:
+    """A request out: the worker awaiting its first copy, and its second once chosen.
+
+    The first copy is awaited by the worker itself and the second is a task of its own,
+    started only for a chosen straggler: a task for every request's first copy cost a fast
+    endpoint ~15% of its throughput (20,000 lines against nginx, hedging on by default).
+    """
+
     started: float
-    # Done when the first copy answers, or when the request is chosen for a second: one
-    # future a request, where an Event, a task waiting on it and asyncio.wait cost every
-    # request ~17% of a fast endpoint's throughput (hedging is on by default).
-    wake: asyncio.Future[None]
+    latency: LatencyHistogram  # the answers its straggling is judged against
+    worker: asyncio.Task[Any]
+    transport: Transport
+    request: Request
+    turn: Callable[[], Awaitable[object]]
     chosen: bool = False
+    copy: asyncio.Task[Answer | None] | None = None
+    sent: bool = False  # the second copy went: it waits for its turn in the pace first
+    answered: bool = False  # the first copy answered or failed
+    won: Response | None = None  # the second copy's answer, when it came first
 
 
 async def answer(transport: Transport, request: Request) -> Answer:
@@ -66,8 +80,9 @@ async def answer(transport: Transport, request: Request) -> Answer:
 class Hedger:
     """Which requests in flight get a second copy, and the copies' cost."""
 
-    def __init__(self, requests: int) -> None:
+    def __init__(self, requests: int, latency: LatencyHistogram | None = None) -> None:
         self.budget = max(1, int(SHARE * requests))
+        self.latency = latency or LatencyHistogram()  # the job's: a deployment's until it has some
         self.chosen = 0
         self.sent = 0  # copies that went: a chosen request may answer before its copy's turn
         self.tokens = 0  # estimated, of the copies sent
@@ -101,66 +116,95 @@ class Hedger:
             while times and times[0] <= now - QUIET:
                 times.popleft()
 
-    def choose(self, now: float, p50: float | None, p95: float | None, samples: int) -> None:
-        """Mark the stragglers (out longer than ``p95``, twice ``p50`` and ``MIN_WAIT``) for a
-        second copy, oldest first."""
-        if p50 is None or p95 is None or samples < MIN_SAMPLES or self.stopped:
-            return
-        if self.refusing(now):
-            return
-        late = max(p95, 2 * p50, MIN_WAIT)
+    def choose(self, now: float) -> None:
+        """Send a second copy of each straggler ``pick`` marks."""
+        for flight in self.pick(now):
+            flight.copy = asyncio.ensure_future(self._copy(flight))
+
+    def pick(self, now: float) -> list[_Flight]:
+        """Mark the stragglers for a second copy, oldest first; those marked now.
+
+        A straggler is out longer than the p95, twice the median and ``MIN_WAIT``
+        of the latencies it is judged against: its deployment's, in a pool of
+        several (a slow box's every request is no straggler beside a fast one's),
+        once that has ``MIN_SAMPLES`` answers, else the job's (a stuck box has none).
+        """
+        if self.stopped or self.refusing(now):
+            return []
+        lateness: dict[int, float] = {}
+        picked = []
         for flight in sorted(self._flights, key=lambda f: f.started):
-            if self.chosen >= self.budget or now - flight.started <= late:
-                return
-            if not flight.chosen:
-                flight.chosen = True
-                _settle(flight.wake)
-                self.chosen += 1
+            if self.chosen >= self.budget:
+                break
+            own = flight.latency
+            judged = own if own.total >= MIN_SAMPLES else self.latency
+            if (key := id(judged)) not in lateness:
+                lateness[key] = _late(judged)
+            if flight.chosen or now - flight.started <= lateness[key]:
+                continue
+            flight.chosen = True
+            picked.append(flight)
+            self.chosen += 1
+        return picked
 
     async def send(
         self,
         transport: Transport,
         request: Request,
         started: float,
-        wait_turn: Callable[[], Awaitable[object]],
+        turn: Callable[[], Awaitable[object]],
+        latency: LatencyHistogram,
     ) -> tuple[Answer, bool]:
         """Send ``request``, and a second copy if chosen; the first answer, and if hedged.
 
         A copy that fails without an answer (a dropped connection) does not
         win while the other may still answer.
         """
-        first = asyncio.ensure_future(answer(transport, request))
-        flight = _Flight(started, first.get_loop().create_future())
-        first.add_done_callback(lambda _: _settle(flight.wake))
+        worker = asyncio.current_task()
+        assert worker is not None
+        flight = _Flight(started, latency, worker, transport, request, turn)
         self._flights.add(flight)
-        copies = {first}
         try:
-            await flight.wake
-            self._flights.discard(flight)
-            if not first.done() and not self.stopped:
-                await wait_turn()  # the copy is a request like any other: it keeps the pace
-            if first.done() or self.stopped:  # chosen before a stop: its copy stays unsent
-                return await first, False
-            self.sent += 1
-            self.tokens += request.tokens
-            copies.add(asyncio.ensure_future(answer(transport, request)))
-            pending: set[asyncio.Future[Answer]] = set(copies)
-            while True:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                results = [copy.result() for copy in done]
-                for result in results:
-                    if isinstance(result, Response):
-                        return result, True
-                if not pending:
-                    return results[-1], True
+            try:
+                result = await answer(transport, request)
+            except asyncio.CancelledError:
+                if flight.won is not None and worker.uncancel() == 0:
+                    return flight.won, True  # the second copy came first: this one lost
+                raise  # the run is stopping
+            flight.answered = True
+            if flight.won is not None:  # a cancel the send turned into a failure of its own
+                worker.uncancel()
+                return flight.won, True
+            if flight.copy is None or isinstance(result, Response) or not flight.sent:
+                return result, flight.sent
+            second = await flight.copy  # the first failed: the second may still answer
+            return (result if second is None else second), True
         finally:
             self._flights.discard(flight)
-            if len(copies) > 1 or not first.done():  # the common case has nothing to cancel
-                for task in copies:
-                    task.cancel()
-                await asyncio.gather(*copies, return_exceptions=True)
+            if flight.copy is not None and not flight.copy.done():
+                flight.copy.cancel()
+                await asyncio.gather(flight.copy, return_exceptions=True)
+
+    async def _copy(self, flight: _Flight) -> Answer | None:
+        """The second copy of a chosen request, None if it was never sent; an answer first
+        ends the worker's wait for the first copy."""
+        await flight.turn()  # the copy is a request like any other: it keeps the pace
+        if flight.answered or self.stopped:  # or chosen before a stop: its copy stays unsent
+            return None
+        self.sent += 1
+        self.tokens += flight.request.tokens
+        flight.sent = True
+        result = await answer(flight.transport, flight.request)
+        if isinstance(result, Response) and not flight.answered:
+            flight.won = result
+            flight.worker.cancel()  # its wait for the first copy, which is then cancelled
+        return result
 
 
-def _settle(wake: asyncio.Future[None]) -> None:
-    if not wake.done():  # a cancelled send leaves it cancelled
-        wake.set_result(None)
+def _late(latency: LatencyHistogram) -> float:
+    """How long a request may be out before it is a straggler (never, before ``MIN_SAMPLES``
+    answers make the p95 worth trusting)."""
+    p50, p95 = latency.percentile(50), latency.percentile(95)
+    if p50 is None or p95 is None or latency.total < MIN_SAMPLES:
+        return math.inf
+    return max(p95, 2 * p50, MIN_WAIT)

@@ -204,9 +204,9 @@ class Endpoint:
         entries = [entry for entry in data if isinstance(entry, dict)]
         ids = frozenset(str(e["id"]) for e in entries if isinstance(e.get("id"), str))
         context = {
-            str(e["id"]): e["max_model_len"]
+            str(e["id"]): length
             for e in entries
-            if isinstance(e.get("max_model_len"), int) and e.get("id") in ids
+            if (length := _length(e.get("max_model_len"))) is not None and e.get("id") in ids
         }
         if context:
             self.server = VLLM
@@ -218,7 +218,7 @@ class Endpoint:
         status, _, answer = await self.ask("GET", self.root + "/props")
         settings = answer.get("default_generation_settings") if isinstance(answer, dict) else None
         n_ctx = settings.get("n_ctx") if isinstance(settings, dict) else None  # one slot's
-        return {"": n_ctx} if status == 200 and isinstance(n_ctx, int) and n_ctx > 0 else {}
+        return {"": n_ctx} if status == 200 and (n_ctx := _length(n_ctx)) is not None else {}
 
     async def _tokenizer_context(self) -> int | None:
         """Find the tokenizer; the context length vLLM's reports, if any."""
@@ -232,8 +232,7 @@ class Endpoint:
         self.tokenizer = isinstance(answer.get("count"), int)
         if self.tokenizer:
             self.server = VLLM  # its /tokenize, behind a proxy whose model list says less
-        found = answer.get("max_model_len")
-        return found if self.tokenizer and isinstance(found, int) else None
+        return _length(answer.get("max_model_len")) if self.tokenizer else None
 
     async def count(self, url: str, body: JSONObject, unserved: Iterable[str]) -> list[int] | None:
         """The prompt tokens of each sequence in ``body``, as the endpoint counts them."""
@@ -454,3 +453,8 @@ def _split(out: IO[bytes] | None, report: Preflight, raw: bytes, custom_id: str 
     except OSError as exc:
         raise StorageError.from_os("write", Path(report.split_out or "?"), exc) from exc
     report.split_lines += 1
+
+
+def _length(value: object) -> int | None:
+    """A context length as a server states it: a positive integer (JSON's ``true`` is none)."""
+    return value if type(value) is int and value > 0 else None

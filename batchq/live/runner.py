@@ -163,7 +163,8 @@ class Pipeline:
                 "no hedges under --max-cost: a hedge's losing copy is cancelled before the "
                 "endpoint reports what it cost, so the budget could not count it"
             )
-        self.hedger = Hedger(stats.pending or 0) if settings.hedge and not budgeted else None
+        hedging = settings.hedge and not budgeted
+        self.hedger = Hedger(stats.pending or 0, stats.latency) if hedging else None
         self.exhausted = False  # every request has been taken by a worker
         self.policy = RetryPolicy(max_attempts=settings.max_attempts, max_wait=settings.max_wait)
         keys = {options.api_key, *options.deployment_keys.values()}
@@ -335,6 +336,9 @@ class Pipeline:
 
     async def _call(self, request: Request) -> Outcome | None:
         """Send one request until it succeeds or fails for good (None: stopped first)."""
+        if self.multi and not any(d.takes(request.url, 0) for d in self.deployments):
+            message = f"no deployment of the pool serves {request.url} (see their `endpoints`)"
+            return _failure(request, "endpoint_not_served", message, attempts=0)
         if all(d.pacer.never_fits(request.tokens) for d in self.deployments):
             message = f"needs ~{request.tokens:,} tokens, more than the whole --tpm budget"
             return _failure(request, "request_too_large", message, attempts=0)
@@ -419,7 +423,7 @@ class Pipeline:
         """One attempt within a deployment's allowance and pace: when it went, the answer,
         whether a second copy was sent, and the deployment that answered."""
         loop = self.loop
-        while (picked := self.router.pick(loop.time(), request.tokens)) is None:
+        while (picked := self.router.pick(loop.time(), request.tokens, request.url)) is None:
             await self.router.wait()  # every deployment is full: the first with room takes it
             if self._stopping():
                 return None
@@ -453,10 +457,18 @@ class Pipeline:
                     result = await answer(transport, request)
                 elif not self.multi:
                     turn = partial(pacer.wait_turn, request.tokens)
-                    result, hedged = await self.hedger.send(transport, request, started, turn)
+                    latency = self.stats.latency
+                    result, hedged = await self.hedger.send(
+                        transport, request, started, turn, latency
+                    )
                 else:  # a second copy goes to another deployment
-                    copies = Copies(self.router, deployment, original)
-                    result, hedged = await self.hedger.send(copies, request, started, copies.turn)
+                    copies, latency = (
+                        Copies(self.router, deployment, original),
+                        deployment.stats.latency,
+                    )
+                    result, hedged = await self.hedger.send(
+                        copies, request, started, copies.turn, latency
+                    )
             finally:
                 pacer.answered()
                 ok = isinstance(result, Response) and 200 <= result.status < 300
@@ -569,8 +581,7 @@ class Pipeline:
         for d in self.deployments:
             d.pool.resize(rate if d.pacer is self.pacer else d.pacer.request_rate(), now)
         if self.hedger is not None and self.exhausted and not self.pool.gate.waiting:
-            latency = self.stats.latency
-            self.hedger.choose(now, latency.percentile(50), latency.percentile(95), latency.total)
+            self.hedger.choose(now)
         self._report(paced=rate is not None)
 
     def _report(self, *, paced: bool) -> None:
@@ -673,7 +684,15 @@ def _deployment(spec: DeploymentSpec, settings: Settings, options: RunOptions) -
 
     pacer = Pacer(rpm=spec.rpm, tpm=spec.tpm, on_notice=notice, max_pause=settings.max_wait)
     pool = Pool(concurrency, most)
-    return Deployment(spec.name, pacer, pool, weight=spec.weight, model=spec.model)
+    return Deployment(
+        spec.name,
+        pacer,
+        pool,
+        weight=spec.weight,
+        model=spec.model,
+        job_model=settings.model,
+        endpoints=spec.endpoints,
+    )
 
 
 def _overload(result: Answer | None) -> bool:

@@ -1,4 +1,4 @@
-"""The only module that imports aiohttp: sends one request body, returns the answer.
+"""The run's client: sends one request body, returns the answer.
 
 Everything else talks to the small ``Transport`` protocol, so the runner does
 not care whether the endpoint is OpenAI, a local vLLM or the built-in one.
