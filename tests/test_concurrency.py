@@ -290,43 +290,8 @@ def test_overload_answers_cut_the_limit_but_a_rare_one_does_not() -> None:
     limit.limit = 200
     measure(limit, 100, every=100)  # one 503 in 100
     assert limit.limit == 200 * GROWTH
-    limit.slow_start = False  # (in slow start, each steady answer would open a slot too)
     measure(limit, 100, every=4)  # a quarter are 503s
     assert limit.limit == 200 * GROWTH * 3 // 4
-
-
-def test_in_slow_start_an_answer_that_waited_in_no_queue_opens_one_more_slot() -> None:
-    # TCP's slow start: the pool doubles every round trip, not fourfold every window of three.
-    limit = AdaptiveLimit(ceiling=1024)
-    measure(limit, 100)  # answers of 0.1 s, all alike: the first window shows room
-    assert limit.limit == GROWTH * INITIAL
-    limit.sent(limit.limit, 999.0)  # the pool full
-    limit.answered(0.1, overload=False, now=1000.0)  # as fast as the fastest: no queue
-    assert limit.limit == GROWTH * INITIAL + 1
-    limit.answered(0.3, overload=False, now=1000.1)  # three times that: it waited
-    assert limit.limit == GROWTH * INITIAL + 1
-
-
-def test_a_steady_endpoints_first_window_needs_half_the_answers() -> None:
-    # At 4 in flight, sixteen answers are four round trips before the pool grows: a large
-    # or slow endpoint's costliest part of slow start. Eight that agree with each other and
-    # with the lone probe's say the same.
-    limit = AdaptiveLimit(ceiling=1024)
-    limit.sent(1, 0.0)
-    limit.answered(1.0, overload=False, now=1.0)  # the probe: the window is 2 s to 4 s
-    for now in (2.0, 3.0, 4.0):
-        for _ in range(INITIAL):
-            limit.sent(INITIAL, now - 1.0)
-            limit.answered(1.0, overload=False, now=now)
-    assert limit.limit == GROWTH * INITIAL  # after 12 answers, where 16 took until 5 s
-
-
-def test_a_queue_stops_slow_start_at_about_twice_a_servers_slots() -> None:
-    # The answers that come back slow stop the growth at once; the window's fourfold step
-    # took a 64-slot server's pool to 256 before its verdict.
-    for slots in (64, 100, 256):
-        run = simulate_slots(SlotServer(slots, base=1.0), AdaptiveLimit(ceiling=1024), 30)
-        assert max(limit for _, limit in run.limits) <= 2 * slots + 4
 
 
 def test_a_limit_that_brings_no_more_throughput_ends_slow_start_at_the_knee() -> None:

@@ -23,11 +23,7 @@ over windows of at least a second and four median latencies, and
 - quadruples the limit from ``INITIAL`` while throughput keeps up, the
   median latency stays within twice the lowest seen and Little's law
   accounts for the pool (slow start: four short windows take it to 1,024;
-  a step of eight would cross a small server's knee unseen); once a window
-  has shown room, where answers take much the same time, each answer that
-  waited in no queue opens one more slot instead (TCP's slow start: the
-  pool doubles every round trip, and a queue stops it at about twice the
-  endpoint's slots, where a fourfold step overshot fourfold);
+  a step of eight would cross a small server's knee unseen);
 - when it stops keeping up, the endpoint is full: the limit goes to the
   pool that Little's law says fills it, the throughput seen times the
   lowest mean latency seen, with headroom (a batching server answers a
@@ -102,8 +98,6 @@ MIN_ANSWERS = 16
 PROBE_EVERY = 4  # measurements of the best limit between two probes of another
 SLOW_START_GAIN = 1.5  # four times the pool must bring this much more throughput
 QUEUEING = 2.0  # and keep the median latency within this many times the lowest seen
-UNQUEUED = 1.5  # in slow start, an answer within this many times the lowest latency seen
-# (a full batch's answers are up to 1.5× a lone request's) waited in no queue: one more slot
 HEADROOM = 1.5  # over Little's law: the pace binds, a batching endpoint fills
 PACED_PERCENTILE = 90
 PACED_MIN = 16
@@ -191,8 +185,7 @@ class AdaptiveLimit:
     median latency in slow start; two p90s after, when a smaller limit must
     also let the endpoint's queue drain), then count answers over a window of
     at least ``MIN_ANSWERS``, a second and four median latencies (half a
-    second and two in slow start; the first window half the answers if they
-    agree). That is the throughput at that limit; the
+    second and two in slow start). That is the throughput at that limit; the
     step's verdict compares it with the best limit's. The rules are in the
     module docstring.
     """
@@ -218,9 +211,6 @@ class AdaptiveLimit:
         self.first: float | None = None  # the first answer's latency: the probe's, sent alone
         self.client_bound = False  # the last window's time went to our own event loop
         self._probe = 1.0  # the factor of the last probe
-        self._busiest = 0  # the most requests in flight at once so far
-        self._fastest = math.inf  # the fastest answer so far
-        self._steady = False  # the last window's answers took much the same time
         self._latency = RecentLatency(256)
         self._step(-math.inf)
 
@@ -234,7 +224,6 @@ class AdaptiveLimit:
         else:  # after a cut, the endpoint's queue drains first: its answers come fast
             self._from = now + 2 * p90
             self._until = self._from + max(WINDOW, WINDOW_LATENCIES * median)
-        self._measured = self.limit  # the limit this window measures (slow start grows it)
         self._first = self._last = 0.0  # when the window's first and last answers came
         self._window: list[float] = []  # the window's latencies
         self._overloads = 0
@@ -246,70 +235,30 @@ class AdaptiveLimit:
         """A request went out at ``now``; ``in_flight`` counts it."""
         if self._from == -math.inf:  # the first request: the first measurement begins
             self._from, self._until = now, now + WINDOW
-            self._measured = self.limit
-        self._busiest = max(self._busiest, in_flight)
         if now >= self._from:
             self._peak = max(self._peak, in_flight)
             self._sent += 1
 
-    def answered(self, latency: float, *, overload: bool, now: float) -> bool:
-        """An attempt ended at ``now`` after ``latency``; ``overload``: 503, 429, a timeout.
-        True if the answer opened one more slot (slow start): worth using at once."""
+    def answered(self, latency: float, *, overload: bool, now: float) -> None:
+        """An attempt ended at ``now`` after ``latency``; ``overload``: 503, 429, a timeout."""
         if overload:
             self._overloads += now >= self._from
-            return False
+            return
         self._latency.add(latency)
-        self._fastest = min(self._fastest, latency)
         if self.first is None:
             self.first = latency
             if self.pace is None:  # the probe's: the first window measures the pool after it
                 self._from = now + latency
                 self._until = self._from + max(WINDOW / 2, 2 * latency)
-                return False
-        opened = self._opens(latency)
-        if opened:
-            self.limit += 1
+                return
         if now < self._from:
-            return opened
+            return
         if not self._window:
             self._first = now
         self._window.append(latency)
         self._last = now
-        if now >= self._until and self._enough():
+        if now >= self._until and len(self._window) >= MIN_ANSWERS:
             self._decide(now)
-        return opened
-
-    def _enough(self) -> bool:
-        """The window has answers enough: ``MIN_ANSWERS``, or half as many in the first window
-        if they took much the same time as each other and as the lone probe's (at
-        ``INITIAL`` in flight, sixteen answers are four round trips, the most of a large
-        endpoint's slow start; a heavy tail, or a queue on a small server, needs them all)."""
-        answers = len(self._window)
-        if answers >= MIN_ANSWERS:
-            return True
-        if self.windows or answers < MIN_ANSWERS // 2:
-            return False
-        ordered = sorted(self._window)
-        median = ordered[answers // 2]
-        return median <= UNQUEUED * min(ordered[answers // 10], self.first or 0.0)
-
-    def _opens(self, latency: float) -> bool:
-        """Slow start's own step (TCP's): an answer that waited in no queue, within
-        ``UNQUEUED`` times the fastest seen, makes room for one more, so the pool doubles
-        every round trip while the endpoint has room instead of quadrupling every window of
-        three; a queue (every answer slow) stops it at once, for the window to judge. Only
-        once a window has shown room (the first one measures a server of a few slots
-        unfilled), only where the last window's answers took much the same time (a heavy
-        tail's fastest answer says nothing of a queue: its windows' steps open the pool), and
-        never past twice the most in flight (a pool too empty to queue shows nothing)."""
-        return (
-            self.slow_start
-            and self._steady
-            and self.pace is None
-            and self.best is not None
-            and latency <= UNQUEUED * self._fastest
-            and self.limit < min(self.ceiling, 2 * self._busiest)
-        )
 
     def lagged(self, seconds: float) -> None:
         """The event loop ran a timer ``seconds`` late: time our own CPU took, not the endpoint."""
@@ -330,7 +279,6 @@ class AdaptiveLimit:
         started_full = self.windows == 0 and median > QUEUEING * (self.first or math.inf)
         self.client_bound = self._lag >= CLIENT_BOUND * median
         last_fast, self._last_fast = self._last_fast, fast
-        self._steady = median <= UNQUEUED * fast
         self.base = min(self.base, median)
         self.base_mean = min(self.base_mean, mean)
         self.base_fast = min(self.base_fast, fast)
@@ -416,7 +364,7 @@ class AdaptiveLimit:
             limit, self.best = min(limit - 1, math.ceil(limit * SHRINK)), None
         elif best is None:
             self.best = (limit, rate)
-            limit = self._slow_start_step(limit) if self.slow_start else limit
+            limit = limit * GROWTH if self.slow_start else limit
         elif self.slow_start:
             # A gain counts only if the answers did not slow down with it, and if Little's
             # law accounts for the pool (rate × latency ≈ in flight): requests still out
@@ -424,15 +372,13 @@ class AdaptiveLimit:
             if (
                 rate >= SLOW_START_GAIN * best[1]
                 and median <= QUEUEING * self.base
-                and rate * mean >= self._measured / QUEUEING
+                and rate * mean >= limit / QUEUEING
             ):
                 self.best = (limit, rate)
                 self.slow_start = limit < self.ceiling  # at the ceiling, and no queue: done
-                limit = self._slow_start_step(limit)
+                limit *= GROWTH
             else:  # full: the knee lies below this limit
-                # (Answers that took much the same time measure the full pool's throughput;
-                # the window before, which answers opened as it went, counted a burst.)
-                limit = self._knee(rate if self._steady else max(rate, best[1]), limit)
+                limit = self._knee(max(rate, best[1]), limit)
                 self.best, self.slow_start = None, False
         elif best[0] == limit:
             self.best = (limit, (best[1] + rate) / 2)  # the best limit, measured again
@@ -451,13 +397,6 @@ class AdaptiveLimit:
         self.limit = max(FLOOR, min(self.ceiling, limit))
         self.windows += 1
         self._step(now)
-
-    def _slow_start_step(self, limit: int) -> int:
-        """The window's step in slow start: fourfold, unless the answers doubled the pool or
-        more as they came (``_opens``); then they are the step, stopped where a queue began."""
-        if limit >= 2 * self._measured:
-            return limit
-        return max(limit, self._measured * GROWTH)
 
     @property
     def watching(self) -> bool:
@@ -540,11 +479,8 @@ class Pool:
             return
         if ok:
             self.recent.add(now - sent_at)
-        opened = (ok or overload) and self.adaptive.answered(
-            now - sent_at, overload=overload, now=now
-        )
-        if opened:  # at once, not at the next tick: slow start doubles every round trip
-            self.gate.set_limit(self.adaptive.limit)
+        if ok or overload:
+            self.adaptive.answered(now - sent_at, overload=overload, now=now)
 
     def resize(self, rate: float | None, now: float) -> None:
         """Set the allowance: Little's law under a pace of ``rate`` a second, else adaptive."""
