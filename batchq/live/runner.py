@@ -457,10 +457,7 @@ class Pipeline:
                     result = await answer(transport, request)
                 elif not self.multi:
                     turn = partial(pacer.wait_turn, request.tokens)
-                    latency = self.stats.latency
-                    result, hedged = await self.hedger.send(
-                        transport, request, started, turn, latency
-                    )
+                    result, hedged = await self.hedger.send(transport, request, started, turn)
                 else:  # a second copy goes to another deployment
                     copies, latency = (
                         Copies(self.router, deployment, original),
