@@ -271,3 +271,36 @@ async def test_a_stop_at_the_instant_the_second_copy_wins_still_stops() -> None:
     sending.cancel()  # before the copy's own step: both cancels reach the worker
     with pytest.raises(asyncio.CancelledError):
         await sending
+
+
+class Converting(Scripted):
+    """As aiohttp may, inside a send: a cancellation comes out as a failure of its own."""
+
+    async def send(self, path: str, body: bytes) -> Response:
+        try:
+            return await super().send(path, body)
+        except asyncio.CancelledError:
+            raise TransportError("connection closed") from None
+
+
+async def test_a_stop_as_the_copy_wins_still_stops_when_the_send_converts_it() -> None:
+    hedger, transport = Hedger(requests=100), Converting()
+    sending = await _hedged(hedger, transport)
+    await transport.wait_out(2)
+    transport.copies[1].set_result(_ok(2))
+    sending.cancel()  # both cancels reach the worker, whose send turns them into a failure
+    with pytest.raises(asyncio.CancelledError):
+        await sending
+
+
+async def test_a_copy_that_raises_other_than_a_request_error_is_never_lost() -> None:
+    hedger, transport = Hedger(requests=100), Scripted()
+
+    async def broken_turn() -> None:
+        raise RuntimeError("the copy's own bug")
+
+    sending = await _hedged(hedger, transport, broken_turn)
+    await asyncio.sleep(0)  # the copy runs, and fails
+    transport.copies[0].set_result(_ok(1))
+    with pytest.raises(RuntimeError, match="the copy's own bug"):  # as the first copy's would
+        await sending

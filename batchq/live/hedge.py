@@ -174,7 +174,8 @@ class Hedger:
                 raise  # the run is stopping
             flight.answered = True
             if flight.won is not None:  # a cancel the send turned into a failure of its own
-                worker.uncancel()
+                if worker.uncancel() > 0:
+                    raise asyncio.CancelledError  # a stop came with it: the run is stopping
                 return flight.won, True
             if flight.copy is None or isinstance(result, Response) or not flight.sent:
                 return result, flight.sent
@@ -182,9 +183,11 @@ class Hedger:
             return (result if second is None else second), True
         finally:
             self._flights.discard(flight)
-            if flight.copy is not None and not flight.copy.done():
-                flight.copy.cancel()
-                await asyncio.gather(flight.copy, return_exceptions=True)
+            if (copy := flight.copy) is not None and not copy.done():
+                copy.cancel()
+                await asyncio.gather(copy, return_exceptions=True)
+            elif copy is not None and not copy.cancelled() and (error := copy.exception()):
+                raise error  # not a RequestError (kept as a value): a bug, as loud as the first's
 
     async def _copy(self, flight: _Flight) -> Answer | None:
         """The second copy of a chosen request, None if it was never sent; an answer first
