@@ -120,6 +120,18 @@ def test_router_keeps_trying_the_soonest_back_when_all_are_out_for_a_while() -> 
     assert router.pick(0.6) == (a, False)  # as with one endpoint: retried with backoff
 
 
+def test_router_never_sends_a_line_where_its_endpoint_is_not_served_even_with_its_own_out() -> None:
+    chat_path, embed_path = "/v1/chat/completions", "/v1/embeddings"
+    both, chat_only = _deployment("both", 4), _deployment("chat", 4)
+    both.endpoints, chat_only.endpoints = (chat_path, embed_path), (chat_path,)
+    router = Router([both, chat_only])
+    refused = Response(401, {}, b'{"error": {"message": "bad key"}}', None)
+    router.observe(both, False, refused, 0.0)  # out for good, until its probe
+    assert router.pick(0.5, 0, chat_path) == (chat_only, False)
+    assert router.pick(0.5, 0, embed_path) is None  # wait for its probe, never "chat"
+    assert router.pick(1.0, 0, embed_path) == (both, True)
+
+
 def test_a_deployment_serves_the_jobs_model_under_its_own_name() -> None:
     pool, pacer = Pool(1, 1), Pacer(clock=lambda: 0.0)
     d = Deployment("local", pacer, pool, model="qwen2.5-7b", job_model="gpt")
@@ -604,3 +616,27 @@ def test_a_line_goes_only_to_deployments_that_serve_its_own_endpoint(
     assert "/v1/embeddings" not in chat_only.stats()["by_path"]
     assert "/v1/completions" not in {**chat_only.stats()["by_path"], **both.stats()["by_path"]}
     assert len(results) == 60 and "Traceback" not in done.stderr
+
+
+def test_a_line_too_large_for_the_only_deployment_serving_it_fails_at_once(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    small, big = mock_server(), mock_server()
+    embed_path = "/v1/embeddings"
+    large = {"custom_id": "large", "method": "POST", "url": embed_path}
+    large["body"] = {"model": "m", "input": "word " * 8000}
+    write_jsonl(tmp_path / "in.jsonl", [chat("q", "c0"), large])
+    chat_path = "/v1/chat/completions"
+    pool = _pool(
+        tmp_path,
+        {"name": "big", "base_url": big.url, "tpm": 1_000_000, "endpoints": [chat_path]},
+        {"name": "small", "base_url": small.url, "tpm": 1000, "endpoints": [chat_path, embed_path]},
+    )
+    done = _run(tmp_path, pool)
+    assert done.returncode == 1, done.stderr
+    results, errors = outputs(tmp_path / "job")
+    assert [line["custom_id"] for line in results] == ["c0"]
+    assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [
+        ("large", "request_too_large")
+    ]
+    assert embed_path not in {**small.stats()["by_path"], **big.stats()["by_path"]}

@@ -242,8 +242,9 @@ class Router:
         if self.out_for_good():
             raise FatalEndpointError(self.verdict())
         # Every deployment is out: as with one endpoint, keep trying the one back soonest.
-        waiting = [d for d in self.deployments if not d.breaker.fatal]
-        fits = [d for d in waiting if d.takes(url, tokens)] or waiting
+        fits = [d for d in self.deployments if not d.breaker.fatal and d.takes(url, tokens)]
+        if not fits:  # those that take it are out for good, and others not: wait for a probe
+            return None
         return min(fits, key=lambda d: d.breaker.until), False
 
     async def wait(self) -> None:

@@ -339,7 +339,7 @@ class Pipeline:
         if self.multi and not any(d.takes(request.url, 0) for d in self.deployments):
             message = f"no deployment of the pool serves {request.url} (see their `endpoints`)"
             return _failure(request, "endpoint_not_served", message, attempts=0)
-        if all(d.pacer.never_fits(request.tokens) for d in self.deployments):
+        if not any(d.takes(request.url, request.tokens) for d in self.deployments):
             message = f"needs ~{request.tokens:,} tokens, more than the whole --tpm budget"
             return _failure(request, "request_too_large", message, attempts=0)
         attempts = rate_limited = 0
