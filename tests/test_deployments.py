@@ -132,6 +132,15 @@ def test_router_never_sends_a_line_where_its_endpoint_is_not_served_even_with_it
     assert router.pick(1.0, 0, embed_path) == (both, True)
 
 
+def test_a_hedge_copy_goes_only_where_the_request_fits_the_tpm() -> None:
+    first, narrow = _deployment("first", 4), _deployment("narrow", 64)
+    narrow.pacer = Pacer(tpm=1000, clock=lambda: 0.0)
+    router = Router([first, narrow])
+    url = "/v1/chat/completions"
+    assert router.elsewhere(first, 0.0, url, tokens=500) is narrow
+    assert router.elsewhere(first, 0.0, url, tokens=5000) is None  # above its whole tpm
+
+
 def test_a_deployment_serves_the_jobs_model_under_its_own_name() -> None:
     pool, pacer = Pool(1, 1), Pacer(clock=lambda: 0.0)
     d = Deployment("local", pacer, pool, model="qwen2.5-7b", job_model="gpt")

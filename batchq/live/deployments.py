@@ -168,9 +168,9 @@ class Copies:
         for the copy's turn in its pace."""
         loop = asyncio.get_running_loop()
         router = self.router
-        url = self.request.url
-        while (other := router.elsewhere(self.first, loop.time(), url)) is None and any(
-            d is not self.first and d.breaker.state == "in" and d.takes(url, 0)
+        url, tokens = self.request.url, self.request.tokens
+        while (other := router.elsewhere(self.first, loop.time(), url, tokens)) is None and any(
+            d is not self.first and d.breaker.state == "in" and d.takes(url, tokens)
             for d in router.deployments
         ):
             await router.wait()
@@ -300,13 +300,15 @@ class Router:
         unreachable = isinstance(answer, EndpointUnreachable)
         breaker.failed(now, f"{answer.code}: {answer}"[:200], probe=probe, at_once=unreachable)
 
-    def elsewhere(self, first: Deployment, now: float, url: str = "") -> Deployment | None:
-        """Another deployment in the pool serving ``url`` with room, the most first; None if
-        none has."""
+    def elsewhere(
+        self, first: Deployment, now: float, url: str = "", tokens: int = 0
+    ) -> Deployment | None:
+        """Another deployment in the pool serving ``url`` and fitting ``tokens``, with room,
+        the most first; None if none has."""
         others = [
             d
             for d in self.deployments
-            if d is not first and d.breaker.state == "in" and d.takes(url, 0)
+            if d is not first and d.breaker.state == "in" and d.takes(url, tokens)
         ]
         best = max(others, key=lambda d: (d.room(now), d.weight), default=None)
         return best if best is not None and best.room(now) > 0 else None
