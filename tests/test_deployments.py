@@ -141,6 +141,16 @@ def test_a_hedge_copy_goes_only_where_the_request_fits_the_tpm() -> None:
     assert router.elsewhere(first, 0.0, url, tokens=5000) is None  # above its whole tpm
 
 
+def test_a_line_out_of_its_deployment_goes_at_once_only_to_another_that_serves_it() -> None:
+    chat_path, embed_path = "/v1/chat/completions", "/v1/embeddings"
+    both, chat_only = _deployment("both", 4), _deployment("chat", 4)
+    both.endpoints, chat_only.endpoints = (chat_path, embed_path), (chat_path,)
+    router = Router([both, chat_only])
+    router.observe(both, False, EndpointUnreachable("cannot connect to 127.0.0.1:9"), 0.0)
+    assert router.others(both, chat_path) == [chat_only]  # its retry goes there at once
+    assert router.others(both, embed_path) == []  # none: it backs off, as with one endpoint
+
+
 def test_a_deployment_serves_the_jobs_model_under_its_own_name() -> None:
     pool, pacer = Pool(1, 1), Pacer(clock=lambda: 0.0)
     d = Deployment("local", pacer, pool, model="qwen2.5-7b", job_model="gpt")

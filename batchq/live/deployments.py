@@ -169,9 +169,8 @@ class Copies:
         loop = asyncio.get_running_loop()
         router = self.router
         url, tokens = self.request.url, self.request.tokens
-        while (other := router.elsewhere(self.first, loop.time(), url, tokens)) is None and any(
-            d is not self.first and d.breaker.state == "in" and d.takes(url, tokens)
-            for d in router.deployments
+        while (other := router.elsewhere(self.first, loop.time(), url, tokens)) is None and (
+            router.others(self.first, url, tokens)
         ):
             await router.wait()
         self.second = other or self.first
@@ -305,13 +304,19 @@ class Router:
     ) -> Deployment | None:
         """Another deployment in the pool serving ``url`` and fitting ``tokens``, with room,
         the most first; None if none has."""
-        others = [
+        best = max(
+            self.others(first, url, tokens), key=lambda d: (d.room(now), d.weight), default=None
+        )
+        return best if best is not None and best.room(now) > 0 else None
+
+    def others(self, first: Deployment, url: str = "", tokens: int = 0) -> list[Deployment]:
+        """The deployments in the pool but ``first`` that are in and take a request of
+        ``tokens`` to ``url``: where it goes when ``first`` cannot take it."""
+        return [
             d
             for d in self.deployments
             if d is not first and d.breaker.state == "in" and d.takes(url, tokens)
         ]
-        best = max(others, key=lambda d: (d.room(now), d.weight), default=None)
-        return best if best is not None and best.room(now) > 0 else None
 
     def all_out(self) -> bool:
         return all(d.breaker.state != "in" for d in self.deployments)

@@ -380,10 +380,12 @@ class Pipeline:
                 deployment.pacer.pause(decision.delay)
                 deployment.pacer.rate_limited(limit_kind(result), started)
             elif not (
-                self.multi and deployment.breaker.state != "in" and not self.router.all_out()
+                self.multi
+                and deployment.breaker.state != "in"
+                and self.router.others(deployment, request.url, request.tokens)
             ):
                 await asyncio.sleep(decision.delay)  # off the pool: the slot serves another
-            # else: its deployment is out, and another takes the line at once
+            # else: its deployment is out, and another that serves the line takes it at once
 
     def _paid(self, request: Request, o: Outcome) -> None:
         """Count what a 2xx answer cost (every one: a retry's, a re-ask's)."""
