@@ -354,28 +354,44 @@ def unloaded_p50(bench: Bench, mock: tuple[str, ...]) -> float:
     return float(probe.stats["latency_p50"])
 
 
-def slots_16(bench: Bench) -> str:
-    lines = bench.mode.slots_16_lines
-    mock = ("--slots", "16", *GPU)
-    unloaded = unloaded_p50(bench, mock)
-    found = sweep(bench, 16, lines, SWEEP_16)
-    best = best_fixed(found)
+def _with_latency(
+    found: dict[str, list[Outcome]],
+    reference: float,
+    unloaded: float,
+    *,
+    rate: str,
+    share: Callable[[float], str],
+) -> tuple[list[list[str]], float, float]:
+    """A row per configuration (req/s, its share of ``reference``, server p50 against
+    ``unloaded``, most in flight); the default's share and p50 over ``unloaded``."""
     rows = []
     for label, outcomes in found.items():
+        rate_of = median(outcomes, lambda o: o.rate)
         p50 = median(outcomes, lambda o: o.stats["latency_p50"])
         rows.append(
             [
                 label,
-                f"{median(outcomes, lambda o: o.rate):,.1f}",
-                f"{median(outcomes, lambda o: o.rate) / best:.0%}",
+                format(rate_of, rate),
+                share(rate_of / reference),
                 f"{p50:.3f}",
                 f"{p50 / unloaded:.1f}×",
                 f"{median(outcomes, lambda o: o.stats['max_in_flight']):,.0f}",
             ]
         )
     default = found[DEFAULT[0]]
-    ratio = median(default, lambda o: o.rate) / best
+    ratio = median(default, lambda o: o.rate) / reference
     inflation = median(default, lambda o: o.stats["latency_p50"]) / unloaded
+    return rows, ratio, inflation
+
+
+def slots_16(bench: Bench) -> str:
+    lines = bench.mode.slots_16_lines
+    mock = ("--slots", "16", *GPU)
+    unloaded = unloaded_p50(bench, mock)
+    found = sweep(bench, 16, lines, SWEEP_16)
+    rows, ratio, inflation = _with_latency(
+        found, best_fixed(found), unloaded, rate=",.1f", share=lambda x: f"{x:.0%}"
+    )
     ok = ratio >= 0.9 and inflation <= 2
     headers = ["batchq", "req/s", "of best fixed", "server p50 s", "× unloaded", "max in flight"]
     return (
@@ -428,22 +444,9 @@ def one_slot(bench: Bench) -> str:
     unloaded = unloaded_p50(bench, mock)
     found = bench.runs(lines, mock, [DEFAULT, fixed(1), fixed(2)])
     alone = median(found[fixed(1)[0]], lambda o: o.rate)
-    rows = []
-    for label, outcomes in found.items():
-        p50 = median(outcomes, lambda o: o.stats["latency_p50"])
-        rows.append(
-            [
-                label,
-                f"{median(outcomes, lambda o: o.rate):,.2f}",
-                f"{median(outcomes, lambda o: o.rate) / alone:.2f}×",
-                f"{p50:.3f}",
-                f"{p50 / unloaded:.1f}×",
-                f"{median(outcomes, lambda o: o.stats['max_in_flight']):,.0f}",
-            ]
-        )
-    default = found[DEFAULT[0]]
-    ratio = median(default, lambda o: o.rate) / alone
-    inflation = median(default, lambda o: o.stats["latency_p50"]) / unloaded
+    rows, ratio, inflation = _with_latency(
+        found, alone, unloaded, rate=",.2f", share=lambda x: f"{x:.2f}×"
+    )
     ok = ratio >= 0.95 and inflation <= 2
     headers = ["batchq", "req/s", "of one at a time", "server p50 s", "× unloaded"]
     headers += ["max in flight"]
