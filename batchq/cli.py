@@ -1013,6 +1013,13 @@ def _batch_options(command: Callable[..., None]) -> Callable[..., None]:
     show_default=True,
     help="A full batch of slots serves each request this much slower (0.5: 1.5x).",
 )
+@click.option(
+    "--gauges",
+    type=click.Choice(["vllm", "llamacpp"]),
+    default=None,
+    help="Publish the load (requests served, requests waiting) at /metrics as vLLM or "
+    "llama.cpp do.",
+)
 @click.option("--rate-500", type=click.FloatRange(0, 1), default=0.0, help="Fraction of 500s.")
 @click.option("--rate-503", type=click.FloatRange(0, 1), default=0.0, help="Fraction of 503s.")
 @click.option(
@@ -1078,6 +1085,7 @@ def mock_server(host: str, port: int, api_key_env: str | None, **faults: Any) ->
     api_key = os.environ.get(api_key_env) if api_key_env else None
     if api_key_env and not api_key:
         raise click.BadParameter(f"${api_key_env} is empty", param_hint="--api-key")
+    faults["gauges"] = faults["gauges"] or ""
     try:
         options = MockOptions(api_key=api_key, **faults)
     except ValueError as exc:  # flags that click checks one by one, but not together

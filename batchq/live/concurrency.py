@@ -74,8 +74,18 @@ queued. An unpaced pool whose fastest answers and median both wait sheds a
 fifth a window. When the event loop's lag (the runner's tick measures it) is
 a fifth of the median latency, batchq is the bottleneck, not the endpoint:
 the unpaced pool doubles while throughput holds rather than reading its own
-lag as the endpoint's queue. ``benchmarks/capacity_sim.py`` runs all of this
-against simulated endpoints.
+lag as the endpoint's queue.
+
+**When the server tells its load** (vLLM, llama.cpp, SGLang and TGI publish
+how many requests run in their batch and how many wait for a place in it:
+``serverload.py`` reads them), nothing needs probing: while none wait and the
+pool is full, it doubles at each reading; when some wait, the batch is full
+and the pool shrinks to the share of it that runs (all clients' waiting count,
+so a server that others crowd gets fewer of ours, never none); once the batch
+is known, the pool grows back to it when the server runs fewer, and past it
+by an eighth every two seconds (pools of eight or more: a llama.cpp server's
+slots are fixed), in case the batch grew (shorter prompts free KV cache).
+``benchmarks/capacity_sim.py`` runs all of this against simulated endpoints.
 Everything here but ``Gate`` is a pure function of the observations and
 the clock it is handed: float seconds.
 """
@@ -106,6 +116,7 @@ PACE_KEPT = 0.9  # of the pace: answers this fast mean the pace binds, not the e
 QUEUED = 3.0  # a window's fastest answers (p10) this many times the lowest seen: a queue
 GROWING = 1.25  # and this many times the last window's: a queue that grows
 FD_RESERVE = 64  # descriptors kept for files, the resolver, the event loop
+REGROW = 2.0  # seconds between two steps up by an eighth at the server's known batch
 CLIENT_BOUND = 0.2  # the event loop's lag, as a share of the median latency: batchq is the
 # bottleneck, not the endpoint (a timer waits for the loop's current pass, a part of it)
 
@@ -211,6 +222,9 @@ class AdaptiveLimit:
         self.first: float | None = None  # the first answer's latency: the probe's, sent alone
         self.client_bound = False  # the last window's time went to our own event loop
         self._probe = 1.0  # the factor of the last probe
+        self.told = False  # the server's gauges size the pool (``reported``): no probing
+        self.batch: int | None = None  # what its batch ran when requests last waited
+        self._regrown = -math.inf  # when the pool last grew past the known batch
         self._latency = RecentLatency(256)
         self._step(-math.inf)
 
@@ -264,7 +278,35 @@ class AdaptiveLimit:
         """The event loop ran a timer ``seconds`` late: time our own CPU took, not the endpoint."""
         self._lag = max(self._lag, seconds)
 
+    def reported(self, running: int, waiting: int, in_flight: int, now: float) -> None:
+        """The server's gauges: ``running`` in its batch and ``waiting`` for a place in
+        it (every client's), read at ``now`` with ``in_flight`` of ours out."""
+        self.told = True
+        if waiting > 0:
+            # The batch is full: of ours, the share that runs is what it takes; the rest
+            # only wait. (A share, not ours less the waiting: other clients' queue would
+            # starve us to one.)
+            self.batch = running
+            self.limit = max(FLOOR, math.floor(in_flight * running / (running + waiting)))
+        elif in_flight >= self.limit and running >= 0.9 * self.limit:
+            # Ours are out and the server runs them all (not still on their way): room.
+            if self.batch is None:  # how much is not known yet
+                self.limit = min(self.ceiling, self.limit * 2)
+            elif running < 0.9 * self.batch:  # it ran more when requests waited: room again
+                self.limit = min(self.ceiling, self.limit + self.batch - running)
+            elif now - self._regrown >= REGROW:  # a larger batch? (shorter prompts, KV cache)
+                self.limit = min(self.ceiling, self.limit + self.limit // 8)
+                self._regrown = now
+
+    def unreported(self) -> None:
+        """The gauges are gone: probe again, from the pool they set."""
+        if self.told:
+            self.told, self.slow_start, self.best = False, False, None
+
     def _decide(self, now: float) -> None:
+        if self.told:  # the server's gauges size the pool: a window has nothing to add
+            self._step(now)
+            return
         # Between the first and the last answer: a window's edges would cut batches
         # of answers (a GPU server's come together) into a noisy count.
         answers = len(self._window)
@@ -407,6 +449,8 @@ class AdaptiveLimit:
         """The allowance under a pace of ``rate`` a second (None: none) for which Little's
         law wants ``allowance``: that, until the endpoint falls behind the pace."""
         self.pace = rate
+        if self.told:  # the server's gauges cap what the pace asks for
+            return min(allowance, self.limit)
         if not self.capping:
             self.limit, self.slow_start = min(allowance, self.opening), False
         return min(allowance, self.limit)
@@ -496,6 +540,17 @@ class Pool:
             latency = max(latency, now - self._first_sent)
         allowance = paced_allowance(rate, latency, self.ceiling)
         self.gate.set_limit(self.adaptive.under_pace(rate, allowance))
+
+    def reported(self, running: int | None, waiting: int, now: float) -> None:
+        """The server's gauges (``running`` None: they are gone); the gate follows at once."""
+        if self.fixed:
+            return
+        if running is None:
+            self.adaptive.unreported()
+            return
+        self.adaptive.reported(running, waiting, self.in_flight, now)
+        if self.adaptive.pace is None:
+            self.gate.set_limit(self.adaptive.limit)
 
     def lagged(self, seconds: float) -> None:
         """The event loop ran a timer ``seconds`` late (the runner's tick measures it)."""

@@ -54,6 +54,7 @@ from batchq.live.deployments import Copies, Deployment, Router
 from batchq.live.hedge import Answer, Hedger, answer
 from batchq.live.limiter import Kind, Pacer
 from batchq.live.retry import Fatal, GiveUp, RetryPolicy, decide, status_error
+from batchq.live.serverload import LoadReader, follow
 from batchq.live.transport import AiohttpTransport, Response, Transport
 from batchq.reader import RequestTemplate, feed
 from batchq.records import (
@@ -285,6 +286,7 @@ class Pipeline:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._write_outcomes())
             ticker = tg.create_task(self._tick())
+            readers = self._follow_loads(tg)
             stores = [d.pacer.shared for d in self.deployments if d.pacer.shared is not None]
             for shared in stores:
                 tg.create_task(shared.run())
@@ -294,11 +296,34 @@ class Pipeline:
                     producers.create_task(self._process())
             await self.outcomes.put(None)  # every producer is done; let the writer drain
             ticker.cancel()
+            for reader in readers:
+                reader.cancel()
             for shared in stores:
                 shared.stop()
             self._report(paced=self.pacer.request_rate() is not None)
             if self.multi:  # the deployments' rows, for `batchq status` after the run
                 write_progress(self.job.run_dir, self.stats)
+
+    def _follow_loads(self, tg: asyncio.TaskGroup) -> list[asyncio.Task[None]]:
+        """Size each auto pool by its server's gauges, where it publishes them."""
+        if self.options.transport is not None:  # not ours to ask anything else of
+            return []
+        specs = zip(self.deployments, pool_of(self.job.settings), strict=True)
+        readers = []
+        for d, spec in specs:
+            if d.pool.fixed:
+                continue
+            of = f"{d.name}: " if self.multi else ""
+
+            def found(server: str, of: str = of) -> None:
+                self.options.on_notice(
+                    f"{of}the server publishes {server}'s load gauges (/metrics): "
+                    "--concurrency auto follows them"
+                )
+
+            reader = LoadReader(spec.base_url, self._key(spec))
+            readers.append(tg.create_task(follow(reader, d.pool, self.loop.time, found)))
+        return readers
 
     async def _feed(self) -> None:
         async def reject(outcome: Outcome) -> None:

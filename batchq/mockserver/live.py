@@ -99,6 +99,7 @@ class MockOptions:
     slots: int = 0  # at most this many served at once, the rest queue FIFO (0 = no limit)
     slot_load_factor: float = 0.5  # a full batch serves each request 1 + this times slower
     rate_limit_headers: bool = True  # send x-ratelimit-* (vLLM-like servers do not)
+    gauges: str = ""  # publish the load at /metrics as "vllm" or "llamacpp" does ("": 404)
     seed: int | None = None  # for the random faults, jitter and lognormal draws
     record: bool = False  # keep per-prompt arrivals and 200s in stats(); memory grows
     # vLLM's context length: in /v1/models and /tokenize, and a prompt + max_tokens past it
@@ -144,6 +145,8 @@ class MockOptions:
                 raise ValueError(
                     f"{name} must be a non-negative number, got {getattr(self, name)!r}"
                 )
+        if self.gauges not in _GAUGES:
+            raise ValueError(f"gauges must be one of {sorted(_GAUGES)}, got {self.gauges!r}")
         if self.latency_p99 and not self.latency_p99 >= self.latency_p50 > 0:
             raise ValueError(
                 "latency_p99 needs 0 < latency_p50 <= latency_p99, got"
@@ -158,6 +161,17 @@ class MockOptions:
         p99 = self.latency_p99 or self.latency_p50
         return math.log(self.latency_p50), math.log(p99 / self.latency_p50) / _Z99
 
+
+# The load's gauges as each server names them at /metrics: (running, waiting), and a line
+# of another metric around them, as a real page has.
+_GAUGES = {
+    "": None,
+    "vllm": (
+        'vllm:num_requests_running{model_name="m"}',
+        'vllm:num_requests_waiting{model_name="m"}',
+    ),
+    "llamacpp": ("llamacpp:requests_processing", "llamacpp:requests_deferred"),
+}
 
 # The 99th percentile of a normal distribution, in standard deviations above its median.
 _Z99 = statistics.NormalDist().inv_cdf(0.99)
@@ -638,6 +652,7 @@ class _Stats:
     completion_tokens: int = 0
     accepted_tokens: int = 0  # the TPM charge of the 200 answers (`_Call.budget`)
     structured: int = 0  # 200 answers to requests that asked for JSON (structured.py)
+    gauge_reads: int = 0  # GET /metrics, not counted in requests
     invalid_answers: int = 0  # of those, answered with JSON that does not parse or fit
     first_at: float | None = None
     last_at: float | None = None
@@ -686,6 +701,7 @@ class _Stats:
             "completion_tokens": self.completion_tokens,
             "accepted_tokens": self.accepted_tokens,
             "structured": self.structured,
+            "gauge_reads": self.gauge_reads,
             "invalid_answers": self.invalid_answers,
             "first_at": self.first_at,
             "last_at": self.last_at,
@@ -721,6 +737,7 @@ class _Mock:
         # Bound to the event loop on first use, so the app can be built outside one.
         self._slots = asyncio.Semaphore(options.slots) if options.slots else None
         self._serving = 0  # slots busy now
+        self._waiting = 0  # requests waiting for a slot
         self._slowdown = options.slot_load_factor / options.slots if options.slots else 0.0
         self.batches: BatchAPI | None = None  # the Files + Batches routes, once added
         self._models = _models_body(options)
@@ -801,17 +818,22 @@ class _Mock:
     async def _serve(self, slots: asyncio.Semaphore, delay: float) -> float:
         """Wait for a free slot, hold it while computing; return the seconds queued."""
         queued = time.monotonic()
-        async with slots:  # FIFO: waiters are woken in arrival order
-            started = time.monotonic()
-            self._serving += 1
-            self.stats.max_serving = max(self.stats.max_serving, self._serving)
-            try:
-                # A batching GPU: each request in the batch slows the others a little,
-                # yet K together still finish more per second than one alone.
-                if delay > 0:
-                    await asyncio.sleep(delay * (1.0 + self._slowdown * (self._serving - 1)))
-            finally:
-                self._serving -= 1
+        self._waiting += 1
+        try:
+            await slots.acquire()  # FIFO: waiters are woken in arrival order
+        finally:
+            self._waiting -= 1
+        started = time.monotonic()
+        self._serving += 1
+        self.stats.max_serving = max(self.stats.max_serving, self._serving)
+        try:
+            # A batching GPU: each request in the batch slows the others a little,
+            # yet K together still finish more per second than one alone.
+            if delay > 0:
+                await asyncio.sleep(delay * (1.0 + self._slowdown * (self._serving - 1)))
+        finally:
+            self._serving -= 1
+            slots.release()
         return started - queued
 
     def _decide(
@@ -948,6 +970,24 @@ class _Mock:
         body = _error_body(message, "invalid_request_error")
         return await self._send(request, 404, body, headers, self._delay(0.0))
 
+    async def metrics(self, request: web.Request) -> web.StreamResponse:
+        """The load, as vLLM or llama.cpp publish it; not counted as a request."""
+        self.stats.gauge_reads += 1
+        names = _GAUGES[self.options.gauges]
+        if names is None:
+            return web.Response(status=404, text="404: Not Found")
+        if not self._authorized(request):
+            return web.Response(status=401, text="Unauthorized")
+        running = self._serving if self._slots else self.stats.in_flight
+        lines = [
+            "# HELP batchq_mock_requests_total Requests since the start.",
+            "# TYPE batchq_mock_requests_total counter",
+            f"batchq_mock_requests_total {self.stats.requests}",
+            f"{names[0]} {float(running)}",
+            f"{names[1]} {float(self._waiting)}",
+        ]
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
     async def stats_view(self, request: web.Request) -> web.StreamResponse:
         return web.Response(body=orjson.dumps(self.snapshot()), content_type=_JSON)
 
@@ -996,6 +1036,7 @@ def build_app(options: MockOptions) -> web.Application:
     app.router.add_post("/tokenize", mock.tokenize)  # vLLM's, beside /v1 as vLLM serves it
     mock.batches = BatchAPI(mock)
     mock.batches.add_routes(app.router)
+    app.router.add_get("/metrics", mock.metrics)
     app.router.add_get("/_mock/stats", mock.stats_view)
     app.router.add_post("/_mock/reset", mock.reset_view)
     app.router.add_post("/_mock/limits", mock.limits_view)
