@@ -23,6 +23,7 @@ import asyncio
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
 from yarl import URL
@@ -80,6 +81,12 @@ def parse(text: str) -> Load | None:
     return None
 
 
+class Gauges(Protocol):
+    async def read(self) -> Load | None: ...
+
+    async def close(self) -> None: ...
+
+
 class LoadReader:
     """One session reading one server's gauges."""
 
@@ -114,7 +121,7 @@ class LoadReader:
 
 
 async def follow(
-    reader: LoadReader, pool: Pool, clock: Callable[[], float], on_found: Callable[[str], None]
+    reader: Gauges, pool: Pool, clock: Callable[[], float], on_found: Callable[[str], None]
 ) -> None:
     """Size ``pool`` by the server's gauges for as long as it publishes them."""
     try:
@@ -139,7 +146,7 @@ async def follow(
         await reader.close()
 
 
-async def _reading(reader: LoadReader) -> Load | None:
+async def _reading(reader: Gauges) -> Load | None:
     try:
         return await reader.read()
     except (OSError, aiohttp.ClientError, TimeoutError, UnicodeError):
