@@ -95,12 +95,13 @@ def mock_server() -> Iterator[MockFactory]:
 
 
 @pytest.fixture
-def hostile() -> Iterator[Callable[[Handler], HostileServer]]:
-    """Start misbehaving endpoints: `hostile(handler) -> HostileServer`, stopped at the end."""
+def hostile() -> Iterator[Callable[..., HostileServer]]:
+    """Start misbehaving endpoints: `hostile(handler, gauges=None) -> HostileServer` (gauges:
+    what /metrics answers, else 404), stopped at the end."""
     with contextlib.ExitStack() as servers:
 
-        def start(handler: Handler) -> HostileServer:
-            server = HostileServer(handler)
+        def start(handler: Handler, gauges: Handler | None = None) -> HostileServer:
+            server = HostileServer(handler, gauges)
             servers.callback(server.close)
             return server
 

@@ -34,9 +34,11 @@ class Seen:
 class HostileServer:
     """Serves ``handler`` for every path until ``close``."""
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, gauges: Handler | None = None) -> None:
         self.seen: list[Seen] = []
+        self.gauge_reads: list[Seen] = []  # GET /metrics: --concurrency auto reads the load
         self._handler = handler
+        self._gauges = gauges  # what /metrics answers (None: 404, a server without gauges)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
@@ -56,7 +58,13 @@ class HostileServer:
     async def _serve(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         auth = request.headers.get("Authorization")
-        self.seen.append(Seen(request.method, request.path, body, auth))
+        received = Seen(request.method, request.path, body, auth)
+        if request.path == "/metrics":
+            self.gauge_reads.append(received)
+            if self._gauges is None:
+                return web.Response(status=404)
+            return await self._gauges(request, body)
+        self.seen.append(received)
         return await self._handler(request, body)
 
     def close(self) -> None:

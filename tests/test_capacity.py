@@ -301,7 +301,8 @@ def test_a_server_s_gauges_size_the_pool_to_its_batch(
     assert seen["max_serving"] == 64
     # Doubling while none wait overshoots the batch once at most (probing: 4 → 16 → 64 → 256).
     assert seen["max_in_flight"] <= 2 * 64
-    assert 64 <= summary(done)["this_run"]["concurrency"]["allowance"] <= 64 + 64 // 8  # type: ignore[index]
+    # At the batch, less what finished between the server's count and the reading's turn.
+    assert 56 <= summary(done)["this_run"]["concurrency"]["allowance"] <= 64 + 64 // 8  # type: ignore[index]
 
 
 def test_llama_cpp_s_gauges_keep_one_request_on_its_one_slot(

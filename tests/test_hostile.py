@@ -669,9 +669,7 @@ _METRICS = {
 def test_a_hostile_metrics_page_costs_the_job_nothing(
     tmp_path: Path, hostile: Hostile, page: str
 ) -> None:
-    async def handler(request: web.Request, body: bytes) -> web.StreamResponse:
-        if request.path != "/metrics":
-            return await echo(request, body)
+    async def gauges(request: web.Request, body: bytes) -> web.StreamResponse:
         served = _METRICS[page]
         if served is None:
             await asyncio.sleep(READING_TIMEOUT + 1)  # answers after the reading gave up
@@ -679,7 +677,7 @@ def test_a_hostile_metrics_page_costs_the_job_nothing(
         assert served is not None
         return web.Response(body=served[1], content_type=served[0])
 
-    server = hostile(handler)
+    server = hostile(echo, gauges)
     write_jsonl(tmp_path / "in.jsonl", [chat(f"q{i}") for i in range(60)])
     base = ["run", "in.jsonl", "--base-url", server.url, "--model", "m", "-q", "--json-summary"]
     done = batchq(*base, cwd=tmp_path)
@@ -687,3 +685,4 @@ def test_a_hostile_metrics_page_costs_the_job_nothing(
     results, errors = outputs(tmp_path / "jobs" / "in")
     assert (len(results), errors) == (60, [])
     assert "Traceback" not in done.stderr
+    assert server.gauge_reads  # it was asked
