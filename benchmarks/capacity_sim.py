@@ -68,6 +68,7 @@ class Shape:
     requests: int | None = None  # the job; None: a minute of the endpoint at capacity
     refused: float = 0.0  # this share of requests is answered 503 at once, whatever the load
     gauges: bool = False  # the endpoint publishes its load (running, waiting), as vLLM does
+    wire: float = 0.0  # seconds between client and server, each way (0: the same machine)
 
 
 @dataclass(frozen=True)
@@ -113,8 +114,9 @@ def job_size(slots: int, shape: Shape) -> int:
 
 
 def unloaded(shape: Shape) -> float:
-    """A lone request's latency as the client sees it: the endpoint's and one loop pass."""
-    return shape.latency + LOOP_COST + ANSWER_COST
+    """A lone request's latency as the client sees it: the endpoint's, the way there and back,
+    and one loop pass."""
+    return shape.latency + 2 * shape.wire + LOOP_COST + ANSWER_COST
 
 
 class Endpoint(Generic[T]):
@@ -222,7 +224,10 @@ def simulate(
 
     def arrive(sent_at: float) -> None:
         pool.sent(sent_at)
-        endpoint.arrive(sent_at, now)
+        if shape.wire:
+            push(now + shape.wire, "reach", sent_at)
+        else:
+            endpoint.arrive(sent_at, now)
 
     def fill() -> None:
         nonlocal ready, sent_total
@@ -266,6 +271,7 @@ def simulate(
         pool.reported(reading.running, reading.waiting, now)
         push(now + (OPENING if pool.adaptive.batch is None else POLL), "read")
 
+    readings: deque[Reading] = deque()  # on their way back to the client
     if shape.gauges and not pool.fixed:  # (the runner follows the gauges for auto pools only)
         push(0.0, "read")  # the first reading at the start
 
@@ -276,7 +282,14 @@ def simulate(
         if kind == "served" or kind == "refused":
             if kind == "served":
                 endpoint.served(now)
-            client.arrived((sent_at, kind == "served"), now)
+            if shape.wire:
+                push(now + shape.wire, f"{kind}, back", sent_at)
+            else:
+                client.arrived((sent_at, kind == "served"), now)
+        elif kind == "served, back" or kind == "refused, back":
+            client.arrived((sent_at, kind == "served, back"), now)
+        elif kind == "reach":
+            endpoint.arrive(sent_at, now)
         elif kind == "handled":
             handled()
             if not changed and shape.change != 1.0 and done >= total // 2:
@@ -285,10 +298,16 @@ def simulate(
             arrive(now)
         elif kind == "read":
             # A timer of the client's loop: the GET goes when the current pass ends, and the
-            # server's answer is the gauges then (as a request, it reaches the server at once).
-            push(now + client.lag(now), "gauge")
+            # server's answer is the gauges when it gets there, as a request would.
+            push(now + client.lag(now) + shape.wire, "gauge")
         elif kind == "gauge":
-            client.arrived(endpoint.load(), now)
+            if shape.wire:
+                readings.append(endpoint.load())
+                push(now + shape.wire, "gauge, back")
+            else:
+                client.arrived(endpoint.load(), now)
+        elif kind == "gauge, back":
+            client.arrived(readings.popleft(), now)
         elif kind == "retry":
             ready += 1
             fill()
@@ -401,21 +420,12 @@ SHAPES: tuple[Shape, ...] = (
     Shape("2 s, stated pace at 3× capacity", 2.0, pace=3.0, stated=True),
     Shape("short job: 120 × 0.2 s", 0.2, requests=120),
     Shape("short job: 120 × 2 s", 2.0, requests=120),
+    # A server 20 ms away: a sixth of a request's round trip is on the wire, where the
+    # server's gauges do not count it.
+    Shape("0.2 s, 20 ms away", 0.2, wire=0.02),
 )
-# The same shapes, their endpoint publishing its load as vLLM does at /metrics.
-GAUGED = (
-    "fixed 0.2 s",
-    "fixed 2 s",
-    "lognormal 0.8 s σ1.09",
-    "0.2 s, capacity halves mid-run",
-    "0.2 s, capacity doubles mid-run",
-    "0.2 s, --rpm at 3× capacity",
-    "short job: 120 × 0.2 s",
-    "short job: 120 × 2 s",
-)
-SHAPES += tuple(
-    replace(s, name=f"{s.name} (gauges)", gauges=True) for s in SHAPES if s.name in GAUGED
-)
+# Every shape again, its endpoint publishing its load as vLLM does at /metrics.
+SHAPES += tuple(replace(s, name=f"{s.name} (gauges)", gauges=True) for s in SHAPES)
 
 
 def matrix(
