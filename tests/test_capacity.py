@@ -284,3 +284,50 @@ def test_a_stopped_run_sends_no_second_copy_of_its_stragglers(
     prompts = server.stats()["prompts"]
     assert [prompts[p] for p in stragglers] == [1, 1]
     assert max(prompts.values()) == 1  # no request went twice, before the stop or after
+
+
+# --- The server's own load gauges ---------------------------------------------------------
+
+
+def test_a_server_s_gauges_size_the_pool_to_its_batch(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server(slots=64, latency=0.05, gauges="vllm", record=False)
+    write_jsonl(tmp_path / "in.jsonl", [chat(f"q{i}") for i in range(3000)])
+    done = run(tmp_path, server.url)
+    assert done.returncode == 0, done.stderr
+    seen = server.stats()
+    assert seen["gauge_reads"] > 1
+    assert seen["max_serving"] == 64
+    # Doubling while none wait overshoots the batch once at most (probing: 4 → 16 → 64 → 256).
+    assert seen["max_in_flight"] <= 2 * 64
+    assert 64 <= summary(done)["this_run"]["concurrency"]["allowance"] <= 64 + 64 // 8  # type: ignore[index]
+
+
+def test_llama_cpp_s_gauges_keep_one_request_on_its_one_slot(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server(slots=1, latency=0.05, gauges="llamacpp", api_key="sk-gauges-test")
+    write_jsonl(tmp_path / "in.jsonl", [chat(f"q{i}") for i in range(40)])
+    env = clean_env(OPENAI_API_KEY="sk-gauges-test")
+    base = ["run", "in.jsonl", "--base-url", server.url, "--model", "m", "-q", "--json-summary"]
+    done = batchq(*base, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    assert server.stats()["gauge_reads"] > 1  # the key went with the readings (else 401)
+    assert summary(done)["this_run"]["concurrency"]["allowance"] == 1  # type: ignore[index]
+    assert_exactly_once(tmp_path / "jobs" / "in", [f"line-{i}" for i in range(1, 41)])
+
+
+def test_an_endpoint_without_gauges_is_asked_once(tmp_path: Path, mock_server: MockFactory) -> None:
+    server = mock_server(latency=0.01)
+    write_jsonl(tmp_path / "in.jsonl", [chat(f"q{i}") for i in range(200)])
+    assert run(tmp_path, server.url).returncode == 0
+    assert server.stats()["gauge_reads"] == 1
+    assert server.stats()["requests"] == 200  # the reading is no request of the job's
+
+
+def test_a_fixed_pool_reads_no_gauges(tmp_path: Path, mock_server: MockFactory) -> None:
+    server = mock_server(gauges="vllm")
+    write_jsonl(tmp_path / "in.jsonl", [chat(f"q{i}") for i in range(20)])
+    assert run(tmp_path, server.url, "--concurrency", "8").returncode == 0
+    assert server.stats()["gauge_reads"] == 0

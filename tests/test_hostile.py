@@ -8,6 +8,7 @@ errors.jsonl, that `status` agrees, and that no line is lost or written twice.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import gzip
 import subprocess
@@ -33,6 +34,7 @@ from support import (
 )
 
 import batchq as api
+from batchq.live.serverload import TIMEOUT as READING_TIMEOUT
 
 Hostile = Callable[..., HostileServer]
 KEY = "sk-proj-" + "A1b2C3d4" * 6  # what a real key looks like
@@ -647,3 +649,41 @@ def test_an_answer_too_deep_to_read_back_is_invalid_and_the_job_stays_readable(
     )  # a rerun sends nothing and reads every line back
     assert [r.custom_id for r in again] == ids
     assert len(server.seen) == len(ids)
+
+
+# --- A /metrics page that lies, hangs or is no page -----------------------------------------
+
+_METRICS = {
+    "hangs": None,
+    "html": ("text/html", b"<html><body>Sign in to continue</body></html>"),
+    "infinite": ("text/plain", b"vllm:num_requests_running inf\nvllm:num_requests_waiting inf\n"),
+    "always-full": (
+        "text/plain",
+        b"vllm:num_requests_running 1e9\nvllm:num_requests_waiting 1e12\n",
+    ),
+    "huge": ("text/plain", b"# " + b"x" * (8 << 20) + b"\n"),
+}
+
+
+@pytest.mark.parametrize("page", sorted(_METRICS))
+def test_a_hostile_metrics_page_costs_the_job_nothing(
+    tmp_path: Path, hostile: Hostile, page: str
+) -> None:
+    async def handler(request: web.Request, body: bytes) -> web.StreamResponse:
+        if request.path != "/metrics":
+            return await echo(request, body)
+        served = _METRICS[page]
+        if served is None:
+            await asyncio.sleep(READING_TIMEOUT + 1)  # answers after the reading gave up
+            served = _METRICS["always-full"]
+        assert served is not None
+        return web.Response(body=served[1], content_type=served[0])
+
+    server = hostile(handler)
+    write_jsonl(tmp_path / "in.jsonl", [chat(f"q{i}") for i in range(60)])
+    base = ["run", "in.jsonl", "--base-url", server.url, "--model", "m", "-q", "--json-summary"]
+    done = batchq(*base, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    results, errors = outputs(tmp_path / "jobs" / "in")
+    assert (len(results), errors) == (60, [])
+    assert "Traceback" not in done.stderr

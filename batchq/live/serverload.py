@@ -23,6 +23,7 @@ import asyncio
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
 from yarl import URL
@@ -38,6 +39,7 @@ GAUGES = {
     "SGLang": ("sglang:num_running_reqs", "sglang:num_queue_reqs"),
     "TGI": ("tgi_batch_current_size", "tgi_queue_size"),
 }
+_NAMES = tuple(name for pair in GAUGES.values() for name in pair)
 POLL = 0.25  # seconds between two readings, once the batch is known
 OPENING = 0.05  # while the pool doubles toward it: each reading can double it
 TIMEOUT = 2.0  # a reading's; a late one is stale anyway
@@ -62,9 +64,8 @@ def parse(text: str) -> Load | None:
     """The load in a Prometheus text page, summed over its labels (a server of several
     models or engines); None when the page has no known server's two gauges."""
     sums: dict[str, float] = {}
-    wanted = tuple(name for pair in GAUGES.values() for name in pair)
     for line in text.splitlines():
-        if not line.startswith(wanted):
+        if not line.startswith(_NAMES):
             continue
         name, _, rest = line.partition("{") if "{" in line else line.partition(" ")
         value = rest.rpartition("}")[2] if "}" in rest else rest
@@ -72,12 +73,18 @@ def parse(text: str) -> Load | None:
             number = float(value.split()[0])
         except (IndexError, ValueError):
             continue
-        if name in wanted and math.isfinite(number) and number >= 0:
+        if name in _NAMES and math.isfinite(number) and number >= 0:
             sums[name] = sums.get(name, 0.0) + number
     for server, (running, waiting) in GAUGES.items():
         if running in sums and waiting in sums:
             return Load(server, round(sums[running]), round(sums[waiting]))
     return None
+
+
+class Gauges(Protocol):
+    async def read(self) -> Load | None: ...
+
+    async def close(self) -> None: ...
 
 
 class LoadReader:
@@ -114,7 +121,7 @@ class LoadReader:
 
 
 async def follow(
-    reader: LoadReader, pool: Pool, clock: Callable[[], float], on_found: Callable[[str], None]
+    reader: Gauges, pool: Pool, clock: Callable[[], float], on_found: Callable[[str], None]
 ) -> None:
     """Size ``pool`` by the server's gauges for as long as it publishes them."""
     try:
@@ -139,7 +146,7 @@ async def follow(
         await reader.close()
 
 
-async def _reading(reader: LoadReader) -> Load | None:
+async def _reading(reader: Gauges) -> Load | None:
     try:
         return await reader.read()
     except (OSError, aiohttp.ClientError, TimeoutError, UnicodeError):

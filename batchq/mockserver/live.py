@@ -652,8 +652,8 @@ class _Stats:
     completion_tokens: int = 0
     accepted_tokens: int = 0  # the TPM charge of the 200 answers (`_Call.budget`)
     structured: int = 0  # 200 answers to requests that asked for JSON (structured.py)
-    gauge_reads: int = 0  # GET /metrics, not counted in requests
     invalid_answers: int = 0  # of those, answered with JSON that does not parse or fit
+    gauge_reads: int = 0  # GET /metrics, not counted in requests
     first_at: float | None = None
     last_at: float | None = None
     by_status: Counter[int] = field(default_factory=Counter)
@@ -701,8 +701,8 @@ class _Stats:
             "completion_tokens": self.completion_tokens,
             "accepted_tokens": self.accepted_tokens,
             "structured": self.structured,
-            "gauge_reads": self.gauge_reads,
             "invalid_answers": self.invalid_answers,
+            "gauge_reads": self.gauge_reads,
             "first_at": self.first_at,
             "last_at": self.last_at,
         }

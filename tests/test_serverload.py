@@ -1,0 +1,216 @@
+"""The server's load gauges: reading them, and the pool they size (on a fake clock)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from batchq.live.concurrency import FLOOR, REGROW, AdaptiveLimit, Pool
+from batchq.live.serverload import Load, follow, metrics_url, parse
+
+VLLM_PAGE = """\
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="a"} 12.0
+vllm:num_requests_running{engine="0",model_name="b"} 3.0
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="a"} 5.0
+vllm:num_requests_waiting{engine="0",model_name="b"} 0.0
+vllm:num_requests_running_total{model_name="a"} 999.0
+vllm:iteration_tokens_total_bucket{le="1.0",model_name="a"} 3.0
+"""
+
+
+def test_a_vllm_page_sums_its_models() -> None:
+    assert parse(VLLM_PAGE) == Load("vLLM", running=15, waiting=5)
+
+
+@pytest.mark.parametrize(
+    ("page", "load"),
+    [
+        ("llamacpp:requests_processing 1\nllamacpp:requests_deferred 3\n", Load("llama.cpp", 1, 3)),
+        ('sglang:num_running_reqs{tp_rank="0"} 7\nsglang:num_queue_reqs 0\n', Load("SGLang", 7, 0)),
+        ("tgi_batch_current_size 4 1700000000\ntgi_queue_size 2e1\n", Load("TGI", 4, 20)),
+        (
+            'vllm:num_requests_running{model_name="a}b"} 2\nvllm:num_requests_waiting 1\n',
+            Load("vLLM", 2, 1),
+        ),
+    ],
+)
+def test_each_server_s_gauges(page: str, load: Load) -> None:
+    assert parse(page) == load
+
+
+@pytest.mark.parametrize(
+    "page",
+    [
+        "<html><body>404 Not Found</body></html>",
+        "vllm:num_requests_running 3\n",  # no waiting count: nothing to judge by
+        "vllm:num_requests_running inf\nvllm:num_requests_waiting 0\n",
+        "vllm:num_requests_running NaN\nvllm:num_requests_waiting 0\n",
+        "vllm:num_requests_running -4\nvllm:num_requests_waiting 0\n",
+        "vllm:num_requests_running\nvllm:num_requests_waiting 0\n",
+        "litellm_requests_total 40\n",  # a proxy's own metrics
+        "",
+    ],
+)
+def test_a_page_without_both_gauges_is_none(page: str) -> None:
+    assert parse(page) is None
+
+
+@pytest.mark.parametrize(
+    ("base", "metrics"),
+    [
+        ("http://127.0.0.1:8000/v1", "http://127.0.0.1:8000/metrics"),
+        ("http://gpu:8000/v1/", "http://gpu:8000/metrics"),
+        ("http://gpu:8080", "http://gpu:8080/metrics"),
+        ("https://host/llm/v1", "https://host/llm/metrics"),
+        (
+            "https://dashscope.aliyuncs.com/compatible-mode/v1",
+            "https://dashscope.aliyuncs.com/compatible-mode/metrics",
+        ),
+    ],
+)
+def test_the_gauges_are_beside_the_api(base: str, metrics: str) -> None:
+    assert metrics_url(base) == metrics
+
+
+# --- The pool they size, on a fake clock --------------------------------------------------
+
+
+def test_none_waiting_and_all_running_doubles_the_pool_each_reading() -> None:
+    limit = AdaptiveLimit(ceiling=1024)
+    seen = []
+    for now in range(10):
+        limit.reported(running=limit.limit, waiting=0, in_flight=limit.limit, now=now)
+        seen.append(limit.limit)
+    assert seen == [8, 16, 32, 64, 128, 256, 512, 1024, 1024, 1024]
+
+
+def test_requests_still_on_their_way_are_not_room() -> None:
+    limit = AdaptiveLimit(ceiling=1024)
+    limit.reported(running=2, waiting=0, in_flight=4, now=0.0)  # two not arrived yet
+    assert limit.limit == 4
+    limit.reported(running=2, waiting=0, in_flight=2, now=0.1)  # the pool is not full
+    assert limit.limit == 4
+
+
+def test_some_waiting_shrinks_the_pool_to_the_share_that_runs() -> None:
+    limit = AdaptiveLimit(ceiling=1024, initial=512)
+    limit.reported(running=256, waiting=256, in_flight=512, now=0.0)
+    assert (limit.limit, limit.batch) == (256, 256)
+
+
+def test_a_server_that_others_crowd_keeps_a_share_of_ours() -> None:
+    limit = AdaptiveLimit(ceiling=1024, initial=64)
+    # 64 of ours among 256 running and 256 waiting: half of ours run.
+    limit.reported(running=256, waiting=256, in_flight=64, now=0.0)
+    assert limit.limit == 32
+    limit.reported(running=256, waiting=5000, in_flight=32, now=0.2)
+    assert limit.limit == FLOOR  # never none
+    # The others leave: the server runs far fewer than its batch, so ours grow back to it.
+    limit.reported(running=1, waiting=0, in_flight=1, now=0.4)
+    assert limit.limit == 1 + 256 - 1
+
+
+def test_at_the_known_batch_the_pool_grows_an_eighth_every_regrow_seconds() -> None:
+    limit = AdaptiveLimit(ceiling=1024, initial=256)
+    limit.reported(running=256, waiting=10, in_flight=266, now=0.0)
+    assert limit.limit == 256
+    limit.reported(running=256, waiting=0, in_flight=256, now=0.25)
+    assert limit.limit == 256 + 256 // 8  # the batch may have grown
+    limit.reported(running=288, waiting=0, in_flight=288, now=0.5)
+    assert limit.limit == 288  # not again before REGROW seconds
+    limit.reported(running=288, waiting=0, in_flight=288, now=0.25 + REGROW)
+    assert limit.limit == 288 + 288 // 8
+
+
+def test_a_server_of_one_slot_is_sent_one_request_at_a_time() -> None:
+    limit = AdaptiveLimit(ceiling=1024)
+    limit.reported(running=1, waiting=3, in_flight=4, now=0.0)
+    assert limit.limit == 1
+    for now in range(1, 60):  # a minute of readings: it never queues another behind the slot
+        limit.reported(running=1, waiting=0, in_flight=1, now=now)
+        assert limit.limit == 1
+
+
+def answer_window(limit: AdaptiveLimit, latency: float, start: float, n: int = 400) -> float:
+    """``n`` answers of ``latency`` s, one every 10 ms from ``start``; returns the end."""
+    now = start
+    for _ in range(n):
+        limit.sent(limit.limit, now)
+        limit.answered(latency, overload=False, now=now)
+        now += 0.01
+    return now
+
+
+def test_while_the_gauges_speak_windows_of_answers_move_nothing() -> None:
+    limit = AdaptiveLimit(ceiling=1024, initial=64)
+    limit.reported(running=60, waiting=4, in_flight=64, now=0.0)
+    assert limit.limit == 60
+    end = answer_window(limit, 0.2, start=0.0)
+    answer_window(limit, 2.0, start=end)  # a queue, to probing's eyes
+    assert limit.limit == 60
+
+
+def test_when_the_gauges_go_probing_sizes_the_pool_again() -> None:
+    limit = AdaptiveLimit(ceiling=1024, initial=64)
+    limit.reported(running=64, waiting=0, in_flight=64, now=0.0)
+    assert limit.limit == 128
+    limit.unreported()
+    end = answer_window(limit, 0.2, start=0.0)
+    answer_window(limit, 2.0, start=end)
+    assert limit.limit < 128  # it saw the queue, and shed some of it
+
+
+def test_under_a_pace_the_gauges_cap_what_it_asks_for() -> None:
+    limit = AdaptiveLimit(ceiling=1024, initial=64)
+    limit.reported(running=40, waiting=24, in_flight=64, now=0.0)
+    assert limit.under_pace(100.0, allowance=500) == 40
+    assert limit.under_pace(100.0, allowance=30) == 30
+
+
+# --- Following a server ------------------------------------------------------------------
+
+
+class Scripted:
+    """Hands out readings from a list, as a LoadReader would from a server."""
+
+    def __init__(self, *readings: Load | Exception | None) -> None:
+        self.readings = list(readings)
+        self.closed = False
+
+    async def read(self) -> Load | None:
+        reading = self.readings.pop(0)
+        if isinstance(reading, Exception):
+            raise reading
+        return reading
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def follow_all(reader: Scripted, pool: Pool) -> list[str]:
+    found: list[str] = []
+    clock = iter(range(1000))
+    asyncio.run(follow(reader, pool, lambda: float(next(clock)), found.append))
+    return found
+
+
+def test_a_server_without_gauges_is_asked_once() -> None:
+    pool = Pool("auto", 1024)
+    reader = Scripted(None)
+    assert follow_all(reader, pool) == []
+    assert not pool.adaptive.told and reader.closed
+
+
+def test_gauges_that_stop_answering_hand_the_pool_back_to_probing() -> None:
+    pool = Pool("auto", 1024)
+    load = Load("vLLM", running=0, waiting=2)
+    reader = Scripted(load, OSError("reset"), load, None, TimeoutError(), OSError())
+    assert follow_all(reader, pool) == ["vLLM"]
+    assert reader.readings == []  # one good reading between failures starts the count anew
+    assert not pool.adaptive.told
+    assert pool.gate.limit == FLOOR  # what the last reading set stays, for probing to start from
