@@ -97,6 +97,18 @@ def test_requests_still_on_their_way_are_not_room() -> None:
     assert limit.limit == 4
 
 
+def test_what_is_not_at_the_server_yet_or_any_more_does_not_hold_the_pool_back() -> None:
+    # A client-bound loop (an answer of four waits for it) or a server far away (one of four
+    # on the wire): the server never runs all of ours, yet it has room.
+    limit = AdaptiveLimit(ceiling=1024)
+    limit.reported(running=3, waiting=0, in_flight=4, now=0.0)
+    assert limit.limit == 8
+    limit.reported(running=4, waiting=0, in_flight=8, now=0.05)  # the step is on its way
+    assert limit.limit == 8
+    limit.reported(running=6, waiting=0, in_flight=8, now=0.1)  # and there
+    assert limit.limit == 16
+
+
 def test_some_waiting_shrinks_the_pool_to_the_share_that_runs() -> None:
     limit = AdaptiveLimit(ceiling=1024, initial=512)
     limit.reported(running=256, waiting=256, in_flight=512, now=0.0)

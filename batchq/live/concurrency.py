@@ -288,8 +288,11 @@ class AdaptiveLimit:
             # starve us to one.)
             self.batch = running
             self.limit = max(FLOOR, math.floor(in_flight * running / (running + waiting)))
-        elif in_flight >= self.limit and running >= 0.9 * self.limit:
-            # Ours are out and the server runs them all (not still on their way): room.
+        elif in_flight >= self.limit and running > self.limit / 2:
+            # Ours are out and the server runs more than the pool before its last doubling
+            # could: the step reached it, and there is room. (Not "runs them all": ours on
+            # the wire, and answers our loop has yet to handle, are not in its count; at a
+            # sixth of the round trip away, or a client-bound loop, the pool never grew.)
             if self.batch is None:  # how much is not known yet
                 self.limit = min(self.ceiling, self.limit * 2)
             elif running < 0.9 * self.batch:  # it ran more when requests waited: room again
