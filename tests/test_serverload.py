@@ -184,6 +184,24 @@ def test_under_a_pace_the_gauges_cap_what_it_asks_for() -> None:
     assert limit.under_pace(100.0, allowance=30) == 30
 
 
+def test_under_a_pace_the_gate_follows_a_reading_at_once() -> None:
+    # Not at the next resize: the doubling needs the pool full, so each waited for a tick and
+    # 16 -> 1,024 took 1.4 s against 0.4 s unpaced (capacity_sim, --rpm at 3x, 1,024 slots).
+    pool = Pool("auto", 1024)
+    pool.resize(1000.0, now=0.0)  # Little's law asks for 16 before any answer
+    assert pool.gate.limit == 16
+    for _ in range(16):
+        pool.sent(0.0)
+    pool.reported(running=16, waiting=0, now=0.05)
+    assert pool.gate.limit == 16  # the allowance still caps it
+    pool.resize(1000.0, now=0.2)  # a slow first answer: Little's law asks for more
+    assert pool.gate.limit == 32
+    for _ in range(16):
+        pool.sent(0.2)
+    pool.reported(running=32, waiting=0, now=0.25)
+    assert pool.gate.limit == 64
+
+
 # --- Following a server ------------------------------------------------------------------
 
 

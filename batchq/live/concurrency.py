@@ -510,6 +510,7 @@ class Pool:
         self.in_flight = 0
         self.peak = 0  # the most in flight at once
         self._first_sent: float | None = None
+        self._allowance = self.ceiling  # what Little's law asked at the last resize, under a pace
 
     def sent(self, now: float) -> None:
         self.in_flight += 1
@@ -541,8 +542,8 @@ class Pool:
         if len(self.recent) < 100 and self._first_sent is not None:
             # The first answers are the fast ones; the slow are still out, at least this old.
             latency = max(latency, now - self._first_sent)
-        allowance = paced_allowance(rate, latency, self.ceiling)
-        self.gate.set_limit(self.adaptive.under_pace(rate, allowance))
+        self._allowance = paced_allowance(rate, latency, self.ceiling)
+        self.gate.set_limit(self.adaptive.under_pace(rate, self._allowance))
 
     def reported(self, running: int | None, waiting: int, now: float) -> None:
         """The server's gauges (``running`` None: they are gone); the gate follows at once."""
@@ -554,6 +555,8 @@ class Pool:
         self.adaptive.reported(running, waiting, self.in_flight, now)
         if self.adaptive.pace is None:
             self.gate.set_limit(self.adaptive.limit)
+        else:  # the gauges cap what the pace asks for at once, not at the next resize
+            self.gate.set_limit(min(self._allowance, self.adaptive.limit))
 
     def lagged(self, seconds: float) -> None:
         """The event loop ran a timer ``seconds`` late (the runner's tick measures it)."""
