@@ -6,11 +6,11 @@ runner's ``resize`` every 0.2 s) and the limiter's real ``Pace``, against an
 endpoint of ``slots`` served at once (a full batch answers half as slowly
 again), an optional waiting room (503 beyond it, retried a second later),
 latency fixed or lognormal, a pace given (``--rpm``) or stated by the first
-answer's headers, capacity that changes halfway through the job, load gauges
-published as vLLM's ``/metrics`` does (read as ``serverload.follow`` reads
-them, and handed to ``Pool.reported``); and a client whose event loop costs
-CPU per answer (so a 1 ms endpoint makes batchq the bottleneck, as it is on a
-real machine).
+answer's headers, capacity that changes halfway through the job, a server some
+milliseconds away, load gauges published as vLLM's ``/metrics`` does (read as
+``serverload.follow`` reads them, and handed to ``Pool.reported``); and a
+client whose event loop costs CPU per answer (so a 1 ms endpoint makes batchq
+the bottleneck, as it is on a real machine).
 
 Each cell runs the job with ``auto`` and with fixed pools around the
 endpoint's capacity, and reports the share of the best fixed pool's
@@ -218,8 +218,8 @@ def simulate(
 
     endpoint = Endpoint(slots, shape, rng, push)
     # Answers (a request's sent-at, served or refused), and the gauges' readings: each is an
-    # HTTP answer the loop handles in its turn, at an answer's cost (parsing vLLM's 90 KB
-    # page takes ~0.13 ms).
+    # HTTP answer the loop handles in its turn, at an answer's cost (serverload.parse takes
+    # ~0.13 ms on an 86 KB vLLM-like page).
     client: ClientLoop[tuple[float, bool] | Reading] = ClientLoop(push)
 
     def arrive(sent_at: float) -> None:
