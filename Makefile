@@ -67,8 +67,9 @@ bench-full: $(STAMP)
 bench-capacity: $(STAMP)
 	$(BIN)/python benchmarks/capacity.py $(ARGS)
 
-# Issue 21's matrix: --concurrency auto against simulated endpoints (~15 s of CPU, no sockets).
-# ARGS=--details for a line per cell; --rows WORD, --slots 1,16 for part of it.
+# Issue 21's matrix: --concurrency auto against simulated endpoints (~2 min of CPU, no sockets).
+# ARGS=--details for a line per cell; --rows WORD, --slots 1,16 for part of it ("--rows (gauges)":
+# the rows whose server publishes its load gauges, ~1 min).
 bench-capacity-sim: $(STAMP)
 	$(BIN)/python benchmarks/capacity_sim.py $(ARGS)
 

@@ -6,9 +6,11 @@ runner's ``resize`` every 0.2 s) and the limiter's real ``Pace``, against an
 endpoint of ``slots`` served at once (a full batch answers half as slowly
 again), an optional waiting room (503 beyond it, retried a second later),
 latency fixed or lognormal, a pace given (``--rpm``) or stated by the first
-answer's headers, capacity that changes halfway through the job; and a client
-whose event loop costs CPU per answer (so a 1 ms endpoint makes batchq the
-bottleneck, as it is on a real machine).
+answer's headers, capacity that changes halfway through the job, a server some
+milliseconds away, load gauges published as vLLM's ``/metrics`` does (read as
+``serverload.follow`` reads them, and handed to ``Pool.reported``); and a
+client whose event loop costs CPU per answer (so a 1 ms endpoint makes batchq
+the bottleneck, as it is on a real machine).
 
 Each cell runs the job with ``auto`` and with fixed pools around the
 endpoint's capacity, and reports the share of the best fixed pool's
@@ -28,7 +30,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -36,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from batchq.live.concurrency import Pool
 from batchq.live.limiter import BURST_SECONDS, Pace
+from batchq.live.serverload import OPENING, POLL
 
 TICK = 0.2  # the runner's COMMIT_INTERVAL: Pool.resize runs this often
 PROBE_SECONDS = 1.0  # the first request goes alone this long at most (the limiter's)
@@ -64,6 +67,16 @@ class Shape:
     stated: bool = False  # the pace is learnt from the first answer's headers
     requests: int | None = None  # the job; None: a minute of the endpoint at capacity
     refused: float = 0.0  # this share of requests is answered 503 at once, whatever the load
+    gauges: bool = False  # the endpoint publishes its load (running, waiting), as vLLM does
+    wire: float = 0.0  # seconds between client and server, each way (0: the same machine)
+
+
+@dataclass(frozen=True)
+class Reading:
+    """The endpoint's gauges at one moment: requests in its slots, and queued for one."""
+
+    running: int
+    waiting: int
 
 
 @dataclass
@@ -101,8 +114,9 @@ def job_size(slots: int, shape: Shape) -> int:
 
 
 def unloaded(shape: Shape) -> float:
-    """A lone request's latency as the client sees it: the endpoint's and one loop pass."""
-    return shape.latency + LOOP_COST + ANSWER_COST
+    """A lone request's latency as the client sees it: the endpoint's, the way there and back,
+    and one loop pass."""
+    return shape.latency + 2 * shape.wire + LOOP_COST + ANSWER_COST
 
 
 class Endpoint(Generic[T]):
@@ -128,6 +142,10 @@ class Endpoint(Generic[T]):
             self.push(now + 0.001, "refused", ticket)
         else:
             self.waiting.append(ticket)
+
+    def load(self) -> Reading:
+        """Its gauges now (answers on their way back are no longer counted)."""
+        return Reading(self.busy, len(self.waiting))
 
     def served(self, now: float) -> None:
         """A "served" answer went: its slot takes the next queued request."""
@@ -199,11 +217,17 @@ def simulate(
         heapq.heappush(events, (at, seq, kind, sent_at or 0.0))
 
     endpoint = Endpoint(slots, shape, rng, push)
-    client: ClientLoop[tuple[float, bool]] = ClientLoop(push)
+    # Answers (a request's sent-at, served or refused), and the gauges' readings: each is an
+    # HTTP answer the loop handles in its turn, at an answer's cost (serverload.parse takes
+    # ~0.13 ms on an 86 KB vLLM-like page).
+    client: ClientLoop[tuple[float, bool] | Reading] = ClientLoop(push)
 
     def arrive(sent_at: float) -> None:
         pool.sent(sent_at)
-        endpoint.arrive(sent_at, now)
+        if shape.wire:
+            push(now + shape.wire, "reach", sent_at)
+        else:
+            endpoint.arrive(sent_at, now)
 
     def fill() -> None:
         nonlocal ready, sent_total
@@ -224,7 +248,11 @@ def simulate(
 
     def handled() -> None:
         nonlocal done, probing, known, answered
-        for sent_at, ok in client.take():
+        for answer in client.take():
+            if isinstance(answer, Reading):
+                gauged(answer)
+                continue
+            sent_at, ok = answer
             pool.answered(sent_at, now, ok=ok, overload=not ok)
             pool.gate.used -= 1
             if ok:
@@ -233,10 +261,19 @@ def simulate(
             else:
                 out.retries += 1
                 push(now + RETRY_AFTER, "retry")
-        if not answered:  # its headers state the pace, if the endpoint states one
-            probing, answered, known = False, True, rate is not None
+            if not answered:  # its headers state the pace, if the endpoint states one
+                probing, answered, known = False, True, rate is not None
         fill()
         client.start(now)
+
+    def gauged(reading: Reading) -> None:
+        """``serverload.follow``: hand the reading to the pool, sleep, read again."""
+        pool.reported(reading.running, reading.waiting, now)
+        push(now + (OPENING if pool.adaptive.batch is None else POLL), "read")
+
+    readings: deque[Reading] = deque()  # on their way back to the client
+    if shape.gauges and not pool.fixed:  # (the runner follows the gauges for auto pools only)
+        push(0.0, "read")  # the first reading at the start
 
     push(0.0, "tick")
     changed = False
@@ -245,13 +282,32 @@ def simulate(
         if kind == "served" or kind == "refused":
             if kind == "served":
                 endpoint.served(now)
-            client.arrived((sent_at, kind == "served"), now)
+            if shape.wire:
+                push(now + shape.wire, f"{kind}, back", sent_at)
+            else:
+                client.arrived((sent_at, kind == "served"), now)
+        elif kind == "served, back" or kind == "refused, back":
+            client.arrived((sent_at, kind == "served, back"), now)
+        elif kind == "reach":
+            endpoint.arrive(sent_at, now)
         elif kind == "handled":
             handled()
             if not changed and shape.change != 1.0 and done >= total // 2:
                 changed, endpoint.room = True, max(1, round(slots * shape.change))
         elif kind == "send":
             arrive(now)
+        elif kind == "read":
+            # A timer of the client's loop: the GET goes when the current pass ends, and the
+            # server's answer is the gauges when it gets there, as a request would.
+            push(now + client.lag(now) + shape.wire, "gauge")
+        elif kind == "gauge":
+            if shape.wire:
+                readings.append(endpoint.load())
+                push(now + shape.wire, "gauge, back")
+            else:
+                client.arrived(endpoint.load(), now)
+        elif kind == "gauge, back":
+            client.arrived(readings.popleft(), now)
         elif kind == "retry":
             ready += 1
             fill()
@@ -267,6 +323,7 @@ def simulate(
                     f"{now:7.1f} s: allowance {pool.gate.limit:5,} in flight {pool.in_flight:5,} "
                     f"answered {done:6,} slow start {a.slow_start:d} capping {a.capping:d} "
                     f"client-bound {a.client_bound:d} opening {a.opening:,}"
+                    + (f" told {a.told:d} batch {a.batch}" if shape.gauges else "")
                 )
             fill()
             push(now + TICK, "tick")
@@ -345,7 +402,7 @@ def cell(slots: int, shape: Shape, seeds: int = 1) -> Cell:
 
 LOGNORMAL = math.log(10 / 0.8) / 2.326  # p50 0.8 s, p99 10 s: capacity.py's case 1
 
-SHAPES = (
+SHAPES: tuple[Shape, ...] = (
     Shape("fixed 1 ms", 0.001),
     Shape("fixed 0.2 s", 0.2),
     Shape("fixed 2 s", 2.0),
@@ -363,7 +420,12 @@ SHAPES = (
     Shape("2 s, stated pace at 3× capacity", 2.0, pace=3.0, stated=True),
     Shape("short job: 120 × 0.2 s", 0.2, requests=120),
     Shape("short job: 120 × 2 s", 2.0, requests=120),
+    # A server 20 ms away: a sixth of a request's round trip is on the wire, where the
+    # server's gauges do not count it.
+    Shape("0.2 s, 20 ms away", 0.2, wire=0.02),
 )
+# Every shape again, its endpoint publishing its load as vLLM does at /metrics.
+SHAPES += tuple(replace(s, name=f"{s.name} (gauges)", gauges=True) for s in SHAPES)
 
 
 def matrix(

@@ -11,6 +11,7 @@ the cells that cannot meet it, and why, in benchmarks/CAPACITY.md.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from capacity_sim import GOAL, SHAPES, Shape, cell
+from capacity_sim import GOAL, GOOD, SHAPES, Shape, cell
 
 
 def shape(name: str) -> Shape:
@@ -68,3 +69,43 @@ def test_when_the_client_is_the_bottleneck_the_pool_grows() -> None:
     result = cell(64, shape("fixed 1 ms"))
     assert result.share >= GOAL[0]
     assert result.runs[0].auto.peak >= 256
+
+
+@pytest.mark.parametrize(
+    ("name", "slots"),
+    [
+        # Without the gauges (probing): 2.0x, a request waits behind the one served;
+        ("fixed 0.2 s (gauges)", 1),
+        ("fixed 0.2 s (gauges)", 16),  # 0.98 / 1.4995x, on the line;
+        ("fixed 0.2 s (gauges)", 64),  # 0.98 / 1.60x and 0.95 / 1.52x: probing's steps
+        ("fixed 0.2 s (gauges)", 256),  # queue past the slots.
+        ("0.2 s, capacity halves mid-run (gauges)", 64),  # without: 1.98x
+        ("0.2 s, --rpm at 3× capacity (gauges)", 4),  # without: 3.9x, the pace floods
+        ("short job: 120 × 2 s (gauges)", 16),  # without: 0.76, probing spends the job
+    ],
+)
+def test_with_the_servers_gauges_auto_holds_the_batch_without_a_queue(
+    name: str, slots: int
+) -> None:
+    # vLLM's /metrics read as serverload.follow reads it (readings through the client's loop,
+    # answers on their way back not counted by the server): issue 21's "most cells" goal.
+    result = cell(slots, shape(name))
+    share, slowdown = GOOD
+    assert result.share >= share, f"{result.share:.3f} of the best fixed pool"
+    assert result.slowdown <= slowdown, f"p50 {result.slowdown:.2f}× unloaded"
+
+
+@pytest.mark.parametrize(
+    ("name", "slots", "floor"),
+    [("fixed 1 ms (gauges)", 64, (GOAL[0], math.inf)), ("0.2 s, 20 ms away (gauges)", 4, GOOD)],
+)
+def test_with_the_gauges_what_is_not_at_the_server_does_not_hold_the_pool_back(
+    name: str, slots: int, floor: tuple[float, float]
+) -> None:
+    # Without gauges both grow (0.90 and 0.99 of the best fixed pool): a client-bound loop, and
+    # a server a sixth of a round trip away. (A 1 ms endpoint's p50 is our loop's, not its.)
+    # The gauges held both pools at 4 (0.34 and 0.87) while the doubling asked the server to
+    # run 0.9 of our pool: an answer in our loop, a request on the wire, never count.
+    result = cell(slots, shape(name))
+    assert result.share >= floor[0], f"{result.share:.3f} of the best fixed pool"
+    assert result.slowdown <= floor[1], f"p50 {result.slowdown:.2f}× unloaded"

@@ -97,6 +97,18 @@ def test_requests_still_on_their_way_are_not_room() -> None:
     assert limit.limit == 4
 
 
+def test_what_is_not_at_the_server_yet_or_any_more_does_not_hold_the_pool_back() -> None:
+    # A client-bound loop (an answer of four waits for it) or a server far away (one of four
+    # on the wire): the server never runs all of ours, yet it has room.
+    limit = AdaptiveLimit(ceiling=1024)
+    limit.reported(running=3, waiting=0, in_flight=4, now=0.0)
+    assert limit.limit == 8
+    limit.reported(running=4, waiting=0, in_flight=8, now=0.05)  # the step is on its way
+    assert limit.limit == 8
+    limit.reported(running=6, waiting=0, in_flight=8, now=0.1)  # and there
+    assert limit.limit == 16
+
+
 def test_some_waiting_shrinks_the_pool_to_the_share_that_runs() -> None:
     limit = AdaptiveLimit(ceiling=1024, initial=512)
     limit.reported(running=256, waiting=256, in_flight=512, now=0.0)
@@ -170,6 +182,24 @@ def test_under_a_pace_the_gauges_cap_what_it_asks_for() -> None:
     limit.reported(running=40, waiting=24, in_flight=64, now=0.0)
     assert limit.under_pace(100.0, allowance=500) == 40
     assert limit.under_pace(100.0, allowance=30) == 30
+
+
+def test_under_a_pace_the_gate_follows_a_reading_at_once() -> None:
+    # Not at the next resize: the doubling needs the pool full, so each waited for a tick and
+    # 16 -> 1,024 took 1.4 s against 0.4 s unpaced (capacity_sim, --rpm at 3x, 1,024 slots).
+    pool = Pool("auto", 1024)
+    pool.resize(1000.0, now=0.0)  # Little's law asks for 16 before any answer
+    assert pool.gate.limit == 16
+    for _ in range(16):
+        pool.sent(0.0)
+    pool.reported(running=16, waiting=0, now=0.05)
+    assert pool.gate.limit == 16  # the allowance still caps it
+    pool.resize(1000.0, now=0.2)  # a slow first answer: Little's law asks for more
+    assert pool.gate.limit == 32
+    for _ in range(16):
+        pool.sent(0.2)
+    pool.reported(running=32, waiting=0, now=0.25)
+    assert pool.gate.limit == 64
 
 
 # --- Following a server ------------------------------------------------------------------

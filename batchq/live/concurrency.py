@@ -78,8 +78,9 @@ lag as the endpoint's queue.
 
 **When the server tells its load** (vLLM, llama.cpp, SGLang and TGI publish
 how many requests run in their batch and how many wait for a place in it:
-``serverload.py`` reads them), nothing needs probing: while none wait and the
-pool is full, it doubles at each reading; when some wait, the batch is full
+``serverload.py`` reads them), nothing needs probing: while none wait, the
+pool is full and the server runs more than half of it, it doubles at each
+reading; when some wait, the batch is full
 and the pool shrinks to the share of it that runs (all clients' waiting count,
 so a server that others crowd gets fewer of ours, never none); once the batch
 is known, the pool grows back to it when the server runs fewer, and past it
@@ -288,8 +289,11 @@ class AdaptiveLimit:
             # starve us to one.)
             self.batch = running
             self.limit = max(FLOOR, math.floor(in_flight * running / (running + waiting)))
-        elif in_flight >= self.limit and running >= 0.9 * self.limit:
-            # Ours are out and the server runs them all (not still on their way): room.
+        elif in_flight >= self.limit and running > self.limit / 2:
+            # Ours are out and the server runs more than the pool before its last doubling
+            # could: the step reached it, and there is room. (Not "runs them all": ours on
+            # the wire, and answers our loop has yet to handle, are not in its count; at a
+            # sixth of the round trip away, or a client-bound loop, the pool never grew.)
             if self.batch is None:  # how much is not known yet
                 self.limit = min(self.ceiling, self.limit * 2)
             elif running < 0.9 * self.batch:  # it ran more when requests waited: room again
@@ -507,6 +511,7 @@ class Pool:
         self.in_flight = 0
         self.peak = 0  # the most in flight at once
         self._first_sent: float | None = None
+        self._allowance = self.ceiling  # what Little's law asked at the last resize, under a pace
 
     def sent(self, now: float) -> None:
         self.in_flight += 1
@@ -538,8 +543,8 @@ class Pool:
         if len(self.recent) < 100 and self._first_sent is not None:
             # The first answers are the fast ones; the slow are still out, at least this old.
             latency = max(latency, now - self._first_sent)
-        allowance = paced_allowance(rate, latency, self.ceiling)
-        self.gate.set_limit(self.adaptive.under_pace(rate, allowance))
+        self._allowance = paced_allowance(rate, latency, self.ceiling)
+        self.gate.set_limit(self.adaptive.under_pace(rate, self._allowance))
 
     def reported(self, running: int | None, waiting: int, now: float) -> None:
         """The server's gauges (``running`` None: they are gone); the gate follows at once."""
@@ -551,6 +556,8 @@ class Pool:
         self.adaptive.reported(running, waiting, self.in_flight, now)
         if self.adaptive.pace is None:
             self.gate.set_limit(self.adaptive.limit)
+        else:  # the gauges cap what the pace asks for at once, not at the next resize
+            self.gate.set_limit(min(self._allowance, self.adaptive.limit))
 
     def lagged(self, seconds: float) -> None:
         """The event loop ran a timer ``seconds`` late (the runner's tick measures it)."""
