@@ -665,6 +665,23 @@ _METRICS = {
 }
 
 
+def test_gauges_at_the_end_of_a_long_page_are_read(tmp_path: Path, hostile: Hostile) -> None:
+    # vLLM's page is ~100 KB of histograms: it arrives in many reads.
+    bucket = b'vllm:e2e_request_latency_seconds_bucket{le="%d"} 1\n'
+    page = b"".join(bucket % i for i in range(8000))
+    page += b"vllm:num_requests_running 0\nvllm:num_requests_waiting 0\n"
+
+    async def gauges(request: web.Request, body: bytes) -> web.StreamResponse:
+        return web.Response(body=page, content_type="text/plain")
+
+    server = hostile(echo, gauges)
+    write_jsonl(tmp_path / "in.jsonl", [chat(f"q{i}") for i in range(100)])
+    base = ["run", "in.jsonl", "--base-url", server.url, "--model", "m", "--json-summary"]
+    done = batchq(*base, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "publishes vLLM's load gauges" in done.stderr  # found in the first reading
+
+
 @pytest.mark.parametrize("page", sorted(_METRICS))
 def test_a_hostile_metrics_page_costs_the_job_nothing(
     tmp_path: Path, hostile: Hostile, page: str

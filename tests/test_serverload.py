@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from batchq.live.concurrency import FLOOR, REGROW, AdaptiveLimit, Pool
+from batchq.live.concurrency import REGROW, AdaptiveLimit, Pool
 from batchq.live.serverload import Load, follow, metrics_url, parse
 
 VLLM_PAGE = """\
@@ -37,6 +37,14 @@ def test_a_vllm_page_sums_its_models() -> None:
             'vllm:num_requests_running{model_name="a}b"} 2\nvllm:num_requests_waiting 1\n',
             Load("vLLM", 2, 1),
         ),
+        (  # OpenMetrics: an exemplar after the value
+            'vllm:num_requests_running{m="a"} 5 # {trace_id="x"} 99\nvllm:num_requests_waiting 0\n',
+            Load("vLLM", 5, 0),
+        ),
+        (
+            "llamacpp:requests_processing\t2\nllamacpp:requests_deferred\t0\n",
+            Load("llama.cpp", 2, 0),
+        ),
     ],
 )
 def test_each_server_s_gauges(page: str, load: Load) -> None:
@@ -52,6 +60,9 @@ def test_each_server_s_gauges(page: str, load: Load) -> None:
         "vllm:num_requests_running NaN\nvllm:num_requests_waiting 0\n",
         "vllm:num_requests_running -4\nvllm:num_requests_waiting 0\n",
         "vllm:num_requests_running\nvllm:num_requests_waiting 0\n",
+        # Each value finite, their sum past a float's range.
+        'vllm:num_requests_running{e="0"} 1e308\nvllm:num_requests_running{e="1"} 1e308\n'
+        "vllm:num_requests_waiting 0\n",
         "litellm_requests_total 40\n",  # a proxy's own metrics
         "",
     ],
@@ -109,32 +120,59 @@ def test_what_is_not_at_the_server_yet_or_any_more_does_not_hold_the_pool_back()
     assert limit.limit == 16
 
 
-def test_some_waiting_shrinks_the_pool_to_the_share_that_runs() -> None:
+def test_a_full_batch_shrinks_the_pool_to_the_share_that_runs() -> None:
     limit = AdaptiveLimit(ceiling=1024, initial=512)
-    limit.reported(running=256, waiting=256, in_flight=512, now=0.0)
-    assert (limit.limit, limit.batch) == (256, 256)
+    limit.reported(running=200, waiting=312, in_flight=512, now=0.0)
+    assert limit.limit == 512  # still admitting (it ran none before): no verdict yet
+    limit.reported(running=256, waiting=256, in_flight=512, now=0.05)
+    assert limit.limit == 512  # what it runs grew: a burst being admitted, not a full batch
+    limit.reported(running=256, waiting=256, in_flight=512, now=0.1)
+    assert (limit.limit, limit.batch) == (256, 256)  # it stopped growing with requests waiting
 
 
-def test_a_server_that_others_crowd_keeps_a_share_of_ours() -> None:
+def test_a_waiting_count_while_the_batch_fills_is_no_ceiling() -> None:
+    # vLLM admits a burst over a few steps (its prefill budget): some wait while it runs more.
+    limit = AdaptiveLimit(ceiling=1024)
+    for now, running in enumerate((3, 4)):
+        limit.reported(running=running, waiting=4 - running, in_flight=4, now=now)
+    assert (limit.limit, limit.batch) == (8, None)  # 4 of 4 running: room, doubled
+
+
+def test_a_server_running_none_is_no_verdict() -> None:
+    limit = AdaptiveLimit(ceiling=1024, initial=8)
+    for now in range(5):  # starting, or between two steps
+        limit.reported(running=0, waiting=8, in_flight=8, now=now)
+    assert (limit.limit, limit.batch) == (8, None)
+
+
+def test_other_clients_queue_does_not_starve_ours() -> None:
     limit = AdaptiveLimit(ceiling=1024, initial=64)
-    # 64 of ours among 256 running and 256 waiting: half of ours run.
-    limit.reported(running=256, waiting=256, in_flight=64, now=0.0)
-    assert limit.limit == 32
-    limit.reported(running=256, waiting=5000, in_flight=32, now=0.2)
-    assert limit.limit == FLOOR  # never none
-    # The others leave: the server runs far fewer than its batch, so ours grow back to it.
-    limit.reported(running=1, waiting=0, in_flight=1, now=0.4)
-    assert limit.limit == 1 + 256 - 1
+    for now in range(20):  # 64 of ours may all be among the 256 it runs: the queue is theirs
+        limit.reported(running=256, waiting=5000, in_flight=64, now=now)
+    assert limit.limit == 64
+
+
+def test_below_a_batch_it_ran_the_pool_grows_back_to_it() -> None:
+    limit = AdaptiveLimit(ceiling=1024, initial=300)
+    limit.reported(running=250, waiting=50, in_flight=300, now=0.0)
+    limit.reported(running=256, waiting=44, in_flight=300, now=0.1)
+    limit.reported(running=256, waiting=44, in_flight=300, now=0.2)
+    assert (limit.limit, limit.batch) == (256, 256)
+    limit.reported(running=100, waiting=0, in_flight=256, now=0.3)  # not all ours arrived
+    assert limit.limit == 256
+    limit.reported(running=130, waiting=0, in_flight=256, now=0.4)  # it runs fewer: room
+    assert limit.limit == 256 + 256 - 130
 
 
 def test_at_the_known_batch_the_pool_grows_an_eighth_every_regrow_seconds() -> None:
     limit = AdaptiveLimit(ceiling=1024, initial=256)
     limit.reported(running=256, waiting=10, in_flight=266, now=0.0)
-    assert limit.limit == 256
+    limit.reported(running=256, waiting=10, in_flight=266, now=0.1)
+    assert (limit.limit, limit.batch) == (256, 256)
     limit.reported(running=256, waiting=0, in_flight=256, now=0.25)
     assert limit.limit == 256 + 256 // 8  # the batch may have grown
     limit.reported(running=288, waiting=0, in_flight=288, now=0.5)
-    assert limit.limit == 288  # not again before REGROW seconds
+    assert (limit.limit, limit.batch) == (288, 288)  # it did; not again before REGROW seconds
     limit.reported(running=288, waiting=0, in_flight=288, now=0.25 + REGROW)
     assert limit.limit == 288 + 288 // 8
 
@@ -142,6 +180,7 @@ def test_at_the_known_batch_the_pool_grows_an_eighth_every_regrow_seconds() -> N
 def test_a_server_of_one_slot_is_sent_one_request_at_a_time() -> None:
     limit = AdaptiveLimit(ceiling=1024)
     limit.reported(running=1, waiting=3, in_flight=4, now=0.0)
+    limit.reported(running=1, waiting=3, in_flight=4, now=0.05)
     assert limit.limit == 1
     for now in range(1, 60):  # a minute of readings: it never queues another behind the slot
         limit.reported(running=1, waiting=0, in_flight=1, now=now)
@@ -161,6 +200,7 @@ def answer_window(limit: AdaptiveLimit, latency: float, start: float, n: int = 4
 def test_while_the_gauges_speak_windows_of_answers_move_nothing() -> None:
     limit = AdaptiveLimit(ceiling=1024, initial=64)
     limit.reported(running=60, waiting=4, in_flight=64, now=0.0)
+    limit.reported(running=60, waiting=4, in_flight=64, now=0.05)
     assert limit.limit == 60
     end = answer_window(limit, 0.2, start=0.0)
     answer_window(limit, 2.0, start=end)  # a queue, to probing's eyes
@@ -180,6 +220,7 @@ def test_when_the_gauges_go_probing_sizes_the_pool_again() -> None:
 def test_under_a_pace_the_gauges_cap_what_it_asks_for() -> None:
     limit = AdaptiveLimit(ceiling=1024, initial=64)
     limit.reported(running=40, waiting=24, in_flight=64, now=0.0)
+    limit.reported(running=40, waiting=24, in_flight=64, now=0.05)
     assert limit.under_pace(100.0, allowance=500) == 40
     assert limit.under_pace(100.0, allowance=30) == 30
 
@@ -243,4 +284,11 @@ def test_gauges_that_stop_answering_hand_the_pool_back_to_probing() -> None:
     assert follow_all(reader, pool) == ["vLLM"]
     assert reader.readings == []  # one good reading between failures starts the count anew
     assert not pool.adaptive.told
-    assert pool.gate.limit == FLOOR  # what the last reading set stays, for probing to start from
+
+
+def test_under_a_pace_losing_the_gauges_keeps_the_pool_little_s_law_asks() -> None:
+    limit = AdaptiveLimit(ceiling=1024, initial=200)
+    assert limit.under_pace(100.0, allowance=300) == 16  # the paced opening's first step
+    limit.reported(running=250, waiting=0, in_flight=250, now=0.0)
+    limit.unreported()
+    assert limit.under_pace(100.0, allowance=300) == 300  # not from 16 again

@@ -80,9 +80,9 @@ lag as the endpoint's queue.
 how many requests run in their batch and how many wait for a place in it:
 ``serverload.py`` reads them), nothing needs probing: while none wait, the
 pool is full and the server runs more than half of it, it doubles at each
-reading; when some wait, the batch is full
-and the pool shrinks to the share of it that runs (all clients' waiting count,
-so a server that others crowd gets fewer of ours, never none); once the batch
+reading; when some wait and what it runs stopped growing, the batch is full
+and the pool shrinks to the share of ours that runs (only while more of ours
+are out than it runs at all: the waiting may be other clients'); once the batch
 is known, the pool grows back to it when the server runs fewer, and past it
 by an eighth every two seconds (pools of eight or more: a llama.cpp server's
 slots are fixed), in case the batch grew (shorter prompts free KV cache).
@@ -225,6 +225,7 @@ class AdaptiveLimit:
         self._probe = 1.0  # the factor of the last probe
         self.told = False  # the server's gauges size the pool (``reported``): no probing
         self.batch: int | None = None  # what its batch ran when requests last waited
+        self._running = 0  # what it ran at the last reading
         self._regrown = -math.inf  # when the pool last grew past the known batch
         self._latency = RecentLatency(256)
         self._step(-math.inf)
@@ -283,12 +284,19 @@ class AdaptiveLimit:
         """The server's gauges: ``running`` in its batch and ``waiting`` for a place in
         it (every client's), read at ``now`` with ``in_flight`` of ours out."""
         self.told = True
+        grew, self._running = running > self._running, running
+        if self.batch is not None and running > self.batch:
+            self.batch = running  # it runs more than it did when requests last waited
         if waiting > 0:
-            # The batch is full: of ours, the share that runs is what it takes; the rest
-            # only wait. (A share, not ours less the waiting: other clients' queue would
-            # starve us to one.)
-            self.batch = running
-            self.limit = max(FLOOR, math.floor(in_flight * running / (running + waiting)))
+            # Waiting alone is no full batch: a server admits a burst over a few steps
+            # (vLLM's prefill budget, TGI's batch merges) while its running count grows. One
+            # that stopped growing with requests waiting is full, and of ours the share that
+            # runs is what it takes; but only if more of ours are out than it runs at all,
+            # else the waiting may all be other clients', and shrinking to a share of their
+            # queue at every reading would starve us to one.
+            if not grew and 0 < running < in_flight:
+                self.batch = running
+                self.limit = max(FLOOR, math.floor(in_flight * running / (running + waiting)))
         elif in_flight >= self.limit and running > self.limit / 2:
             # Ours are out and the server runs more than the pool before its last doubling
             # could: the step reached it, and there is room. (Not "runs them all": ours on
@@ -306,6 +314,9 @@ class AdaptiveLimit:
         """The gauges are gone: probe again, from the pool they set."""
         if self.told:
             self.told, self.slow_start, self.best = False, False, None
+            # From here: a paced pool is sized by Little's law, as once its opening is done
+            # (not from 16 again), and no window is taken for the first, after the lone probe.
+            self.opening, self.open, self.windows = self.ceiling, True, max(self.windows, 1)
 
     def _decide(self, now: float) -> None:
         if self.told:  # the server's gauges size the pool: a window has nothing to add

@@ -67,8 +67,12 @@ def parse(text: str) -> Load | None:
     for line in text.splitlines():
         if not line.startswith(_NAMES):
             continue
-        name, _, rest = line.partition("{") if "{" in line else line.partition(" ")
-        value = rest.rpartition("}")[2] if "}" in rest else rest
+        sample = line.partition(" # ")[0]  # an OpenMetrics exemplar follows the value
+        if "{" in sample:
+            name, _, labelled = sample.partition("{")
+            value = labelled.rpartition("}")[2]
+        else:
+            name, _, value = sample.partition(" ") if " " in sample else sample.partition("\t")
         try:
             number = float(value.split()[0])
         except (IndexError, ValueError):
@@ -76,8 +80,9 @@ def parse(text: str) -> Load | None:
         if name in _NAMES and math.isfinite(number) and number >= 0:
             sums[name] = sums.get(name, 0.0) + number
     for server, (running, waiting) in GAUGES.items():
-        if running in sums and waiting in sums:
-            return Load(server, round(sums[running]), round(sums[waiting]))
+        counts = sums.get(running, math.nan), sums.get(waiting, math.nan)
+        if all(math.isfinite(c) for c in counts):  # both there, and no sum past a float's range
+            return Load(server, round(counts[0]), round(counts[1]))
     return None
 
 
@@ -110,10 +115,12 @@ class LoadReader:
         async with self._session.get(self.url, allow_redirects=False) as resp:
             if resp.status != 200:
                 return None
-            raw = await resp.content.read(MAX_BYTES + 1)
-        if len(raw) > MAX_BYTES:
-            return None
-        return parse(raw.decode("utf-8", "replace"))
+            page = bytearray()
+            async for chunk in resp.content.iter_chunked(1 << 16):
+                page += chunk
+                if len(page) > MAX_BYTES:
+                    return None
+        return parse(page.decode("utf-8", "replace"))
 
     async def close(self) -> None:
         if self._session is not None:
@@ -140,7 +147,8 @@ async def follow(
             else:
                 failed = 0
                 pool.reported(load.running, load.waiting, clock())
-            await asyncio.sleep(OPENING if pool.adaptive.batch is None else POLL)
+            opening = pool.adaptive.batch is None and pool.adaptive.limit < pool.ceiling
+            await asyncio.sleep(OPENING if opening else POLL)
             load = await _reading(reader)
     finally:
         await reader.close()
