@@ -68,8 +68,8 @@ bench-capacity: $(STAMP)
 	$(BIN)/python benchmarks/capacity.py $(ARGS)
 
 # Issue 21's matrix: --concurrency auto against simulated endpoints (~2 min of CPU, no sockets).
-# ARGS=--details for a line per cell; --rows WORD, --slots 1,16 for part of it ("--rows (gauges)":
-# the rows whose server publishes its load gauges, ~1 min).
+# ARGS=--details for a line per cell; --rows WORD, --slots 1,16 for part of it
+# (ARGS='--rows "(gauges)"': the rows whose server publishes its load gauges, ~1 min).
 bench-capacity-sim: $(STAMP)
 	$(BIN)/python benchmarks/capacity_sim.py $(ARGS)
 
