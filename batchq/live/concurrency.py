@@ -557,18 +557,20 @@ class Pool:
         self._allowance = paced_allowance(rate, latency, self.ceiling)
         self.gate.set_limit(self.adaptive.under_pace(rate, self._allowance))
 
-    def reported(self, running: int | None, waiting: int, now: float) -> None:
-        """The server's gauges (``running`` None: they are gone); the gate follows at once."""
+    def reported(self, running: int, waiting: int, now: float) -> None:
+        """The server's gauges; the gate follows at once."""
         if self.fixed:
-            return
-        if running is None:
-            self.adaptive.unreported()
             return
         self.adaptive.reported(running, waiting, self.in_flight, now)
         if self.adaptive.pace is None:
             self.gate.set_limit(self.adaptive.limit)
         else:  # the gauges cap what the pace asks for at once, not at the next resize
             self.gate.set_limit(min(self._allowance, self.adaptive.limit))
+
+    def unreported(self) -> None:
+        """The gauges are gone: the pool is probed again."""
+        if not self.fixed:
+            self.adaptive.unreported()
 
     def lagged(self, seconds: float) -> None:
         """The event loop ran a timer ``seconds`` late (the runner's tick measures it)."""

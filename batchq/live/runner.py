@@ -486,10 +486,8 @@ class Pipeline:
                     turn = partial(pacer.wait_turn, request.tokens)
                     result, hedged = await self.hedger.send(transport, request, started, turn)
                 else:  # a second copy goes to another deployment
-                    copies, latency = (
-                        Copies(self.router, deployment, original),
-                        deployment.stats.latency,
-                    )
+                    copies = Copies(self.router, deployment, original)
+                    latency = deployment.stats.latency  # a straggler is judged by its deployment
                     result, hedged = await self.hedger.send(
                         copies, request, started, copies.turn, latency
                     )

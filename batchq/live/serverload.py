@@ -142,7 +142,7 @@ async def follow(
             if load is None:
                 failed += 1
                 if failed >= GIVE_UP:
-                    pool.reported(None, 0, clock())
+                    pool.unreported()
                     return
             else:
                 failed = 0
