@@ -266,7 +266,7 @@ class Scripted:
 def follow_all(reader: Scripted, pool: Pool) -> list[str]:
     found: list[str] = []
     clock = iter(range(1000))
-    asyncio.run(follow(reader, pool, lambda: float(next(clock)), found.append))
+    asyncio.run(follow(reader, [pool], lambda: float(next(clock)), found.append))
     return found
 
 
