@@ -346,9 +346,9 @@ def test_deployments_on_one_server_shrink_together_to_its_batch() -> None:
     assert [pool.gate.limit for pool in pools] == [10, 10]  # 20 in all, as one pool's would be
 
 
-def test_each_deployment_reading_the_whole_server_held_twice_its_batch() -> None:
-    # What the above replaces: a reader each, every reading taken whole. Neither pool has more
-    # of its own out (16) than the server runs (20), so neither shrinks: 32 for 20 slots.
+def test_a_reader_each_taking_every_reading_whole_held_a_queue() -> None:
+    # What the above replaces. Neither pool has more of its own out (16) than the server runs
+    # (20), so neither shrinks: 32 for 20 slots, 12 of them queued, reading after reading.
     pools = [Pool("auto", 1024), Pool("auto", 1024)]
     for pool in pools:
         follow_full([pool], *FILLING)

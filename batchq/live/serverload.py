@@ -20,8 +20,8 @@ Several deployments on one server (two models or two keys on one vLLM: one
 ``/metrics``) share one reader, and each reading is split among their pools
 (``shares``) in proportion to the requests each has out. Each pool then sees
 the part of the load that is its own, and together they act on a reading as
-one pool would; read whole by each, none saw more of its own out than the
-server ran, so none shrank, and together they held up to twice its batch.
+one pool would. (Read whole by each, the gauges showed none of them more of
+its own out than the server ran, so none shrank: together they kept a queue.)
 """
 
 from __future__ import annotations
@@ -140,8 +140,8 @@ def shares(load: Load, in_flight: Sequence[int]) -> list[Load]:
 
     What runs is split into whole parts that sum to it (largest remainders). What waits is
     rounded up: a pool with any out sees one waiting whenever some wait, as a zero there
-    would read as room and double a pool on a full server (a request too many waiting
-    shrinks a pool by a request at most).
+    would read as room and double a pool on a full server (one too many waiting shrinks a
+    pool by about a request more).
     """
     weights = list(in_flight) if any(in_flight) else [1] * len(in_flight)
     total = sum(weights)
@@ -162,7 +162,7 @@ async def follow(
 ) -> None:
     """Size ``pools``, one server's (its deployments'), by its gauges for as long as it
     publishes them."""
-    auto = [pool for pool in pools if not pool.fixed]  # a fixed pool's requests count in shares
+    auto = [pool for pool in pools if not pool.fixed]  # (a fixed one's requests count in shares)
     try:
         first = await _reading(reader)
         if first is None:
@@ -174,7 +174,7 @@ async def follow(
             if load is None:
                 failed += 1
                 if failed >= GIVE_UP:
-                    for pool in auto:
+                    for pool in pools:
                         pool.unreported()
                     return
             else:
