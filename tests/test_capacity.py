@@ -364,5 +364,6 @@ def test_deployments_on_one_server_share_its_gauges_and_its_batch(
     assert seen["max_serving"] == 20
     # Most of the time: the batch, or the eighth past it that the pools try (was 32 throughout).
     assert sorted(in_server)[len(in_server) // 2] <= 20 + 20 // 8
-    assert stderr.count("load gauges") == 1  # one reader for the server, named once
+    assert stderr.count("load gauges") == 1  # one reader for the server, found once
+    assert "a, b: the server publishes vLLM's load gauges" in stderr
     assert orjson.loads(stdout)["succeeded"] == 1500
