@@ -49,9 +49,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_BUDGET = 4
-# The GC's youngest generation is collected every this many allocations (CPython: 700). A
-# worker waiting for a place in the pool keeps what it allocated past a collection, and at
-# 700 the collections ran ~10x as often: a tenth of a 1 ms endpoint's throughput (CAPACITY.md).
+# The GC collects its youngest generation when allocations outrun frees by this many
+# (CPython: 700). With workers waiting for a place in the pool, at 700 it ran ~10x as often
+# as without: a tenth of a 1 ms endpoint's throughput (benchmarks/CAPACITY.md).
 GC_YOUNG = 7_000
 
 
