@@ -112,6 +112,8 @@ QUEUEING = 2.0  # and keep the median latency within this many times the lowest 
 HEADROOM = 1.5  # over Little's law: the pace binds, a batching endpoint fills
 PACED_PERCENTILE = 90
 PACED_MIN = 16
+PER_ANSWER = 2  # the paced pool opens by this much an answer (TCP's slow start, per ACK)
+QUEUE_SIGN = 16  # answers in a row twice their lowest median (of as many): the opening stops
 OVERLOAD_SHARE = 0.05
 PACE_KEPT = 0.9  # of the pace: answers this fast mean the pace binds, not the endpoint
 QUEUED = 3.0  # a window's fastest answers (p10) this many times the lowest seen: a queue
@@ -220,6 +222,10 @@ class AdaptiveLimit:
         self.opening = PACED_MIN  # under a pace, the most in flight the answers have made room for
         self._opened = 0.0  # and the answers a second it brought
         self.open = False  # and it is done: a window kept the pace, or the endpoint's knee showed
+        self.per_answer = True  # and it grows with each answer, no queue having shown yet
+        self._last_answers: deque[tuple[float, float]] = deque(maxlen=QUEUE_SIGN)  # (when, latency)
+        self._unqueued = (math.inf, math.inf)  # the lowest median of QUEUE_SIGN answers in a
+        # row, and their mean
         self.first: float | None = None  # the first answer's latency: the probe's, sent alone
         self.client_bound = False  # the last window's time went to our own event loop
         self._probe = 1.0  # the factor of the last probe
@@ -261,6 +267,8 @@ class AdaptiveLimit:
             self._overloads += now >= self._from
             return
         self._latency.add(latency)
+        if self.per_answer and self.watching and not self.open:
+            self._open_per_answer(latency, now)
         if self.first is None:
             self.first = latency
             if self.pace is None:  # the probe's: the first window measures the pool after it
@@ -275,6 +283,33 @@ class AdaptiveLimit:
         self._last = now
         if now >= self._until and len(self._window) >= MIN_ANSWERS:
             self._decide(now)
+
+    def _open_per_answer(self, latency: float, now: float) -> None:
+        """Open the paced pool with each answer, until one shows a queue.
+
+        TCP's slow start grows its window per ACK, so it doubles a round trip; windows of a
+        median's wait and two medians' count took 2.4 s a fourfold step (heavy tails: p50
+        0.8 s), seconds below the pace. A queue delays every answer, a heavy tail only some,
+        and a batching endpoint's full batch all by half: ``QUEUE_SIGN`` answers in a row
+        each slower than twice the lowest median of as many in a row are a queue (for
+        capacity.py's lognormal, by chance about once in 10,000 answers). Then the windows'
+        test goes on from the pool reached, against the answers a second that showed the
+        queue: the endpoint's capacity, if it is one."""
+        last = self._last_answers
+        last.append((now, latency))
+        if len(last) == QUEUE_SIGN:
+            ordered = sorted(seconds for _, seconds in last)
+            self._unqueued = min(
+                self._unqueued, (ordered[QUEUE_SIGN // 2], sum(ordered) / QUEUE_SIGN)
+            )
+            if ordered[0] > QUEUEING * self._unqueued[0]:
+                self.per_answer = False
+                self._opened = (QUEUE_SIGN - 1) / max(now - last[0][0], 1e-9)
+                # The windows' lowest mean is a queued one already: the knee is Little's law
+                # at the answers' before the queue.
+                self.base_mean = min(self.base_mean, self._unqueued[1])
+                return
+        self.opening = min(self.ceiling, self.opening + PER_ANSWER)
 
     def lagged(self, seconds: float) -> None:
         """The event loop ran a timer ``seconds`` late: time our own CPU took, not the endpoint."""
@@ -349,6 +384,7 @@ class AdaptiveLimit:
             # there (a few chance 503s in a small window) grew back a quarter a long window,
             # minutes below the pace.
             self.opening = limit = max(PACED_MIN, math.floor(limit * 0.75))
+            self.per_answer = False  # the endpoint refuses: open no faster than windows show
         elif overloaded:
             limit, self.best, self.slow_start = math.floor(limit * 0.75), None, False
             self.capping = self.overloaded = paced
@@ -358,6 +394,8 @@ class AdaptiveLimit:
             growing = fast > GROWING * last_fast
             if rate >= PACE_KEPT * self.pace:
                 self.open, self.opening = True, self.ceiling  # the pace binds: Little's law
+            elif self.per_answer and not self.open:
+                self._opened = rate  # the opening grows with each answer (``_open_per_answer``)
             elif not self.open and limit >= self.opening:  # the opening binds, not the pace
                 if self._peak < 0.9 * limit:
                     pass  # the pool was not full: the opening learnt nothing
