@@ -112,8 +112,8 @@ QUEUEING = 2.0  # and keep the median latency within this many times the lowest 
 HEADROOM = 1.5  # over Little's law: the pace binds, a batching endpoint fills
 PACED_PERCENTILE = 90
 PACED_MIN = 16
-PER_ANSWER = 2  # the paced pool opens by this much an answer (TCP's slow start, per ACK)
-QUEUE_SIGN = 16  # answers in a row twice their lowest median (of as many): the opening stops
+PER_ANSWER = 2  # the paced pool opens by this much an answer (TCP's slow start: one an ACK)
+QUEUE_SIGN = 16  # answers in a row, each twice their lowest median: a queue
 OVERLOAD_SHARE = 0.05
 PACE_KEPT = 0.9  # of the pace: answers this fast mean the pace binds, not the endpoint
 QUEUED = 3.0  # a window's fastest answers (p10) this many times the lowest seen: a queue
@@ -222,10 +222,10 @@ class AdaptiveLimit:
         self.opening = PACED_MIN  # under a pace, the most in flight the answers have made room for
         self._opened = 0.0  # and the answers a second it brought
         self.open = False  # and it is done: a window kept the pace, or the endpoint's knee showed
-        self.per_answer = True  # and it grows with each answer, no queue having shown yet
-        self._last_answers: deque[tuple[float, float]] = deque(maxlen=QUEUE_SIGN)  # (when, latency)
-        self._unqueued = (math.inf, math.inf)  # the lowest median of QUEUE_SIGN answers in a
-        # row, and their mean
+        self.per_answer = True  # and it grows with each answer: no queue has shown
+        self.asked = 0  # what Little's law asks at the pace, in flight
+        self._last_answers: deque[float] = deque(maxlen=QUEUE_SIGN)
+        self._unqueued = math.inf  # the lowest median of QUEUE_SIGN answers in a row
         self.first: float | None = None  # the first answer's latency: the probe's, sent alone
         self.client_bound = False  # the last window's time went to our own event loop
         self._probe = 1.0  # the factor of the last probe
@@ -267,14 +267,14 @@ class AdaptiveLimit:
             self._overloads += now >= self._from
             return
         self._latency.add(latency)
-        if self.per_answer and self.watching and not self.open:
-            self._open_per_answer(latency, now)
         if self.first is None:
             self.first = latency
             if self.pace is None:  # the probe's: the first window measures the pool after it
                 self._from = now + latency
                 self._until = self._from + max(WINDOW / 2, 2 * latency)
                 return
+        if self.per_answer and self.watching and not self.open and self.asked > self.opening:
+            self._open_per_answer(latency)
         if now < self._from:
             return
         if not self._window:
@@ -284,30 +284,26 @@ class AdaptiveLimit:
         if now >= self._until and len(self._window) >= MIN_ANSWERS:
             self._decide(now)
 
-    def _open_per_answer(self, latency: float, now: float) -> None:
-        """Open the paced pool with each answer, until one shows a queue.
+    def _open_per_answer(self, latency: float) -> None:
+        """Open the paced pool by ``PER_ANSWER`` an answer while the opening holds it below
+        the pace, until answers show a queue.
 
-        TCP's slow start grows its window per ACK, so it doubles a round trip; windows of a
-        median's wait and two medians' count took 2.4 s a fourfold step (heavy tails: p50
-        0.8 s), seconds below the pace. A queue delays every answer, a heavy tail only some,
-        and a batching endpoint's full batch all by half: ``QUEUE_SIGN`` answers in a row
-        each slower than twice the lowest median of as many in a row are a queue (for
-        capacity.py's lognormal, by chance about once in 10,000 answers). Then the windows'
-        test goes on from the pool reached, against the answers a second that showed the
-        queue: the endpoint's capacity, if it is one."""
+        As TCP's slow start grows its window per ACK: windows of a median's wait and two
+        medians' count took ~1.3 s each to show room for four times as many (capacity.py's
+        case 1), seconds below the pace. A queue delays every answer, a heavy tail only some
+        and a full batch all by half: ``QUEUE_SIGN`` answers in a row each slower than twice
+        the lowest median of as many in a row are a queue. Then the windows judge the pool
+        reached: more answers a second than the last window's, room after all (it opens per
+        answer again); fewer, the endpoint is full (its knee)."""
         last = self._last_answers
-        last.append((now, latency))
+        last.append(latency)
         if len(last) == QUEUE_SIGN:
-            ordered = sorted(seconds for _, seconds in last)
-            self._unqueued = min(
-                self._unqueued, (ordered[QUEUE_SIGN // 2], sum(ordered) / QUEUE_SIGN)
-            )
-            if ordered[0] > QUEUEING * self._unqueued[0]:
+            ordered = sorted(last)
+            self._unqueued = min(self._unqueued, ordered[QUEUE_SIGN // 2])
+            # The knee's latency: the windows, a median apart, see the pool already grown.
+            self.base_mean = min(self.base_mean, sum(ordered) / QUEUE_SIGN)
+            if ordered[0] > QUEUEING * self._unqueued:
                 self.per_answer = False
-                self._opened = (QUEUE_SIGN - 1) / max(now - last[0][0], 1e-9)
-                # The windows' lowest mean is a queued one already: the knee is Little's law
-                # at the answers' before the queue.
-                self.base_mean = min(self.base_mean, self._unqueued[1])
                 return
         self.opening = min(self.ceiling, self.opening + PER_ANSWER)
 
@@ -384,7 +380,6 @@ class AdaptiveLimit:
             # there (a few chance 503s in a small window) grew back a quarter a long window,
             # minutes below the pace.
             self.opening = limit = max(PACED_MIN, math.floor(limit * 0.75))
-            self.per_answer = False  # the endpoint refuses: open no faster than windows show
         elif overloaded:
             limit, self.best, self.slow_start = math.floor(limit * 0.75), None, False
             self.capping = self.overloaded = paced
@@ -394,16 +389,16 @@ class AdaptiveLimit:
             growing = fast > GROWING * last_fast
             if rate >= PACE_KEPT * self.pace:
                 self.open, self.opening = True, self.ceiling  # the pace binds: Little's law
-            elif self.per_answer and not self.open:
-                self._opened = rate  # the opening grows with each answer (``_open_per_answer``)
-            elif not self.open and limit >= self.opening:  # the opening binds, not the pace
-                if self._peak < 0.9 * limit:
+            elif not self.open and self.asked >= self.opening:  # the opening binds, not the pace
+                if self.per_answer and self.opening < self.ceiling:
+                    self._opened = rate  # it grows with each answer (``_open_per_answer``)
+                elif self._peak < 0.9 * limit:
                     pass  # the pool was not full: the opening learnt nothing
                 elif rate >= SLOW_START_GAIN * self._opened:
-                    # Short of the pace, the pool full: open no faster than answers show room
-                    # (slow start's steps and test), or a pace far above a slow endpoint's
-                    # capacity floods it before a window can show it full.
-                    self._opened, self.opening = rate, min(self.ceiling, self.opening * GROWTH)
+                    # Short of the pace, the pool full, the answers queued or the opening at the
+                    # ceiling, but more in flight brought more answers: room after all.
+                    self._opened, self.per_answer = rate, True
+                    self._last_answers.clear()
                 else:  # more in flight brought no more answers: the endpoint is full
                     limit = self._knee(max(rate, self._opened), self.opening)
                     self.best, self.capping, self.overloaded = None, True, False
@@ -501,7 +496,7 @@ class AdaptiveLimit:
     def under_pace(self, rate: float | None, allowance: int) -> int:
         """The allowance under a pace of ``rate`` a second (None: none) for which Little's
         law wants ``allowance``: that, until the endpoint falls behind the pace."""
-        self.pace = rate
+        self.pace, self.asked = rate, allowance
         if self.told:  # the server's gauges cap what the pace asks for
             return min(allowance, self.limit)
         if not self.capping:
