@@ -394,9 +394,10 @@ class AdaptiveLimit:
                     self._opened = rate  # it grows with each answer (``_open_per_answer``)
                 elif self._peak < 0.9 * limit:
                     pass  # the pool was not full: the opening learnt nothing
-                elif rate >= SLOW_START_GAIN * self._opened:
+                elif rate >= SLOW_START_GAIN * self._opened or fast <= QUEUEING * self._unqueued:
                     # Short of the pace, the pool full, the answers queued or the opening at the
-                    # ceiling, but more in flight brought more answers: room after all.
+                    # ceiling, but more in flight brought more answers, or the window's fastest
+                    # show no queue (a heavy tail's slow run of answers): room after all.
                     self._opened, self.per_answer = rate, True
                     self._last_answers.clear()
                 else:  # more in flight brought no more answers: the endpoint is full
