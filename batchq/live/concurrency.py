@@ -61,10 +61,13 @@ raises a window. The cap is the knee (Little's law at the lowest mean
 latency), then probed as without a pace; a full window that keeps the pace
 again, unqueued, lifts it. A cap for overload answers grows by a quarter
 with each full window that has few of them and no queue. The paced pool
-opens from ``PACED_MIN`` by slow start's steps (fourfold a window while the
-answers grow by half), not as the pace asks before any answer says the
-endpoint has room; when they stop growing short of the pace, the pool is
-capped at the knee, and once a window keeps the pace, Little's law sizes it.
+opens from ``PACED_MIN`` by two with each answer (TCP's slow start grows
+per ACK), not as the pace asks before any answer says the endpoint has
+room, until sixteen answers in a row each take twice the lowest median of
+as many (a queue delays every answer, a heavy tail only some); windows then
+judge the pool reached, and cap it at the knee only if it brought no more
+answers than the last window's and the window's fastest answers wait too.
+Once a window keeps the pace, Little's law sizes the pool.
 
 The first request goes alone (the limiter's probe), so its latency is the
 endpoint's unloaded one: without a pace, a first window whose median is twice
@@ -288,13 +291,14 @@ class AdaptiveLimit:
         """Open the paced pool by ``PER_ANSWER`` an answer while the opening holds it below
         the pace, until answers show a queue.
 
-        As TCP's slow start grows its window per ACK: windows of a median's wait and two
-        medians' count took ~1.3 s each to show room for four times as many (capacity.py's
-        case 1), seconds below the pace. A queue delays every answer, a heavy tail only some
+        As TCP's slow start grows its window per ACK. Fourfold steps, each a window of a
+        median's wait and two medians' count (1.3-2.4 s for capacity.py's case 1), left the
+        pool seconds below the pace. A queue delays every answer, a heavy tail only some
         and a full batch all by half: ``QUEUE_SIGN`` answers in a row each slower than twice
-        the lowest median of as many in a row are a queue. Then the windows judge the pool
-        reached: more answers a second than the last window's, room after all (it opens per
-        answer again); fewer, the endpoint is full (its knee)."""
+        the lowest median of as many in a row are a queue. Its answers come a queued
+        latency late, when the pool has grown past it: a slot server paced far above gets
+        up to ten batches (by fourfold windows four). Then the windows judge the pool
+        reached (``_decide``)."""
         last = self._last_answers
         last.append(latency)
         if len(last) == QUEUE_SIGN:
