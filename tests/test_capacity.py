@@ -332,3 +332,38 @@ def test_a_fixed_pool_reads_no_gauges(tmp_path: Path, mock_server: MockFactory) 
     write_jsonl(tmp_path / "in.jsonl", [chat(f"q{i}") for i in range(20)])
     assert run(tmp_path, server.url, "--concurrency", "8").returncode == 0
     assert server.stats()["gauge_reads"] == 0
+
+
+def test_deployments_on_one_server_share_its_gauges_and_its_batch(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    # Two models (or two keys) on one vLLM read the same gauges. Each used to act as the
+    # server's only client: 8 + 8 of ours, 16 running and none waiting, doubled both to 16,
+    # and with 20 running and 12 waiting neither had more of its own out than the server ran,
+    # so neither shrank: the server held 32, 12 of them queued, for the rest of the run.
+    server = mock_server(slots=20, latency=0.15, gauges="vllm", record=False)
+    write_jsonl(tmp_path / "in.jsonl", [chat(f"q{i}") for i in range(1500)])
+    pool = tmp_path / "pool.toml"
+    pool.write_text(
+        "".join(f'[[deployments]]\nname = "{name}"\nbase_url = "{server.url}"\n' for name in "ab")
+    )
+    args = ["run", "in.jsonl", "--deployments", pool, "--model", "m", "-q", "--json-summary"]
+    proc = start(*args, cwd=tmp_path)
+    in_server = []  # what the server holds, at each poll from the 300th request to the 1,300th
+
+    def sampled(until: int) -> bool:
+        seen = server.stats()
+        if seen["requests"] >= 300:
+            in_server.append(seen["in_flight"])
+        return seen["requests"] >= until
+
+    wait_for(lambda: sampled(1300), timeout=60)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    seen = server.stats()
+    assert seen["max_serving"] == 20
+    # Most of the time: the batch, or the eighth past it that the pools try (was 32 throughout).
+    assert sorted(in_server)[len(in_server) // 2] <= 20 + 20 // 8
+    assert stderr.count("load gauges") == 1  # one reader for the server, found once
+    assert "a, b: the server publishes vLLM's load gauges" in stderr
+    assert orjson.loads(stdout)["succeeded"] == 1500

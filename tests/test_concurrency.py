@@ -26,9 +26,11 @@ from batchq.live.concurrency import (
     PACED_MIN,
     PER_ANSWER,
     QUEUE_SIGN,
+    SHORTEST,
     AdaptiveLimit,
     Gate,
     Pool,
+    _nearest,
     paced_allowance,
 )
 
@@ -275,14 +277,14 @@ def test_one_slow_answer_moves_nothing() -> None:
     assert limit.limit == before == GROWTH * INITIAL
 
 
-def measure(limit: AdaptiveLimit, rate: float, *, every: int = 0) -> None:
+def measure(limit: AdaptiveLimit, rate: float, *, every: int = 0, latency: float = 0.1) -> None:
     """Answers at ``rate`` a second with the pool full, until the limit's next verdict;
     every ``every``-th of them an overload."""
     windows, now = limit.windows, max(limit._until, 0.0) + 10  # past the current warm-up
     for i in range(int(rate * 60)):
         now += 1 / rate
         limit.sent(limit.limit, now)
-        limit.answered(0.1, overload=bool(every) and i % every == 0, now=now)
+        limit.answered(latency, overload=bool(every) and i % every == 0, now=now)
         if limit.windows > windows:
             return
 
@@ -303,6 +305,51 @@ def test_a_limit_that_brings_no_more_throughput_ends_slow_start_at_the_knee() ->
     measure(limit, 105)  # four times the pool, 5% more answers: the endpoint is full
     assert not limit.slow_start
     assert limit.limit == math.ceil(105 * 0.1 * HEADROOM)  # Little's law, unloaded latency
+
+
+def test_slow_start_ends_no_lower_than_the_last_pool_that_gained() -> None:
+    # A 1 ms endpoint: the answers' latency grows with the pool (our own loop's passes), and
+    # so does the throughput. Little's law at the lowest latency put the knee at 13, below
+    # the 16 that had just doubled the throughput (measured: auto settled at 10-11, 70% of
+    # the best fixed pool).
+    limit = AdaptiveLimit(ceiling=1024)
+    measure(limit, 100, latency=0.04)
+    measure(limit, 200, latency=0.08)  # twice the answers, the pool 16: it gained
+    assert limit.limit == GROWTH * GROWTH * INITIAL and limit.slow_start
+    measure(limit, 220, latency=0.29)  # 64 bring a tenth more: full
+    assert not limit.slow_start
+    assert _nearest(220 * 0.04 * HEADROOM) < 16  # Little's law's knee,
+    assert limit.limit == GROWTH * INITIAL  # not below the pool that gained
+
+
+def test_a_fast_endpoint_leaves_slow_start_in_a_second() -> None:
+    # An endpoint answering in 1 ms with no capacity limit: a window holding enough answers
+    # ends after a quarter of a second, not half (a 30,000-request job lasts ~4 s: half-second
+    # windows spent a third of it ramping up).
+    limit, now, in_flight, events = AdaptiveLimit(ceiling=1024), 0.0, 0, []
+    while limit.limit < 1024 and now < 10:
+        while in_flight < limit.limit:
+            in_flight += 1
+            limit.sent(in_flight, now)
+            heapq.heappush(events, now + 0.001)
+        now = heapq.heappop(events)
+        in_flight -= 1
+        limit.answered(0.001, overload=False, now=now)
+    assert limit.slow_start and limit.windows == 4  # 4 → 1,024, every step a gain
+    assert now < 4 * SHORTEST + 0.01  # four windows of a quarter second (and the probe's 1 ms)
+
+
+def test_when_the_event_loop_lags_in_slow_start_the_pool_grows_by_its_steps() -> None:
+    # Client-bound from the first window: the answers come as fast with 16 in flight as with
+    # 4, but no slower; slow start goes on fourfold (doubling took a second a step).
+    limit = AdaptiveLimit(ceiling=1024)
+    limit.lagged(0.05)  # half the answers' 0.1 s
+    measure(limit, 1000)
+    measure(limit, 1000)
+    assert limit.client_bound and limit.slow_start
+    assert limit.limit == GROWTH**2 * INITIAL
+    measure(limit, 800)  # 64 cost a fifth: back to 16, and slow start ends
+    assert limit.limit == GROWTH * INITIAL and not limit.slow_start
 
 
 def test_probes_shed_a_queue_that_costs_no_throughput() -> None:

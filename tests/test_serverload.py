@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from batchq.live.concurrency import REGROW, AdaptiveLimit, Pool
-from batchq.live.serverload import Load, follow, metrics_url, parse
+from batchq.live.serverload import Load, follow, metrics_url, parse, shares
 
 VLLM_PAGE = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.
@@ -266,7 +266,7 @@ class Scripted:
 def follow_all(reader: Scripted, pool: Pool) -> list[str]:
     found: list[str] = []
     clock = iter(range(1000))
-    asyncio.run(follow(reader, pool, lambda: float(next(clock)), found.append))
+    asyncio.run(follow(reader, [pool], lambda: float(next(clock)), found.append))
     return found
 
 
@@ -292,3 +292,72 @@ def test_under_a_pace_losing_the_gauges_keeps_the_pool_little_s_law_asks() -> No
     limit.reported(running=250, waiting=0, in_flight=250, now=0.0)
     limit.unreported()
     assert limit.under_pace(100.0, allowance=300) == 300  # not from 16 again
+
+
+# --- Several deployments on one server ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("load", "in_flight", "parts"),
+    [
+        (Load("vLLM", 20, 12), [16, 16], [(10, 6), (10, 6)]),
+        (Load("vLLM", 20, 3), [13, 7], [(13, 2), (7, 2)]),  # what waits is rounded up
+        # 7.1, 1.4 and 1.4: the one request left over goes to a larger remainder, the first.
+        (Load("vLLM", 10, 0), [5, 1, 1], [(7, 0), (2, 0), (1, 0)]),
+        (Load("vLLM", 7, 1), [3, 0], [(7, 1), (0, 0)]),  # none out: none of the load is its
+        (Load("vLLM", 5, 2), [0, 0], [(3, 1), (2, 1)]),  # none out at all: equal parts
+    ],
+)
+def test_a_reading_is_split_as_the_pools_have_requests_out(
+    load: Load, in_flight: list[int], parts: list[tuple[int, int]]
+) -> None:
+    assert shares(load, in_flight) == [Load("vLLM", r, w) for r, w in parts]
+
+
+class Full(Scripted):
+    """A server whose clients fill their pools to the gate before each reading, as the
+    workers do while lines are pending."""
+
+    def __init__(self, pools: list[Pool], *readings: Load | None) -> None:
+        super().__init__(*readings)
+        self.pools = pools
+
+    async def read(self) -> Load | None:
+        for pool in self.pools:
+            while pool.in_flight < pool.gate.limit:
+                pool.sent(0.0)
+        return await super().read()
+
+
+def follow_full(pools: list[Pool], *readings: Load) -> None:
+    clock = iter(range(1000))
+    reader = Full(pools, *readings, None, None, None)  # the gauges go: the pools keep their size
+    asyncio.run(follow(reader, pools, lambda: float(next(clock)), lambda server: None))
+
+
+# A 20-slot server: 4 + 4 of ours, then 8 + 8, run with none waiting; at 16 + 16, 20 run and
+# 12 wait, and again at the next reading: it is full.
+FILLING = (Load("vLLM", 8, 0), Load("vLLM", 16, 0), Load("vLLM", 20, 12), Load("vLLM", 20, 12))
+
+
+def test_deployments_on_one_server_shrink_together_to_its_batch() -> None:
+    pools = [Pool("auto", 1024), Pool("auto", 1024)]
+    follow_full(pools, *FILLING)
+    assert [pool.gate.limit for pool in pools] == [10, 10]  # 20 in all, as one pool's would be
+
+
+def test_a_reader_each_taking_every_reading_whole_held_a_queue() -> None:
+    # What the above replaces. Neither pool has more of its own out (16) than the server runs
+    # (20), so neither shrinks: 32 for 20 slots, 12 of them queued, reading after reading.
+    pools = [Pool("auto", 1024), Pool("auto", 1024)]
+    for pool in pools:
+        follow_full([pool], *FILLING)
+    assert [pool.gate.limit for pool in pools] == [16, 16]
+
+
+def test_a_fixed_pool_on_the_same_server_counts_in_the_split_and_is_left_alone() -> None:
+    auto, fixed = Pool("auto", 1024), Pool(16, 1024)
+    follow_full([auto, fixed], Load("vLLM", 20, 0), Load("vLLM", 20, 12), Load("vLLM", 20, 12))
+    # 8 of ours and 16 of its (4 and 16 at the first reading, which doubled ours): 24 out for
+    # 20 slots. Ours is a third of the load: 7 run and 4 wait, so ours shrinks to 5.
+    assert (auto.gate.limit, fixed.gate.limit) == (5, 16)

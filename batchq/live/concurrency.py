@@ -18,7 +18,9 @@ of idling.
 BBR's idea of probing the bottleneck: throughput grows in proportion to the
 requests in flight until the endpoint is full; past that, more in flight is
 only a longer queue. So it measures the answers a second each limit brings,
-over windows of at least a second and four median latencies, and
+over windows of at least a second and four median latencies (in slow start
+half a second and two, or, once a window holds 256 answers, a quarter second
+and four: an endpoint answering in milliseconds), and
 
 - quadruples the limit from ``INITIAL`` while throughput keeps up, the
   median latency stays within twice the lowest seen and Little's law
@@ -27,7 +29,7 @@ over windows of at least a second and four median latencies, and
 - when it stops keeping up, the endpoint is full: the limit goes to the
   pool that Little's law says fills it, the throughput seen times the
   lowest mean latency seen, with headroom (a batching server answers a
-  full batch more slowly);
+  full batch more slowly), and no less than the last limit that gained;
 - then, every few windows, tries a fifth less (kept if it loses almost
   nothing: it sheds a queue) or a quarter more (kept only if it earns half
   its proportional gain), going on in a direction while it pays, so the
@@ -76,8 +78,8 @@ overfills), and slow start begins again from what Little's law says was not
 queued. An unpaced pool whose fastest answers and median both wait sheds a
 fifth a window. When the event loop's lag (the runner's tick measures it) is
 a fifth of the median latency, batchq is the bottleneck, not the endpoint:
-the unpaced pool doubles while throughput holds rather than reading its own
-lag as the endpoint's queue.
+the unpaced pool grows while throughput holds (by slow start's steps, then
+doubling) rather than reading its own lag as the endpoint's queue.
 
 **When the server tells its load** (vLLM, llama.cpp, SGLang and TGI publish
 how many requests run in their batch and how many wait for a place in it:
@@ -109,6 +111,8 @@ WINDOW_LATENCIES = 4  # and at least this many median latencies
 KEEP = 0.98  # of the best throughput: a smaller pool that keeps this much is kept
 SHRINK, GROW = 0.8, 1.25  # a probe's step
 MIN_ANSWERS = 16
+ENOUGH = 256  # answers that measure a rate well: a slow-start window holding them may end
+SHORTEST = 0.25  # after this and four median latencies (so the runner's 0.2 s tick falls in it)
 PROBE_EVERY = 4  # measurements of the best limit between two probes of another
 SLOW_START_GAIN = 1.5  # four times the pool must bring this much more throughput
 QUEUEING = 2.0  # and keep the median latency within this many times the lowest seen
@@ -236,6 +240,7 @@ class AdaptiveLimit:
         self.batch: int | None = None  # what its batch ran when requests last waited
         self._running = 0  # what it ran at the last reading
         self._regrown = -math.inf  # when the pool last grew past the known batch
+        self._last_lag = 0.0  # the event loop's lag at the runner's last tick
         self._latency = RecentLatency(256)
         self._step(-math.inf)
 
@@ -245,21 +250,29 @@ class AdaptiveLimit:
         median = self._latency.percentile(50) or 0.0
         if self.slow_start or self.watching:  # a coarse measure will do
             self._from = now + median
-            self._until = self._from + max(WINDOW / 2, 2 * median)
+            self._span(median)
         else:  # after a cut, the endpoint's queue drains first: its answers come fast
             self._from = now + 2 * p90
-            self._until = self._from + max(WINDOW, WINDOW_LATENCIES * median)
+            self._until = self._soonest = self._from + max(WINDOW, WINDOW_LATENCIES * median)
         self._first = self._last = 0.0  # when the window's first and last answers came
         self._window: list[float] = []  # the window's latencies
         self._overloads = 0
         self._peak = 0  # the most in flight during the window
         self._sent = 0  # requests sent during the window
-        self._lag = 0.0  # the event loop's longest lag in the window
+        self._lag = self._last_lag  # the event loop's longest lag in the window (or the last)
+
+    def _span(self, median: float) -> None:
+        """A coarse window: half a second and two ``median`` latencies; or, once it holds
+        ``ENOUGH`` answers, four of them and a tick: an endpoint answering in milliseconds
+        is measured in a quarter of a second, and its job of seconds is not spent ramping up."""
+        self._until = self._from + max(WINDOW / 2, 2 * median)
+        self._soonest = min(self._until, self._from + max(SHORTEST, WINDOW_LATENCIES * median))
 
     def sent(self, in_flight: int, now: float) -> None:
         """A request went out at ``now``; ``in_flight`` counts it."""
         if self._from == -math.inf:  # the first request: the first measurement begins
-            self._from, self._until = now, now + WINDOW
+            self._from = now
+            self._until = self._soonest = now + WINDOW
         if now >= self._from:
             self._peak = max(self._peak, in_flight)
             self._sent += 1
@@ -274,7 +287,7 @@ class AdaptiveLimit:
             self.first = latency
             if self.pace is None:  # the probe's: the first window measures the pool after it
                 self._from = now + latency
-                self._until = self._from + max(WINDOW / 2, 2 * latency)
+                self._span(latency)
                 return
         if self.per_answer and self.watching and not self.open and self.asked > self.opening:
             self._open_per_answer(latency)
@@ -284,7 +297,10 @@ class AdaptiveLimit:
             self._first = now
         self._window.append(latency)
         self._last = now
-        if now >= self._until and len(self._window) >= MIN_ANSWERS:
+        answers = len(self._window)
+        if answers >= MIN_ANSWERS and (
+            now >= self._until or (answers >= ENOUGH and now >= self._soonest)
+        ):
             self._decide(now)
 
     def _open_per_answer(self, latency: float) -> None:
@@ -313,6 +329,7 @@ class AdaptiveLimit:
 
     def lagged(self, seconds: float) -> None:
         """The event loop ran a timer ``seconds`` late: time our own CPU took, not the endpoint."""
+        self._last_lag = seconds
         self._lag = max(self._lag, seconds)
 
     def reported(self, running: int, waiting: int, in_flight: int, now: float) -> None:
@@ -436,16 +453,18 @@ class AdaptiveLimit:
             # first seconds' chance 503s set (a few in a small window) below the pace for
             # minutes, as the pace can never be kept under it.
             limit, self.best = math.ceil(limit * GROW), None
-        elif self.client_bound and not paced:
+        elif self.client_bound and not paced and (best is None or limit > best[0]):
             # Our own event loop is the bottleneck: what the endpoint could serve is out of
             # sight, and a larger pool hands the loop more answers a pass. Double it while that
-            # costs no throughput; go back to the best pool when it does.
-            self.slow_start = False
+            # costs no throughput; go back to the best pool when it does, and probe from there
+            # as usual (measured again and again, a lucky window's rate does not pin it there).
+            # In slow start, by its steps: a 1 ms endpoint's job lasts seconds.
             if best is None or rate >= KEEP * best[1]:
                 self.best = (limit, max(rate, best[1] if best else 0.0))
-                limit *= 2
+                limit *= GROWTH if self.slow_start else 2
+                self.slow_start = self.slow_start and limit < self.ceiling
             else:
-                limit = best[0]
+                limit, self.slow_start = best[0], False
         elif started_full and not paced:
             # Slow start again from the pool that Little's law says was not queued: if the
             # probe's was only a fast answer of a heavy tail, that costs a window, no more.
@@ -472,8 +491,8 @@ class AdaptiveLimit:
                 self.best = (limit, rate)
                 self.slow_start = limit < self.ceiling  # at the ceiling, and no queue: done
                 limit *= GROWTH
-            else:  # full: the knee lies below this limit
-                limit = self._knee(max(rate, best[1]), limit)
+            else:  # full: the knee lies below this limit, and not below the last that gained
+                limit = max(best[0], self._knee(max(rate, best[1]), limit))
                 self.best, self.slow_start = None, False
         elif best[0] == limit:
             self.best = (limit, (best[1] + rate) / 2)  # the best limit, measured again

@@ -54,7 +54,7 @@ from batchq.live.deployments import Copies, Deployment, Router
 from batchq.live.hedge import Answer, Hedger, answer
 from batchq.live.limiter import Kind, Pacer
 from batchq.live.retry import Fatal, GiveUp, RetryPolicy, decide, status_error
-from batchq.live.serverload import LoadReader, follow
+from batchq.live.serverload import LoadReader, follow, metrics_url
 from batchq.live.transport import AiohttpTransport, Response, Transport
 from batchq.reader import RequestTemplate, feed
 from batchq.records import (
@@ -305,15 +305,19 @@ class Pipeline:
                 write_progress(self.job.run_dir, self.stats)
 
     def _follow_loads(self, tg: asyncio.TaskGroup) -> list[asyncio.Task[None]]:
-        """Size each auto pool by its server's gauges, where it publishes them."""
+        """Size each auto pool by its server's gauges, where it publishes them: one reader a
+        server, shared by the deployments on it (two models or two keys on one vLLM)."""
         if self.options.transport is not None:  # not ours to ask anything else of
             return []
-        specs = zip(self.deployments, pool_of(self.job.settings), strict=True)
+        servers: dict[str, list[tuple[Deployment, DeploymentSpec]]] = {}
+        for d, spec in zip(self.deployments, pool_of(self.job.settings), strict=True):
+            servers.setdefault(metrics_url(spec.base_url), []).append((d, spec))
         readers = []
-        for d, spec in specs:
-            if d.pool.fixed:
+        for on_server in servers.values():
+            auto = [d.name for d, _ in on_server if not d.pool.fixed]
+            if not auto:
                 continue
-            of = f"{d.name}: " if self.multi else ""
+            of = f"{', '.join(auto)}: " if self.multi else ""
 
             def found(server: str, of: str = of) -> None:
                 self.options.on_notice(
@@ -321,8 +325,11 @@ class Pipeline:
                     "--concurrency auto follows them"
                 )
 
+            # Any of their keys opens the server's gauges (llama.cpp asks for one): the first.
+            spec = next((s for _, s in on_server if self._key(s)), on_server[0][1])
             reader = LoadReader(spec.base_url, self._key(spec))
-            readers.append(tg.create_task(follow(reader, d.pool, self.loop.time, found)))
+            pools = [d.pool for d, _ in on_server]  # a fixed pool's requests count in the split
+            readers.append(tg.create_task(follow(reader, pools, self.loop.time, found)))
         return readers
 
     async def _feed(self) -> None:

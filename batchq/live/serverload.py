@@ -15,13 +15,20 @@ finding the batch) on a session of their own, so a reading never waits behind
 a full pool's connections. Readings that fail ``GIVE_UP`` times in a row hand
 the pool back to probing. The API key goes with the reading, to the same host
 only (llama.cpp asks for it there).
+
+Several deployments on one server (two models or two keys on one vLLM: one
+``/metrics``) share one reader, and each reading is split among their pools
+(``shares``) in proportion to the requests each has out. Each pool then sees
+the part of the load that is its own, and together they act on a reading as
+one pool would. (Read whole by each, the gauges showed none of them more of
+its own out than the server ran, so none shrank: together they kept a queue.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -127,10 +134,35 @@ class LoadReader:
             await self._session.close()
 
 
+def shares(load: Load, in_flight: Sequence[int]) -> list[Load]:
+    """Each pool's part of one server's ``load``, in proportion to the requests it has out
+    (``in_flight``, one count a pool; equal parts while none are out).
+
+    What runs is split into whole parts that sum to it (largest remainders). What waits is
+    rounded up: a pool with any out sees one waiting whenever some wait, as a zero there
+    would read as room and double a pool on a full server (one too many waiting shrinks a
+    pool by about a request more).
+    """
+    weights = list(in_flight) if any(in_flight) else [1] * len(in_flight)
+    total = sum(weights)
+    exact = [load.running * weight for weight in weights]  # in 1/total parts
+    running = [part // total for part in exact]
+    largest = sorted(range(len(exact)), key=lambda i: -(exact[i] % total))
+    for i in largest[: load.running - sum(running)]:
+        running[i] += 1
+    waiting = [-(-load.waiting * weight // total) for weight in weights]  # rounded up
+    return [Load(load.server, r, w) for r, w in zip(running, waiting, strict=True)]
+
+
 async def follow(
-    reader: Gauges, pool: Pool, clock: Callable[[], float], on_found: Callable[[str], None]
+    reader: Gauges,
+    pools: Sequence[Pool],
+    clock: Callable[[], float],
+    on_found: Callable[[str], None],
 ) -> None:
-    """Size ``pool`` by the server's gauges for as long as it publishes them."""
+    """Size ``pools``, one server's (its deployments'), by its gauges for as long as it
+    publishes them."""
+    auto = [pool for pool in pools if not pool.fixed]  # (a fixed one's requests count in shares)
     try:
         first = await _reading(reader)
         if first is None:
@@ -142,12 +174,16 @@ async def follow(
             if load is None:
                 failed += 1
                 if failed >= GIVE_UP:
-                    pool.unreported()
+                    for pool in pools:
+                        pool.unreported()
                     return
             else:
                 failed = 0
-                pool.reported(load.running, load.waiting, clock())
-            opening = pool.adaptive.batch is None and pool.adaptive.limit < pool.ceiling
+                now = clock()
+                parts = shares(load, [pool.in_flight for pool in pools])
+                for pool, part in zip(pools, parts, strict=True):
+                    pool.reported(part.running, part.waiting, now)
+            opening = any(p.adaptive.batch is None and p.adaptive.limit < p.ceiling for p in auto)
             await asyncio.sleep(OPENING if opening else POLL)
             load = await _reading(reader)
     finally:
