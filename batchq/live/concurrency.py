@@ -120,7 +120,7 @@ HEADROOM = 1.5  # over Little's law: the pace binds, a batching endpoint fills
 PACED_PERCENTILE = 90
 PACED_MIN = 16
 PER_ANSWER = 2  # the paced pool opens by this much an answer (TCP's slow start: one an ACK)
-QUEUE_SIGN = 16  # answers in a row, each twice their lowest median: a queue
+QUEUE_SIGN = 16  # answers in a row each twice the lowest median of as many: a queue
 OVERLOAD_SHARE = 0.05
 PACE_KEPT = 0.9  # of the pace: answers this fast mean the pace binds, not the endpoint
 QUEUED = 3.0  # a window's fastest answers (p10) this many times the lowest seen: a queue
@@ -313,7 +313,7 @@ class AdaptiveLimit:
         and a full batch all by half: ``QUEUE_SIGN`` answers in a row each slower than twice
         the lowest median of as many in a row are a queue. Its answers come a queued
         latency late, when the pool has grown past it: a slot server paced far above gets
-        up to ten batches (by fourfold windows four). Then the windows judge the pool
+        up to ten batches (four by fourfold windows). Then the windows judge the pool
         reached (``_decide``)."""
         last = self._last_answers
         last.append(latency)
