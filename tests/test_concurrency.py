@@ -24,6 +24,8 @@ from batchq.live.concurrency import (
     HEADROOM,
     INITIAL,
     PACED_MIN,
+    PER_ANSWER,
+    QUEUE_SIGN,
     SHORTEST,
     AdaptiveLimit,
     Gate,
@@ -454,6 +456,9 @@ def test_under_a_pace_above_its_capacity_a_slot_server_keeps_no_long_queue(times
     server = SlotServer(16)
     pace = times * server.capacity
     run = simulate_paced(Pool("auto", 1024), pace, 120, server.service_at, server.slots)
+    # The opening's answers show the queue a queued latency late, by when it has grown: a
+    # dozen batches at most (1,024 when the pool opened as the pace asked; 64 by windows).
+    assert max(n for _, n in run.in_flight) <= 12 * server.slots
     late = [n for t, n in run.in_flight if t >= 60]
     assert max(late) <= 4 * server.slots
     answers = [t for t, _ in run.answers if t >= 60]
@@ -461,6 +466,45 @@ def test_under_a_pace_above_its_capacity_a_slot_server_keeps_no_long_queue(times
     latencies = sorted(lat for t, lat in run.answers if t >= 60)
     # A batch or two of queue at most, where there were ~19 s (1,024 requests) before.
     assert latencies[len(latencies) // 2] <= 4 * server.base
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_under_a_pace_with_room_the_pool_opens_with_each_answer(seed: int) -> None:
+    # capacity.py's case 1 (10,000 RPM, no capacity limit, heavy tails). Opened fourfold a
+    # window (~1.3 s each, while answers grew by half), the pool sent 367-502 of the first
+    # 5 s's 833 with these seeds: 2-3 s of the pace lost. Opened per answer, about one.
+    draw = lognormal_latencies(0.8, 10, seed)
+    pace = 10_000 / 60
+    run = simulate_paced(Pool("auto", 1024), pace, 5, lambda _: draw())
+    assert len(run.sent) >= pace * (5 - 1.4)
+
+
+def test_under_a_pace_the_opening_grows_per_answer_until_answers_queue() -> None:
+    limit = AdaptiveLimit(ceiling=1024)
+    limit.under_pace(1000.0, 1000)  # a pace far above the answers, and Little's law at it
+    now = 0.0
+    for _ in range(40):  # unqueued: 0.2 s each
+        now += 0.01
+        limit.answered(0.2, overload=False, now=now)
+    assert limit.opening == PACED_MIN + PER_ANSWER * 40
+    for _ in range(QUEUE_SIGN):  # a queue: each twice the unqueued median, and more
+        now += 0.01
+        limit.answered(0.45, overload=False, now=now)
+    opened = limit.opening
+    for _ in range(40):
+        now += 0.01
+        limit.answered(0.5, overload=False, now=now)
+    assert opened < PACED_MIN + PER_ANSWER * (40 + QUEUE_SIGN)
+    assert limit.opening == opened  # the windows judge the pool from here
+
+
+def test_under_a_pace_a_heavy_tails_slow_answers_do_not_stop_the_opening() -> None:
+    limit = AdaptiveLimit(ceiling=4096)
+    limit.under_pace(1000.0, 4096)
+    draw = lognormal_latencies(0.8, 10)
+    for i in range(1000):
+        limit.answered(draw(), overload=False, now=i * 0.001)
+    assert limit.per_answer
 
 
 def test_under_a_pace_an_endpoint_that_keeps_up_is_never_capped() -> None:

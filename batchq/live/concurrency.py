@@ -63,10 +63,13 @@ raises a window. The cap is the knee (Little's law at the lowest mean
 latency), then probed as without a pace; a full window that keeps the pace
 again, unqueued, lifts it. A cap for overload answers grows by a quarter
 with each full window that has few of them and no queue. The paced pool
-opens from ``PACED_MIN`` by slow start's steps (fourfold a window while the
-answers grow by half), not as the pace asks before any answer says the
-endpoint has room; when they stop growing short of the pace, the pool is
-capped at the knee, and once a window keeps the pace, Little's law sizes it.
+opens from ``PACED_MIN`` by two with each answer (TCP's slow start grows
+per ACK), not as the pace asks before any answer says the endpoint has
+room, until sixteen answers in a row each take twice the lowest median of
+as many (a queue delays every answer, a heavy tail only some); windows then
+judge the pool reached, and cap it at the knee only if it brought no more
+answers than the last window's and the window's fastest answers wait too.
+Once a window keeps the pace, Little's law sizes the pool.
 
 The first request goes alone (the limiter's probe), so its latency is the
 endpoint's unloaded one: without a pace, a first window whose median is twice
@@ -116,6 +119,8 @@ QUEUEING = 2.0  # and keep the median latency within this many times the lowest 
 HEADROOM = 1.5  # over Little's law: the pace binds, a batching endpoint fills
 PACED_PERCENTILE = 90
 PACED_MIN = 16
+PER_ANSWER = 2  # the paced pool opens by this much an answer (TCP's slow start: one an ACK)
+QUEUE_SIGN = 16  # answers in a row each twice the lowest median of as many: a queue
 OVERLOAD_SHARE = 0.05
 PACE_KEPT = 0.9  # of the pace: answers this fast mean the pace binds, not the endpoint
 QUEUED = 3.0  # a window's fastest answers (p10) this many times the lowest seen: a queue
@@ -224,6 +229,10 @@ class AdaptiveLimit:
         self.opening = PACED_MIN  # under a pace, the most in flight the answers have made room for
         self._opened = 0.0  # and the answers a second it brought
         self.open = False  # and it is done: a window kept the pace, or the endpoint's knee showed
+        self.per_answer = True  # and it grows with each answer: no queue has shown
+        self.asked = 0  # what Little's law asks at the pace, in flight
+        self._last_answers: deque[float] = deque(maxlen=QUEUE_SIGN)
+        self._unqueued = math.inf  # the lowest median of QUEUE_SIGN answers in a row
         self.first: float | None = None  # the first answer's latency: the probe's, sent alone
         self.client_bound = False  # the last window's time went to our own event loop
         self._probe = 1.0  # the factor of the last probe
@@ -280,6 +289,8 @@ class AdaptiveLimit:
                 self._from = now + latency
                 self._span(latency)
                 return
+        if self.per_answer and self.watching and not self.open and self.asked > self.opening:
+            self._open_per_answer(latency)
         if now < self._from:
             return
         if not self._window:
@@ -291,6 +302,30 @@ class AdaptiveLimit:
             now >= self._until or (answers >= ENOUGH and now >= self._soonest)
         ):
             self._decide(now)
+
+    def _open_per_answer(self, latency: float) -> None:
+        """Open the paced pool by ``PER_ANSWER`` an answer while the opening holds it below
+        the pace, until answers show a queue.
+
+        As TCP's slow start grows its window per ACK. Fourfold steps, each a window of a
+        median's wait and two medians' count (1.3-2.4 s for capacity.py's case 1), left the
+        pool seconds below the pace. A queue delays every answer, a heavy tail only some
+        and a full batch all by half: ``QUEUE_SIGN`` answers in a row each slower than twice
+        the lowest median of as many in a row are a queue. Its answers come a queued
+        latency late, when the pool has grown past it: a slot server paced far above gets
+        up to ten batches (four by fourfold windows). Then the windows judge the pool
+        reached (``_decide``)."""
+        last = self._last_answers
+        last.append(latency)
+        if len(last) == QUEUE_SIGN:
+            ordered = sorted(last)
+            self._unqueued = min(self._unqueued, ordered[QUEUE_SIGN // 2])
+            # The knee's latency: the windows, a median apart, see the pool already grown.
+            self.base_mean = min(self.base_mean, sum(ordered) / QUEUE_SIGN)
+            if ordered[0] > QUEUEING * self._unqueued:
+                self.per_answer = False
+                return
+        self.opening = min(self.ceiling, self.opening + PER_ANSWER)
 
     def lagged(self, seconds: float) -> None:
         """The event loop ran a timer ``seconds`` late: time our own CPU took, not the endpoint."""
@@ -375,14 +410,17 @@ class AdaptiveLimit:
             growing = fast > GROWING * last_fast
             if rate >= PACE_KEPT * self.pace:
                 self.open, self.opening = True, self.ceiling  # the pace binds: Little's law
-            elif not self.open and limit >= self.opening:  # the opening binds, not the pace
-                if self._peak < 0.9 * limit:
+            elif not self.open and self.asked >= self.opening:  # the opening binds, not the pace
+                if self.per_answer and self.opening < self.ceiling:
+                    self._opened = rate  # it grows with each answer (``_open_per_answer``)
+                elif self._peak < 0.9 * limit:
                     pass  # the pool was not full: the opening learnt nothing
-                elif rate >= SLOW_START_GAIN * self._opened:
-                    # Short of the pace, the pool full: open no faster than answers show room
-                    # (slow start's steps and test), or a pace far above a slow endpoint's
-                    # capacity floods it before a window can show it full.
-                    self._opened, self.opening = rate, min(self.ceiling, self.opening * GROWTH)
+                elif rate >= SLOW_START_GAIN * self._opened or fast <= QUEUEING * self._unqueued:
+                    # Short of the pace, the pool full, the answers queued or the opening at the
+                    # ceiling, but more in flight brought more answers, or the window's fastest
+                    # show no queue (a heavy tail's slow run of answers): room after all.
+                    self._opened, self.per_answer = rate, True
+                    self._last_answers.clear()
                 else:  # more in flight brought no more answers: the endpoint is full
                     limit = self._knee(max(rate, self._opened), self.opening)
                     self.best, self.capping, self.overloaded = None, True, False
@@ -482,7 +520,7 @@ class AdaptiveLimit:
     def under_pace(self, rate: float | None, allowance: int) -> int:
         """The allowance under a pace of ``rate`` a second (None: none) for which Little's
         law wants ``allowance``: that, until the endpoint falls behind the pace."""
-        self.pace = rate
+        self.pace, self.asked = rate, allowance
         if self.told:  # the server's gauges cap what the pace asks for
             return min(allowance, self.limit)
         if not self.capping:
