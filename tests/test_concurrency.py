@@ -376,6 +376,19 @@ def test_when_the_event_loop_lags_the_pool_grows_instead_of_settling() -> None:
     assert not steady.client_bound and steady.limit == 16
 
 
+def test_a_lagging_loop_back_at_its_best_pool_is_probed_not_shed() -> None:
+    # Back at its best pool after a doubling cost throughput, the answers wait in our own
+    # loop: read as the endpoint's queue, each window shed a fifth and the lag doubled it
+    # again (64, 52, 104, 208, 104, 84, ...), the probes never ran.
+    limit = AdaptiveLimit(ceiling=1024)
+    limit.limit, limit.slow_start = 64, False
+    measure(limit, 1000, latency=0.001)  # the best pool: (64, 1,000 a second)
+    limit.lagged(0.01)  # our loop, and the answers take 5 ms: five times the lowest seen
+    measure(limit, 1000, latency=0.005)
+    assert limit.client_bound and limit.best is not None
+    assert limit.limit == limit.best[0] == 64  # measured again; the probe's turn comes
+
+
 def test_a_server_of_one_slot_gets_one_or_two_requests_within_a_few_dozen_answers() -> None:
     # llama.cpp serves one request at a time: slow start's first allowance (4) queued three
     # behind it, and the knee, taken at that queued latency, kept 5-6 in flight (p50 ~6×).
@@ -505,6 +518,38 @@ def test_under_a_pace_a_heavy_tails_slow_answers_do_not_stop_the_opening() -> No
     for i in range(1000):
         limit.answered(draw(), overload=False, now=i * 0.001)
     assert limit.per_answer
+
+
+def test_under_a_pace_an_endpoint_that_refuses_past_its_slots_is_capped() -> None:
+    # 32 slots of ~1 s that answer 503 at once past them instead of queueing (nginx's
+    # limit_conn): no answer slows, so no queue shows, and growing with each answer undid
+    # every cut of the opening within a window (the pool held at ~175, two attempts in
+    # three refused, for good).
+    pool, pace, slots, rng = Pool("auto", 1024), 100.0, 32, random.Random(1)
+    now, next_send, next_tick, busy = 0.0, 0.0, 0.0, 0
+    events: list[tuple[float, float, bool]] = []  # (answered at, sent at, refused)
+    refused = []  # (when, refused) of every answer
+    while now < 60:
+        answer_at = events[0][0] if events else math.inf
+        send_at = max(now, next_send) if pool.in_flight < pool.gate.limit else math.inf
+        now = min(answer_at, next_tick, send_at)
+        if now == answer_at:
+            _, sent_at, full = heapq.heappop(events)
+            busy -= not full
+            pool.answered(sent_at, now, ok=not full, overload=full)
+            refused.append((now, full))
+        elif now == next_tick:
+            pool.resize(pace, now)
+            next_tick += 0.2
+        else:
+            pool.sent(now)
+            next_send = now + 1 / pace  # (a turn missed while the pool was full is lost)
+            full = busy >= slots
+            busy += not full
+            heapq.heappush(events, (now + (0.05 if full else rng.uniform(0.8, 1.2)), now, full))
+    late = [full for t, full in refused if t >= 40]
+    assert pool.adaptive.capping and pool.gate.limit <= slots
+    assert sum(late) <= 0.05 * len(late)
 
 
 def test_under_a_pace_an_endpoint_that_keeps_up_is_never_capped() -> None:

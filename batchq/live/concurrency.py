@@ -67,8 +67,9 @@ opens from ``PACED_MIN`` by two with each answer (TCP's slow start grows
 per ACK), not as the pace asks before any answer says the endpoint has
 room, until sixteen answers in a row each take twice the lowest median of
 as many (a queue delays every answer, a heavy tail only some); windows then
-judge the pool reached, and cap it at the knee only if it brought no more
-answers than the last window's and the window's fastest answers wait too.
+judge the pool reached, and cap it at the knee only if it brought less than
+half as many answers again as the last window's and the window's fastest
+answers wait too.
 Once a window keeps the pace, Little's law sizes the pool.
 
 The first request goes alone (the limiter's probe), so its latency is the
@@ -230,6 +231,7 @@ class AdaptiveLimit:
         self._opened = 0.0  # and the answers a second it brought
         self.open = False  # and it is done: a window kept the pace, or the endpoint's knee showed
         self.per_answer = True  # and it grows with each answer: no queue has shown
+        self._refused = False  # overload answers cut it: only more answers open it again
         self.asked = 0  # what Little's law asks at the pace, in flight
         self._last_answers: deque[float] = deque(maxlen=QUEUE_SIGN)
         self._unqueued = math.inf  # the lowest median of QUEUE_SIGN answers in a row
@@ -259,7 +261,7 @@ class AdaptiveLimit:
         self._overloads = 0
         self._peak = 0  # the most in flight during the window
         self._sent = 0  # requests sent during the window
-        self._lag = self._last_lag  # the event loop's longest lag in the window (or the last)
+        self._lag: float | None = None  # the event loop's longest lag in the window's ticks
 
     def _span(self, median: float) -> None:
         """A coarse window: half a second and two ``median`` latencies; or, once it holds
@@ -330,7 +332,7 @@ class AdaptiveLimit:
     def lagged(self, seconds: float) -> None:
         """The event loop ran a timer ``seconds`` late: time our own CPU took, not the endpoint."""
         self._last_lag = seconds
-        self._lag = max(self._lag, seconds)
+        self._lag = max(self._lag or 0.0, seconds)
 
     def reported(self, running: int, waiting: int, in_flight: int, now: float) -> None:
         """The server's gauges: ``running`` in its batch and ``waiting`` for a place in
@@ -386,7 +388,9 @@ class AdaptiveLimit:
         # sample of it). A first window whose median takes twice that is a queue already: a
         # server of a slot or two, which the first allowance overfills.
         started_full = self.windows == 0 and median > QUEUEING * (self.first or math.inf)
-        self.client_bound = self._lag >= CLIENT_BOUND * median
+        # (A window shorter than the runner's tick may hold none: the last tick's lag, then.)
+        lag = self._last_lag if self._lag is None else self._lag
+        self.client_bound = lag >= CLIENT_BOUND * median
         last_fast, self._last_fast = self._last_fast, fast
         self.base = min(self.base, median)
         self.base_mean = min(self.base_mean, mean)
@@ -399,8 +403,11 @@ class AdaptiveLimit:
         if overloaded and self.watching and not self.open:
             # While the paced pool opens, a cut narrows the opening and it goes on: a cap
             # there (a few chance 503s in a small window) grew back a quarter a long window,
-            # minutes below the pace.
+            # minutes below the pace. It stops growing with each answer too: an endpoint
+            # that refuses what it cannot serve (503s, dropped connections) shows no queue,
+            # and the answers' growth undid each cut within a window (68% of attempts 503s).
             self.opening = limit = max(PACED_MIN, math.floor(limit * 0.75))
+            self.per_answer, self._refused = False, True
         elif overloaded:
             limit, self.best, self.slow_start = math.floor(limit * 0.75), None, False
             self.capping = self.overloaded = paced
@@ -415,10 +422,13 @@ class AdaptiveLimit:
                     self._opened = rate  # it grows with each answer (``_open_per_answer``)
                 elif self._peak < 0.9 * limit:
                     pass  # the pool was not full: the opening learnt nothing
-                elif rate >= SLOW_START_GAIN * self._opened or fast <= QUEUEING * self._unqueued:
-                    # Short of the pace, the pool full, the answers queued or the opening at the
-                    # ceiling, but more in flight brought more answers, or the window's fastest
-                    # show no queue (a heavy tail's slow run of answers): room after all.
+                elif rate >= SLOW_START_GAIN * self._opened or (
+                    fast <= QUEUEING * self._unqueued and not self._refused
+                ):
+                    # Short of the pace, the pool full, the answers queued or refused or the
+                    # opening at the ceiling, but more in flight brought more answers, or the
+                    # window's fastest show no queue (a heavy tail's slow run of answers, not
+                    # an endpoint that refuses instead of queueing): room after all.
                     self._opened, self.per_answer = rate, True
                     self._last_answers.clear()
                 else:  # more in flight brought no more answers: the endpoint is full
@@ -470,7 +480,13 @@ class AdaptiveLimit:
             # probe's was only a fast answer of a heavy tail, that costs a window, no more.
             assert self.first is not None
             limit, self.best = _unqueued(limit, self.first, median), None
-        elif not paced and not self.slow_start and queued and median > QUEUEING * self.base:
+        elif (
+            not paced
+            and not self.slow_start
+            and not self.client_bound  # (our own loop's lag, not the endpoint's queue)
+            and queued
+            and median > QUEUEING * self.base
+        ):
             # Even the fastest answers wait, and the median with them (a heavy tail moves only
             # the median): the endpoint holds a queue (its capacity fell, or a probe
             # overshot), which a smaller pool sheds at no cost in throughput. A fifth less
