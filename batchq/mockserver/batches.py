@@ -656,10 +656,10 @@ class BatchAPI:
         return batch
 
     async def _batch(self, request: web.Request, account: _Account) -> web.StreamResponse:
-        return _json(orjson.dumps(self._find(request, account).view(self.clock.now())))
+        return _json(orjson.dumps(self._find(request, account).view(self._now())))
 
     async def _cancel(self, request: web.Request, account: _Account) -> web.StreamResponse:
-        batch, now = self._find(request, account), self.clock.now()
+        batch, now = self._find(request, account), self._now()
         status, _ = batch.status(now)
         if status in ("validating", "in_progress"):
             batch.cancelled_at = now
@@ -681,7 +681,7 @@ class BatchAPI:
         if after is not None:
             ids = [batch.id for batch in newest_first]
             newest_first = newest_first[ids.index(after) + 1 :] if after in ids else []
-        now = self.clock.now()
+        now = self._now()
         page = [batch.view(now) for batch in newest_first[:limit]]
         return _json(
             orjson.dumps(
@@ -697,9 +697,18 @@ class BatchAPI:
 
     # --- The clock's consequences, and billing ---
 
-    def advance(self) -> None:
-        """Write the files of every batch that has reached its end, and bill its lines."""
+    def _now(self) -> float:
+        """The virtual time a view shows, its ends written: the route's ``advance`` read the
+        clock a moment before, and a batch that ended in between (a step is ~50 ms of real time
+        at a scale of 100) showed "cancelled" or "completed" with no file yet."""
         now = self.clock.now()
+        self.advance(now)
+        return now
+
+    def advance(self, now: float | None = None) -> None:
+        """Write the files of every batch that has reached its end by ``now`` (the clock's,
+        if None), and bill its lines."""
+        now = self.clock.now() if now is None else now
         for account in self.accounts.values():
             for batch in account.batches.values():
                 status, since = batch.status(now)
