@@ -493,22 +493,39 @@ def test_under_a_pace_with_room_the_pool_opens_with_each_answer(seed: int) -> No
 
 
 def test_under_a_pace_the_opening_grows_per_answer_until_answers_queue() -> None:
-    limit = AdaptiveLimit(ceiling=1024)
-    limit.under_pace(1000.0, 1000)  # a pace far above the answers, and Little's law at it
-    now = 0.0
-    for _ in range(40):  # unqueued: 0.2 s each
-        now += 0.01
-        limit.answered(0.2, overload=False, now=now)
-    assert limit.opening == PACED_MIN + PER_ANSWER * 40
-    for _ in range(QUEUE_SIGN):  # a queue: each twice the unqueued median, and more
-        now += 0.01
-        limit.answered(0.45, overload=False, now=now)
-    opened = limit.opening
-    for _ in range(40):
-        now += 0.01
-        limit.answered(0.5, overload=False, now=now)
-    assert opened < PACED_MIN + PER_ANSWER * (40 + QUEUE_SIGN)
-    assert limit.opening == opened  # the windows judge the pool from here
+    # 64 slots of ~0.2 s (~213 a second) paced at 1,000 a second: the answers come unqueued
+    # until the pool passes the slots, then a queued latency late.
+    server, pool = SlotServer(64), Pool("auto", 1024)
+    seen: list[tuple[float, int, bool, bool]] = []  # (latency, opening, per answer, open)
+    answered = pool.answered
+
+    def watch(sent_at: float, now: float, *, ok: bool, overload: bool) -> None:
+        answered(sent_at, now, ok=ok, overload=overload)
+        a = pool.adaptive
+        seen.append((now - sent_at, a.opening, a.per_answer, a.open))
+
+    pool.answered = watch  # type: ignore[method-assign]
+    run = simulate_paced(pool, 1000.0, 20, server.service_at, server.slots)
+    sign = next(i for i, (_, _, per_answer, _) in enumerate(seen) if not per_answer)
+    # Two more in flight with each answer until then (TCP's slow start: one an ACK), from
+    # the second: at the first, the lone probe's, Little's law asked no more than the opening.
+    openings = [opening for _, opening, _, _ in seen[1:sign]]
+    assert openings == [PACED_MIN + PER_ANSWER * n for n in range(1, sign)]
+    # ... which is when answers first queue: QUEUE_SIGN in a row, each over twice the lowest
+    # median of as many in a row.
+    latencies = [latency for latency, _, _, _ in seen[1 : sign + 1]]
+    rows = [latencies[i : i + QUEUE_SIGN] for i in range(len(latencies) - QUEUE_SIGN + 1)]
+    unqueued = min(sorted(row)[QUEUE_SIGN // 2] for row in rows)
+    queued = [min(row) > 2 * unqueued for row in rows]
+    assert queued[-1] and not any(queued[:-1])
+    # Not one more after it, until a window judges the pool reached ...
+    reached = next(i for i, (_, _, _, is_open) in enumerate(seen) if is_open)
+    assert {opening for _, opening, _, _ in seen[sign:reached]} == {openings[-1]}
+    # ... and caps it at the slots' knee: the queue the opening built drains, the slots busy.
+    assert 0.9 * server.slots <= pool.gate.limit <= 1.5 * server.slots
+    late = sorted(latency for t, latency in run.answers if t >= 10)
+    assert late[len(late) // 2] <= 2 * server.base
+    assert len(late) / 10 >= 0.9 * server.capacity
 
 
 def test_under_a_pace_a_heavy_tails_slow_answers_do_not_stop_the_opening() -> None:
