@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     floor = runs[0]["floor"]
     rows = []
     for key in ("floor", "margin", "extra turns", "start", "drift", "tail", "wall"):
-        values = [r[key] for r in runs]
+        values = [round(r[key], 2) + 0.0 for r in runs]  # (+ 0.0: no "-0.00")
         spread = f"{min(values):.2f}–{max(values):.2f}"
         median = statistics.median(values)
         rows.append([key, f"{median:.2f}", spread, f"{median / floor:.3f}×"])
