@@ -32,7 +32,8 @@ too, and nothing in a case sets ``--concurrency`` except the sweeps it is compar
 Quick (the default) runs 3,000 / 4,000 / 400 / 3,000 / 120 / 10,000 lines once per configuration,
 for a smoke run of a few minutes; ``--full`` runs 20,000 / 20,000 / 2,000 / 6,000 / 120 / 30,000
 lines three times. Figures are medians of ``--repeat`` runs (the configurations alternate,
-so drift on the machine hits all alike). The tables are printed and appended to
+so drift on the machine hits all alike); req/s and the server's p50 give the runs' lowest and
+highest beside the median. The tables are printed and appended to
 ``benchmarks/CAPACITY.md`` under the commit measured, newest last.
 
     python benchmarks/capacity.py [--full] [--repeat N] [--cases 1,2,3] [--batchq-args ARGS]
@@ -247,6 +248,23 @@ def median(outcomes: Sequence[Outcome], figure: Callable[[Outcome], float]) -> f
     return statistics.median(figure(o) for o in outcomes)
 
 
+def spread(outcomes: Sequence[Outcome], figure: Callable[[Outcome], float], spec: str) -> str:
+    """The median of ``figure``, and its runs' lowest and highest when there are several."""
+    values = [figure(o) for o in outcomes]
+    middle = format(statistics.median(values), spec)
+    if len(values) < 2:
+        return middle
+    return f"{middle} ({format(min(values), spec)}–{format(max(values), spec)})"
+
+
+def rate(o: Outcome) -> float:
+    return o.rate
+
+
+def p50(o: Outcome) -> float:
+    return float(o.stats["latency_p50"])
+
+
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
@@ -309,7 +327,7 @@ def sweep(bench: Bench, slots: int, lines: int, values: Sequence[int]) -> dict[s
 
 def best_fixed(found: dict[str, list[Outcome]]) -> float:
     defaults = (DEFAULT[0], GAUGED[0])
-    return max(median(o, lambda x: x.rate) for label, o in found.items() if label not in defaults)
+    return max(median(o, rate) for label, o in found.items() if label not in defaults)
 
 
 def slots_256(bench: Bench) -> str:
@@ -327,15 +345,15 @@ def _against_best(found: dict[str, list[Outcome]], title: str, goal: float) -> s
     rows = [
         [
             label,
-            f"{median(outcomes, lambda o: o.rate):,.0f}",
-            f"{median(outcomes, lambda o: o.rate) / best:.0%}",
-            f"{median(outcomes, lambda o: o.stats['latency_p50']):.3f}",
+            spread(outcomes, rate, ",.0f"),
+            f"{median(outcomes, rate) / best:.0%}",
+            spread(outcomes, p50, ".3f"),
             f"{median(outcomes, lambda o: o.stats['max_in_flight']):,.0f}",
             f"{median(outcomes, lambda o: o.stats['max_serving']):,.0f}",
         ]
         for label, outcomes in found.items()
     ]
-    ratio = median(found[DEFAULT[0]], lambda o: o.rate) / best
+    ratio = median(found[DEFAULT[0]], rate) / best
     headers = ["batchq", "req/s", "of best fixed", "server p50 s", "max in flight", "max serving"]
     return (
         f"{title}\n\n{table(headers, rows)}\n\n"
@@ -348,7 +366,7 @@ def _gauged(found: dict[str, list[Outcome]], reference: float, goal: float) -> s
     """The default's share with the server's gauges, where the case ran it."""
     if not found.get(GAUGED[0]):
         return ""
-    ratio = median(found[GAUGED[0]], lambda o: o.rate) / reference
+    ratio = median(found[GAUGED[0]], rate) / reference
     return f" With the server's gauges: **{ratio:.0%}** ({verdict(ratio >= goal)})."
 
 
@@ -373,29 +391,27 @@ def _with_latency(
     reference: float,
     unloaded: float,
     *,
-    rate: str,
+    spec: str,
     share: Callable[[float], str],
 ) -> tuple[list[list[str]], dict[str, tuple[float, float]]]:
     """A row per configuration (req/s, its share of ``reference``, server p50 against
     ``unloaded``, most in flight); each default's share and p50 over ``unloaded``."""
     rows = []
     for label, outcomes in found.items():
-        rate_of = median(outcomes, lambda o: o.rate)
-        p50 = median(outcomes, lambda o: o.stats["latency_p50"])
         rows.append(
             [
                 label,
-                format(rate_of, rate),
-                share(rate_of / reference),
-                f"{p50:.3f}",
-                f"{p50 / unloaded:.1f}×",
+                spread(outcomes, rate, spec),
+                share(median(outcomes, rate) / reference),
+                spread(outcomes, p50, ".3f"),
+                f"{median(outcomes, p50) / unloaded:.1f}×",
                 f"{median(outcomes, lambda o: o.stats['max_in_flight']):,.0f}",
             ]
         )
     defaults = {
         label: (
-            median(found[label], lambda o: o.rate) / reference,
-            median(found[label], lambda o: o.stats["latency_p50"]) / unloaded,
+            median(found[label], rate) / reference,
+            median(found[label], p50) / unloaded,
         )
         for label in (DEFAULT[0], GAUGED[0])
         if found.get(label)
@@ -425,7 +441,7 @@ def slots_16(bench: Bench) -> str:
     found = sweep(bench, 16, lines, SWEEP_16)
     share = "{:.0%} of the best fixed".format
     rows, defaults = _with_latency(
-        found, best_fixed(found), unloaded, rate=",.1f", share=lambda x: f"{x:.0%}"
+        found, best_fixed(found), unloaded, spec=",.1f", share=lambda x: f"{x:.0%}"
     )
     headers = ["batchq", "req/s", "of best fixed", "server p50 s", "× unloaded", "max in flight"]
     return (
@@ -445,17 +461,16 @@ def paced_16(bench: Bench) -> str:
         found = bench.runs(lines, mock, configs)
     finally:
         bench.sample_at = None
-    unpaced = median(found[DEFAULT[0]], lambda o: o.rate)
+    unpaced = median(found[DEFAULT[0]], rate)
     rows = []
     for label, outcomes in found.items():
-        p50 = median(outcomes, lambda o: o.stats["latency_p50"])
         rows.append(
             [
                 label,
-                f"{median(outcomes, lambda o: o.rate):,.1f}",
-                f"{median(outcomes, lambda o: o.rate) / unpaced:.0%}",
-                f"{p50:.3f}",
-                f"{p50 / unloaded:.1f}×",
+                spread(outcomes, rate, ",.1f"),
+                f"{median(outcomes, rate) / unpaced:.0%}",
+                spread(outcomes, p50, ".3f"),
+                f"{median(outcomes, p50) / unloaded:.1f}×",
                 f"{median(outcomes, lambda o: o.stats['queue_wait_p50']):.3f}",
                 f"{median(outcomes, lambda o: o.stats['max_in_flight']):,.0f}",
                 f"{median(outcomes, lambda o: o.late_in_flight or 0):,.0f}",
@@ -475,8 +490,8 @@ def one_slot(bench: Bench) -> str:
     lines, mock = ONE_SLOT_LINES, ("--slots", "1", *GPU)
     unloaded = unloaded_p50(bench, mock)
     found = bench.runs(lines, mock, [DEFAULT, GAUGED, fixed(1), fixed(2)])
-    alone = median(found[fixed(1)[0]], lambda o: o.rate)
-    rows, defaults = _with_latency(found, alone, unloaded, rate=",.2f", share=lambda x: f"{x:.2f}×")
+    alone = median(found[fixed(1)[0]], rate)
+    rows, defaults = _with_latency(found, alone, unloaded, spec=",.2f", share=lambda x: f"{x:.2f}×")
     share = "{:.2f}× the throughput of one at a time".format
     headers = ["batchq", "req/s", "of one at a time", "server p50 s", "× unloaded"]
     headers += ["max in flight"]
