@@ -103,6 +103,21 @@ def test_by_default_a_straggler_is_sent_twice_and_written_once(
     assert hedges["sent"] == 1 and hedges["estimated_tokens"] > 0  # type: ignore[index]
 
 
+def test_a_copy_that_straggles_too_gets_one_more(tmp_path: Path, mock_server: MockFactory) -> None:
+    server = mock_server(latency=0.01)
+    late = "late [[mock:sleep=30:2]]"  # its first two arrivals answer in 30 s, the third at once
+    lines = [chat(f"q{i}", custom_id=f"c{i}") for i in range(199)]
+    write_jsonl(tmp_path / "in.jsonl", [*lines, chat(late, custom_id="late")])
+    done = run(tmp_path, server.url)  # 200 lines: two copies in all may go
+    assert done.returncode == 0, done.stderr
+    results, errors = outputs(tmp_path / "jobs" / "in")
+    assert errors == [] and len(by_custom_id(results)) == 200
+    assert by_custom_id(results)["late"]["batchq"]["hedged"] is True
+    first, copy, again = sorted(at for at, prompt in server.stats()["arrivals"] if prompt == late)
+    assert first < copy < again < first + 30.0  # the third went while both were still out
+    assert summary(done)["this_run"]["hedges"]["sent"] == 2  # type: ignore[index]
+
+
 def test_with_no_hedge_a_straggler_is_sent_once(tmp_path: Path, mock_server: MockFactory) -> None:
     server = mock_server(latency=0.01)
     lines = [chat(f"q{i}") for i in range(59)] + [chat("late [[mock:sleep=3:1]]")]

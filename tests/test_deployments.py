@@ -606,6 +606,34 @@ def test_a_hedge_goes_to_another_deployment(tmp_path: Path, mock_server: MockFac
     hedged = [line for line in results if line["batchq"].get("hedged")]
     assert held == len(hedged) >= 1  # each stuck line was sent there once, never copied there
     assert {line["batchq"]["deployment"] for line in hedged} == {"fast"}
+    rows = _summary(done)["this_run"]["deployments"]
+    assert rows["fast"]["requests"] == fast.stats()["requests"]  # the copies with them
+    assert rows["stuck"]["requests"] == held
+
+
+def test_a_copy_that_straggles_too_gets_another_where_it_went(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    a, b = mock_server(latency=0.01), mock_server(latency=0.01)
+    late = "late [[mock:sleep=30:1]]"  # each deployment answers its first arrival in 30 s
+    _input(tmp_path, 199)
+    with (tmp_path / "in.jsonl").open("ab") as f:  # 200 lines: two copies in all may go
+        f.write(orjson.dumps(chat(late, "late")) + b"\n")
+    pool = _pool(tmp_path, {"name": "a", "base_url": a.url}, {"name": "b", "base_url": b.url})
+    done = _run(tmp_path, pool)
+    assert done.returncode == 0, done.stderr
+    results, errors = outputs(tmp_path / "job")
+    assert errors == [] and len(results) == 200
+    line = next(r for r in results if r["custom_id"] == "late")
+    seen = {"a": a.stats()["prompts"][late], "b": b.stats()["prompts"][late]}
+    assert sorted(seen.values()) == [1, 2]  # both copies went to the other deployment
+    assert line["batchq"]["hedged"] is True and seen[line["batchq"]["deployment"]] == 2
+    rows = _summary(done)["this_run"]["deployments"]
+    assert (rows["a"]["requests"], rows["b"]["requests"]) == (
+        a.stats()["requests"],
+        b.stats()["requests"],
+    )
+    assert _summary(done)["this_run"]["hedges"]["sent"] == 2
 
 
 def test_a_line_goes_only_to_deployments_that_serve_its_own_endpoint(

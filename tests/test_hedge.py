@@ -1,6 +1,6 @@
 """The tail hedge's choices on a fake clock, and its copies against a transport in memory.
 
-Which requests get a second copy is a pure function of the flights, the
+Which requests get a copy is a pure function of the flights, the
 latencies seen and the clock handed to ``Hedger.choose``; the end-to-end
 promises (the server's arrivals, the output lines) are in test_capacity.py.
 """
@@ -14,6 +14,7 @@ import pytest
 
 from batchq.errors import RequestError, TransportError
 from batchq.live.hedge import (
+    COPIES,
     MIN_SAMPLES,
     MIN_WAIT,
     QUIET,
@@ -62,7 +63,7 @@ def pick(
 
 
 def chosen(out: list[_Flight]) -> list[bool]:
-    return [f.chosen for f in out]
+    return [f.chosen > 0 for f in out]
 
 
 def test_stragglers_are_chosen_oldest_first_up_to_one_percent_of_the_job() -> None:
@@ -87,8 +88,7 @@ def test_a_straggler_is_out_longer_than_the_p95_twice_the_median_and_a_second() 
         assert chosen(out) == [False], (p50, p95)
         pick(hedger, out, now=late + 0.01, p50=p50, p95=p95, samples=100)
         assert chosen(out) == [True], (p50, p95)
-        out[0].chosen = False
-        hedger.chosen = 0
+        out[0].chosen = hedger.chosen = 0
 
 
 def test_each_request_is_judged_by_the_latencies_of_its_own_deployment() -> None:
@@ -159,6 +159,42 @@ def test_nothing_is_chosen_once_the_run_is_stopping() -> None:
     assert chosen(out) == [False]
 
 
+def test_a_copy_that_straggles_too_gets_one_more_and_no_more() -> None:
+    hedger = Hedger(requests=10_000)
+    (flight,) = out = flights(hedger, 0.0)
+    pick(hedger, out, now=5.5, p50=1.0, p95=5.0, samples=100)
+    assert flight.chosen == 1
+    pick(hedger, out, now=60.0, p50=1.0, p95=5.0, samples=100)
+    assert flight.chosen == 1  # its copy waits for its turn: nothing to judge yet
+    flight.sent, flight.copied = 1, 8.0
+    pick(hedger, out, now=13.0, p50=1.0, p95=5.0, samples=100)
+    assert flight.chosen == 1  # the copy is out no longer than the p95
+    pick(hedger, out, now=13.01, p50=1.0, p95=5.0, samples=100)
+    assert flight.chosen == 2 == COPIES
+    flight.sent, flight.copied = 2, 14.0
+    pick(hedger, out, now=60.0, p50=1.0, p95=5.0, samples=100)
+    assert (flight.chosen, hedger.chosen) == (COPIES, COPIES)
+
+
+def test_a_request_whose_first_copy_failed_gets_no_more_copies() -> None:
+    hedger = Hedger(requests=10_000)
+    (flight,) = out = flights(hedger, 0.0)
+    pick(hedger, out, now=5.0, p50=0.8, p95=4.8, samples=100)
+    flight.sent, flight.copied, flight.answered = 1, 5.0, True  # it waits for its copy
+    pick(hedger, out, now=60.0, p50=0.8, p95=4.8, samples=100)
+    assert flight.chosen == 1
+
+
+def test_every_copy_counts_against_the_budget() -> None:
+    hedger = Hedger(requests=200)  # two copies in all
+    first, second = out = flights(hedger, 0.0, 1.0)
+    pick(hedger, out, now=6.0, p50=0.8, p95=4.8, samples=100)
+    first.sent, first.copied = 1, 6.0
+    second.sent, second.copied = 1, 6.0
+    pick(hedger, out, now=20.0, p50=0.8, p95=4.8, samples=100)
+    assert chosen(out) == [True, True] and (first.chosen, second.chosen) == (1, 1)
+
+
 async def _no_wait() -> None:
     pass
 
@@ -198,7 +234,7 @@ def _ok(n: int) -> Response:
 
 async def _hedged(
     hedger: Hedger, transport: Scripted, turn: Callable[[], Awaitable[object]] | None = None
-) -> asyncio.Task[tuple[object, bool]]:
+) -> asyncio.Task[tuple[object, int]]:
     """A request sent through ``hedger``, out alone long enough to be chosen at once."""
     request = Request(line_no=1, custom_id="c1", url="/v1/chat/completions", body=b"{}", tokens=7)
     latency = Latency()
@@ -216,9 +252,49 @@ async def test_the_second_copy_answering_first_wins_and_the_first_is_cancelled()
     sending = await _hedged(hedger, transport)
     await transport.wait_out(2)
     transport.copies[1].set_result(_ok(2))
-    assert await sending == (_ok(2), True)
+    assert await sending == (_ok(2), 1)
     assert transport.cancelled == 1 and not sending.cancelled()
     assert sending.cancelling() == 0  # the worker's own wait was interrupted, and let go
+
+
+async def _second_copy(hedger: Hedger, transport: Scripted) -> asyncio.Task[tuple[object, int]]:
+    """A request sent through ``hedger`` whose copy is out long enough to get another."""
+    sending = await _hedged(hedger, transport)
+    await transport.wait_out(2)
+    (flight,) = hedger._flights
+    flight.copied -= 60.0  # the copy went a minute ago
+    hedger.choose(now=asyncio.get_running_loop().time())
+    assert flight.chosen == 2  # else the wait below would never end
+    await transport.wait_out(3)
+    return sending
+
+
+async def test_the_second_copy_answering_first_wins_and_both_others_are_cancelled() -> None:
+    hedger, transport = Hedger(requests=1_000), Scripted()
+    sending = await _second_copy(hedger, transport)
+    transport.copies[2].set_result(_ok(3))
+    assert await sending == (_ok(3), 2)
+    assert transport.cancelled == 2 and (hedger.sent, hedger.tokens) == (2, 14)
+    assert sending.cancelling() == 0
+
+
+async def test_a_first_copy_that_fails_waits_for_whichever_copy_answers() -> None:
+    hedger, transport = Hedger(requests=1_000), Scripted()
+    sending = await _second_copy(hedger, transport)
+    transport.copies[0].set_result(TransportError("connection reset"))
+    transport.copies[1].set_result(TransportError("connection reset"))
+    await asyncio.sleep(0)
+    transport.copies[2].set_result(_ok(3))
+    assert await sending == (_ok(3), 2)
+
+
+async def test_when_every_copy_fails_the_request_fails_once() -> None:
+    hedger, transport = Hedger(requests=1_000), Scripted()
+    sending = await _second_copy(hedger, transport)
+    for copy in transport.copies:
+        copy.set_result(TransportError("connection reset"))
+    result, copied = await sending
+    assert isinstance(result, TransportError) and copied == 2
 
 
 @pytest.mark.parametrize("first", [0, 1])
@@ -228,7 +304,7 @@ async def test_a_request_answered_twice_at_once_yields_one_answer(first: int) ->
     await transport.wait_out(2)
     for copy in (first, 1 - first):  # both answers arrive in one turn of the loop
         transport.copies[copy].set_result(_ok(copy + 1))
-    assert await sending == (_ok(first + 1), True)
+    assert await sending == (_ok(first + 1), 1)
     assert (hedger.sent, hedger.tokens) == (1, 7)
     assert sending.cancelling() == 0
 
@@ -239,7 +315,7 @@ async def test_a_first_copy_that_fails_waits_for_the_second() -> None:
     await transport.wait_out(2)
     transport.copies[0].set_result(TransportError("connection reset"))
     transport.copies[1].set_result(_ok(2))
-    assert await sending == (_ok(2), True)
+    assert await sending == (_ok(2), 1)
     assert transport.cancelled == 0
 
 
@@ -248,7 +324,7 @@ async def test_a_first_copy_answering_before_the_seconds_turn_sends_no_second() 
     turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     sending = await _hedged(hedger, transport, lambda: turn)
     transport.copies[0].set_result(_ok(1))
-    assert await sending == (_ok(1), False)
+    assert await sending == (_ok(1), 0)
     assert turn.cancelled()  # the copy stopped waiting for its turn
     assert (len(transport.copies), hedger.chosen, hedger.sent) == (1, 1, 0)
 

@@ -12,7 +12,7 @@ slots of its pool's allowance, less the requests already waiting for one;
 a deployment whose pace is paused by a 429 has none. Weights break ties.
 When all are full, a worker waits for the first slot freed in any of them,
 not in one deployment's queue. The tail hedge judges a request by its
-deployment's latencies, and its second copy (``Copies``) goes to another
+deployment's latencies, and its copies (``Copies``) go to another
 deployment than the first.
 
 A ``Breaker`` takes a failing deployment out of the pool (after Nygard's
@@ -150,18 +150,21 @@ class Deployment:
 
 class Copies:
     """The transport of a hedged request in a pool: the first copy goes to its deployment,
-    the second to another, once one has room (after Dean and Barroso's "tied requests" to
-    another replica: a straggler is most often held up by its server); to the same one
-    only when no other is in the pool.
+    each further one to another, once one has room (after Dean and Barroso's "tied
+    requests" to another replica: a straggler is most often held up by its server); to the
+    same one only when no other is in the pool.
 
-    ``Hedger.send`` takes it as the transport, and ``turn`` as the copy's wait for its
-    turn, which is taken in the pace of the deployment the copy goes to.
+    ``Hedger.send`` takes it as the transport, and ``turn`` as a copy's wait for its
+    turn, which is taken in the pace of the deployment the copy goes to. Each copy sent is
+    counted against its deployment here, the first by the runner.
     """
 
     def __init__(self, router: Router, first: Deployment, request: Request) -> None:
         self.router, self.first, self.request = router, first, request
-        self.second: Deployment | None = None  # chosen when the copy's turn comes
-        self.answer: Response | None = None  # the second copy's answer
+        # Where the copy whose turn came goes. A copy is chosen only once the one before it
+        # was sent, and its send reads this before it awaits anything: one copy at a time.
+        self.next: Deployment | None = None
+        self.answers: list[tuple[Deployment, Response]] = []  # the copies', as they came
 
     async def turn(self) -> None:
         """Wait for room in another deployment (if there is another in the pool), then
@@ -173,26 +176,30 @@ class Copies:
             router.others(self.first, url, tokens)
         ):
             await router.wait()
-        self.second = other or self.first
-        await self.second.pacer.wait_turn(self.request.tokens)
+        self.next = other or self.first
+        await self.next.pacer.wait_turn(self.request.tokens)
 
     async def send(self, path: str, body: bytes) -> Response:
-        d = self.second
-        if d is None or d is self.first:
-            transport = self.first.transport
-            assert transport is not None
-            return await transport.send(path, body)
-        assert d.transport is not None
+        d = self.next
+        first = self.first.transport
+        assert first is not None
+        if d is None:  # the first copy, counted by the runner
+            return await first.send(path, body)
         d.stats.requests += 1
-        try:
-            self.answer = await d.transport.send(path, d.request(self.request).body)
-        finally:
-            d.pacer.answered()
-        return self.answer
+        if d is self.first:  # no other deployment in the pool
+            answer = await first.send(path, body)
+        else:
+            assert d.transport is not None
+            try:
+                answer = await d.transport.send(path, d.request(self.request).body)
+            finally:
+                d.pacer.answered()  # the first's is told by the runner
+        self.answers.append((d, answer))
+        return answer
 
     def answered_by(self, result: object) -> Deployment:
         """Which deployment gave ``result``."""
-        return self.second if self.second is not None and result is self.answer else self.first
+        return next((d for d, answer in self.answers if answer is result), self.first)
 
 
 class Router:

@@ -5,9 +5,13 @@ After "The Tail at Scale" (Dean and Barroso, 2013): when the input is
 exhausted, the job's end is decided by its slowest requests, and a request
 that has been out longer than the job's p95 latency is more likely stuck
 behind something (a busy replica, a lost packet) than merely long. A second
-copy of it often answers first. The first answer wins and the other copy is
+copy of it often answers first. The first answer wins and the other copies are
 cancelled; the request still yields exactly one outcome, so exactly one
-output line.
+output line. A copy's latency is drawn from the same heavy tail, so a copy out
+as long as a straggler is one too, and gets one more (``COPIES`` in all). With
+one, capacity.py's case 1 simulated with 60 seeds ended past 1.15x its floor
+in 14 runs, once 126 s after its last send, waiting on a slow copy of a slow
+request; with two, in 1 run, never more than 12 s after (benchmarks/tail_sim.py).
 
 Hedges cost requests and tokens, so they are bounded: at most ``SHARE`` of
 the job's requests; none before ``MIN_SAMPLES`` answers have made the p95
@@ -27,7 +31,7 @@ import asyncio
 import math
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from batchq.errors import RequestError
@@ -35,7 +39,8 @@ from batchq.live.transport import Response, Transport
 from batchq.records import Request
 from batchq.stats import LatencyHistogram
 
-SHARE = 0.01  # of the job's requests: the most that may be hedged
+SHARE = 0.01  # of the job's requests: the most that may be copies
+COPIES = 2  # of one request at most: the second only once the first straggles too
 MIN_SAMPLES = 20
 MIN_WAIT = 1.0  # seconds: a request out less long is no straggler worth a copy
 QUIET = 5.0  # seconds: what the endpoint refused in as many is recent
@@ -59,11 +64,19 @@ class _Flight:
     transport: Transport
     request: Request
     turn: Callable[[], Awaitable[object]]
-    chosen: bool = False
-    copy: asyncio.Task[Answer | None] | None = None
-    sent: bool = False  # the second copy went: it waits for its turn in the pace first
+    chosen: int = 0  # copies chosen
+    copies: list[asyncio.Task[Answer | None]] = field(default_factory=list)
+    sent: int = 0  # of them, those that went: each waits for its turn in the pace first
+    copied: float = 0.0  # when the latest went: a copy straggles from then
     answered: bool = False  # the first copy answered or failed
-    won: Response | None = None  # the second copy's answer, when it came first
+    won: Response | None = None  # a copy's answer, when one came first
+
+    def out_since(self) -> float:
+        """When what may straggle went: the request, or its latest copy (never, while
+        that waits for its turn)."""
+        if not self.chosen:
+            return self.started
+        return self.copied if self.sent == self.chosen else math.inf
 
 
 async def answer(transport: Transport, request: Request) -> Answer:
@@ -83,7 +96,7 @@ class Hedger:
     def __init__(self, requests: int, latency: LatencyHistogram | None = None) -> None:
         self.budget = max(1, int(SHARE * requests))
         self.latency = latency or LatencyHistogram()  # the job's: a deployment's until it has some
-        self.chosen = 0
+        self.chosen = 0  # copies chosen
         self.sent = 0  # copies that went: a chosen request may answer before its copy's turn
         self.tokens = 0  # estimated, of the copies sent
         self.stopped = False
@@ -117,17 +130,19 @@ class Hedger:
                 times.popleft()
 
     def choose(self, now: float) -> None:
-        """Send a second copy of each straggler ``pick`` marks."""
+        """Send a copy of each straggler ``pick`` marks."""
         for flight in self.pick(now):
-            flight.copy = asyncio.ensure_future(self._copy(flight))
+            flight.copies.append(asyncio.ensure_future(self._copy(flight)))
 
     def pick(self, now: float) -> list[_Flight]:
-        """Mark the stragglers for a second copy, oldest first; those marked now.
+        """Mark the stragglers for a copy, oldest first; those marked now.
 
         A straggler is out longer than the p95, twice the median and ``MIN_WAIT``
         of the latencies it is judged against: its deployment's, in a pool of
         several (a slow box's every request is no straggler beside a fast one's),
         once that has ``MIN_SAMPLES`` answers, else the job's (a stuck box has none).
+        A request whose copy has been out as long gets another, up to ``COPIES``;
+        one whose first copy failed waits for those it has.
         """
         if self.stopped or self.refusing(now):
             return []
@@ -140,9 +155,11 @@ class Hedger:
             judged = own if own.total >= MIN_SAMPLES else self.latency
             if (key := id(judged)) not in lateness:
                 lateness[key] = _late(judged)
-            if flight.chosen or now - flight.started <= lateness[key]:
+            if flight.answered or flight.chosen >= COPIES:
                 continue
-            flight.chosen = True
+            if now - flight.out_since() <= lateness[key]:
+                continue
+            flight.chosen += 1
             picked.append(flight)
             self.chosen += 1
         return picked
@@ -154,12 +171,12 @@ class Hedger:
         started: float,
         turn: Callable[[], Awaitable[object]],
         latency: LatencyHistogram | None = None,
-    ) -> tuple[Answer, bool]:
-        """Send ``request``, and a second copy if chosen; the first answer, and if hedged.
+    ) -> tuple[Answer, int]:
+        """Send ``request``, and copies as chosen; the first answer, and the copies sent.
         ``latency``: the answers it is judged a straggler against (None: the job's).
 
         A copy that fails without an answer (a dropped connection) does not
-        win while the other may still answer.
+        win while another may still answer.
         """
         worker = asyncio.current_task()
         assert worker is not None
@@ -170,36 +187,42 @@ class Hedger:
                 result = await answer(transport, request)
             except asyncio.CancelledError:
                 if flight.won is not None and worker.uncancel() == 0:
-                    return flight.won, True  # the second copy came first: this one lost
+                    return flight.won, flight.sent  # a copy came first: this one lost
                 raise  # the run is stopping
             flight.answered = True
             if flight.won is not None:  # a cancel the send turned into a failure of its own
                 if worker.uncancel() > 0:
                     raise asyncio.CancelledError  # a stop came with it: the run is stopping
-                return flight.won, True
-            if flight.copy is None or isinstance(result, Response) or not flight.sent:
+                return flight.won, flight.sent
+            if isinstance(result, Response) or not flight.sent:
                 return result, flight.sent
-            second = await flight.copy  # the first failed: the second may still answer
-            return (result if second is None else second), True
+            for copy in asyncio.as_completed(flight.copies):  # the first failed: a copy may still
+                if isinstance(second := await copy, Response):
+                    return second, flight.sent
+                result = result if second is None else second
+            return result, flight.sent
         finally:
             self._flights.discard(flight)
-            if (copy := flight.copy) is not None and not copy.done():
+            out = [copy for copy in flight.copies if not copy.done()]
+            for copy in out:
                 copy.cancel()
-                await asyncio.gather(copy, return_exceptions=True)
-            elif copy is not None and not copy.cancelled() and (error := copy.exception()):
-                raise error  # not a RequestError (kept as a value): a bug, as loud as the first's
+            await asyncio.gather(*out, return_exceptions=True)
+            for copy in flight.copies:
+                if copy not in out and not copy.cancelled() and (error := copy.exception()):
+                    raise error  # not a RequestError (kept as a value): a bug, as loud
 
     async def _copy(self, flight: _Flight) -> Answer | None:
-        """The second copy of a chosen request, None if it was never sent; an answer first
-        ends the worker's wait for the first copy."""
+        """A copy of a chosen request, None if it was never sent; an answer first ends the
+        worker's wait for the first copy."""
         await flight.turn()  # the copy is a request like any other: it keeps the pace
         if flight.answered or self.stopped:  # or chosen before a stop: its copy stays unsent
             return None
         self.sent += 1
         self.tokens += flight.request.tokens
-        flight.sent = True
+        flight.sent += 1
+        flight.copied = asyncio.get_running_loop().time()
         result = await answer(flight.transport, flight.request)
-        if isinstance(result, Response) and not flight.answered:
+        if isinstance(result, Response) and not flight.answered and flight.won is None:
             flight.won = result
             flight.worker.cancel()  # its wait for the first copy, which is then cancelled
         return result

@@ -481,7 +481,7 @@ class Pipeline:
                 return None
             pool.sent(started)
             result: Answer | None = None  # None: cancelled before an answer
-            hedged = False
+            copied = 0  # copies sent
             copies: Copies | None = None
             try:
                 if self.hedger is None:
@@ -491,11 +491,11 @@ class Pipeline:
                     result = await answer(transport, request)
                 elif not self.multi:
                     turn = partial(pacer.wait_turn, request.tokens)
-                    result, hedged = await self.hedger.send(transport, request, started, turn)
-                else:  # a second copy goes to another deployment
+                    result, copied = await self.hedger.send(transport, request, started, turn)
+                else:  # a copy goes to another deployment
                     copies = Copies(self.router, deployment, original)
                     latency = deployment.stats.latency  # a straggler is judged by its deployment
-                    result, hedged = await self.hedger.send(
+                    result, copied = await self.hedger.send(
                         copies, request, started, copies.turn, latency
                     )
             finally:
@@ -516,8 +516,8 @@ class Pipeline:
             if ok:
                 self.stats.latency.add(loop.time() - started)
         if self.multi:
-            deployment = self._account(deployment, probe, result, started, hedged, copies)
-        return started, result, hedged, deployment
+            deployment = self._account(deployment, probe, result, started, copies)
+        return started, result, copied > 0, deployment
 
     def _account(
         self,
@@ -525,22 +525,19 @@ class Pipeline:
         probe: bool,
         result: Answer,
         started: float,
-        hedged: bool,
         copies: Copies | None,
     ) -> Deployment:
         """Count an attempt against its deployment, which it may take out of the pool; the
-        deployment that answered (another, when a hedge's copy there won)."""
+        deployment that answered (another, when a hedge's copy there won). Copies are
+        counted where they went, as they went."""
         ok = isinstance(result, Response) and 200 <= result.status < 300
-        if copies is not None and hedged and copies.second is not d:
-            other = copies.answered_by(result)  # the copy there is counted as it went
-            if other is not d:
-                d.stats.requests += 1  # its copy lost, and says nothing of its health
-                other.stats.ok += ok
-                other.stats.errors += not ok
-                return other
-            hedged = False  # its own copy won: one request of its own
+        if copies is not None and (other := copies.answered_by(result)) is not d:
+            d.stats.requests += 1  # its first copy lost, and says nothing of its health
+            other.stats.ok += ok
+            other.stats.errors += not ok
+            return other
         now = self.loop.time()
-        d.stats.requests += 2 if hedged else 1
+        d.stats.requests += 1
         if ok:
             d.stats.latency.add(now - started)
         was_in = d.breaker.state == "in"
