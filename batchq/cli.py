@@ -206,8 +206,8 @@ def _defaults(
 @click.option(
     "--hedge/--no-hedge",
     default=None,
-    help="Once nothing is left to send, send a second copy of requests slower than the "
-    "p95 latency (at most 1% of the job's requests); the first answer wins [default: on].",
+    help="Once nothing is left to send, send a copy of requests slower than the p80 "
+    "latency (at most 1% of the job's requests); the first answer wins [default: on].",
 )
 @click.option(
     "--max-attempts",

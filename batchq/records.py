@@ -72,7 +72,7 @@ def result_line(
     its line breaks into spaces.
     """
     extra: dict[str, Any] = {"line": request.line_no, "attempts": attempts}
-    if hedged:  # a second copy was sent; the first answer is this one
+    if hedged:  # copies were sent; the first answer is this one
         extra["hedged"] = True
     if batch is not None:  # answered in this provider batch, not live
         extra["batch"] = batch

@@ -141,6 +141,17 @@ def test_a_hedge_copy_goes_only_where_the_request_fits_the_tpm() -> None:
     assert router.elsewhere(first, 0.0, url, tokens=5000) is None  # above its whole tpm
 
 
+def test_a_further_copy_goes_where_no_copy_went_before_if_it_can() -> None:
+    first, roomy, other = _deployment("first", 4), _deployment("roomy", 64), _deployment("o", 4)
+    router = Router([first, roomy, other])
+    url = "/v1/chat/completions"
+    assert router.elsewhere(first, 0.0, url) is roomy  # the most room
+    assert router.elsewhere(first, 0.0, url, tried=[roomy]) is other  # its copy straggles there
+    assert router.elsewhere(first, 0.0, url, tried=[roomy, other]) is roomy
+    other.pool.gate.used = 4
+    assert router.elsewhere(first, 0.0, url, tried=[roomy]) is roomy  # the untried one is full
+
+
 def test_a_line_out_of_its_deployment_goes_at_once_only_to_another_that_serves_it() -> None:
     chat_path, embed_path = "/v1/chat/completions", "/v1/embeddings"
     both, chat_only = _deployment("both", 4), _deployment("chat", 4)

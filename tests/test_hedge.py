@@ -15,6 +15,7 @@ import pytest
 from batchq.errors import RequestError, TransportError
 from batchq.live.hedge import (
     COPIES,
+    LATE,
     MIN_SAMPLES,
     MIN_WAIT,
     QUIET,
@@ -32,11 +33,12 @@ class Latency:
 
     def __init__(self) -> None:
         self.p50: float | None = None
-        self.p95: float | None = None
+        self.late: float | None = None
         self.total = 0
 
     def percentile(self, p: float) -> float | None:
-        return self.p50 if p == 50 else self.p95
+        assert p in (50, LATE), p
+        return self.p50 if p == 50 else self.late
 
 
 def flights(hedger: Hedger, *started: float, latency: Latency | None = None) -> list[_Flight]:
@@ -52,13 +54,13 @@ def pick(
     out: list[_Flight],
     now: float,
     p50: float | None,
-    p95: float | None,
+    late: float | None,
     samples: int,
 ) -> None:
     """``hedger.pick`` at ``now``, the flights' latencies having these percentiles."""
     for flight in out:
         latency = flight.latency
-        latency.p50, latency.p95, latency.total = p50, p95, samples  # type: ignore[attr-defined]
+        latency.p50, latency.late, latency.total = p50, late, samples  # type: ignore[attr-defined]
     hedger.pick(now)
 
 
@@ -70,9 +72,9 @@ def test_stragglers_are_chosen_oldest_first_up_to_one_percent_of_the_job() -> No
     hedger = Hedger(requests=300)
     assert hedger.budget == int(SHARE * 300) == 3
     out = flights(hedger, 0.0, 1.0, 2.0, 3.0, 4.0, 9.5)
-    pick(hedger, out, now=10.0, p50=0.2, p95=0.4, samples=100)
+    pick(hedger, out, now=10.0, p50=0.2, late=0.4, samples=100)
     assert chosen(out) == [True, True, True, False, False, False]
-    pick(hedger, out, now=20.0, p50=0.2, p95=0.4, samples=100)  # the budget is spent
+    pick(hedger, out, now=20.0, p50=0.2, late=0.4, samples=100)  # the budget is spent
     assert chosen(out) == [True, True, True, False, False, False]
 
 
@@ -80,22 +82,22 @@ def test_a_small_job_may_still_hedge_once() -> None:
     assert Hedger(requests=20).budget == 1
 
 
-def test_a_straggler_is_out_longer_than_the_p95_twice_the_median_and_a_second() -> None:
+def test_a_straggler_is_out_longer_than_the_p80_twice_the_median_and_a_second() -> None:
     hedger = Hedger(requests=10_000)
     out = flights(hedger, 0.0)
-    for p50, p95, late in ((0.2, 4.0, 4.0), (3.0, 4.0, 6.0), (0.01, 0.02, MIN_WAIT)):
-        pick(hedger, out, now=late, p50=p50, p95=p95, samples=100)
-        assert chosen(out) == [False], (p50, p95)
-        pick(hedger, out, now=late + 0.01, p50=p50, p95=p95, samples=100)
-        assert chosen(out) == [True], (p50, p95)
+    for p50, p80, late in ((0.2, 4.0, 4.0), (3.0, 4.0, 6.0), (0.01, 0.02, MIN_WAIT)):
+        pick(hedger, out, now=late, p50=p50, late=p80, samples=100)
+        assert chosen(out) == [False], (p50, p80)
+        pick(hedger, out, now=late + 0.01, p50=p50, late=p80, samples=100)
+        assert chosen(out) == [True], (p50, p80)
         out[0].chosen = hedger.chosen = 0
 
 
 def test_each_request_is_judged_by_the_latencies_of_its_own_deployment() -> None:
     hedger = Hedger(requests=10_000)
     slow, fast = Latency(), Latency()
-    slow.p50, slow.p95, slow.total = 3.0, 5.0, 100  # a box four times slower
-    fast.p50, fast.p95, fast.total = 0.2, 0.4, 100
+    slow.p50, slow.late, slow.total = 3.0, 5.0, 100  # a box four times slower
+    fast.p50, fast.late, fast.total = 0.2, 0.4, 100
     on_slow = flights(hedger, 0.0, latency=slow)
     on_fast = flights(hedger, 2.5, latency=fast)
     hedger.pick(now=4.0)  # out 4 s on the slow box: usual there; 1.5 s on the fast: a straggler
@@ -106,20 +108,20 @@ def test_each_request_is_judged_by_the_latencies_of_its_own_deployment() -> None
 
 def test_a_request_to_a_deployment_with_too_few_answers_is_judged_by_the_jobs() -> None:
     job = Latency()
-    job.p50, job.p95, job.total = 0.2, 0.4, 100
+    job.p50, job.late, job.total = 0.2, 0.4, 100
     hedger = Hedger(requests=10_000, latency=job)  # type: ignore[arg-type]
     stuck = Latency()  # a box that has answered nothing yet
-    stuck.p50, stuck.p95, stuck.total = 0.2, 0.4, MIN_SAMPLES - 1
+    stuck.p50, stuck.late, stuck.total = 0.2, 0.4, MIN_SAMPLES - 1
     out = flights(hedger, 0.0, latency=stuck)
     hedger.pick(now=1.01)
     assert chosen(out) == [True]
 
 
-def test_nothing_is_chosen_before_the_p95_is_worth_trusting() -> None:
+def test_nothing_is_chosen_before_the_percentiles_are_worth_trusting() -> None:
     hedger = Hedger(requests=10_000)
     out = flights(hedger, 0.0)
-    pick(hedger, out, now=60.0, p50=0.2, p95=0.4, samples=MIN_SAMPLES - 1)
-    pick(hedger, out, now=60.0, p50=None, p95=None, samples=0)
+    pick(hedger, out, now=60.0, p50=0.2, late=0.4, samples=MIN_SAMPLES - 1)
+    pick(hedger, out, now=60.0, p50=None, late=None, samples=0)
     assert chosen(out) == [False]
 
 
@@ -129,9 +131,9 @@ def test_nothing_is_chosen_for_a_while_after_a_429() -> None:
     for _ in range(100):
         hedger.answered(now=50.0, status=200)
     hedger.answered(now=50.0, status=429)  # one in a hundred: the account is at its limit
-    pick(hedger, out, now=50.0 + QUIET - 0.01, p50=0.2, p95=0.4, samples=100)
+    pick(hedger, out, now=50.0 + QUIET - 0.01, p50=0.2, late=0.4, samples=100)
     assert chosen(out) == [False]
-    pick(hedger, out, now=50.0 + QUIET, p50=0.2, p95=0.4, samples=100)
+    pick(hedger, out, now=50.0 + QUIET, p50=0.2, late=0.4, samples=100)
     assert chosen(out) == [True]
 
 
@@ -142,12 +144,12 @@ def test_nothing_is_chosen_while_503s_are_more_than_a_few_recent_answers() -> No
         hedger.answered(now=40.0, status=503 if i < REFUSED_SHARE * 100 else 200)
     assert not hedger.refusing(now=40.0)
     hedger.answered(now=41.0, status=503)  # one more is too many
-    pick(hedger, out, now=41.0, p50=0.2, p95=0.4, samples=100)
+    pick(hedger, out, now=41.0, p50=0.2, late=0.4, samples=100)
     assert chosen(out) == [False]
     hedger.answered(now=44.0, status=200)
-    pick(hedger, out, now=41.0 + QUIET - 0.01, p50=0.2, p95=0.4, samples=100)
+    pick(hedger, out, now=41.0 + QUIET - 0.01, p50=0.2, late=0.4, samples=100)
     assert chosen(out) == [False]  # 1 503 of 2 answers
-    pick(hedger, out, now=41.0 + QUIET, p50=0.2, p95=0.4, samples=100)
+    pick(hedger, out, now=41.0 + QUIET, p50=0.2, late=0.4, samples=100)
     assert chosen(out) == [True]  # of the last QUIET seconds' answers, none refused
 
 
@@ -155,43 +157,44 @@ def test_nothing_is_chosen_once_the_run_is_stopping() -> None:
     hedger = Hedger(requests=10_000)
     out = flights(hedger, 0.0)
     hedger.stop()
-    pick(hedger, out, now=60.0, p50=0.2, p95=0.4, samples=100)
+    pick(hedger, out, now=60.0, p50=0.2, late=0.4, samples=100)
     assert chosen(out) == [False]
 
 
-def test_a_copy_that_straggles_too_gets_one_more_and_no_more() -> None:
+def test_a_copy_that_straggles_too_gets_one_more_up_to_copies() -> None:
     hedger = Hedger(requests=10_000)
     (flight,) = out = flights(hedger, 0.0)
-    pick(hedger, out, now=5.5, p50=1.0, p95=5.0, samples=100)
+    pick(hedger, out, now=5.5, p50=1.0, late=5.0, samples=100)
     assert flight.chosen == 1
-    pick(hedger, out, now=60.0, p50=1.0, p95=5.0, samples=100)
+    pick(hedger, out, now=60.0, p50=1.0, late=5.0, samples=100)
     assert flight.chosen == 1  # its copy waits for its turn: nothing to judge yet
-    flight.sent, flight.copied = 1, 8.0
-    pick(hedger, out, now=13.0, p50=1.0, p95=5.0, samples=100)
-    assert flight.chosen == 1  # the copy is out no longer than the p95
-    pick(hedger, out, now=13.01, p50=1.0, p95=5.0, samples=100)
-    assert flight.chosen == 2 == COPIES
-    flight.sent, flight.copied = 2, 14.0
-    pick(hedger, out, now=60.0, p50=1.0, p95=5.0, samples=100)
-    assert (flight.chosen, hedger.chosen) == (COPIES, COPIES)
+    for went in range(1, COPIES):  # the latest copy went at 10 s, 20 s, ...
+        flight.sent, flight.copied = went, 10.0 * went
+        pick(hedger, out, now=10.0 * went + 5.0, p50=1.0, late=5.0, samples=100)
+        assert flight.chosen == went  # the copy is out no longer than the p80
+        pick(hedger, out, now=10.0 * went + 5.01, p50=1.0, late=5.0, samples=100)
+        assert flight.chosen == went + 1
+    flight.sent, flight.copied = COPIES, 100.0
+    pick(hedger, out, now=1000.0, p50=1.0, late=5.0, samples=100)
+    assert flight.chosen == hedger.chosen == COPIES
 
 
 def test_a_request_whose_first_copy_failed_gets_no_more_copies() -> None:
     hedger = Hedger(requests=10_000)
     (flight,) = out = flights(hedger, 0.0)
-    pick(hedger, out, now=5.0, p50=0.8, p95=4.8, samples=100)
+    pick(hedger, out, now=5.0, p50=0.8, late=4.8, samples=100)
     flight.sent, flight.copied, flight.answered = 1, 5.0, True  # it waits for its copy
-    pick(hedger, out, now=60.0, p50=0.8, p95=4.8, samples=100)
+    pick(hedger, out, now=60.0, p50=0.8, late=4.8, samples=100)
     assert flight.chosen == 1
 
 
 def test_every_copy_counts_against_the_budget() -> None:
     hedger = Hedger(requests=200)  # two copies in all
     first, second = out = flights(hedger, 0.0, 1.0)
-    pick(hedger, out, now=6.0, p50=0.8, p95=4.8, samples=100)
+    pick(hedger, out, now=6.0, p50=0.8, late=4.8, samples=100)
     first.sent, first.copied = 1, 6.0
     second.sent, second.copied = 1, 6.0
-    pick(hedger, out, now=20.0, p50=0.8, p95=4.8, samples=100)
+    pick(hedger, out, now=20.0, p50=0.8, late=4.8, samples=100)
     assert chosen(out) == [True, True] and (first.chosen, second.chosen) == (1, 1)
 
 
@@ -238,7 +241,7 @@ async def _hedged(
     """A request sent through ``hedger``, out alone long enough to be chosen at once."""
     request = Request(line_no=1, custom_id="c1", url="/v1/chat/completions", body=b"{}", tokens=7)
     latency = Latency()
-    latency.total, latency.p50, latency.p95 = 100, 0.2, 0.4
+    latency.total, latency.p50, latency.late = 100, 0.2, 0.4
     sending = asyncio.ensure_future(
         hedger.send(transport, request, 0.0, turn or _no_wait, latency)  # type: ignore[arg-type]
     )
@@ -286,6 +289,25 @@ async def test_a_first_copy_that_fails_waits_for_whichever_copy_answers() -> Non
     await asyncio.sleep(0)
     transport.copies[2].set_result(_ok(3))
     assert await sending == (_ok(3), 2)
+
+
+async def test_a_first_copy_that_fails_does_not_wait_for_a_copys_turn() -> None:
+    hedger, transport = Hedger(requests=1_000), Scripted()
+    loop = asyncio.get_running_loop()
+    turns: list[asyncio.Future[None]] = [loop.create_future(), loop.create_future()]
+    turns[0].set_result(None)  # the second copy's turn never comes
+    waits = iter(turns)
+    sending = await _hedged(hedger, transport, lambda: next(waits))
+    await transport.wait_out(2)
+    (flight,) = hedger._flights
+    flight.copied -= 60.0
+    hedger.choose(now=loop.time())
+    assert flight.chosen == 2
+    for sent in transport.copies:  # the first and the copy that went
+        sent.set_result(TransportError("connection reset"))
+    result, copied = await asyncio.wait_for(sending, 10)  # the bound only ends a hang
+    assert isinstance(result, TransportError) and copied == hedger.sent == 1
+    assert turns[1].cancelled()
 
 
 async def test_when_every_copy_fails_the_request_fails_once() -> None:
@@ -367,6 +389,16 @@ async def test_a_stop_as_the_copy_wins_still_stops_when_the_send_converts_it() -
     sending.cancel()  # both cancels reach the worker, whose send turns them into a failure
     with pytest.raises(asyncio.CancelledError):
         await sending
+
+
+async def test_a_stop_the_first_copys_send_converts_does_not_wait_for_the_copy() -> None:
+    hedger, transport = Hedger(requests=100), Converting()
+    sending = await _hedged(hedger, transport)
+    await transport.wait_out(2)
+    sending.cancel()  # the first copy's send turns it into a failure; the copy is still out
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(sending, 10)  # the bound only ends a hang
+    assert transport.cancelled == 2
 
 
 async def test_a_copy_that_raises_other_than_a_request_error_is_never_lost() -> None:

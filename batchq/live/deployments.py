@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -151,8 +152,9 @@ class Deployment:
 class Copies:
     """The transport of a hedged request in a pool: the first copy goes to its deployment,
     each further one to another, once one has room (after Dean and Barroso's "tied
-    requests" to another replica: a straggler is most often held up by its server); to the
-    same one only when no other is in the pool.
+    requests" to another replica: a straggler is most often held up by its server), one
+    no copy went to before if there is one; to the same one only when no other is in the
+    pool.
 
     ``Hedger.send`` takes it as the transport, and ``turn`` as a copy's wait for its
     turn, which is taken in the pace of the deployment the copy goes to. Each copy sent is
@@ -164,6 +166,7 @@ class Copies:
         # Where the copy whose turn came goes. A copy is chosen only once the one before it
         # was sent, and its send reads this before it awaits anything: one copy at a time.
         self.next: Deployment | None = None
+        self.went: list[Deployment] = []  # where copies went
         self.answers: list[tuple[Deployment, Response]] = []  # the copies', as they came
 
     async def turn(self) -> None:
@@ -172,9 +175,9 @@ class Copies:
         loop = asyncio.get_running_loop()
         router = self.router
         url, tokens = self.request.url, self.request.tokens
-        while (other := router.elsewhere(self.first, loop.time(), url, tokens)) is None and (
-            router.others(self.first, url, tokens)
-        ):
+        while (
+            other := router.elsewhere(self.first, loop.time(), url, tokens, tried=self.went)
+        ) is None and router.others(self.first, url, tokens):
             await router.wait()
         self.next = other or self.first
         await self.next.pacer.wait_turn(self.request.tokens)
@@ -186,6 +189,7 @@ class Copies:
         if d is None:  # the first copy, counted by the runner
             return await first.send(path, body)
         d.stats.requests += 1
+        self.went.append(d)
         if d is self.first:  # no other deployment in the pool
             answer = await first.send(path, body)
         else:
@@ -307,14 +311,17 @@ class Router:
         breaker.failed(now, f"{answer.code}: {answer}"[:200], probe=probe, at_once=unreachable)
 
     def elsewhere(
-        self, first: Deployment, now: float, url: str = "", tokens: int = 0
+        self,
+        first: Deployment,
+        now: float,
+        url: str = "",
+        tokens: int = 0,
+        tried: Collection[Deployment] = (),
     ) -> Deployment | None:
-        """Another deployment in the pool serving ``url`` and fitting ``tokens``, with room,
-        the most first; None if none has."""
-        best = max(
-            self.others(first, url, tokens), key=lambda d: (d.room(now), d.weight), default=None
-        )
-        return best if best is not None and best.room(now) > 0 else None
+        """Another deployment in the pool serving ``url`` and fitting ``tokens``, with room:
+        one not ``tried`` first, then the most room; None if none has."""
+        with_room = [d for d in self.others(first, url, tokens) if d.room(now) > 0]
+        return max(with_room, key=lambda d: (d not in tried, d.room(now), d.weight), default=None)
 
     def others(self, first: Deployment, url: str = "", tokens: int = 0) -> list[Deployment]:
         """The deployments in the pool but ``first`` that are in and take a request of

@@ -455,7 +455,7 @@ class Pipeline:
 
     async def _attempt(self, request: Request) -> tuple[float, Answer, bool, Deployment] | None:
         """One attempt within a deployment's allowance and pace: when it went, the answer,
-        whether a second copy was sent, and the deployment that answered."""
+        whether copies were sent, and the deployment that answered."""
         loop = self.loop
         while (picked := self.router.pick(loop.time(), request.tokens, request.url)) is None:
             await self.router.wait()  # every deployment is full: the first with room takes it
