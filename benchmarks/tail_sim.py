@@ -1,24 +1,24 @@
 """The tail hedge against a simulated heavy tail: how long a job runs after its last send.
 
 A discrete-event simulation on a fake clock drives the real ``Hedger.pick`` (the
-runner calls it every 0.2 s once nothing is left to send) and its latency
-histogram, with capacity.py case 1's endpoint: 20,000 requests sent on the
-pace of ``--rpm 10000`` (2% under it, as ``limiter.MARGIN`` paces), latency
-lognormal of p50 0.8 s and p99 10 s (``--p99``), 1% 500s and 1% 503s after their latency.
-The first answer to an attempt, its own or a copy's, ends it, as ``Hedger.send``
-returns it: a 200 is the line's, a 5xx is retried after the retry policy's
-backoff. A copy takes its turn at once (the pace has room once nothing is left
-to send) and a latency of its own, drawn independently: an endpoint whose
-latency follows the answer's length would make copies slower, and the gain
-smaller.
+runner calls it every 0.2 s once every request has gone out) and its latency
+histogram, with capacity.py case 1's endpoint: 20,000 requests sent on the pace
+of ``--rpm 10000`` (2% under it, as ``limiter.MARGIN`` paces), latency lognormal
+of p50 0.8 s and p99 10 s (``--p99``), 1% 500s and 1% 503s after their latency.
+As in ``Hedger.send``, the first success among an attempt's sends is the line's;
+a 5xx ends the attempt once every send of it has failed, and the line is sent
+again after the retry policy's backoff. A copy takes its turn at once (the pace
+has room once nothing is left to send) and a latency of its own, drawn
+independently: an endpoint whose latency follows the answer's length would make
+copies as slow as the first, and the gain smaller. The endpoint has no limit of
+its own: copies add no load.
 
-Each seed runs with no hedge, with the rule before (one copy of a request out
-longer than the p95) and with batchq's (``COPIES`` copies, each once the one
-before is out longer than the ``LATE`` percentile); the table gives the tail
-(seconds from the last new request to the last answer) over the seeds, and
-the copies sent (median, a share of the requests). The hedge starts at the
-last send here; batchq starts it once every line has a worker, a little
-earlier, so these tails are a little long::
+Each seed runs with no hedge, with one copy of a request out longer than the p95
+(the rule before; the other rules as batchq's today) and with batchq's rule
+(``COPIES`` copies, each once the one before is out longer than the ``LATE``
+percentile); the table gives the tail (seconds from the last new request to the
+last answer) over the seeds, and the copies sent (median, a share of the
+requests)::
 
     python benchmarks/tail_sim.py [--seeds N] [--lines N] [--p99 S]
 """
@@ -56,10 +56,12 @@ OVER = (1.15 - 1.057) * 120
 
 @dataclass(eq=False)
 class Line:
-    """One request: its attempt in flight, and whether it is done."""
+    """One request: its attempt in flight and that attempt's sends not yet answered, and
+    whether it is done."""
 
     flight: _Flight | None = None
     attempts: int = 0
+    out: int = 0
     done: bool = False
 
 
@@ -92,14 +94,21 @@ class Sim:
         self.lines[flight] = line
         if self.hedger is not None:
             self.hedger._flights.add(flight)
-        self.at(now + self.latency(), "answer", line, flight)
+        line.out = 1
+        self.at(now + self.latency(), "first", line, flight)
 
-    def answer(self, line: Line, flight: _Flight, status: int, now: float) -> None:
-        """The first answer to an attempt, its own or a copy's, ends it (as ``Hedger.send``
-        returns it and cancels the rest): the line is done, or sent again after the
-        retry policy's backoff."""
+    def answer(self, line: Line, flight: _Flight, what: str, status: int, now: float) -> None:
+        """A send of an attempt answered (``what``: "first" or "copy"). As in
+        ``Hedger.send``, a success ends the attempt and the line; a failure ends it only
+        once every send of it has failed, and the line is sent again after the retry
+        policy's backoff. The first's failure stops its copies being chosen."""
         if flight is not line.flight or line.done:
             return  # the attempt ended: this send was cancelled
+        line.out -= 1
+        if status != 200:
+            flight.answered = flight.answered or what == "first"
+            if line.out:
+                return  # a send that went may still succeed
         line.flight = None
         if self.hedger is not None:
             self.hedger._flights.discard(flight)
@@ -116,7 +125,9 @@ class Sim:
         flight.sent += 1
         flight.copied = now
         self.hedger.sent += 1
-        self.at(now + self.latency(), "answer", self.lines[flight], flight)
+        line = self.lines[flight]
+        line.out += 1
+        self.at(now + self.latency(), "copy", line, flight)
 
     def run(self, lines: int) -> float:
         """The job: seconds from its last new request to its last answer."""
@@ -128,14 +139,14 @@ class Sim:
         while self.events:
             when, _, what, line, flight, status = heapq.heappop(self.events)
             while self.hedger is not None and tick < when:
-                for flight in self.hedger.pick(tick):
-                    self.copy(flight, tick)
+                for straggler in self.hedger.pick(tick):
+                    self.copy(straggler, tick)
                 tick += TICK
             if what == "send":
                 self.send(line, when)
             else:
                 assert flight is not None
-                self.answer(line, flight, status, when)
+                self.answer(line, flight, what, status, when)
         return self.last_answer - last_send
 
 

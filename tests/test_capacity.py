@@ -118,6 +118,21 @@ def test_a_copy_that_straggles_too_gets_one_more(tmp_path: Path, mock_server: Mo
     assert summary(done)["this_run"]["hedges"]["sent"] == 2  # type: ignore[index]
 
 
+def test_copies_wait_until_every_line_has_gone(tmp_path: Path, mock_server: MockFactory) -> None:
+    server = mock_server(latency=0.01)
+    slowish = [f"slowish {i} [[mock:sleep=3:1]]" for i in range(3)]  # first in the file
+    late = [f"late {i} [[mock:sleep=30:1]]" for i in range(3)]  # last: the job's true tail
+    prompts = slowish + [f"q{i}" for i in range(294)] + late
+    write_jsonl(tmp_path / "in.jsonl", [chat(p) for p in prompts])  # 300 lines: 3 copies
+    # Every line is taken at once and sent 50 a second: the slowish lines are out for
+    # seconds while the rest wait for their turn, and answer long before the last one goes.
+    done = run(tmp_path, server.url, "--rpm", "3000", "--concurrency", "300")
+    assert done.returncode == 0, done.stderr
+    seen = server.stats()["prompts"]
+    assert [seen[p] for p in slowish] == [1, 1, 1]  # no copy spent on them
+    assert [seen[p] for p in late] == [2, 2, 2]
+
+
 def test_with_no_hedge_a_straggler_is_sent_once(tmp_path: Path, mock_server: MockFactory) -> None:
     server = mock_server(latency=0.01)
     lines = [chat(f"q{i}") for i in range(59)] + [chat("late [[mock:sleep=3:1]]")]

@@ -38,7 +38,7 @@ from batchq.config import DeploymentSpec, build_settings, parse_deployments
 from batchq.errors import ConfigError, EndpointUnreachable, FatalEndpointError
 from batchq.job.settings import read_job_toml, write_job_toml
 from batchq.live.concurrency import Pool
-from batchq.live.deployments import Breaker, Deployment, Router
+from batchq.live.deployments import Breaker, Copies, Deployment, Router
 from batchq.live.limiter import Pacer
 from batchq.live.transport import Response
 
@@ -141,15 +141,22 @@ def test_a_hedge_copy_goes_only_where_the_request_fits_the_tpm() -> None:
     assert router.elsewhere(first, 0.0, url, tokens=5000) is None  # above its whole tpm
 
 
-def test_a_further_copy_goes_where_no_copy_went_before_if_it_can() -> None:
+async def test_a_further_copy_goes_where_no_copy_went_before_if_it_can() -> None:
     first, roomy, other = _deployment("first", 4), _deployment("roomy", 64), _deployment("o", 4)
-    router = Router([first, roomy, other])
-    url = "/v1/chat/completions"
-    assert router.elsewhere(first, 0.0, url) is roomy  # the most room
-    assert router.elsewhere(first, 0.0, url, tried=[roomy]) is other  # its copy straggles there
-    assert router.elsewhere(first, 0.0, url, tried=[roomy, other]) is roomy
+    request = bq.records.Request(1, "r", "/v1/chat/completions", b"{}", 5)
+    copies = Copies(Router([first, roomy, other]), first, request)
+    await copies.turn()
+    assert copies.next is roomy  # the most room
+    copies.went.append(roomy)  # its copy straggles there
+    await copies.turn()
+    assert copies.next is other
+    copies.went.append(other)
+    await copies.turn()
+    assert copies.next is roomy
     other.pool.gate.used = 4
-    assert router.elsewhere(first, 0.0, url, tried=[roomy]) is roomy  # the untried one is full
+    copies.went[:] = [roomy]
+    await copies.turn()
+    assert copies.next is roomy  # the one no copy went to is full
 
 
 def test_a_line_out_of_its_deployment_goes_at_once_only_to_another_that_serves_it() -> None:

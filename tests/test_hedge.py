@@ -19,6 +19,7 @@ from batchq.live.hedge import (
     MIN_SAMPLES,
     MIN_WAIT,
     QUIET,
+    REFUSED_AT_LEAST,
     REFUSED_SHARE,
     SHARE,
     Hedger,
@@ -71,11 +72,22 @@ def chosen(out: list[_Flight]) -> list[bool]:
 def test_stragglers_are_chosen_oldest_first_up_to_one_percent_of_the_job() -> None:
     hedger = Hedger(requests=300)
     assert hedger.budget == int(SHARE * 300) == 3
-    out = flights(hedger, 0.0, 1.0, 2.0, 3.0, 4.0, 9.5)
+    out = flights(hedger, 0.0, 1.0, 2.0)
     pick(hedger, out, now=10.0, p50=0.2, late=0.4, samples=100)
-    assert chosen(out) == [True, True, True, False, False, False]
-    pick(hedger, out, now=20.0, p50=0.2, late=0.4, samples=100)  # the budget is spent
-    assert chosen(out) == [True, True, True, False, False, False]
+    assert chosen(out) == [True, True, True]
+    later = flights(hedger, 3.0)
+    pick(hedger, later, now=20.0, p50=0.2, late=0.4, samples=100)  # the budget is spent
+    assert chosen(later) == [False]
+
+
+def test_copies_wait_until_those_left_cover_every_request_out() -> None:
+    hedger = Hedger(requests=300)  # three copies: the job's last three requests may get one
+    out = flights(hedger, 0.0, 1.0, 2.0, 3.0, 8.5)
+    pick(hedger, out, now=10.0, p50=0.2, late=0.4, samples=100)
+    assert chosen(out) == [False] * 5  # five out: copies now might miss the last ones
+    hedger._flights -= {out[1], out[2]}  # two answered: three out, three copies left
+    pick(hedger, out, now=10.0, p50=0.2, late=0.4, samples=100)
+    assert chosen(out) == [True, False, False, True, True]
 
 
 def test_a_small_job_may_still_hedge_once() -> None:
@@ -147,10 +159,20 @@ def test_nothing_is_chosen_while_503s_are_more_than_a_few_recent_answers() -> No
     pick(hedger, out, now=41.0, p50=0.2, late=0.4, samples=100)
     assert chosen(out) == [False]
     hedger.answered(now=44.0, status=200)
-    pick(hedger, out, now=41.0 + QUIET - 0.01, p50=0.2, late=0.4, samples=100)
-    assert chosen(out) == [False]  # 1 503 of 2 answers
+    pick(hedger, out, now=40.0 + QUIET - 0.01, p50=0.2, late=0.4, samples=100)
+    assert chosen(out) == [False]  # 6 503s of 101 answers
     pick(hedger, out, now=41.0 + QUIET, p50=0.2, late=0.4, samples=100)
     assert chosen(out) == [True]  # of the last QUIET seconds' answers, none refused
+
+
+def test_in_a_tail_of_few_answers_a_503_or_two_are_chance() -> None:
+    hedger = Hedger(requests=10_000)
+    hedger.answered(now=40.0, status=200)
+    for _ in range(REFUSED_AT_LEAST - 1):
+        hedger.answered(now=40.0, status=503)
+    assert not hedger.refusing(now=40.0)
+    hedger.answered(now=40.0, status=503)
+    assert hedger.refusing(now=40.0)
 
 
 def test_nothing_is_chosen_once_the_run_is_stopping() -> None:
@@ -341,6 +363,27 @@ async def test_a_first_copy_that_fails_waits_for_the_second() -> None:
     assert transport.cancelled == 0
 
 
+@pytest.mark.parametrize("status", [429, 500, 503])
+async def test_a_copys_refusal_does_not_end_the_first(status: int) -> None:
+    hedger, transport = Hedger(requests=100), Scripted()
+    sending = await _hedged(hedger, transport)
+    await transport.wait_out(2)
+    transport.copies[1].set_result(Response(status, {}, b"{}", "req-2"))
+    await asyncio.sleep(0)  # the copy's answer is taken, and wins nothing
+    assert not sending.done()
+    transport.copies[0].set_result(_ok(1))
+    assert await sending == (_ok(1), 1)
+
+
+async def test_a_first_copys_refusal_waits_for_a_copy_that_went() -> None:
+    hedger, transport = Hedger(requests=100), Scripted()
+    sending = await _hedged(hedger, transport)
+    await transport.wait_out(2)
+    transport.copies[0].set_result(Response(503, {}, b"{}", "req-1"))
+    transport.copies[1].set_result(_ok(2))
+    assert await sending == (_ok(2), 1)
+
+
 async def test_a_first_copy_answering_before_the_seconds_turn_sends_no_second() -> None:
     hedger, transport = Hedger(requests=100), Scripted()
     turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -399,6 +442,16 @@ async def test_a_stop_the_first_copys_send_converts_does_not_wait_for_the_copy()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(sending, 10)  # the bound only ends a hang
     assert transport.cancelled == 2
+
+
+async def test_a_stop_the_send_converts_stops_a_request_with_no_copy() -> None:
+    hedger, transport = Hedger(requests=100), Converting()
+    request = Request(line_no=1, custom_id="c1", url="/v1/chat/completions", body=b"{}", tokens=7)
+    sending = asyncio.ensure_future(hedger.send(transport, request, 0.0, _no_wait))  # type: ignore[arg-type]
+    await transport.wait_out(1)
+    sending.cancel()  # the send turns it into a failure, which must not pass for an answer
+    with pytest.raises(asyncio.CancelledError):
+        await sending
 
 
 async def test_a_copy_that_raises_other_than_a_request_error_is_never_lost() -> None:

@@ -650,6 +650,11 @@ class Pool:
         if not self.fixed:
             self.adaptive.lagged(seconds)
 
+    def all_out(self) -> bool:
+        """No request waits for a place in the pool, or holds one but has not gone out (it
+        waits for its turn in the pace, or for the budget)."""
+        return not self.gate.waiting and self.gate.used == self.in_flight
+
     def binding(self, paced: bool) -> str:
         """What holds the sending back now: the pool, the pace, or the endpoint's capacity."""
         # Slots are held by requests waiting for their turn in the pace too (and for a

@@ -1,33 +1,36 @@
 """The tail hedge (on by default, ``--no-hedge``): copies of stragglers, once nothing
 is left to send.
 
-After "The Tail at Scale" (Dean and Barroso, 2013): when the input is
-exhausted, the job's end is decided by its slowest requests, and a request
-out longer than most (``LATE``: the job's p80 latency, and twice its median)
-is more likely stuck behind something (a busy replica, a lost packet) than
-merely long. A copy of it often answers first. The first answer wins and the
-other copies are cancelled; the request still yields exactly one outcome, so
-exactly one output line. A copy's latency is drawn from the same tail, so a
-copy out as long is a straggler too, and gets one more (``COPIES`` in all).
+After "The Tail at Scale" (Dean and Barroso, 2013): once every request has gone
+out, the job's end is decided by its slowest, and a request out longer than
+most (``LATE``: the job's p80 latency, and twice its median) is more likely
+stuck behind something (a busy replica, a lost packet) than merely long. A copy
+of it often answers first. The first success wins and the other copies are
+cancelled; the request still yields exactly one outcome, so exactly one output
+line. A copy's latency is drawn from the same tail, so a copy out as long is a
+straggler too, and gets one more (``COPIES`` in all).
 
 Dean and Barroso wait for the p95 to keep a service's extra load near 5%; here
 the copies are capped at ``SHARE`` of the job's requests and go only in its
 tail, so the cap bounds the cost and the percentile only says where to spend
 it. Simulated on capacity.py's case 1 (20,000 requests at 10,000 RPM, latency
 p50 0.8 s, p99 10 s; benchmarks/tail_sim.py, 60 seeds), one copy at the p95
-left a median tail of 13 s after the last send (53 s at worst; 0.4% copies);
-three at the p80, 5.5 s (9.8 s; 0.8%). On a milder tail (p99 3 s) both end
-~3.7 s after it, and the p80 spends 0.2% copies, not 0.1%.
+left a median tail of 8.3 s after the last send (28 s at worst; 0.32% copies);
+three at the p80, 4.8 s (8.5 s; 0.68%). On a milder tail (p99 3 s): 2.9 s and
+2.6 s, 0.10% and 0.18%.
 
-Hedges are bounded: at most ``SHARE`` of the job's requests; none before
+Hedges are bounded: at most ``SHARE`` of the job's requests; none while the
+copies left could not cover every request still out (a small job's few copies
+go to its last requests, not to the first slow ones); none before
 ``MIN_SAMPLES`` answers have made the percentiles worth trusting; none of a
 request out less than ``MIN_WAIT`` or twice the median (a copy then saves less
 than it costs: with a steady latency nothing is a straggler); none while the
 endpoint refuses (a 429 in the last ``QUIET`` seconds, or 503s more than
-``REFUSED_SHARE`` of its answers then: a copy would only add to its load, while
-the odd 503 of a busy endpoint is no refusal); none once the run is stopping.
-Each is counted, with the tokens it was estimated to cost, and its result line
-says ``"hedged": true`` under ``batchq``.
+``REFUSED_SHARE`` of its answers then and at least ``REFUSED_AT_LEAST``: a copy
+would only add to its load, while the odd 503 of a busy endpoint, or of a tail
+of a few answers, is no refusal); none once the run is stopping. Each is
+counted, with the tokens it was estimated to cost, and its result line says
+``"hedged": true`` under ``batchq``.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 from batchq.errors import RequestError
 from batchq.live.transport import Response, Transport
@@ -50,7 +53,8 @@ LATE = 80  # percentile of the latencies: a request out longer is a straggler
 MIN_SAMPLES = 20
 MIN_WAIT = 1.0  # seconds: a request out less long is no straggler worth a copy
 QUIET = 5.0  # seconds: what the endpoint refused in as many is recent
-REFUSED_SHARE = 0.05  # of the recent answers: more 503s than this, and it refuses
+REFUSED_SHARE = 0.05  # of the recent answers: more 503s than this, and it refuses ...
+REFUSED_AT_LEAST = 3  # ... if they are as many: in a tail of a few answers, one 503 is chance
 
 Answer = Response | RequestError
 
@@ -127,10 +131,12 @@ class Hedger:
         self._forget(now)
 
     def refusing(self, now: float) -> bool:
-        """A 429 in the last ``QUIET`` seconds, or 503s more than ``REFUSED_SHARE`` of them."""
+        """A 429 in the last ``QUIET`` seconds, or 503s more than ``REFUSED_SHARE`` of the
+        answers then, and at least ``REFUSED_AT_LEAST``."""
         self._forget(now)
-        refused_503s = len(self._refusals) > REFUSED_SHARE * len(self._answers)
-        return now - self.limited_at < QUIET or refused_503s
+        refusals = len(self._refusals)
+        refused = refusals >= REFUSED_AT_LEAST and refusals > REFUSED_SHARE * len(self._answers)
+        return now - self.limited_at < QUIET or refused
 
     def _forget(self, now: float) -> None:
         for times in (self._answers, self._refusals):
@@ -152,8 +158,8 @@ class Hedger:
         A request whose copy has been out as long gets another, up to ``COPIES``;
         one whose first copy failed waits for those it has.
         """
-        if self.stopped or self.refusing(now):
-            return []
+        if self.stopped or self.refusing(now) or len(self._flights) > self.budget - self.chosen:
+            return []  # not while the copies left could not cover every request still out
         lateness: dict[int, float] = {}
         picked = []
         for flight in sorted(self._flights, key=lambda f: f.started):
@@ -183,8 +189,9 @@ class Hedger:
         """Send ``request``, and copies as chosen; the first answer, and the copies sent.
         ``latency``: the answers it is judged a straggler against (None: the job's).
 
-        A copy that fails without an answer (a dropped connection) does not
-        win while another may still answer.
+        Only a success wins while another copy that went may still answer: a
+        failure (a dropped connection, a 429, a 5xx) is the attempt's only once
+        every copy sent has failed too.
         """
         worker = asyncio.current_task()
         assert worker is not None
@@ -202,14 +209,14 @@ class Hedger:
                 if worker.uncancel() > 0:
                     raise asyncio.CancelledError  # a stop came with it: the run is stopping
                 return flight.won, flight.sent
-            if isinstance(result, Response) or not flight.sent:
+            if _ok(result):
                 return result, flight.sent
             if worker.cancelling():  # a stop the send turned into a failure of its own
                 raise asyncio.CancelledError
-            # The first failed: a copy that went may still answer. One still waiting for its
+            # The first failed: a copy that went may still succeed. One still waiting for its
             # turn is not sent (the finally cancels it), nor waited for: its turn may be long.
             for copy in asyncio.as_completed(flight.copies[: flight.sent]):
-                if isinstance(second := await copy, Response):
+                if _ok(second := await copy):
                     return second, flight.sent
                 result = result if second is None else second
             return result, flight.sent
@@ -218,10 +225,11 @@ class Hedger:
             out = [copy for copy in flight.copies if not copy.done()]
             for copy in out:
                 copy.cancel()
-            await asyncio.gather(*out, return_exceptions=True)
-            for copy in flight.copies:
-                if copy not in out and not copy.cancelled() and (error := copy.exception()):
-                    raise error  # not a RequestError (kept as a value): a bug, as loud
+            cancelled = await asyncio.gather(*out, return_exceptions=True)
+            done = [c.exception() for c in flight.copies if c not in out and not c.cancelled()]
+            for error in [*done, *cancelled]:  # a RequestError is a copy's answer, as a value
+                if isinstance(error, Exception) and not isinstance(error, RequestError):
+                    raise error  # a bug: as loud as the first copy's
 
     async def _copy(self, flight: _Flight) -> Answer | None:
         """A copy of a chosen request, None if it was never sent; an answer first ends the
@@ -234,10 +242,16 @@ class Hedger:
         flight.sent += 1
         flight.copied = asyncio.get_running_loop().time()
         result = await answer(flight.transport, flight.request)
-        if isinstance(result, Response) and not flight.answered and flight.won is None:
+        # Only a success wins: a copy's 429 or 5xx would cancel a first copy that may be
+        # about to succeed, and the attempt would begin again.
+        if _ok(result) and not flight.answered and flight.won is None:
             flight.won = result
             flight.worker.cancel()  # its wait for the first copy, which is then cancelled
         return result
+
+
+def _ok(answer: Answer | None) -> TypeGuard[Response]:
+    return isinstance(answer, Response) and 200 <= answer.status < 300
 
 
 def _late(latency: LatencyHistogram) -> float:
