@@ -438,6 +438,7 @@ async def test_a_stop_the_first_copys_send_converts_does_not_wait_for_the_copy()
     hedger, transport = Hedger(requests=100), Converting()
     sending = await _hedged(hedger, transport)
     await transport.wait_out(2)
+    hedger.stop()  # as the runner does before it cancels its workers
     sending.cancel()  # the first copy's send turns it into a failure; the copy is still out
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(sending, 10)  # the bound only ends a hang
@@ -449,6 +450,7 @@ async def test_a_stop_the_send_converts_stops_a_request_with_no_copy() -> None:
     request = Request(line_no=1, custom_id="c1", url="/v1/chat/completions", body=b"{}", tokens=7)
     sending = asyncio.ensure_future(hedger.send(transport, request, 0.0, _no_wait))  # type: ignore[arg-type]
     await transport.wait_out(1)
+    hedger.stop()  # as the runner does before it cancels its workers
     sending.cancel()  # the send turns it into a failure, which must not pass for an answer
     with pytest.raises(asyncio.CancelledError):
         await sending

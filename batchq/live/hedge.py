@@ -211,8 +211,9 @@ class Hedger:
                 return flight.won, flight.sent
             if _ok(result):
                 return result, flight.sent
-            if worker.cancelling():  # a stop the send turned into a failure of its own
-                raise asyncio.CancelledError
+            if self.stopped and worker.cancelling():  # a stop the send made a failure of
+                raise asyncio.CancelledError  # its own (not a timeout: aiohttp < 3.11's
+                # leaves the task cancelling, and would pass for one)
             # The first failed: a copy that went may still succeed. One still waiting for its
             # turn is not sent (the finally cancels it), nor waited for: its turn may be long.
             for copy in asyncio.as_completed(flight.copies[: flight.sent]):
