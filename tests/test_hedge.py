@@ -8,6 +8,7 @@ promises (the server's arrivals, the output lines) are in test_capacity.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -258,15 +259,28 @@ def _ok(n: int) -> Response:
 
 
 async def _hedged(
-    hedger: Hedger, transport: Scripted, turn: Callable[[], Awaitable[object]] | None = None
+    hedger: Hedger,
+    transport: Scripted,
+    turn: Callable[[], Awaitable[object]] | None = None,
+    *,
+    timed_out: bool = False,
 ) -> asyncio.Task[tuple[object, int]]:
-    """A request sent through ``hedger``, out alone long enough to be chosen at once."""
+    """A request sent through ``hedger``, out alone long enough to be chosen at once;
+    ``timed_out``: by a worker an earlier attempt's timeout left cancelling, as aiohttp
+    before 3.11's does (it cancels the task and never takes the cancel back)."""
     request = Request(line_no=1, custom_id="c1", url="/v1/chat/completions", body=b"{}", tokens=7)
     latency = Latency()
     latency.total, latency.p50, latency.late = 100, 0.2, 0.4
-    sending = asyncio.ensure_future(
-        hedger.send(transport, request, 0.0, turn or _no_wait, latency)  # type: ignore[arg-type]
-    )
+
+    async def worker() -> tuple[object, int]:
+        if timed_out:
+            asyncio.current_task().cancel()  # type: ignore[union-attr]
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0)
+        send = hedger.send(transport, request, 0.0, turn or _no_wait, latency)  # type: ignore[arg-type]
+        return await send
+
+    sending = asyncio.ensure_future(worker())
     await transport.wait_out(1)
     hedger.choose(now=60.0)
     return sending
@@ -412,6 +426,21 @@ async def test_a_stop_at_the_instant_the_second_copy_wins_still_stops() -> None:
     sending.cancel()  # before the copy's own step: both cancels reach the worker
     with pytest.raises(asyncio.CancelledError):
         await sending
+
+
+@pytest.mark.parametrize("converting", [False, True])
+async def test_a_copy_wins_in_a_worker_an_earlier_timeout_left_cancelling(
+    converting: bool,
+) -> None:
+    # Read as a stop, the win ended the worker (a TaskGroup lets a cancelled task go
+    # quietly) and its line stayed pending: the floor CI's aiohttp 3.10 does this.
+    hedger = Hedger(requests=100)
+    transport = Converting() if converting else Scripted()
+    sending = await _hedged(hedger, transport, timed_out=True)
+    await transport.wait_out(2)
+    transport.copies[1].set_result(_ok(2))
+    assert await sending == (_ok(2), 1)
+    assert sending.cancelling() == 1  # the timeout's, left as it was
 
 
 class Converting(Scripted):

@@ -76,11 +76,12 @@ The first request goes alone (the limiter's probe), so its latency is the
 endpoint's unloaded one: without a pace, a first window whose median is twice
 that is a queue (a server of one or two slots, which the first allowance
 overfills), and slow start begins again from what Little's law says was not
-queued. An unpaced pool whose fastest answers and median both wait sheds a
-fifth a window. When the event loop's lag (the runner's tick measures it) is
-a fifth of the median latency, batchq is the bottleneck, not the endpoint:
-the unpaced pool grows while throughput holds (by slow start's steps, then
-doubling) rather than reading its own lag as the endpoint's queue.
+queued (if that pool brings as many answers, the endpoint is full there:
+one slot gets one request). An unpaced pool whose fastest answers and median
+both wait sheds a fifth a window. When the event loop's lag (the runner's tick
+measures it) is a fifth of the median latency, batchq is the bottleneck, not
+the endpoint: the unpaced pool grows while throughput holds (by slow start's
+steps, then doubling) rather than reading its own lag as the endpoint's queue.
 
 **When the server tells its load** (vLLM, llama.cpp, SGLang and TGI publish
 how many requests run in their batch and how many wait for a place in it:
@@ -238,6 +239,7 @@ class AdaptiveLimit:
         self.first: float | None = None  # the first answer's latency: the probe's, sent alone
         self.client_bound = False  # the last window's time went to our own event loop
         self._probe = 1.0  # the factor of the last probe
+        self._queue = (0, math.inf)  # a first window that was a queue: its limit, answers a second
         self.told = False  # the server's gauges size the pool (``reported``): no probing
         self.batch: int | None = None  # what its batch ran when requests last waited
         self._running = 0  # what it ran at the last reading
@@ -479,6 +481,7 @@ class AdaptiveLimit:
             # Slow start again from the pool that Little's law says was not queued: if the
             # probe's was only a fast answer of a heavy tail, that costs a window, no more.
             assert self.first is not None
+            self._queue = (limit, rate)
             limit, self.best = _unqueued(limit, self.first, median), None
         elif (
             not paced
@@ -492,6 +495,15 @@ class AdaptiveLimit:
             # overshot), which a smaller pool sheds at no cost in throughput. A fifth less
             # each window while it shows: the lowest latencies seen are estimates, biased low.
             limit, self.best = min(limit - 1, math.ceil(limit * SHRINK)), None
+        elif best is None and self.slow_start and KEEP * self._queue[1] <= rate:
+            # Slow start again below a first window that was a queue, and this smaller pool
+            # brings as many answers as its larger one did: the endpoint is full already,
+            # and the step up would only measure that queue again (one slot's 4 in flight).
+            # (Not when it merely brings more than a step up must gain: from a heavy tail's
+            # noisy windows of 16 answers, that ended slow start on a large server.)
+            queue_limit, queue_rate = self._queue
+            limit = max(limit, self._knee(max(rate, queue_rate), queue_limit))
+            self.slow_start = False
         elif best is None:
             self.best = (limit, rate)
             limit = limit * GROWTH if self.slow_start else limit
@@ -515,13 +527,13 @@ class AdaptiveLimit:
             self.steps += 1
             if self.steps % PROBE_EVERY == 0:  # less first: it sheds a queue
                 self._probe = SHRINK if self.steps // PROBE_EVERY % 2 else GROW
-                limit = math.ceil(limit * self._probe)
+                limit = _probed(limit, self._probe)
         elif rate >= best[1] * (1 + (limit / best[0] - 1) / 2 if limit > best[0] else KEEP):
             # A larger pool must earn half its proportional gain, or it is only a
             # longer queue; a smaller one is kept if it loses almost nothing. Either
             # way the next step goes on in the same direction.
             self.best = (limit, rate)
-            limit = math.ceil(limit * self._probe)
+            limit = _probed(limit, self._probe)
         else:
             limit = best[0]
         self.limit = max(FLOOR, min(self.ceiling, limit))
@@ -546,19 +558,29 @@ class AdaptiveLimit:
     def _knee(self, capacity: float, high: int) -> int:
         """Little's law at the unloaded latency: the pool that fills an endpoint serving
         ``capacity`` a second, with headroom for a batch's slower answers."""
-        return min(high, _nearest(capacity * self.base_mean * HEADROOM))
+        return min(high, _whole(capacity * self.base_mean * HEADROOM))
 
 
 def _unqueued(limit: int, unloaded: float, queued: float) -> int:
     """The pool at which the fastest answers, ``queued`` seconds at ``limit`` in flight, would
     take ``unloaded`` (Little's law), with headroom for a batch's slower answers."""
-    return _nearest(limit * unloaded / queued * HEADROOM)
+    return _whole(limit * unloaded / queued * HEADROOM)
 
 
-def _nearest(pool: float) -> int:
-    """The nearest pool, a half rounded down (a server of one slot gets one request, not
-    the two that Little's law with headroom asks: 1.5)."""
-    return math.floor(pool + 0.45)
+def _whole(pool: float) -> int:
+    """The pool, rounded down: on a server of a slot or two a request too many doubles the
+    latency, and one too few costs only the round trip its slot idles between answers.
+    (One slot asks 1.5, Little's law with headroom; the first request's connection made
+    that 1.55 in one real run of two, and the nearest pool, 2, kept one waiting for good.)
+    """
+    return math.floor(pool)
+
+
+def _probed(limit: int, factor: float) -> int:
+    """The limit a probe by ``factor`` tries: at least one request more or less."""
+    if factor < 1:
+        return min(limit - 1, math.ceil(limit * factor))
+    return max(limit + 1, math.ceil(limit * factor))
 
 
 def descriptor_ceiling(wanted: int) -> int:

@@ -195,23 +195,27 @@ class Hedger:
         """
         worker = asyncio.current_task()
         assert worker is not None
+        # Cancels from before this send: aiohttp < 3.11's timeout cancels the task and never
+        # takes it back, so a worker an earlier attempt timed out in stays cancelling. Read
+        # as a stop, a copy's win ended the worker and left its line pending.
+        residue = worker.cancelling()
         flight = _Flight(started, latency or self.latency, worker, transport, request, turn)
         self._flights.add(flight)
         try:
             try:
                 result = await answer(transport, request)
             except asyncio.CancelledError:
-                if flight.won is not None and worker.uncancel() == 0:
+                if flight.won is not None and worker.uncancel() == residue:
                     return flight.won, flight.sent  # a copy came first: this one lost
                 raise  # the run is stopping
             flight.answered = True
             if flight.won is not None:  # a cancel the send turned into a failure of its own
-                if worker.uncancel() > 0:
+                if worker.uncancel() > residue:
                     raise asyncio.CancelledError  # a stop came with it: the run is stopping
                 return flight.won, flight.sent
             if _ok(result):
                 return result, flight.sent
-            if self.stopped and worker.cancelling():  # a stop the send made a failure of
+            if self.stopped and worker.cancelling() > residue:  # a stop the send made a failure of
                 raise asyncio.CancelledError  # its own (not a timeout: aiohttp < 3.11's
                 # leaves the task cancelling, and would pass for one)
             # The first failed: a copy that went may still succeed. One still waiting for its
