@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from batchq.errors import RequestError, TransportError
+from batchq.live.concurrency import Pool
 from batchq.live.hedge import (
     COPIES,
     FUTILE_AFTER,
@@ -435,6 +436,46 @@ async def test_a_copys_429_stops_further_copies() -> None:
     assert hedger.refusing(asyncio.get_running_loop().time())
     transport.copies[0].set_result(_ok(1))
     assert await sending == (_ok(1), 1)
+
+
+async def test_each_answer_is_heard_once_when_every_copy_fails() -> None:
+    # The last copy's 503 is the attempt's failure: the runner told the hedger of it again.
+    hedger, transport = Hedger(requests=100), Scripted()
+    sending = await _hedged(hedger, transport)
+    await transport.wait_out(2)
+    transport.copies[1].set_result(Response(503, {}, b"{}", "req-2"))
+    await asyncio.sleep(0)
+    transport.copies[0].set_result(Response(500, {}, b"{}", "req-1"))
+    result, _ = await sending
+    assert isinstance(result, Response) and result.status == 503
+    assert (len(hedger._answers), len(hedger._refusals)) == (2, 1)
+
+
+async def test_a_copy_waiting_for_a_place_stays_unsent_once_another_copy_won() -> None:
+    # The winner's freed place goes to the next copy of the same request, which ran before
+    # the worker's cancel and went to the endpoint: paid for, and counted as a lost race.
+    pool, hedger, transport = Pool(2, 2), Hedger(requests=1_000), Scripted()
+    request = Request(line_no=1, custom_id="c1", url="/v1/chat/completions", body=b"{}", tokens=7)
+    latency = Latency()
+    latency.total, latency.p50, latency.late = 100, 0.2, 0.4
+
+    async def worker() -> tuple[object, int]:
+        async with pool.copy_slot():  # the first copy's place, as the runner's gate holds it
+            return await hedger.send(transport, request, 0.0, pool.copy_slot, latency)  # type: ignore[arg-type]
+
+    sending = asyncio.ensure_future(worker())
+    await transport.wait_out(1)
+    hedger.choose(now=60.0)
+    await transport.wait_out(2)
+    (flight,) = hedger._flights
+    flight.copied -= 60.0  # the copy went a minute ago: it gets one more
+    hedger.choose(now=asyncio.get_running_loop().time())
+    await asyncio.sleep(0)
+    assert flight.chosen == 2 and pool.gate.waiting == 1  # the pool is full: it waits
+    transport.copies[1].set_result(_ok(2))
+    assert await sending == (_ok(2), 1)
+    assert len(transport.copies) == 2 and (hedger.won, hedger.lost) == (1, 0)
+    assert (pool.gate.used, pool.copies) == (0, 0)
 
 
 async def test_a_first_copys_refusal_waits_for_a_copy_that_went() -> None:

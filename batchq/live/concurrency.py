@@ -624,7 +624,7 @@ class Pool:
 
     def sent(self, now: float) -> None:
         self.in_flight += 1
-        self.peak = max(self.peak, self.in_flight)
+        self.peak = max(self.peak, self.in_flight + self.copies)
         if self.fixed:  # nothing to learn: keep the request path as short as it was
             return
         self.adaptive.sent(self.in_flight, now)

@@ -237,6 +237,7 @@ class Hedger:
                     return self._won(flight, flight.won, by_copy=True)  # this one lost
                 raise  # the run is stopping
             flight.answered = True
+            self._heard(result)
             if flight.won is not None:  # a cancel the send turned into a failure of its own
                 if worker.uncancel() > residue:
                     raise asyncio.CancelledError  # a stop came with it: the run is stopping
@@ -268,23 +269,27 @@ class Hedger:
         """A copy of a chosen request, None if it was never sent; an answer first ends the
         worker's wait for the first copy."""
         async with flight.place():
-            if flight.answered or self.stopped:  # or chosen before a stop: it stays unsent
+            # Not once the request is answered: by its first, or by another copy (whose
+            # place, freed, may be the one this copy waited for).
+            if flight.answered or flight.won is not None or self.stopped:
                 return None
             self.sent += 1
             self.tokens += flight.request.tokens
             flight.sent += 1
             flight.copied = asyncio.get_running_loop().time()
             result = await answer(flight.transport, flight.request)
-        if isinstance(result, Response) and result.status in (429, 503):
-            # A refusal that wins nothing never reaches the runner, which tells the hedger
-            # of the answers it returns: no more copies into it.
-            self.answered(asyncio.get_running_loop().time(), result.status)
-        # Only a success wins: a copy's 429 or 5xx would cancel a first copy that may be
-        # about to succeed, and the attempt would begin again.
-        if _ok(result) and not flight.answered and flight.won is None:
-            flight.won = result
-            flight.worker.cancel()  # its wait for the first copy, which is then cancelled
+            self._heard(result)
+            # Only a success wins: a copy's 429 or 5xx would cancel a first copy that may be
+            # about to succeed, and the attempt would begin again.
+            if _ok(result) and not flight.answered and flight.won is None:
+                flight.won = result
+                flight.worker.cancel()  # its wait for the first copy, which is then cancelled
         return result
+
+    def _heard(self, result: Answer) -> None:
+        """Each copy's answer, the first's too, once: a refusal among them holds the copies."""
+        if isinstance(result, Response):
+            self.answered(asyncio.get_running_loop().time(), result.status)
 
 
 def _ok(answer: Answer | None) -> TypeGuard[Response]:

@@ -510,8 +510,6 @@ class Pipeline:
                 self.router.released()
         assert result is not None
         if isinstance(result, Response):
-            if self.hedger is not None:  # no copies into an endpoint that refuses
-                self.hedger.answered(loop.time(), result.status)
             pacer.observe(result.headers)
             if ok:
                 self.stats.latency.add(loop.time() - started)
