@@ -9,18 +9,20 @@ As in ``Hedger.send``, the first success among an attempt's sends is the line's;
 a 5xx ends the attempt once every send of it has failed, and the line is sent
 again after the retry policy's backoff. A copy takes its turn at once (the pace
 has room once nothing is left to send) and a latency of its own, drawn
-independently: an endpoint whose latency follows the answer's length would make
-copies as slow as the first, and the gain smaller. The endpoint has no limit of
-its own: copies add no load.
+independently, or (``--same-length F``) with that share F of its log-variance
+the request's own: an endpoint whose latency follows the answer's length makes
+copies as slow as the first (F = 1: the same latency, and later). The endpoint
+has no limit of its own: copies add no load.
 
 Each seed runs with no hedge, with one copy of a request out longer than the p95
-(the rule before; the other rules as batchq's today) and with batchq's rule
+(the rule before; the other rules as batchq's today), with batchq's rule
 (``COPIES`` copies, each once the one before is out longer than the ``LATE``
-percentile); the table gives the tail (seconds from the last new request to the
-last answer) over the seeds, and the copies sent (median, a share of the
-requests)::
+percentile, until copies rarely win: ``FUTILE_SHARE``) and with that rule
+copying whether copies win or not; the table gives the tail (seconds from the
+last new request to the last answer) over the seeds, the copies sent (median, a
+share of the requests) and the share of those that won::
 
-    python benchmarks/tail_sim.py [--seeds N] [--lines N] [--p99 S]
+    python benchmarks/tail_sim.py [--seeds N] [--lines N] [--p99 S] [--same-length F]
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class Line:
     whether it is done."""
 
     flight: _Flight | None = None
+    length: float | None = None  # the answer's own part of its latency (normal, --same-length)
     attempts: int = 0
     out: int = 0
     done: bool = False
@@ -72,6 +75,7 @@ class Sim:
     rng: random.Random
     hedger: Hedger | None
     p99: float
+    same: float = 0.0  # the share of a latency's log-variance that the request sets
     latencies: LatencyHistogram = field(default_factory=LatencyHistogram)
     events: list[tuple[float, int, str, Line, _Flight | None, int]] = field(default_factory=list)
     order: Iterator[int] = field(default_factory=itertools.count)
@@ -84,8 +88,14 @@ class Sim:
         status = 500 if draw < RATE_500 else 503 if draw < RATE_500 + RATE_503 else 200
         heapq.heappush(self.events, (when, next(self.order), what, line, flight, status))
 
-    def latency(self) -> float:
-        return self.rng.lognormvariate(math.log(P50), math.log(self.p99 / P50) / 2.3263)
+    def latency(self, line: Line) -> float:
+        sigma = math.log(self.p99 / P50) / 2.3263
+        if not self.same:  # (drawn as before the option: the same seeds, the same jobs)
+            return self.rng.lognormvariate(math.log(P50), sigma)
+        if line.length is None:
+            line.length = self.rng.gauss(0.0, 1.0)
+        own = math.sqrt(self.same) * line.length
+        return P50 * math.exp(sigma * (own + math.sqrt(1 - self.same) * self.rng.gauss(0.0, 1.0)))
 
     def send(self, line: Line, now: float) -> None:
         """An attempt goes, where the hedger sees it."""
@@ -95,7 +105,7 @@ class Sim:
         if self.hedger is not None:
             self.hedger._flights.add(flight)
         line.out = 1
-        self.at(now + self.latency(), "first", line, flight)
+        self.at(now + self.latency(line), "first", line, flight)
 
     def answer(self, line: Line, flight: _Flight, what: str, status: int, now: float) -> None:
         """A send of an attempt answered (``what``: "first" or "copy"). As in
@@ -116,6 +126,10 @@ class Sim:
         if status != 200:
             self.at(now + self.policy.backoff(line.attempts, self.rng.random), "send", line)
             return
+        if self.hedger is not None:  # as Hedger._won counts them
+            by_copy = what == "copy"
+            self.hedger.won += by_copy
+            self.hedger.lost += flight.sent - by_copy
         line.done, self.last_answer = True, now
         self.latencies.add(now - flight.started)
 
@@ -127,7 +141,7 @@ class Sim:
         self.hedger.sent += 1
         line = self.lines[flight]
         line.out += 1
-        self.at(now + self.latency(), "copy", line, flight)
+        self.at(now + self.latency(line), "copy", line, flight)
 
     def run(self, lines: int) -> float:
         """The job: seconds from its last new request to its last answer."""
@@ -150,36 +164,54 @@ class Sim:
         return self.last_answer - last_send
 
 
-RULES = (  # name, copies of a request at most, the percentile a straggler is out longer than
-    ("none", 0, 0),
-    ("one copy, at the p95 (before)", 1, 95),
-    (f"{hedge.COPIES} copies, at the p{hedge.LATE} (batchq)", hedge.COPIES, hedge.LATE),
+NEVER = 10**9  # copies raced before futility is judged: never
+RULES = (  # name, copies of a request at most, the percentile a straggler is out longer
+    # than, copies raced before their wins are judged
+    ("none", 0, 0, NEVER),
+    ("one copy, at the p95 (before)", 1, 95, NEVER),
+    (f"{hedge.COPIES} copies, at the p{hedge.LATE} (batchq)", hedge.COPIES, hedge.LATE, None),
+    ("the same, whether copies win or not", hedge.COPIES, hedge.LATE, NEVER),
 )
 
 
-def tail(seed: int, lines: int, p99: float, copies: int, late: int) -> tuple[float, int]:
-    """One job's tail and the copies it sent, hedged by that rule (no copies: no hedge)."""
+@dataclass
+class Run:
+    tail: float
+    sent: int  # copies
+    won: float  # the share of the copies that raced which won (nan: none raced)
+
+
+def tail(
+    seed: int, lines: int, p99: float, same: float, copies: int, late: int, futile: int | None
+) -> Run:
+    """One job, hedged by that rule (no copies: no hedge; ``futile`` None: batchq's)."""
     hedger = Hedger(lines) if copies else None
-    saved = hedge.COPIES, hedge.LATE
+    saved = hedge.COPIES, hedge.LATE, hedge.FUTILE_AFTER
     hedge.COPIES, hedge.LATE = copies, late
+    hedge.FUTILE_AFTER = hedge.FUTILE_AFTER if futile is None else futile
     try:
-        sim = Sim(random.Random(seed), hedger, p99)
-        if hedger is not None:
-            hedger.latency = sim.latencies
-        return sim.run(lines), 0 if hedger is None else hedger.sent
+        sim = Sim(random.Random(seed), hedger, p99, same)
+        if hedger is None:
+            return Run(sim.run(lines), 0, math.nan)
+        hedger.latency = sim.latencies
+        ended = sim.run(lines)
+        raced = hedger.won + hedger.lost
+        return Run(ended, hedger.sent, hedger.won / raced if raced else math.nan)
     finally:
-        hedge.COPIES, hedge.LATE = saved
+        hedge.COPIES, hedge.LATE, hedge.FUTILE_AFTER = saved
 
 
-def row(name: str, runs: list[tuple[float, int]], lines: int) -> list[str]:
-    tails = sorted(t for t, _ in runs)
+def row(name: str, runs: list[Run], lines: int) -> list[str]:
+    tails = sorted(r.tail for r in runs)
+    won = [r.won for r in runs if not math.isnan(r.won)]
     return [
         name,
         f"{statistics.median(tails):.1f}",
         f"{tails[len(tails) * 9 // 10]:.1f}",
         f"{tails[-1]:.1f}",
         f"{sum(t > OVER for t in tails)} of {len(tails)}",
-        f"{statistics.median(c for _, c in runs) / lines:.2%}",
+        f"{statistics.median(r.sent for r in runs) / lines:.2%}",
+        f"{statistics.median(won):.0%}" if won else "",
     ]
 
 
@@ -188,15 +220,29 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=60)
     parser.add_argument("--lines", type=int, default=20_000)
     parser.add_argument("--p99", type=float, default=10.0, help="seconds (the p50 is 0.8 s)")
+    parser.add_argument(
+        "--same-length",
+        type=float,
+        default=0.0,
+        help="the share (0-1) of a latency's log-variance the request sets: its copies share it",
+    )
     args = parser.parse_args()
+    if not 0 <= args.same_length <= 1:
+        parser.error("--same-length is a share, from 0 to 1")
     started = time.process_time()
     rows = []
-    for name, copies, late in RULES:
-        runs = [tail(seed, args.lines, args.p99, copies, late) for seed in range(args.seeds)]
+    for name, copies, late, futile in RULES:
+        runs = [
+            tail(seed, args.lines, args.p99, args.same_length, copies, late, futile)
+            for seed in range(args.seeds)
+        ]
         rows.append(row(name, runs, args.lines))
     cpu = time.process_time() - started
-    print(f"{args.lines:,} requests, p99 {args.p99:g} s, {args.seeds} seeds, {cpu:.0f} s CPU\n")
-    head = ["hedge", "tail p50 s", "p90 s", "max s", f"over {OVER:.1f} s", "copies"]
+    print(
+        f"{args.lines:,} requests, p99 {args.p99:g} s, same length {args.same_length:g}, "
+        f"{args.seeds} seeds, {cpu:.0f} s CPU\n"
+    )
+    head = ["hedge", "tail p50 s", "p90 s", "max s", f"over {OVER:.1f} s", "copies", "won"]
     print("| " + " | ".join(head) + " |")
     print("| " + " | ".join("---" for _ in head) + " |")
     for r in rows:

@@ -133,6 +133,25 @@ def test_copies_wait_until_every_line_has_gone(tmp_path: Path, mock_server: Mock
     assert [seen[p] for p in late] == [2, 2, 2]
 
 
+def test_copies_take_a_place_in_the_pool(tmp_path: Path, mock_server: MockFactory) -> None:
+    # A copy is a request in flight like any other: with --concurrency 2, a straggler and its
+    # copy fill the pool, and the copy's own copy waits for a place. It was counted as sent,
+    # and paid for, while it waited for a connection instead; and an auto pool below its
+    # ceiling had no such bound (on a server of one slot, copies only queue behind their first).
+    server = mock_server(latency=0.01)
+    late = "late [[mock:sleep=4:2]]"  # its first two arrivals answer in 4 s, the third at once
+    prompts = [f"q{i}" for i in range(199)] + [late]  # 200 lines: two copies may go
+    write_jsonl(tmp_path / "in.jsonl", [chat(p) for p in prompts])
+    done = run(tmp_path, server.url, "--concurrency", "2")
+    assert done.returncode == 0, done.stderr
+    seen = server.stats()
+    assert seen["max_in_flight"] == 2
+    assert seen["prompts"][late] == 2  # the first answered before a place came free
+    figures = summary(done)["this_run"]
+    assert figures["hedges"]["sent"] == 1  # type: ignore[index]
+    assert figures["concurrency"]["peak_in_flight"] == 2  # type: ignore[index]
+
+
 def test_with_no_hedge_a_straggler_is_sent_once(tmp_path: Path, mock_server: MockFactory) -> None:
     server = mock_server(latency=0.01)
     lines = [chat(f"q{i}") for i in range(59)] + [chat("late [[mock:sleep=3:1]]")]

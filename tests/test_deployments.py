@@ -145,17 +145,21 @@ async def test_a_further_copy_goes_where_no_copy_went_before_if_it_can() -> None
     first, roomy, other = _deployment("first", 4), _deployment("roomy", 64), _deployment("o", 4)
     request = bq.records.Request(1, "r", "/v1/chat/completions", b"{}", 5)
     copies = Copies(Router([first, roomy, other]), first, request)
-    await copies.turn()
+    async with copies.place():
+        pass
     assert copies.next is roomy  # the most room
     copies.went.append(roomy)  # its copy straggles there
-    await copies.turn()
+    async with copies.place():
+        pass
     assert copies.next is other
     copies.went.append(other)
-    await copies.turn()
+    async with copies.place():
+        pass
     assert copies.next is roomy
     other.pool.gate.used = 4
     copies.went[:] = [roomy]
-    await copies.turn()
+    async with copies.place():
+        pass
     assert copies.next is roomy  # the one no copy went to is full
 
 

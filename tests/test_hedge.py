@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
 from batchq.errors import RequestError, TransportError
+from batchq.live.concurrency import Pool
 from batchq.live.hedge import (
     COPIES,
+    FUTILE_AFTER,
+    FUTILE_SHARE,
     LATE,
     MIN_SAMPLES,
     MIN_WAIT,
@@ -211,6 +214,26 @@ def test_a_request_whose_first_copy_failed_gets_no_more_copies() -> None:
     assert flight.chosen == 1
 
 
+def test_copies_stop_once_they_rarely_win() -> None:
+    # Where latency follows the answer's length, a straggler's copy is as long, and later:
+    # simulated (tail_sim.py --same-length 1), copies won 1-2% and the guard cut them from
+    # 0.97% of the requests to 0.38%; with independent latencies they win ~60% and go on.
+    hedger = Hedger(requests=10_000)
+    out = flights(hedger, 0.0)
+    hedger.won, hedger.lost = 0, FUTILE_AFTER - 1  # too few raced to judge
+    pick(hedger, out, now=60.0, p50=0.2, late=0.4, samples=100)
+    assert chosen(out) == [True]
+    out = flights(hedger, 0.0)
+    hedger.won, hedger.lost = FUTILE_AFTER, FUTILE_AFTER * 9  # a tenth won: copies still pay
+    pick(hedger, out, now=60.0, p50=0.2, late=0.4, samples=100)
+    assert chosen(out) == [True]
+    out = flights(hedger, 0.0)
+    hedger.lost += 1
+    assert hedger.won < FUTILE_SHARE * (hedger.won + hedger.lost)
+    pick(hedger, out, now=60.0, p50=0.2, late=0.4, samples=100)
+    assert chosen(out) == [False]
+
+
 def test_every_copy_counts_against_the_budget() -> None:
     hedger = Hedger(requests=200)  # two copies in all
     first, second = out = flights(hedger, 0.0, 1.0)
@@ -223,6 +246,17 @@ def test_every_copy_counts_against_the_budget() -> None:
 
 async def _no_wait() -> None:
     pass
+
+
+def _placed(turn: Callable[[], Awaitable[object]]) -> Callable[[], AsyncIterator[None]]:
+    """A copy's place whose only wait is ``turn``."""
+
+    @contextlib.asynccontextmanager
+    async def place() -> AsyncIterator[None]:
+        await turn()
+        yield
+
+    return place  # type: ignore[return-value]
 
 
 class Scripted:
@@ -277,7 +311,8 @@ async def _hedged(
             asyncio.current_task().cancel()  # type: ignore[union-attr]
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.sleep(0)
-        send = hedger.send(transport, request, 0.0, turn or _no_wait, latency)  # type: ignore[arg-type]
+        place = _placed(turn or _no_wait)
+        send = hedger.send(transport, request, 0.0, place, latency)  # type: ignore[arg-type]
         return await send
 
     sending = asyncio.ensure_future(worker())
@@ -315,6 +350,7 @@ async def test_the_second_copy_answering_first_wins_and_both_others_are_cancelle
     assert await sending == (_ok(3), 2)
     assert transport.cancelled == 2 and (hedger.sent, hedger.tokens) == (2, 14)
     assert sending.cancelling() == 0
+    assert (hedger.won, hedger.lost) == (1, 1)  # of the copies that raced
 
 
 async def test_a_first_copy_that_fails_waits_for_whichever_copy_answers() -> None:
@@ -365,6 +401,7 @@ async def test_a_request_answered_twice_at_once_yields_one_answer(first: int) ->
     assert await sending == (_ok(first + 1), 1)
     assert (hedger.sent, hedger.tokens) == (1, 7)
     assert sending.cancelling() == 0
+    assert (hedger.won, hedger.lost) == (first, 1 - first)
 
 
 async def test_a_first_copy_that_fails_waits_for_the_second() -> None:
@@ -387,6 +424,58 @@ async def test_a_copys_refusal_does_not_end_the_first(status: int) -> None:
     assert not sending.done()
     transport.copies[0].set_result(_ok(1))
     assert await sending == (_ok(1), 1)
+    assert (hedger.won, hedger.lost) == (0, 1)
+
+
+async def test_a_copys_429_stops_further_copies() -> None:
+    hedger, transport = Hedger(requests=100), Scripted()
+    sending = await _hedged(hedger, transport)
+    await transport.wait_out(2)
+    transport.copies[1].set_result(Response(429, {}, b"{}", "req-2"))
+    await asyncio.sleep(0)  # the copy's answer is taken
+    assert hedger.refusing(asyncio.get_running_loop().time())
+    transport.copies[0].set_result(_ok(1))
+    assert await sending == (_ok(1), 1)
+
+
+async def test_each_answer_is_heard_once_when_every_copy_fails() -> None:
+    # The last copy's 503 is the attempt's failure: the runner told the hedger of it again.
+    hedger, transport = Hedger(requests=100), Scripted()
+    sending = await _hedged(hedger, transport)
+    await transport.wait_out(2)
+    transport.copies[1].set_result(Response(503, {}, b"{}", "req-2"))
+    await asyncio.sleep(0)
+    transport.copies[0].set_result(Response(500, {}, b"{}", "req-1"))
+    result, _ = await sending
+    assert isinstance(result, Response) and result.status == 503
+    assert (len(hedger._answers), len(hedger._refusals)) == (2, 1)
+
+
+async def test_a_copy_waiting_for_a_place_stays_unsent_once_another_copy_won() -> None:
+    # The winner's freed place goes to the next copy of the same request, which ran before
+    # the worker's cancel and went to the endpoint: paid for, and counted as a lost race.
+    pool, hedger, transport = Pool(2, 2), Hedger(requests=1_000), Scripted()
+    request = Request(line_no=1, custom_id="c1", url="/v1/chat/completions", body=b"{}", tokens=7)
+    latency = Latency()
+    latency.total, latency.p50, latency.late = 100, 0.2, 0.4
+
+    async def worker() -> tuple[object, int]:
+        async with pool.copy_slot():  # the first copy's place, as the runner's gate holds it
+            return await hedger.send(transport, request, 0.0, pool.copy_slot, latency)  # type: ignore[arg-type]
+
+    sending = asyncio.ensure_future(worker())
+    await transport.wait_out(1)
+    hedger.choose(now=60.0)
+    await transport.wait_out(2)
+    (flight,) = hedger._flights
+    flight.copied -= 60.0  # the copy went a minute ago: it gets one more
+    hedger.choose(now=asyncio.get_running_loop().time())
+    await asyncio.sleep(0)
+    assert flight.chosen == 2 and pool.gate.waiting == 1  # the pool is full: it waits
+    transport.copies[1].set_result(_ok(2))
+    assert await sending == (_ok(2), 1)
+    assert len(transport.copies) == 2 and (hedger.won, hedger.lost) == (1, 0)
+    assert (pool.gate.used, pool.copies) == (0, 0)
 
 
 async def test_a_first_copys_refusal_waits_for_a_copy_that_went() -> None:
@@ -396,6 +485,7 @@ async def test_a_first_copys_refusal_waits_for_a_copy_that_went() -> None:
     transport.copies[0].set_result(Response(503, {}, b"{}", "req-1"))
     transport.copies[1].set_result(_ok(2))
     assert await sending == (_ok(2), 1)
+    assert (hedger.won, hedger.lost) == (1, 0)  # it saved a retry: a win
 
 
 async def test_a_first_copy_answering_before_the_seconds_turn_sends_no_second() -> None:
@@ -477,7 +567,7 @@ async def test_a_stop_the_first_copys_send_converts_does_not_wait_for_the_copy()
 async def test_a_stop_the_send_converts_stops_a_request_with_no_copy() -> None:
     hedger, transport = Hedger(requests=100), Converting()
     request = Request(line_no=1, custom_id="c1", url="/v1/chat/completions", body=b"{}", tokens=7)
-    sending = asyncio.ensure_future(hedger.send(transport, request, 0.0, _no_wait))  # type: ignore[arg-type]
+    sending = asyncio.ensure_future(hedger.send(transport, request, 0.0, _placed(_no_wait)))  # type: ignore[arg-type]
     await transport.wait_out(1)
     hedger.stop()  # as the runner does before it cancels its workers
     sending.cancel()  # the send turns it into a failure, which must not pass for an answer

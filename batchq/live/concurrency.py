@@ -101,9 +101,11 @@ the clock it is handed: float seconds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import resource
 from collections import deque
+from collections.abc import AsyncIterator
 
 INITIAL = 4  # the unpaced pool's first allowance
 GROWTH = 4  # per window in slow start: 4 → 1,024 in four windows
@@ -615,13 +617,14 @@ class Pool:
         self.adaptive = AdaptiveLimit(self.ceiling)
         self.recent = RecentLatency()
         self.in_flight = 0
+        self.copies = 0  # the tail hedge's, holding a place (``copy_slot``)
         self.peak = 0  # the most in flight at once
         self._first_sent: float | None = None
         self._allowance = self.ceiling  # what Little's law asked at the last resize, under a pace
 
     def sent(self, now: float) -> None:
         self.in_flight += 1
-        self.peak = max(self.peak, self.in_flight)
+        self.peak = max(self.peak, self.in_flight + self.copies)
         if self.fixed:  # nothing to learn: keep the request path as short as it was
             return
         self.adaptive.sent(self.in_flight, now)
@@ -672,10 +675,24 @@ class Pool:
         if not self.fixed:
             self.adaptive.lagged(seconds)
 
+    @contextlib.asynccontextmanager
+    async def copy_slot(self) -> AsyncIterator[None]:
+        """A place for a hedge's copy while it is out: the allowance bounds every request
+        in flight, copies too (``--concurrency 1`` is one: a copy could only queue behind
+        its first on a server of one slot)."""
+        await self.gate.acquire()
+        self.copies += 1
+        self.peak = max(self.peak, self.in_flight + self.copies)
+        try:
+            yield
+        finally:
+            self.copies -= 1
+            self.gate.release()
+
     def all_out(self) -> bool:
         """No request waits for a place in the pool, or holds one but has not gone out (it
-        waits for its turn in the pace, or for the budget)."""
-        return not self.gate.waiting and self.gate.used == self.in_flight
+        waits for its turn in the pace, or for the budget). (A copy counts as out.)"""
+        return not self.gate.waiting and self.gate.used == self.in_flight + self.copies
 
     def binding(self, paced: bool) -> str:
         """What holds the sending back now: the pool, the pace, or the endpoint's capacity."""

@@ -32,8 +32,9 @@ Pure logic on a clock the caller passes: tested without a socket or a sleep.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
-from collections.abc import Collection
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -125,6 +126,14 @@ class Deployment:
         gate = self.pool.gate
         return gate.limit - gate.used - gate.waiting
 
+    @contextlib.asynccontextmanager
+    async def copy_place(self, tokens: int) -> AsyncIterator[None]:
+        """A hedge's copy's place here, held while it is out: a slot of the allowance, and
+        its turn in the pace."""
+        async with self.pool.copy_slot():
+            await self.pacer.wait_turn(tokens)
+            yield
+
     def takes(self, url: str, tokens: int) -> bool:
         """Whether it serves ``url`` at all, and a request of ``tokens`` fits its ``tpm``."""
         served = self.endpoints is None or not url or url in self.endpoints  # "": unasked
@@ -156,9 +165,9 @@ class Copies:
     no copy went to before if there is one; to the same one only when no other is in the
     pool.
 
-    ``Hedger.send`` takes it as the transport, and ``turn`` as a copy's wait for its
-    turn, which is taken in the pace of the deployment the copy goes to. Each copy sent is
-    counted against its deployment here, the first by the runner.
+    ``Hedger.send`` takes it as the transport, and ``place`` as a copy's place: a slot and
+    a turn in the pace of the deployment the copy goes to. Each copy sent is counted
+    against its deployment here, the first by the runner.
     """
 
     def __init__(self, router: Router, first: Deployment, request: Request) -> None:
@@ -169,9 +178,10 @@ class Copies:
         self.went: list[Deployment] = []  # where copies went
         self.answers: list[tuple[Deployment, Response]] = []  # the copies', as they came
 
-    async def turn(self) -> None:
-        """Wait for room in another deployment (if there is another in the pool), then
-        for the copy's turn in its pace."""
+    @contextlib.asynccontextmanager
+    async def place(self) -> AsyncIterator[None]:
+        """Wait for room in another deployment (if there is another in the pool), then hold
+        the copy's place there while it is out."""
         loop = asyncio.get_running_loop()
         router = self.router
         url, tokens = self.request.url, self.request.tokens
@@ -180,7 +190,11 @@ class Copies:
         ) is None and router.others(self.first, url, tokens):
             await router.wait()
         self.next = other or self.first
-        await self.next.pacer.wait_turn(self.request.tokens)
+        try:
+            async with self.next.copy_place(tokens):
+                yield
+        finally:
+            router.released()  # its slot: a worker waiting for room may take it
 
     async def send(self, path: str, body: bytes) -> Response:
         d = self.next

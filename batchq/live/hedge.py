@@ -19,16 +19,21 @@ left a median tail of 8.3 s after the last send (28 s at worst; 0.32% copies);
 three at the p80, 4.8 s (8.5 s; 0.68%). On a milder tail (p99 3 s): 2.9 s and
 2.6 s, 0.10% and 0.18%.
 
-Hedges are bounded: at most ``SHARE`` of the job's requests; none while the
-copies left could not cover every request still out (a small job's few copies
-go to its last requests, not to the first slow ones); none before
+Hedges are bounded: each takes a place in the pool and a turn in the pace, as
+any request does (on a server of one slot, a copy could only queue behind its
+first); at most ``SHARE`` of the job's requests; none while the copies left
+could not cover every request still out (a small job's few copies go to its
+last requests, not to the first slow ones); none before
 ``MIN_SAMPLES`` answers have made the percentiles worth trusting; none of a
 request out less than ``MIN_WAIT`` or twice the median (a copy then saves less
 than it costs: with a steady latency nothing is a straggler); none while the
 endpoint refuses (a 429 in the last ``QUIET`` seconds, or 503s more than
 ``REFUSED_SHARE`` of its answers then and at least ``REFUSED_AT_LEAST``: a copy
 would only add to its load, while the odd 503 of a busy endpoint, or of a tail
-of a few answers, is no refusal); none once the run is stopping. Each is
+of a few answers, is no refusal); none once copies rarely win (fewer than
+``FUTILE_SHARE`` of those that raced, once ``FUTILE_AFTER`` have: where latency
+follows the answer's length, a straggler is a long answer and its copy as long,
+and later); none once the run is stopping. Each is
 counted, with the tokens it was estimated to cost, and its result line says
 ``"hedged": true`` under ``batchq``.
 """
@@ -38,7 +43,8 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
@@ -55,6 +61,8 @@ MIN_WAIT = 1.0  # seconds: a request out less long is no straggler worth a copy
 QUIET = 5.0  # seconds: what the endpoint refused in as many is recent
 REFUSED_SHARE = 0.05  # of the recent answers: more 503s than this, and it refuses ...
 REFUSED_AT_LEAST = 3  # ... if they are as many: in a tail of a few answers, one 503 is chance
+FUTILE_AFTER = 10  # copies that went and whose request was answered: enough to judge them
+FUTILE_SHARE = 0.1  # of those: winning fewer, a copy is as slow as its first
 
 Answer = Response | RequestError
 
@@ -73,7 +81,7 @@ class _Flight:
     worker: asyncio.Task[Any]
     transport: Transport
     request: Request
-    turn: Callable[[], Awaitable[object]]
+    place: Callable[[], AbstractAsyncContextManager[object]]  # a copy's, while it is out
     chosen: int = 0  # copies chosen
     copies: list[asyncio.Task[Answer | None]] = field(default_factory=list)
     # Of them, those that went: each waits for its turn in the pace first, and is chosen only
@@ -111,6 +119,8 @@ class Hedger:
         self.chosen = 0  # copies chosen
         self.sent = 0  # copies that went: a chosen request may answer before its copy's turn
         self.tokens = 0  # estimated, of the copies sent
+        self.won = 0  # copies sent whose answer was their request's
+        self.lost = 0  # copies sent whose request another send answered
         self.stopped = False
         self.limited_at = -math.inf  # the endpoint's last 429
         self._answers: deque[float] = deque()  # when, over the last QUIET seconds
@@ -143,6 +153,20 @@ class Hedger:
             while times and times[0] <= now - QUIET:
                 times.popleft()
 
+    def futile(self) -> bool:
+        """Copies rarely win: at least ``FUTILE_AFTER`` have raced, and fewer than
+        ``FUTILE_SHARE`` of them won. Where latency follows the answer's length, a
+        straggler is a long answer, its copy as long and later: paid for, and never used."""
+        raced = self.won + self.lost
+        return raced >= FUTILE_AFTER and self.won < FUTILE_SHARE * raced
+
+    def _won(self, flight: _Flight, result: Answer, *, by_copy: bool) -> tuple[Answer, int]:
+        """``flight``'s answer, ``result``, and its copies sent, which are counted: one
+        won (``by_copy``) or none did."""
+        self.won += by_copy
+        self.lost += flight.sent - by_copy
+        return result, flight.sent
+
     def choose(self, now: float) -> None:
         """Send a copy of each straggler ``pick`` marks."""
         for flight in self.pick(now):
@@ -158,7 +182,9 @@ class Hedger:
         A request whose copy has been out as long gets another, up to ``COPIES``;
         one whose first copy failed waits for those it has.
         """
-        if self.stopped or self.refusing(now) or len(self._flights) > self.budget - self.chosen:
+        if self.stopped or self.refusing(now) or self.futile():
+            return []
+        if len(self._flights) > self.budget - self.chosen:
             return []  # not while the copies left could not cover every request still out
         lateness: dict[int, float] = {}
         picked = []
@@ -183,11 +209,13 @@ class Hedger:
         transport: Transport,
         request: Request,
         started: float,
-        turn: Callable[[], Awaitable[object]],
+        place: Callable[[], AbstractAsyncContextManager[object]],
         latency: LatencyHistogram | None = None,
     ) -> tuple[Answer, int]:
         """Send ``request``, and copies as chosen; the first answer, and the copies sent.
-        ``latency``: the answers it is judged a straggler against (None: the job's).
+        ``place``: a copy's place, held while it is out (a slot in the pool, and its turn
+        in the pace: a copy is a request like any other). ``latency``: the answers it is
+        judged a straggler against (None: the job's).
 
         Only a success wins while another copy that went may still answer: a
         failure (a dropped connection, a 429, a 5xx) is the attempt's only once
@@ -199,22 +227,23 @@ class Hedger:
         # takes it back, so a worker an earlier attempt timed out in stays cancelling. Read
         # as a stop, a copy's win ended the worker and left its line pending.
         residue = worker.cancelling()
-        flight = _Flight(started, latency or self.latency, worker, transport, request, turn)
+        flight = _Flight(started, latency or self.latency, worker, transport, request, place)
         self._flights.add(flight)
         try:
             try:
                 result = await answer(transport, request)
             except asyncio.CancelledError:
                 if flight.won is not None and worker.uncancel() == residue:
-                    return flight.won, flight.sent  # a copy came first: this one lost
+                    return self._won(flight, flight.won, by_copy=True)  # this one lost
                 raise  # the run is stopping
             flight.answered = True
+            self._heard(result)
             if flight.won is not None:  # a cancel the send turned into a failure of its own
                 if worker.uncancel() > residue:
                     raise asyncio.CancelledError  # a stop came with it: the run is stopping
-                return flight.won, flight.sent
+                return self._won(flight, flight.won, by_copy=True)
             if _ok(result):
-                return result, flight.sent
+                return self._won(flight, result, by_copy=False)
             if self.stopped and worker.cancelling() > residue:  # a stop the send made a failure of
                 raise asyncio.CancelledError  # its own (not a timeout: aiohttp < 3.11's
                 # leaves the task cancelling, and would pass for one)
@@ -222,7 +251,7 @@ class Hedger:
             # turn is not sent (the finally cancels it), nor waited for: its turn may be long.
             for copy in asyncio.as_completed(flight.copies[: flight.sent]):
                 if _ok(second := await copy):
-                    return second, flight.sent
+                    return self._won(flight, second, by_copy=True)
                 result = result if second is None else second
             return result, flight.sent
         finally:
@@ -239,20 +268,28 @@ class Hedger:
     async def _copy(self, flight: _Flight) -> Answer | None:
         """A copy of a chosen request, None if it was never sent; an answer first ends the
         worker's wait for the first copy."""
-        await flight.turn()  # the copy is a request like any other: it keeps the pace
-        if flight.answered or self.stopped:  # or chosen before a stop: its copy stays unsent
-            return None
-        self.sent += 1
-        self.tokens += flight.request.tokens
-        flight.sent += 1
-        flight.copied = asyncio.get_running_loop().time()
-        result = await answer(flight.transport, flight.request)
-        # Only a success wins: a copy's 429 or 5xx would cancel a first copy that may be
-        # about to succeed, and the attempt would begin again.
-        if _ok(result) and not flight.answered and flight.won is None:
-            flight.won = result
-            flight.worker.cancel()  # its wait for the first copy, which is then cancelled
+        async with flight.place():
+            # Not once the request is answered: by its first, or by another copy (whose
+            # place, freed, may be the one this copy waited for).
+            if flight.answered or flight.won is not None or self.stopped:
+                return None
+            self.sent += 1
+            self.tokens += flight.request.tokens
+            flight.sent += 1
+            flight.copied = asyncio.get_running_loop().time()
+            result = await answer(flight.transport, flight.request)
+            self._heard(result)
+            # Only a success wins: a copy's 429 or 5xx would cancel a first copy that may be
+            # about to succeed, and the attempt would begin again.
+            if _ok(result) and not flight.answered and flight.won is None:
+                flight.won = result
+                flight.worker.cancel()  # its wait for the first copy, which is then cancelled
         return result
+
+    def _heard(self, result: Answer) -> None:
+        """Each copy's answer, the first's too, once: a refusal among them holds the copies."""
+        if isinstance(result, Response):
+            self.answered(asyncio.get_running_loop().time(), result.status)
 
 
 def _ok(answer: Answer | None) -> TypeGuard[Response]:

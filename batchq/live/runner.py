@@ -490,13 +490,13 @@ class Pipeline:
                     # a large answer's chunks, until the GC ran (16 of them: 550 MiB RSS).
                     result = await answer(transport, request)
                 elif not self.multi:
-                    turn = partial(pacer.wait_turn, request.tokens)
-                    result, copied = await self.hedger.send(transport, request, started, turn)
+                    place = partial(deployment.copy_place, request.tokens)
+                    result, copied = await self.hedger.send(transport, request, started, place)
                 else:  # a copy goes to another deployment
                     copies = Copies(self.router, deployment, original)
                     latency = deployment.stats.latency  # a straggler is judged by its deployment
                     result, copied = await self.hedger.send(
-                        copies, request, started, copies.turn, latency
+                        copies, request, started, copies.place, latency
                     )
             finally:
                 pacer.answered()
@@ -510,8 +510,6 @@ class Pipeline:
                 self.router.released()
         assert result is not None
         if isinstance(result, Response):
-            if self.hedger is not None:  # no copies into an endpoint that refuses
-                self.hedger.answered(loop.time(), result.status)
             pacer.observe(result.headers)
             if ok:
                 self.stats.latency.add(loop.time() - started)
