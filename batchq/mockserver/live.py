@@ -978,13 +978,19 @@ class _Mock:
             return web.Response(status=404, text="404: Not Found")
         if not self._authorized(request):
             return web.Response(status=401, text="Unauthorized")
-        running = self._serving if self._slots else self.stats.in_flight
+        running, waiting = self.stats.in_flight, 0
+        if self._slots:
+            # As a scheduler's step counts them: a slot just freed has its next request, though
+            # that request's task has not run yet (a batch finishing together once read as a
+            # third of it running and the rest waiting, which a client then shrank to).
+            held = self._serving + self._waiting
+            running, waiting = min(held, self.options.slots), max(0, held - self.options.slots)
         lines = [
             "# HELP batchq_mock_requests_total Requests since the start.",
             "# TYPE batchq_mock_requests_total counter",
             f"batchq_mock_requests_total {self.stats.requests}",
             f"{names[0]} {float(running)}",
-            f"{names[1]} {float(self._waiting)}",
+            f"{names[1]} {float(waiting)}",
         ]
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
