@@ -394,6 +394,18 @@ def test_a_lagging_loop_back_at_its_best_pool_is_probed_not_shed() -> None:
     assert limit.limit == limit.best[0] == 64  # measured again; the probe's turn comes
 
 
+def test_a_step_s_queue_is_no_gain_for_a_lagging_loop() -> None:
+    # Slow start's step from 256 to 1,024 on a 256-slot server: opening 768 connections held
+    # the loop for 0.3 s, read as client-bound, and the step was kept on a gain of 1.43 (the
+    # window's early answers), though most of the pool was queued: p50 4.2x for the whole job.
+    limit = AdaptiveLimit(ceiling=1024)
+    limit.limit, limit.best = 1024, (256, 600.0)
+    limit.lagged(0.3)
+    measure(limit, 880, latency=0.45)  # 880 a second x 0.45 s: 396 of the 1,024 accounted for
+    assert limit.client_bound
+    assert limit.limit == 256 and not limit.slow_start  # back to the pool that gained
+
+
 def test_a_server_of_one_slot_gets_one_request_within_a_few_dozen_answers() -> None:
     # llama.cpp serves one request at a time: slow start's first allowance (4) queued three
     # behind it, and the knee, taken at that queued latency, kept 5-6 in flight (p50 ~6×).
