@@ -477,7 +477,7 @@ class AdaptiveLimit:
             # Little's law accounts for the pool, as slow start asks: a queue still building
             # up is no throughput, in the endpoint or in our loop. (Slow start's step to 1,024
             # on a 256-slot server opened 768 connections in one pass of the loop, 0.3 s: read
-            # as client-bound, the step was kept, and a fifth shed a 7 s window: p50 4.2x.)
+            # as client-bound, the step was kept, then shed by a fifth a 7 s window: p50 4.2x.)
             if best is None or (rate >= KEEP * best[1] and rate * mean >= limit / QUEUEING):
                 self.best = (limit, max(rate, best[1] if best else 0.0))
                 limit *= GROWTH if self.slow_start else 2
