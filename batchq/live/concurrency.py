@@ -389,6 +389,9 @@ class AdaptiveLimit:
         median, fast = ordered[answers // 2], ordered[answers // 10]
         mean = sum(self._window) / answers
         queued = fast > QUEUED * self.base_fast
+        # Little's law accounts for the pool (rate × latency ≈ in flight): requests still out
+        # far longer than those answered are a queue building up, not throughput.
+        accounted = rate * mean >= self.limit / QUEUEING
         # The first request went alone, so its latency is the endpoint's unloaded one (a
         # sample of it). A first window whose median takes twice that is a queue already: a
         # server of a slot or two, which the first allowance overfills.
@@ -478,7 +481,7 @@ class AdaptiveLimit:
             # up is no throughput, in the endpoint or in our loop. (Slow start's step to 1,024
             # on a 256-slot server opened 768 connections in one pass of the loop, 0.3 s: read
             # as client-bound, the step was kept, then shed by a fifth a 7 s window: p50 4.2x.)
-            if best is None or (rate >= KEEP * best[1] and rate * mean >= limit / QUEUEING):
+            if best is None or (rate >= KEEP * best[1] and accounted):
                 self.best = (limit, max(rate, best[1] if best else 0.0))
                 limit *= GROWTH if self.slow_start else 2
                 self.slow_start = self.slow_start and limit < self.ceiling
@@ -516,13 +519,8 @@ class AdaptiveLimit:
             limit = limit * GROWTH if self.slow_start else limit
         elif self.slow_start:
             # A gain counts only if the answers did not slow down with it, and if Little's
-            # law accounts for the pool (rate × latency ≈ in flight): requests still out
-            # far longer than those answered are a queue building up, not throughput.
-            if (
-                rate >= SLOW_START_GAIN * best[1]
-                and median <= QUEUEING * self.base
-                and rate * mean >= limit / QUEUEING
-            ):
+            # law accounts for the pool.
+            if rate >= SLOW_START_GAIN * best[1] and median <= QUEUEING * self.base and accounted:
                 self.best = (limit, rate)
                 self.slow_start = limit < self.ceiling  # at the ceiling, and no queue: done
                 limit *= GROWTH
