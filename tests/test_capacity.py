@@ -30,6 +30,7 @@ from support import (
     write_jsonl,
 )
 
+from batchq.live.concurrency import REGROW
 from batchq.live.hedge import MIN_WAIT, QUIET, REFUSED_AT_LEAST
 
 pytestmark = pytest.mark.slow
@@ -355,8 +356,14 @@ def test_a_server_s_gauges_size_the_pool_to_its_batch(
     assert seen["max_serving"] == 64
     # Doubling while none wait overshoots the batch once at most (probing: 4 → 16 → 64 → 256).
     assert seen["max_in_flight"] <= 2 * 64
-    # At the batch, less what finished between the server's count and the reading's turn.
-    assert 56 <= summary(done)["this_run"]["concurrency"]["allowance"] <= 64 + 64 // 8  # type: ignore[index]
+    # At the batch, less what finished between the server's count and the reading's turn;
+    # past it, an eighth more per REGROW seconds, as many as the run lasted (a loaded machine
+    # stretches this ~2 s job, and each step is the design, looking for a larger batch).
+    this_run = summary(done)["this_run"]
+    allowed = 64
+    for _ in range(1 + int(this_run["elapsed_s"] // REGROW)):  # type: ignore[index]
+        allowed += allowed // 8
+    assert 56 <= this_run["concurrency"]["allowance"] <= allowed  # type: ignore[index]
 
 
 def test_llama_cpp_s_gauges_keep_one_request_on_its_one_slot(
