@@ -9,14 +9,19 @@ Never how fast anything was.
 
 from __future__ import annotations
 
+import asyncio
 import resource
 import signal
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import orjson
 import pytest
+from aiohttp import web
 from conftest import MockFactory
+from hostile import HostileServer
 from support import (
     assert_exactly_once,
     batchq,
@@ -207,6 +212,52 @@ def test_no_hedge_goes_while_the_endpoint_refuses(
     recent = [at for at in refusals if copy - QUIET <= at < copy]  # answered after arriving
     assert len(recent) < max(chance, 1)
     assert_exactly_once(tmp_path / "jobs" / "in", [f"line-{i}" for i in range(1, 101)])
+
+
+def test_a_copy_s_429_pauses_sending_as_any_429(tmp_path: Path) -> None:
+    # Two stragglers get a copy each. The first's copy is refused 429 (retry after 3 s); at
+    # that instant the second and its copy fail with a 500. Its retry must wait out the
+    # pause, as after a 429 of its own. The copy's 429 reached only the hedger once: the
+    # retry went after its backoff (under half a second), into the endpoint's refusal.
+    refused, failed_copy = threading.Event(), threading.Event()
+    refused_at: list[float] = []
+    retried_at: list[float] = []
+    arrivals = {"late": 0, "failed": 0}
+
+    async def serve(request: web.Request, body: bytes) -> web.StreamResponse:
+        prompt = orjson.loads(body)["messages"][0]["content"]
+        if prompt in arrivals and not refused.is_set():
+            arrivals[prompt] += 1
+        if prompt == "late":
+            if arrivals["late"] == 1:  # the first: answers once its copy is refused
+                await asyncio.to_thread(refused.wait, 60)
+            elif not refused.is_set():  # its copy (once the other's went, if it has one)
+                await asyncio.to_thread(failed_copy.wait, 5)
+                refused_at.append(time.monotonic())
+                refused.set()
+                return web.json_response({"error": {}}, status=429, headers={"retry-after": "3"})
+        elif prompt == "failed":
+            if refused.is_set():
+                retried_at.append(time.monotonic())
+            else:  # it, and its copy, out when the other's copy is refused
+                if arrivals["failed"] == 2:
+                    failed_copy.set()
+                await asyncio.to_thread(refused.wait, 60)
+                return web.json_response({"error": {}}, status=500)
+        return web.json_response({"choices": [{"message": {"content": "ok"}}]})
+
+    server = HostileServer(serve)
+    try:
+        prompts = [f"q{i}" for i in range(298)] + ["late", "failed"]  # 300 lines: 3 copies
+        write_jsonl(tmp_path / "in.jsonl", [chat(p) for p in prompts])
+        done = run(tmp_path, server.url)
+    finally:
+        refused.set()
+        server.close()
+    assert done.returncode == 0, done.stderr
+    assert len(refused_at) == 1 and retried_at  # the copy was refused; "failed" went again
+    assert min(retried_at) - refused_at[0] >= 2.9  # nothing went until the pause was over
+    assert_exactly_once(tmp_path / "jobs" / "in", [f"line-{i}" for i in range(1, 301)])
 
 
 def test_kill_during_hedged_tail_then_resume_writes_each_line_once(

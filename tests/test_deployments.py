@@ -658,6 +658,29 @@ def test_a_copy_that_straggles_too_gets_another_where_it_went(
     assert _summary(done)["this_run"]["hedges"]["sent"] == 2
 
 
+def test_when_every_copy_fails_the_last_counts_where_it_went(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    a, b = mock_server(latency=0.01, record=True), mock_server(latency=0.01, record=True)
+    late = "late [[mock:sleep=3:1]] [[mock:drop=1]]"  # each drops its first arrival, in 3 s
+    _input(tmp_path, 99)
+    with (tmp_path / "in.jsonl").open("ab") as f:  # 100 lines: one copy may go
+        f.write(orjson.dumps(chat(late, "late")) + b"\n")
+    pool = _pool(tmp_path, {"name": "a", "base_url": a.url}, {"name": "b", "base_url": b.url})
+    done = _run(tmp_path, pool)
+    assert done.returncode == 0, done.stderr
+    went = {
+        name: min(at for at, p in s.stats()["arrivals"] if p == late)
+        for name, s in {"a": a, "b": b}.items()
+    }
+    first, copy = sorted(went, key=went.__getitem__)
+    rows = _summary(done)["this_run"]["deployments"]
+    # The copy failed last, so its failure was the attempt's: counted where the copy went
+    # (once at the first's, whose breaker it charged).
+    assert (rows[first]["errors"], rows[copy]["errors"]) == (0, 1)
+    assert_exactly_once(tmp_path / "job", [f"r{i}" for i in range(99)] + ["late"])
+
+
 def test_a_line_goes_only_to_deployments_that_serve_its_own_endpoint(
     tmp_path: Path, mock_server: MockFactory
 ) -> None:

@@ -49,7 +49,7 @@ class Latency:
 def flights(hedger: Hedger, *started: float, latency: Latency | None = None) -> list[_Flight]:
     """Requests in flight since ``started``, as ``Hedger.send`` registers them."""
     latency = latency or Latency()
-    out = [_Flight(at, latency, None, None, None, None) for at in started]  # type: ignore[arg-type]
+    out = [_Flight(at, latency, None, None, None, None, None) for at in started]  # type: ignore[arg-type]
     hedger._flights.update(out)
     return out
 
@@ -298,6 +298,7 @@ async def _hedged(
     turn: Callable[[], Awaitable[object]] | None = None,
     *,
     timed_out: bool = False,
+    heed: Callable[[object, float], None] | None = None,
 ) -> asyncio.Task[tuple[object, int]]:
     """A request sent through ``hedger``, out alone long enough to be chosen at once;
     ``timed_out``: by a worker an earlier attempt's timeout left cancelling, as aiohttp
@@ -312,7 +313,7 @@ async def _hedged(
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.sleep(0)
         place = _placed(turn or _no_wait)
-        send = hedger.send(transport, request, 0.0, place, latency)  # type: ignore[arg-type]
+        send = hedger.send(transport, request, 0.0, place, latency, heed)  # type: ignore[arg-type]
         return await send
 
     sending = asyncio.ensure_future(worker())
@@ -436,6 +437,21 @@ async def test_a_copys_429_stops_further_copies() -> None:
     assert hedger.refusing(asyncio.get_running_loop().time())
     transport.copies[0].set_result(_ok(1))
     assert await sending == (_ok(1), 1)
+
+
+async def test_the_caller_heeds_each_copys_answer_and_when_it_went() -> None:
+    # The first's answer is the attempt's, heeded by the caller; a copy's goes to ``heed``
+    # (its 429 pauses the pace as any 429 does), with when the copy went.
+    hedger, transport, heard = Hedger(requests=1_000), Scripted(), []
+    sending = await _hedged(hedger, transport, heed=lambda *answered: heard.append(answered))
+    await transport.wait_out(2)
+    went = hedger._flights.copy().pop().copied
+    refused = Response(429, {"retry-after": "3"}, b"{}", "req-2")
+    transport.copies[1].set_result(refused)
+    await asyncio.sleep(0)
+    transport.copies[0].set_result(_ok(1))
+    assert await sending == (_ok(1), 1)
+    assert heard == [(refused, went)]  # and not the first's
 
 
 async def test_each_answer_is_heard_once_when_every_copy_fails() -> None:

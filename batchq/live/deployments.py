@@ -176,7 +176,7 @@ class Copies:
         # was sent, and its send reads this before it awaits anything: one copy at a time.
         self.next: Deployment | None = None
         self.went: list[Deployment] = []  # where copies went
-        self.answers: list[tuple[Deployment, Response]] = []  # the copies', as they came
+        self.answers: list[tuple[Deployment, Response | RequestError]] = []  # the copies'
 
     @contextlib.asynccontextmanager
     async def place(self) -> AsyncIterator[None]:
@@ -204,19 +204,23 @@ class Copies:
             return await first.send(path, body)
         d.stats.requests += 1
         self.went.append(d)
-        if d is self.first:  # no other deployment in the pool
-            answer = await first.send(path, body)
-        else:
-            assert d.transport is not None
-            try:
-                answer = await d.transport.send(path, d.request(self.request).body)
-            finally:
-                d.pacer.answered()  # the first's is told by the runner
+        try:
+            if d is self.first:  # no other deployment in the pool
+                answer = await first.send(path, body)
+            else:
+                assert d.transport is not None
+                try:
+                    answer = await d.transport.send(path, d.request(self.request).body)
+                finally:
+                    d.pacer.answered()  # the first's is told by the runner
+        except RequestError as exc:  # a failure is an answer too, of that deployment's health
+            self.answers.append((d, exc))
+            raise
         self.answers.append((d, answer))
         return answer
 
     def answered_by(self, result: object) -> Deployment:
-        """Which deployment gave ``result``."""
+        """Which deployment gave ``result`` (the first's, unless a copy's)."""
         return next((d for d, answer in self.answers if answer is result), self.first)
 
 

@@ -82,6 +82,7 @@ class _Flight:
     transport: Transport
     request: Request
     place: Callable[[], AbstractAsyncContextManager[object]]  # a copy's, while it is out
+    heed: Callable[[Answer, float], None] | None  # a copy's answer, and when the copy went
     chosen: int = 0  # copies chosen
     copies: list[asyncio.Task[Answer | None]] = field(default_factory=list)
     # Of them, those that went: each waits for its turn in the pace first, and is chosen only
@@ -211,11 +212,13 @@ class Hedger:
         started: float,
         place: Callable[[], AbstractAsyncContextManager[object]],
         latency: LatencyHistogram | None = None,
+        heed: Callable[[Answer, float], None] | None = None,
     ) -> tuple[Answer, int]:
         """Send ``request``, and copies as chosen; the first answer, and the copies sent.
         ``place``: a copy's place, held while it is out (a slot in the pool, and its turn
         in the pace: a copy is a request like any other). ``latency``: the answers it is
-        judged a straggler against (None: the job's).
+        judged a straggler against (None: the job's). ``heed``: told each copy's answer and
+        when the copy went, as the first's is told to the caller (a copy's 429 slows the pace).
 
         Only a success wins while another copy that went may still answer: a
         failure (a dropped connection, a 429, a 5xx) is the attempt's only once
@@ -227,7 +230,8 @@ class Hedger:
         # takes it back, so a worker an earlier attempt timed out in stays cancelling. Read
         # as a stop, a copy's win ended the worker and left its line pending.
         residue = worker.cancelling()
-        flight = _Flight(started, latency or self.latency, worker, transport, request, place)
+        judged = latency or self.latency
+        flight = _Flight(started, judged, worker, transport, request, place, heed)
         self._flights.add(flight)
         try:
             try:
@@ -276,9 +280,11 @@ class Hedger:
             self.sent += 1
             self.tokens += flight.request.tokens
             flight.sent += 1
-            flight.copied = asyncio.get_running_loop().time()
+            flight.copied = went = asyncio.get_running_loop().time()
             result = await answer(flight.transport, flight.request)
             self._heard(result)
+            if flight.heed is not None:
+                flight.heed(result, went)
             # Only a success wins: a copy's 429 or 5xx would cancel a first copy that may be
             # about to succeed, and the attempt would begin again.
             if _ok(result) and not flight.answered and flight.won is None:

@@ -53,7 +53,7 @@ from batchq.live.concurrency import Pool, descriptor_ceiling
 from batchq.live.deployments import Copies, Deployment, Router
 from batchq.live.hedge import Answer, Hedger, answer
 from batchq.live.limiter import Kind, Pacer
-from batchq.live.retry import Fatal, GiveUp, RetryPolicy, decide, status_error
+from batchq.live.retry import Fatal, GiveUp, Retry, RetryPolicy, decide, status_error
 from batchq.live.serverload import LoadReader, follow, metrics_url
 from batchq.live.transport import AiohttpTransport, Response, Transport
 from batchq.reader import RequestTemplate, feed
@@ -409,8 +409,7 @@ class Pipeline:
             if decision.pause_all:
                 rate_limited += 1
                 self.stats.rate_limited += 1
-                deployment.pacer.pause(decision.delay)
-                deployment.pacer.rate_limited(limit_kind(result), started)
+                _slow_down(deployment.pacer, decision.delay, result, started)
             elif not (
                 self.multi
                 and deployment.breaker.state != "in"
@@ -491,12 +490,16 @@ class Pipeline:
                     result = await answer(transport, request)
                 elif not self.multi:
                     place = partial(deployment.copy_place, request.tokens)
-                    result, copied = await self.hedger.send(transport, request, started, place)
+                    heed = partial(self._heed_copy, deployment)
+                    result, copied = await self.hedger.send(
+                        transport, request, started, place, heed=heed
+                    )
                 else:  # a copy goes to another deployment
                     copies = Copies(self.router, deployment, original)
                     latency = deployment.stats.latency  # a straggler is judged by its deployment
+                    heed = partial(self._heed_copy, copies)
                     result, copied = await self.hedger.send(
-                        copies, request, started, copies.place, latency
+                        copies, request, started, copies.place, latency, heed
                     )
             finally:
                 pacer.answered()
@@ -509,13 +512,28 @@ class Pipeline:
             if self.multi:
                 self.router.released()
         assert result is not None
-        if isinstance(result, Response):
-            pacer.observe(result.headers)
-            if ok:
-                self.stats.latency.add(loop.time() - started)
         if self.multi:
             deployment = self._account(deployment, probe, result, started, copies)
+        if isinstance(result, Response):
+            deployment.pacer.observe(result.headers)  # the pace of the one that answered
+            if ok:
+                self.stats.latency.add(loop.time() - started)
         return started, result, copied > 0, deployment
+
+    def _heed_copy(self, where: Deployment | Copies, result: Answer, went: float) -> None:
+        """A hedge's copy, sent at ``went``, answered ``result``: the pace of its deployment
+        (``where``, or the one of the pool's it went to) heeds it as any answer's. (The
+        attempt's own answer is heeded again, harmlessly: a 429's pause is the same, and a
+        cut is once an episode.)"""
+        if not isinstance(result, Response):
+            return
+        deployment = where.answered_by(result) if isinstance(where, Copies) else where
+        deployment.pacer.observe(result.headers)
+        if result.status == 429:
+            refused = status_error(result.status, result.body, result.headers, result.request_id)
+            decision = decide(refused, 1, 0, self.policy)
+            if isinstance(decision, Retry) and decision.pause_all:
+                _slow_down(deployment.pacer, decision.delay, refused, went)
 
     def _account(
         self,
@@ -528,25 +546,22 @@ class Pipeline:
         """Count an attempt against its deployment, which it may take out of the pool; the
         deployment that answered (another, when a hedge's copy there won). Copies are
         counted where they went, as they went."""
-        ok = isinstance(result, Response) and 200 <= result.status < 300
-        if copies is not None and (other := copies.answered_by(result)) is not d:
-            d.stats.requests += 1  # its first copy lost, and says nothing of its health
-            other.stats.ok += ok
-            other.stats.errors += not ok
-            return other
         now = self.loop.time()
         d.stats.requests += 1
-        if ok:
+        # A copy elsewhere gave the answer (it won, or every copy failed and it was the last):
+        # that says nothing of the first's deployment, and all of the copy's.
+        answered = d if copies is None else copies.answered_by(result)
+        if answered is d and isinstance(result, Response) and 200 <= result.status < 300:
             d.stats.latency.add(now - started)
-        was_in = d.breaker.state == "in"
-        self.router.observe(d, probe, result, now)
-        if was_in and d.breaker.state == "out":
+        was_in = answered.breaker.state == "in"
+        self.router.observe(answered, probe and answered is d, result, now)
+        if was_in and answered.breaker.state == "out":
             self.options.on_notice(
-                f"deployment {d.name} is out of the pool for {d.breaker.pause:g}s "
-                f"({d.breaker.why}); its lines go to the others",
+                f"deployment {answered.name} is out of the pool for {answered.breaker.pause:g}s "
+                f"({answered.breaker.why}); its lines go to the others",
                 logging.WARNING,
             )
-        return d
+        return answered
 
     async def _write_outcomes(self) -> None:
         """The single owner of the output files: append outcomes in batches."""
@@ -760,6 +775,13 @@ def retry_cause(exc: RequestError) -> str:
     """How the summary counts a retry: the HTTP status, else the kind of failure."""
     status = getattr(exc, "status", None)
     return str(status) if status is not None else exc.code
+
+
+def _slow_down(pacer: Pacer, pause: float, refused: RequestError, sent_at: float) -> None:
+    """A 429 for a request sent at ``sent_at``: nothing is sent for ``pause`` seconds, and the
+    pace of the limit it names is cut."""
+    pacer.pause(pause)
+    pacer.rate_limited(limit_kind(refused), sent_at)
 
 
 def limit_kind(exc: RequestError) -> Kind | None:
