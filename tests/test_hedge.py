@@ -454,6 +454,20 @@ async def test_the_caller_heeds_each_copys_answer_and_when_it_went() -> None:
     assert heard == [(refused, went)]  # and not the first's
 
 
+async def test_the_caller_heeds_a_first_copys_failure_that_a_copy_may_still_undo() -> None:
+    # The first's 429, while its copy is out, is no attempt's answer if the copy wins: the
+    # pace must still hear it (sent at 0.0), or the endpoint's refusal goes unheeded.
+    hedger, transport, heard = Hedger(requests=1_000), Scripted(), []
+    sending = await _hedged(hedger, transport, heed=lambda *answered: heard.append(answered))
+    await transport.wait_out(2)
+    refused = Response(429, {"retry-after": "3"}, b"{}", "req-1")
+    transport.copies[0].set_result(refused)
+    await asyncio.sleep(0)
+    transport.copies[1].set_result(_ok(2))
+    assert await sending == (_ok(2), 1)
+    assert heard[0] == (refused, 0.0) and [a for a, _ in heard] == [refused, _ok(2)]
+
+
 async def test_each_answer_is_heard_once_when_every_copy_fails() -> None:
     # The last copy's 503 is the attempt's failure: the runner told the hedger of it again.
     hedger, transport = Hedger(requests=100), Scripted()

@@ -82,7 +82,7 @@ class _Flight:
     transport: Transport
     request: Request
     place: Callable[[], AbstractAsyncContextManager[object]]  # a copy's, while it is out
-    heed: Callable[[Answer, float], None] | None  # a copy's answer, and when the copy went
+    heed: Callable[[Answer, float], None] | None  # an answer, and when its copy went
     chosen: int = 0  # copies chosen
     copies: list[asyncio.Task[Answer | None]] = field(default_factory=list)
     # Of them, those that went: each waits for its turn in the pace first, and is chosen only
@@ -217,8 +217,9 @@ class Hedger:
         """Send ``request``, and copies as chosen; the first answer, and the copies sent.
         ``place``: a copy's place, held while it is out (a slot in the pool, and its turn
         in the pace: a copy is a request like any other). ``latency``: the answers it is
-        judged a straggler against (None: the job's). ``heed``: told each copy's answer and
-        when the copy went, as the first's is told to the caller (a copy's 429 slows the pace).
+        judged a straggler against (None: the job's). ``heed``: told each answer that may not
+        be the attempt's (a copy's, or the first's failure while copies are out) and when its
+        copy went, for the pace (a 429 slows it); the attempt's answer is the caller's to heed.
 
         Only a success wins while another copy that went may still answer: a
         failure (a dropped connection, a 429, a 5xx) is the attempt's only once
@@ -253,6 +254,8 @@ class Hedger:
                 # leaves the task cancelling, and would pass for one)
             # The first failed: a copy that went may still succeed. One still waiting for its
             # turn is not sent (the finally cancels it), nor waited for: its turn may be long.
+            if flight.sent and flight.heed is not None:  # then this failure is no attempt's
+                flight.heed(result, started)
             for copy in asyncio.as_completed(flight.copies[: flight.sent]):
                 if _ok(second := await copy):
                     return self._won(flight, second, by_copy=True)

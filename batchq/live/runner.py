@@ -490,14 +490,14 @@ class Pipeline:
                     result = await answer(transport, request)
                 elif not self.multi:
                     place = partial(deployment.copy_place, request.tokens)
-                    heed = partial(self._heed_copy, deployment)
+                    heed = partial(self._heed, deployment)
                     result, copied = await self.hedger.send(
                         transport, request, started, place, heed=heed
                     )
                 else:  # a copy goes to another deployment
                     copies = Copies(self.router, deployment, original)
                     latency = deployment.stats.latency  # a straggler is judged by its deployment
-                    heed = partial(self._heed_copy, copies)
+                    heed = partial(self._heed, copies)
                     result, copied = await self.hedger.send(
                         copies, request, started, copies.place, latency, heed
                     )
@@ -520,11 +520,12 @@ class Pipeline:
                 self.stats.latency.add(loop.time() - started)
         return started, result, copied > 0, deployment
 
-    def _heed_copy(self, where: Deployment | Copies, result: Answer, went: float) -> None:
-        """A hedge's copy, sent at ``went``, answered ``result``: the pace of its deployment
-        (``where``, or the one of the pool's it went to) heeds it as any answer's. (The
-        attempt's own answer is heeded again, harmlessly: a 429's pause is the same, and a
-        cut is once an episode.)"""
+    def _heed(self, where: Deployment | Copies, result: Answer, went: float) -> None:
+        """A hedged request's answer that may not be the attempt's (a copy's, or the first's
+        failure while copies are out), sent at ``went``: the pace of its deployment (``where``,
+        or the one of the pool's it went to) heeds it as any answer's. (If it is the attempt's
+        after all, it is heeded again, harmlessly: a 429's pause is the same, and a cut is
+        once an episode.)"""
         if not isinstance(result, Response):
             return
         deployment = where.answered_by(result) if isinstance(where, Copies) else where
