@@ -246,6 +246,8 @@ class Hedger:
             if flight.won is not None:  # a cancel the send turned into a failure of its own
                 if worker.uncancel() > residue:
                     raise asyncio.CancelledError  # a stop came with it: the run is stopping
+                if flight.heed is not None:  # (or an answer that came as the copy won)
+                    flight.heed(result, started)
                 return self._won(flight, flight.won, by_copy=True)
             if _ok(result):
                 return self._won(flight, result, by_copy=False)

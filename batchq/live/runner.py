@@ -409,7 +409,8 @@ class Pipeline:
             if decision.pause_all:
                 rate_limited += 1
                 self.stats.rate_limited += 1
-                _slow_down(deployment.pacer, decision.delay, result, started)
+                if not hedged:  # else every failure of the attempt reached the pace as it came
+                    _slow_down(deployment.pacer, decision.delay, result, started)
             elif not (
                 self.multi
                 and deployment.breaker.state != "in"
@@ -483,7 +484,7 @@ class Pipeline:
             copied = 0  # copies sent
             copies: Copies | None = None
             try:
-                if self.hedger is None:
+                if self.hedger is None or probe:  # (a probe's copy would leave it unjudged)
                     # Not inlined to save a frame: an exception caught in this frame and kept
                     # in ``result`` would hold the frame in a cycle through its traceback, with
                     # a large answer's chunks, until the GC ran (16 of them: 550 MiB RSS).
@@ -523,9 +524,9 @@ class Pipeline:
     def _heed(self, where: Deployment | Copies, result: Answer, went: float) -> None:
         """A hedged request's answer that may not be the attempt's (a copy's, or the first's
         failure while copies are out), sent at ``went``: the pace of its deployment (``where``,
-        or the one of the pool's it went to) heeds it as any answer's. (If it is the attempt's
-        after all, it is heeded again, harmlessly: a 429's pause is the same, and a cut is
-        once an episode.)"""
+        or the one of the pool's it went to) heeds it as any answer's, at once. (Once copies
+        went, ``_call`` leaves the attempt's failure to this; its 200's headers are observed
+        twice, harmlessly.)"""
         if not isinstance(result, Response):
             return
         deployment = where.answered_by(result) if isinstance(where, Copies) else where
