@@ -676,7 +676,7 @@ def test_when_every_copy_fails_the_last_counts_where_it_went(
     first, copy = sorted(went, key=went.__getitem__)
     rows = _summary(done)["this_run"]["deployments"]
     # The copy failed last, so its failure was the attempt's: counted where the copy went.
-    # It was counted at the first's, whose breaker it charged.
+    # (It used to be counted at the first's, and charge its breaker.)
     assert (rows[first]["errors"], rows[copy]["errors"]) == (0, 1)
     assert_exactly_once(tmp_path / "job", [f"r{i}" for i in range(99)] + ["late"])
 
