@@ -243,6 +243,10 @@ def test_a_copy_s_429_pauses_sending_as_any_429(tmp_path: Path) -> None:
                 if arrivals["failed"] == 2:
                     failed_copy.set()
                 await asyncio.to_thread(refused.wait, 60)
+                # A moment after the 429, as an endpoint's 500 would be: both answers in the
+                # same instant, the client could take the 500s first, and draw a retry's
+                # backoff (up to half a second) too short to meet the pause.
+                await asyncio.sleep(0.2)
                 return web.json_response({"error": {}}, status=500)
         return web.json_response({"choices": [{"message": {"content": "ok"}}]})
 
