@@ -7,10 +7,14 @@ billing counters (batches created, lines billed twice).
 
 from __future__ import annotations
 
+import asyncio
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,7 @@ import pytest
 from conftest import MockFactory, RunningMock
 from support import (
     batchq,
+    batchq_cmd,
     batchq_peak_rss,
     chat,
     clean_env,
@@ -634,7 +639,209 @@ def test_a_damaged_download_that_echoes_the_key_leaves_no_copy_of_it(
         "--model", "m", "--via", "batch", "--batch-poll", "0.01", "--api-key-env", "KEY",
         cwd=tmp_path, env=clean_env(KEY=key),
     )  # fmt: skip
-    assert done.returncode == 3, done.stderr
+    # Damaged in every download: what can be read is collected; the other lines may be the
+    # unreadable one, answered and paid for, so they are not sent again unasked.
+    assert done.returncode == 1, done.stderr
     assert "damaged" in done.stderr
+    results, errors = outputs(tmp_path / "job")
+    assert [r["batchq"]["line"] for r in results] == [1]
+    assert sorted(e["batchq"]["line"] for e in errors) == list(range(2, 13))
+    assert {e["error"]["code"] for e in errors} == {"batch_unmatched"}
+    assert all(e["batchq"]["retryable"] for e in errors)
+    assert len(_creates(server)) == 1
     for path in (tmp_path / "job").rglob("*"):
         assert not path.is_file() or key.encode() not in path.read_bytes(), path
+
+
+def _creates(server: Any) -> list[Any]:
+    return [s for s in server.seen if s.method == "POST" and s.path.endswith("/batches")]
+
+
+def _answering(output: Callable[[int], bytes] | None) -> Any:
+    """A provider whose batch completes with an output file of ``output(n)`` for each of
+    batchq's lines ``batchq-n`` (None: the file is gone, 404)."""
+    from aiohttp import web
+
+    completed = {"id": "batch_1", "status": "completed", "output_file_id": "file-out"}
+    fallback = _provider(completed)
+    uploaded: list[bytes] = []
+
+    async def handler(request: web.Request, body: bytes) -> web.StreamResponse:
+        if request.path.endswith("/files") and request.method == "POST":
+            uploaded.append(body)
+        if request.path.endswith("/files/file-out") or request.path.endswith("/content"):
+            if output is None:
+                return web.json_response({"error": {"message": "No such file"}}, status=404)
+            lines = len(re.findall(rb'"custom_id": ?"batchq-', uploaded[-1]))
+            content = b"".join(output(n) for n in range(1, lines + 1))
+            if request.path.endswith("/file-out"):
+                return web.json_response({"id": "file-out", "bytes": len(content)})
+            return web.Response(body=content)
+        response: web.StreamResponse = await fallback(request, body)
+        return response
+
+    return handler
+
+
+def _batch_job(tmp: Path, server: Any, *args: str) -> subprocess.CompletedProcess[str]:
+    return batchq(
+        "run", tmp / "in.jsonl", "--job", tmp / "job", "--base-url", server.url,
+        "--model", "m", "--via", "batch", "--batch-poll", "0.01", *args, cwd=tmp,
+    )  # fmt: skip
+
+
+def test_answers_under_ids_the_job_never_sent_are_not_paid_for_again(
+    tmp_path: Path, hostile: Any
+) -> None:
+    """A gateway that renames custom_id: every line answered, none matched. Sent again, each
+    batch would come back the same, billed each time, until the tries ran out."""
+
+    def renamed(n: int) -> bytes:
+        body = {"choices": [{"message": {"content": "hi"}}]}
+        line = {"custom_id": f"req-batchq-{n}", "response": {"status_code": 200, "body": body}}
+        return orjson.dumps(line) + b"\n"
+
+    server = hostile(_answering(renamed))
+    write_jsonl(tmp_path / "in.jsonl", prompts(12))
+    done = _batch_job(tmp_path, server)
+    assert done.returncode == 1, done.stderr
+    assert len(_creates(server)) == 1
+    results, errors = outputs(tmp_path / "job")
+    assert results == []
+    assert sorted(e["batchq"]["line"] for e in errors) == list(range(1, 13))
+    assert {e["error"]["code"] for e in errors} == {"batch_unmatched"}
+    assert "12 lines it was not sent" in done.stderr
+
+
+def test_an_output_file_the_provider_no_longer_has_sends_its_lines_again(
+    tmp_path: Path, hostile: Any
+) -> None:
+    """A detached job that came back after the provider dropped its output file: the lines
+    go again instead of holding the job for good."""
+    server = hostile(_answering(None))
+    write_jsonl(tmp_path / "in.jsonl", prompts(12))
+    done = _batch_job(tmp_path, server, "--max-attempts", "2")
+    assert done.returncode == 1, done.stderr
+    assert "is gone (HTTP 404)" in done.stderr
+    assert len(_creates(server)) == 2
+    _, errors = outputs(tmp_path / "job")
+    assert sorted(e["batchq"]["line"] for e in errors) == list(range(1, 13))
+    assert {e["error"]["code"] for e in errors} == {"batch_unanswered"}
+
+
+def test_a_damaged_ids_file_is_read_again_from_the_input(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server(**FAST)
+    write_jsonl(tmp_path / "in.jsonl", prompts(30))
+    assert run_batch(tmp_path, server, "--detach").returncode == 0
+    with (tmp_path / "job" / "batches" / "chunk-00001.ids").open("ab") as ids:
+        ids.write(b"garbage\n")
+    done = run_batch(tmp_path, server)
+    assert done.returncode == 0, done.stderr
+    assert_one_output_per_line(tmp_path / "job", 30)
+    assert billing(server)["batches_created"] == 1
+
+
+def test_a_chunk_whose_upload_file_was_deleted_before_its_upload_is_planned_again(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    import shutil
+
+    server = mock_server(**FAST)
+    write_jsonl(tmp_path / "in.jsonl", prompts(30))
+    killed = subprocess.run(
+        [sys.executable, "-c", _kill_at("planned", 1), "run", str(tmp_path / "in.jsonl"),
+         "--job", str(tmp_path / "job"), "--base-url", server.url, "--model", "gpt-4o-mini",
+         "--via", "batch"],
+        cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    shutil.rmtree(tmp_path / "job" / "batches")  # it looks like a cache
+    done = run_batch(tmp_path, server)
+    assert done.returncode == 0, done.stderr
+    assert_one_output_per_line(tmp_path / "job", 30)
+    assert billing(server)["batches_created"] == 1
+
+
+def test_a_download_a_kill_left_behind_is_removed_by_the_next_run(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    """It holds the answers as the provider sent them: an echoed key, unscrubbed."""
+    server = mock_server(**FAST)
+    write_jsonl(tmp_path / "in.jsonl", prompts(30))
+    killed = subprocess.run(
+        [sys.executable, "-c", _kill_at("downloaded", 1), "run", str(tmp_path / "in.jsonl"),
+         "--job", str(tmp_path / "job"), "--base-url", server.url, "--model", "gpt-4o-mini",
+         "--via", "batch", "--batch-poll", "0.02"],
+        cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    left = tmp_path / "job" / "batches" / "chunk-00001.output.jsonl"
+    assert left.exists()
+    live = batchq("run", tmp_path / "job", "--via", "live", cwd=tmp_path)
+    assert live.returncode == 0, live.stderr  # its lines are the open batch's
+    assert not left.exists()
+
+
+def _signalled_at_ledger(signals: int) -> str:
+    """A batchq that sends itself SIGINT ``signals`` times as the batch ledger opens."""
+    return (
+        "import os, signal, sys\n"
+        "import batchq.batch.executor as executor\n"
+        "from batchq.cli import main\n"
+        "class Ledger(executor.Ledger):\n"
+        "    def __init__(self, *args):\n"
+        f"        for _ in range({signals}):\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "        super().__init__(*args)\n"
+        "executor.Ledger = Ledger\n"
+        "sys.argv[0] = 'batchq'\n"
+        "main()\n"
+    )
+
+
+def test_ctrl_c_while_a_batch_job_opens_sends_nothing(tmp_path: Path, hostile: Any) -> None:
+    server = hostile(_answering(None))
+    write_jsonl(tmp_path / "in.jsonl", prompts(12))
+    done = subprocess.run(
+        [sys.executable, "-c", _signalled_at_ledger(1), "run", str(tmp_path / "in.jsonl"),
+         "--job", str(tmp_path / "job"), "--base-url", server.url, "--model", "m",
+         "--via", "batch"],
+        cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 130, done.stderr
+    assert server.seen == []
+
+
+def test_a_second_ctrl_c_during_a_provider_call_stops_at_once_and_cleanly(
+    tmp_path: Path, hostile: Any
+) -> None:
+    from aiohttp import web
+
+    released = threading.Event()
+
+    async def upload_hangs(request: web.Request, body: bytes) -> web.StreamResponse:
+        await asyncio.to_thread(released.wait, 60)  # until the test ends
+        return web.json_response({}, status=500)
+
+    server = hostile(upload_hangs)
+    write_jsonl(tmp_path / "in.jsonl", prompts(12))
+    run = subprocess.Popen(
+        batchq_cmd("run", tmp_path / "in.jsonl", "--job", tmp_path / "job",
+                   "--base-url", server.url, "--model", "m", "--via", "batch"),
+        cwd=tmp_path, env=clean_env(), stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: len(server.seen) == 1)  # the upload is in, and never answered
+        run.send_signal(signal.SIGINT)
+        assert run.stderr is not None
+        said = [run.stderr.readline() for _ in range(3)]
+        assert "Ctrl-C again to stop at once" in said[-1], said
+        run.send_signal(signal.SIGINT)
+        _, stderr = run.communicate(timeout=60)
+    finally:
+        run.kill()
+        released.set()
+    assert run.returncode == 130, stderr
+    assert "Traceback" not in stderr

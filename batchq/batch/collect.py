@@ -1,15 +1,19 @@
 """A finished batch's output and error files, turned into the job's output lines.
 
 A download is checked whole before any line of it is written: every line
-parses, every ``custom_id`` is one this batch was sent, none comes twice.
-A file that fails the check is fetched again; half of one is never
-committed. Neither provider writes its lines in input order.
+parses and names a ``custom_id``. A file that fails the check is fetched
+again; half of one is never committed. A file damaged the same way in every
+download is collected for the lines that can be read. Neither provider
+writes its lines in input order.
 
 Each line the batch answered becomes a result line, or an error line where
 the request failed for good (a 4xx). A line that failed for a reason that
 may pass (5xx, 429, the batch expired or was cancelled before it) or that
 is in neither file goes back to pending, to be sent again, until
-``max_attempts`` batches have tried it.
+``max_attempts`` batches have tried it; but not when the files held lines
+batchq cannot match to its requests (a gateway that renames ``custom_id``,
+a damaged line): the line may have been answered, and paid for, among them,
+so it fails, retryable, instead of going in another batch unasked.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ class Collected:
 
     retry: list[int] = field(default_factory=list)
     failed_for_good: int = 0
-    unknown: int = 0  # lines with a custom_id this batch was not sent
+    unknown: int = 0  # lines with a custom_id this batch was not sent, or unreadable
     twice: int = 0  # a custom_id seen again
 
 
@@ -54,13 +58,15 @@ def read_ids(path: Path) -> dict[str, tuple[int, str]]:
                 ids[f"batchq-{line_no}"] = (int(line_no), str(custom_id))
     except OSError as exc:
         raise StorageError.from_os("read", path, exc) from None
+    except (ValueError, TypeError):  # not the [line, id] rows plan() writes
+        raise Damaged(f"{path.name} is not a list of the chunk's ids") from None
     return ids
 
 
 def check(path: Path, ids: Container[str]) -> None:
     """Raise ``Damaged`` unless every line of ``path`` is an output line of this batch."""
     for line_no, obj in _lines(path):
-        if not isinstance(obj, dict) or not isinstance(obj.get("custom_id"), str):
+        if _custom_id(obj) is None:
             raise Damaged(f"line {line_no} of the download is not a batch output line")
 
 
@@ -89,8 +95,8 @@ def collect(
     ids_by_line = dict(ids.values())
     last_try = chunk.attempt >= max_attempts and not free
     for path in files:
-        for _, obj in _lines(path):
-            found = ids.get(obj["custom_id"])
+        for _, obj in _lines(path, strict=False):
+            found = ids.get(_custom_id(obj) or "")
             if found is None:
                 result.unknown += 1
                 continue
@@ -126,6 +132,17 @@ def collect(
             message = f"not answered by batch {chunk.batch_id} ({chunk.status}), the last try"
             line = error_line(
                 line_no, ids_by_line.get(line_no), "batch_unanswered", message,
+                attempts=chunk.attempt, retryable=True, batch=chunk.batch_id,
+            )  # fmt: skip
+            emit(Outcome(line_no, False, line))
+        elif result.unknown:
+            message = (
+                f"not found in the files of batch {chunk.batch_id}, which hold answers that "
+                f"match none of its requests ({result.unknown:,}); this line's may be among "
+                "them, paid for, so it was not sent again: --retry-failed sends it"
+            )
+            line = error_line(
+                line_no, ids_by_line.get(line_no), "batch_unmatched", message,
                 attempts=chunk.attempt, retryable=True, batch=chunk.batch_id,
             )  # fmt: skip
             emit(Outcome(line_no, False, line))
@@ -224,7 +241,15 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _lines(path: Path) -> Iterator[tuple[int, Any]]:
+def _custom_id(obj: Any) -> str | None:
+    """The ``custom_id`` of a batch output line; None if ``obj`` is not one."""
+    custom_id = obj.get("custom_id") if isinstance(obj, dict) else None
+    return custom_id if isinstance(custom_id, str) else None
+
+
+def _lines(path: Path, *, strict: bool = True) -> Iterator[tuple[int, Any]]:
+    """Each line of ``path``, parsed; one that is not JSON raises ``Damaged``, or with
+    ``strict=False`` comes as None."""
     try:
         with path.open("rb") as f:
             for line_no, raw in enumerate(f, 1):
@@ -233,6 +258,8 @@ def _lines(path: Path) -> Iterator[tuple[int, Any]]:
                 try:
                     yield line_no, orjson.loads(raw)
                 except orjson.JSONDecodeError:
-                    raise Damaged(f"line {line_no} of {path.name} is not JSON") from None
+                    if strict:
+                        raise Damaged(f"line {line_no} of {path.name} is not JSON") from None
+                    yield line_no, None
     except OSError as exc:
         raise StorageError.from_os("read", path, exc) from None

@@ -41,7 +41,7 @@ from batchq.batch.provider import Provider, ProviderError, Uncertain
 from batchq.config import strip_secrets
 from batchq.errors import ConfigError, Notify, StorageError
 from batchq.job import durable
-from batchq.job.batches import Chunk, Ledger, in_ranges, to_ranges
+from batchq.job.batches import DOWNLOADS, Chunk, Ledger, in_ranges, to_ranges
 from batchq.job.folder import Job
 from batchq.job.history import History
 from batchq.job.journal import DoneSet
@@ -162,7 +162,9 @@ class BatchRun:
                 f"this job's open batches were sent to {', '.join(map(str, elsewhere))}, not "
                 f"{self.base}: run it with that --base-url (and its key) to collect them"
             )
-        if self.options.cancel:
+        if self.stats.interrupted:  # signalled while the job was opening: nothing is sent
+            self.stopping.set()
+        elif self.options.cancel:
             await self.cancel_open()
         elif self.options.detach:
             await self.collect_finished()  # a detached run collects what is done, then submits
@@ -252,6 +254,13 @@ class BatchRun:
             return
         if chunk.file_id is None:
             path = self.ledger.folder / f"{chunk.name}.jsonl"
+            if not path.exists():  # batches/ deleted before the upload: plan its lines again
+                self.ledger.step(
+                    chunk, "collected", status="not created", retry=chunk.lines, free=True
+                )
+                _remove_files(self.ledger.folder, chunk)
+                self._replan = True
+                return
             uploaded = await self.provider.upload(path, f"{self.job.dir.name}-{chunk.name}.jsonl")
             _reached("uploaded")
             self.ledger.step(chunk, "upload", file_id=str(uploaded["id"]))
@@ -409,7 +418,8 @@ class BatchRun:
             for key in ("output_file_id", "error_file_id"):
                 file_id = batch.get(key)
                 if isinstance(file_id, str) and file_id:  # null, or "" from DashScope: none
-                    files.append(await self._download(chunk, file_id, key.split("_")[0], ids))
+                    path = await self._download(chunk, file_id, key.split("_")[0], ids)
+                    files += [path] if path is not None else []
             await self._commit_collected(chunk, batch, status, ids, files)
         finally:
             for path in files:
@@ -484,10 +494,14 @@ class BatchRun:
 
     async def _ids(self, chunk: Chunk) -> dict[str, tuple[int, str]]:
         """The chunk's upload ids, from the file beside it or, where that was lost (the
-        batches/ folder deleted), read again from its input lines."""
+        batches/ folder deleted) or damaged, read again from its input lines (a short one
+        would leave answers unmatched)."""
         path = self.ledger.folder / f"{chunk.name}.ids"
         if path.exists():
-            return read_ids(path)
+            with contextlib.suppress(Damaged):
+                kept = read_ids(path)
+                if len(kept) == chunk.count:
+                    return kept
         lines = DoneSet()
         lines.add_all(in_ranges(chunk.lines))
         ids: dict[str, tuple[int, str]] = {}
@@ -507,12 +521,18 @@ class BatchRun:
 
     async def _download(
         self, chunk: Chunk, file_id: str, kind: str, ids: dict[str, tuple[int, str]]
-    ) -> Path:
-        """A file of the batch, downloaded whole and checked; removed if it never is."""
+    ) -> Path | None:
+        """A file of the batch, downloaded whole and checked; removed if it never is.
+
+        None: the provider no longer has it (404), and the lines it held go again. A file
+        damaged in every download is collected for its readable lines: fetching it forever
+        would hold the job's lines, and its good answers, for good.
+        """
         target = self.ledger.folder / f"{chunk.name}.{kind}.jsonl"
-        info = await self.provider.file(file_id)
-        size = info.get("bytes") if isinstance(info.get("bytes"), int) else None
+        about = f"the {kind} file {file_id} of batch {chunk.batch_id}"
         try:
+            info = await self.provider.file(file_id)
+            size = info.get("bytes") if isinstance(info.get("bytes"), int) else None
             for attempt in range(1, DOWNLOAD_TRIES + 1):
                 await self.provider.download(file_id, target, size)
                 try:
@@ -520,11 +540,19 @@ class BatchRun:
                     return target
                 except Damaged as exc:
                     if attempt == DOWNLOAD_TRIES:
-                        raise ProviderError(
-                            f"the {kind} file {file_id} of batch {chunk.batch_id} is damaged "
-                            f"({exc}), {DOWNLOAD_TRIES} downloads in a row"
-                        ) from None
-            raise AssertionError("unreachable")
+                        self.notice(
+                            f"{about} is damaged ({exc}) in {DOWNLOAD_TRIES} downloads in a "
+                            "row: its readable lines are collected",
+                            logging.WARNING,
+                        )
+            return target
+        except ProviderError as exc:
+            with contextlib.suppress(StorageError):
+                durable.unlink(target)
+            if exc.status != 404:
+                raise
+            self.notice(f"{about} is gone (HTTP 404): the lines it held go again", logging.WARNING)
+            return None
         except BaseException:
             with contextlib.suppress(StorageError):
                 durable.unlink(target)
@@ -623,23 +651,38 @@ class BatchRun:
 
     @contextlib.contextmanager
     def signals(self) -> Iterator[None]:
-        """SIGINT/SIGTERM stop the waiting (the batches go on); a second one stops at once."""
+        """SIGINT/SIGTERM stop the waiting (the batches go on); a second one stops at once,
+        in the middle of a provider call (which may retry for minutes)."""
         if not self.options.handle_signals:
             yield
             return
         loop = asyncio.get_running_loop()
         main = asyncio.current_task()
+        assert main is not None
+        cancelled = False
 
         def stop() -> None:
-            if self.stopping.is_set() and main is not None:
+            nonlocal cancelled
+            if not self.stopping.is_set():
+                self.stopping.set()
+                self.notice(
+                    "stopping: the batches go on at the provider (Ctrl-C again to stop at once)"
+                )
+            elif not cancelled:
+                cancelled = True
                 main.cancel()
-            self.stopping.set()
 
         previous = {sig: signal.getsignal(sig) or signal.SIG_DFL for sig in SIGNALS}
         for sig in SIGNALS:
             loop.add_signal_handler(sig, stop)
         try:
             yield
+        except asyncio.CancelledError:
+            if not cancelled or main.uncancel():  # a cancel that is not the signal's
+                raise
+            self.stats.interrupted = True
+            self.stats.batches_open = len(self.ledger.open_chunks())
+            self._say_left_running()
         finally:
             for sig, handler in previous.items():
                 loop.remove_signal_handler(sig)
@@ -652,5 +695,5 @@ def _status(batch: dict[str, Any]) -> str:
 
 
 def _remove_files(folder: Path, chunk: Chunk) -> None:
-    for suffix in (".jsonl", ".ids"):
+    for suffix in (".jsonl", ".ids", *DOWNLOADS):
         durable.unlink(folder / f"{chunk.name}{suffix}")

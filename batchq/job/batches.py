@@ -46,6 +46,7 @@ from batchq.job.journal import DoneSet
 
 LEDGER = "batches.jsonl"
 CHUNKS = "batches"  # the folder of the chunks' files, until they are collected
+DOWNLOADS = (".output.jsonl", ".error.jsonl")  # a chunk's files from the provider, as collected
 
 Ranges = list[list[int]]  # [[first, last], ...], inclusive, ascending
 
@@ -183,6 +184,14 @@ class Ledger:
     def _write(self, record: dict[str, Any]) -> None:
         durable.write(self._file, orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
         durable.fsync(self._file)
+
+
+def remove_downloads(run_dir: Path) -> None:
+    """Downloads a kill left behind: they hold the answers as the provider sent them, an
+    echoed key included. A batch not yet collected is downloaded again."""
+    for suffix in DOWNLOADS:
+        for path in (run_dir / CHUNKS).glob(f"chunk-*{suffix}"):
+            durable.unlink(path)
 
 
 def held_lines(run_dir: Path) -> tuple[DoneSet, int]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from batchq.errors import Notify
+from batchq.job.batches import remove_downloads
 from batchq.job.folder import (
     Job,
     add_elapsed,
@@ -114,6 +115,7 @@ def _open(
         if {k: state.get(k) for k in figures} != figures or state.get("requests") != span.requests:
             write_state(job.run_dir, {**state, **figures, "requests": span.requests})
     save_settings(job)  # only now, holding the run's lock: a refused run changes nothing
+    remove_downloads(job.run_dir)
     if retry:
         moved = retry_failed(job.run_dir, job.results, job.errors)
         on_notice(f"--retry-failed: {moved:,} retryable failures back to pending")
