@@ -36,6 +36,7 @@ from batchq.config import (
     ignored_base_url,
     store_password,
     strip_secrets,
+    url_secrets,
 )
 from batchq.errors import BatchqError
 
@@ -404,8 +405,8 @@ def run(
         except BatchqError as exc:
             raise Failure(exc) from None
     typed_store = settings["limits_store"]
-    settings["limits_store"], password = store_password(typed_store, os.environ)
     try:
+        settings["limits_store"], password = store_password(typed_store, os.environ)
         job, notes = open_job(
             target,
             job_dir=job_dir,
@@ -422,6 +423,11 @@ def run(
             _notice(
                 f"the limits store's password is not kept in job.toml; next time, set "
                 f"{LIMITS_STORE_PASSWORD_ENV} or give the URL in {LIMITS_STORE_ENV}"
+            )
+        if url_secrets(job.settings) and (_typed("base_url") or _typed("deployments")):
+            _notice(
+                "a base URL's credentials are not kept in job.toml; next time, give the same "
+                "--base-url (or set it in OPENAI_BASE_URL) or --deployments file again"
             )
         if progress_every is None:
             progress_every = 0.5 if sys.stderr.isatty() else 10.0

@@ -430,8 +430,10 @@ def strip_secrets(url: str, *, mask: str | None = None) -> tuple[str, list[str]]
     try:
         parts = urlsplit(url)
         password = parts.password
-    except ValueError:  # not a URL urllib can split: keep nothing that may be a secret
-        return re.sub(r"^(\w+://)[^@/]*@", r"\1", url).partition("?")[0], []
+    except ValueError:
+        parts = None
+    if parts is None or not _readable(url):  # keep nothing that may be a secret
+        return re.sub(r"^(\w+://).*@", r"\1", url).partition("?")[0], []
     secrets = [unquote(password)] if password else []
     netloc = parts.netloc
     if password is not None:
@@ -454,12 +456,40 @@ def strip_secrets(url: str, *, mask: str | None = None) -> tuple[str, list[str]]
     return public + (f"#{parts.fragment}" if parts.fragment else ""), secrets
 
 
+def _readable(url: str) -> bool:
+    """Whether urllib reads ``url``'s host and port: a password's "/", "?" or "#" ends
+    the host early, and what follows is no port."""
+    try:
+        _ = urlsplit(url).port
+    except ValueError:
+        return False
+    return True
+
+
+def url_secrets(settings: Settings) -> list[str]:
+    """The credentials in the base URLs of ``settings`` and of its deployments: kept out
+    of job.toml, and removed, like an API key, from whatever an endpoint echoes."""
+    urls = [settings.base_url, *(spec.base_url for spec in settings.deployments)]
+    return [secret for url in urls if url for secret in strip_secrets(url)[1]]
+
+
+def with_path(base_url: str, path: str) -> str:
+    """``path`` under ``base_url``, whose query (``?api-key=``) stays at the end."""
+    base, sep, query = base_url.partition("?")
+    return base.rstrip("/") + path + sep + query
+
+
 def store_password(url: str | None, env: Mapping[str, str]) -> tuple[str | None, str | None]:
     """A limits store's URL without its password, and the password to use with it.
 
     The password is the URL's own (``redis://:PW@host`` or ``?password=PW``), else the
     environment's ``BATCHQ_LIMITS_STORE_PASSWORD``: job.toml only ever gets the URL.
     """
+    if url is not None and "@" in url and not _readable(url):
+        raise ConfigError(
+            "the limits store URL cannot be read: write a '/', '?' or '#' in its "
+            "password as %2F, %3F, %23"
+        )
     public, secrets = (None, []) if url is None else strip_secrets(url)  # url: job.toml's
     return public, (secrets[0] if secrets else env.get(LIMITS_STORE_PASSWORD_ENV) or None)
 

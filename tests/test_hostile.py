@@ -9,6 +9,7 @@ errors.jsonl, that `status` agrees, and that no line is lost or written twice.
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
 import gzip
 import subprocess
@@ -444,6 +445,36 @@ def test_a_key_the_endpoint_echoes_is_written_nowhere(tmp_path: Path, hostile: H
     }
     assert MARKER in failed["html"]["error"]["message"]
     assert f"/login?key={MARKER}" in failed["redirect"]["error"]["message"]
+
+
+def test_a_base_url_s_credentials_are_used_echoed_nowhere_and_kept_out_of_job_toml(
+    tmp_path: Path, hostile: Hostile
+) -> None:
+    """A proxy's basic auth, and an Azure-style ?api-key=: each a key by another name."""
+    secret = "proxy-pass-0123456789"
+    basic = "Basic " + base64.b64encode(f"me:{secret}".encode()).decode()
+
+    async def guarded(request: web.Request, body: bytes) -> web.StreamResponse:
+        if request.headers.get("Authorization") != basic or request.query.get("api-key") != secret:
+            return web.json_response({"error": {"message": "no"}}, status=401)
+        return completion(f"{request.url} {request.headers['Authorization']} {secret}")
+
+    server = hostile(guarded)
+    ids = two_lines(tmp_path, "a", "b")
+    base = server.url.replace("://", f"://me:{secret}@") + f"?api-key={secret}"
+    first = run(tmp_path, base)
+    assert first.returncode == 0, first.stderr
+    assert "credentials are not kept in job.toml" in first.stderr
+    assert {s.path for s in server.seen} == {"/v1/chat/completions"}
+    toml = (job_of(tmp_path) / "job.toml").read_text()
+    assert f'base_url = "{server.url.replace("://", "://me@")}"' in toml
+    # The next run finds them where the user keeps them: here, OPENAI_BASE_URL.
+    with (tmp_path / "in.jsonl").open("a") as f:
+        f.write(orjson.dumps(chat("c", "c")).decode() + "\n")
+    again = batchq("run", job_of(tmp_path), "-q", cwd=tmp_path, env=clean_env(OPENAI_BASE_URL=base))
+    assert again.returncode == 0, again.stderr
+    assert len(agrees(tmp_path, [*ids, "c"])[0]) == 3
+    assert secret not in everything_written(tmp_path, first, again)
 
 
 def test_a_refused_key_stops_the_job_without_showing_it(tmp_path: Path, hostile: Hostile) -> None:

@@ -38,7 +38,7 @@ from batchq.batch.collect import (
 )
 from batchq.batch.plan import Dialect, check_window, dialect_of, plan
 from batchq.batch.provider import Provider, ProviderError, Uncertain
-from batchq.config import strip_secrets
+from batchq.config import strip_secrets, url_secrets
 from batchq.errors import ConfigError, Notify, StorageError
 from batchq.job import durable
 from batchq.job.batches import DOWNLOADS, Chunk, Ledger, in_ranges, to_ranges
@@ -144,7 +144,8 @@ class BatchRun:
         self.ledger, self.provider, self.options, self.dialect = ledger, provider, options, dialect
         self.notice = options.on_notice
         self.base = strip_secrets(job.settings.base_url, mask="***")[0].rstrip("/")
-        self.scrubber = key_scrubber(options.api_key)
+        keys = {options.api_key, *url_secrets(job.settings)}
+        self.scrubbers = [s for key in keys if (s := key_scrubber(key)) is not None]
         self.stopping = asyncio.Event()
         self._shown, self._shown_at = "", 0.0
         self._replan = not options.cancel  # the input is scanned again only when lines came back
@@ -590,9 +591,9 @@ class BatchRun:
     def _append(self, outcomes: list[Outcome]) -> None:
         if not outcomes:
             return
-        if self.scrubber is not None:
+        for scrubber in self.scrubbers:
             for o in outcomes:
-                o.line = self.scrubber.scrub(o.line)
+                o.line = scrubber.scrub(o.line)
         self.journal.append(outcomes)
         for o in outcomes:
             if o.ok:
@@ -629,8 +630,8 @@ class BatchRun:
             for line_no, code, message in validation_errors(chunk, batch)[:3]
         ]
         text = "; ".join(reasons) or "no reason given"
-        if self.scrubber is not None:
-            text = self.scrubber.text(text)
+        for scrubber in self.scrubbers:
+            text = scrubber.text(text)
         fate = (
             f"{rejected:,} lines it named go to errors, the rest again"
             if rejected

@@ -26,6 +26,7 @@ import aiohttp
 import orjson
 
 from batchq import __version__
+from batchq.config import with_path
 from batchq.errors import FatalEndpointError, StorageError
 from batchq.records import key_scrubber
 
@@ -147,7 +148,7 @@ class Provider:
     async def _download_once(self, file_id: str, target: Path, size: int | None) -> None:
         session = self._open()
         try:
-            async with session.get(self._base + f"/files/{file_id}/content") as response:
+            async with session.get(with_path(self._base, f"/files/{file_id}/content")) as response:
                 if response.status == 429 or response.status >= 500:
                     raise _Retryable(
                         f"HTTP {response.status}", _retry_after(response.headers.get("Retry-After"))
@@ -191,7 +192,7 @@ class Provider:
     async def _json_once(self, method: str, path: str, **kwargs: Any) -> JSONObject:
         session = self._open()
         try:
-            async with session.request(method, self._base + path, **kwargs) as response:
+            async with session.request(method, with_path(self._base, path), **kwargs) as response:
                 body = await response.read()
                 if response.status == 429 or response.status >= 500:
                     raise _Retryable(

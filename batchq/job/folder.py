@@ -37,7 +37,7 @@ from typing import Any, BinaryIO, TypeVar
 
 import orjson
 
-from batchq.config import REQUEST_SETTINGS, Settings, build_settings
+from batchq.config import REQUEST_SETTINGS, Settings, build_settings, strip_secrets
 from batchq.errors import ConfigError, InputError, JobLocked, StorageError
 from batchq.job import durable
 from batchq.job.batches import CHUNKS, LEDGER
@@ -140,7 +140,10 @@ def open_job(
     overrides = dict(overrides)
     if defaults:
         overrides["defaults"] = {**(stored or {}).get("defaults", {}), **defaults}
-    if stored is None and overrides.get("base_url") is None:
+    if overrides.get("base_url") is None and (
+        stored is None  # a new job
+        or (default_base_url and strip_secrets(default_base_url)[0] == stored.get("base_url"))
+    ):  # (or the job's own, with the credentials that job.toml does not keep)
         overrides["base_url"] = default_base_url
     if input_override is not None:
         overrides["input"] = _input_setting(input_override, job_dir)

@@ -47,7 +47,7 @@ def write_job_toml(path: Path, settings: Settings) -> None:
     ]
     for f in fields(Settings):
         value = getattr(settings, f.name)
-        if f.name == "limits_store" and value is not None:
+        if f.name in ("limits_store", "base_url") and value is not None:
             value = strip_secrets(value)[0]  # a password typed into job.toml by hand, too
         if f.name not in ("defaults", "deployments", "prices") and value is not None:
             lines.append(f"{_toml_key(f.name)} = {_toml_value(value)}")
@@ -59,6 +59,8 @@ def write_job_toml(path: Path, settings: Settings) -> None:
         lines.append("[[deployments]]")
         for name in DEPLOYMENT_FIELDS:
             value = getattr(spec, name)
+            if name == "base_url":
+                value = strip_secrets(value)[0]
             if value is not None and value != getattr(_PLAIN, name, None):
                 lines.append(
                     f"{name} = {_toml_value(list(value) if name == 'endpoints' else value)}"

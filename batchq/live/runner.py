@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from batchq.answers import Answers, Invalid, load_answers
-from batchq.config import DeploymentSpec, Settings, pool_of, show
+from batchq.config import DeploymentSpec, Settings, pool_of, show, url_secrets
 from batchq.cost import money, usage_tokens
 from batchq.errors import (
     BatchqError,
@@ -168,7 +168,7 @@ class Pipeline:
         self.hedger = Hedger(stats.pending or 0, stats.latency) if hedging else None
         self.exhausted = False  # every request has been taken by a worker
         self.policy = RetryPolicy(max_attempts=settings.max_attempts, max_wait=settings.max_wait)
-        keys = {options.api_key, *options.deployment_keys.values()}
+        keys = {options.api_key, *options.deployment_keys.values(), *url_secrets(settings)}
         self.scrubbers = [s for key in keys if (s := key_scrubber(key)) is not None]
         self.answers = answers  # the check of every answer (--json-schema, --json-mode)
         self.template = RequestTemplate.from_settings(settings, answers)

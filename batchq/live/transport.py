@@ -34,7 +34,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from batchq import __version__
-from batchq.config import ENDPOINTS
+from batchq.config import ENDPOINTS, with_path
 from batchq.errors import (
     ConfigError,
     EndpointUnreachable,
@@ -102,7 +102,7 @@ class AiohttpTransport:
     ) -> None:
         base = base_url.rstrip("/")
         # Built once: per request there is nothing left to parse or format.
-        self._urls = {path: URL(base + path.removeprefix("/v1")) for path in ENDPOINTS}
+        self._urls = {path: URL(with_path(base, path.removeprefix("/v1"))) for path in ENDPOINTS}
         self._headers = {
             "Content-Type": "application/json",
             "User-Agent": f"batchq/{__version__}",
