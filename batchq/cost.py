@@ -10,10 +10,15 @@ connection reports nothing and costs nothing here. With no price, no cost is
 shown and none is guessed.
 
 A budget (``--max-cost``) is kept by never sending a request that could take the
-job past it, counting every request in flight at its worst: its estimated prompt
-tokens (grown to the largest ratio of reported to estimated seen so far) plus
-its completion cap (``max_tokens`` and its kin; ``WORST_COMPLETION_TOKENS`` when
-a request sets none, which the endpoint does not reveal).
+job past it, counting every request in flight at its worst: as many prompt
+tokens as its body has bytes (a byte-level BPE makes at most one token of a
+byte, and the body's JSON outweighs a chat template's few tokens a message;
+grown by the largest ratio of reported tokens to bytes seen so far, as images
+by URL can pass it) plus its completion cap (``max_tokens`` and its kin, times
+``n``; ``WORST_COMPLETION_TOKENS`` when a request sets none, which the endpoint
+does not reveal). Not the characters / 4 that pace ``--tpm``: a Chinese prompt
+makes about one token a character, and its first requests would all have gone
+at a quarter of their cost.
 """
 
 from __future__ import annotations
@@ -183,7 +188,7 @@ class Meter:
     spent: float = 0.0  # this run's
     reserved: float = 0.0  # worst cost of the requests in flight
     reservations: int = 0  # requests in flight (with a budget)
-    prompt_ratio: float = 1.0  # reported prompt tokens / estimated, at most, seen so far
+    prompt_ratio: float = 1.0  # reported prompt tokens / body bytes, at most, seen so far
     unpriced: set[str] = field(default_factory=set)  # models answered that have no price
     wanted: float = 0.0  # with the budget reached: what the job would have needed to go on
 
@@ -203,7 +208,7 @@ class Meter:
             return None
         cap = request.completion_cap
         completion = WORST_COMPLETION_TOKENS if cap is None else cap
-        prompt = round(request.prompt_estimate * self.prompt_ratio)
+        prompt = round(len(request.body) * self.prompt_ratio)
         return price.of(prompt, 0, completion)
 
     def verdict(self, worst: float) -> Verdict:
@@ -228,8 +233,8 @@ class Meter:
         """Count one 2xx answer's reported tokens; False the first time its model turns
         out to have no price (its tokens are kept, and cost nothing until it has one)."""
         self.tally.add(request.model, prompt, cached, completion)
-        if request.prompt_estimate and prompt > request.prompt_estimate * self.prompt_ratio:
-            self.prompt_ratio = prompt / request.prompt_estimate
+        if request.body and prompt > len(request.body) * self.prompt_ratio:
+            self.prompt_ratio = prompt / len(request.body)
         price = self.prices.of(request.model)
         if price is not None:
             self.spent += price.of(prompt, cached, completion)
@@ -263,11 +268,12 @@ def cost_figures(
 def suggested_budget(
     spent: float, done: int, pending: int | None, limit: float, wanted: float = 0.0
 ) -> float:
-    """A budget that should see the job through: the projection and a tenth more, rounded
-    up to a cent; never less than half again the budget that was reached, nor than what
-    the request it stopped at needed (``wanted``)."""
-    projection = projected(spent, done, pending)
-    budget = max(limit * 1.5, (projection or 0.0) * 1.1, wanted * 1.1)
+    """A budget that should see the job through: the projection, room for the last
+    request's worst (what the request it stopped at needed beyond what was spent,
+    ``wanted - spent``) and a tenth more, rounded up to a cent; never less than half
+    again the budget that was reached."""
+    room = max(0.0, wanted - spent)
+    budget = max(limit * 1.5, ((projected(spent, done, pending) or 0.0) + room) * 1.1)
     return -(-budget * 100 // 1) / 100
 
 

@@ -18,7 +18,7 @@ import orjson
 import pytest
 from aiohttp import web
 from conftest import MockFactory
-from hostile import HostileServer
+from hostile import HostileServer, completion, prompt_of
 from support import (
     assert_exactly_once,
     batchq,
@@ -59,7 +59,11 @@ def _bill(prompt: int, completion: int) -> float:
 
 
 def _request(prompt: int, cap: int | None, model: str | None = "m") -> Request:
-    return Request(1, "a", "/v1/chat/completions", b"{}", prompt + (cap or 0), model, prompt, cap)
+    """A request whose body has ``prompt`` bytes (its estimate a quarter of that)."""
+    body = b"x" * prompt
+    return Request(
+        1, "a", "/v1/chat/completions", body, prompt + (cap or 0), model, prompt // 4, cap
+    )
 
 
 # --- The arithmetic -------------------------------------------------------------------
@@ -137,12 +141,12 @@ def test_the_meter_sends_waits_for_what_is_in_flight_or_stops() -> None:
     assert meter.reserved == 0.0
 
 
-def test_the_worst_case_assumes_a_stated_cap_and_learns_from_prompts_larger_than_estimated() -> (
-    None
-):
+def test_the_worst_case_assumes_a_stated_cap_and_a_token_a_byte_or_more_if_seen() -> None:
     meter = Meter.open(Prices(Price(PRICE_IN, PRICE_OUT)), Tally(), 10.0)
     assert meter.worst(_request(100, None)) == pytest.approx(_bill(100, WORST_COMPLETION_TOKENS))
-    meter.paid(_request(100, 10), 300, 0, 5)  # the endpoint counted thrice the estimate
+    meter.paid(_request(100, 10), 90, 0, 5)  # fewer than the body's bytes, as ever
+    assert meter.worst(_request(100, 10)) == pytest.approx(_bill(100, 10))
+    meter.paid(_request(100, 10), 300, 0, 5)  # an image by URL: thrice the bytes
     assert meter.worst(_request(100, 10)) == pytest.approx(_bill(300, 10))
     assert meter.worst(_request(100, 10, model="unpriced")) is not None  # the default price
     assert Meter.open(Prices(None), Tally(), 1.0).worst(_request(1, 1, "x")) is None
@@ -154,6 +158,8 @@ def test_projection_and_the_suggested_budget() -> None:
     assert suggested_budget(2.0, 20, 80, 2.0) == pytest.approx(11.0)
     assert suggested_budget(2.0, 20, 0, 2.0) == pytest.approx(3.0)  # never below 1.5x
     assert suggested_budget(0.0, 0, 10, 2.0, wanted=10.0) == pytest.approx(11.0)
+    # the last request needs room for its worst on top of what the others will have cost
+    assert suggested_budget(2.0, 20, 80, 2.0, wanted=3.0) == pytest.approx(12.1, abs=0.01)
 
 
 def test_a_tally_round_trips_through_json() -> None:
@@ -474,13 +480,35 @@ def test_many_in_flight_wait_for_room_and_the_budget_is_used_up_to_one_request(
     done = batchq(*args, *prices, "--max-cost", "5", cwd=tmp_path)
     assert done.returncode == 4, done.stderr
     billed = _mock_bill(server.stats())
-    worst = _bill(104, 50)
+    worst = _bill(len(orjson.dumps(_lines(1)[0])), 50)  # a token a byte of (more than) its body
     # 32 in flight at their worst would be 6.5: the gate held requests back until the
     # answers (each under its worst) made room, and stopped only when one more could not fit
     # even with nothing in flight.
     assert 5.0 - worst < billed <= 5.0
     assert server.stats()["max_in_flight"] > 1
     assert "sets no max_tokens" not in done.stderr
+
+
+def test_prompts_of_a_token_a_character_stay_within_the_budget(
+    tmp_path: Path, hostile: Callable[..., HostileServer]
+) -> None:
+    """Chinese makes about a token a character, four times the characters / 4 that pace
+    --tpm: reserved at that estimate, 20 first requests in flight passed the budget."""
+    prompts: list[int] = []
+
+    async def per_character(request: web.Request, body: bytes) -> web.StreamResponse:
+        prompts.append(len(prompt_of(body)))
+        usage = {"prompt_tokens": prompts[-1], "completion_tokens": 1}
+        return completion("好", usage={**usage, "total_tokens": prompts[-1] + 1})
+
+    server = hostile(per_character)
+    write_jsonl(tmp_path / "in.jsonl", [chat("请" * 4000, f"q{i}") for i in range(100)])
+    prices = ["--price-in", "1", "--price-out", "1", "--max-tokens", "1", "--max-cost", "0.03"]
+    args = ["--base-url", server.url, "--model", "qwen-max", "--concurrency", "20"]
+    done = batchq("run", "in.jsonl", *args, *prices, cwd=tmp_path)
+    assert done.returncode == 4, done.stderr
+    assert sum(p + 1 for p in prompts) / 1e6 <= 0.03, prompts  # $0.004 each
+    assert len(prompts) >= 3  # and it was spent, up to one request's worst
 
 
 def test_a_budget_warns_once_of_requests_that_set_no_max_tokens(
@@ -571,7 +599,7 @@ def test_the_printed_command_replaces_a_budget_typed_with_an_equals_sign(
     write_jsonl(tmp_path / "in.jsonl", _lines(10))
     prices = ["--price-in", str(PRICE_IN), "--price-out", str(PRICE_OUT)]
     args = ["run", "in.jsonl", "--base-url", server.url, "--model", "m", *prices]
-    done = batchq(*args, "--max-cost=0.5", cwd=tmp_path)
+    done = batchq(*args, "--max-cost=1", cwd=tmp_path)  # room for a few of its worst
     assert done.returncode == 4, done.stderr
     command = shlex.split(done.stderr.strip().splitlines()[-1].partition("to go on: ")[2])
     assert [a for a in command if a.startswith("--max-cost")] == ["--max-cost"]
