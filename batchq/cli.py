@@ -38,7 +38,7 @@ from batchq.config import (
     strip_secrets,
     url_secrets,
 )
-from batchq.errors import BatchqError
+from batchq.errors import BatchqError, StorageError
 
 if TYPE_CHECKING:  # pragma: no cover
     from batchq.batch.executor import BatchOptions
@@ -673,8 +673,11 @@ def export(job_dir: Path, output: Path | None, fmt: str | None, fields: str | No
                     written = write_jsonl(index, raw)
     except BatchqError as exc:
         raise Failure(exc) from None
+    except BrokenPipeError:  # `batchq export JOB | head`: the reader had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+        sys.exit(1)
     except OSError as exc:
-        raise click.ClickException(f"cannot write {output}: {exc.strerror}") from None
+        raise Failure(StorageError.from_os("write", output or Path("<stdout>"), exc)) from None
     _notice(f"exported {written:,} requests in input order")
 
 
@@ -725,14 +728,30 @@ def report(job_dir: Path, output: Path) -> None:
 
 @contextlib.contextmanager
 def _opened(path: Path | None, mode: str) -> Iterator[Any]:
-    """``path`` opened for writing, or stdout (text or binary as ``mode`` says)."""
+    """``path`` opened for writing, or stdout (text or binary as ``mode`` says).
+
+    A file is written beside ``path`` and renamed over it once whole: an export that
+    fails part-way (a full disk) leaves the previous one as it was. (Not a device or a
+    pipe, such as /dev/stdout, which no rename may replace.)
+    """
     binary = "b" in mode
     if path is None:
         yield sys.stdout.buffer if binary else sys.stdout
         return
     encoding, newline = (None, None) if binary else ("utf-8", "")
-    with path.open(mode, encoding=encoding, newline=newline) as f:
-        yield f
+    if path.exists() and not path.is_file():
+        with path.open(mode, encoding=encoding, newline=newline) as f:
+            yield f
+        return
+    partial = path.with_name(path.name + ".partial")
+    f = partial.open(mode, encoding=encoding, newline=newline)
+    try:
+        with f:
+            yield f
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 @cli.command()

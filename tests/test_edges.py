@@ -9,6 +9,8 @@ involved.
 from __future__ import annotations
 
 import os
+import resource
+import signal
 import subprocess
 import sys
 import threading
@@ -96,6 +98,29 @@ def test_export_refuses_to_overwrite_the_jobs_own_files(
     beside = batchq("export", "job", "-o", "job/export.jsonl", cwd=tmp_path)
     assert beside.returncode == 0, beside.stderr  # a new file in the job's folder is fine
     assert len(read_jsonl(job / "export.jsonl")) == len(IDS)
+
+
+def test_an_export_that_cannot_be_written_is_one_line_exit_3_and_keeps_the_last(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server()
+    new_job(tmp_path, server)
+    full = batchq("export", "job", "-o", "/dev/full", cwd=tmp_path)
+    assert "cannot write /dev/full: No space left on device" in one_error_line(full, 3)
+    last = tmp_path / "last.jsonl"
+    last.write_text("the last export\n")
+
+    def small_files() -> None:  # a disk that fills after 100 bytes, even for root
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
+
+    cut = subprocess.run(
+        batchq_cmd("export", "job", "-o", last), cwd=tmp_path, env=clean_env(),
+        capture_output=True, text=True, timeout=60, preexec_fn=small_files,
+    )  # fmt: skip
+    assert "cannot write" in one_error_line(cut, 3)
+    assert last.read_text() == "the last export\n"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("last")) == [last.name]
 
 
 def test_status_never_makes_a_starting_run_fail(tmp_path: Path, mock_server: MockFactory) -> None:
