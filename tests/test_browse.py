@@ -26,3 +26,20 @@ def test_every_line_by_number_in_any_order_as_the_file_grows(tmp_path: Path) -> 
     assert [inputs.line(n) for n in order] == [lines[n - 1] for n in order]
     assert inputs.line(0) is None and inputs.line(len(lines) + 1) is None
     inputs.close()
+
+
+def test_lines_after_one_longer_than_a_read_are_found(tmp_path: Path) -> None:
+    """A vision request's base64 image makes a line of megabytes."""
+    lines = [b"first", b"i" * (3 << 20), *(b"after %d" % i for i in range(STRIDE + 2))]
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n" + b"u" * (2 << 20))  # and an unfinished one
+    inputs = InputLines(path)
+    assert inputs.count() == len(lines) + 1
+    assert [inputs.line(n) for n in (len(lines), 3, 1, STRIDE + 1)] == [
+        lines[-1],
+        lines[2],
+        lines[0],
+        lines[STRIDE],
+    ]
+    assert inputs.line(2) == lines[1]
+    inputs.close()

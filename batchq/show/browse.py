@@ -75,19 +75,18 @@ class InputLines:
         return self._f
 
     def _scan(self, f: IO[bytes]) -> None:
-        f.seek(self._scanned)
+        start = self._scanned  # of the chunk: a line may be longer than one (an image)
+        f.seek(start)
         while chunk := f.read(1 << 20):
-            end = chunk.rfind(b"\n") + 1  # an unfinished last line waits for its end
-            if not end:
-                break
             at = 0
-            while (found := chunk.find(b"\n", at, end)) >= 0:
+            while (found := chunk.find(b"\n", at)) >= 0:
                 at = found + 1
                 self._lines += 1
                 if self._lines % STRIDE == 0:
-                    self._starts.append(self._scanned + at)
-            self._scanned += end
-            f.seek(self._scanned)
+                    self._starts.append(start + at)
+            if at:  # an unfinished last line waits for its end
+                self._scanned = start + at
+            start += len(chunk)
 
     def close(self) -> None:
         if self._f is not None:
