@@ -265,6 +265,11 @@ def parse_deployments(value: Any) -> tuple[DeploymentSpec, ...]:
         return value
     if not isinstance(value, list | tuple) or not all(isinstance(d, Mapping) for d in value):
         raise ConfigError("deployments must be a list of [[deployments]] tables")
+    if not value:  # else the job would quietly go to base_url, with its key
+        raise ConfigError(
+            "deployments is empty: name an endpoint in a [[deployments]] table, or remove "
+            "the line to send to base_url"
+        )
     specs: list[DeploymentSpec] = []
     for number, table in enumerate(value, 1):
         where = f"deployment {number}" + (
@@ -280,6 +285,8 @@ def parse_deployments(value: Any) -> tuple[DeploymentSpec, ...]:
         for rate in ("rpm", "tpm", "weight"):
             if isinstance(values.get(rate), int) and not isinstance(values.get(rate), bool):
                 values[rate] = float(values[rate])
+        if isinstance(values.get("endpoints"), str):  # else taken a character at a time
+            raise ConfigError(f'{where}: endpoints must be a list, e.g. ["/v1/chat/completions"]')
         if isinstance(values.get("endpoints"), list):
             values["endpoints"] = tuple(values["endpoints"])
         try:

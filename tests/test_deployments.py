@@ -205,6 +205,11 @@ def test_a_deployment_serves_the_jobs_model_under_its_own_name() -> None:
             "a appears twice",
         ),
         ("http://x/v1", "a list of [[deployments]] tables"),
+        ([], "deployments is empty"),  # not: quietly to base_url, with its key
+        (
+            [{"name": "a", "base_url": "http://x/v1", "endpoints": "/v1/chat/completions"}],
+            "endpoints must be a list",
+        ),
     ],
 )
 def test_bad_deployments_are_one_line_errors(tables: Any, message: str) -> None:
