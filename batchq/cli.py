@@ -16,7 +16,6 @@ import dataclasses
 import gc
 import logging
 import os
-import shlex
 import signal
 import sys
 import traceback
@@ -34,6 +33,8 @@ from batchq.config import (
     as_deployment,
     deployment_keys,
     ignored_base_url,
+    shell_join,
+    shell_quote,
     store_password,
     strip_secrets,
     url_secrets,
@@ -497,7 +498,7 @@ def _resume_with_more(stats: Stats) -> str:
     more = suggested_budget(
         stats.cost or 0.0, stats.done, stats.pending, stats.budget or 0.0, stats.budget_wanted
     )
-    args = shlex.split(_resume())
+    args = _resume_args()
     for i, arg in enumerate(args):  # the budget typed this time gives way to the higher one
         if arg == "--max-cost" and i + 1 < len(args):
             del args[i : i + 2]
@@ -505,7 +506,7 @@ def _resume_with_more(stats: Stats) -> str:
         if arg.startswith("--max-cost="):
             del args[i]
             break
-    return shlex.join([*args, "--max-cost", f"{more:.2f}"])
+    return shell_join([*args, "--max-cost", f"{more:.2f}"])
 
 
 def _batching(
@@ -559,7 +560,7 @@ def cancel(job_dir: Path) -> None:
                 stats,
                 results=str(part.results),
                 errors=str(part.errors),
-                resume=f"batchq run {shlex.quote(str(job_dir))}",
+                resume=f"batchq run {shell_quote(str(job_dir))}",
                 prices=(job.settings.price_in, job.settings.price_out),
             )
             click.echo(render_summary(figures), err=True)
@@ -575,6 +576,10 @@ def _resume() -> str:
     """The command that continues this job: the one that was run, as it was typed, but
     without secrets. The store's password comes from the environment (the notice at the
     start says which variable); a credential in the base URL shows as ``***``."""
+    return shell_join(_resume_args())
+
+
+def _resume_args() -> list[str]:
     # --detach left out: the same command without it waits for the batches and collects them
     args = [arg for arg in sys.argv[1:] if arg not in ("--retry-failed", "--detach")]
     for i, arg in enumerate(args):
@@ -583,7 +588,7 @@ def _resume() -> str:
             args[i] = strip_secrets(arg, mask=_URL_OPTIONS[args[i - 1]])[0]
         elif equals and name in _URL_OPTIONS:  # --base-url=URL
             args[i] = f"{name}={strip_secrets(value, mask=_URL_OPTIONS[name])[0]}"
-    return shlex.join(["batchq", *args])
+    return ["batchq", *args]
 
 
 #: Options whose URL may hold a secret, and what stands for it in a printed command

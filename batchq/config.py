@@ -19,7 +19,9 @@ All times are float seconds.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -392,6 +394,21 @@ def show(value: Any) -> str:
     except ValueError:  # e.g. a nested structure too deep
         text = str(type(value).__name__)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def shell_quote(arg: str) -> str:
+    """``arg`` as a shell word that names it exactly: a path's bytes that are not UTF-8
+    (held as surrogates) as bash's ``$'\\xff'``, where ``shlex.quote`` would print text
+    that names another folder, and a pasted resume command would start a new job."""
+    try:
+        arg.encode()
+    except UnicodeEncodeError:
+        return "$'" + "".join(f"\\x{b:02x}" for b in os.fsencode(arg)) + "'"
+    return shlex.quote(arg)
+
+
+def shell_join(args: list[str]) -> str:
+    return " ".join(map(shell_quote, args))
 
 
 def _check_range(

@@ -123,6 +123,25 @@ def test_an_export_that_cannot_be_written_is_one_line_exit_3_and_keeps_the_last(
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("last")) == [last.name]
 
 
+def test_a_printed_command_names_a_folder_whose_name_is_not_utf8_exactly(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    """Printed as text, b"j\\xff" came out as 'j\\udcff': pasted, a new job, paid again."""
+    server = mock_server()
+    (tmp_path / "in.jsonl").write_text('{"prompt": "hi"}\nnot json\n')
+    job = os.fsdecode(b"j\xff")
+    done = batchq("run", "in.jsonl", "--base-url", server.url, "--model", "m", "--job", job,
+                  cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    command = done.stderr.rpartition("to retry the retryable failures: ")[2].strip()
+    words = subprocess.run(
+        ["bash", "-c", "printf '%s\\0' " + command.removeprefix("batchq ")],
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    assert words[words.index(b"--job") + 1] == b"j\xff"
+
+
 def test_status_never_makes_a_starting_run_fail(tmp_path: Path, mock_server: MockFactory) -> None:
     server = mock_server()
     command, job = new_job(tmp_path, server)

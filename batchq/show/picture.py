@@ -12,7 +12,6 @@ loses no count.
 from __future__ import annotations
 
 import os
-import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from batchq.config import Settings, build_settings, strip_secrets
+from batchq.config import Settings, build_settings, shell_quote, strip_secrets
 from batchq.errors import ConfigError
 from batchq.job.folder import JOB_TOML, _resolve, read_progress, read_state
 from batchq.job.history import read_history
@@ -141,7 +140,7 @@ def figures(folder: JobFolder, series: dict[str, Any], journals: list[Totals]) -
         "in_flight": sum(int(_num(r.get("in_flight"))) for r in running) if running else None,
         "binding": running[0].get("binding") if len(running) == 1 else None,
         "shards": len(folder.parts) if folder.sharded else None,
-        "resume_command": f"batchq run {shlex.quote(str(folder.dir))}"
+        "resume_command": f"batchq run {shell_quote(str(folder.dir))}"
         + (
             f" --shard I/{len(folder.parts)} for each shard I not finished"
             if folder.sharded
@@ -351,7 +350,7 @@ class Failures:
     def summary(self) -> dict[str, Any]:
         codes = sorted(self.codes.values(), key=lambda c: -c["count"])
         retryable = sum(c["retryable"] for c in codes)
-        command = f"batchq run {shlex.quote(str(self.folder.dir))} --retry-failed"
+        command = f"batchq run {shell_quote(str(self.folder.dir))} --retry-failed"
         return {
             "total": sum(c["count"] for c in codes),
             "retryable": retryable,
