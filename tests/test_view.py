@@ -20,12 +20,15 @@ from typing import Any
 
 import orjson
 import pytest
+from aiohttp import web
 from conftest import MockFactory, RunningMock
+from hostile import HostileServer, prompt_of
 from support import batchq, batchq_cmd, chat, clean_env, outputs, start, wait_for, write_jsonl
 
 from batchq.job.history import read_history
 from batchq.mockserver.live import MockOptions
-from batchq.show.picture import open_folder, picture
+from batchq.show.browse import Browser
+from batchq.show.picture import CODE_CHARS, MAX_CODES, OTHER_CODE, open_folder, picture
 
 CHROMIUM = os.environ.get("BATCHQ_CHROMIUM", "/usr/bin/chromium")
 LINES = 100_000
@@ -417,6 +420,30 @@ def test_a_line_number_past_any_job_is_not_found(
     view.stop()
     assert view.process.stderr is not None
     assert "Traceback" not in view.process.stderr.read()
+
+
+def test_failures_by_code_stay_bounded_whatever_codes_the_endpoint_sends(
+    tmp_path: Path, hostile: Callable[..., HostileServer]
+) -> None:
+    async def refuse(request: web.Request, body: bytes) -> web.StreamResponse:
+        code = f"code-{prompt_of(body)}-" + "x" * 2000
+        return web.json_response({"error": {"message": "no", "code": code}}, status=400)
+
+    server = hostile(refuse)
+    long_id = "id-" + "c" * 2000
+    lines = [chat(str(i), f"{long_id}-{i}") for i in range(MAX_CODES + 10)]
+    job = _small_job(tmp_path, server.url, lines=lines)
+    failures = picture(open_folder(job))["failures"]
+    codes = {c["code"]: c for c in failures["codes"]}
+    assert failures["total"] == len(lines)
+    assert len(codes) == MAX_CODES + 1  # the first 50, and the rest under "other"
+    assert codes[OTHER_CODE]["count"] == 10
+    assert all(len(code) <= CODE_CHARS for code in codes)
+    assert all(len(c["first"]["custom_id"]) == 500 for c in codes.values())
+    # the page's code filter sends a code as the table shows it, cut: it finds its line
+    (cut,) = [code for code in codes if code.startswith("code-7-")]
+    found = Browser(open_folder(job)).page(status="failed", code=cut)["rows"]
+    assert [row["line"] for row in found] == [8]
 
 
 def test_view_of_a_folder_that_is_no_job_is_a_usage_error(tmp_path: Path) -> None:
