@@ -60,6 +60,7 @@ import orjson
 from batchq.config import (
     LIMITS_STORE_ENV,
     SETTING_NAMES,
+    build_settings,
     deployment_keys,
     ignored_base_url,
     store_password,
@@ -236,6 +237,7 @@ class JobResults:
         figures = job_status(path)  # raises ConfigError if it is not a job folder
         self.path = path
         self._input = Path(figures["input"])
+        self._json_schema = build_settings(read_job_toml(path / JOB_TOML), {}).json_schema
         shards = figures.get("shards")
         if shards:  # every shard's outputs, merged into the input's order
             self._parts = [
@@ -252,7 +254,9 @@ class JobResults:
     def refuse_as_output(self, path: Path) -> None:
         """ConfigError (exit 2) if ``path`` is one of the job's own files: writing an export
         there would destroy what it reads, or the job itself."""
-        what = jobs.same_file(path, jobs.job_files(self.path, self._input, self._parts))
+        what = jobs.same_file(
+            path, jobs.job_files(self.path, self._input, self._parts, self._json_schema)
+        )
         if what is not None:
             raise ConfigError(
                 f"-o {path} would overwrite {what} of job {self.path}; export to another file"

@@ -8,9 +8,11 @@ loudly; with CI=true they fail.
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import signal
 import socket
+import subprocess
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,12 +20,15 @@ from typing import Any
 
 import orjson
 import pytest
+from aiohttp import web
 from conftest import MockFactory, RunningMock
-from support import batchq, chat, outputs, start, wait_for, write_jsonl
+from hostile import HostileServer, prompt_of
+from support import batchq, batchq_cmd, chat, clean_env, outputs, start, wait_for, write_jsonl
 
 from batchq.job.history import read_history
 from batchq.mockserver.live import MockOptions
-from batchq.show.picture import open_folder, picture
+from batchq.show.browse import Browser
+from batchq.show.picture import CODE_CHARS, MAX_CODES, OTHER_CODE, open_folder, picture
 
 CHROMIUM = os.environ.get("BATCHQ_CHROMIUM", "/usr/bin/chromium")
 LINES = 100_000
@@ -317,6 +322,128 @@ def test_report_refuses_to_overwrite_the_jobs_own_files(big_job: Path, tmp_path:
     assert "would overwrite the results file" in done.stderr
     assert done.stderr.count("\n") == 1  # one line, no traceback
     assert (big_job / "results.jsonl").read_bytes() == before
+
+
+def _small_job(tmp_path: Path, url: str, *extra: str, lines: list[Any] | None = None) -> Path:
+    """A finished job of a few lines in tmp_path/jobs/in; the mock refuses `[[mock:status=400]]`."""
+    write_jsonl(
+        tmp_path / "in.jsonl", lines or [chat("q", "ok1"), chat("[[mock:status=400]]", "no1")]
+    )
+    done = batchq("run", "in.jsonl", "--base-url", url, "--model", "m", "-q", *extra, cwd=tmp_path)
+    assert done.returncode in (0, 1), done.stderr
+    return tmp_path / "jobs" / "in"
+
+
+def _boot(report: str) -> Any:
+    """The picture a report inlines, as its page reads it."""
+    start = report.index("window.BATCHQ = ") + len("window.BATCHQ = ")
+    return orjson.loads(report[start : report.index(";</script>", start)])
+
+
+def test_placeholders_in_the_jobs_data_stay_data_in_the_report(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    # the page's template has {{script}}; a custom_id (or an endpoint's error message) may too,
+    # and it had the ~74 KB of scripts put into the boot JSON, which then no longer parsed
+    server = mock_server()
+    job = _small_job(tmp_path, server.url, lines=[chat("[[mock:status=400]]", "{{script}}")])
+    done = batchq("report", job, "-o", tmp_path / "r.html", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = (tmp_path / "r.html").read_text()
+    assert report.count("window.BATCHQ = ") == 1 and report.count("/*! uPlot") == 1
+    (failure,) = _boot(report)["picture"]["failures"]["codes"]
+    assert failure["first"]["custom_id"] == "{{script}}"
+
+
+def test_report_and_export_refuse_spend_json_and_the_json_schema(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server()
+    (tmp_path / "label.json").write_text('{"type": "object"}')
+    job = _small_job(
+        tmp_path, server.url, "--price-in", "1", "--price-out", "2", "--max-cost", "5",
+        "--json-schema", "label.json",
+    )  # fmt: skip
+    for own, what in ((job / "spend.json", "spend.json"), (tmp_path / "label.json", "schema")):
+        before = own.read_bytes()
+        for command in ("report", "export"):
+            done = batchq(command, job, "-o", own, cwd=tmp_path)
+            assert done.returncode == 2, done.stderr
+            assert "would overwrite" in done.stderr and what in done.stderr
+            assert done.stderr.count("\n") == 1
+            assert own.read_bytes() == before
+    # and what atomic_write writes before its rename
+    done = batchq("report", job, "-o", job / "spend.json.new", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+
+
+def test_a_report_that_cannot_be_written_leaves_the_old_one_whole(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    # a full disk, as a process limit on file size (no root or tmpfs needed): writes past
+    # 32 KiB fail with EFBIG, a report is ~80 KB
+    server = mock_server()
+    job = _small_job(tmp_path, server.url)
+    report = tmp_path / "report.html"
+    report.write_text("the last good report")
+    limit = 32 * 1024
+    done = subprocess.run(
+        batchq_cmd("report", job, "-o", report),
+        cwd=tmp_path,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+        check=False,
+    )
+    assert done.returncode == 3, done.stderr  # as for a run: a condition outside batchq
+    assert done.stderr.startswith("batchq: error: cannot write") and done.stderr.count("\n") == 1
+    assert report.read_text() == "the last good report"
+    assert sorted(p.name for p in tmp_path.glob("report.html*")) == ["report.html"]
+
+
+def test_a_line_number_past_any_job_is_not_found(
+    tmp_path: Path, mock_server: MockFactory, viewer: Callable[[Path], Viewer]
+) -> None:
+    import urllib.error
+    import urllib.request
+
+    server = mock_server()
+    view = viewer(_small_job(tmp_path, server.url))
+    with urllib.request.urlopen(view.url + "api/line/9999999999") as answer:
+        assert orjson.loads(answer.read())["output"] is None  # the largest that may be asked
+    for number in ("99999999999999999999999", "9" * 5000):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(view.url + "api/line/" + number)
+        assert refused.value.code == 404
+    view.stop()
+    assert view.process.stderr is not None
+    assert "Traceback" not in view.process.stderr.read()
+
+
+def test_failures_by_code_stay_bounded_whatever_codes_the_endpoint_sends(
+    tmp_path: Path, hostile: Callable[..., HostileServer]
+) -> None:
+    async def refuse(request: web.Request, body: bytes) -> web.StreamResponse:
+        code = f"code-{prompt_of(body)}-" + "x" * 2000
+        return web.json_response({"error": {"message": "no", "code": code}}, status=400)
+
+    server = hostile(refuse)
+    long_id = "id-" + "c" * 2000
+    lines = [chat(str(i), f"{long_id}-{i}") for i in range(MAX_CODES + 10)]
+    job = _small_job(tmp_path, server.url, lines=lines)
+    failures = picture(open_folder(job))["failures"]
+    codes = {c["code"]: c for c in failures["codes"]}
+    assert failures["total"] == len(lines)
+    assert len(codes) == MAX_CODES + 1  # the first 50, and the rest under "other"
+    assert codes[OTHER_CODE]["count"] == 10
+    assert all(len(code) <= CODE_CHARS for code in codes)
+    assert all(len(c["first"]["custom_id"]) == 500 for c in codes.values())
+    # the page's code filter sends a code as the table shows it, cut: it finds its line
+    (cut,) = [code for code in codes if code.startswith("code-7-")]
+    found = Browser(open_folder(job)).page(status="failed", code=cut)["rows"]
+    assert [row["line"] for row in found] == [8]
 
 
 def test_view_of_a_folder_that_is_no_job_is_a_usage_error(tmp_path: Path) -> None:

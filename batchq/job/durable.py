@@ -141,10 +141,15 @@ def make_dirs(path: Path) -> None:
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Replace ``path`` by ``data`` so that a crash leaves either the old or the new file."""
-    tmp = path.with_name(path.name + ".new")
+    tmp = atomic_temp(path)
     write_synced(tmp, data)
     replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def atomic_temp(path: Path) -> Path:
+    """Where ``atomic_write`` puts ``path``'s new bytes until they replace it."""
+    return path.with_name(path.name + ".new")
 
 
 def write_synced(path: Path, data: bytes) -> None:

@@ -56,6 +56,7 @@ from batchq.job.shard import (
     refuse_other_count,
     write_cut,
 )
+from batchq.job.spend import SPEND_JSON
 from batchq.reader import check_jsonl, without_bom
 from batchq.stats import Stats
 
@@ -326,18 +327,29 @@ _OWN_FILES = (
     JOURNAL_NAME,
     LEDGER,
     HISTORY,
+    SPEND_JSON,
+    PROGRESS_JSON + ".tmp",  # where each is written before it replaces the file
+    HISTORY + ".tmp",
 )
 
 
 def job_files(
-    job_dir: Path, input_path: Path, parts: Sequence[tuple[Path, Path, Path]]
+    job_dir: Path,
+    input_path: Path,
+    parts: Sequence[tuple[Path, Path, Path]],
+    json_schema: str | None,
 ) -> dict[Path, str]:
     """Every file a job reads or writes, and what it is: ``parts`` are the folders that
-    hold a journal (the job's, or each shard's) with their results and errors files."""
+    hold a journal (the job's, or each shard's) with their results and errors files;
+    ``json_schema`` is job.toml's setting (relative to the job folder)."""
     files = {input_path: "the input"}
+    if json_schema is not None:
+        files[job_dir / Path(json_schema).expanduser()] = "the JSON schema"
     for folder in (job_dir, *(part[0] for part in parts)):
         for name in _OWN_FILES:
             files[folder / name] = f"the job's own {name}"
+            # durable.atomic_write's (job.toml, state.json, spend.json, ...)
+            files[durable.atomic_temp(folder / name)] = "a file batchq writes"
         for chunk in (folder / CHUNKS).glob("*"):  # the files of its provider batches
             files[chunk] = f"the job's own {CHUNKS}/{chunk.name}"
     for run_dir, results, errors in parts:

@@ -16,6 +16,7 @@ million-line job resumes as fast as a ten-line one.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 
@@ -23,8 +24,10 @@ from batchq.config import Settings
 from batchq.cost import NO_MODEL, Meter, Prices, Tally
 from batchq.errors import ConfigError, JournalError
 from batchq.job import durable as durable_io
-from batchq.job.folder import Job
 from batchq.job.journal import Journal, Totals
+
+if TYPE_CHECKING:  # pragma: no cover
+    from batchq.job.folder import Job  # which reads SPEND_JSON from here
 
 SPEND_JSON = "spend.json"
 

@@ -21,7 +21,7 @@ import orjson
 
 from batchq.job.journal import JOURNAL_NAME
 from batchq.job.results import OutputIndex, Result
-from batchq.show.picture import JobFolder
+from batchq.show.picture import CODE_CHARS, JobFolder
 
 STRIDE = 1024  # input lines between two remembered offsets
 SCAN_LIMIT = 200_000  # lines one request may look at
@@ -275,7 +275,8 @@ def _error_code(output: bytes) -> str | None:
         error = orjson.loads(output).get("error")
     except (orjson.JSONDecodeError, AttributeError):
         return None
-    return str(error.get("code")) if isinstance(error, dict) else None
+    # cut as the failures table shows it, which is what the page's code filter sends
+    return str(error.get("code"))[:CODE_CHARS] if isinstance(error, dict) else None
 
 
 def _parsed(raw: bytes | None) -> Any:

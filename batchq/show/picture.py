@@ -38,6 +38,14 @@ _RUN_COUNTERS = ("rate_limited", "invalid_answers", "prompt_tokens", "completion
 _GAUGES = ("in_flight", "allowance", "pace")
 #: A progress.json older than this belongs to a process that is gone.
 _STALE = 15.0
+#: An endpoint chooses its error codes: each is cut to this many characters, and codes
+#: beyond the first MAX_CODES are counted under OTHER_CODE, so the failures table, the
+#: report and the page stay small whatever it sends.
+CODE_CHARS = 64
+MAX_CODES = 50
+OTHER_CODE = "other"
+#: The first example's message and custom_id are cut to this many characters.
+_EXAMPLE_CHARS = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,21 +335,24 @@ class Failures:
         try:
             line = orjson.loads(raw)
             error = line.get("error") or {}
-            code = str(error.get("code") or "unknown")
+            code = str(error.get("code") or "unknown")[:CODE_CHARS]
         except (orjson.JSONDecodeError, AttributeError):
             return
         extra = line.get("batchq") or {}
+        if code not in self.codes and len(self.codes) >= MAX_CODES:
+            code = OTHER_CODE
         entry = self.codes.get(code)
         if entry is None:
+            custom_id = line.get("custom_id")
             entry = self.codes[code] = {
                 "code": code,
                 "count": 0,
                 "retryable": 0,
                 "first": {
                     "line": extra.get("line"),
-                    "custom_id": line.get("custom_id"),
+                    "custom_id": None if custom_id is None else str(custom_id)[:_EXAMPLE_CHARS],
                     "status": (line.get("response") or {}).get("status_code"),
-                    "message": str(error.get("message") or "")[:500],
+                    "message": str(error.get("message") or "")[:_EXAMPLE_CHARS],
                 },
             }
         entry["count"] += 1

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import html
 import os
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -31,7 +32,8 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from batchq.errors import BatchqError, ConfigError
+from batchq.errors import BatchqError, ConfigError, StorageError
+from batchq.job import durable
 from batchq.job.folder import job_files, same_file
 from batchq.show.browse import Browser
 from batchq.show.picture import Failures, JobFolder, open_folder, picture
@@ -45,6 +47,7 @@ STATIC = {
 }
 _STATUSES = ("all", "ok", "failed", "pending")
 PICTURE_EVERY = 1.0  # seconds a picture is served again before it is read afresh
+_PLACEHOLDER = re.compile(r"\{\{(title|style|boot|script)\}\}")  # page.html's
 
 
 def _static(name: str) -> str:
@@ -70,13 +73,15 @@ def page(folder: JobFolder, data: dict[str, Any] | None = None) -> str:
     # "</script" or "<!--" in a prompt would end or upset the script: in JSON "<" can only be
     # inside a string, where "\u003c" is the same character
     boot_json = orjson.dumps(boot).decode().replace("<", "\\u003c")
-    return (
-        _static("page.html")
-        .replace("{{title}}", title)
-        .replace("{{style}}", style)
-        .replace("{{boot}}", f"<script>window.BATCHQ = {boot_json};</script>")
-        .replace("{{script}}", script)
-    )
+    parts = {
+        "title": title,
+        "style": style,
+        "boot": f"<script>window.BATCHQ = {boot_json};</script>",
+        "script": script,
+    }
+    # one pass: a "{{script}}" in the job's data (a custom_id, an endpoint's error message)
+    # is text, not a place for the ~74 KB of scripts that would break the boot JSON
+    return _PLACEHOLDER.sub(lambda m: parts[m[1]], _static("page.html"))
 
 
 def _inline(js: str) -> str:
@@ -86,12 +91,19 @@ def _inline(js: str) -> str:
 def write_report(job_dir: Path, out: Path) -> None:
     """Write ``job_dir``'s report to ``out``: one HTML file, no server, no network.
 
-    ConfigError (exit 2) if ``out`` is one of the job's own files."""
+    ConfigError (exit 2) if ``out`` is one of the job's own files; StorageError (exit 3)
+    if it cannot be written, and then an earlier report there is left whole."""
     folder = open_folder(job_dir)
-    what = same_file(out, job_files(folder.dir, folder.input, folder.parts))
+    files = job_files(folder.dir, folder.input, folder.parts, folder.settings.json_schema)
+    what = same_file(out, files)
     if what is not None:
         raise ConfigError(f"-o {out} would overwrite {what} of job {job_dir}; choose another file")
-    out.write_text(page(folder, picture(folder)), encoding="utf-8")
+    try:
+        durable.atomic_write(out, page(folder, picture(folder)).encode())
+    except StorageError:
+        with contextlib.suppress(OSError):  # the part written before a full disk stopped it
+            os.unlink(durable.atomic_temp(out))
+        raise
 
 
 class View:
@@ -110,7 +122,8 @@ class View:
                 web.get("/static/{name}", self.static),
                 web.get("/api/picture", self.picture),
                 web.get("/api/lines", self.lines),
-                web.get(r"/api/line/{line:\d+}", self.line),
+                # ten digits: more is no line of a job, and would not fit the index's 64-bit numbers
+                web.get(r"/api/line/{line:\d{1,10}}", self.line),
             ]
         )
         self.app.on_cleanup.append(self._close)
