@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,8 @@ from support import (
     write_jsonl,
 )
 
-from batchq.errors import StorageError
+import batchq as batchq_api
+from batchq.errors import JournalError, StorageError
 from batchq.job.folder import job_lock, running_pid
 from batchq.job.journal import Journal, read_journal
 from batchq.records import Outcome
@@ -334,6 +336,34 @@ def test_a_damaged_journal_says_what_is_sent_again(
     assert server.stats()["requests"] == len(IDS)
     assert_exactly_once(job, IDS)
     assert len(read_jsonl(job / "results.jsonl")) == len(IDS)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda raw: raw.replace(b'"batchq":{"line":1', b'"batchq":{"line":x'),
+        lambda raw: raw.replace(b'"batchq":{"line":1', b'"batchq":{"line":-1'),
+        lambda raw: raw.replace(b'"batchq":{"line":1,', b'"batchq":{"line":999999999999,'),
+        lambda raw: b"XXXXX" + raw[5:],  # no longer JSON
+        lambda raw: raw.replace(b'"response":{', b'"response":[{', 1),  # JSON of another shape
+    ],
+    ids=["not-a-number", "negative", "huge", "not-json", "not-an-object"],
+)
+def test_a_damaged_results_line_is_one_line_for_export_and_the_api(
+    tmp_path: Path, mock_server: MockFactory, damage: Callable[[bytes], bytes]
+) -> None:
+    server = mock_server()
+    _, job = new_job(tmp_path, server)
+    results = job / "results.jsonl"
+    first, rest = results.read_bytes().split(b"\n", 1)
+    assert first != damage(first)
+    results.write_bytes(damage(first) + b"\n" + rest)
+    said = one_error_line(
+        batchq("export", "job", "--format", "csv", "-o", "x.csv", cwd=tmp_path), 2
+    )
+    assert "results.jsonl holds a line at byte 0 that batchq did not write" in said
+    with pytest.raises(JournalError, match=r"results\.jsonl holds a line at byte 0"):
+        list(batchq_api.open_job(job).results())
 
 
 def test_a_commit_refuses_outputs_deleted_while_the_job_runs(tmp_path: Path) -> None:
