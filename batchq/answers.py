@@ -135,16 +135,23 @@ class Answers:
                 )
                 return Verdict(False, message=message, text=text, final=True)
             return Verdict(False, message=f"the answer is not JSON ({exc})", text=text)
-        if self._validate is not None:
-            try:
-                self._validate(parsed)
-            except self._unfit as exc:
-                return Verdict(False, message=_fit_message(exc), text=text)
-        if self._model is not None:
-            try:
-                self._model.model_validate(parsed)
-            except ValueError as exc:  # pydantic's ValidationError is one
-                return Verdict(False, message=_model_message(exc), text=text)
+        try:
+            if self._validate is not None:
+                try:
+                    self._validate(parsed)
+                except self._unfit as exc:
+                    return Verdict(False, message=_fit_message(exc), text=text)
+            if self._model is not None:
+                try:
+                    self._model.model_validate(parsed)
+                except ValueError as exc:  # pydantic's ValidationError is one
+                    return Verdict(False, message=_model_message(exc), text=text)
+        except RecursionError:
+            # A recursive schema's validator recurses in Python, a level of the answer a
+            # call: orjson reads 1024 levels, more than the stack allows. Asking again would
+            # most likely fail the same way, so it is final.
+            message = "the answer is nested too deeply to check"
+            return Verdict(False, message=message, text=text, final=True)
         return Verdict(True, parsed, text=text)
 
     def check_line(self, line: bytes) -> Verdict:

@@ -408,6 +408,8 @@ def run(
     typed_store = settings["limits_store"]
     try:
         settings["limits_store"], password = store_password(typed_store, os.environ)
+        # Parsed before the job is opened: a spec refused leaves no folder behind.
+        shard = None if shard_spec is None else parse_shard(shard_spec, os.environ)
         job, notes = open_job(
             target,
             job_dir=job_dir,
@@ -416,8 +418,8 @@ def run(
             default_base_url=env_base_url or None,
             force=force,
         )
-        if shard_spec is not None:
-            job = with_shard(job, parse_shard(shard_spec, os.environ))
+        if shard is not None:
+            job = with_shard(job, shard)
         for note in notes:
             _notice(note)
         if typed_store and strip_secrets(typed_store)[1] and _typed("limits_store"):

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
+from yarl import URL
+
 from batchq.errors import ConfigError
 
 JSONObject = dict[str, Any]
@@ -200,6 +202,22 @@ def _check_base_url(name: str, url: str) -> None:
             f"{name} {shown} is not an http(s) URL "
             "(e.g. https://api.openai.com/v1 or http://localhost:8000/v1)"
         )
+    try:
+        _ = URL(url).port  # as the transport parses it: a bad port or IPv6 host raises there
+    except ValueError:
+        raise ConfigError(
+            f"{name} {show(_host_only(url))} has no valid host and port (a port is a number "
+            "up to 65535; an IPv6 address is written in brackets, as http://[::1]:8000/v1)"
+        ) from None
+
+
+def _host_only(url: str) -> str:
+    """``url`` without its userinfo and query, for a URL that ``strip_secrets`` may not be
+    able to split: a password holding a '/' (unencoded) would otherwise be shown."""
+    scheme, _, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
+    return f"{scheme}://{rest.partition('?')[0]}"
 
 
 def _check_env_name(name: str, value: str) -> None:

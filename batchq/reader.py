@@ -205,7 +205,19 @@ def prompt_tokens(body: JSONObject) -> int:
 
 
 def completion_cap(body: JSONObject, url: str) -> int | None:
-    """The most completion tokens a request may use; 0 for embeddings, None if unset."""
+    """The most completion tokens a request may use, over all its answers; 0 for
+    embeddings, None if unset.
+
+    OpenAI bills (and reserves against TPM) ``max_tokens`` for each answer it generates:
+    ``n`` of them, ``best_of`` if that is more, and each of a list ``prompt``'s prompts.
+    """
+    cap = answer_cap(body, url)
+    return None if cap is None else cap * answers_generated(body, url)
+
+
+def answer_cap(body: JSONObject, url: str) -> int | None:
+    """The most completion tokens one answer may use (``max_tokens`` or its kin): what
+    must fit in the context beside the prompt; 0 for embeddings, None if unset."""
     if url == "/v1/embeddings":
         return 0
     for key in _MAX_TOKEN_KEYS:
@@ -213,6 +225,22 @@ def completion_cap(body: JSONObject, url: str) -> int | None:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     return None
+
+
+def answers_generated(body: JSONObject, url: str) -> int:
+    """How many answers a request has generated: ``n`` or ``best_of``, whichever is more,
+    for each prompt of a list ``prompt`` on /v1/completions."""
+    each = max(1, _positive_int(body.get("n")), _positive_int(body.get("best_of")))
+    prompt = body.get("prompt")
+    # A list of strings (or of token lists) is that many prompts; a list of ints is one.
+    if url != "/v1/completions" or not isinstance(prompt, list) or not prompt:
+        return each
+    return each if all(isinstance(token, int) for token in prompt) else each * len(prompt)
+
+
+def _positive_int(value: Any) -> int:
+    """``value`` if it is a whole number above 0, else 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def _text_length(value: Any) -> int:

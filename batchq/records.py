@@ -35,7 +35,7 @@ class Request:
     tokens: int  # estimated prompt + completion tokens, for --tpm
     model: str | None = None  # the body's, for the price of a job that mixes models
     prompt_estimate: int = 0  # of ``tokens``, the prompt's
-    completion_cap: int | None = None  # max_tokens or its kin; None: the request sets none
+    completion_cap: int | None = None  # max_tokens (or kin) × answers (n); None: not set
 
 
 @dataclass(slots=True)

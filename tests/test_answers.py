@@ -109,6 +109,13 @@ def test_an_answer_cut_at_max_tokens_or_refused_says_why() -> None:
     assert Answers(None).check(chat_answer('"just a string"')).fits  # json mode: parses
 
 
+def test_an_answer_too_deep_for_a_recursive_schema_is_final_not_a_crash() -> None:
+    tree = {"type": "object", "properties": {"c": {"$ref": "#"}}}
+    deep = Answers(tree).check(chat_answer('{"c":' * 1000 + "{}" + "}" * 1000))
+    assert not deep.fits and deep.final and "nested too deeply to check" in deep.message
+    assert Answers(tree).check(chat_answer('{"c":' * 50 + "{}" + "}" * 50)).fits
+
+
 def test_reask_shows_the_model_its_answer_and_what_is_wrong() -> None:
     request = Request(3, "c", "/v1/chat/completions", orjson.dumps(chat("rate it")), 10)
     verdict = Answers(LABEL).check(chat_answer('{"label": "happy", "score": 0.5}'))

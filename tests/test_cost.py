@@ -441,6 +441,21 @@ def test_a_budget_too_small_for_one_request_sends_nothing_and_says_what_would_do
     assert server.stats()["requests"] >= 1
 
 
+def test_a_budget_counts_every_answer_a_request_asks_for(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    server = mock_server()
+    write_jsonl(tmp_path / "in.jsonl", [{**line, "n": 8} for line in _lines(3)])
+    prices = ["--price-in", str(PRICE_IN), "--price-out", str(PRICE_OUT)]
+    args = ["run", "in.jsonl", "--base-url", server.url, "--model", "m", *prices]
+    # One answer's worst fits (about $0.20); eight, billed 8 × max_tokens, do not ($0.90).
+    done = batchq(*args, "--max-cost", "0.5", cwd=tmp_path)
+    assert done.returncode == 4, done.stderr
+    assert server.stats()["requests"] == 0
+    command = shlex.split(done.stderr.strip().splitlines()[-1].partition("to go on: ")[2])
+    assert float(command[command.index("--max-cost") + 1]) >= _bill(104, 8 * 50)
+
+
 def test_status_sums_the_cost_of_a_sharded_job(tmp_path: Path, mock_server: MockFactory) -> None:
     server = mock_server()
     write_jsonl(tmp_path / "in.jsonl", _lines(20))

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,8 @@ from support import (
     write_jsonl,
 )
 
-from batchq.errors import StorageError
+import batchq as batchq_api
+from batchq.errors import JournalError, StorageError
 from batchq.job.folder import job_lock, running_pid
 from batchq.job.journal import Journal, read_journal
 from batchq.records import Outcome
@@ -197,6 +199,53 @@ def test_damaged_settings_are_one_line(
     _, job = new_job(tmp_path, server)
     (job / file).write_text(text)
     assert says in one_error_line(batchq("run", job, cwd=tmp_path), 2)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:abc/v1",
+        "http://127.0.0.1:99999/v1",
+        "http://[::1/v1",
+        "http://[::1]:abc/v1",
+        "http://alice:Zq9/PWSECRET55@127.0.0.1:8000/v1",  # a '/' in the password: no port
+    ],
+)
+def test_a_base_url_with_a_bad_host_or_port_is_one_line(tmp_path: Path, url: str) -> None:
+    write_jsonl(tmp_path / "in.jsonl", [chat("x")])
+    pool = tmp_path / "pool.toml"
+    pool.write_text(f'[[deployments]]\nname = "a"\nbase_url = "{url}"\n')
+    for given in (["--base-url", url], ["--deployments", str(pool)]):
+        done = batchq("run", "in.jsonl", "--job", "job", "--model", "m", *given, cwd=tmp_path)
+        said = one_error_line(done, 2)
+        assert "has no valid host and port" in said and "PWSECRET55" not in done.stderr
+        assert not (tmp_path / "job" / "job.toml").exists()
+
+
+@pytest.mark.parametrize(
+    ("tail", "says"),
+    [
+        (b'system = "caf\xe9"\n', "it is not UTF-8 text"),  # saved as Latin-1
+        (b"x = " + b"[" * 2000 + b"]" * 2000 + b"\n", "it is nested too deeply"),
+    ],
+    ids=["latin-1", "deep"],
+)
+def test_a_toml_file_that_is_not_utf8_or_too_deep_is_one_line(
+    tmp_path: Path, mock_server: MockFactory, tail: bytes, says: str
+) -> None:
+    server = mock_server()
+    _, job = new_job(tmp_path, server)
+    pool = tmp_path / "pool.toml"
+    pool.write_bytes(f'[[deployments]]\nname = "a"\nbase_url = "{server.url}"\n'.encode() + tail)
+    given = ("in.jsonl", "--job", "other", "--model", "m", "--deployments", pool)
+    assert f"pool.toml is not valid TOML: {says}" in one_error_line(
+        batchq("run", *given, cwd=tmp_path), 2
+    )
+    with (job / "job.toml").open("ab") as f:
+        f.write(tail)
+    for command in (["run", job], ["status", job]):
+        said = one_error_line(batchq(*command, cwd=tmp_path), 2)
+        assert f"job.toml is not valid TOML: {says}" in said
 
 
 def test_retry_failed_with_a_cut_errors_file_is_one_line(
@@ -378,6 +427,34 @@ def test_a_damaged_journal_says_what_is_sent_again(
     assert server.stats()["requests"] == len(IDS)
     assert_exactly_once(job, IDS)
     assert len(read_jsonl(job / "results.jsonl")) == len(IDS)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda raw: raw.replace(b'"batchq":{"line":1', b'"batchq":{"line":x'),
+        lambda raw: raw.replace(b'"batchq":{"line":1', b'"batchq":{"line":-1'),
+        lambda raw: raw.replace(b'"batchq":{"line":1,', b'"batchq":{"line":999999999999,'),
+        lambda raw: b"XXXXX" + raw[5:],  # no longer JSON
+        lambda raw: raw.replace(b'"response":{', b'"response":[{', 1),  # JSON of another shape
+    ],
+    ids=["not-a-number", "negative", "huge", "not-json", "not-an-object"],
+)
+def test_a_damaged_results_line_is_one_line_for_export_and_the_api(
+    tmp_path: Path, mock_server: MockFactory, damage: Callable[[bytes], bytes]
+) -> None:
+    server = mock_server()
+    _, job = new_job(tmp_path, server)
+    results = job / "results.jsonl"
+    first, rest = results.read_bytes().split(b"\n", 1)
+    assert first != damage(first)
+    results.write_bytes(damage(first) + b"\n" + rest)
+    said = one_error_line(
+        batchq("export", "job", "--format", "csv", "-o", "x.csv", cwd=tmp_path), 2
+    )
+    assert "results.jsonl holds a line at byte 0 that batchq did not write" in said
+    with pytest.raises(JournalError, match=r"results\.jsonl holds a line at byte 0"):
+        list(batchq_api.open_job(job).results())
 
 
 def test_a_commit_refuses_outputs_deleted_while_the_job_runs(tmp_path: Path) -> None:

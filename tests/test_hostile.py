@@ -682,6 +682,34 @@ def test_an_answer_too_deep_to_read_back_is_invalid_and_the_job_stays_readable(
     assert len(server.seen) == len(ids)
 
 
+async def deep_json(request: web.Request, body: bytes) -> web.StreamResponse:
+    """JSON text 1,001 levels deep: orjson reads it, but writes only 255 levels."""
+    return completion('{"c":' * 1000 + "{}" + "}" * 1000)
+
+
+def test_a_deeply_nested_json_answer_is_checked_and_exported_in_one_line(
+    tmp_path: Path, hostile: Hostile
+) -> None:
+    ids = two_lines(tmp_path, "deep")
+    server = hostile(deep_json)
+    tree = tmp_path / "tree.json"  # a recursive schema: its validator recurses a level a call
+    tree.write_text('{"type": "object", "properties": {"c": {"$ref": "#"}}}')
+    checked = run(tmp_path, server.url, "--json-schema", str(tree), "--job", "checked")
+    assert checked.returncode == 1, checked.stderr
+    assert "Traceback" not in checked.stderr
+    results, errors = outputs(tmp_path / "checked")
+    assert results == [] and len(errors) == 1
+    assert "nested too deeply to check" in errors[0]["error"]["message"]
+    assert len(server.seen) == 1  # final: not asked again this run
+
+    done = run(tmp_path, server.url, "--json-mode", "--job", "parsed")
+    assert done.returncode == 0, done.stderr
+    for fields in ("custom_id,parsed", "custom_id,parsed.c"):
+        exported = batchq("export", "parsed", "--format", "csv", "--fields", fields, cwd=tmp_path)
+        assert exported.returncode == 0, exported.stderr
+        assert exported.stdout.splitlines()[1:] == [f"{ids[0]},(nested too deeply to write)"]
+
+
 # --- A /metrics page that lies, hangs or is no page -----------------------------------------
 
 _METRICS = {

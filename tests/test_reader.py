@@ -19,6 +19,7 @@ from batchq.reader import (
     RequestTemplate,
     _skip_lines,
     check_jsonl,
+    completion_cap,
     estimate_tokens,
     feed,
     parse_line,
@@ -325,6 +326,31 @@ def test_deeply_nested_valid_json_is_a_bad_line_not_a_crash() -> None:
 
 
 # --- token estimates -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "url", "cap"),
+    [
+        ({"messages": [USER], "max_tokens": 100}, CHAT, 100),
+        ({"messages": [USER], "max_tokens": 100, "n": 8}, CHAT, 800),  # billed n × max_tokens
+        ({"messages": [USER], "max_completion_tokens": 10, "n": 3}, CHAT, 30),
+        ({"messages": [USER], "max_tokens": 100, "n": 0}, CHAT, 100),  # the endpoint refuses
+        ({"messages": [USER], "max_tokens": 100, "n": True}, CHAT, 100),
+        ({"messages": [USER], "max_tokens": 100, "n": "8"}, CHAT, 100),
+        ({"messages": [USER], "n": 8}, CHAT, None),
+        ({"prompt": "a", "max_tokens": 10, "best_of": 5, "n": 2}, "/v1/completions", 50),
+        ({"prompt": "a", "max_tokens": 10, "best_of": 2, "n": 4}, "/v1/completions", 40),
+        ({"prompt": ["a", "b", "c"], "max_tokens": 10, "n": 2}, "/v1/completions", 60),
+        ({"prompt": [[1, 2], [3]], "max_tokens": 10}, "/v1/completions", 20),
+        ({"prompt": [1, 2, 3], "max_tokens": 10}, "/v1/completions", 10),  # token ids: one
+        ({"input": "a", "max_output_tokens": 30, "n": 4}, "/v1/responses", 120),
+        ({"input": ["a", "b"], "n": 4}, "/v1/embeddings", 0),
+    ],
+)
+def test_the_completion_cap_counts_every_answer_billed(
+    body: dict[str, Any], url: str, cap: int | None
+) -> None:
+    assert completion_cap(body, url) == cap
 
 
 @pytest.mark.parametrize(

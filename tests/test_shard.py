@@ -117,6 +117,27 @@ def test_bad_shard_specs_are_config_errors(spec: str, env: dict[str, str]) -> No
         parse_shard(spec, env)
 
 
+@pytest.mark.parametrize(
+    ("spec", "env"),
+    [
+        ("0/99999999999999999999999", {}),
+        ("0/10001", {}),
+        ("auto", {"JOB_COMPLETION_INDEX": "0", "BATCHQ_SHARDS": "1000000000"}),
+    ],
+)
+def test_too_many_shards_are_refused_before_anything_is_written(
+    tmp_path: Path, mock_server: MockFactory, spec: str, env: dict[str, str]
+) -> None:
+    server = mock_server()
+    write_jsonl(tmp_path / "in.jsonl", [chat("x")])
+    args = ["run", "in.jsonl", "--job", "job", "--base-url", server.url, "--model", "m"]
+    done = batchq(*args, "--shard", spec, cwd=tmp_path, env=clean_env(**env))
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "N must be at most 10,000 shards" in done.stderr
+    assert not (tmp_path / "job").exists()
+    assert parse_shard("9999/10000", {}) == Shard(9999, 10_000)
+
+
 # --- many processes on one job -----------------------------------------------------------
 
 

@@ -20,7 +20,8 @@ from typing import IO, Any
 
 import orjson
 
-from batchq.job.journal import JOURNAL_NAME, read_journal
+from batchq.errors import JournalError
+from batchq.job.journal import JOURNAL_NAME, DoneSet, read_journal
 from batchq.records import answer_text
 
 JSONObject = dict[str, Any]
@@ -39,6 +40,8 @@ CSV_FIELDS = (
     "error_code",
 )
 DEFAULT_CSV_FIELDS = ("custom_id", "text", "prompt_tokens", "completion_tokens", "error")
+#: The cell of a parsed value too deeply nested to write as JSON (the answer's text has it).
+NESTED_TOO_DEEPLY = "(nested too deeply to write)"
 
 _MARK = b'"batchq":{"line":'  # what every output line ends with, before its line number
 _FILE_SHIFT = 48  # an output file of up to 256 TiB; 32,768 files, two a shard
@@ -152,7 +155,10 @@ def _cell(value: Any) -> object:
         return ""
     if isinstance(value, str):
         return value
-    return orjson.dumps(value).decode()
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:  # orjson reads 1024 levels but writes only 255
+        return NESTED_TOO_DEEPLY
 
 
 def _count(usage: JSONObject | None, *keys: str) -> int | None:
@@ -184,12 +190,12 @@ class OutputIndex:
         self._where = array("q")
         try:
             for run_dir, *outputs in ((job_dir, results, errors), *more):
-                _, totals, _ = read_journal(run_dir / JOURNAL_NAME)
+                done, totals, _ = read_journal(run_dir / JOURNAL_NAME)
                 lengths = (totals.results_len, totals.errors_len)
                 for path, length in zip(outputs, lengths, strict=True):
                     self.files.append(path)
                     self._handles.append(f := _open(path))
-                    self._scan(f, length, len(self.files) - 1)
+                    self._scan(f, length, len(self.files) - 1, done)
         except BaseException:
             self.close()
             raise
@@ -204,7 +210,7 @@ class OutputIndex:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _scan(self, f: IO[bytes], length: int, which: int) -> None:
+    def _scan(self, f: IO[bytes], length: int, which: int, done: DoneSet) -> None:
         offset = 0
         for raw in f:
             if offset + len(raw) > length:
@@ -212,7 +218,11 @@ class OutputIndex:
             mark = raw.rfind(_MARK)
             if mark >= 0:
                 digits = raw[mark + len(_MARK) :].split(b",", 1)[0].split(b"}", 1)[0]
-                line = int(digits)
+                line = int(digits) if digits.isdigit() else 0
+                # Every committed line names a line its journal has done: anything else is
+                # damage, and a number such as 10**12 would grow the index past any memory.
+                if line not in done or line == 0:
+                    raise self._damaged(which, offset)
                 if line >= len(self._where):
                     self._where.extend([0] * (line + 1 - len(self._where)))
                 self._where[line] = (offset + 1) | which << _FILE_SHIFT
@@ -246,9 +256,20 @@ class OutputIndex:
 
     def results(self) -> Iterator[Result]:
         """Every done line's Result, in input order."""
-        for _, raw in self.lines():
+        for line, raw in self.lines():
             if raw is not None:
-                yield Result.from_output(orjson.loads(raw))
+                try:
+                    result = Result.from_output(orjson.loads(raw))
+                except (ValueError, TypeError, KeyError, AttributeError):  # JSONDecodeError too
+                    where = self._where[line]
+                    raise self._damaged(where >> _FILE_SHIFT, (where & _OFFSET_MASK) - 1) from None
+                yield result
+
+    def _damaged(self, which: int, offset: int) -> JournalError:
+        return JournalError(
+            f"{self.files[which]} holds a line at byte {offset} that batchq did not write; "
+            "put the file back as batchq wrote it"
+        )
 
 
 def _open(path: Path) -> IO[bytes]:

@@ -28,6 +28,10 @@ def read_job_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    except UnicodeDecodeError:  # TOML is UTF-8; an editor may have saved Latin-1 or UTF-16
+        raise ConfigError(f"{path} is not valid TOML: it is not UTF-8 text") from None
+    except RecursionError:  # tomllib recurses a level a call
+        raise ConfigError(f"{path} is not valid TOML: it is nested too deeply") from None
 
 
 def read_deployments_file(path: Path) -> list[Any]:

@@ -44,6 +44,9 @@ from batchq.job import durable
 SHARDS_ENV = "BATCHQ_SHARDS"
 #: The file of a sharded job's cut.
 SHARDS_JSON = "shards.json"
+#: The most shards a job is cut into: the cut seeks once a shard, and an export indexes
+#: two files a shard (results.py: 32,768 at most).
+MAX_SHARDS = 10_000
 
 _SPEC = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
 
@@ -60,6 +63,10 @@ class Shard:
             raise ConfigError(
                 f"--shard {self.index}/{self.count}: I must be at least 0 and less than N "
                 "(shards count from 0, as JOB_COMPLETION_INDEX does)"
+            )
+        if self.count > MAX_SHARDS:
+            raise ConfigError(
+                f"--shard {self.index}/{self.count}: N must be at most {MAX_SHARDS:,} shards"
             )
 
     @property

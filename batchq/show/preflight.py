@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batchq.config import JSONObject, show
-from batchq.reader import completion_cap
+from batchq.reader import answer_cap
 
 LISTED = 100  # lines listed one by one; --split-out writes them all
 VLLM, LLAMA_CPP, OTHER = "vLLM", "llama.cpp", "OpenAI-compatible"
@@ -95,7 +95,7 @@ def _over_context(facts: EndpointFacts, url: str, body: JSONObject, prompt: int)
     context = facts.context_of(model if isinstance(model, str) else None)
     if context is None:
         return None
-    cap = completion_cap(body, url)
+    cap = answer_cap(body, url)  # each answer, n or not, fits the context beside the prompt
     if cap is None or facts.server == LLAMA_CPP:
         if url == "/v1/embeddings" and prompt <= context:
             return None  # nothing is generated: a prompt may fill the context
