@@ -735,30 +735,17 @@ def report(job_dir: Path, output: Path) -> None:
 
 @contextlib.contextmanager
 def _opened(path: Path | None, mode: str) -> Iterator[Any]:
-    """``path`` opened for writing, or stdout (text or binary as ``mode`` says).
+    """``path`` opened for writing, written whole (outfile.py), or stdout (text or
+    binary as ``mode`` says)."""
+    from batchq.outfile import replacing
 
-    A file is written beside ``path`` and renamed over it once whole: an export that
-    fails part-way (a full disk) leaves the previous one as it was. (Not a device or a
-    pipe, such as /dev/stdout, which no rename may replace.)
-    """
     binary = "b" in mode
     if path is None:
         yield sys.stdout.buffer if binary else sys.stdout
         return
     encoding, newline = (None, None) if binary else ("utf-8", "")
-    if path.exists() and not path.is_file():
-        with path.open(mode, encoding=encoding, newline=newline) as f:
-            yield f
-        return
-    partial = path.with_name(path.name + ".partial")
-    f = partial.open(mode, encoding=encoding, newline=newline)
-    try:
-        with f:
-            yield f
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    with replacing(path, mode, encoding=encoding, newline=newline) as f:
+        yield f
 
 
 @cli.command()

@@ -125,6 +125,27 @@ def test_an_export_that_cannot_be_written_is_one_line_exit_3_and_keeps_the_last(
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("last")) == [last.name]
 
 
+def test_an_export_or_a_report_through_a_symlink_replaces_its_target(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    """Written whole, then renamed into place: the target is what is replaced, not the
+    link the user keeps (a "latest" link to a shared folder)."""
+    server = mock_server()
+    new_job(tmp_path, server)
+    (tmp_path / "shared").mkdir()
+    for command, name in (("export", "latest.jsonl"), ("report", "latest.html")):
+        (tmp_path / "shared" / name).write_text("old\n")
+        (tmp_path / name).symlink_to(tmp_path / "shared" / name)
+        done = batchq(command, "job", "-o", name, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert (tmp_path / name).is_symlink()
+        assert (tmp_path / "shared" / name).read_text() != "old\n"
+    assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == [
+        "latest.html",
+        "latest.jsonl",
+    ]
+
+
 def test_a_printed_command_names_a_folder_whose_name_is_not_utf8_exactly(
     tmp_path: Path, mock_server: MockFactory
 ) -> None:

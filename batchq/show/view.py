@@ -33,8 +33,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from batchq.errors import BatchqError, ConfigError, StorageError
-from batchq.job import durable
 from batchq.job.folder import job_files, same_file
+from batchq.outfile import replacing
 from batchq.show.browse import Browser
 from batchq.show.picture import Failures, JobFolder, open_folder, picture
 
@@ -99,11 +99,10 @@ def write_report(job_dir: Path, out: Path) -> None:
     if what is not None:
         raise ConfigError(f"-o {out} would overwrite {what} of job {job_dir}; choose another file")
     try:
-        durable.atomic_write(out, page(folder, picture(folder)).encode())
-    except StorageError:
-        with contextlib.suppress(OSError):  # the part written before a full disk stopped it
-            os.unlink(durable.atomic_temp(out))
-        raise
+        with replacing(out) as f:
+            f.write(page(folder, picture(folder)).encode())
+    except OSError as exc:
+        raise StorageError.from_os("write", out, exc) from None
 
 
 class View:
