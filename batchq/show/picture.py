@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import orjson
 
@@ -323,13 +323,21 @@ class Failures:
                         self.update(journals)
                         return
                     f.seek(start)
-                    data = f.read(totals.errors_len - start)
+                    taken = self._count_lines(f, totals.errors_len - start)
             except FileNotFoundError:
                 continue
-            data = data[: data.rfind(b"\n") + 1]
-            for raw in data.splitlines():
-                self._count(raw)
-            self._read[errors] = (inode, start + len(data))
+            self._read[errors] = (inode, start + taken)
+
+    def _count_lines(self, f: IO[bytes], limit: int) -> int:
+        """Count the whole lines in the next ``limit`` bytes of ``f``; the bytes they took.
+        A line at a time: memory holds one line, not the errors file of a million lines."""
+        taken = 0
+        for raw in f:
+            if taken + len(raw) > limit or not raw.endswith(b"\n"):
+                break
+            taken += len(raw)
+            self._count(raw)
+        return taken
 
     def _count(self, raw: bytes) -> None:
         try:
