@@ -7,6 +7,7 @@ loudly; with CI=true they fail.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import shutil
@@ -444,6 +445,25 @@ def test_failures_by_code_stay_bounded_whatever_codes_the_endpoint_sends(
     (cut,) = [code for code in codes if code.startswith("code-7-")]
     found = Browser(open_folder(job)).page(status="failed", code=cut)["rows"]
     assert [row["line"] for row in found] == [8]
+
+
+def test_search_finds_text_as_the_page_shows_it_however_the_json_wrote_it(
+    tmp_path: Path, mock_server: MockFactory
+) -> None:
+    """Python's json.dumps, the usual way to make JSONL, writes "é" as "\\u00e9"."""
+    server = mock_server()
+    prompts = ["Où est le café crème?", 'Say "hello" please', "ÉCOLE normale", "Tab\there"]
+    refused = [{"custom_id": p, "body": {"messages": [{"role": "user",
+                "content": f"[[mock:status=400]] {p}"}]}} for p in prompts]  # fmt: skip
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in refused))
+    done = batchq("run", "in.jsonl", "--base-url", server.url, "--model", "m", "-q", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    browser = Browser(open_folder(tmp_path / "jobs" / "in"))
+    searches = [("café", 1), ('say "hello"', 2), ("ÉCOLE", 3), ("école", 3), ("tab\there", 4)]
+    for text, line in [*searches, ("CRÈME", 1), ("normale", 3), ("nowhere", None)]:
+        rows = browser.page(text=text)["rows"]
+        assert [row["line"] for row in rows] == ([] if line is None else [line]), text
+    browser.close()
 
 
 def test_view_of_a_folder_that_is_no_job_is_a_usage_error(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from array import array
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -121,7 +122,7 @@ class Browser:
     ) -> dict[str, Any]:
         """Up to ``limit`` rows from line ``start`` on that match the filters; ``next`` is
         the line to go on from (None: the end), ``scanned_to`` the last line looked at."""
-        needle = text.lower().encode()
+        needle = _matcher(text)
         with self._lock:
             index = self._fresh_index()
             last = max(index.last, self._total())
@@ -150,7 +151,12 @@ class Browser:
             }
 
     def _match(
-        self, index: OutputIndex, line: int, status: str, code: str, needle: bytes
+        self,
+        index: OutputIndex,
+        line: int,
+        status: str,
+        code: str,
+        needle: Callable[[bytes | None], bool] | None,
     ) -> dict[str, Any] | None:
         ok = index.ok(line)
         if status == "ok" and ok is not True:
@@ -167,11 +173,7 @@ class Browser:
         source = self.inputs.line(line)
         if source is not None and not source.strip():
             return None  # a blank line is no request
-        if (
-            needle
-            and needle not in (output or b"").lower()
-            and needle not in (source or b"").lower()
-        ):
+        if needle is not None and not needle(output) and not needle(source):
             return None
         return _row(line, source, output)
 
@@ -193,6 +195,38 @@ class Browser:
 
     def _total(self) -> int:
         return self.inputs.count()
+
+
+def _matcher(text: str) -> Callable[[bytes | None], bool] | None:
+    """Whether a JSON line holds ``text``, in any case; None: no search."""
+    if not text:
+        return None
+    folded = text.casefold()
+    if folded.isascii() and folded.isprintable() and not {'"', "\\"} & set(folded):
+        raw = folded.encode()  # JSON writes it as it is: the bytes tell, fast
+        return lambda data: data is not None and raw in data.lower()
+    # "é" may be written "\u00e9", a quote "\"", a tab "\t": the text decoded tells
+    return lambda data: data is not None and folded in _text_of(data).casefold()
+
+
+def _text_of(data: bytes) -> str:
+    """Every string of a JSON line (its keys too), as the page shows them."""
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return data.decode(errors="replace")
+    strings: list[str] = []
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            strings.append(item)
+        elif isinstance(item, dict):
+            strings.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return "\n".join(strings)
 
 
 def _size(path: Path) -> int:
