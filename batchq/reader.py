@@ -282,12 +282,18 @@ def check_jsonl(path: Path) -> None:
             for line_no, raw in enumerate(f, start=1):
                 line = without_bom(raw, line_no)
                 if line.strip():
-                    obj = orjson.loads(line)
+                    try:
+                        obj = orjson.loads(line)
+                    except orjson.JSONDecodeError as exc:
+                        raise InputError(
+                            f"{path} is not JSONL: its first line (line {line_no}) is {_why(exc)}"
+                        ) from None
                     if not isinstance(obj, dict):
-                        raise InputError(f"{path} is not JSONL: line 1 is not a JSON object")
+                        raise InputError(
+                            f"{path} is not JSONL: its first line (line {line_no}) is not a "
+                            "JSON object"
+                        )
                     return
-    except orjson.JSONDecodeError as exc:
-        raise InputError(f"{path} is not JSONL: its first line is {_why(exc)}") from exc
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror}") from exc
 

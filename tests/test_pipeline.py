@@ -92,6 +92,9 @@ def test_a_file_that_is_not_jsonl_is_refused_in_one_line(tmp_path: Path) -> None
     assert done.stderr.startswith("batchq: error:") and "not JSONL" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "jobs" / "in").exists()
+    (tmp_path / "in.jsonl").write_text('\n\n[1]\n{"prompt": "a"}\n')
+    done = batchq("run", "in.jsonl", cwd=tmp_path)
+    assert "its first line (line 3) is not a JSON object" in done.stderr, done.stderr
 
 
 def test_400_is_sent_once_and_recorded(tmp_path: Path, mock_server: MockFactory) -> None:
