@@ -491,6 +491,9 @@ def test_a_refused_key_stops_the_job_without_showing_it(tmp_path: Path, hostile:
     assert "401" in error_line(done)
     assert KEY not in everything_written(tmp_path, done)
     assert agrees(tmp_path, ids) == ({}, {})
+    assert "is not set" not in done.stderr
+    unset = run(tmp_path, server.url, "--api-key-env", "NO_SUCH_VARIABLE")
+    assert "none was sent: $NO_SUCH_VARIABLE is not set" in error_line(unset)
 
 
 # --- 6. smaller trust problems ---------------------------------------------------------------

@@ -36,6 +36,7 @@ from batchq.cost import money, usage_tokens
 from batchq.errors import (
     BatchqError,
     FatalEndpointError,
+    HTTPStatusError,
     InvalidResponse,
     Notify,
     RequestError,
@@ -202,6 +203,12 @@ class Pipeline:
             # the last point, once every outcome is counted
             self.history.record(self.stats, loop.time(), pace=self._pace())
             self.history.close()
+
+    def _fatal(self, reason: str, error: RequestError) -> str:
+        """Why the job stops, and, for a key refused that was never sent, why not."""
+        if isinstance(error, HTTPStatusError) and error.status == 401 and not self.options.api_key:
+            return f"{reason} (none was sent: ${self.job.settings.api_key_env} is not set)"
+        return reason
 
     def stop(self) -> None:
         """First call: stop feeding and let in-flight requests drain. Second: stop now."""
@@ -394,7 +401,7 @@ class Pipeline:
             decision = decide(result, attempts, rate_limited, self.policy)
             if isinstance(decision, Fatal):
                 if not self.multi:
-                    raise FatalEndpointError(decision.reason) from None
+                    raise FatalEndpointError(self._fatal(decision.reason, result)) from None
                 # That deployment is out (the router stops the job when all are); the line
                 # goes to another, within --max-attempts.
                 deployment.breaker.failed(self.loop.time(), decision.reason, probe=True, fatal=True)
