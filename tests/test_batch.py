@@ -181,6 +181,17 @@ def _kill_at(step: str, nth: int) -> str:
     )
 
 
+def _killed_at(step: str, nth: int, tmp: Path, server: RunningMock, *args: str) -> None:
+    """``run_batch``'s command, SIGKILLed the nth time it reaches ``step``."""
+    killed = subprocess.run(
+        [sys.executable, "-c", _kill_at(step, nth), "run", str(tmp / "in.jsonl"),
+         "--job", str(tmp / "job"), "--base-url", server.url, "--model", "gpt-4o-mini",
+         "--via", "batch", "--batch-poll", "0.02", *args],
+        cwd=tmp, env=clean_env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+
+
 STEPS = ["planned", "uploaded", "creating", "created", "downloaded", "committed"]
 
 
@@ -190,16 +201,7 @@ def test_a_kill_at_any_step_then_a_rerun_pays_once_and_writes_once(
 ) -> None:
     server = mock_server(**FAST)
     write_jsonl(tmp_path / "in.jsonl", prompts(90))
-    args = [
-        "run", str(tmp_path / "in.jsonl"), "--job", str(tmp_path / "job"),
-        "--base-url", server.url, "--model", "gpt-4o-mini", "--via", "batch",
-        "--batch-poll", "0.02", "--batch-max-lines", "30",
-    ]  # fmt: skip
-    killed = subprocess.run(
-        [sys.executable, "-c", _kill_at(step, 1 if step == "planned" else 2), *args],
-        cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    _killed_at(step, 1 if step == "planned" else 2, tmp_path, server, "--batch-max-lines", "30")
     done = run_batch(tmp_path, server, "--batch-max-lines", "30")
     assert done.returncode == 0, done.stderr
     assert_one_output_per_line(tmp_path / "job", 90)
@@ -504,23 +506,6 @@ def test_the_python_api_wants_a_job_folder_for_batches() -> None:
         batchq.run(["a"], via="batch", base_url="http://127.0.0.1:9/v1", progress=False)
 
 
-def test_a_job_whose_batches_folder_was_deleted_still_collects_its_batches(
-    tmp_path: Path, mock_server: MockFactory
-) -> None:
-    import shutil
-
-    server = mock_server(**FAST)
-    write_jsonl(tmp_path / "in.jsonl", prompts(30))
-    assert run_batch(tmp_path, server, "--detach").returncode == 0
-    shutil.rmtree(tmp_path / "job" / "batches")  # it looks like a cache
-    done = run_batch(tmp_path, server)
-    assert done.returncode == 0, done.stderr
-    assert_one_output_per_line(tmp_path / "job", 30)
-    by_line = {o["batchq"]["line"]: o for o in outputs(tmp_path / "job")[0]}
-    assert by_line[10]["custom_id"] == "line-10" and by_line[2]["custom_id"] == "twin"
-    assert billing(server)["batches_created"] == 1
-
-
 def test_a_second_detached_run_collects_what_finished(
     tmp_path: Path, mock_server: MockFactory
 ) -> None:
@@ -729,38 +714,30 @@ def test_an_output_file_the_provider_no_longer_has_sends_its_lines_again(
     assert {e["error"]["code"] for e in errors} == {"batch_unanswered"}
 
 
-def test_a_damaged_ids_file_is_read_again_from_the_input(
-    tmp_path: Path, mock_server: MockFactory
-) -> None:
-    server = mock_server(**FAST)
-    write_jsonl(tmp_path / "in.jsonl", prompts(30))
-    assert run_batch(tmp_path, server, "--detach").returncode == 0
-    with (tmp_path / "job" / "batches" / "chunk-00001.ids").open("ab") as ids:
-        ids.write(b"garbage\n")
-    done = run_batch(tmp_path, server)
-    assert done.returncode == 0, done.stderr
-    assert_one_output_per_line(tmp_path / "job", 30)
-    assert billing(server)["batches_created"] == 1
-
-
-def test_a_chunk_whose_upload_file_was_deleted_before_its_upload_is_planned_again(
-    tmp_path: Path, mock_server: MockFactory
+@pytest.mark.parametrize(
+    "damage", ["deleted once created", "deleted before the upload", "an ids file damaged"]
+)
+def test_a_batches_folder_lost_or_damaged_is_read_again_from_the_input(
+    tmp_path: Path, mock_server: MockFactory, damage: str
 ) -> None:
     import shutil
 
     server = mock_server(**FAST)
     write_jsonl(tmp_path / "in.jsonl", prompts(30))
-    killed = subprocess.run(
-        [sys.executable, "-c", _kill_at("planned", 1), "run", str(tmp_path / "in.jsonl"),
-         "--job", str(tmp_path / "job"), "--base-url", server.url, "--model", "gpt-4o-mini",
-         "--via", "batch"],
-        cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    shutil.rmtree(tmp_path / "job" / "batches")  # it looks like a cache
+    if damage == "deleted before the upload":
+        _killed_at("planned", 1, tmp_path, server)
+    else:
+        assert run_batch(tmp_path, server, "--detach").returncode == 0
+    if damage.startswith("deleted"):
+        shutil.rmtree(tmp_path / "job" / "batches")  # it looks like a cache
+    else:
+        with (tmp_path / "job" / "batches" / "chunk-00001.ids").open("ab") as ids:
+            ids.write(b"garbage\n")
     done = run_batch(tmp_path, server)
     assert done.returncode == 0, done.stderr
     assert_one_output_per_line(tmp_path / "job", 30)
+    by_line = {o["batchq"]["line"]: o for o in outputs(tmp_path / "job")[0]}
+    assert by_line[10]["custom_id"] == "line-10" and by_line[2]["custom_id"] == "twin"
     assert billing(server)["batches_created"] == 1
 
 
@@ -770,13 +747,7 @@ def test_a_download_a_kill_left_behind_is_removed_by_the_next_run(
     """It holds the answers as the provider sent them: an echoed key, unscrubbed."""
     server = mock_server(**FAST)
     write_jsonl(tmp_path / "in.jsonl", prompts(30))
-    killed = subprocess.run(
-        [sys.executable, "-c", _kill_at("downloaded", 1), "run", str(tmp_path / "in.jsonl"),
-         "--job", str(tmp_path / "job"), "--base-url", server.url, "--model", "gpt-4o-mini",
-         "--via", "batch", "--batch-poll", "0.02"],
-        cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    _killed_at("downloaded", 1, tmp_path, server)
     left = tmp_path / "job" / "batches" / "chunk-00001.output.jsonl"
     assert left.exists()
     live = batchq("run", tmp_path / "job", "--via", "live", cwd=tmp_path)
