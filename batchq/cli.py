@@ -735,9 +735,9 @@ def report(job_dir: Path, output: Path) -> None:
 
 @contextlib.contextmanager
 def _opened(path: Path | None, mode: str) -> Iterator[Any]:
-    """``path`` opened for writing, written whole (outfile.py), or stdout (text or
+    """``path`` opened for writing, written whole (show/outfile.py), or stdout (text or
     binary as ``mode`` says)."""
-    from batchq.outfile import replacing
+    from batchq.show.outfile import replacing
 
     binary = "b" in mode
     if path is None:

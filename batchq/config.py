@@ -203,8 +203,10 @@ def _check_base_url(name: str, url: str) -> None:
             "(e.g. https://api.openai.com/v1 or http://localhost:8000/v1)"
         )
     try:
-        _ = URL(url).port  # as the transport parses it: a bad port or IPv6 host raises there
-    except ValueError:
+        parsed = URL(url)  # as the transport parses it: a bad port or IPv6 host raises there
+        _ = parsed.port
+        (parsed.raw_host or "").encode("idna")  # as a name lookup would: "....", a long label
+    except ValueError:  # UnicodeError is one
         raise ConfigError(
             f"{name} {show(_host_only(url))} has no valid host and port (a port is a number "
             "up to 65535; an IPv6 address is written in brackets, as http://[::1]:8000/v1)"

@@ -14,7 +14,8 @@ job past it, counting every request in flight at its worst: as many prompt
 tokens as its body has bytes (a byte-level BPE makes at most one token of a
 byte, and the body's JSON outweighs a chat template's few tokens a message;
 grown by the largest ratio of reported tokens to bytes seen so far, as images
-by URL can pass it) plus its completion cap (``max_tokens`` and its kin, times
+by URL can pass it; an image inlined as a data URL counts ``IMAGE_WORST_TOKENS``,
+not its bytes) plus its completion cap (``max_tokens`` and its kin, times
 ``n``; ``WORST_COMPLETION_TOKENS`` when a request sets none, which the endpoint
 does not reveal). Not the characters / 4 that pace ``--tpm``: a Chinese prompt
 makes about one token a character, and its first requests would all have gone
@@ -23,6 +24,7 @@ at a quarter of their cost.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -37,6 +39,10 @@ PER_TOKENS = 1_000_000  # prices are per million tokens
 #: such a request run to the model's context; set --max-tokens for a budget that holds.
 WORST_COMPLETION_TOKENS = 4096
 NO_MODEL = ""  # the tally's key for requests that name no model (the endpoint's default)
+#: The most prompt tokens one image costs: Qwen-VL's 16,384 at its largest (OpenAI's
+#: models stay under 2,500).
+IMAGE_WORST_TOKENS = 16_384
+_DATA_URL = re.compile(rb"data:[\w.+/-]*;base64,[A-Za-z0-9+/=]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,7 +214,7 @@ class Meter:
             return None
         cap = request.completion_cap
         completion = WORST_COMPLETION_TOKENS if cap is None else cap
-        prompt = round(len(request.body) * self.prompt_ratio)
+        prompt = round(prompt_bound(request.body) * self.prompt_ratio)
         return price.of(prompt, 0, completion)
 
     def verdict(self, worst: float) -> Verdict:
@@ -233,8 +239,9 @@ class Meter:
         """Count one 2xx answer's reported tokens; False the first time its model turns
         out to have no price (its tokens are kept, and cost nothing until it has one)."""
         self.tally.add(request.model, prompt, cached, completion)
-        if request.body and prompt > len(request.body) * self.prompt_ratio:
-            self.prompt_ratio = prompt / len(request.body)
+        bound = prompt_bound(request.body)
+        if bound and prompt > bound * self.prompt_ratio:
+            self.prompt_ratio = prompt / bound
         price = self.prices.of(request.model)
         if price is not None:
             self.spent += price.of(prompt, cached, completion)
@@ -244,6 +251,16 @@ class Meter:
             return True
         self.unpriced.add(model)
         return False
+
+
+def prompt_bound(body: bytes) -> int:
+    """The most prompt tokens a request's ``body`` can make: one a byte, but for an image
+    inlined as a data URL, whose tokens follow its pixels, not its bytes (a 300 KB photo
+    is about a thousand): ``IMAGE_WORST_TOKENS`` each."""
+    if b";base64," not in body:
+        return len(body)
+    images = _DATA_URL.findall(body)
+    return len(body) - sum(map(len, images)) + IMAGE_WORST_TOKENS * len(images)
 
 
 def projected(spent: float, done: int, pending: int | None) -> float | None:

@@ -16,6 +16,7 @@ Everything batchq adds sits under the one extra key ``batchq``.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -303,3 +304,16 @@ def _escapes_of(key: str) -> re.Pattern[bytes]:
 def key_scrubber(key: str | None) -> KeyScrubber | None:
     """A scrubber for ``key``, or None when there is no key worth hiding."""
     return KeyScrubber(key) if key and len(key) >= MIN_SCRUBBED_KEY else None
+
+
+def scrubbers(*secrets: str | None) -> list[KeyScrubber]:
+    """A scrubber for each secret worth hiding (API keys, a base URL's credentials)."""
+    return [s for secret in dict.fromkeys(secrets) if (s := key_scrubber(secret)) is not None]
+
+
+def hidden(text: str, scrubbers: Iterable[KeyScrubber]) -> str:
+    """``text`` with every secret of ``scrubbers`` removed: for messages that may quote a
+    URL or an answer (aiohttp's errors name the URL, a credential in its query too)."""
+    for scrubber in scrubbers:
+        text = scrubber.text(text)
+    return text

@@ -8,8 +8,10 @@ billing counters (batches created, lines billed twice).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -642,9 +644,10 @@ def _creates(server: Any) -> list[Any]:
     return [s for s in server.seen if s.method == "POST" and s.path.endswith("/batches")]
 
 
-def _answering(output: Callable[[int], bytes] | None) -> Any:
+def _answering(output: Callable[[int], bytes] | None, *, described: bool = True) -> Any:
     """A provider whose batch completes with an output file of ``output(n)`` for each of
-    batchq's lines ``batchq-n`` (None: the file is gone, 404)."""
+    batchq's lines ``batchq-n`` (None: the file is gone, 404); not ``described``: a
+    gateway that serves the file's content, but 404 for what it is."""
     from aiohttp import web
 
     completed = {"id": "batch_1", "status": "completed", "output_file_id": "file-out"}
@@ -655,7 +658,7 @@ def _answering(output: Callable[[int], bytes] | None) -> Any:
         if request.path.endswith("/files") and request.method == "POST":
             uploaded.append(body)
         if request.path.endswith("/files/file-out") or request.path.endswith("/content"):
-            if output is None:
+            if output is None or (not described and request.path.endswith("/file-out")):
                 return web.json_response({"error": {"message": "No such file"}}, status=404)
             lines = len(re.findall(rb'"custom_id": ?"batchq-', uploaded[-1]))
             content = b"".join(output(n) for n in range(1, lines + 1))
@@ -698,20 +701,35 @@ def test_answers_under_ids_the_job_never_sent_are_not_paid_for_again(
     assert "12 lines it was not sent" in done.stderr
 
 
-def test_an_output_file_the_provider_no_longer_has_sends_its_lines_again(
+def test_an_output_file_the_provider_no_longer_has_fails_its_lines_unpaid_again(
     tmp_path: Path, hostile: Any
 ) -> None:
-    """A detached job that came back after the provider dropped its output file: the lines
-    go again instead of holding the job for good."""
+    """A detached job that came back after the provider dropped its output file: the job
+    ends instead of holding its lines for good, and pays for none of them twice."""
     server = hostile(_answering(None))
     write_jsonl(tmp_path / "in.jsonl", prompts(12))
-    done = _batch_job(tmp_path, server, "--max-attempts", "2")
+    done = _batch_job(tmp_path, server)
     assert done.returncode == 1, done.stderr
     assert "is gone (HTTP 404)" in done.stderr
-    assert len(_creates(server)) == 2
+    assert len(_creates(server)) == 1
     _, errors = outputs(tmp_path / "job")
     assert sorted(e["batchq"]["line"] for e in errors) == list(range(1, 13))
-    assert {e["error"]["code"] for e in errors} == {"batch_unanswered"}
+    assert {e["error"]["code"] for e in errors} == {"batch_output_gone"}
+    assert all(e["batchq"]["retryable"] for e in errors)
+
+
+def test_an_output_file_served_but_not_described_is_collected(tmp_path: Path, hostile: Any) -> None:
+    def answered(n: int) -> bytes:
+        body = {"choices": [{"message": {"content": "hi"}}]}
+        line = {"custom_id": f"batchq-{n}", "response": {"status_code": 200, "body": body}}
+        return orjson.dumps(line) + b"\n"
+
+    server = hostile(_answering(answered, described=False))
+    write_jsonl(tmp_path / "in.jsonl", prompts(12))
+    done = _batch_job(tmp_path, server)
+    assert done.returncode == 0, done.stderr
+    assert_one_output_per_line(tmp_path / "job", 12)
+    assert len(_creates(server)) == 1
 
 
 @pytest.mark.parametrize(
@@ -816,3 +834,32 @@ def test_a_second_ctrl_c_during_a_provider_call_stops_at_once_and_cleanly(
         released.set()
     assert run.returncode == 130, stderr
     assert "Traceback" not in stderr
+
+
+def test_a_credential_in_the_base_url_is_in_no_message_of_a_provider_that_speaks_no_http(
+    tmp_path: Path,
+) -> None:
+    """aiohttp's errors quote the URL, and a ?api-key= stays at its end."""
+    secret = "query-secret-0123456789"
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+
+        def garble() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    peer, _ = listener.accept()
+                    with peer:
+                        peer.recv(65536)
+                        peer.sendall(b"garbage\r\n\r\n")
+
+        threading.Thread(target=garble, daemon=True).start()
+        write_jsonl(tmp_path / "in.jsonl", prompts(12))
+        done = batchq(
+            "run", tmp_path / "in.jsonl", "--job", tmp_path / "job", "--model", "m",
+            "--base-url", f"http://127.0.0.1:{port}/v1?api-key={secret}", "--via", "batch",
+            "--batch-poll", "0.01", cwd=tmp_path,
+        )  # fmt: skip
+    assert done.returncode == 3, done.stderr
+    assert "POST /files failed" in done.stderr and secret not in done.stderr + done.stdout

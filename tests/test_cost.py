@@ -6,6 +6,7 @@ endpoint, whose own count of the tokens it answered (/_mock/stats) is the bill.
 
 from __future__ import annotations
 
+import base64
 import random
 import shlex
 import signal
@@ -33,6 +34,7 @@ from support import (
 
 import batchq as api
 from batchq.cost import (
+    IMAGE_WORST_TOKENS,
     WORST_COMPLETION_TOKENS,
     Meter,
     Price,
@@ -40,6 +42,7 @@ from batchq.cost import (
     Tally,
     Verdict,
     projected,
+    prompt_bound,
     suggested_budget,
     usage_tokens,
 )
@@ -150,6 +153,16 @@ def test_the_worst_case_assumes_a_stated_cap_and_a_token_a_byte_or_more_if_seen(
     assert meter.worst(_request(100, 10)) == pytest.approx(_bill(300, 10))
     assert meter.worst(_request(100, 10, model="unpriced")) is not None  # the default price
     assert Meter.open(Prices(None), Tally(), 1.0).worst(_request(1, 1, "x")) is None
+
+
+def test_an_inlined_image_counts_its_worst_tokens_not_its_bytes() -> None:
+    image = b"data:image/png;base64," + base64.b64encode(bytes(300_000))
+    part = b'{"type":"image_url","image_url":{"url":"%b"}}' % image
+    body = b'{"messages":[{"role":"user","content":[%b]}]}' % part
+    assert prompt_bound(body) == len(body) - len(image) + IMAGE_WORST_TOKENS
+    two = body.replace(part, part + b"," + part)
+    assert prompt_bound(two) == len(two) - 2 * len(image) + 2 * IMAGE_WORST_TOKENS
+    assert prompt_bound(b'{"prompt":"hi"}') == 15
 
 
 def test_projection_and_the_suggested_budget() -> None:

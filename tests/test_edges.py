@@ -135,11 +135,17 @@ def test_an_export_or_a_report_through_a_symlink_replaces_its_target(
     (tmp_path / "shared").mkdir()
     for command, name in (("export", "latest.jsonl"), ("report", "latest.html")):
         (tmp_path / "shared" / name).write_text("old\n")
+        (tmp_path / "shared" / name).chmod(0o600)  # kept private
         (tmp_path / name).symlink_to(tmp_path / "shared" / name)
         done = batchq(command, "job", "-o", name, cwd=tmp_path)
         assert done.returncode == 0, done.stderr
         assert (tmp_path / name).is_symlink()
         assert (tmp_path / "shared" / name).read_text() != "old\n"
+        assert (tmp_path / "shared" / name).stat().st_mode & 0o777 == 0o600
+        (tmp_path / "loop").unlink(missing_ok=True)
+        (tmp_path / "loop").symlink_to(tmp_path / "loop")
+        looped = batchq(command, "job", "-o", "loop", cwd=tmp_path)
+        assert "loop" in one_error_line(looped, 3)
     assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == [
         "latest.html",
         "latest.jsonl",
@@ -230,6 +236,8 @@ def test_damaged_settings_are_one_line(
         "http://[::1/v1",
         "http://[::1]:abc/v1",
         "http://alice:Zq9/PWSECRET55@127.0.0.1:8000/v1",  # a '/' in the password: no port
+        "http://..../v1",  # no name a lookup can take
+        "http://" + "a" * 64 + ".example/v1",  # a label over 63 characters
     ],
 )
 def test_a_base_url_with_a_bad_host_or_port_is_one_line(tmp_path: Path, url: str) -> None:

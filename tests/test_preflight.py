@@ -217,6 +217,9 @@ def test_a_clean_file_passes_with_exit_0_and_a_bare_lines_id_is_kept_in_the_spli
     done = _validate(source, server.url, "--model", "mock")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "would fail at the endpoint: none" in done.stdout
+    # a credential in the query stays at the end of every URL asked (was: /v1?api-key=.../models)
+    done = _validate(source, server.url + "?api-key=query-secret-0123", "--model", "mock")
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 # --- llama.cpp's shape ------------------------------------------------------------------

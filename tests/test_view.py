@@ -452,7 +452,7 @@ def test_search_finds_text_as_the_page_shows_it_however_the_json_wrote_it(
 ) -> None:
     """Python's json.dumps, the usual way to make JSONL, writes "é" as "\\u00e9"."""
     server = mock_server()
-    prompts = ["Où est le café crème?", 'Say "hello" please', "ÉCOLE normale", "Tab\there"]
+    prompts = ["Où est le café crème?", 'Say "hello" please', "ÉCOLE normale", "Tab\there", "a b"]
     refused = [{"custom_id": p, "body": {"messages": [{"role": "user",
                 "content": f"[[mock:status=400]] {p}"}]}} for p in prompts]  # fmt: skip
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in refused))
@@ -460,7 +460,7 @@ def test_search_finds_text_as_the_page_shows_it_however_the_json_wrote_it(
     assert done.returncode == 1, done.stderr
     browser = Browser(open_folder(tmp_path / "jobs" / "in"))
     searches = [("café", 1), ('say "hello"', 2), ("ÉCOLE", 3), ("école", 3), ("tab\there", 4)]
-    for text, line in [*searches, ("CRÈME", 1), ("normale", 3), ("nowhere", None)]:
+    for text, line in [*searches, ("CRÈME", 1), ('"a b"', 5), ("nowhere", None)]:
         rows = browser.page(text=text)["rows"]
         assert [row["line"] for row in rows] == ([] if line is None else [line]), text
     browser.close()

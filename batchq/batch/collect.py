@@ -12,13 +12,13 @@ may pass (5xx, 429, the batch expired or was cancelled before it) or that
 is in neither file goes back to pending, to be sent again, until
 ``max_attempts`` batches have tried it; but not when the files held lines
 batchq cannot match to its requests (a gateway that renames ``custom_id``,
-a damaged line): the line may have been answered, and paid for, among them,
-so it fails, retryable, instead of going in another batch unasked.
+a damaged line), or a file is gone: the line may have been answered, and paid
+for, there, so it fails, retryable, instead of going in another batch unasked.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +81,7 @@ def collect(
     rejected: dict[int, tuple[str, str]] | None = None,
     free: bool = False,
     answers: Answers | None = None,
+    gone: Sequence[str] = (),
 ) -> Collected:
     """Hand every answered line of ``chunk`` to ``emit``; say what is left to do.
 
@@ -89,6 +90,7 @@ def collect(
     ``free``: this batch does not count as a try of its lines (the account was full).
     ``answers``: the job's check of every answer (--json-schema); an answer that does
     not fit is an ``invalid_output`` failure, retryable: no batch is made to ask again.
+    ``gone``: the batch's files the provider no longer has, whose answers are lost.
     """
     result = Collected()
     seen: set[int] = set()
@@ -135,14 +137,20 @@ def collect(
                 attempts=chunk.attempt, retryable=True, batch=chunk.batch_id,
             )  # fmt: skip
             emit(Outcome(line_no, False, line))
-        elif result.unknown:
-            message = (
-                f"not found in the files of batch {chunk.batch_id}, which hold answers that "
-                f"match none of its requests ({result.unknown:,}); this line's may be among "
-                "them, paid for, so it was not sent again: --retry-failed sends it"
+        elif result.unknown or gone:
+            where = (
+                f"which hold answers that match none of its requests ({result.unknown:,})"
+                if result.unknown
+                else f"of which the provider no longer has {', '.join(gone)}"
             )
+            message = (
+                f"not found in the files of batch {chunk.batch_id}, {where}; this line's "
+                "answer may have been there, paid for, so it was not sent again: "
+                "--retry-failed sends it"
+            )
+            code = "batch_unmatched" if result.unknown else "batch_output_gone"
             line = error_line(
-                line_no, ids_by_line.get(line_no), "batch_unmatched", message,
+                line_no, ids_by_line.get(line_no), code, message,
                 attempts=chunk.attempt, retryable=True, batch=chunk.batch_id,
             )  # fmt: skip
             emit(Outcome(line_no, False, line))

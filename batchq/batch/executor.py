@@ -47,7 +47,7 @@ from batchq.job.history import History
 from batchq.job.journal import DoneSet
 from batchq.job.run import SIGNALS, OpenRun, open_run
 from batchq.reader import RequestTemplate, feed
-from batchq.records import Outcome, Request, key_scrubber
+from batchq.records import Outcome, Request, hidden, scrubbers
 from batchq.stats import Stats
 
 #: The provider's states after which a batch changes no more.
@@ -144,8 +144,7 @@ class BatchRun:
         self.ledger, self.provider, self.options, self.dialect = ledger, provider, options, dialect
         self.notice = options.on_notice
         self.base = strip_secrets(job.settings.base_url, mask="***")[0].rstrip("/")
-        keys = {options.api_key, *url_secrets(job.settings)}
-        self.scrubbers = [s for key in keys if (s := key_scrubber(key)) is not None]
+        self.scrubbers = scrubbers(options.api_key, *url_secrets(job.settings))
         self.stopping = asyncio.Event()
         self._shown, self._shown_at = "", 0.0
         self._replan = not options.cancel  # the input is scanned again only when lines came back
@@ -415,13 +414,15 @@ class BatchRun:
         files: list[Path] = []
         # The downloads hold the answers as the provider sent them, an echoed key included:
         # they go as soon as the collect ends, however it ends.
+        gone: list[str] = []
         try:
             for key in ("output_file_id", "error_file_id"):
                 file_id = batch.get(key)
                 if isinstance(file_id, str) and file_id:  # null, or "" from DashScope: none
                     path = await self._download(chunk, file_id, key.split("_")[0], ids)
                     files += [path] if path is not None else []
-            await self._commit_collected(chunk, batch, status, ids, files)
+                    gone += [file_id] if path is None else []
+            await self._commit_collected(chunk, batch, status, ids, files, gone)
         finally:
             for path in files:
                 with contextlib.suppress(StorageError):
@@ -434,6 +435,7 @@ class BatchRun:
         status: str,
         ids: dict[str, tuple[int, str]],
         files: list[Path],
+        gone: list[str],
     ) -> None:
         _reached("downloaded")
         # Handed to the journal a slice at a time, so memory holds one slice of a batch's
@@ -467,7 +469,7 @@ class BatchRun:
         collected = collect(
             files, chunk, ids, self.journal.done,
             max_attempts=self.job.settings.max_attempts, emit=emit, rejected=rejected, free=full,
-            answers=self.answers,
+            answers=self.answers, gone=gone,
         )  # fmt: skip
         if status == "failed":
             self._say_failed(chunk, batch, len(rejected))
@@ -525,15 +527,14 @@ class BatchRun:
     ) -> Path | None:
         """A file of the batch, downloaded whole and checked; removed if it never is.
 
-        None: the provider no longer has it (404), and the lines it held go again. A file
-        damaged in every download is collected for its readable lines: fetching it forever
-        would hold the job's lines, and its good answers, for good.
+        None: the provider no longer has it (404). A file damaged in every download is
+        collected for its readable lines: fetching it forever would hold the job's lines,
+        and its good answers, for good.
         """
         target = self.ledger.folder / f"{chunk.name}.{kind}.jsonl"
         about = f"the {kind} file {file_id} of batch {chunk.batch_id}"
         try:
-            info = await self.provider.file(file_id)
-            size = info.get("bytes") if isinstance(info.get("bytes"), int) else None
+            size = await self._size(file_id)
             for attempt in range(1, DOWNLOAD_TRIES + 1):
                 await self.provider.download(file_id, target, size)
                 try:
@@ -552,12 +553,23 @@ class BatchRun:
                 durable.unlink(target)
             if exc.status != 404:
                 raise
-            self.notice(f"{about} is gone (HTTP 404): the lines it held go again", logging.WARNING)
+            self.notice(f"{about} is gone (HTTP 404)", logging.WARNING)
             return None
         except BaseException:
             with contextlib.suppress(StorageError):
                 durable.unlink(target)
             raise
+
+    async def _size(self, file_id: str) -> int | None:
+        """The bytes of a file as the provider states them; None if it does not (a gateway
+        that serves the content but not this)."""
+        try:
+            info = await self.provider.file(file_id)
+        except ProviderError as exc:
+            if exc.status != 404:
+                raise
+            return None
+        return info.get("bytes") if isinstance(info.get("bytes"), int) else None
 
     async def cancel_open(self) -> None:
         """Cancel every open batch; chunks never created are released without a call."""
@@ -630,8 +642,7 @@ class BatchRun:
             for line_no, code, message in validation_errors(chunk, batch)[:3]
         ]
         text = "; ".join(reasons) or "no reason given"
-        for scrubber in self.scrubbers:
-            text = scrubber.text(text)
+        text = hidden(text, self.scrubbers)
         fate = (
             f"{rejected:,} lines it named go to errors, the rest again"
             if rejected

@@ -26,9 +26,9 @@ import aiohttp
 import orjson
 
 from batchq import __version__
-from batchq.config import with_path
+from batchq.config import strip_secrets, with_path
 from batchq.errors import FatalEndpointError, StorageError
-from batchq.records import key_scrubber
+from batchq.records import hidden, scrubbers
 
 JSONObject = dict[str, Any]
 T = TypeVar("T")
@@ -65,7 +65,8 @@ class Provider:
         self._headers = {"User-Agent": f"batchq/{__version__}"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
-        self._scrubber = key_scrubber(api_key)
+        # aiohttp's errors name the URL: a credential in its query, too
+        self._scrubbers = scrubbers(api_key, *strip_secrets(base_url)[1])
         self._timeout = aiohttp.ClientTimeout(total=timeout, connect=connect_timeout)
         self._attempts = attempts
         self._backoff = backoff
@@ -185,7 +186,8 @@ class Provider:
                 return await once()
             except _Retryable as exc:
                 if attempt == self._attempts:
-                    raise ProviderError(f"{what} failed {attempt} times: {exc}") from None
+                    message = f"{what} failed {attempt} times: {exc}"
+                    raise ProviderError(hidden(message, self._scrubbers)) from None
                 await self._wait(attempt, exc.retry_after)
         raise AssertionError("unreachable")
 
@@ -218,8 +220,7 @@ class Provider:
             message = str(error.get("message") or message) if isinstance(error, dict) else message
         except (orjson.JSONDecodeError, AttributeError):
             pass
-        if self._scrubber is not None:
-            message = self._scrubber.text(message)
+        message = hidden(message, self._scrubbers)
         raise ProviderError(
             f"the provider refused {method} {path} (HTTP {response.status}): {message}",
             response.status,

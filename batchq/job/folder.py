@@ -363,8 +363,8 @@ def job_files(
 def same_file(path: Path, files: Mapping[Path, str]) -> str | None:
     """What ``path`` is among ``files``, if it is one of them: the same path once symlinks
     are resolved, or the same file under another name (a hard link)."""
-    resolved = {p.resolve(): what for p, what in files.items()}
-    if (what := resolved.get(path.resolve())) is not None:
+    resolved = {_resolved(p): what for p, what in files.items()}
+    if (what := resolved.get(_resolved(path))) is not None:
         return what
     try:
         found = path.stat()
@@ -375,6 +375,14 @@ def same_file(path: Path, files: Mapping[Path, str]) -> str | None:
             if os.path.samestat(found, other.stat()):
                 return what
     return None
+
+
+def _resolved(path: Path) -> Path:
+    """``path`` with its symlinks resolved; a loop of links names no file, and stays."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):  # "Symlink loop" (3.11), ELOOP (3.13)
+        return path
 
 
 def _check_outputs(job: Job) -> None:

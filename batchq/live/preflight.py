@@ -40,11 +40,11 @@ import orjson
 from yarl import URL
 
 from batchq import __version__
-from batchq.config import JSONObject, strip_secrets
+from batchq.config import JSONObject, strip_secrets, with_path
 from batchq.errors import FatalEndpointError, InputError, StorageError
 from batchq.live.transport import authorization
 from batchq.reader import RequestTemplate, parse_line, prompt_tokens, without_bom
-from batchq.records import Request
+from batchq.records import Request, hidden, scrubbers
 from batchq.show.preflight import (
     LLAMA_CPP,
     OTHER,
@@ -103,7 +103,8 @@ class Endpoint:
 
     def __init__(self, base_url: str, api_key: str | None, *, connect_timeout: float) -> None:
         self.base = base_url.rstrip("/")
-        self.root = self.base.removesuffix("/v1")  # vLLM and llama.cpp serve /tokenize there
+        path, query, credential = self.base.partition("?")  # a ?api-key= stays at the end
+        self.root = path.rstrip("/").removesuffix("/v1") + query + credential  # /tokenize, /props
         self.shown = strip_secrets(self.base, mask="***")[0]
         self._headers = {"User-Agent": f"batchq/{__version__}"}
         self._headers.update(authorization(self.base, api_key))
@@ -149,8 +150,9 @@ class Endpoint:
                 f"{self.shown} did not answer within {ASK_TIMEOUT:.0f} s"
             ) from exc
         except (aiohttp.ClientError, OSError) as exc:
+            reason = hidden(_reason(exc), scrubbers(*strip_secrets(self.base)[1]))
             raise FatalEndpointError(
-                f"cannot reach {self.shown} ({_reason(exc)}): is the server running, "
+                f"cannot reach {self.shown} ({reason}): is the server running, "
                 "and --base-url right?"
             ) from exc
         try:
@@ -169,8 +171,9 @@ class Endpoint:
             context = {"": found}
         unserved = {}
         for url in urls:
-            status, _, answer = await self.ask("POST", self.base + url.removeprefix("/v1"), {})
-            _check_key(status, self.shown + url.removeprefix("/v1"), key_env)
+            path = url.removeprefix("/v1")
+            status, _, answer = await self.ask("POST", with_path(self.base, path), {})
+            _check_key(status, with_path(self.shown, path), key_env)
             # Some servers (Ollama) answer a missing model 404: that path is served.
             about_model = status == 404 and "model" in str(answer).lower()
             if status in NOT_SERVED and not about_model:
@@ -186,8 +189,8 @@ class Endpoint:
         )
 
     async def _models(self, key_env: str) -> tuple[frozenset[str] | None, dict[str, int]]:
-        status, kind, answer = await self.ask("GET", self.base + "/models")
-        where = f"{self.shown}/models"
+        status, kind, answer = await self.ask("GET", with_path(self.base, "/models"))
+        where = with_path(self.shown, "/models")
         _check_key(status, where, key_env)
         if 300 <= status < 400:
             raise FatalEndpointError(f"{where} answered a redirect {status}: fix --base-url")
@@ -215,7 +218,7 @@ class Endpoint:
         return ids, context
 
     async def _llama_context(self) -> dict[str, int]:
-        status, _, answer = await self.ask("GET", self.root + "/props")
+        status, _, answer = await self.ask("GET", with_path(self.root, "/props"))
         settings = answer.get("default_generation_settings") if isinstance(answer, dict) else None
         n_ctx = settings.get("n_ctx") if isinstance(settings, dict) else None  # one slot's
         return {"": n_ctx} if status == 200 and (n_ctx := _length(n_ctx)) is not None else {}
@@ -223,7 +226,7 @@ class Endpoint:
     async def _tokenizer_context(self) -> int | None:
         """Find the tokenizer; the context length vLLM's reports, if any."""
         probe = {"content": "batchq"} if self.server == LLAMA_CPP else {"prompt": "batchq"}
-        status, _, answer = await self.ask("POST", self.root + "/tokenize", probe)
+        status, _, answer = await self.ask("POST", with_path(self.root, "/tokenize"), probe)
         if status != 200 or not isinstance(answer, dict):
             return None
         if self.server == LLAMA_CPP:
@@ -259,7 +262,7 @@ class Endpoint:
             asks = [{**model, "prompt": text} for text in texts]
         counts = []
         for ask in asks:
-            status, _, answer = await self.ask("POST", self.root + "/tokenize", ask)
+            status, _, answer = await self.ask("POST", with_path(self.root, "/tokenize"), ask)
             count = answer.get("count") if isinstance(answer, dict) else None
             if status != 200 or not isinstance(count, int):
                 return None
@@ -271,7 +274,7 @@ class Endpoint:
         texts: list[str] | None
         if messages is not None:
             status, _, answer = await self.ask(
-                "POST", self.root + "/apply-template", {"messages": messages}
+                "POST", with_path(self.root, "/apply-template"), {"messages": messages}
             )
             prompt = answer.get("prompt") if isinstance(answer, dict) else None
             texts = [prompt] if status == 200 and isinstance(prompt, str) else None
@@ -282,7 +285,7 @@ class Endpoint:
         counts = []
         for text in texts:
             ask = {"content": text, "add_special": True}  # as the server tokenizes a prompt
-            status, _, answer = await self.ask("POST", self.root + "/tokenize", ask)
+            status, _, answer = await self.ask("POST", with_path(self.root, "/tokenize"), ask)
             tokens = answer.get("tokens") if isinstance(answer, dict) else None
             if status != 200 or not isinstance(tokens, list):
                 return None

@@ -63,8 +63,8 @@ from batchq.records import (
     Outcome,
     Request,
     error_line,
-    key_scrubber,
     result_line,
+    scrubbers,
     splices,
 )
 from batchq.show.progress import make_progress
@@ -169,8 +169,8 @@ class Pipeline:
         self.hedger = Hedger(stats.pending or 0, stats.latency) if hedging else None
         self.exhausted = False  # every request has been taken by a worker
         self.policy = RetryPolicy(max_attempts=settings.max_attempts, max_wait=settings.max_wait)
-        keys = {options.api_key, *options.deployment_keys.values(), *url_secrets(settings)}
-        self.scrubbers = [s for key in keys if (s := key_scrubber(key)) is not None]
+        keys = (options.api_key, *options.deployment_keys.values(), *url_secrets(settings))
+        self.scrubbers = scrubbers(*keys)
         self.answers = answers  # the check of every answer (--json-schema, --json-mode)
         self.template = RequestTemplate.from_settings(settings, answers)
         # Looked up once: asyncio.get_running_loop() makes a getpid() system call each time.

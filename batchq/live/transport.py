@@ -34,7 +34,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from batchq import __version__
-from batchq.config import ENDPOINTS, with_path
+from batchq.config import ENDPOINTS, strip_secrets, with_path
 from batchq.errors import (
     ConfigError,
     EndpointUnreachable,
@@ -43,7 +43,7 @@ from batchq.errors import (
     ResponseTooLarge,
     TransportError,
 )
-from batchq.records import key_scrubber
+from batchq.records import hidden, key_scrubber, scrubbers
 
 MAX_REDIRECTS = 5
 CHUNK = 1 << 16
@@ -111,6 +111,7 @@ class AiohttpTransport:
         # What an endpoint echoes of the key is removed as it arrives, before any excerpt of
         # an answer could cut the key in two and leave half of it unrecognisable.
         self._scrubber = key_scrubber(api_key)
+        self._url_secrets = scrubbers(*strip_secrets(base)[1])  # aiohttp's errors name the URL
         self._concurrency = concurrency
         self._max_bytes = max_response_bytes
         self._big_readers = asyncio.Semaphore(BIG_READERS)
@@ -161,17 +162,22 @@ class AiohttpTransport:
                         data = self._scrubber.raw(data)
                     return Response(resp.status, headers, data, request_id)
             raise Redirected(
-                f"more than {MAX_REDIRECTS} redirects in a row, the last to {url}",
+                self._said(f"more than {MAX_REDIRECTS} redirects in a row, the last to {url}"),
                 status=resp.status,
             )
         except aiohttp.ConnectionTimeoutError as exc:
-            raise EndpointUnreachable(f"no connection within the connect timeout ({exc})") from exc
+            said = self._said(f"no connection within the connect timeout ({exc})")
+            raise EndpointUnreachable(said) from exc
         except TimeoutError as exc:
             raise RequestTimeout("no full answer within the request timeout") from exc
         except aiohttp.ClientConnectorError as exc:
             raise EndpointUnreachable(f"cannot connect to {exc.host}:{exc.port}") from exc
         except (aiohttp.ClientError, OSError) as exc:
-            raise TransportError(f"connection failed: {type(exc).__name__}: {exc}") from exc
+            said = self._said(f"connection failed: {type(exc).__name__}: {exc}")
+            raise TransportError(said) from exc
+
+    def _said(self, message: str) -> str:
+        return hidden(message, self._url_secrets)
 
     def _clean_headers(self, headers: CIMultiDictProxy[str]) -> Mapping[str, str]:
         scrubber = self._scrubber

@@ -202,11 +202,14 @@ def _matcher(text: str) -> Callable[[bytes | None], bool] | None:
     if not text:
         return None
     folded = text.casefold()
+    raw = folded.encode()  # as JSON writes it, it may be found in the bytes, fast
     if folded.isascii() and folded.isprintable() and not {'"', "\\"} & set(folded):
-        raw = folded.encode()  # JSON writes it as it is: the bytes tell, fast
         return lambda data: data is not None and raw in data.lower()
-    # "é" may be written "\u00e9", a quote "\"", a tab "\t": the text decoded tells
-    return lambda data: data is not None and folded in _text_of(data).casefold()
+    # "é" may be written "\u00e9", a quote "\"", a tab "\t": the text decoded tells (and
+    # the bytes still find a quoted "custom_id", as typed from the file)
+    return lambda data: (
+        data is not None and (raw in data.lower() or folded in _text_of(data).casefold())
+    )
 
 
 def _text_of(data: bytes) -> str:

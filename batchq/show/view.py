@@ -34,8 +34,8 @@ from aiohttp.typedefs import Handler
 
 from batchq.errors import BatchqError, ConfigError, StorageError
 from batchq.job.folder import job_files, same_file
-from batchq.outfile import replacing
 from batchq.show.browse import Browser
+from batchq.show.outfile import replacing
 from batchq.show.picture import Failures, JobFolder, open_folder, picture
 
 #: The page's own files, and what they are served as.

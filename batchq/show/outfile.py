@@ -8,7 +8,9 @@ was. A symlink's target is replaced, not the link; a device or a pipe
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,10 +24,15 @@ def replacing(path: Path, mode: str = "wb", **open_args: Any) -> Iterator[IO[Any
         with path.open(mode, **open_args) as f:
             yield f
         return
-    real = path.resolve()
+    try:
+        real = path.resolve()
+    except RuntimeError:  # a loop of links, on 3.11 (later: OSError, as here)
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path)) from None
     partial = real.with_name(real.name + ".partial")
     f = partial.open(mode, **open_args)
     try:
+        if real.exists():  # a file kept private stays so
+            shutil.copymode(real, partial)
         with f:
             yield f
             f.flush()
