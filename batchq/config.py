@@ -206,18 +206,10 @@ def _check_base_url(name: str, url: str) -> None:
         (parts.hostname or "").encode("idna")  # as a name lookup would: "....", a long label
     except ValueError:  # UnicodeError is one
         raise ConfigError(
-            f"{name} {show(_host_only(url))} has no valid host and port (a port is a number "
-            "up to 65535; an IPv6 address is written in brackets, as http://[::1]:8000/v1)"
+            f"{name} {show(strip_secrets(url, mask='***')[0])} has no valid host and port "
+            "(a port is a number up to 65535; an IPv6 address is written in brackets, as "
+            "http://[::1]:8000/v1)"
         ) from None
-
-
-def _host_only(url: str) -> str:
-    """``url`` without its userinfo and query, for a URL that ``strip_secrets`` may not be
-    able to split: a password holding a '/' (unencoded) would otherwise be shown."""
-    scheme, _, rest = url.partition("://")
-    if "@" in rest:
-        rest = "***@" + rest.rpartition("@")[2]
-    return f"{scheme}://{rest.partition('?')[0]}"
 
 
 def _check_env_name(name: str, value: str) -> None:
